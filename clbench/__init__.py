@@ -1,0 +1,33 @@
+"""clbench: a continual-learning benchmark over Avalanche streams and Lightning strategies."""
+
+__version__ = "0.1.0"
+
+from clbench.registry import (  # noqa: E402  (cheap: no torch import)
+    AUXILIARY,
+    SCENARIOS,
+    STRATEGIES,
+    register_aux,
+    register_scenario,
+    register_strategy,
+)
+
+__all__ = [
+    "__version__",
+    "STRATEGIES",
+    "SCENARIOS",
+    "AUXILIARY",
+    "register_strategy",
+    "register_scenario",
+    "register_aux",
+    "create_strategy",
+    "create_scenario",
+    "run",
+]
+
+
+def __getattr__(name):
+    if name in ("create_strategy", "create_scenario", "create_aux", "run", "RunSpec"):
+        from clbench import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

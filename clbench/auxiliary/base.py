@@ -1,0 +1,41 @@
+"""`Aux`: an add-on that contributes one named loss term or wraps modules once in `setup`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from clbench.base import CLStrategy
+    from clbench.types import Batch, ExperienceInfo, Output
+
+
+class Aux(nn.Module):
+    """Base add-on; the four hooks are no-ops so a component overrides only what it needs."""
+
+    name: ClassVar[str] = "aux"
+    family: ClassVar[str] = "aux"  # "distill", "quantize", "forecast": what strategies accept
+    # families this add-on cannot be combined with in one run
+    incompatible_with: ClassVar[set[str]] = set()
+
+    def __init__(self, weight: float = 1.0, **hparams: Any):
+        super().__init__()
+        self.weight = float(weight)
+        self.hparams = hparams
+
+    def setup(self, strategy: "CLStrategy") -> None:
+        pass
+
+    def on_experience_start(self, strategy: "CLStrategy", exp: "ExperienceInfo") -> None:
+        pass
+
+    def loss(self, batch: "Batch", out: "Output", strategy: "CLStrategy") -> torch.Tensor | None:
+        return None
+
+    def on_experience_end(self, strategy: "CLStrategy", exp: "ExperienceInfo") -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,154 @@
+"""`CLStrategy`: the LightningModule contract every continual-learning strategy shares.
+
+The runner calls, per experience: `on_experience_start` -> `training_data` -> one
+`trainer.fit` per `phases()` entry -> `on_experience_end` -> evaluation through
+`predict_logits`.  Lightning calls `training_step`, which sums the method's named
+`step_losses` and the add-ons' terms, checks every term is finite and logs each.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from clbench.config import StrategyConfig
+from clbench.errors import TrainingDivergedError
+from clbench.heads import IncrementalLinear
+from clbench.types import Batch, ExperienceInfo, Output, Phase
+
+
+class CLStrategy(pl.LightningModule):
+    Config: ClassVar[type] = StrategyConfig
+    PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # add-on names this strategy accepts (None: any); checked before training starts
+    accepts_aux: ClassVar[set[str] | None] = None
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
+        super().__init__()
+        self.cfg = cfg if cfg is not None else self.Config()
+        self.backbone = backbone
+        self.head = self.make_head(backbone.num_features)
+        self.num_classes = num_classes
+        self.aux = nn.ModuleList(aux)
+        self.seed = seed
+        self.experience: ExperienceInfo | None = None
+        self.phase: Phase = Phase()
+        self.augment = None  # the scenario's per-sample train augmentation, set by the runner
+        self.global_step_offset = 0  # steps taken in earlier fits, for a run-wide logging step
+        self.step_output: Output | None = None
+        for a in self.aux:
+            a.setup(self)
+
+    # ----------------------------------------------------------- model
+    def make_head(self, in_features: int) -> nn.Module:
+        return IncrementalLinear(in_features)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.backbone(x)
+        return Output(self.head(features), features)
+
+    @torch.no_grad()
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits used for evaluation; methods with another inference rule (NME, EMA model) override."""
+        return self(x).logits
+
+    # ----------------------------------------------------------- experience level
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        self.experience = exp
+        if hasattr(self.head, "grow"):
+            self.head.grow(len(exp.seen_classes))
+        for a in self.aux:
+            a.on_experience_start(self, exp)
+
+    def training_data(self, exp: ExperienceInfo, train_set: Dataset) -> Dataset:
+        """The data `fit` iterates over in this experience (joint training and exemplar sets override)."""
+        return train_set
+
+    def phases(self, exp: ExperienceInfo) -> list[Phase]:
+        return [Phase("train")]
+
+    def on_experience_end(self, exp: ExperienceInfo, train_set: Dataset) -> None:
+        for a in self.aux:
+            a.on_experience_end(self, exp)
+
+    # ----------------------------------------------------------- batch level
+    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        out = self.remember(self(batch.x))
+        return {"ce": F.cross_entropy(out.logits, batch.y)}
+
+    def remember(self, out: Output) -> Output:
+        """Keep the current batch's output for the add-ons (saves them a second forward)."""
+        self.step_output = out
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.step_output = None
+        if self.augment is not None and batch.x_raw is None:
+            batch = Batch(self.augment(batch.x), batch.y, batch.task, x_raw=batch.x)
+        terms = dict(self.step_losses(batch))
+        if len(self.aux):
+            out = self.step_output if self.step_output is not None else self(batch.x)
+            for a in self.aux:
+                term = a.loss(batch, out, self)
+                if term is not None:
+                    terms[f"aux/{a.name}"] = a.weight * term
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise TrainingDivergedError(
+                    f"loss term {name!r} is {value.item()} at experience {self.experience.index if self.experience else '?'}, "
+                    f"step {self.global_step} (phase {self.phase.name!r})"
+                )
+        total = torch.stack([v for v in terms.values()]).sum()
+        n = len(batch)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=n, on_step=True, on_epoch=False)
+        self.log("train/loss", total.detach(), batch_size=n, on_step=True, on_epoch=False)
+        return total
+
+    # ----------------------------------------------------------- optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        """A fresh optimiser per `fit` (per experience and phase): no state crosses experiences."""
+        params = self.trainable_parameters()
+        cfg = self.cfg
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def on_fit_end(self) -> None:
+        self.global_step_offset += self.trainer.global_step
+
+    # ----------------------------------------------------------- helpers for subclasses
+    def frozen_copy(self) -> nn.Module:
+        """A teacher snapshot: a deep copy in eval mode with gradients off."""
+        teacher = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head}))
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensor state outside `state_dict` (buffers' contents, statistics) for resume."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        """Extra facts for the result JSON (buffer size in bytes, ...)."""
+        return {}
+
+
+def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher["head"](teacher["backbone"](x))

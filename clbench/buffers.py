@@ -1,0 +1,148 @@
+"""Rehearsal buffers: fixed-capacity tensor stores with reservoir or class-balanced insertion.
+
+A buffer holds named fields (`x`, `y`, and any extras such as `logits`) as preallocated
+tensors, so its whole state is a tensor state dict (resumable with
+`torch.load(weights_only=True)`).  It draws from its own random generator, so replay
+does not perturb, and is not perturbed by, the model's random stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clbench.errors import UsageError
+
+
+class ReservoirBuffer:
+    """Reservoir sampling (Vitter's algorithm R): after N insertions each item is kept with probability M/N."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity < 0:
+            raise UsageError(f"buffer_size={capacity} is invalid; expected an integer >= 0")
+        self.capacity = int(capacity)
+        self.num_seen = 0
+        self.size = 0
+        self.fields: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def is_empty(self) -> bool:
+        return self.size == 0
+
+    # --- insertion -------------------------------------------------------
+    def add(self, **batch: torch.Tensor) -> None:
+        """Offer every row of the batch (fields of equal first dimension) to the buffer."""
+        if self.capacity == 0:
+            return
+        n = len(batch["y"])
+        batch = {k: v.detach().cpu() for k, v in batch.items()}
+        self._allocate(batch)
+        for i in range(n):
+            slot = self._slot_for(int(batch["y"][i]))
+            self.num_seen += 1
+            if slot is not None:
+                for k, v in batch.items():
+                    self.fields[k][slot] = v[i]
+                self.size = max(self.size, slot + 1) if self.size < self.capacity else self.size
+
+    def _slot_for(self, label: int) -> int | None:
+        if self.num_seen < self.capacity:
+            return self.num_seen
+        j = int(torch.randint(0, self.num_seen + 1, (1,), generator=self.generator))
+        return j if j < self.capacity else None
+
+    def _allocate(self, batch: dict[str, torch.Tensor]) -> None:
+        for k, v in batch.items():
+            if k not in self.fields:
+                self.fields[k] = torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
+
+    # --- reading ---------------------------------------------------------
+    def sample(self, n: int, device=None) -> dict[str, torch.Tensor]:
+        """`n` rows drawn uniformly without replacement (all rows if fewer are stored)."""
+        n = min(n, self.size)
+        idx = torch.randperm(self.size, generator=self.generator)[:n]
+        return {k: v[idx].to(device) if device is not None else v[idx] for k, v in self.fields.items()}
+
+    def all(self, device=None) -> dict[str, torch.Tensor]:
+        return {k: v[: self.size].to(device) if device is not None else v[: self.size] for k, v in self.fields.items()}
+
+    def class_counts(self) -> dict[int, int]:
+        if self.size == 0:
+            return {}
+        labels, counts = torch.unique(self.fields["y"][: self.size], return_counts=True)
+        return {int(c): int(n) for c, n in zip(labels, counts)}
+
+    def nbytes(self) -> int:
+        return sum(v[: self.size].numel() * v.element_size() for v in self.fields.values())
+
+    # --- state -----------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"field.{k}": v.clone() for k, v in self.fields.items()}
+        state["num_seen"] = torch.tensor(self.num_seen)
+        state["size"] = torch.tensor(self.size)
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fields = {k[len("field."):]: v.clone() for k, v in state.items() if k.startswith("field.")}
+        self.num_seen = int(state["num_seen"])
+        self.size = int(state["size"])
+        self.generator.set_state(state["generator"])
+
+
+class ClassBalancedBuffer(ReservoirBuffer):
+    """Class-balanced reservoir (CBRS, Chrysakis & Moens 2020).
+
+    While not full, every item is stored.  When full, an item of a class that is not
+    among the largest in the buffer replaces a random item of the largest class; an
+    item of a largest class replaces a random item of its own class with probability
+    (stored of that class) / (seen of that class), reservoir-style within the class.
+    Counts of the classes therefore differ by at most one once enough items are seen.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        super().__init__(capacity, seed)
+        self.seen_per_class: dict[int, int] = {}
+
+    def _slot_for(self, label: int) -> int | None:
+        self.seen_per_class[label] = self.seen_per_class.get(label, 0) + 1
+        if self.num_seen < self.capacity:
+            return self.num_seen
+        labels = self.fields["y"][: self.size]
+        counts = self.class_counts()
+        largest = max(counts.values())
+        if counts.get(label, 0) < largest:
+            # evict from one of the largest classes, chosen at random among ties
+            big = [c for c, n in counts.items() if n == largest]
+            victim_class = big[int(torch.randint(0, len(big), (1,), generator=self.generator))]
+            candidates = torch.nonzero(labels == victim_class).flatten()
+            return int(candidates[torch.randint(0, len(candidates), (1,), generator=self.generator)])
+        stored = counts[label]
+        j = int(torch.randint(0, self.seen_per_class[label], (1,), generator=self.generator))
+        if j < stored:
+            candidates = torch.nonzero(labels == label).flatten()
+            return int(candidates[j])
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        classes = sorted(self.seen_per_class)
+        state["seen_classes"] = torch.tensor(classes, dtype=torch.long)
+        state["seen_counts"] = torch.tensor([self.seen_per_class[c] for c in classes], dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.seen_per_class = {
+            int(c): int(n) for c, n in zip(state["seen_classes"].tolist(), state["seen_counts"].tolist())
+        }
+
+
+def make_buffer(capacity: int, policy: str = "reservoir", seed: int = 0) -> ReservoirBuffer:
+    policies = {"reservoir": ReservoirBuffer, "class_balanced": ClassBalancedBuffer}
+    if policy not in policies:
+        raise UsageError(f"buffer_policy={policy!r} is invalid; expected one of: {', '.join(policies)}")
+    return policies[policy](capacity, seed)

@@ -1,0 +1,247 @@
+"""Command line: `clbench run | list | profile | sweep | leaderboard | plot`.
+
+Imports stay lazy so `clbench --help` and `clbench list` never load torch or avalanche.
+Every user error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from clbench.errors import UsageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="clbench", description="Continual-learning benchmark: accuracy and edge efficiency.")
+    from clbench import __version__
+
+    p.add_argument("--version", action="version", version=f"clbench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="train a strategy over a scenario and store the result JSON")
+    add_run_arguments(r)
+    r.add_argument("--seeds", type=int, nargs="+", default=None, help="run once per seed (overrides --seed)")
+    r.add_argument("--resume", action="store_true", help="continue from the last finished experience")
+    r.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or final table")
+
+    ls = sub.add_parser("list", help="list registered strategies, scenarios, add-ons or devices")
+    ls.add_argument("what", choices=["strategies", "scenarios", "aux", "devices"])
+
+    pr = sub.add_parser("profile", help="per-experience FLOPs, memory, time and Jetson estimate")
+    add_run_arguments(pr)
+    pr.add_argument("--device", default="jetson-orin-nx-16gb", help="Jetson device profile for the time estimate")
+    pr.add_argument("--steps", type=int, default=None, help="profile only N steps per experience (no full run)")
+
+    sw = sub.add_parser("sweep", help="run a grid of strategies x scenarios x seeds, skipping finished runs")
+    sw.add_argument("--strategies", required=True)
+    sw.add_argument("--scenarios", required=True)
+    sw.add_argument("--seeds", default="0")
+    sw.add_argument("--jobs", type=int, default=1)
+    sw.add_argument("--ray-address", default=None)
+    sw.add_argument("--output-dir", default="results")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    lb = sub.add_parser("leaderboard", help="mean +- std table over seeds from stored results")
+    lb.add_argument("results_dir")
+    lb.add_argument("--scenario", default=None)
+    lb.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
+    lb.add_argument("--out", default=None, help="write to this file instead of stdout")
+
+    pl = sub.add_parser("plot", help="accuracy and efficiency plots from stored results")
+    pl.add_argument("results_dir")
+    pl.add_argument("--out", default="plots")
+    pl.add_argument("--scenario", default=None)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", required=True, help="registered strategy name (clbench list strategies)")
+    p.add_argument("--scenario", default="digits-5", help="registered scenario name (clbench list scenarios)")
+    p.add_argument("--backbone", default=None, help="timm model name (default: the scenario's)")
+    p.add_argument("--pretrained", action="store_true", help="use pretrained weights present locally")
+    p.add_argument("--weights", default=None, help="local pretrained weight file for --pretrained")
+    p.add_argument("--aux", action="append", default=[], metavar="NAME[:k=v,...]", help="add-on, repeatable")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--config", default=None, help="YAML file of key: value overrides")
+    p.add_argument("--paper-settings", action="store_true", help="use the method's published setting for the scenario")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--data-root", default=None, help="dataset folder (default $CLBENCH_DATA or ~/.cache/clbench/data)")
+    p.add_argument("--download", action="store_true", help="let the dataset library download missing files")
+    p.add_argument("--class-order", default=None, help="natural | paper | seed:N")
+    p.add_argument("--output-dir", default=None, help="where result JSONs go (default results/)")
+    p.add_argument("--accelerator", default=None, help="cpu | gpu | auto")
+    p.add_argument("--devices", default=None)
+    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--trainer-strategy", default=None, help="Lightning distributed strategy, e.g. ddp")
+    p.add_argument("--precision", default=None)
+
+
+def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for item in items:
+        name, _, params = item.partition(":")
+        if not name:
+            raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
+        kv = {}
+        for part in filter(None, params.split(",")):
+            k, sep, v = part.partition("=")
+            if not sep or not k:
+                raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
+            kv[k.strip()] = _scalar(v.strip())
+        out.append((name.replace("-", "_"), kv))
+    return out
+
+
+def _scalar(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+_FLAG_TO_FIELD = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "data_root": "data_root",
+    "class_order": "class_order",
+    "output_dir": "output_dir",
+    "accelerator": "accelerator",
+    "devices": "devices",
+    "num_nodes": "num_nodes",
+    "trainer_strategy": "trainer_strategy",
+    "precision": "precision",
+    "backbone": "backbone",
+    "weights": "weights",
+}
+
+
+def spec_from_args(args, seed: int):
+    """Resolve CLI flags, YAML and --set into a validated RunSpec (raises UsageError)."""
+    from dataclasses import replace
+
+    from clbench import config as C
+    from clbench.registry import SCENARIOS, STRATEGIES
+    from clbench.runner import RunSpec
+
+    strategy_cls = STRATEGIES.get(args.strategy)
+    scenario = SCENARIOS.get(args.scenario) and args.scenario.strip()
+    overrides: dict[str, Any] = {}
+    if args.config:
+        data = C.load_yaml(args.config)
+        for key in ("strategy", "scenario"):
+            data.pop(key, None)
+        overrides.update(data)
+    overrides.update(C.parse_set(args.overrides))
+    run_values, strat_values = C.split_overrides(overrides, strategy_cls.Config, "--set/--config")
+    for flag, fld in _FLAG_TO_FIELD.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            run_values[fld] = value
+    if args.pretrained:
+        run_values["pretrained"] = True
+    if args.download:
+        run_values["download"] = True
+    if getattr(args, "quiet", False):
+        run_values["progress"] = False
+    run = replace(C.RunConfig(), **run_values) if run_values else C.RunConfig()
+    C.build(strategy_cls.Config, strat_values)  # validate types and ranges now
+    from clbench.registry import canonical
+
+    return RunSpec(
+        strategy=canonical(args.strategy, "strategy"),
+        scenario=scenario,
+        run=run,
+        strategy_overrides=strat_values,
+        aux=parse_aux(args.aux),
+        seed=seed,
+        paper_settings=args.paper_settings,
+    )
+
+
+def cmd_run(args) -> int:
+    from clbench.report import print_result
+    from clbench.runner import quiet_lightning, run
+
+    seeds = args.seeds if args.seeds else [args.seed]
+    specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
+    quiet_lightning()
+    status = 0
+    for spec in specs:
+        from clbench.progress import ProgressBar
+
+        callbacks = [ProgressBar(spec)] if spec.run.progress else []
+        try:
+            result = run(spec, callbacks=callbacks)
+        finally:
+            for cb in callbacks:
+                cb.close()
+        if not args.quiet:
+            print_result(result)
+        if result.status != "completed":
+            print(f"clbench: run {result.status}: {result.error}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_list(args) -> int:
+    if args.what == "devices":
+        from clbench.edge import devices
+
+        for name, desc in devices.describe().items():
+            print(f"{name:28s} {desc}")
+        return 0
+    from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES
+
+    registry = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "aux": AUXILIARY}[args.what]
+    for name, desc in registry.describe().items():
+        print(f"{name:20s} {desc}")
+    return 0
+
+
+def _lazy(module: str, func: str):
+    def call(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).__getattribute__(func)(args)
+
+    return call
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "profile": _lazy("clbench.edge.cli", "cmd_profile"),
+    "sweep": _lazy("clbench.sweep", "cmd_sweep"),
+    "leaderboard": _lazy("clbench.leaderboard", "cmd_leaderboard"),
+    "plot": _lazy("clbench.plots", "cmd_plot"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"clbench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("clbench: interrupted; the last finished experience can be resumed with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Datasets and loaders the runner feeds to Lightning; labels are positions in the class order."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clbench.types import Batch
+
+
+class InMemoryDataset(Dataset):
+    """Tensors held in memory, fetched a whole batch at a time (no per-item Python overhead).
+
+    `transform`, if given, is applied per sample when items are fetched (training
+    augmentation); evaluation sets carry no transform.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable | None = None):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        self.x, self.y, self.transform = x, y.long(), transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return (self.transform(x) if self.transform else x), self.y[i]
+
+    def __getitems__(self, indices: Sequence[int]):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.x[idx]
+        if self.transform is not None:
+            x = torch.stack([self.transform(xi) for xi in x])
+        return x, self.y[idx]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.y
+
+    def without_transform(self) -> "InMemoryDataset":
+        return InMemoryDataset(self.x, self.y)
+
+
+def concat(datasets: Sequence[Dataset]) -> Dataset:
+    """Concatenate experiences (joint training, exemplar sets); stays in memory when all parts are."""
+    if all(isinstance(d, InMemoryDataset) for d in datasets):
+        transforms = {id(d.transform): d.transform for d in datasets}
+        transform = next(iter(transforms.values())) if len(transforms) == 1 else None
+        return InMemoryDataset(torch.cat([d.x for d in datasets]), torch.cat([d.y for d in datasets]), transform)
+    return torch.utils.data.ConcatDataset(list(datasets))
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets).long()
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return torch.cat([dataset_labels(d) for d in dataset.datasets])
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def collate(items) -> Batch:
+    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor):
+        return Batch(items[0], items[1])  # already a whole batch from __getitems__
+    xs, ys = zip(*[(it[0], it[1]) for it in items])
+    return Batch(torch.stack(list(xs)), torch.as_tensor(ys).long())
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last: bool = False
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,52 @@
+"""Classifier heads that grow with the classes seen so far."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class IncrementalLinear(nn.Module):
+    """A linear head whose output grows when new classes arrive; old rows are kept as they are."""
+
+    def __init__(self, in_features: int, out_features: int = 0, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.bias = bias
+        with warnings.catch_warnings():  # a head with no classes yet is expected before the first experience
+            warnings.simplefilter("ignore", UserWarning)
+            self.fc = nn.Linear(in_features, max(out_features, 0), bias=bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.fc.out_features
+
+    def grow(self, out_features: int) -> bool:
+        """Extend to `out_features` outputs; returns True if parameters were replaced."""
+        old = self.fc
+        if out_features <= old.out_features:
+            return False
+        new = nn.Linear(self.in_features, out_features, bias=self.bias).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.out_features] = old.weight
+            if self.bias:
+                new.bias[: old.out_features] = old.bias
+        self.fc = new
+        return True
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+
+class CosineLinear(IncrementalLinear):
+    """Cosine-similarity head with a learnable scale (LUCIR/PODNet style), growable like IncrementalLinear."""
+
+    def __init__(self, in_features: int, out_features: int = 0, scale: float = 16.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.normalize(self.fc.weight, dim=1)
+        return self.scale * nn.functional.linear(nn.functional.normalize(features, dim=1), w)

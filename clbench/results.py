@@ -1,0 +1,127 @@
+"""One self-describing JSON per run: the source of truth for leaderboards and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clbench.errors import UsageError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    scenario: str
+    backbone: str
+    seed: int
+    status: str = "running"  # running | completed | failed | interrupted
+    strategy_config: dict[str, Any] = field(default_factory=dict)
+    run_config: dict[str, Any] = field(default_factory=dict)
+    aux: list[dict[str, Any]] = field(default_factory=list)
+    pretrained: bool = False
+    paper_settings: bool = False
+    scenario_info: dict[str, Any] = field(default_factory=dict)
+    accuracy_matrix: list[list[float]] = field(default_factory=list)
+    initial_accuracy: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    edge: dict[str, Any] = field(default_factory=lambda: {"per_experience": [], "totals": {}})
+    strategy_report: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    device: str = "cpu"
+    environment: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    clbench_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def result_path(output_dir: str | os.PathLike, r: RunResult) -> Path:
+    """`<out>/<scenario>/<strategy>[+aux]/<backbone>-seed<k>-<device>.json`; hardware is part of the name."""
+    strategy = r.strategy + "".join(f"+{a['name']}" for a in r.aux)
+    return Path(output_dir) / r.scenario / strategy / f"{_slug(r.backbone)}-seed{r.seed}-{_slug(r.device)}.json"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", s).strip("-").lower() or "unknown"
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write to a temp file in the same folder and rename it over the target (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save(result: RunResult, output_dir: str | os.PathLike) -> Path:
+    return write_json_atomic(result_path(output_dir, result), result.to_dict())
+
+
+def load(path: str | os.PathLike) -> RunResult:
+    """Read one result; a file that is not a clbench result, or from a newer schema, is a UsageError."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"result file {str(p)!r} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or "accuracy_matrix" not in data or "schema_version" not in data:
+        raise UsageError(f"result file {str(p)!r} is not a clbench result (no schema_version/accuracy_matrix)")
+    version = data["schema_version"]
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UsageError(
+            f"result file {str(p)!r} has schema_version {version!r}; this clbench reads up to {SCHEMA_VERSION} "
+            f"(upgrade clbench)"
+        )
+    try:
+        return RunResult.from_dict(data)
+    except TypeError as e:
+        raise UsageError(f"result file {str(p)!r} is malformed: {e}") from None
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "pytorch-lightning", "timm", "avalanche-lib", "torchmetrics", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def to_json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2)

@@ -1,0 +1,307 @@
+"""The experience loop: train each experience in fresh Lightning Trainers, evaluate on every test set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from clbench import config as C
+from clbench.data import make_loader
+from clbench.errors import TrainingDivergedError, UsageError
+from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES
+from clbench.results import RunResult, environment, result_path, save
+from clbench.types import Phase
+
+
+@dataclass
+class RunSpec:
+    """Everything that names a run: what to train, on what, and how."""
+
+    strategy: str
+    scenario: str
+    run: C.RunConfig = field(default_factory=C.RunConfig)
+    strategy_overrides: dict[str, Any] = field(default_factory=dict)
+    aux: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    seed: int = 0
+    paper_settings: bool = False
+
+
+# --------------------------------------------------------------------------- factories
+def create_scenario(name: str, run: C.RunConfig | None = None, seed: int = 0):
+    from clbench.scenarios.base import ScenarioOptions
+
+    run = run or C.RunConfig()
+    factory = SCENARIOS.get(name)
+    return factory(ScenarioOptions(class_order=run.class_order, data_root=run.data_root, download=run.download, seed=seed))
+
+
+def strategy_config(name: str, overrides: dict[str, Any] | None = None, paper_settings_for: str | None = None):
+    cls = STRATEGIES.get(name)
+    values: dict[str, Any] = {}
+    if paper_settings_for is not None:
+        values.update(paper_settings(cls, paper_settings_for)[1])
+    values.update(overrides or {})
+    return C.build(cls.Config, values)
+
+
+def paper_settings(cls, scenario: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(RunConfig values, Config values) of the method's published setting for `scenario`."""
+    if scenario not in cls.PAPER_SETTINGS:
+        known = ", ".join(sorted(cls.PAPER_SETTINGS)) or "none"
+        raise UsageError(
+            f"--paper-settings: strategy {cls.registry_name!r} has no published setting for scenario "
+            f"{scenario!r}; it has: {known}"
+        )
+    return C.split_overrides(cls.PAPER_SETTINGS[scenario], cls.Config, f"PAPER_SETTINGS[{scenario!r}]")
+
+
+def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
+    out = []
+    for name, params in specs:
+        cls = AUXILIARY.get(name)
+        try:
+            out.append(cls(**params))
+        except TypeError as e:
+            raise UsageError(f"add-on {name!r}: {e}") from None
+    families = {a.family for a in out}
+    for a in out:
+        clash = a.incompatible_with & (families - {a.family})
+        if clash:
+            raise UsageError(f"add-on {a.name!r} cannot be combined with {sorted(clash)}")
+    return out
+
+
+def create_strategy(name: str, backbone, num_classes: int, cfg=None, aux: Sequence = (), seed: int = 0):
+    cls = STRATEGIES.get(name)
+    accepts = cls.accepts_aux
+    for a in aux:
+        if accepts is not None and a.family not in accepts and a.name not in accepts:
+            raise UsageError(
+                f"strategy {name!r} does not accept add-on {a.name!r}; it accepts: {', '.join(sorted(accepts)) or 'none'}"
+            )
+    return cls(backbone, num_classes, cfg, aux=list(aux), seed=seed)
+
+
+# --------------------------------------------------------------------------- the loop
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_name(run: C.RunConfig) -> str:
+    if run.accelerator in ("gpu", "cuda") or (run.accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
+    return "cpu"
+
+
+def resolve(spec: RunSpec) -> tuple[C.RunConfig, Any]:
+    """Apply paper settings to the run config and build the strategy Config; validates everything."""
+    cls = STRATEGIES.get(spec.strategy)
+    SCENARIOS.get(spec.scenario)
+    run = spec.run
+    values: dict[str, Any] = {}
+    if spec.paper_settings:
+        run_values, values = paper_settings(cls, spec.scenario)
+        run = replace(run, **{k: v for k, v in run_values.items()})
+    values.update(spec.strategy_overrides)
+    return run, C.build(cls.Config, values)
+
+
+def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | None = None) -> RunResult:
+    """Train `spec.strategy` over `spec.scenario`; returns the result (also written to disk)."""
+    from clbench.backbones import build_backbone
+    from clbench.edge.profiler import EdgeProfiler
+
+    run_cfg, cfg = resolve(spec)
+    aux = create_aux(spec.aux)
+    _check_output_dir(run_cfg.output_dir)
+    seed_everything(spec.seed)
+    scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
+    backbone_name = run_cfg.backbone or scenario.default_backbone
+    backbone = build_backbone(
+        backbone_name,
+        pretrained=run_cfg.pretrained,
+        weights=run_cfg.weights,
+        in_chans=scenario.input_shape[0],
+        img_size=scenario.input_shape[-1],
+    )
+    strategy = create_strategy(spec.strategy, backbone, scenario.num_classes, cfg, aux, seed=spec.seed)
+    strategy.augment = scenario.augment
+    _check_strategy_fits(strategy, scenario)
+
+    result = RunResult(
+        strategy=spec.strategy,
+        scenario=spec.scenario,
+        backbone=backbone_name,
+        seed=spec.seed,
+        strategy_config=C.to_dict(cfg),
+        run_config=C.to_dict(run_cfg),
+        aux=[{"name": n, **p} for n, p in spec.aux],
+        pretrained=run_cfg.pretrained,
+        paper_settings=spec.paper_settings,
+        scenario_info=scenario.describe(),
+        device=device_name(run_cfg),
+        environment=environment(),
+        clbench_version=_version(),
+    )
+    profiler = EdgeProfiler()
+    test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
+    device = _eval_device(run_cfg)
+    result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
+    try:
+        for i in range(scenario.num_experiences):
+            info = scenario.info(i)
+            profiler.start_experience(i)
+            strategy.on_experience_start(info)
+            data = strategy.training_data(info, scenario.train_sets[i])
+            for p_index, phase in enumerate(strategy.phases(info)):
+                strategy.phase = phase
+                loader = make_loader(
+                    data,
+                    run_cfg.batch_size,
+                    shuffle=True,
+                    seed=_loader_seed(spec.seed, i, p_index),
+                    num_workers=run_cfg.num_workers,
+                )
+                trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks], info, phase)
+                trainer.fit(strategy, train_dataloaders=loader)
+            strategy.phase = Phase()
+            strategy.on_experience_end(info, scenario.train_sets[i])
+            row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
+            result.accuracy_matrix.append(row)
+            result.edge["per_experience"].append(profiler.end_experience(strategy))
+            if on_experience is not None:
+                on_experience(i, result, strategy)
+        result.status = "completed"
+    except TrainingDivergedError as e:
+        result.status, result.error = "failed", str(e)
+    except KeyboardInterrupt:
+        result.status, result.error = "interrupted", "interrupted by the user"
+        raise
+    finally:
+        _finish(result, strategy, profiler, run_cfg)
+    return result
+
+
+def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None:
+    from clbench.metrics import summarise
+
+    if result.accuracy_matrix and result.status == "completed":
+        result.metrics = summarise(result.accuracy_matrix, result.initial_accuracy)
+    result.edge["totals"] = profiler.totals()
+    result.strategy_report = strategy.report()
+    if result.status != "interrupted":
+        save(result, run_cfg.output_dir)
+
+
+def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, phase=None):
+    """A fresh Trainer per fit (a reused one silently stops after its first `max_epochs`), trimmed to the loop."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator=run.accelerator,
+        devices=run.devices if run.devices == "auto" else _devices(run.devices),
+        num_nodes=run.num_nodes,
+        precision=run.precision,
+        strategy=run.trainer_strategy,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=run.limit_train_batches if run.limit_train_batches else 1.0,
+        limit_val_batches=0,
+        deterministic="warn" if run.deterministic else None,
+        benchmark=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
+    """Class-IL accuracy on each test set, scoring only the `n_seen` classes seen so far.
+
+    Logits of classes not yet seen are masked out (the head may be wider than the
+    classes seen), so samples of unseen experiences score 0 by construction.
+    """
+    was_training = strategy.training
+    original_device = next(strategy.parameters()).device
+    device = device or original_device
+    strategy.to(device)
+    strategy.eval()
+    row = []
+    for loader in loaders:
+        correct = total = 0
+        for batch in loader:
+            batch = batch.to(device)
+            if n_seen == 0:
+                total += len(batch)
+                continue
+            logits = strategy.predict_logits(batch.x)[:, :n_seen]
+            correct += int((logits.argmax(dim=1) == batch.y).sum())
+            total += len(batch)
+        row.append(correct / total if total else float("nan"))
+    strategy.train(was_training)
+    strategy.to(original_device)
+    return row
+
+
+def _eval_device(run: C.RunConfig) -> torch.device:
+    if run.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _devices(value: str):
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _loader_seed(seed: int, experience: int, phase: int) -> int:
+    return seed * 1_000_003 + experience * 101 + phase
+
+
+def _check_output_dir(path: str) -> None:
+    p = os.path.abspath(path)
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise UsageError(f"output directory {path!r} is not writable")
+
+
+def _check_strategy_fits(strategy, scenario) -> None:
+    size = getattr(strategy.cfg, "buffer_size", None)
+    if size is not None:
+        total = sum(len(d) for d in scenario.train_sets)
+        if size < 0 or size > total:
+            raise UsageError(f"buffer_size={size} is invalid; expected 0..{total} (the scenario's training samples)")
+
+
+def _version() -> str:
+    from clbench import __version__
+
+    return __version__
+
+
+def quiet_lightning() -> None:
+    """Lightning's per-fit banners ('GPU available: ...') would repeat for every experience."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -1,0 +1,69 @@
+"""Experience Replay (Chaudhry et al. 2019; Mammoth protocol).
+
+Each step: one cross-entropy over the concatenation of the current batch and a batch
+drawn from the buffer (replayed samples get the train augmentation when drawn).
+After each step the current, non-augmented batch is offered to the buffer
+(reservoir sampling, or class-balanced reservoir with `buffer_policy=class_balanced`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clbench.base import CLStrategy
+from clbench.buffers import make_buffer
+from clbench.config import StrategyConfig
+from clbench.registry import register_strategy
+from clbench.types import Batch
+
+
+@dataclass(frozen=True)
+class Config(StrategyConfig):
+    buffer_size: int = 200
+    replay_batch_size: int = 32
+    buffer_policy: str = "reservoir"  # reservoir | class_balanced
+
+
+@register_strategy("er")
+class ER(CLStrategy):
+    """Experience replay with a reservoir (or class-balanced) buffer of raw samples."""
+
+    Config = Config
+    PAPER_SETTINGS = {
+        "cifar10-5": {"lr": 0.1, "momentum": 0.0, "epochs": 50, "batch_size": 32, "buffer_size": 200},
+        "tinyimagenet-10": {"lr": 0.1, "momentum": 0.0, "epochs": 100, "batch_size": 32, "buffer_size": 200},
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buffer = make_buffer(self.cfg.buffer_size, self.cfg.buffer_policy, seed=self.seed)
+
+    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x, y = batch.x, batch.y
+        if not self.buffer.is_empty:
+            replay = self.buffer.sample(self.cfg.replay_batch_size, device=self.device)
+            x = torch.cat([x, self.replay_view(replay["x"])])
+            y = torch.cat([y, replay["y"]])
+        out = self(x)
+        self.remember(type(out)(out.logits[: len(batch)], None if out.features is None else out.features[: len(batch)]))
+        return {"ce": F.cross_entropy(out.logits, y)}
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        if self.phase.name == "train":
+            self.buffer.add(x=batch.stored_x, y=batch.y)
+
+    # ---- shared by replay methods
+    def replay_view(self, x: torch.Tensor) -> torch.Tensor:
+        return self.augment(x) if self.augment is not None else x
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.buffer.load_state_dict({k[len("buffer."):]: v for k, v in state.items() if k.startswith("buffer.")})
+
+    def report(self) -> dict:
+        return {"buffer_size": self.cfg.buffer_size, "buffer_bytes": self.buffer.nbytes(), "buffer_counts": self.buffer.class_counts()}
