@@ -86,6 +86,76 @@ class ConvNet(_TimmStyleNet):
         return x.mean(dim=(2, 3))
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and an identity (or 1x1-conv) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(_TimmStyleNet):
+    """ResNet-18 for small images (Mammoth/DER/GEM variant): 3x3 stride-1 stem, no max-pool.
+
+    Stages of 2 BasicBlocks with widths nf, 2nf, 4nf, 8nf (strides 1, 2, 2, 2), then
+    global average pooling to `8 * nf` features.  At nf=64 on 3x32x32 this is the
+    11.17M-parameter, 1.111-GFLOP network of the rehearsal papers; nf=20 is the
+    "reduced ResNet-18" of GEM/A-GEM/ER-ACE.  timm's `resnet18` is a different
+    network (7x7 stride-2 stem + max-pool, 4x smaller maps).
+    """
+
+    def __init__(self, nf: int = 64, in_chans: int = 3, num_classes: int = 0, blocks=(2, 2, 2, 2), **_):
+        super().__init__(num_classes)
+        self.nf = nf
+        self.in_chans = in_chans
+        self.conv1 = nn.Conv2d(in_chans, nf, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        stages, cin = [], nf
+        for i, n in enumerate(blocks):
+            cout = nf * 2**i
+            stages.append(nn.Sequential(*[BasicBlock(cin if b == 0 else cout, cout, (1 if i == 0 else 2) if b == 0 else 1) for b in range(n)]))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.num_features = cin
+        self._make_head(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), width nf=64 by default (`nf=` to change)."""
+    return CifarResNet(**{"nf": 64, **kwargs})
+
+
+@register_model
+def resnet18_cifar_nf20(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Reduced CIFAR ResNet-18 (nf=20, 1.09M parameters with a 10-class head)."""
+    return CifarResNet(**{**kwargs, "nf": 20})
+
+
+@register_model
+def resnet18_cifar_nf8(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-18 at nf=8: the cards' tiny CPU configuration."""
+    return CifarResNet(**{**kwargs, "nf": 8})
+
+
 @register_model
 def clbench_mlp(pretrained: bool = False, **kwargs) -> MLP:
     """64-256-256 MLP for flattened 8x8 inputs."""
