@@ -1,0 +1,332 @@
+"""Training FLOPs counted by torch's `FlopCounterMode`, with clbench's corrections.
+
+Convention (put it under every table that shows these numbers): FLOPs are
+floating-point operations with one multiply-accumulate = 2 FLOPs, counted by
+`FlopCounterMode` with clbench's corrections over forward and backward of every
+training step (replay, teacher and auxiliary-loss passes included); bias,
+normalisation, elementwise and optimizer ops are excluded.
+
+Corrections (see the edge-profiler spec, section 1.3), installed as formula
+replacements, so a torch release that fixes the same formula is not corrected twice:
+- `convolution_backward`: torch's grad-weight term ignores `groups` (a depthwise
+  conv's weight gradient is over-counted by a factor of `groups`). Here the
+  grad-weight convolution costs exactly what the forward costs.
+- `_scaled_dot_product_flash_attention_for_cpu` (+ backward): missing from torch's
+  registry, so attention on CPU counted 0. They get torch's own SDPA formulas, so
+  CPU and CUDA runs of one model agree (backward = 2.5x forward, the fused-kernel formula).
+- `_fft_r2c` / `_fft_c2r` / `_fft_c2c`: counted with the usual 5 n log2 n (complex)
+  and 2.5 n log2 n (real) per transformed vector. Wavelet transforms written with
+  convolutions are counted as convolutions; ones computed outside torch (numpy,
+  PyWavelets) are invisible and count 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter as _Tally
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
+
+aten = torch.ops.aten
+
+CONVENTION = (
+    "FLOPs are floating-point operations with one multiply-accumulate = 2 FLOPs, counted by "
+    "FlopCounterMode with clbench's corrections over forward and backward of every training step "
+    "(replay, teacher and auxiliary-loss passes included); bias, normalisation, elementwise and "
+    "optimizer ops are excluded."
+)
+
+
+# --------------------------------------------------------------------------- corrected formulas
+def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape, **_) -> int:
+    flops = 0
+    if output_mask[0]:  # grad-input: the transposed convolution of grad_out with the weight
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:  # grad-weight pairs every output with every kernel tap once: the forward's cost
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *_, **__) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *_, **__) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def fft_flops(n: int, vectors: int = 1, real: bool = False) -> int:
+    """5 n log2 n per complex length-n transform, half that for real input/output."""
+    if n <= 1:
+        return 0
+    per = (2.5 if real else 5.0) * n * math.log2(n)
+    return int(round(per * vectors))
+
+
+def _fft_r2c(x_shape, dim, _normalization, _onesided, **_) -> int:
+    n = math.prod(x_shape[d] for d in dim)
+    return fft_flops(n, math.prod(x_shape) // max(n, 1), real=True)
+
+
+def _fft_c2r(_x_shape, dim, _normalization, _last_dim_size, out_shape=None, **_) -> int:
+    n = math.prod(out_shape[d] for d in dim)
+    return fft_flops(n, math.prod(out_shape) // max(n, 1), real=True)
+
+
+def _fft_c2c(x_shape, dim, _normalization, _forward, **_) -> int:
+    n = math.prod(x_shape[d] for d in dim)
+    return fft_flops(n, math.prod(x_shape) // max(n, 1))
+
+
+_CORRECTIONS: dict[Any, Callable] = {
+    aten.convolution_backward: _conv_backward,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+    aten._fft_r2c: _fft_r2c,
+    aten._fft_c2r: _fft_c2r,
+    aten._fft_c2c: _fft_c2c,
+}
+
+
+def register_flop_formula(op) -> Callable[[Callable], Callable]:
+    """Count a custom op (e.g. a `torch.library` wavelet kernel): `fn(*arg_shapes, out_shape=..., **kw) -> int`."""
+
+    def deco(fn: Callable) -> Callable:
+        _CORRECTIONS[getattr(op, "_overloadpacket", op)] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- op trace (roofline input)
+_MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
+_CONV_OPS = {"convolution", "_convolution", "convolution_backward", "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward"}
+
+
+def op_kind(name: str) -> str:
+    """'conv', 'matmul' (GEMM and attention: tensor-core eligible) or 'other' (memory-bound)."""
+    if name in _CONV_OPS:
+        return "conv"
+    if name in _MATMUL_OPS or "attention" in name:
+        return "matmul"
+    return "other"
+
+
+@dataclass
+class StepProfile:
+    """The ops of one training step: (name, kind, dtype, flops, bytes) -> number of calls."""
+
+    ops: _Tally = field(default_factory=_Tally)
+
+    @property
+    def flops(self) -> int:
+        return sum(k[3] * n for k, n in self.ops.items())
+
+    @property
+    def bytes(self) -> int:
+        return sum(k[4] * n for k, n in self.ops.items())
+
+    @property
+    def n_ops(self) -> int:
+        return sum(self.ops.values())
+
+    def scaled(self, factor: int) -> "StepProfile":
+        return StepProfile(_Tally({k: n * factor for k, n in self.ops.items()}))
+
+    def __add__(self, other: "StepProfile") -> "StepProfile":
+        return StepProfile(self.ops + other.ops)
+
+    def summary(self) -> dict[str, int]:
+        return {"flops": self.flops, "bytes": self.bytes, "ops": self.n_ops}
+
+
+class _OpTrace(TorchDispatchMode):
+    """Records every executed aten op with its (corrected) FLOPs and the bytes it reads and writes.
+
+    Bytes are input + output tensor sizes, an upper bound because fusion is ignored;
+    view ops move nothing and are skipped.
+    """
+
+    def __init__(self, registry: dict):
+        super().__init__()
+        self.registry = registry
+        self.profile = StepProfile()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "is_view", False) or func is aten.detach.default:
+            return out
+        packet = func._overloadpacket
+        formula = self.registry.get(packet)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        nbytes, dtype = 0, None
+        for t in tree_flatten((args, kwargs, out))[0]:
+            if isinstance(t, torch.Tensor):
+                nbytes += t.numel() * t.element_size()
+                if dtype is None and t.is_floating_point():
+                    dtype = str(t.dtype).replace("torch.", "")
+        name = packet.__name__
+        self.profile.ops[(name, op_kind(name), dtype or "none", flops, nbytes)] += 1
+        return out
+
+
+# --------------------------------------------------------------------------- counting
+class Counter:
+    """A corrected `FlopCounterMode` (optionally with a per-op trace) that can be entered and
+    exited from separate callback hooks: `c.start()` ... `c.stop()`, or `with Counter() as c:`."""
+
+    def __init__(self, trace: bool = False):
+        verify_corrections()
+        self._fcm = FlopCounterMode(display=False, custom_mapping=dict(_CORRECTIONS))
+        self._trace = _OpTrace(self._fcm.flop_registry) if trace else None
+        self.active = False
+
+    def start(self) -> "Counter":
+        # the trace sits below the counter, so it sees exactly the ops the counter counts
+        if self._trace is not None:
+            self._trace.__enter__()
+        self._fcm.__enter__()
+        self.active = True
+        return self
+
+    def stop(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self._fcm.__exit__(None, None, None)
+        finally:
+            if self._trace is not None:
+                self._trace.__exit__(None, None, None)
+
+    __enter__ = start
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def total(self) -> int:
+        return int(self._fcm.get_total_flops())
+
+    def by_op(self) -> dict[str, int]:
+        return {getattr(k, "__name__", str(k)): int(v) for k, v in self._fcm.get_flop_counts().get("Global", {}).items()}
+
+    @property
+    def profile(self) -> StepProfile | None:
+        return None if self._trace is None else self._trace.profile
+
+
+def measure_flops(fn: Callable[[], Any]) -> int:
+    """Corrected FLOPs of everything `fn` executes, backward included if `fn` calls it.
+
+    Example: `measure_flops(lambda: sum(strategy.step_losses(batch).values()).backward())`.
+    Works on `meta` tensors too (nothing is computed, shapes are enough).
+    """
+    with Counter() as c:
+        fn()
+    return c.total
+
+
+# --------------------------------------------------------------------------- self-test
+def _raw_and_corrected(fn: Callable[[], Any]) -> tuple[int, int]:
+    with FlopCounterMode(display=False) as raw:
+        fn()
+    with FlopCounterMode(display=False, custom_mapping=dict(_CORRECTIONS)) as fixed:
+        fn()
+    return int(raw.get_total_flops()), int(fixed.get_total_flops())
+
+
+def _depthwise_step():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False, device="meta")
+    conv(torch.empty(1, 16, 32, 32, device="meta", requires_grad=True)).sum().backward()
+
+
+def _cpu_sdpa():
+    q = torch.zeros(1, 2, 4, 8)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+@functools.lru_cache(maxsize=1)
+def torch_behaviour() -> dict[str, Any]:
+    """What the installed torch counts without clbench's corrections (stored with every run).
+
+    Raises RuntimeError if the corrected counts disagree with the analytic values, so a
+    torch upgrade that changes the formulas is noticed instead of silently mis-counted.
+    """
+    depthwise_expected = 3 * conv2d_flops(1, 16, 16, 32, 32, 3, 3, groups=16)  # 884,736
+    raw_dw, fixed_dw = _raw_and_corrected(_depthwise_step)
+    sdpa_expected = sdpa_flops(1, 2, 4, 4, 8, 8)
+    raw_sdpa, fixed_sdpa = _raw_and_corrected(_cpu_sdpa)
+    if fixed_dw != depthwise_expected or fixed_sdpa != sdpa_expected:
+        raise RuntimeError(
+            f"clbench FLOP corrections disagree with the analytic counts on torch {torch.__version__}: "
+            f"depthwise conv step {fixed_dw} (expected {depthwise_expected}), CPU SDPA {fixed_sdpa} "
+            f"(expected {sdpa_expected}); update clbench/edge/flops.py"
+        )
+    return {
+        "torch": torch.__version__,
+        "grouped_conv_weight_grad": "corrected (torch over-counts by groups)" if raw_dw != depthwise_expected else "torch already exact",
+        "cpu_sdpa": "corrected (torch counts 0)" if raw_sdpa != sdpa_expected else "torch already exact",
+        "attention_backward": "fused-kernel formula, 2.5x forward",
+    }
+
+
+def verify_corrections() -> None:
+    torch_behaviour()
+
+
+# --------------------------------------------------------------------------- analytic formulas (spec 1.5)
+def conv2d_flops(n: int, c_in: int, c_out: int, h_out: int, w_out: int, k_h: int, k_w: int, groups: int = 1) -> int:
+    """Forward FLOPs of a 2D convolution, bias excluded: 2 N C_out H_o W_o (C_in/g) K_h K_w."""
+    return 2 * n * c_out * h_out * w_out * (c_in // groups) * k_h * k_w
+
+
+def linear_flops(m: int, d_in: int, d_out: int) -> int:
+    """Forward FLOPs of a Linear layer on M rows, bias excluded."""
+    return 2 * m * d_in * d_out
+
+
+def sdpa_flops(b: int, h: int, n_q: int, n_k: int, d_qk: int, d_v: int) -> int:
+    """Forward FLOPs of scaled dot-product attention (QK^T and AV)."""
+    return 2 * b * h * n_q * n_k * d_qk + 2 * b * h * n_q * n_k * d_v
+
+
+def mha_flops(b: int, n: int, d: int) -> int:
+    """Forward FLOPs of a standard multi-head attention block (Q/K/V/out projections + attention)."""
+    return linear_flops(b * n, d, 3 * d) + linear_flops(b * n, d, d) + 4 * b * n * n * d
+
+
+def haar_dwt2_flops(c: int, h: int, w: int) -> int:
+    """Single-level 2D Haar DWT via 2x2 stride-2 filters: 8 H W FLOPs per channel."""
+    return 8 * h * w * c
+
+
+__all__ = [
+    "CONVENTION",
+    "Counter",
+    "StepProfile",
+    "conv2d_flops",
+    "fft_flops",
+    "haar_dwt2_flops",
+    "linear_flops",
+    "measure_flops",
+    "mha_flops",
+    "op_kind",
+    "register_flop_formula",
+    "sdpa_flops",
+    "torch_behaviour",
+]
