@@ -59,6 +59,23 @@ class ReservoirBuffer:
             if k not in self.fields:
                 self.fields[k] = torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
 
+    def clear(self) -> None:
+        """Empty the buffer and restart the seen-counter (the allocation is kept)."""
+        self.size = 0
+        self.num_seen = 0
+
+    def replace(self, **fields: torch.Tensor) -> None:
+        """Set the whole contents at once (methods that rebuild their memory at task ends, e.g. by herding)."""
+        n = len(fields["y"])
+        if n > self.capacity:
+            raise ValueError(f"{n} items do not fit a buffer of capacity {self.capacity}")
+        fields = {k: v.detach().cpu() for k, v in fields.items()}
+        self.fields = {}
+        self._allocate(fields)
+        for k, v in fields.items():
+            self.fields[k][:n] = v
+        self.size = n
+
     # --- reading ---------------------------------------------------------
     def sample(self, n: int, device=None) -> dict[str, torch.Tensor]:
         """`n` rows drawn uniformly without replacement (all rows if fewer are stored)."""
@@ -139,6 +156,25 @@ class ClassBalancedBuffer(ReservoirBuffer):
         self.seen_per_class = {
             int(c): int(n) for c, n in zip(state["seen_classes"].tolist(), state["seen_counts"].tolist())
         }
+
+
+def herding_selection(features: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of `m` rows chosen greedily so the running mean of the chosen rows tracks the mean
+    of all rows (iCaRL's herding, Welling 2009); the order is the selection order, so any
+    prefix is itself a herding selection and shrinking a class keeps its first rows."""
+    features = features.detach().double()
+    target = features.mean(dim=0)
+    chosen: list[int] = []
+    running = torch.zeros_like(target)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for k in range(min(m, len(features))):
+        cost = (target - (running + features) / (k + 1)).norm(dim=1)
+        cost[~available] = float("inf")
+        i = int(cost.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += features[i]
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def make_buffer(capacity: int, policy: str = "reservoir", seed: int = 0) -> ReservoirBuffer:
