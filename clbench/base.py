@@ -28,6 +28,8 @@ class CLStrategy(pl.LightningModule):
     PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
     # add-on names this strategy accepts (None: any); checked before training starts
     accepts_aux: ClassVar[set[str] | None] = None
+    # scenario the registry contract tests run on; methods that need 3x32x32 images say "synthetic32-3"
+    contract_scenario: ClassVar[str] = "synthetic-2"
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
@@ -76,6 +78,10 @@ class CLStrategy(pl.LightningModule):
     def on_experience_end(self, exp: ExperienceInfo, train_set: Dataset) -> None:
         for a in self.aux:
             a.on_experience_end(self, exp)
+
+    def on_resume(self, last: ExperienceInfo, past_train_sets: Sequence[Dataset]) -> None:
+        """Called instead of replaying experiences 0..last when a run resumes; tensors are already loaded."""
+        self.experience = last
 
     # ----------------------------------------------------------- batch level
     def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -43,13 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=None, help="profile only N steps per experience (no full run)")
 
     sw = sub.add_parser("sweep", help="run a grid of strategies x scenarios x seeds, skipping finished runs")
-    sw.add_argument("--strategies", required=True)
-    sw.add_argument("--scenarios", required=True)
-    sw.add_argument("--seeds", default="0")
-    sw.add_argument("--jobs", type=int, default=1)
-    sw.add_argument("--ray-address", default=None)
+    sw.add_argument("--strategies", required=True, help="comma-separated strategy names, or 'all'")
+    sw.add_argument("--scenarios", required=True, help="comma-separated scenario names")
+    sw.add_argument("--seeds", default="0", help="comma-separated seeds or a range, e.g. 0,1,2 or 0-4")
+    sw.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1: in this process)")
+    sw.add_argument("--ray-address", default=None, help="run on a Ray cluster ('local' starts one here)")
     sw.add_argument("--output-dir", default="results")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="RunConfig keys apply to all runs; a strategy key to the strategies that have it")
+    sw.add_argument("--aux", action="append", default=[], metavar="NAME[:k=v,...]", help="add-on for every run")
+    sw.add_argument("--epochs", type=int, default=None)
+    for flag in ("--accelerator", "--devices", "--trainer-strategy", "--precision", "--backbone"):
+        sw.add_argument(flag, default=None, help="as in clbench run")
+    sw.add_argument("--num-nodes", type=int, default=None)
+    sw.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
+    sw.add_argument("--retry-failed", action="store_true", help="rerun runs whose stored result is 'failed'")
+    sw.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped")
 
     lb = sub.add_parser("leaderboard", help="mean +- std table over seeds from stored results")
     lb.add_argument("results_dir")
@@ -169,6 +178,7 @@ def spec_from_args(args, seed: int):
         aux=parse_aux(args.aux),
         seed=seed,
         paper_settings=args.paper_settings,
+        resume=getattr(args, "resume", False),
     )
 
 

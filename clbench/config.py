@@ -39,6 +39,7 @@ class RunConfig:
     output_dir: str = "results"
     limit_train_batches: int | None = None  # cap batches per epoch (tests, smoke runs)
     deterministic: bool = True
+    checkpoint: bool = True  # save resume state after every experience
     progress: bool = True
 
     def __post_init__(self):

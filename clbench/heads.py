@@ -36,6 +36,14 @@ class IncrementalLinear(nn.Module):
         self.fc = new
         return True
 
+    def resize(self, out_features: int) -> None:
+        """Exactly `out_features` outputs (new parameters), e.g. to receive a saved state of that width."""
+        if out_features != self.fc.out_features:
+            old = self.fc
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.fc = nn.Linear(self.in_features, out_features, bias=self.bias).to(old.weight.device, old.weight.dtype)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 

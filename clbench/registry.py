@@ -10,9 +10,11 @@ and ``clbench --help`` fast.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import pkgutil
+import re
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
@@ -52,8 +54,14 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         key = canonical(name, self.kind)
-        if key not in self.names():
-            raise UsageError(f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}")
+        names = self.names()
+        if key not in names:
+            family = _match_family(key, names)
+            if family is None:
+                raise UsageError(f"unknown {self.kind} {name!r}; expected one of: {', '.join(names)}")
+            pattern, n = family
+            self._load()
+            return functools.partial(self._entries[pattern], n=n)  # type: ignore[return-value]
         self._load()
         return self._entries[key]
 
@@ -75,6 +83,17 @@ class Registry(Generic[T]):
 def canonical(name: str, kind: str) -> str:
     """The CLI accepts `der-pp` for `der_pp`; scenario names keep their dashes."""
     return name.replace("-", "_") if kind != "scenario" else name
+
+
+def _match_family(key: str, names: list[str]) -> tuple[str, int] | None:
+    """`digits-3` matches a family registered as `digits-{n}` (n = number of experiences)."""
+    for pattern in names:
+        if "{n}" in pattern:
+            regex = re.escape(pattern).replace(re.escape("{n}"), r"(\d+)")
+            m = re.fullmatch(regex, key)
+            if m:
+                return pattern, int(m.group(1))
+    return None
 
 
 def _origin(obj: object) -> str:

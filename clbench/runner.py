@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from clbench import checkpoint
 from clbench import config as C
 from clbench.data import make_loader
 from clbench.errors import TrainingDivergedError, UsageError
@@ -31,6 +32,7 @@ class RunSpec:
     aux: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     seed: int = 0
     paper_settings: bool = False
+    resume: bool = False
 
 
 # --------------------------------------------------------------------------- factories
@@ -155,9 +157,12 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
     profiler = EdgeProfiler()
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)
-    result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
+    ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
+    start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
+    if start == 0:
+        result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
     try:
-        for i in range(scenario.num_experiences):
+        for i in range(start, scenario.num_experiences):
             info = scenario.info(i)
             profiler.start_experience(i)
             strategy.on_experience_start(info)
@@ -172,12 +177,14 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
                     num_workers=run_cfg.num_workers,
                 )
                 trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks], info, phase)
-                trainer.fit(strategy, train_dataloaders=loader)
+                _fit(trainer, strategy, loader)
             strategy.phase = Phase()
             strategy.on_experience_end(info, scenario.train_sets[i])
             row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
             result.accuracy_matrix.append(row)
             result.edge["per_experience"].append(profiler.end_experience(strategy))
+            if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
+                checkpoint.save(ckpt_dir, strategy, result, i + 1)
             if on_experience is not None:
                 on_experience(i, result, strategy)
         result.status = "completed"
@@ -188,7 +195,40 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
         raise
     finally:
         _finish(result, strategy, profiler, run_cfg)
+    if result.status == "completed":
+        checkpoint.remove(ckpt_dir)
     return result
+
+
+def _restore_or_reset(spec: RunSpec, ckpt_dir, strategy, scenario, result: RunResult, profiler) -> int:
+    """With --resume, load the last finished experience's state; otherwise drop any stale checkpoint."""
+    if not spec.resume:
+        checkpoint.remove(ckpt_dir)
+        return 0
+    loaded = checkpoint.load(ckpt_dir)
+    if loaded is None:
+        logging.getLogger("clbench").warning("--resume: no checkpoint in %s; starting from the first experience", ckpt_dir)
+        return 0
+    meta, tensors = loaded
+    checkpoint.check_identity(meta, result, ckpt_dir)
+    done = int(meta["completed_experiences"])
+    checkpoint.restore(strategy, meta, tensors, result)
+    strategy.on_resume(scenario.info(done - 1), scenario.train_sets[:done])
+    profiler.records = list(result.edge["per_experience"])
+    return done
+
+
+def _fit(trainer, strategy, loader) -> None:
+    """`trainer.fit`, with Lightning's Ctrl-C handling (it exits the process) turned back into KeyboardInterrupt."""
+    import signal
+
+    try:
+        trainer.fit(strategy, train_dataloaders=loader)
+    except SystemExit:
+        if getattr(trainer, "interrupted", False):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None:
@@ -300,6 +340,8 @@ def _version() -> str:
 
 def quiet_lightning() -> None:
     """Lightning's per-fit banners ('GPU available: ...') would repeat for every experience."""
+    import pytorch_lightning  # noqa: F401  (its import sets its loggers to INFO; lower them after)
+
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

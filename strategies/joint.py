@@ -21,3 +21,7 @@ class Joint(CLStrategy):
     def training_data(self, exp: ExperienceInfo, train_set: Dataset) -> Dataset:
         self.seen_train_sets.append(train_set)
         return concat(self.seen_train_sets)
+
+    def on_resume(self, last: ExperienceInfo, past_train_sets) -> None:
+        super().on_resume(last, past_train_sets)
+        self.seen_train_sets = list(past_train_sets)
