@@ -1,0 +1,286 @@
+"""`clbench sweep`: run a grid of strategies x scenarios x seeds, skipping finished runs.
+
+A run whose result JSON already exists is skipped, so a sweep that was stopped picks
+up where it left off.  Runs go to a local process pool (`--jobs N`, spawned workers
+with `cpu_count // N` torch threads each) or, with `--ray-address`, to a Ray cluster
+(one task per run).  Each run is the ordinary `clbench.runner.run`; distributed
+training of one run stays Lightning's (`--set trainer_strategy=ddp devices=N`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from clbench import config as C
+from clbench.errors import UsageError
+
+
+@dataclass
+class Job:
+    spec: Any  # clbench.runner.RunSpec
+    existing: Path | None = None  # a stored result of this exact run
+    stale: str | None = None  # why an existing result does not match the requested settings
+
+    @property
+    def name(self) -> str:
+        s = self.spec
+        aux = "".join(f"+{n}" for n, _ in s.aux)
+        return f"{s.strategy}{aux} on {s.scenario} seed {s.seed}"
+
+
+def split_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"--{what} {text!r} is empty; expected a comma-separated list")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` or a range `0-4`."""
+    seeds: list[int] = []
+    for item in split_list(text, "seeds"):
+        lo, sep, hi = item.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(item)]
+        except ValueError:
+            raise UsageError(f"--seeds item {item!r} is invalid; expected integers like 0,1,2 or 0-4") from None
+    return list(dict.fromkeys(seeds))
+
+
+def plan(
+    strategies: Sequence[str],
+    scenarios: Sequence[str],
+    seeds: Sequence[int],
+    overrides: dict[str, Any] | None = None,
+    aux: Sequence[tuple[str, dict[str, Any]]] = (),
+    output_dir: str = "results",
+    wandb: str | None = None,
+) -> list[Job]:
+    """Validate the whole grid (names, --set keys, values) before any run starts."""
+    from clbench.registry import SCENARIOS, STRATEGIES, canonical
+    from clbench.runner import RunSpec, resolve
+
+    strategies = [canonical(s, "strategy") for s in strategies]
+    for name in strategies:
+        STRATEGIES.get(name)
+    for name in scenarios:
+        SCENARIOS.get(name)
+    run_values, per_strategy = _route_overrides(overrides or {}, strategies)
+    run = replace(C.RunConfig(), **run_values, output_dir=output_dir, progress=False)
+    jobs = []
+    for scenario in scenarios:
+        for strategy in strategies:
+            for seed in seeds:
+                spec = RunSpec(strategy, scenario, run=run, strategy_overrides=per_strategy[strategy],
+                               aux=list(aux), seed=seed)
+                if wandb is not None:
+                    spec = _with_wandb(spec, wandb)
+                resolve(spec)  # builds the strategy Config: bad values fail here, not mid-sweep
+                jobs.append(_find_existing(Job(spec)))
+    return jobs
+
+
+def _with_wandb(spec, project: str):
+    if "wandb" not in getattr(type(spec), "__dataclass_fields__", {}):
+        raise UsageError("--wandb is not supported by this clbench runner")
+    return replace(spec, wandb=project)
+
+
+def _route_overrides(overrides: dict[str, Any], strategies: Sequence[str]):
+    """RunConfig keys apply to every run; a strategy key applies to the strategies that have it.
+
+    A key that no strategy of the sweep (and not RunConfig) knows is an error.
+    """
+    from clbench.registry import STRATEGIES
+
+    run_keys = set(C.field_names(C.RunConfig))
+    run_values: dict[str, Any] = {}
+    per_strategy: dict[str, dict[str, Any]] = {s: {} for s in strategies}
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        owners = [s for s in strategies if k in C.field_names(STRATEGIES.get(s).Config)]
+        if not owners and k not in run_keys:
+            valid = set(run_keys)
+            for s in strategies:
+                valid |= set(C.field_names(STRATEGIES.get(s).Config))
+            raise UsageError(f"unknown key {key!r} in --set; valid keys for this sweep: {', '.join(sorted(valid))}")
+        for s in owners:
+            per_strategy[s].update(C.split_overrides({k: value}, STRATEGIES.get(s).Config, "--set")[1])
+        if not owners:
+            run_values.update(C.split_overrides({k: value}, C.StrategyConfig, "--set")[0])
+    return run_values, per_strategy
+
+
+# Settings that do not change what a run computes.
+_IGNORED_RUN_KEYS = {"output_dir", "progress", "data_root", "num_workers", "download"}
+
+
+def _find_existing(job: Job) -> Job:
+    """A stored result of the same strategy+add-ons, scenario, seed, device and backbone request."""
+    from clbench.results import RunResult, _slug, load, result_path
+    from clbench.runner import device_name, resolve
+
+    spec = job.spec
+    run_cfg, cfg = resolve(spec)
+    probe = RunResult(spec.strategy, spec.scenario, "_", spec.seed, aux=[{"name": n, **p} for n, p in spec.aux],
+                      device=device_name(run_cfg))
+    folder = result_path(run_cfg.output_dir, probe).parent
+    for path in sorted(folder.glob(f"*-seed{spec.seed}-{_slug(probe.device)}.json")):
+        try:
+            r = load(path)
+        except UsageError:
+            continue  # unreadable: run again and overwrite it
+        if r.seed != spec.seed or r.run_config.get("backbone") != run_cfg.backbone:
+            continue
+        if r.status not in ("completed", "failed"):
+            continue
+        job.existing = path
+        wanted = {k: v for k, v in C.to_dict(run_cfg).items() if k not in _IGNORED_RUN_KEYS}
+        stored = {k: r.run_config.get(k) for k in wanted}
+        differs = [k for k in wanted if stored[k] != wanted[k]]
+        differs += [k for k, v in C.to_dict(cfg).items() if r.strategy_config.get(k) != v]
+        if [a for a in r.aux] != probe.aux:
+            differs.append("aux")
+        if differs:
+            job.stale = "stored with different " + ", ".join(f"{k}" for k in differs)
+        return job
+    return job
+
+
+# --------------------------------------------------------------------------- execution
+def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
+    """Worker body (also used in-process): one run, reduced to a small picklable summary."""
+    import torch
+
+    from clbench.results import result_path
+    from clbench.runner import quiet_lightning, run
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_lightning()
+    t0 = time.perf_counter()
+    try:
+        r = run(spec)
+    except UsageError as e:
+        return {"status": "error", "error": str(e), "seconds": time.perf_counter() - t0}
+    except Exception as e:  # one broken run must not stop the sweep; its message is reported
+        return {"status": "error", "error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+    return {
+        "status": r.status,
+        "error": r.error,
+        "seconds": time.perf_counter() - t0,
+        "path": str(result_path(spec.run.output_dir, r)),
+        "final_avg_acc": r.metrics.get("final_avg_acc"),
+    }
+
+
+def run_local(jobs: Sequence[Job], workers: int, report: Callable[[Job, dict], None]) -> None:
+    if workers <= 1:
+        for job in jobs:
+            report(job, _run_job(job.spec))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: forking a process that already holds torch's thread pools can hang
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, job.spec, threads): job for job in jobs}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
+
+
+def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray-address needs Ray, which is not installed; pip install 'clbench[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(_run_job)
+        pending = {remote.remote(job.spec, 1): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                report(pending.pop(ref), ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None, retry_failed: bool = False,
+          out=None) -> dict[str, int]:
+    """Run the jobs that have no stored result; returns counts by outcome."""
+    out = out or sys.stdout
+    todo, counts = [], {"skipped": 0, "completed": 0, "failed": 0, "error": 0}
+    for job in jobs:
+        if job.existing is not None and not (retry_failed and _stored_status(job.existing) == "failed"):
+            counts["skipped"] += 1
+            note = f" (warning: {job.stale}; use another --output-dir to rerun)" if job.stale else ""
+            print(f"skip  {job.name}: {job.existing}{note}", file=out, flush=True)
+        else:
+            todo.append(job)
+    done = 0
+
+    def report(job: Job, summary: dict) -> None:
+        nonlocal done
+        done += 1
+        status = summary["status"]
+        counts[status if status in counts else "error"] += 1
+        acc = summary.get("final_avg_acc")
+        detail = f"final acc {100 * acc:.1f}%" if acc is not None else (summary.get("error") or "")
+        print(f"[{done}/{len(todo)}] {job.name}: {status} in {summary['seconds']:.1f} s; {detail}", file=out, flush=True)
+
+    if todo:
+        if ray_address:
+            run_ray(todo, ray_address, report)
+        else:
+            run_local(todo, workers, report)
+    print(
+        f"sweep: {counts['completed']} completed, {counts['failed']} failed, {counts['error']} errors, "
+        f"{counts['skipped']} skipped (already stored)",
+        file=out,
+    )
+    return counts
+
+
+def _stored_status(path: Path) -> str:
+    from clbench.results import load
+
+    return load(path).status
+
+
+def cmd_sweep(args) -> int:
+    from clbench.cli import parse_aux
+
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs} is invalid; expected a positive integer")
+    from clbench.registry import STRATEGIES
+
+    overrides: dict[str, Any] = dict(C.parse_set(args.overrides))
+    for flag in ("epochs", "accelerator", "devices", "trainer_strategy", "precision", "backbone", "num_nodes"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
+    strategies = STRATEGIES.names() if args.strategies == "all" else split_list(args.strategies, "strategies")
+    jobs = plan(
+        strategies,
+        split_list(args.scenarios, "scenarios"),
+        parse_seeds(args.seeds),
+        overrides=overrides,
+        aux=parse_aux(getattr(args, "aux", []) or []),
+        output_dir=args.output_dir,
+        wandb=getattr(args, "wandb", None),
+    )
+    if getattr(args, "dry_run", False):
+        for job in jobs:
+            print(f"{'skip' if job.existing else 'run '}  {job.name}")
+        return 0
+    counts = sweep(jobs, args.jobs, args.ray_address, getattr(args, "retry_failed", False))
+    return 0 if counts["error"] == 0 and counts["failed"] == 0 else 1
