@@ -179,6 +179,7 @@ def spec_from_args(args, seed: int):
         seed=seed,
         paper_settings=args.paper_settings,
         resume=getattr(args, "resume", False),
+        wandb=getattr(args, "wandb", None),
     )
 
 

@@ -41,8 +41,9 @@ def load_results(results_dir: str | Path, scenario: str | None = None) -> Loaded
         raise UsageError(f"results directory {str(root)!r} does not exist")
     out = Loaded([], [])
     for path in sorted(root.rglob("*.json")):
-        if "wandb" in path.relative_to(root).parts or path.name.startswith("."):
-            continue  # wandb's offline mirror keeps its own JSON files next to ours
+        parts = path.relative_to(root).parts
+        if "wandb" in parts or any(p.startswith(".") for p in parts):
+            continue  # resume state (.resume/) and wandb's offline mirror keep their own JSON files
         try:
             r = load(path)
         except UsageError as e:

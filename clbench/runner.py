@@ -33,6 +33,7 @@ class RunSpec:
     seed: int = 0
     paper_settings: bool = False
     resume: bool = False
+    wandb: str | None = None  # wandb project to mirror the logs to (None: no wandb)
 
 
 # --------------------------------------------------------------------------- factories
@@ -155,6 +156,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
         clbench_version=_version(),
     )
     profiler = EdgeProfiler()
+    wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, backbone_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)
     ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
@@ -176,7 +178,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
                     seed=_loader_seed(spec.seed, i, p_index),
                     num_workers=run_cfg.num_workers,
                 )
-                trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks], info, phase)
+                trainer = make_trainer(
+                    run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks, *log_callbacks], info, phase,
+                    logger=wandb_logger,
+                )
                 _fit(trainer, strategy, loader)
             strategy.phase = Phase()
             strategy.on_experience_end(info, scenario.train_sets[i])
@@ -195,6 +200,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
         raise
     finally:
         _finish(result, strategy, profiler, run_cfg)
+        if wandb_logger is not None:
+            from clbench.loggers import log_result
+
+            log_result(wandb_logger, result)
     if result.status == "completed":
         checkpoint.remove(ckpt_dir)
     return result
@@ -242,7 +251,16 @@ def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None
         save(result, run_cfg.output_dir)
 
 
-def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, phase=None):
+def _wandb(spec: RunSpec, run_cfg: C.RunConfig, cfg, backbone: str):
+    """(logger, callbacks) mirroring this run to wandb, or (None, []) without --wandb."""
+    if spec.wandb is None:
+        return None, []
+    from clbench.loggers import GlobalStep, wandb_logger
+
+    return wandb_logger(spec.wandb, spec, run_cfg, cfg, backbone), [GlobalStep()]
+
+
+def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, phase=None, logger=None):
     """A fresh Trainer per fit (a reused one silently stops after its first `max_epochs`), trimmed to the loop."""
     import pytorch_lightning as pl
 
@@ -253,7 +271,8 @@ def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, 
         num_nodes=run.num_nodes,
         precision=run.precision,
         strategy=run.trainer_strategy,
-        logger=False,
+        logger=logger if logger is not None else False,
+        log_every_n_steps=1,
         callbacks=list(callbacks),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -30,7 +30,8 @@ class Job:
     def name(self) -> str:
         s = self.spec
         aux = "".join(f"+{n}" for n, _ in s.aux)
-        return f"{s.strategy}{aux} on {s.scenario} seed {s.seed}"
+        resumed = " (resumed)" if getattr(s, "resume", False) else ""
+        return f"{s.strategy}{aux} on {s.scenario} seed {s.seed}{resumed}"
 
 
 def split_list(text: str, what: str) -> list[str]:
@@ -149,6 +150,12 @@ def _find_existing(job: Job) -> Job:
         if differs:
             job.stale = "stored with different " + ", ".join(f"{k}" for k in differs)
         return job
+    # No result, but an interrupted run left its resume state: continue from its last experience.
+    resume_root = Path(run_cfg.output_dir) / ".resume" / folder.relative_to(run_cfg.output_dir)
+    if "resume" in type(spec).__dataclass_fields__ and any(
+        resume_root.glob(f"*-seed{spec.seed}-{_slug(probe.device)}/checkpoint.json")
+    ):
+        job.spec = replace(spec, resume=True)
     return job
 
 
