@@ -44,6 +44,40 @@ class InMemoryDataset(Dataset):
         return InMemoryDataset(self.x, self.y)
 
 
+class LabelledSubset(Dataset):
+    """Rows `indices` of a dataset whose items load on demand, relabelled (positions in the class order).
+
+    A batch is fetched through the parent's `__getitems__` when it returns `(x, y)`
+    tensors (whole-batch decoding); otherwise item by item.
+    """
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor, labels: torch.Tensor):
+        if len(indices) != len(labels):
+            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
+        self.dataset, self.indices, self.labels = dataset, torch.as_tensor(indices).long(), torch.as_tensor(labels).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])][0], self.labels[i]
+
+    def __getitems__(self, positions: Sequence[int]):
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        rows = self.indices[pos].tolist()
+        fetch = getattr(self.dataset, "__getitems__", None)
+        got = fetch(rows) if fetch is not None else None
+        if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.Tensor):
+            x = got[0]
+        else:
+            x = torch.stack([item[0] for item in got] if got is not None else [self.dataset[r][0] for r in rows])
+        return x, self.labels[pos]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.labels
+
+
 def concat(datasets: Sequence[Dataset]) -> Dataset:
     """Concatenate experiences (joint training, exemplar sets); stays in memory when all parts are."""
     if all(isinstance(d, InMemoryDataset) for d in datasets):

@@ -186,6 +186,11 @@ class ScenarioOptions:
     data_root: str | None = None
     download: bool = False
     seed: int = 0
+    # image scenarios only: input side in pixels (None: the benchmark's own, e.g. 32 for CIFAR,
+    # 224 for ImageNet-R) and normalization (dataset | imagenet | inception | none), so a
+    # pretrained backbone can get the input size and mean/std it was trained with
+    image_size: int | None = None
+    normalization: str = "dataset"
 
 
 def data_root(options: ScenarioOptions):
@@ -195,3 +200,83 @@ def data_root(options: ScenarioOptions):
 
     root = options.data_root or os.environ.get("CLBENCH_DATA") or "~/.cache/clbench/data"
     return Path(root).expanduser()
+
+
+def class_incremental_from_datasets(
+    name: str,
+    train: Dataset,
+    test: Dataset,
+    *,
+    increments: list[int],
+    class_order: list[int],
+    default_backbone: str,
+    input_shape: tuple[int, int, int],
+    class_names: list[str] | None = None,
+    augment: Callable | None = None,
+    mean=None,
+    std=None,
+    meta: dict | None = None,
+) -> Scenario:
+    """Build a scenario over datasets that load items on demand (image folders, uint8 arrays).
+
+    `train` and `test` expose `.targets` (original labels).  Only sample indices pass
+    through Avalanche's split, so building the scenario reads no image; each experience
+    is a `LabelledSubset` of the parent dataset carrying class-order positions.
+    """
+    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+
+    from clbench.data import LabelledSubset
+
+    num_classes = len(class_order)
+    if sum(increments) != num_classes:
+        raise UsageError(f"increments {increments} cover {sum(increments)} classes, but there are {num_classes}")
+    train_y, test_y = torch.as_tensor(train.targets).long(), torch.as_tensor(test.targets).long()
+    for split, y in (("train", train_y), ("test", test_y)):
+        present = set(torch.unique(y).tolist())
+        if present != set(class_order):
+            missing = sorted(set(class_order) - present)[:10]
+            raise UsageError(
+                f"{name}: the {split} split holds {len(present)} classes, expected {num_classes} "
+                f"(e.g. no samples of labels {missing})"
+            )
+    position = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
+    position[torch.tensor(class_order)] = torch.arange(num_classes)
+    ytr, yte = position[train_y], position[test_y]
+    stream = class_incremental_benchmark(
+        {
+            "train": tensor_dataset(torch.arange(len(ytr)), ytr),
+            "test": tensor_dataset(torch.arange(len(yte)), yte),
+        },
+        class_order=list(range(num_classes)),
+        num_classes_per_exp=increments,
+    )
+
+    def subset(parent, avl_dataset, y):
+        rows = torch.sort(torch.tensor([int(item[0]) for item in avl_dataset], dtype=torch.long)).values
+        return LabelledSubset(parent, rows, y[rows])
+
+    scenario = Scenario(
+        name=name,
+        num_classes=num_classes,
+        class_order=[int(c) for c in class_order],
+        increments=list(increments),
+        train_sets=[subset(train, e.dataset, ytr) for e in stream.train_stream],
+        test_sets=[subset(test, e.dataset.eval(), yte) for e in stream.test_stream],
+        input_shape=tuple(input_shape),  # type: ignore[arg-type]
+        default_backbone=default_backbone,
+        class_names=class_names,
+        augment=augment,
+        mean=mean,
+        std=std,
+        meta=meta or {},
+    )
+    _check_partition(scenario)
+    return scenario
+
+
+def seeded_permutation(n: int, seed: int) -> list[int]:
+    """`np.random.seed(seed); np.random.permutation(n)`: the class order PyCIL/PILOT use (seed 1993)."""
+    import numpy as np
+
+    return np.random.RandomState(seed).permutation(n).tolist()
