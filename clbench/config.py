@@ -41,6 +41,7 @@ class RunConfig:
     deterministic: bool = True
     checkpoint: bool = True  # save resume state after every experience
     progress: bool = True
+    profile: bool = True  # the EdgeProfiler callback (FLOPs, memory, time); it never changes results
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "num_nodes"):

@@ -118,7 +118,7 @@ def resolve(spec: RunSpec) -> tuple[C.RunConfig, Any]:
     return run, C.build(cls.Config, values)
 
 
-def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | None = None) -> RunResult:
+def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | None = None, profiler=None) -> RunResult:
     """Train `spec.strategy` over `spec.scenario`; returns the result (also written to disk)."""
     from clbench.backbones import build_backbone
     from clbench.edge.profiler import EdgeProfiler
@@ -155,7 +155,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
         environment=environment(),
         clbench_version=_version(),
     )
-    profiler = EdgeProfiler()
+    if profiler is None:  # `profile=False` runs without it (the profiler-invariance test)
+        from clbench.edge.profiler import NullProfiler
+
+        profiler = EdgeProfiler() if run_cfg.profile else NullProfiler()
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, backbone_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)

@@ -1,74 +1,364 @@
-"""EdgeProfiler: a Lightning Callback that records cost per experience; it never changes results."""
+"""EdgeProfiler: a Lightning Callback that records what each experience cost; it never changes results.
+
+Per experience: training FLOPs (every op between `on_train_batch_start` and
+`on_train_batch_end`, which under Lightning's automatic optimisation spans the
+forward passes, replay and teacher passes, auxiliary losses, backward and the
+optimizer step), inference FLOPs per sample, parameter counts, peak memory, wall
+time, samples/s, and the Jetson training time (estimated, or measured on a Jetson).
+
+FLOPs are counted on a few steps per step shape: a shape (phase, input batch shape)
+is counted until two consecutive counted steps agree, then its remaining steps are
+extrapolated with that value. `flops_method` says what happened: "exact" (every
+step counted), "sampled" (extrapolated from stable shapes) or "sampled-mean"
+(a shape never stabilised within `max_counted_per_shape`; its mean was used).
+"""
 
 from __future__ import annotations
 
-import resource
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from clbench.edge import memory
+from clbench.edge.flops import CONVENTION, Counter, StepProfile, measure_flops, torch_behaviour
+
+WARMUP_STEPS = 20  # CUDA-event step timings start after this many steps of a fit
+
+
+@dataclass
+class _Shape:
+    """Steps of one shape signature in the current experience."""
+
+    steps: int = 0
+    counted: list[int] = field(default_factory=list)
+    profile: StepProfile | None = None
+
+    @property
+    def stable(self) -> bool:
+        return len(self.counted) >= 2 and self.counted[-1] == self.counted[-2]
+
+    @property
+    def per_step(self) -> float:
+        if not self.counted:
+            return 0.0
+        return self.counted[-1] if self.stable else sum(self.counted) / len(self.counted)
+
+    @property
+    def total(self) -> int:
+        return int(round(sum(self.counted) + (self.steps - len(self.counted)) * self.per_step))
+
 
 class EdgeProfiler(pl.Callback):
-    """Wall time, samples, parameter counts and peak memory of the training fits of each experience.
+    """Cost records per experience; the runner brackets experiences with
+    `start_experience(i)` / `end_experience(strategy)` and reads `totals()` at the end.
 
-    The runner calls `start_experience(i)` before the experience's fits and
-    `end_experience(strategy)` after them; each `fit` in between reports here.
+    flops: "sample" (default), "all" (count every step) or "off".
+    device: Jetson profile for the time estimate (ignored on a real Jetson: it measures).
+    planned_epochs: with a run truncated by `limit_train_batches` (`clbench profile --steps`),
+        the epochs a full run would have, for the `*_planned` extrapolations.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flops: str = "sample", device: str = "jetson-orin-nx-16gb", max_counted_per_shape: int = 8,
+                 planned_epochs: int | None = None, power_mode: str | None = None, rss_interval_s: float = 0.01):
+        if flops not in ("sample", "all", "off"):
+            raise ValueError(f"flops={flops!r}; expected 'sample', 'all' or 'off'")
+        self.flops_mode = flops
+        self.device = device
+        self.power_mode = power_mode
+        self.max_counted_per_shape = max_counted_per_shape
+        self.planned_epochs = planned_epochs
         self.records: list[dict[str, Any]] = []
         self._current: dict[str, Any] | None = None
+        self._shapes: dict[tuple, _Shape] = {}
+        self._run_steps: list[tuple[StepProfile, int]] = []
+        self._counter: Counter | None = None
+        self._counter_shape: _Shape | None = None
+        self._rss = memory.RssPeak(rss_interval_s)
+        self._sample_input: tuple | None = None
+        self._precision = "32-true"
+        self._jetson = None
+        self._jetson_checked = False
+        self._tegrastats = None
+        self._cuda = False
 
-    # ---- experience bracket (called by the runner)
+    # ------------------------------------------------------------------ experience bracket (runner)
     def start_experience(self, index: int) -> None:
-        self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0}
+        self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
+                         "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
+        self._shapes = {}
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self._cuda:
+            memory.cuda_reset()
+        self._rss.reset()
+        self._start_tegrastats()
 
     def end_experience(self, strategy) -> dict[str, Any]:
-        rec = self._current or {}
-        rec["trainable_params"] = sum(p.numel() for p in strategy.parameters() if p.requires_grad)
-        rec["total_params"] = sum(p.numel() for p in strategy.parameters())
+        rec = self._current if self._current is not None else {"experience": len(self.records)}
+        self._stop_counter()
+        rec["train_time_e2e_s"] = time.perf_counter() - rec.pop("_t0", time.perf_counter())
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
+        rec["train_time_source"] = f"measured:{_host_name()}"
+        rec.setdefault("trainable_params", sum(p.numel() for p in strategy.parameters() if p.requires_grad))
+        rec["total_params"] = sum(p.numel() for p in strategy.parameters())
+        rec["fwd_flops_per_sample"] = self._inference_flops(strategy)
+        report = strategy.report() if hasattr(strategy, "report") else {}
+        if isinstance(report, dict) and "buffer_bytes" in report:
+            rec["buffer_bytes"] = report["buffer_bytes"]
+        self._flop_fields(rec)
+        self._memory_fields(rec)
+        rec["jetson"] = self._jetson_fields(rec, [(s.profile, s.steps) for s in self._shapes.values() if s.profile is not None],
+                                            planned=rec.get("planned_steps", 0))
+        self._run_steps += [(s.profile, s.steps) for s in self._shapes.values() if s.profile is not None]
         self.records.append(rec)
         self._current = None
         return rec
 
     def totals(self) -> dict[str, Any]:
-        return {
-            "train_time_s": sum(r["train_time_s"] for r in self.records),
-            "samples": sum(r["samples"] for r in self.records),
-            "steps": sum(r["steps"] for r in self.records),
-            "peak_memory_bytes": max((r.get("peak_memory_bytes") or 0 for r in self.records), default=0),
-            "peak_memory_kind": self.records[-1].get("peak_memory_kind") if self.records else None,
+        recs = self.records
+        out: dict[str, Any] = {
+            "train_time_s": sum(r["train_time_s"] for r in recs),
+            "train_time_e2e_s": sum(r.get("train_time_e2e_s", 0.0) for r in recs),
+            "train_time_source": f"measured:{_host_name()}",
+            "samples": sum(r["samples"] for r in recs),
+            "steps": sum(r["steps"] for r in recs),
+            "train_flops_total": sum(r.get("train_flops_exp") or 0 for r in recs) if self.flops_mode != "off" else None,
+            "peak_memory_bytes": max((r.get("peak_memory_bytes") or 0 for r in recs), default=0),
+            "peak_memory_kind": recs[-1].get("peak_memory_kind") if recs else None,
+            "fwd_flops_per_sample": recs[-1].get("fwd_flops_per_sample") if recs else None,
+            "trainable_params": recs[-1].get("trainable_params") if recs else None,
+            "total_params": recs[-1].get("total_params") if recs else None,
         }
+        if recs and any("train_flops_exp_planned" in r for r in recs):
+            out["train_flops_total_planned"] = sum(r.get("train_flops_exp_planned") or 0 for r in recs)
+        out["samples_per_s"] = out["samples"] / out["train_time_s"] if out["train_time_s"] else None
+        out["jetson"] = self._jetson_fields(out, self._run_steps, planned=sum(r.get("planned_steps", 0) for r in recs))
+        if self.flops_mode != "off":
+            out["flops_convention"] = CONVENTION
+            out["flop_counter"] = torch_behaviour()
+        return out
 
-    # ---- Lightning hooks
+    # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self._current is None:
-            self.start_experience(-1)
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+        if self._current is None:  # used outside the runner: one fit = one experience
+            self.start_experience(len(self.records))
+        self._cuda = pl_module.device.type == "cuda"
+        self._precision = str(getattr(trainer, "precision", "32-true"))
+        if self._cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self._rss_before = _rss_high_water_bytes()
-        self._t0 = time.perf_counter()
+        self._fit_steps = 0
+        self._events: list[tuple] = []
+        self._rss.start()
+        self._fit_t0 = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._current["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        try:
+            per_epoch = len(trainer.train_dataloader)
+        except TypeError:
+            return
+        phase = getattr(pl_module, "phase", None)
+        epochs = getattr(phase, "epochs", None) or self.planned_epochs or trainer.max_epochs
+        self._current["planned_steps"] += per_epoch * epochs
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        x = _batch_input(batch)
+        if self._sample_input is None and x is not None:
+            self._sample_input = (tuple(x.shape[1:]), x.dtype)
+        phase = getattr(getattr(pl_module, "phase", None), "name", "")
+        shape = self._shapes.setdefault((phase, tuple(x.shape) if x is not None else ()), _Shape())
+        shape.steps += 1
+        count = self.flops_mode == "all" or (
+            self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
+        if count:
+            self._counter_shape = shape
+            self._count_t0 = time.perf_counter()
+            self._counter = Counter(trace=True).start()
+        elif self._cuda and self._fit_steps >= WARMUP_STEPS:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, None))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._current["samples"] += len(batch)
+        if self._counter is not None:
+            self._counter.stop()
+            self._counter_shape.counted.append(self._counter.total)
+            self._counter_shape.profile = self._counter.profile
+            self._counter = None
+            self._current["flop_count_time_s"] += time.perf_counter() - self._count_t0
+        elif self._events and self._events[-1][1] is None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1] = (self._events[-1][0], end)
+        self._fit_steps += 1
+        self._current["samples"] += _batch_len(batch)
         self._current["steps"] += 1
+        if not self._cuda:
+            self._rss.sample()  # a peak that lives for one step is seen even between thread samples
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        cuda = torch.cuda.is_available() and pl_module.device.type == "cuda"
-        if cuda:
+        if self._cuda:
             torch.cuda.synchronize()
-        self._current["train_time_s"] += time.perf_counter() - self._t0
-        if cuda:
-            peak, kind = torch.cuda.max_memory_allocated(), "cuda_allocator"
+        self._current["train_time_s"] += time.perf_counter() - self._fit_t0
+        self._rss.stop()
+        times = [s.elapsed_time(e) / 1e3 for s, e in self._events if e is not None]
+        if times:
+            self._current.setdefault("_step_times", []).extend(times)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_counter()
+        self._rss.stop()
+
+    # ------------------------------------------------------------------ record parts
+    def _stop_counter(self) -> None:
+        if self._counter is not None:
+            self._counter.stop()
+            self._counter = None
+
+    def _flop_fields(self, rec: dict[str, Any]) -> None:
+        if self.flops_mode == "off":
+            rec["flops_method"] = "off"
+            return
+        shapes = self._shapes
+        uncounted = sum(s.steps - len(s.counted) for s in shapes.values())
+        rec["train_flops_exp"] = sum(s.total for s in shapes.values())
+        main = max(shapes.values(), key=lambda s: s.steps, default=None)
+        rec["train_flops_step"] = int(round(main.per_step)) if main is not None else 0
+        rec["flops_counted_steps"] = sum(len(s.counted) for s in shapes.values())
+        if uncounted == 0:
+            rec["flops_method"] = "exact"
         else:
-            peak, kind = max(_rss_high_water_bytes() - self._rss_before, 0), "cpu_rss"
-        self._current["peak_memory_bytes"] = max(self._current.get("peak_memory_bytes", 0), peak)
-        self._current["peak_memory_kind"] = kind
+            rec["flops_method"] = "sampled" if all(s.stable or len(s.counted) == s.steps for s in shapes.values()) else "sampled-mean"
+        rec["flops_step_shapes"] = [
+            {"phase": k[0], "input_shape": list(k[1]), "steps": s.steps, "counted": len(s.counted),
+             "flops_step": int(round(s.per_step)), "stable": s.stable}
+            for k, s in shapes.items()
+        ]
+        planned = rec.get("planned_steps", 0)
+        if planned and planned != rec["steps"] and rec["steps"]:
+            rec["train_flops_exp_planned"] = int(round(rec["train_flops_exp"] * planned / rec["steps"]))
+
+    def _memory_fields(self, rec: dict[str, Any]) -> None:
+        if self._cuda:
+            rec.update(memory.cuda_peaks())
+            rec["peak_memory_bytes"], rec["peak_memory_kind"] = rec["peak_alloc_bytes"], "cuda_allocator"
+        else:
+            rec["peak_rss_bytes"] = self._rss.peak_above_baseline
+            rec["peak_memory_bytes"], rec["peak_memory_kind"] = rec["peak_rss_bytes"], "cpu_rss"
+        times = rec.pop("_step_times", None)
+        if times:
+            t = torch.tensor(times)
+            rec["step_time_median_s"] = float(t.median())
+            rec["step_time_iqr_s"] = float(t.quantile(0.75) - t.quantile(0.25))
+        if self._tegrastats is not None:
+            stats = self._tegrastats.stop()
+            self._tegrastats = None
+            rec["tegrastats"] = stats
+            if "peak_system_ram_bytes" in stats:
+                rec["peak_system_ram_bytes"] = stats["peak_system_ram_bytes"]
+
+    def _inference_flops(self, strategy) -> int | None:
+        """FLOPs of the final model's inference rule on one sample (RNG and train mode restored)."""
+        if self.flops_mode == "off" or self._sample_input is None:
+            return None
+        shape, dtype = self._sample_input
+        try:
+            device = next(strategy.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        x = torch.zeros((1, *shape), dtype=dtype, device=device)
+        predict = getattr(strategy, "predict_logits", strategy)
+        was_training = strategy.training
+        strategy.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                return measure_flops(lambda: predict(x))
+        finally:
+            strategy.train(was_training)
+
+    # ------------------------------------------------------------------ Jetson
+    def _detect_jetson(self):
+        if not self._jetson_checked:
+            from clbench.edge.devices import detect
+
+            self._jetson, self._jetson_checked = detect(), True
+        return self._jetson
+
+    def _start_tegrastats(self) -> None:
+        if self._detect_jetson() is None:
+            return
+        from clbench.edge.jetson import Tegrastats
+
+        t = Tegrastats()
+        self._tegrastats = t if t.start() else None
+
+    def _jetson_fields(self, rec: dict[str, Any], steps, planned: int = 0) -> dict[str, Any] | None:
+        info = self._detect_jetson()
+        if info is not None and self._cuda:
+            from clbench.edge.jetson import power_mode_name
+
+            mode = power_mode_name()
+            out = {"device": info.profile or info.model, "model": info.model, "l4t": info.l4t, "power_mode": mode,
+                   "time_s": rec["train_time_s"], "source": f"measured:{info.profile or info.model}:{mode}"}
+            swap = (rec.get("tegrastats") or {}).get("swap_grew_mb", 0)
+            if swap and swap > 0:
+                out["valid"], out["reason"] = False, f"swap grew by {swap:.0f} MB during training; times are not trustworthy"
+            out["label"] = f"{rec['train_time_s']:.2f} s measured"
+            return out
+        if not steps or self.device is None:
+            return None
+        from clbench.edge.jetson import Precision, estimate_train_time
+
+        try:
+            est = estimate_train_time(steps, self.device, self.power_mode, Precision.current(self._precision))
+        except Exception as e:  # a report must never end a run
+            return {"device": self.device, "error": f"{type(e).__name__}: {e}"}
+        out = est.to_dict()
+        done = sum(n for _, n in steps)
+        if planned and done and planned != done:
+            out["planned_time_s"] = est.time_s * planned / done
+            out["planned_low_s"], out["planned_high_s"] = est.low_s * planned / done, est.high_s * planned / done
+        return out
 
 
-def _rss_high_water_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class NullProfiler(pl.Callback):
+    """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`)."""
+
+    def start_experience(self, index: int) -> None:
+        pass
+
+    def end_experience(self, strategy) -> dict[str, Any]:
+        return {}
+
+    def totals(self) -> dict[str, Any]:
+        return {}
+
+
+def _batch_input(batch) -> torch.Tensor | None:
+    x = getattr(batch, "x", None)
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        return next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return None
+
+
+def _batch_len(batch) -> int:
+    if hasattr(batch, "x") and hasattr(batch, "__len__"):
+        return len(batch)
+    x = _batch_input(batch)
+    return 0 if x is None else len(x)
+
+
+def _host_name() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}"
