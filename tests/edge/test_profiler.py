@@ -1,0 +1,118 @@
+"""EdgeProfiler: it changes the report, never the result; its FLOPs cover the whole optimisation step."""
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from clbench import config as C
+from clbench.edge.flops import linear_flops
+from clbench.edge.profiler import EdgeProfiler
+from clbench.runner import RunSpec, run
+
+MM_IN_STEP = 2 * 4 * 4 * 4  # the marker matmul the optimizer below runs in every step
+
+
+class _MarkedSGD(torch.optim.SGD):
+    """SGD that also runs one 4x4 @ 4x4 matmul, so the count shows whether `step` was inside the window."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        torch.ones(4, 4) @ torch.ones(4, 4)
+        return loss
+
+
+class _TwoLayer(pl.LightningModule):
+    def __init__(self, blob_mib: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        self.blob_mib = blob_mib
+        self.blob = None
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.blob_mib:
+            self.blob = torch.ones(self.blob_mib * 2**20 // 4)  # touched pages: really resident
+        return F.cross_entropy(self.net(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.blob = None
+
+    def configure_optimizers(self):
+        return _MarkedSGD(self.parameters(), lr=0.1)
+
+
+def _fit(module, profiler, n=40, batch=8):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[profiler], enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, DataLoader(data, batch_size=batch))
+
+
+def _step_flops(batch=8):
+    first, second = linear_flops(batch, 6, 5), linear_flops(batch, 5, 3)
+    # first layer: forward + grad-weight (inputs need no grad); second: forward + grad-input + grad-weight
+    return 2 * first + 3 * second + MM_IN_STEP
+
+
+def test_window_covers_forward_backward_and_optimizer_step():
+    prof = EdgeProfiler(flops="all")
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof)
+    rec = prof.end_experience(_TwoLayer())
+    assert rec["steps"] == 5 and rec["samples"] == 40
+    assert rec["flops_method"] == "exact" and rec["flops_counted_steps"] == 5
+    assert rec["train_flops_step"] == _step_flops()
+    assert rec["train_flops_exp"] == 5 * _step_flops()
+    assert rec["fwd_flops_per_sample"] == linear_flops(1, 6, 5) + linear_flops(1, 5, 3)
+    assert rec["trainable_params"] == rec["total_params"] == 6 * 5 + 5 + 5 * 3 + 3
+    assert not torch._C._len_torch_dispatch_stack()  # no counting mode left behind
+
+
+def test_sampling_counts_until_stable_and_scales_by_steps():
+    prof = EdgeProfiler()  # default: sample
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof, n=84)  # 10 steps of 8, then one of 4
+    rec = prof.end_experience(_TwoLayer())
+    assert rec["steps"] == 11
+    assert rec["flops_counted_steps"] == 3  # two equal steps of 8, the lone step of 4
+    assert rec["flops_method"] == "sampled"
+    assert rec["train_flops_exp"] == 10 * _step_flops(8) + _step_flops(4)
+    shapes = {tuple(s["input_shape"]): s for s in rec["flops_step_shapes"]}
+    assert shapes[(8, 6)]["steps"] == 10 and shapes[(8, 6)]["stable"]
+    assert prof.totals()["train_flops_total"] == rec["train_flops_exp"]
+
+
+def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
+    prof = EdgeProfiler(flops="off")
+    prof.start_experience(0)
+    _fit(_TwoLayer(blob_mib=96), prof, n=16)
+    first = prof.end_experience(_TwoLayer())
+    prof.start_experience(1)
+    _fit(_TwoLayer(), prof, n=16)
+    second = prof.end_experience(_TwoLayer())
+    assert first["peak_memory_kind"] == "cpu_rss"
+    assert first["peak_rss_bytes"] >= 96 * 2**20
+    assert second["peak_rss_bytes"] < 48 * 2**20
+
+
+def test_same_seed_with_and_without_profiler_gives_identical_accuracy(tmp_path):
+    def go(profile: bool, sub: str):
+        cfg = C.RunConfig(epochs=1, progress=False, output_dir=str(tmp_path / sub), profile=profile)
+        return run(RunSpec("er", "synthetic-2", run=cfg, seed=3))
+
+    with_p, without = go(True, "a"), go(False, "b")
+    assert with_p.status == without.status == "completed"
+    assert with_p.accuracy_matrix == without.accuracy_matrix
+    assert with_p.edge["totals"]["train_flops_total"] > 0
+    assert without.edge["per_experience"] == [{}, {}]
+    rec = with_p.edge["per_experience"][1]
+    # experience 2 replays 32 buffered samples with every 32-sample batch: 64 rows through the MLP
+    assert rec["flops_step_shapes"][0]["input_shape"] == [32, 1, 8, 8]
+    assert rec["train_flops_step"] == 2 * linear_flops(64, 64, 32) + 3 * linear_flops(64, 32, 4)
+    assert rec["jetson"]["source"].startswith("estimated:jetson-orin-nx-16gb:MAXN:")
