@@ -75,8 +75,12 @@ def read_table(path: Path, columns: int, *, how: str, sep: str | None = None) ->
 
 def read_names(path: Path) -> list[str]:
     """One name per line; `#` starts a comment."""
+    return read_names_text(path.read_text(encoding="utf-8"))
+
+
+def read_names_text(text: str) -> list[str]:
     names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(line)

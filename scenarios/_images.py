@@ -215,3 +215,57 @@ class ResizedCropFlip:
         boxes = torch.stack([index, left, top, left + cw, top + ch], dim=1).to(x.dtype)
         out = roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
         return _flip_half(out)
+
+
+# --------------------------------------------------------------------------- image-folder scenarios
+@dataclass(frozen=True)
+class Protocol:
+    """How a benchmark's papers feed images to the network (sizes, statistics, augmentation, backbone)."""
+
+    size: int
+    resize_ratio: float  # shorter side = size * ratio before the center crop (256/224 ImageNet-style, 1: none)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment: str  # "pad_crop": RandomCrop(size, 4) + flip; "resized_crop": RandomResizedCrop(crop_scale) + flip
+    backbone: str
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    bicubic: bool = False
+
+
+def image_folder_scenario(
+    name: str,
+    options,
+    protocol: Protocol,
+    train: tuple[Sequence[str], Sequence[int]],
+    test: tuple[Sequence[str], Sequence[int]],
+    *,
+    increments: list[int],
+    class_names: Sequence[str],
+    paper_order: Sequence[int] | None,
+    meta: dict,
+):
+    """A scenario over image files read lazily, preprocessed as `protocol` says (overridable by options)."""
+    from clbench.scenarios.base import class_incremental_from_datasets, resolve_class_order
+
+    size = image_size(options.image_size, protocol.size)
+    mean, std = normalization(options.normalization, protocol.mean, protocol.std)
+    preprocess = Preprocess(size=size, resize=round(size * protocol.resize_ratio), mean=mean, std=std, bicubic=protocol.bicubic)
+    if protocol.augment == "pad_crop":
+        augment = PadCropFlip(pad=4, mean=mean, std=std)
+    else:
+        augment = ResizedCropFlip(scale=protocol.crop_scale)
+    order = resolve_class_order(options.class_order, list(train[1]), paper_order)
+    return class_incremental_from_datasets(
+        name,
+        ImageFiles(train[0], train[1], preprocess),
+        ImageFiles(test[0], test[1], preprocess),
+        increments=increments,
+        class_order=order,
+        default_backbone=protocol.backbone,
+        input_shape=(3, size, size),
+        class_names=[class_names[c] for c in order],
+        augment=augment,
+        mean=mean,
+        std=std,
+        meta={**meta, "image_size": size, "normalization": options.normalization},
+    )
