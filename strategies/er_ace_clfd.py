@@ -1,0 +1,28 @@
+"""CLFD-ER-ACE: ER-ACE in CLFD's frequency domain (Liu et al., NeurIPS 2024); see `clfd.py` and `er_ace.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clbench.registry import register_strategy
+from clbench.strategies import er_ace
+from clbench.strategies.clfd import CLFDMixin, CLFDOptions
+
+_COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03}
+
+
+@dataclass(frozen=True)
+class Config(er_ace.Config, CLFDOptions):
+    pass
+
+
+@register_strategy("er_ace_clfd")
+class ERACECLFD(CLFDMixin, er_ace.ERACE):
+    """CLFD over ER-ACE (asymmetric CE on masked, k-WTA current logits; replay of codes)."""
+
+    Config = Config
+    # card Table 1, buffer 125, Class-IL: 58.68 (S-CIFAR-10) / 15.88 (S-Tiny-ImageNet)
+    PAPER_SETTINGS = {
+        "cifar10-5": {**_COMMON, "epochs": 50},
+        "tinyimagenet-10": {**_COMMON, "epochs": 50},
+    }
