@@ -52,6 +52,7 @@ class MLP(_TimmStyleNet):
 
     def __init__(self, in_features: int = 64, hidden: int = 256, depth: int = 2, num_classes: int = 0, in_chans: int = 1, img_size: int = 8, **_):
         super().__init__(num_classes)
+        self.in_chans = in_chans  # image channels, for methods that build their own input stage (FDINet)
         in_features = in_chans * img_size * img_size if in_features is None else in_features
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features

@@ -1,0 +1,27 @@
+"""FDINet over DER++ (reconstructed; see `fdinet.py`): same two-branch network and image buffer, DER++'s losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clbench.registry import register_strategy
+from clbench.strategies import der_pp
+from clbench.strategies.fdinet import FDINetMixin
+
+
+@dataclass(frozen=True)
+class Config(der_pp.Config):
+    nf: int = 21
+
+
+@register_strategy("der_pp_fdinet")
+class DERPPFDINet(FDINetMixin, der_pp.DERPP):
+    """FDINet (reconstructed) trained with DER++ instead of ER."""
+
+    Config = Config
+    PAPER_SETTINGS = {  # reconstruction: CLFD-DER++'s Mammoth settings (buffer 125)
+        "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
+                      "buffer_size": 125, "alpha": 0.2, "beta": 0.5},
+        "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "epochs": 100, "batch_size": 32, "replay_batch_size": 32,
+                            "buffer_size": 125, "alpha": 0.1, "beta": 0.5},
+    }
