@@ -125,3 +125,20 @@ def test_fft_flops_formula():
     assert fl.fft_flops(8, vectors=2, real=True) == 2 * 60
     assert fl.fft_flops(1) == 0
     assert fl.fft_flops(10) == round(5 * 10 * math.log2(10))
+
+
+def test_cifar_resnet18_forward_and_training_step_reference_values():
+    import timm
+
+    import clbench.backbones  # noqa: F401  (registers resnet18_cifar with timm)
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet18_cifar", num_classes=10)
+    model.eval()
+    fwd = measure_flops(lambda: model(torch.empty(1, 3, 32, 32, device="meta")))
+    assert fwd == pytest.approx(1.111e9, rel=0.005)
+    model.train()
+    x, y = torch.empty(64, 3, 32, 32, device="meta"), torch.zeros(64, dtype=torch.long, device="meta")
+    step = measure_flops(lambda: F.cross_entropy(model(x), y).backward())
+    assert step == pytest.approx(213.06e9, rel=1e-4)
+    assert 2.99 < step / (64 * fwd) < 3.0  # the first conv needs no input gradient
