@@ -1,0 +1,107 @@
+"""Shared fixtures: a fast CPU RunConfig, a tiny backbone and the synthetic scenarios.
+
+Everything here runs offline on CPU in well under a second per run: the synthetic
+scenarios are Gaussian clusters of 1x8x8 inputs, and the fast RunConfig trains one
+epoch capped at two batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from clbench.config import RunConfig
+
+
+def fast_config(output_dir, **overrides) -> RunConfig:
+    """One epoch, two batches per fit, CPU, no progress bar, results under `output_dir`."""
+    base = RunConfig(
+        epochs=1,
+        batch_size=16,
+        eval_batch_size=256,
+        accelerator="cpu",
+        limit_train_batches=2,
+        progress=False,
+        output_dir=str(output_dir),
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_lightning():
+    from clbench.runner import quiet_lightning
+
+    quiet_lightning()
+
+
+@pytest.fixture
+def fast_run_config(tmp_path) -> RunConfig:
+    return fast_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_scenario():
+    """`synthetic-2` (2 experiences x 2 classes of 1x8x8 clusters), built once per session."""
+    from clbench.runner import create_scenario
+
+    return create_scenario("synthetic-2")
+
+
+@pytest.fixture
+def tiny_backbone():
+    from clbench.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone("clbench_mlp_tiny", in_chans=1, img_size=8)
+
+
+def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overrides):
+    """A registered strategy on `scenario` with its default Config plus overrides."""
+    from clbench.backbones import build_backbone
+    from clbench.runner import create_strategy, strategy_config
+
+    if backbone is None:
+        torch.manual_seed(seed)
+        backbone = build_backbone(
+            scenario.default_backbone, in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1]
+        )
+    strategy = create_strategy(name, backbone, scenario.num_classes, strategy_config(name, cfg_overrides), seed=seed)
+    strategy.augment = scenario.augment
+    return strategy
+
+
+def first_batch(dataset, n: int = 16):
+    """The first `n` samples of a dataset as a `Batch`."""
+    from clbench.data import make_loader
+
+    return next(iter(make_loader(dataset, n, shuffle=False)))
+
+
+@pytest.fixture
+def strategy_factory(synthetic_scenario, tiny_backbone):
+    """`strategy_factory(name, **cfg)`: the strategy on synthetic-2 with the tiny backbone."""
+
+    def build(name: str, **cfg_overrides):
+        return make_strategy(name, synthetic_scenario, tiny_backbone, **cfg_overrides)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def build_strategy():
+    """`build_strategy(name, scenario, backbone=None, seed=0, **cfg)` (helpers are fixtures: tests is not a package)."""
+    return make_strategy
+
+
+@pytest.fixture(scope="session")
+def batch_of():
+    """`batch_of(dataset, n=16)`: its first n samples as a Batch."""
+    return first_batch
+
+
+@pytest.fixture(scope="session")
+def fast_config_for():
+    """`fast_config_for(output_dir, **overrides)`: the fast RunConfig with changes."""
+    return fast_config
