@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--strategies", required=True, help="comma-separated strategy names, or 'all'")
     sw.add_argument("--scenarios", required=True, help="comma-separated scenario names")
     sw.add_argument("--seeds", default="0", help="comma-separated seeds or a range, e.g. 0,1,2 or 0-4")
-    sw.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1: in this process)")
+    sw.add_argument("--jobs", type=int, default=1, help="runs at a time, each in a fresh worker process")
     sw.add_argument("--ray-address", default=None, help="run on a Ray cluster ('local' starts one here)")
     sw.add_argument("--output-dir", default="results")
     sw.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
     sw.add_argument("--retry-failed", action="store_true", help="rerun runs whose stored result is 'failed'")
     sw.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped")
+    sw.add_argument("--in-process", action="store_true",
+                    help="run in this process, one after another (fast start; CPU peak memory is not per run)")
 
     lb = sub.add_parser("leaderboard", help="mean +- std table over seeds from stored results")
     lb.add_argument("results_dir")

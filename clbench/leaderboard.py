@@ -95,24 +95,29 @@ def total(key: str) -> Callable[[RunResult], Any]:
     return lambda r: (r.edge.get("totals") or {}).get(key)
 
 
-# The profiler names its Jetson time fields; read whichever spelling a result holds.
-_JETSON_TIME_KEYS = ("jetson_time_s", "jetson_train_time_s", "train_time_jetson_s", "jetson_estimated_time_s")
-_JETSON_SOURCE_KEYS = ("jetson_time_source", "train_time_source", "jetson_source")
-
-
 def jetson_time(r: RunResult) -> tuple[float | None, str | None]:
-    """(seconds, 'measured' | 'estimated') of the run's Jetson training time, or (None, None)."""
-    totals = r.edge.get("totals") or {}
-    seconds = next((totals[k] for k in _JETSON_TIME_KEYS if totals.get(k) is not None), None)
-    jetson = totals.get("jetson")
-    if seconds is None and isinstance(jetson, dict):
-        seconds = jetson.get("time_s", jetson.get("train_time_s"))
-        totals = {**totals, **{f"jetson_{k}": v for k, v in jetson.items()}}
-    if seconds is None:
+    """(seconds, 'measured' | 'estimated') of the run's Jetson training time, or (None, None).
+
+    The profiler stores it under `edge.totals.jetson` with a `source` of `measured:...`
+    or `estimated:...`; a measurement flagged invalid (swap grew) counts as missing.
+    """
+    j = (r.edge.get("totals") or {}).get("jetson")
+    if not isinstance(j, dict) or j.get("time_s") is None or j.get("valid") is False:
         return None, None
-    source = next((str(totals[k]) for k in _JETSON_SOURCE_KEYS + ("jetson_source", "jetson_kind") if totals.get(k)), "")
-    kind = "measured" if source.startswith("measured") else "estimated"
-    return float(seconds), kind
+    kind = "measured" if str(j.get("source", "")).startswith("measured") else "estimated"
+    return float(j["time_s"]), kind
+
+
+def jetson_facts(results: Iterable[RunResult]) -> dict[str, set]:
+    """Jetson devices, power modes and estimate bands behind the Jetson columns (for the legend)."""
+    out: dict[str, set] = {"device": set(), "band": set()}
+    for r in results:
+        j = (r.edge.get("totals") or {}).get("jetson")
+        if isinstance(j, dict) and j.get("time_s") is not None:
+            out["device"].add(f"{j.get('device')} {j.get('power_mode') or ''}".strip())
+            if j.get("band") is not None:
+                out["band"].add(round(100 * float(j["band"])))
+    return out
 
 
 def jetson_of_kind(kind: str) -> Callable[[RunResult], float | None]:
@@ -144,12 +149,12 @@ COLUMNS: list[Column] = [
     _metric("avg_incremental_acc", "Avg inc. acc"),
     _metric("forgetting_max", "Forgetting"),
     _metric("bwt", "BWT"),
-    Column("train_flops_total", "Train FLOPs", False, total("train_flops_total"), 1.0, ".3g", "FLOP"),
+    Column("train_flops_total", "Train FLOPs", False, total("train_flops_total"), 1.0, ".3g", "FLOP", count=True),
     Column("peak_memory_bytes", "Peak mem", False, total("peak_memory_bytes"), 1 / 2**20, ".1f", "MiB"),
     Column("train_time_s", "Wall time", False, total("train_time_s"), 1.0, ".2f", "s"),
-    Column("jetson_time_measured_s", "Jetson time (measured)", False, jetson_of_kind("measured"), 1.0, ".1f", "s"),
-    Column("jetson_time_estimated_s", "Jetson time (estimated)", False, jetson_of_kind("estimated"), 1.0, ".1f", "s"),
-    Column("trainable_params", "Trainable params", False, lambda r: last_experience(r, "trainable_params"), 1.0, ",.0f", count=True),
+    Column("jetson_time_measured_s", "Jetson time (measured)", False, jetson_of_kind("measured"), 1.0, ".2f", "s"),
+    Column("jetson_time_estimated_s", "Jetson time (estimated)", False, jetson_of_kind("estimated"), 1.0, ".2f", "s"),
+    Column("trainable_params", "Trainable params", False, lambda r: total("trainable_params")(r) or last_experience(r, "trainable_params"), 1.0, ",.0f", count=True),
     Column("buffer_size", "Buffer", False, lambda r: r.strategy_report.get("buffer_size"), 1.0, ",.0f", count=True),
 ]
 COLUMN_BY_KEY = {c.key: c for c in COLUMNS}
@@ -186,6 +191,7 @@ class Leaderboard:
     incomplete: list[tuple[RunResult, Path]]
     skipped: list[tuple[Path, str]]
     memory_kinds: set[str] = field(default_factory=set)  # cpu_rss / cuda_allocator: what "peak memory" means
+    jetson: dict[str, set] = field(default_factory=dict)  # devices and estimate bands behind the Jetson columns
     columns: list[Column] = field(default_factory=lambda: list(COLUMNS))
 
     def scenarios(self) -> list[str]:
@@ -248,7 +254,7 @@ def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, ski
     _mark_best(rows)
     rows.sort(key=lambda row: (row.scenario, -(row.cells["final_avg_acc"].mean or -1.0), row.label))
     kinds = {(r.edge.get("totals") or {}).get("peak_memory_kind") for r in results} - {None}
-    return Leaderboard(rows, incomplete, list(skipped), kinds)
+    return Leaderboard(rows, incomplete, list(skipped), kinds, jetson_facts(results))
 
 
 def _mark_best(rows: list[Row]) -> None:
@@ -345,7 +351,18 @@ def _legend(lb: Leaderboard) -> str:
         "Mean ± sample std over seeds. ↑ higher is better, ↓ lower is better; **bold**: best in its scenario. "
         "Accuracy metrics in %, forgetting = max-minus-last (Mammoth/PILOT). "
         f"Peak memory kind: {', '.join(sorted(lb.memory_kinds)) or MISSING}."
+        + _jetson_legend(lb)
     )
+
+
+def _jetson_legend(lb: Leaderboard) -> str:
+    devices, bands = sorted(lb.jetson.get("device", ())), sorted(lb.jetson.get("band", ()))
+    if not devices:
+        return ""
+    text = f" Jetson time on {', '.join(devices)}"
+    if bands:
+        text += f"; estimates come from a calibrated roofline model, uncertainty band ±{bands[-1]}%"
+    return text + "."
 
 
 def to_records(lb: Leaderboard) -> dict[str, Any]:

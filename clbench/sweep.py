@@ -1,9 +1,10 @@
 """`clbench sweep`: run a grid of strategies x scenarios x seeds, skipping finished runs.
 
 A run whose result JSON already exists is skipped, so a sweep that was stopped picks
-up where it left off.  Runs go to a local process pool (`--jobs N`, spawned workers
-with `cpu_count // N` torch threads each) or, with `--ray-address`, to a Ray cluster
-(one task per run).  Each run is the ordinary `clbench.runner.run`; distributed
+up where it left off (a run stopped mid-way resumes from its last finished experience).
+Runs go to a local process pool (`--jobs N`; a fresh spawned process per run, with
+`cpu_count // N` torch threads), run one by one in this process (`--in-process`), or,
+with `--ray-address`, to a Ray cluster (one task per run).  Each run is the ordinary `clbench.runner.run`; distributed
 training of one run stays Lightning's (`--set trainer_strategy=ddp devices=N`).
 """
 
@@ -186,8 +187,14 @@ def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
     }
 
 
-def run_local(jobs: Sequence[Job], workers: int, report: Callable[[Job, dict], None]) -> None:
-    if workers <= 1:
+def run_local(jobs: Sequence[Job], workers: int, report: Callable[[Job, dict], None], in_process: bool = False) -> None:
+    """Each run in a fresh worker process (`workers` at a time), or all in this process.
+
+    A fresh process per run keeps runs independent: the CPU peak-memory figure is an
+    RSS high-water mark above the process baseline, which a previous run in the same
+    process would already have raised, and no global state (RNG, torch threads) leaks.
+    """
+    if in_process:
         for job in jobs:
             report(job, _run_job(job.spec))
         return
@@ -196,7 +203,7 @@ def run_local(jobs: Sequence[Job], workers: int, report: Callable[[Job, dict], N
 
     # spawn, not fork: forking a process that already holds torch's thread pools can hang
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = {pool.submit(_run_job, job.spec, threads): job for job in jobs}
         for future in as_completed(futures):
             report(futures[future], future.result())
@@ -223,7 +230,7 @@ def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], Non
 
 
 def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None, retry_failed: bool = False,
-          out=None) -> dict[str, int]:
+          out=None, in_process: bool = False) -> dict[str, int]:
     """Run the jobs that have no stored result; returns counts by outcome."""
     out = out or sys.stdout
     todo, counts = [], {"skipped": 0, "completed": 0, "failed": 0, "error": 0}
@@ -249,7 +256,7 @@ def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None,
         if ray_address:
             run_ray(todo, ray_address, report)
         else:
-            run_local(todo, workers, report)
+            run_local(todo, workers, report, in_process)
     print(
         f"sweep: {counts['completed']} completed, {counts['failed']} failed, {counts['error']} errors, "
         f"{counts['skipped']} skipped (already stored)",
@@ -281,13 +288,15 @@ def cmd_sweep(args) -> int:
         split_list(args.scenarios, "scenarios"),
         parse_seeds(args.seeds),
         overrides=overrides,
-        aux=parse_aux(getattr(args, "aux", []) or []),
+        aux=parse_aux(args.aux),
         output_dir=args.output_dir,
-        wandb=getattr(args, "wandb", None),
+        wandb=args.wandb,
     )
-    if getattr(args, "dry_run", False):
+    if args.dry_run:
         for job in jobs:
             print(f"{'skip' if job.existing else 'run '}  {job.name}")
         return 0
-    counts = sweep(jobs, args.jobs, args.ray_address, getattr(args, "retry_failed", False))
+    if args.in_process and args.jobs > 1:
+        raise UsageError("--in-process runs one job at a time; drop --jobs or --in-process")
+    counts = sweep(jobs, args.jobs, args.ray_address, args.retry_failed, in_process=args.in_process)
     return 0 if counts["error"] == 0 and counts["failed"] == 0 else 1

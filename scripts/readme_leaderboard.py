@@ -1,0 +1,57 @@
+"""The README's CPU leaderboard: sweep every registered strategy, then print the Markdown tables.
+
+    .venv/bin/python scripts/readme_leaderboard.py > leaderboard.md
+    .venv/bin/python scripts/readme_leaderboard.py --grid digits-5=all --grid shapes-5=STRAT_A,STRAT_B
+
+Each `--grid SCENARIO=STRATEGIES` (STRATEGIES: comma-separated names or `all`, every
+registered strategy) is one `clbench sweep` with the given seeds into `--output-dir`;
+runs already stored there are skipped, so an interrupted generation continues where
+it stopped.  The sweep log goes to stderr; stdout holds only the Markdown (one table
+per scenario, with the command that reproduces it), ready to paste.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from clbench import leaderboard
+from clbench.cli import main
+from clbench.errors import UsageError
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", action="append", default=None, metavar="SCENARIO=STRATEGIES",
+                   help="repeatable; default: digits-5=all")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", default="1", help="runs at a time (1 keeps wall times comparable)")
+    p.add_argument("--output-dir", default="results/readme")
+    args = p.parse_args(argv)
+    grids = []
+    for item in args.grid or ["digits-5=all"]:
+        scenario, sep, strategies = item.partition("=")
+        if not sep or not scenario or not strategies:
+            p.error(f"--grid {item!r}: expected SCENARIO=STRATEGIES")
+        grids.append((scenario, strategies))
+    status = 0
+    for scenario, strategies in grids:
+        sweep = ["sweep", "--strategies", strategies, "--scenarios", scenario, "--seeds", args.seeds,
+                 "--jobs", args.jobs, "--output-dir", args.output_dir]
+        with contextlib.redirect_stdout(sys.stderr):
+            status |= main(sweep)
+        try:
+            board = leaderboard.from_dir(args.output_dir, scenario)
+        except UsageError as e:
+            print(f"clbench: error: {e}", file=sys.stderr)
+            return 2
+        print(f"### {scenario}\n")
+        print(f"Produced with `clbench {' '.join(sweep)}` then "
+              f"`clbench leaderboard {args.output_dir} --scenario {scenario}`.\n")
+        print(leaderboard.to_markdown(board))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,145 @@
+"""`clbench sweep`: the grid, skipping stored runs, resuming stopped ones, process pool and Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clbench import sweep as S
+from clbench.cli import main
+from clbench.errors import UsageError
+
+FAST = ["--epochs", "1", "--accelerator", "cpu"]
+
+
+def stored(root: Path) -> dict[str, dict]:
+    return {str(p.relative_to(root)): json.loads(p.read_text()) for p in root.rglob("*.json") if ".resume" not in p.parts}
+
+
+def test_parse_seeds():
+    assert S.parse_seeds("0,1,2") == [0, 1, 2]
+    assert S.parse_seeds("0-3,3,7") == [0, 1, 2, 3, 7]
+    for bad in ("a", "1,,x", ""):
+        with pytest.raises(UsageError):
+            S.parse_seeds(bad)
+
+
+def test_plan_routes_set_keys_and_passes_lightning_scaling_through(tmp_path):
+    jobs = S.plan(["naive", "er"], ["synthetic-2"], [0, 1],
+                  overrides={"buffer_size": "50", "epochs": "2", "trainer_strategy": "ddp", "devices": "2", "num_nodes": 3},
+                  output_dir=str(tmp_path))
+    assert [(j.spec.strategy, j.spec.seed) for j in jobs] == [("naive", 0), ("naive", 1), ("er", 0), ("er", 1)]
+    by = {j.spec.strategy: j.spec for j in jobs}
+    assert by["er"].strategy_overrides == {"buffer_size": 50} and by["naive"].strategy_overrides == {}
+    run = by["naive"].run
+    assert (run.epochs, run.trainer_strategy, run.devices, run.num_nodes) == (2, "ddp", "2", 3)
+    assert run.output_dir == str(tmp_path) and all(j.existing is None for j in jobs)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategies", "naive,nope"], "unknown strategy 'nope'"),
+        (["--strategies", "naive", "--scenarios", "nope-3"], "unknown scenario 'nope-3'"),
+        (["--strategies", "naive", "--set", "buffer_size=10"], "unknown key 'buffer_size'"),
+        (["--strategies", "er", "--set", "buffer_size=many"], "expected an integer"),
+        (["--strategies", "naive", "--jobs", "0"], "--jobs 0"),
+    ],
+)
+def test_bad_grid_is_rejected_before_any_run(tmp_path, capsys, argv, message):
+    argv = ["sweep", "--scenarios", "synthetic-2", *argv, "--output-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_sweep_runs_the_grid_then_skips_what_is_stored(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["sweep", "--strategies", "naive,er", "--scenarios", "synthetic-2", "--seeds", "0,1", "--in-process",
+            "--output-dir", str(out), *FAST]
+    assert main(argv) == 0
+    first = stored(out)
+    assert sorted(first) == [f"synthetic-2/{s}/clbench_mlp_tiny-seed{k}-cpu.json" for s in ("er", "naive") for k in (0, 1)]
+    assert all(r["status"] == "completed" and len(r["accuracy_matrix"]) == 2 for r in first.values())
+    assert "4 completed" in capsys.readouterr().out
+
+    # everything stored: nothing runs, nothing is rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert main(argv) == 0
+    assert "0 completed, 0 failed, 0 errors, 4 skipped" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == mtimes
+
+    # one result lost: only that run is redone, and it reproduces the same numbers
+    lost = out / "synthetic-2/er/clbench_mlp_tiny-seed1-cpu.json"
+    lost.unlink()
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "1 completed" in text and "3 skipped" in text and "[1/1] er on synthetic-2 seed 1" in text
+    assert json.loads(lost.read_text())["accuracy_matrix"] == first[str(lost.relative_to(out))]["accuracy_matrix"]
+
+    # asked with other settings: the stored run is kept and the mismatch is said
+    assert main([*argv[:-len(FAST)], "--epochs", "3", "--accelerator", "cpu", "--seeds", "0"]) == 0
+    assert "stored with different epochs" in capsys.readouterr().out
+
+
+def test_failed_run_is_reported_and_retried_on_request(tmp_path, capsys):
+    argv = ["sweep", "--strategies", "naive", "--scenarios", "synthetic-2", "--in-process", "--set", "lr=1e30",
+            "--output-dir", str(tmp_path), *FAST]
+    assert main(argv) == 1
+    assert "1 failed" in capsys.readouterr().out
+    (result,) = stored(tmp_path).values()
+    assert result["status"] == "failed" and "nan" in result["error"]
+    assert main(argv) == 0 and "1 skipped" in capsys.readouterr().out  # failed runs are stored results too
+    assert main([*argv, "--retry-failed"]) == 1 and "1 failed" in capsys.readouterr().out
+
+
+def test_stopped_run_is_resumed_from_its_last_experience(tmp_path, capsys):
+    from clbench.runner import run
+
+    (job,) = S.plan(["naive"], ["synthetic-2"], [0], overrides={"epochs": 1, "accelerator": "cpu"},
+                    output_dir=str(tmp_path))
+
+    def stop_after_first(i, result, strategy):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(job.spec, on_experience=stop_after_first)
+    assert not stored(tmp_path)  # an interrupted run stores no result, only its resume state
+    (job,) = S.plan(["naive"], ["synthetic-2"], [0], overrides={"epochs": 1, "accelerator": "cpu"},
+                    output_dir=str(tmp_path))
+    assert job.spec.resume and job.existing is None
+    counts = S.sweep([job], in_process=True)
+    assert counts["completed"] == 1 and "(resumed)" in capsys.readouterr().out
+    (result,) = stored(tmp_path).values()
+    assert result["status"] == "completed" and len(result["accuracy_matrix"]) == 2
+
+
+def test_process_pool_runs_each_job_in_a_fresh_process(tmp_path, capsys):
+    argv = ["sweep", "--strategies", "naive", "--scenarios", "synthetic-2", "--seeds", "0,1", "--jobs", "2",
+            "--output-dir", str(tmp_path), *FAST]
+    assert main(argv) == 0
+    results = stored(tmp_path)
+    assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
+    assert "2 completed" in capsys.readouterr().out
+
+
+def test_ray_cluster(tmp_path):
+    pytest.importorskip("ray")
+    argv = ["sweep", "--strategies", "naive", "--scenarios", "synthetic-2", "--seeds", "0,1", "--ray-address", "local",
+            "--output-dir", str(tmp_path), *FAST]
+    assert main(argv) == 0
+    assert len(stored(tmp_path)) == 2
+
+
+def test_ray_address_without_ray_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    argv = ["sweep", "--strategies", "naive", "--scenarios", "synthetic-2", "--ray-address", "local",
+            "--output-dir", str(tmp_path), *FAST]
+    assert main(argv) == 2
+    assert "pip install 'clbench[ray]'" in capsys.readouterr().err
