@@ -51,6 +51,9 @@ def print_result(r: RunResult, file=None) -> None:
         if mem:
             parts.append(f"peak memory {mem / 2**20:.1f} MiB ({totals.get('peak_memory_kind')})")
         print("efficiency: " + ", ".join(p for p in parts if p), file=out)
+        jetson = totals.get("jetson") or {}
+        if jetson.get("label"):  # says "measured" or "estimated ± band" itself
+            print(f"Jetson {jetson.get('device')} ({jetson.get('power_mode', '?')}): {jetson['label']}", file=out)
     from clbench.results import result_path
 
     print(f"result: {result_path(r.run_config.get('output_dir', 'results'), r)}", file=out)
