@@ -319,16 +319,23 @@ def _incomplete_rows(lb: Leaderboard) -> list[dict[str, Any]]:
 
 
 def to_markdown(lb: Leaderboard) -> str:
+    """Markdown table; scenario, backbone and device columns shared by every row move to one line above it."""
     cols = shown_columns(lb)
-    head = ["Strategy", "Scenario", "Backbone", "Device", "Seeds"] + [column_title(c) for c in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * len(cols)) + "|"]
+    keys = {"Scenario": "scenario", "Backbone": "backbone", "Device": "device"}
+    shared = {k: getattr(lb.rows[0], a) for k, a in keys.items() if lb.rows and len({getattr(r, a) for r in lb.rows}) == 1}
+    varying = [k for k in keys if k not in shared]
+    head = ["Strategy", *varying, "Seeds"] + [column_title(c) for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (2 + len(varying)) + ["---:"] * len(cols)) + "|"]
     for row in lb.rows:
         cells = []
         for c in cols:
             text = format_cell(c, row.cells[c.key])
             cells.append(f"**{text}**" if row.cells[c.key].best else text)
         label = row.label + (" †" if row.notes else "")
-        lines.append("| " + " | ".join([label, row.scenario, row.backbone, row.device, str(len(row.seeds))] + cells) + " |")
+        ids = [getattr(row, keys[k]) for k in varying]
+        lines.append("| " + " | ".join([label, *ids, str(len(row.seeds))] + cells) + " |")
+    if shared:
+        lines.insert(0, " · ".join(f"{k}: {v}" for k, v in shared.items()) + "\n")
     out = ["\n".join(lines), "", _legend(lb)]
     for row in lb.rows:
         for note in row.notes:

@@ -161,6 +161,7 @@ def pareto_plot(
     ax.set_xlabel(f"{label_text} (lower is better)")
     arrow = "higher" if metric_col.higher_is_better else "lower"
     ax.set_ylabel(f"{metric_col.title} ({metric_col.unit}, {arrow} is better)")
+    ax.margins(0.12)  # room for the point labels at the edges
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     ax.set_title(title or f"Accuracy vs {label_text.split(' (')[0]} — {scenario}")

@@ -144,10 +144,16 @@ def test_fixture_rows_match_the_stored_results():
 def test_cli_markdown_and_scenario_filter(capsys):
     assert main(["leaderboard", str(FIXTURE), "--scenario", "synthetic-5"]) == 0
     out = capsys.readouterr().out
-    body = [line for line in out.splitlines() if line.startswith("| ") and "synthetic" in line]
-    assert body and all("| synthetic-5 |" in line for line in body)
-    header = out.splitlines()[0]
-    assert "Final acc (%) ↑" in header and "Forgetting (%) ↓" in header
+    lines = out.splitlines()
+    # one scenario, backbone and device: said once above the table instead of in every row
+    assert lines[0] == "Scenario: synthetic-5 · Backbone: clbench_mlp_tiny · Device: cpu"
+    assert "synthetic-2" not in out
+    header = lines[2]
+    assert header.startswith("| Strategy | Seeds |") and "Final acc (%) ↑" in header and "Forgetting (%) ↓" in header
+    body = [line for line in lines[4:] if line.startswith("| ")]
+    assert len(body) == len(L.from_dir(FIXTURE, "synthetic-5").rows)
+    assert main(["leaderboard", str(FIXTURE)]) == 0
+    assert "| Strategy | Scenario | Seeds |" in capsys.readouterr().out  # two scenarios: a column again
     assert main(["leaderboard", str(FIXTURE), "--scenario", "nope-3"]) == 2
     err = capsys.readouterr().err
     assert "nope-3" in err and "synthetic-5" in err and len(err.strip().splitlines()) == 1
