@@ -168,7 +168,8 @@ class LoRD(der_pp.DERPP):
         }
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = {**super().extra_state(), "insert_generator": self.insert_generator.get_state(),
+        state = {**super().extra_state(), "insert_generator": self.insert_generator.get_state(), "stage": torch.tensor(self.stage),
+                 "widths": torch.tensor(getattr(self, "widths", ()), dtype=torch.float64),
                  "teacher_rho": torch.tensor(self.teacher_rho), "search_flops": torch.tensor(self.search_flops, dtype=torch.long)}
         if self.input_shape is not None:
             state["input_shape"] = torch.tensor(self.input_shape)
@@ -182,6 +183,7 @@ class LoRD(der_pp.DERPP):
         super().load_extra_state(state)
         self.insert_generator.set_state(state["insert_generator"])
         self.teacher_rho = float(state["teacher_rho"])
+        self.stage, self.widths = int(state["stage"]), tuple(state["widths"].tolist())
         self.search_flops = state["search_flops"].tolist()
         self.input_shape = tuple(state["input_shape"].tolist()) if "input_shape" in state else None
         if "kappa" in state:

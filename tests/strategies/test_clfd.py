@@ -1,0 +1,220 @@
+"""CLFD: the card's faithfulness checks 1-6, the code-domain crop, the schedule and the `clfd` front."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pywt
+import torch
+
+from clbench.edge.flops import measure_flops
+from clbench.runner import RunSpec, create_scenario, run
+from clbench.strategies.clfd import (
+    FrequencyEncoder,
+    crop_and_flip,
+    haar_dwt,
+    haar_idwt,
+    initial_keep_probs,
+    new_class_keep_probs,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make small convs 50x slower
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return create_scenario("synthetic32-3")
+
+
+def build(name, scenario, build_strategy, **cfg):
+    from clbench.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_strategy(name, scenario, backbone=build_backbone("resnet18_cifar_nf8"), **cfg)
+
+
+def fill(strategy, scenario, batch_of, n=64):
+    """One step on the first n training samples, then their insertion (DER++ stores that step's logits)."""
+    batch = batch_of(scenario.train_sets[0], n)
+    with torch.no_grad():
+        strategy.step_losses(batch)
+    strategy.on_train_batch_end(None, batch, 0)
+
+
+# ---------------------------------------------------------------- check 1: the encoder
+def test_haar_matches_pywavelets_and_inverts():
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    ll, details = haar_dwt(x)
+    a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    assert torch.allclose(ll, (a + b + c + d) / 2)
+    ca, (ch, cv, cd) = pywt.dwt2(x.numpy(), "haar", axes=(-2, -1))
+    assert np.allclose(ll.numpy(), ca)
+    d1, d2, d3 = details.chunk(3, dim=1)
+    assert np.allclose(d1.numpy(), cv) and np.allclose(d2.numpy(), ch) and np.allclose(d3.numpy(), cd)
+    assert torch.allclose((ll**2).sum() + (details**2).sum(), (x**2).sum())  # orthonormal: energy conserved
+    assert (haar_idwt(ll, details) - x).abs().max() < 1e-5
+
+
+def test_encoder_shape_and_parameter_count():
+    enc = FrequencyEncoder(3)
+    assert enc(torch.rand(5, 3, 32, 32)).shape == (5, 3, 16, 16)
+    assert sum(p.numel() for p in enc.parameters()) == 24
+
+
+# ---------------------------------------------------------------- check 2: FLOPs
+def test_clfd_er_step_costs_a_quarter_of_er(scenario, build_strategy, batch_of):
+    er = build("er", scenario, build_strategy, buffer_size=16, replay_batch_size=8)
+    clfd = build("er_clfd", scenario, build_strategy, buffer_size=16, replay_batch_size=8)
+    flops = {}
+    for name, s in (("er", er), ("clfd", clfd)):
+        s.on_experience_start(scenario.info(0))
+        fill(s, scenario, batch_of)
+        batch = batch_of(scenario.train_sets[0], 8)
+        flops[name] = measure_flops(lambda: sum(s.step_losses(batch).values()).backward())
+    assert flops["clfd"] / flops["er"] == pytest.approx(0.25, abs=0.01)
+
+
+# ---------------------------------------------------------------- check 3: the code buffer
+def test_code_buffer_holds_four_times_the_images_in_the_same_bytes(scenario, build_strategy, batch_of):
+    s = build("er_clfd", scenario, build_strategy, buffer_size=10)
+    s.on_experience_start(scenario.info(0))
+    fill(s, scenario, batch_of, n=100)
+    assert s.buffer.capacity == 40 and len(s.buffer) == 40
+    image_bytes = 10 * 3 * 32 * 32 * 4
+    assert s.buffer.fields["x"].shape[1:] == (3, 16, 16)
+    assert s.buffer.fields["x"].numel() * s.buffer.fields["x"].element_size() == image_bytes
+
+
+# ---------------------------------------------------------------- check 4 + schedule, on a real stream
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, scenario):
+    from clbench.config import RunConfig
+
+    snapshots = []
+
+    def capture(i, result, strategy):
+        snapshots.append({
+            "encoder": {k: v.clone() for k, v in strategy.encoder.state_dict().items()},
+            "codes": strategy.buffer.all()["x"].clone(),
+            "num_seen": strategy.buffer.num_seen,
+            "keep_probs": strategy.keep_probs.clone(),
+            "strategy": strategy,
+        })
+
+    cfg = RunConfig(epochs=3, batch_size=16, accelerator="cpu", limit_train_batches=3, progress=False,
+                    output_dir=str(tmp_path_factory.mktemp("clfd")), backbone="resnet18_cifar_nf8")
+    result = run(RunSpec("er_clfd", "synthetic32-3", run=cfg, strategy_overrides={"buffer_size": 10}), on_experience=capture)
+    assert result.status == "completed", result.error
+    return snapshots
+
+
+def test_encoder_frozen_after_task_zero_and_task_zero_codes_stay_valid(stream, scenario):
+    first, last = stream[0], stream[-1]
+    for k in first["encoder"]:
+        assert torch.equal(first["encoder"][k], last["encoder"][k])
+    # every code stored in task 0 is the frozen encoder's code of a task-0 training image
+    enc = FrequencyEncoder(3)
+    enc.load_state_dict(last["encoder"])
+    with torch.no_grad():
+        codes = enc(scenario.train_sets[0].x).flatten(1)
+    stored = first["codes"].flatten(1)
+    distance = torch.cdist(stored, codes, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert len(stored) > 0 and distance.max() < 1e-4
+
+
+def test_reservoir_counter_covers_all_of_task_zero(stream):
+    assert stream[0]["num_seen"] == 3 * 3 * 16  # 3 epochs x 3 batches x 16, not just the refill epoch
+
+
+def test_keep_probs_follow_activation_counts_after_warmup(stream):
+    s = stream[-1]["strategy"]
+    seen = torch.arange(6)
+    a = s.activation_counts[seen]
+    expected = 1 - torch.exp(-2 * a / a.max(dim=1, keepdim=True).values.clamp_min(1))
+    assert torch.allclose(stream[-1]["keep_probs"][seen], expected)
+
+
+# ---------------------------------------------------------------- check 5: feature selection
+def test_kwta_at_test_time_and_zero_keep_probability_blocks_a_unit(scenario, build_strategy, batch_of):
+    s = build("er_clfd", scenario, build_strategy, buffer_size=10)
+    s.on_experience_start(scenario.info(0))
+    x = batch_of(scenario.test_sets[0], 16).x
+    s.eval()
+    with torch.no_grad():
+        h = s(x).features
+    assert ((h != 0).sum(dim=1) <= math.floor(0.6 * 64)).all()
+    s.train()
+    batch = batch_of(scenario.train_sets[0], 16)
+    s.keep_probs[:, :] = 1.0
+    s.keep_probs[batch.y[0], 5] = 0.0
+    before = s.activation_counts.clone()
+    out = s.current_output(batch)
+    assert (out.features[batch.y == batch.y[0], 5] == 0).all()
+    assert s.activation_counts[batch.y[0], 5] == before[batch.y[0], 5]
+    assert (s.activation_counts - before).sum() == (out.features != 0).sum()
+
+
+# ---------------------------------------------------------------- check 6: new-class probabilities
+def test_new_class_keep_probs_match_the_formula_by_hand():
+    a = torch.tensor([[4.0, 0.0, 2.0], [1.0, 3.0, 3.0]], dtype=torch.float64)
+    s = torch.tensor([0.5, -0.2], dtype=torch.float64)
+    p = new_class_keep_probs(a, s)
+    sbar = ((0.5 + 1) + (-0.2 + 1)) / 2
+    lo, hi = a[1], a[0]  # least similar: class 1 (s=-0.2), most similar: class 0
+    expected = []
+    for j in range(3):
+        p_minus = math.exp(-float(lo[j]) * (sbar / 0.8) / 3.0)
+        p_plus = 1 - math.exp(-float(hi[j]) * (1.5 / sbar) / 4.0)
+        expected.append((p_minus + p_plus) / 2)
+    assert torch.allclose(p, torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+
+
+def test_initial_mask_is_a_prefix_of_floor_d_times_0_66():
+    assert int(initial_keep_probs(512, 0.6, 1.1).sum()) == 337
+    p = initial_keep_probs(64, 0.6, 1.1)
+    assert int(p.sum()) == 42 and p[:42].eq(1).all()
+
+
+# ---------------------------------------------------------------- code-domain augmentation
+def test_crop_pads_with_the_code_of_a_black_image(scenario, build_strategy):
+    s = build("er_clfd", scenario, build_strategy, buffer_size=10, pad_pixel=(-1.0, -2.0, 0.5))
+    z = torch.rand(64, 3, 16, 16) + 10  # far from any fill value
+    fill_code = s.black_code(z)
+    assert not torch.allclose(fill_code, torch.zeros(3))
+    out = crop_and_flip(z, fill_code, 2)
+    assert out.shape == z.shape
+    border = out != out.clamp_min(9)  # values that came from the padding
+    assert border.any()
+    channel_fill = fill_code.view(1, 3, 1, 1).expand_as(out)
+    assert torch.equal(out[border], channel_fill[border])
+
+
+# ---------------------------------------------------------------- the front and the combos
+@pytest.mark.parametrize("base", ["er", "der_pp", "er_ace", "cls_er"])
+def test_clfd_front_builds_the_base_combination(base, scenario, build_strategy, batch_of):
+    s = build("clfd", scenario, build_strategy, base=base, buffer_size=10, replay_batch_size=8)
+    assert type(s).registry_name == f"{base}_clfd"
+    s.on_experience_start(scenario.info(0))
+    fill(s, scenario, batch_of, n=16)
+    s.on_experience_start(scenario.info(1))
+    terms = s.step_losses(batch_of(scenario.train_sets[1], 8))
+    assert len(terms) >= 2 and all(torch.isfinite(v) for v in terms.values())
+    assert s.buffer.fields["x"].shape[1:] == (3, 16, 16)
+
+
+def test_clfd_rejects_unknown_base_and_one_channel_backbones(scenario, build_strategy):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="base="):
+        build("clfd", scenario, build_strategy, base="lwf")
+    digits = create_scenario("digits-5")
+    with pytest.raises(UsageError, match="3 input channels"):
+        build_strategy("er_clfd", digits)
