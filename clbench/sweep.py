@@ -218,8 +218,12 @@ def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], Non
     if started_here:
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1)(_run_job)
-        pending = {remote.remote(job.spec, 1): job for job in jobs}
+        remote = ray.remote(_run_job)
+        pending = {}
+        for job in jobs:
+            # a run that asks for GPUs gets them reserved; Ray then sets CUDA_VISIBLE_DEVICES for it
+            gpus = _gpus_wanted(job.spec.run)
+            pending[remote.options(num_cpus=1, num_gpus=gpus).remote(job.spec, 1)] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -227,6 +231,15 @@ def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], Non
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _gpus_wanted(run) -> int:
+    if run.accelerator not in ("gpu", "cuda"):
+        return 0
+    try:
+        return int(run.devices)
+    except ValueError:
+        return 1
 
 
 def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None, retry_failed: bool = False,
