@@ -1,0 +1,81 @@
+"""FDINet (reconstruction): the card's five checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clbench.backbones import CifarResNet
+from clbench.edge.flops import measure_flops
+from clbench.runner import create_scenario
+from clbench.strategies.clfd import haar_dwt, haar_idwt
+from clbench.strategies.fdinet import FrequencyBranches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return create_scenario("synthetic32-3")
+
+
+def test_branches_receive_the_low_and_detail_bands():
+    net = FrequencyBranches(nf=4)
+    seen = {}
+    net.low.register_forward_pre_hook(lambda m, a: seen.__setitem__("low", a[0]))
+    net.high.register_forward_pre_hook(lambda m, a: seen.__setitem__("high", a[0]))
+    x = torch.rand(2, 3, 32, 32)
+    assert net(x).shape == (2, net.num_features) and net.num_features == 2 * 8 * 4
+    ll, details = haar_dwt(x)
+    assert seen["low"].shape == (2, 3, 16, 16) and torch.equal(seen["low"], ll)
+    assert seen["high"].shape == (2, 9, 16, 16) and torch.equal(seen["high"], details)
+    assert (haar_idwt(seen["low"], seen["high"]) - x).abs().max() < 1e-5
+
+
+def test_backbone_parameters_are_a_fifth_of_resnet18():
+    ratio = sum(p.numel() for p in FrequencyBranches(21).parameters()) / sum(p.numel() for p in CifarResNet(64).parameters())
+    assert ratio == pytest.approx(0.22, abs=0.02)
+
+
+def test_no_parameter_is_shared_between_branches():
+    net = FrequencyBranches(nf=4)
+    assert not {id(p) for p in net.low.parameters()} & {id(p) for p in net.high.parameters()}
+    ll, _ = haar_dwt(torch.rand(2, 3, 32, 32))
+    net.low(ll).sum().backward()
+    assert all(p.grad is None for p in net.high.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.low.parameters())
+
+
+def _step_flops(name, scenario, build_strategy, batch_of, backbone, **cfg):
+    torch.manual_seed(0)
+    s = build_strategy(name, scenario, backbone=backbone, buffer_size=8, replay_batch_size=2, **cfg)
+    s.on_experience_start(scenario.info(0))
+    warm = batch_of(scenario.train_sets[0], 8)
+    with torch.no_grad():
+        s.step_losses(warm)
+    s.on_train_batch_end(None, warm, 0)
+    batch = batch_of(scenario.train_sets[0], 2)
+    return measure_flops(lambda: sum(s.step_losses(batch).values()).backward())
+
+
+def test_fdinet_er_step_is_under_a_tenth_of_er_and_below_clfd_er(scenario, build_strategy, batch_of):
+    er = _step_flops("er", scenario, build_strategy, batch_of, CifarResNet(64))
+    clfd = _step_flops("er_clfd", scenario, build_strategy, batch_of, CifarResNet(64))
+    fdi = _step_flops("fdinet", scenario, build_strategy, batch_of, CifarResNet(8), nf=21)
+    assert fdi / er < 0.1
+    assert fdi < clfd
+
+
+def test_changing_the_base_changes_only_the_losses(scenario, build_strategy):
+    a = build_strategy("fdinet", scenario, nf=4, buffer_size=10)
+    b = build_strategy("der_pp_fdinet", scenario, nf=4, buffer_size=10)
+    shapes = lambda s: {k: v.shape for k, v in s.state_dict().items()}  # noqa: E731
+    assert shapes(a) == shapes(b)
+    assert type(a.buffer) is type(b.buffer) and a.buffer.capacity == b.buffer.capacity
+    assert isinstance(a.backbone, FrequencyBranches) and isinstance(b.backbone, FrequencyBranches)
