@@ -36,7 +36,6 @@ from torch.utils.flop_counter import (
     conv_flop_count,
     sdpa_backward_flop_count,
     sdpa_flop_count,
-    shape_wrapper,
 )
 
 aten = torch.ops.aten
