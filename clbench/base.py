@@ -30,6 +30,8 @@ class CLStrategy(pl.LightningModule):
     accepts_aux: ClassVar[set[str] | None] = None
     # scenario the registry contract tests run on; methods that need 3x32x32 images say "synthetic32-3"
     contract_scenario: ClassVar[str] = "synthetic-2"
+    # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
+    contract_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
@@ -88,6 +90,13 @@ class CLStrategy(pl.LightningModule):
         out = self.remember(self(batch.x))
         return {"ce": F.cross_entropy(out.logits, batch.y)}
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # Lightning's generic transfer deep-copies dataclasses field by field on every step,
+        # which cost more than the forward pass of the digits MLP (benchmarks/loop_speed.py)
+        if isinstance(batch, Batch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def remember(self, out: Output) -> Output:
         """Keep the current batch's output for the add-ons (saves them a second forward)."""
         self.step_output = out
@@ -111,11 +120,18 @@ class CLStrategy(pl.LightningModule):
                     f"step {self.global_step} (phase {self.phase.name!r})"
                 )
         total = torch.stack([v for v in terms.values()]).sum()
-        n = len(batch)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=n, on_step=True, on_epoch=False)
-        self.log("train/loss", total.detach(), batch_size=n, on_step=True, on_epoch=False)
+        if self._log_this_step(batch_idx):
+            n = len(batch)
+            for name, value in terms.items():
+                self.log(f"train/{name}", value.detach(), batch_size=n, on_step=True, on_epoch=False)
+            self.log("train/loss", total.detach(), batch_size=n, on_step=True, on_epoch=False)
         return total
+
+    def _log_this_step(self, batch_idx: int) -> bool:
+        # `self.log` costs about 1 ms a call, a third of a digits step; without a logger
+        # only callback_metrics read the values, and they need just the fit's last batch
+        trainer = self.trainer
+        return trainer.logger is not None or batch_idx + 1 >= trainer.num_training_batches
 
     # ----------------------------------------------------------- optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
