@@ -1,0 +1,107 @@
+"""The experience loop: a fresh Trainer per experience, masked evaluation, optimiser reset, global step."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clbench.data import make_loader
+from clbench.runner import RunSpec, evaluate, run
+
+
+class FitSpy(pl.Callback):
+    """Per fit: batches trained, the optimiser object, its state when training starts and ends."""
+
+    def __init__(self):
+        self.fits: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.fits.append(
+            {
+                "optimizer": opt,
+                "state_at_start": len(opt.state),
+                "params_match_model": {id(p) for g in opt.param_groups for p in g["params"]}
+                == {id(p) for p in pl_module.parameters() if p.requires_grad},
+                "batches": 0,
+                "experience": pl_module.experience.index,
+            }
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.fits[-1]["batches"] += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self.fits[-1]["state_at_end"] = len(trainer.optimizers[0].state)
+
+
+@pytest.fixture(scope="module")
+def spied_run(tmp_path_factory, fast_config_for):
+    """naive on synthetic-5, 2 epochs x 2 batches per experience, with snapshots after each experience."""
+    spy = FitSpy()
+    snapshots, offsets = [], []
+
+    def after_experience(i, result, strategy):
+        snapshots.append({k: v.detach().clone() for k, v in strategy.backbone.state_dict().items()})
+        offsets.append(strategy.global_step_offset)
+
+    spec = RunSpec("naive", "synthetic-5", run=fast_config_for(tmp_path_factory.mktemp("runner"), epochs=2), seed=0)
+    result = run(spec, callbacks=[spy], on_experience=after_experience)
+    return result, spy, snapshots, offsets
+
+
+def test_every_experience_is_trained(spied_run):
+    """A reused Trainer would stop after its first max_epochs: later experiences would train 0 steps."""
+    result, spy, snapshots, _ = spied_run
+    assert result.status == "completed"
+    assert [f["experience"] for f in spy.fits] == [0, 1, 2, 3, 4]
+    assert [f["batches"] for f in spy.fits] == [4] * 5  # 2 epochs x 2 batches, in every experience
+    for i in range(1, len(snapshots)):
+        changed = [k for k in snapshots[i] if not torch.equal(snapshots[i][k], snapshots[i - 1][k])]
+        assert changed, f"experience {i} left the backbone unchanged"
+
+
+def test_optimizer_is_fresh_per_experience(spied_run):
+    _, spy, _, _ = spied_run
+    optimizers = [f["optimizer"] for f in spy.fits]
+    assert len({id(o) for o in optimizers}) == len(optimizers)
+    assert all(f["state_at_start"] == 0 for f in spy.fits)  # no momentum carried across experiences
+    assert all(f["state_at_end"] > 0 for f in spy.fits)  # ...though SGD momentum did build state
+    assert all(f["params_match_model"] for f in spy.fits)  # including the head rows grown this experience
+
+
+def test_global_step_offset_grows_by_each_fit(spied_run):
+    _, spy, _, offsets = spied_run
+    assert offsets == [4, 8, 12, 16, 20]
+
+
+def test_accuracy_matrix_rows_and_masking_in_a_run(spied_run):
+    result, *_ = spied_run
+    m = result.accuracy_matrix
+    assert len(m) == 5 and all(len(r) == 5 for r in m)
+    for i in range(5):
+        assert all(a == 0.0 for a in m[i][i + 1 :]), "unseen experiences must score 0 (their logits are masked)"
+        assert m[i][i] > 0.5  # separable clusters: the current experience is learned
+    assert result.initial_accuracy == [0.0] * 5
+
+
+def test_evaluation_scores_only_seen_classes(strategy_factory, synthetic_scenario):
+    strategy = strategy_factory("naive")
+    strategy.on_experience_start(synthetic_scenario.info(1))  # head grows to all 4 classes
+    assert strategy.head.out_features == 4
+    with torch.no_grad():
+        strategy.head.fc.bias[3] = 1e4  # an unseen class that would win every argmax
+    loaders = [make_loader(d, 64, shuffle=False) for d in synthetic_scenario.test_sets]
+
+    masked = evaluate(strategy, loaders, n_seen=2)
+    expected = []
+    for d in synthetic_scenario.test_sets:
+        batch = next(iter(make_loader(d, len(d), shuffle=False)))
+        pred = strategy.predict_logits(batch.x)[:, :2].argmax(1)
+        expected.append(float((pred == batch.y).float().mean()))
+    assert masked == pytest.approx(expected)
+    assert masked[1] == 0.0 and masked[0] > 0.0
+    unmasked = evaluate(strategy, loaders, n_seen=4)
+    assert unmasked[0] == 0.0  # class 3 wins everywhere once it may be predicted
+    assert strategy.training  # evaluation restores the train mode
