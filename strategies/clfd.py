@@ -36,6 +36,7 @@ from clbench.buffers import make_buffer
 from clbench.errors import UsageError
 from clbench.registry import STRATEGIES, register_strategy
 from clbench.strategies import cls_er, der_pp
+from clbench.strategies._replay import Replay
 from clbench.types import Batch, ExperienceInfo, Output
 
 BASES = ("er", "der_pp", "er_ace", "cls_er")
@@ -298,18 +299,27 @@ class Config(cls_er.Config, der_pp.Config, CLFDOptions):
 
 
 @register_strategy("clfd")
-class CLFD(CLStrategy):
-    """CLFD (frequency-domain encoder + class-aware feature selection) over base=er|der_pp|er_ace|cls_er."""
+class CLFD(CLFDMixin, Replay):
+    """CLFD (frequency-domain encoder + class-aware feature selection); over ER, or base=der_pp|er_ace|cls_er."""
 
     Config = Config
-    PAPER_SETTINGS = ER_SETTINGS  # the base's own settings: use `<base>_clfd --paper-settings` for other bases
-    contract_scenario = "synthetic32-3"
+    PAPER_SETTINGS = ER_SETTINGS  # CLFD-ER's: use `<base>_clfd --paper-settings` for the other bases
 
-    def __new__(cls, backbone, num_classes, cfg=None, **kwargs):
-        cfg = cfg if cfg is not None else cls.Config()
-        if cfg.base not in BASES:
-            raise UsageError(f"base={cfg.base!r} is invalid; expected one of: {', '.join(BASES)}")
-        combo = STRATEGIES.get(f"{cfg.base}_clfd")
+    def __new__(cls, backbone=None, num_classes=None, cfg=None, **kwargs):
+        base = getattr(cfg, "base", "er")
+        if cls is not CLFD or base == "er":
+            return super().__new__(cls)
+        if base not in BASES:
+            raise UsageError(f"base={base!r} is invalid; expected one of: {', '.join(BASES)}")
+        combo = STRATEGIES.get(f"{base}_clfd")
         own = {f.name for f in fields(combo.Config)}
         return combo(backbone, num_classes, combo.Config(**{k: v for k, v in asdict(cfg).items() if k in own}), **kwargs)
 
+    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """CLFD-ER: CE on the current batch (masked, k-WTA) + CE on a separate batch of replayed codes."""
+        out = self.current_output(batch)
+        losses = {"ce": F.cross_entropy(out.logits, batch.y)}
+        replay = self.draw()
+        if replay:
+            losses["replay_ce"] = F.cross_entropy(self.replay_output(replay["x"]).logits, replay["y"])
+        return losses
