@@ -9,7 +9,11 @@ same bytes).  Read from each run's EdgeProfiler totals:
   - training FLOPs: every op of every training step (FlopCounterMode, corrected), replay included;
   - peak memory: the CUDA allocator's peak on a GPU, the sampled process RSS above its
     pre-experience baseline on CPU (noisy for small models: the Python/torch overhead dominates);
-  - wall time of the training fits.
+  - wall time of the training fits;
+  - bytes of the tensors autograd saves for backward in one training step of the trained
+    strategy (current batch + replay batch; storages counted once): a device-independent
+    proxy of activation memory (the card derives CLFD-ER/ER = 0.35 for batch 32+32 at 32x32).
+Each run happens in a fresh process, so the CPU RSS baseline is not shared between methods.
 Ratios CLFD / base are printed next to the papers' (CLFD card): FLOPs 0.25 (derived from
 the official modules), GPU peak memory 0.37-0.41 (Table 1: 205/497 MB ER, 241/646 MB
 DER++, ResNet-18 nf=64, S-CIFAR-10), Jetson Orin NX training time 1/2.3 (ER) and 1/2.5
@@ -20,6 +24,7 @@ models (per-step Python overhead; the card measured about 1/1.8 on a 2-core CPU)
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 
 import torch
@@ -28,16 +33,26 @@ from clbench import config as C
 from clbench.runner import RunSpec, quiet_lightning, run
 
 PAPER = {  # CLFD / base, from the CLFD card
-    "er": {"flops": "0.25", "memory": "0.41 (205/497 MB)", "time": "0.43 (2.8/6.5 h, Orin NX)"},
-    "der_pp": {"flops": "0.25", "memory": "0.37 (241/646 MB)", "time": "0.39 (4.1/10.5 h, Orin NX)"},
+    "er": {"flops": "0.25", "saved": "0.35 (derived)", "memory": "0.41 (205/497 MB)", "time": "0.43 (2.8/6.5 h, Orin NX)"},
+    "der_pp": {"flops": "0.25", "saved": "-", "memory": "0.37 (241/646 MB)", "time": "0.39 (4.1/10.5 h, Orin NX)"},
 }
 
 
 def measure(strategy: str, args, out: str) -> dict:
+    """One whole run, in a fresh process (clean RSS baseline, no allocator reuse between methods)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, (strategy, args, out))
+
+
+def _measure(strategy: str, args, out: str) -> dict:
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    trained = {}
     cfg = C.RunConfig(epochs=args.epochs, batch_size=args.batch_size, progress=False, output_dir=out,
                       backbone=args.backbone, accelerator=args.accelerator)
     overrides = {"buffer_size": args.buffer, "replay_batch_size": args.batch_size}
-    result = run(RunSpec(strategy, args.scenario, run=cfg, strategy_overrides=overrides, seed=args.seed))
+    result = run(RunSpec(strategy, args.scenario, run=cfg, strategy_overrides=overrides, seed=args.seed),
+                 on_experience=lambda i, res, s: trained.update(strategy=s))
     if result.status != "completed":
         raise SystemExit(f"{strategy}: {result.status}: {result.error}")
     totals = result.edge.get("totals", {})
@@ -47,7 +62,28 @@ def measure(strategy: str, args, out: str) -> dict:
         "memory_kind": totals.get("peak_memory_kind"),
         "time": totals.get("train_time_s"),
         "accuracy": result.metrics.get("final_avg_acc"),
+        "saved": saved_for_backward_bytes(trained["strategy"], args),
     }
+
+
+def saved_for_backward_bytes(strategy, args) -> int:
+    """Bytes autograd keeps for backward in one step (each storage once), buffer full, last experience."""
+    from clbench.data import make_loader
+    from clbench.runner import create_scenario
+
+    scenario = create_scenario(args.scenario)
+    batch = next(iter(make_loader(scenario.train_sets[-1], args.batch_size, shuffle=False))).to(strategy.device)
+    strategy.train()
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        strategy.step_losses(batch)
+    return sum(seen.values())
 
 
 def ratio(a, b) -> str:
@@ -79,6 +115,7 @@ def main(argv=None) -> None:
             pair = f"{base} vs {base}_clfd"
             rows = [
                 ("train FLOPs", f"{b['flops'] or 0:.3e}", f"{c['flops'] or 0:.3e}", ratio(c["flops"], b["flops"]), PAPER[base]["flops"]),
+                ("saved for bwd", f"{b['saved'] / 2**20:.1f} MiB", f"{c['saved'] / 2**20:.1f} MiB", ratio(c["saved"], b["saved"]), PAPER[base]["saved"]),
                 (f"peak mem ({b['memory_kind']})", f"{(b['memory'] or 0) / 2**20:.1f} MiB", f"{(c['memory'] or 0) / 2**20:.1f} MiB",
                  ratio(c["memory"], b["memory"]), PAPER[base]["memory"]),
                 ("train time", f"{b['time']:.1f} s", f"{c['time']:.1f} s", ratio(c["time"], b["time"]), PAPER[base]["time"]),
