@@ -130,7 +130,9 @@ class CLStrategy(pl.LightningModule):
     def _log_this_step(self, batch_idx: int) -> bool:
         # `self.log` costs about 1 ms a call, a third of a digits step; without a logger
         # only callback_metrics read the values, and they need just the fit's last batch
-        trainer = self.trainer
+        trainer = self._trainer
+        if trainer is None:  # called outside fit (unit tests): `self.log` would only warn
+            return False
         return trainer.logger is not None or batch_idx + 1 >= trainer.num_training_batches
 
     # ----------------------------------------------------------- optimisation
@@ -155,9 +157,20 @@ class CLStrategy(pl.LightningModule):
         """A teacher snapshot: a deep copy in eval mode with gradients off."""
         teacher = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head}))
         teacher.eval()
+        teacher.frozen_snapshot = True  # `train()` below keeps it in eval mode
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
+
+    def train(self, mode: bool = True):
+        # `train()` recurses into every submodule, teachers included: restoring the student's
+        # mode after evaluation would put a BatchNorm teacher back to batch statistics and
+        # let its forwards update its running statistics
+        super().train(mode)
+        for module in self.modules():
+            if getattr(module, "frozen_snapshot", False):
+                module.eval()
+        return self
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensor state outside `state_dict` (buffers' contents, statistics) for resume."""

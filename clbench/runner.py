@@ -295,7 +295,7 @@ def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
     Logits of classes not yet seen are masked out (the head may be wider than the
     classes seen), so samples of unseen experiences score 0 by construction.
     """
-    was_training = strategy.training
+    modes = [(m, m.training) for m in strategy.modules()]  # per module: frozen teachers stay in eval
     original_device = next(strategy.parameters()).device
     device = device or original_device
     strategy.to(device)
@@ -312,7 +312,8 @@ def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
             correct += int((logits.argmax(dim=1) == batch.y).sum())
             total += len(batch)
         row.append(correct / total if total else float("nan"))
-    strategy.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     strategy.to(original_device)
     return row
 
