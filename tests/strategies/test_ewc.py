@@ -1,0 +1,106 @@
+"""Online EWC: the quadratic penalty, its zero points, the Fisher estimate and its online accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clbench.runner import RunSpec, run
+
+
+def _params(strategy):
+    return {n: p for n, p in strategy.named_parameters()}
+
+
+def test_penalty_is_zero_during_the_first_task(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("ewc")
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    assert strategy.penalty().item() == 0.0
+    terms = strategy.step_losses(batch_of(synthetic_scenario.train_sets[0]))
+    assert terms["ewc"].item() == 0.0
+
+
+def test_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tmp_path, fast_config_for):
+    captured = {}
+    run(RunSpec("ewc", "synthetic-2", run=fast_config_for(tmp_path), seed=0),
+        on_experience=lambda i, r, s: captured.setdefault(i, (s.penalty().item(), {k: v.clone() for k, v in s.fisher.items()})))
+    strategy_penalty_after_0, fisher_0 = captured[0]
+    assert strategy_penalty_after_0 == 0.0  # anchored at the weights just consolidated
+    assert fisher_0 and all((f >= 0).all() for f in fisher_0.values())
+    assert any(f.sum() > 0 for f in fisher_0.values())
+
+
+def test_penalty_equals_lambda_sum_f_delta_squared(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("ewc", ewc_lambda=7.0)
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    params = _params(strategy)
+    torch.manual_seed(1)
+    strategy.fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    strategy.anchor = {n: p.detach().clone() for n, p in params.items()}
+    deltas = {n: 0.1 * torch.randn_like(p) for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(deltas[n])
+    expected = sum(float((strategy.fisher[n] * deltas[n] ** 2).sum()) for n in params)
+    assert strategy.penalty().item() == pytest.approx(expected, rel=1e-5)
+    terms = strategy.step_losses(batch_of(synthetic_scenario.train_sets[0]))
+    assert terms["ewc"].item() == pytest.approx(7.0 * expected, rel=1e-5)
+
+    # rows added to the head after the anchor have no anchor: they are not penalised
+    strategy.on_experience_start(synthetic_scenario.info(1))
+    assert strategy.head.out_features == 4
+    before = strategy.penalty().item()
+    with torch.no_grad():
+        strategy.head.fc.weight[2:] += 5.0
+    assert strategy.penalty().item() == pytest.approx(before, rel=1e-6)
+
+
+def test_fisher_is_the_mean_of_p_times_squared_log_likelihood_gradients(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("ewc")
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    batch = batch_of(synthetic_scenario.train_sets[0], 3)
+    strategy.accumulate_fisher(batch)
+    strategy.on_experience_end(synthetic_scenario.info(0), synthetic_scenario.train_sets[0])
+
+    params = _params(strategy)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(3):
+        log_p = F.log_softmax(strategy(batch.x[i : i + 1]).logits, dim=1)[0, batch.y[i]]
+        grads = torch.autograd.grad(log_p, list(params.values()))
+        for (n, _), g in zip(params.items(), grads):
+            expected[n] += log_p.exp().detach() * g**2 / 3
+    assert strategy.fisher.keys() == expected.keys()
+    for n in expected:
+        assert torch.allclose(strategy.fisher[n], expected[n], atol=1e-7), n
+    assert strategy.training  # the estimate runs in eval mode and restores the mode
+
+
+def test_fisher_samples_caps_the_estimate(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("ewc", fisher_samples=2)
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    strategy.accumulate_fisher(batch_of(synthetic_scenario.train_sets[0], 5))
+    assert strategy._fisher_count == 2
+
+
+def test_online_accumulation_f_gamma_f_plus_f_new(strategy_factory, synthetic_scenario):
+    strategy = strategy_factory("ewc", gamma=0.5)
+    info0, info1 = synthetic_scenario.info(0), synthetic_scenario.info(1)
+    strategy.on_experience_start(info0)
+    w = "head.fc.weight"
+    old_shape = strategy.head.fc.weight.shape  # 2 x d
+    f_first = torch.full(old_shape, 4.0)
+    strategy._fisher_new, strategy._fisher_count = {w: f_first * 2}, 2  # sums over 2 samples
+    strategy.on_experience_end(info0, synthetic_scenario.train_sets[0])
+    assert torch.equal(strategy.fisher[w], f_first)
+    assert torch.equal(strategy.anchor[w], strategy.head.fc.weight.detach())
+
+    strategy.on_experience_start(info1)  # the head grows to 4 rows
+    f_new = torch.full(strategy.head.fc.weight.shape, 1.0)
+    strategy._fisher_new, strategy._fisher_count = {w: f_new * 4}, 4
+    strategy.on_experience_end(info1, synthetic_scenario.train_sets[1])
+    f = strategy.fisher[w]
+    assert f.shape[0] == 4
+    assert torch.equal(f[:2], 0.5 * f_first[:2] + 1.0)  # gamma * F_old + F_new on the old rows
+    assert torch.equal(f[2:], torch.ones_like(f[2:]))  # only F_new on the rows added this experience
+    assert strategy._fisher_new == {} and strategy._fisher_count == 0
