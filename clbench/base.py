@@ -90,13 +90,6 @@ class CLStrategy(pl.LightningModule):
         out = self.remember(self(batch.x))
         return {"ce": F.cross_entropy(out.logits, batch.y)}
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        # Lightning's generic transfer deep-copies dataclasses field by field on every step,
-        # which cost more than the forward pass of the digits MLP (benchmarks/loop_speed.py)
-        if isinstance(batch, Batch):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def remember(self, out: Output) -> Output:
         """Keep the current batch's output for the add-ons (saves them a second forward)."""
         self.step_output = out
