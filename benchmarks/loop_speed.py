@@ -9,6 +9,8 @@ momentum 0.9, batch 32, 5 epochs per experience, a fresh optimiser per experienc
 What is timed is training only (evaluation excluded), summed over the 5 experiences:
   - hand loop:  the per-experience `for epoch / for batch` loop with its DataLoader;
   - avalanche:  `strategy.train(experience)` (its own setup, loop and plugins);
+  - bare Lightning: the hand loop's model in a minimal LightningModule, one trimmed
+                Trainer per experience (the floor for any Lightning-based loop);
   - clbench:    Trainer construction + `trainer.fit` per experience, split into
                 construction, fit setup/teardown and the inner loop (the EdgeProfiler's
                 on_fit_start -> on_fit_end time).
@@ -88,6 +90,41 @@ def hand_loop(seed: int):
                 opt.step()
         elapsed += time.perf_counter() - t0
     return elapsed, final_average_accuracy(model, exps), {}
+
+
+def bare_lightning(seed: int):
+    """The hand loop's model and data in a minimal LightningModule, one trimmed Trainer per experience:
+    the floor for any Lightning-based loop (clbench's overhead is what it adds on top)."""
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    torch.manual_seed(seed)
+    train, test = digits_tensors()
+    exps = experiences(train, test)
+    module = Module()
+    elapsed = 0.0
+    for xtr, ytr, _, _ in exps:
+        t0 = time.perf_counter()
+        trainer = pl.Trainer(
+            max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(module, DataLoader(TensorDataset(xtr, ytr), batch_size=BATCH, shuffle=True))
+        elapsed += time.perf_counter() - t0
+    return elapsed, final_average_accuracy(module.net, exps), {}
 
 
 def avalanche_stream(train, test):
@@ -206,23 +243,25 @@ def main(argv=None) -> int:
     contenders = [
         ("hand-written loop", hand_loop),
         ("avalanche Naive", avalanche),
+        ("bare Lightning loop", bare_lightning),
         ("clbench naive", clbench_naive),
         ("clbench naive, no profiler", lambda seed: clbench_naive(seed, profile=False)),
     ]
     rows = measure(contenders, args.repeats, args.seed)
-    hand, aval, ours, bare = (r["median_s"] for r in rows)
+    hand, aval, lightning, ours, bare = (r["median_s"] for r in rows)
     print(f"digits 5x2, MLP 64-256-256-10, SGD lr {LR} m {MOMENTUM}, batch {BATCH}, {EPOCHS} epochs; "
-          f"torch threads {torch.get_num_threads()}; median of {args.repeats} after a warm-up")
-    print(f"{'contender':22s} {'train s (median)':>17s} {'runs':>24s} {'final avg acc':>14s}")
+          f"torch threads {torch.get_num_threads()}; median of {args.repeats} after a warm-up, round-robin")
+    print(f"{'contender':28s} {'train s (median)':>17s}   {'runs':30s} {'final avg acc':>14s}")
     for r in rows:
         runs = " ".join(f"{t:.2f}" for t in r["times"])
-        print(f"{r['name']:22s} {r['median_s']:17.3f} {runs:>24s} {r['acc']:14.3f}")
-    d = rows[2]["detail"]
+        print(f"{r['name']:28s} {r['median_s']:17.3f}   {runs:30s} {r['acc']:14.3f}")
+    d = rows[3]["detail"]
     print(f"clbench breakdown (median run): Trainer construction {d['construct']:.3f} s, fit setup/teardown "
           f"{d['fit'] - d['inner_loop']:.3f} s, inner loop (on_fit_start..on_fit_end) {d['inner_loop']:.3f} s")
     print(f"ratio clbench / avalanche = {ours / aval:.2f}   (target <= 1.0; without the EdgeProfiler {bare / aval:.2f})")
     print(f"ratio clbench / hand loop = {ours / hand:.2f}")
     print(f"ratio avalanche / hand loop = {aval / hand:.2f}")
+    print(f"ratio bare Lightning / avalanche = {lightning / aval:.2f}   (the floor of a Lightning-based loop)")
 
     if args.baselines:
         for method, ours_name in (("replay", "er"), ("lwf", "lwf")):
