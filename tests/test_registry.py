@@ -237,5 +237,5 @@ def test_aux_contract(name, strategy_factory, synthetic_scenario, batch_of):
         batch = batch_of(synthetic_scenario.train_sets[i], 8)
         term = aux.loss(batch, strategy(batch.x), strategy)
         if term is not None:
-            assert term.dim() == 0 and math.isfinite(float(term)), f"experience {i}: {term}"
+            assert term.dim() == 0 and math.isfinite(float(term.detach())), f"experience {i}: {term}"
         aux.on_experience_end(strategy, info)
