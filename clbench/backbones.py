@@ -203,19 +203,32 @@ def build_backbone(
 
 
 def _from_local_cache(name: str, kwargs: dict) -> nn.Module:
-    """Load weights that timm/Hugging Face already cached locally; never download."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # timm raises several types when the file is absent offline
-        cache = os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub"))
-        raise UsageError(
-            f"pretrained weights for {name!r} are not available locally (looked in {cache}; {type(e).__name__}); "
-            f"download them once with timm on a machine with network, or pass --weights FILE"
-        ) from None
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+    """Load weights that timm/Hugging Face already cached locally; never touch the network.
+
+    Looks for the model's default pretrained tag in the Hugging Face hub cache and in
+    torch.hub's checkpoint folder; a missing file is an error, never a random init.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    looked: list[str] = []
+    if cfg is not None and cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in filenames:
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found}, **kwargs)
+        looked.append(f"{HF_HUB_CACHE} ({cfg.hf_hub_id})")
+    if cfg is not None and cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if path.is_file():
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        looked.append(str(path))
+    where = "; ".join(looked) or "no pretrained tag is known to timm"
+    raise UsageError(
+        f"pretrained weights for {name!r} are not available locally (looked in {where}); "
+        f"download them once with timm on a machine with network, or pass --weights FILE"
+    )

@@ -133,12 +133,19 @@ def remove(folder: Path) -> None:
 
 
 def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give the module tree the shapes of the saved state: grown heads, teacher snapshots."""
-    prefixes = {k.split(".", 1)[0] for k in state}
-    for name in sorted(prefixes):
-        if not hasattr(strategy, name) or getattr(strategy, name) is None:
-            # a snapshot taken with CLStrategy.frozen_copy (e.g. a teacher): rebuild its structure
-            setattr(strategy, name, strategy.frozen_copy())
+    """Give the module tree the shapes of the saved state: teacher snapshots and grown heads."""
+    for key in sorted(state):
+        parts = key.split(".")
+        owner: nn.Module = strategy
+        for depth, part in enumerate(parts[:-1]):
+            child = getattr(owner, part, None) if not part.isdigit() else owner[int(part)]  # type: ignore[index]
+            if child is None:
+                # a snapshot taken with CLStrategy.frozen_copy (a teacher) that does not exist yet
+                setattr(owner, part, strategy.frozen_copy())
+                child = getattr(owner, part)
+            if not isinstance(child, nn.Module):
+                break
+            owner = child
     for mod_name, module in strategy.named_modules():
         if isinstance(module, IncrementalLinear):
             key = f"{mod_name}.fc.weight" if mod_name else "fc.weight"

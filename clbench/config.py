@@ -34,6 +34,8 @@ class RunConfig:
     pretrained: bool = False
     weights: str | None = None  # local pretrained weight file for --pretrained
     class_order: str = "default"
+    image_size: int | None = None  # image scenarios: input side (None: the benchmark's own)
+    normalization: str = "dataset"  # image scenarios: dataset | imagenet | inception | none
     data_root: str | None = None
     download: bool = False
     output_dir: str = "results"

@@ -41,6 +41,8 @@ class Registry(Generic[T]):
             self._entries[name] = obj
             try:
                 obj.registry_name = name  # type: ignore[attr-defined]
+                if self.kind == "aux":
+                    obj.name = name  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
                 pass
             return obj

@@ -42,7 +42,15 @@ def create_scenario(name: str, run: C.RunConfig | None = None, seed: int = 0):
 
     run = run or C.RunConfig()
     factory = SCENARIOS.get(name)
-    return factory(ScenarioOptions(class_order=run.class_order, data_root=run.data_root, download=run.download, seed=seed))
+    options = ScenarioOptions(
+        class_order=run.class_order,
+        data_root=run.data_root,
+        download=run.download,
+        seed=seed,
+        image_size=run.image_size,
+        normalization=run.normalization,
+    )
+    return factory(options)
 
 
 def strategy_config(name: str, overrides: dict[str, Any] | None = None, paper_settings_for: str | None = None):
@@ -73,6 +81,10 @@ def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
             out.append(cls(**params))
         except TypeError as e:
             raise UsageError(f"add-on {name!r}: {e}") from None
+    names = [a.name for a in out]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise UsageError(f"add-on {name!r} given {names.count(name)} times; expected each add-on at most once")
     families = {a.family for a in out}
     for a in out:
         clash = a.incompatible_with & (families - {a.family})
@@ -370,3 +382,5 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # frozen teacher snapshots are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")

@@ -50,7 +50,8 @@ def read_pickle(path: Path, *, how: str) -> dict:
     try:
         with open(path, "rb") as f:
             data = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError, OverflowError, UnicodeDecodeError) as e:  # what damaged bytes raise
         raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); {how}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a {type(data).__name__}, expected a dict of arrays; {how}")

@@ -14,6 +14,8 @@ from clbench.types import ExperienceInfo
 class Joint(CLStrategy):
     """Trains on all data seen so far at every experience (cumulative upper bound)."""
 
+    accepts_aux: set[str] = set()  # the upper bound stays the plain reference: add-ons would change what it measures
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen_train_sets: list[Dataset] = []

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 class Aux(nn.Module):
     """Base add-on; the four hooks are no-ops so a component overrides only what it needs."""
 
-    name: ClassVar[str] = "aux"
+    name: ClassVar[str] = "aux"  # set by @register_aux
     family: ClassVar[str] = "aux"  # "distill", "quantize", "forecast": what strategies accept
     # families this add-on cannot be combined with in one run
     incompatible_with: ClassVar[set[str]] = set()

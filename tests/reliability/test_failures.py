@@ -1,0 +1,138 @@
+"""Failures: diverging losses, Ctrl-C, atomic and concurrent result writing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clbench.base import CLStrategy
+from clbench.cli import main
+from clbench.registry import STRATEGIES, register_strategy
+from clbench.results import RunResult, load, save, write_json_atomic
+
+
+@pytest.fixture
+def diverging_strategy():
+    STRATEGIES.names() and STRATEGIES._load()
+
+    @register_strategy("diverges_in_second_experience")
+    class Diverges(CLStrategy):
+        """Test double: its loss becomes NaN at the third step of experience 1."""
+
+        def step_losses(self, batch):
+            losses = super().step_losses(batch)
+            if self.experience.index == 1 and self.trainer.global_step == 2:
+                losses["ce"] = losses["ce"] * float("nan")
+            return losses
+
+    yield "diverges_in_second_experience"
+    STRATEGIES._entries.pop("diverges_in_second_experience")
+
+
+def _results(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.json") if ".resume" not in p.parts]
+
+
+def test_nan_loss_stops_the_run_with_a_failed_result(tmp_path, capsys, diverging_strategy):
+    code = main(["run", "--strategy", diverging_strategy, "--scenario", "synthetic-5", "--epochs", "1", "--quiet",
+                 "--output-dir", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "'ce' is nan at experience 1, step 2" in err
+    (path,) = _results(tmp_path)
+    result = json.loads(path.read_text())
+    assert result["status"] == "failed"
+    assert len(result["accuracy_matrix"]) == 1, "the rows completed before the failure are kept"
+    assert result["metrics"] == {}, "no summary metrics for an incomplete run"
+    assert "experience 1" in result["error"]
+
+
+# A child that stalls inside a training step of experience 2 so SIGINT arrives during trainer.fit.
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from clbench.base import CLStrategy
+    step = CLStrategy.training_step
+    def slow_step(self, batch, batch_idx):
+        if self.experience.index == 2:
+            print("in-experience-2", flush=True)
+            time.sleep(600)
+        return step(self, batch, batch_idx)
+    CLStrategy.training_step = slow_step
+    from clbench.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fit_leaves_resumable_state_and_no_result(tmp_path):
+    args = ["run", "--strategy", "er", "--scenario", "synthetic-5", "--epochs", "1", "--quiet", "--seed", "5",
+            "--output-dir", str(tmp_path), "--set", "limit_train_batches=2"]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "in-experience-2"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert _results(tmp_path) == []
+    assert not list(tmp_path.rglob("*.tmp"))
+    (meta,) = list(tmp_path.rglob("checkpoint.json"))
+    assert json.loads(meta.read_text())["completed_experiences"] == 2
+    assert main(args + ["--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert main(args[:-4] + ["--output-dir", str(reference), "--set", "limit_train_batches=2"]) == 0
+    (resumed,) = _results(tmp_path / "synthetic-5")
+    (uninterrupted,) = _results(reference)
+    assert json.loads(resumed.read_text())["accuracy_matrix"] == json.loads(uninterrupted.read_text())["accuracy_matrix"]
+
+
+def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):
+    target = tmp_path / "r.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"a": object()})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _writer(args):
+    out, k = args
+    for repeat in range(20):
+        r = RunResult(strategy="er", scenario="digits-5", backbone="clbench_mlp", seed=k % 4, status="completed",
+                      accuracy_matrix=[[float(k), float(repeat)]], device=f"cpu{k % 2}")
+        save(r, out)
+    return k
+
+
+def test_eight_concurrent_writers_lose_nothing(tmp_path):
+    # 8 processes, 4 seeds x 2 devices = 8 distinct files, each written 20 times by its owner
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        assert sorted(pool.map(_writer, [(str(tmp_path), k) for k in range(8)])) == list(range(8))
+    files = sorted(tmp_path.rglob("*.json"))
+    assert len(files) == 8
+    for f in files:
+        assert load(f).accuracy_matrix[0][1] == 19.0
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_same_file_from_many_processes_is_always_whole(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        pool.map(_same_file_writer, [(str(tmp_path), k) for k in range(8)])
+    (f,) = list(tmp_path.rglob("*.json"))
+    assert load(f).accuracy_matrix[0][0] in range(8)
+
+
+def _same_file_writer(args):
+    out, k = args
+    for _ in range(20):
+        save(RunResult(strategy="er", scenario="s", backbone="b", seed=0, accuracy_matrix=[[float(k)]]), out)
