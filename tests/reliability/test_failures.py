@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import signal
 import subprocess
 import sys
@@ -105,19 +104,31 @@ def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def _writer(args):
-    out, k = args
+# Each writer is a separate interpreter (not a multiprocessing pool: test modules are not importable
+# by name under --import-mode=importlib, so spawned workers could not unpickle their function).
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from clbench.results import RunResult, save
+    out, k, same_file = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     for repeat in range(20):
-        r = RunResult(strategy="er", scenario="digits-5", backbone="clbench_mlp", seed=k % 4, status="completed",
-                      accuracy_matrix=[[float(k), float(repeat)]], device=f"cpu{k % 2}")
+        seed, device = (0, "cpu") if same_file else (k, "cpu")
+        r = RunResult(strategy="er", scenario="digits-5", backbone="clbench_mlp", seed=seed, status="completed",
+                      accuracy_matrix=[[float(k), float(repeat)]], device=device)
         save(r, out)
-    return k
+    """
+)
+
+
+def _write_concurrently(out: Path, same_file: bool) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(k), "1" if same_file else "0"])
+             for k in range(8)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 8
 
 
 def test_eight_concurrent_writers_lose_nothing(tmp_path):
-    # 8 processes, 4 seeds x 2 devices = 8 distinct files, each written 20 times by its owner
-    with multiprocessing.get_context("spawn").Pool(8) as pool:
-        assert sorted(pool.map(_writer, [(str(tmp_path), k) for k in range(8)])) == list(range(8))
+    # 8 processes, one file each (seed k), each written 20 times by its owner
+    _write_concurrently(tmp_path, same_file=False)
     files = sorted(tmp_path.rglob("*.json"))
     assert len(files) == 8
     for f in files:
@@ -126,13 +137,7 @@ def test_eight_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_same_file_from_many_processes_is_always_whole(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(8) as pool:
-        pool.map(_same_file_writer, [(str(tmp_path), k) for k in range(8)])
+    _write_concurrently(tmp_path, same_file=True)
     (f,) = list(tmp_path.rglob("*.json"))
     assert load(f).accuracy_matrix[0][0] in range(8)
-
-
-def _same_file_writer(args):
-    out, k = args
-    for _ in range(20):
-        save(RunResult(strategy="er", scenario="s", backbone="b", seed=0, accuracy_matrix=[[float(k)]]), out)
+    assert not list(tmp_path.rglob("*.tmp"))
