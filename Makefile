@@ -23,5 +23,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	WANDB_MODE=offline MPLBACKEND=Agg $(BIN)/python -m pytest -q -ra -m "not slow"
 
+# The README's results table: every registered strategy on digits-5, seeds 0-2, from real runs.
+leaderboard: $(STAMP)
+	mkdir -p results
+	$(BIN)/python scripts/readme_leaderboard.py --jobs $(or $(JOBS),1) > results/readme-leaderboard.md
+	$(BIN)/python scripts/splice_readme.py README.md leaderboard results/readme-leaderboard.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info
