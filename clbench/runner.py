@@ -17,7 +17,7 @@ from clbench import config as C
 from clbench.data import make_loader
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES
-from clbench.results import RunResult, environment, result_path, save
+from clbench.results import RunResult, environment, save
 from clbench.types import Phase
 
 

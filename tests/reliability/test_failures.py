@@ -7,16 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from clbench.base import CLStrategy
 from clbench.cli import main
 from clbench.registry import STRATEGIES, register_strategy
-from clbench.results import RunResult, load, save, write_json_atomic
+from clbench.results import load, write_json_atomic
 
 
 @pytest.fixture

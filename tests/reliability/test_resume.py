@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.checkpoint import checkpoint_dir
 from clbench.cli import main
 from clbench.registry import STRATEGIES
 

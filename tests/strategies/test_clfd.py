@@ -29,11 +29,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def scenario():
-    return create_scenario("synthetic32-3")
-
-
 def build(name, scenario, build_strategy, **cfg):
     from clbench.backbones import build_backbone
 

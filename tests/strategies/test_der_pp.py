@@ -6,21 +6,7 @@ import pytest
 import torch
 
 from clbench.edge.flops import measure_flops
-from clbench.runner import create_scenario
 from clbench.strategies.der_pp import stored_logit_mse
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def scenario():
-    return create_scenario("synthetic32-3")
 
 
 def build(name, scenario, build_strategy, **cfg):

@@ -6,22 +6,8 @@ import pytest
 import torch
 
 from clbench.edge.flops import measure_flops
-from clbench.runner import create_scenario
 from clbench.strategies.er_ace import asymmetric_mask
 from clbench.types import Batch, Output
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def scenario():
-    return create_scenario("synthetic32-3")
 
 
 def build(name, scenario, build_strategy, **cfg):

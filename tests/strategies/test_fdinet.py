@@ -7,22 +7,8 @@ import torch
 
 from clbench.backbones import CifarResNet
 from clbench.edge.flops import measure_flops
-from clbench.runner import create_scenario
 from clbench.strategies.clfd import haar_dwt, haar_idwt
 from clbench.strategies.fdinet import FrequencyBranches
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def scenario():
-    return create_scenario("synthetic32-3")
 
 
 def test_branches_receive_the_low_and_detail_bands():

@@ -12,14 +12,6 @@ from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.icarl import balanced_quotas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_herding_by_hand():
     feats = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # mean 3.25
     # 1st: |3.25 - f| is smallest at f=2; 2nd: |3.25 - (2 + f)/2| is 1.75 for f=1, 2.25 for f=0, 2.75 for f=10

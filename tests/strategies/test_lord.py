@@ -18,14 +18,6 @@ from clbench.strategies.lord import Arch, arch_params, elastic_features, reorder
 from clbench.types import Phase
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def five_tasks():
     """S-CIFAR-10-like: 5 tasks x 2 classes of smooth 3x32x32 patterns, 24 train / 8 test per class."""
