@@ -122,23 +122,13 @@ def class_incremental_from_tensors(
     meta: dict | None = None,
 ) -> Scenario:
     """Build an in-memory scenario: remap labels, split with Avalanche, materialise each experience."""
-    from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
-
     num_classes = len(class_order)
-    if sum(increments) != num_classes:
-        raise UsageError(f"increments {increments} cover {sum(increments)} classes, but there are {num_classes}")
+    position = _class_positions(class_order, increments)
     present = set(torch.unique(train[1]).tolist())
     if present != set(class_order):
         raise UsageError(f"class order has {sorted(class_order)} but the data holds labels {sorted(present)}")
-    position = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
-    position[torch.tensor(class_order)] = torch.arange(num_classes)
     ytr, yte = position[train[1].long()], position[test[1].long()]
-    stream = class_incremental_benchmark(
-        {"train": tensor_dataset(train[0], ytr), "test": tensor_dataset(test[0], yte)},
-        class_order=list(range(num_classes)),
-        num_classes_per_exp=increments,
-    )
+    stream = _avalanche_split(train[0], ytr, test[0], yte, increments)
     train_sets = [_materialise(e.dataset, train_transform) for e in stream.train_stream]
     test_sets = [_materialise(e.dataset.eval(), None) for e in stream.test_stream]
     scenario = Scenario(
@@ -158,6 +148,27 @@ def class_incremental_from_tensors(
     )
     _check_partition(scenario)
     return scenario
+
+
+def _class_positions(class_order: list[int], increments: list[int]) -> torch.Tensor:
+    """Lookup table: original label -> position in the class order (-1 for labels not in it)."""
+    if sum(increments) != len(class_order):
+        raise UsageError(f"increments {increments} cover {sum(increments)} classes, but there are {len(class_order)}")
+    position = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
+    position[torch.tensor(class_order)] = torch.arange(len(class_order))
+    return position
+
+
+def _avalanche_split(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, increments):
+    """Avalanche's class-incremental split of (already remapped) labels, classes in position order."""
+    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+
+    return class_incremental_benchmark(
+        {"train": tensor_dataset(train_x, train_y), "test": tensor_dataset(test_x, test_y)},
+        class_order=list(range(sum(increments))),
+        num_classes_per_exp=increments,
+    )
 
 
 def _materialise(avl_dataset, transform) -> InMemoryDataset:
@@ -223,14 +234,10 @@ def class_incremental_from_datasets(
     through Avalanche's split, so building the scenario reads no image; each experience
     is a `LabelledSubset` of the parent dataset carrying class-order positions.
     """
-    from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
-
     from clbench.data import LabelledSubset
 
     num_classes = len(class_order)
-    if sum(increments) != num_classes:
-        raise UsageError(f"increments {increments} cover {sum(increments)} classes, but there are {num_classes}")
+    position = _class_positions(class_order, increments)
     train_y, test_y = torch.as_tensor(train.targets).long(), torch.as_tensor(test.targets).long()
     for split, y in (("train", train_y), ("test", test_y)):
         present = set(torch.unique(y).tolist())
@@ -240,17 +247,8 @@ def class_incremental_from_datasets(
                 f"{name}: the {split} split holds {len(present)} classes, expected {num_classes} "
                 f"(e.g. no samples of labels {missing})"
             )
-    position = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
-    position[torch.tensor(class_order)] = torch.arange(num_classes)
     ytr, yte = position[train_y], position[test_y]
-    stream = class_incremental_benchmark(
-        {
-            "train": tensor_dataset(torch.arange(len(ytr)), ytr),
-            "test": tensor_dataset(torch.arange(len(yte)), yte),
-        },
-        class_order=list(range(num_classes)),
-        num_classes_per_exp=increments,
-    )
+    stream = _avalanche_split(torch.arange(len(ytr)), ytr, torch.arange(len(yte)), yte, increments)
 
     def subset(parent, avl_dataset, y):
         rows = torch.sort(torch.tensor([int(item[0]) for item in avl_dataset], dtype=torch.long)).values
