@@ -112,9 +112,7 @@ def seed_everything(seed: int) -> None:
 
 
 def device_name(run: C.RunConfig) -> str:
-    if run.accelerator in ("gpu", "cuda") or (run.accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
-    return "cpu"
+    return torch.cuda.get_device_name(0) if _eval_device(run).type == "cuda" else "cpu"
 
 
 def resolve(spec: RunSpec) -> tuple[C.RunConfig, Any]:
@@ -262,7 +260,9 @@ def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None
         result.metrics = summarise(result.accuracy_matrix, result.initial_accuracy)
     result.edge["totals"] = profiler.totals()
     result.strategy_report = strategy.report()
-    if result.status != "interrupted":
+    # an unexpected exception leaves status "running": no result file for a run that neither
+    # finished nor failed in a known way (Ctrl-C keeps its resume state instead)
+    if result.status in ("completed", "failed"):
         save(result, run_cfg.output_dir)
 
 
@@ -331,6 +331,8 @@ def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
 
 
 def _eval_device(run: C.RunConfig) -> torch.device:
+    if run.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(f"accelerator={run.accelerator!r} but no CUDA device is available; expected cpu or auto")
     if run.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -51,6 +51,7 @@ def _bad(tmp_path: Path, yaml_text: str | None = None) -> list[tuple[str, list[s
         ("no pretrained for own nets", ["--strategy", "er", "--pretrained"], ["'clbench_mlp'", "no pretrained"]),
         ("output dir not writable", ["--strategy", "er", "--output-dir", str(not_a_dir / "sub")], ["not writable"]),
         ("no paper setting", ["--strategy", "er", "--paper-settings"], ["'digits-5'", "cifar10-5"]),
+        ("gpu without CUDA", ["--strategy", "er", "--accelerator", "gpu"], ["accelerator='gpu'", "no CUDA device"]),
         ("bad seed", ["--strategy", "er", "--seed", "one"], ["'one'", "int"]),
         ("missing data root", ["--strategy", "er", "--scenario", "cifar10-5", "--data-root", str(tmp_path / "no-data")], ["no-data"]),
     ]
@@ -64,6 +65,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     _, argv, expected = next(c for c in _bad(tmp_path) if c[0] == case)
     if "cifar10-5" in argv and "cifar10-5" not in SCENARIOS.names():
         pytest.skip("cifar scenarios not registered")
+    if case == "gpu without CUDA":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
     out = tmp_path / "results"
     if "--output-dir" not in argv:
         argv = argv + ["--output-dir", str(out)]

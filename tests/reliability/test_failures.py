@@ -53,6 +53,20 @@ def test_nan_loss_stops_the_run_with_a_failed_result(tmp_path, capsys, diverging
     assert "experience 1" in result["error"]
 
 
+def test_an_unexpected_crash_writes_no_result(tmp_path):
+    from clbench.config import RunConfig
+    from clbench.runner import RunSpec, run
+
+    def crash(i, result, strategy_):
+        if i == 1:
+            raise RuntimeError("boom")
+
+    cfg = RunConfig(epochs=1, progress=False, output_dir=str(tmp_path), limit_train_batches=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(RunSpec("naive", "synthetic-5", run=cfg, seed=0), on_experience=crash)
+    assert _results(tmp_path) == []
+
+
 # A child that stalls inside a training step of experience 2 so SIGINT arrives during trainer.fit.
 CHILD = textwrap.dedent(
     """
