@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="er")
     p.add_argument("--scenario", default="digits-5")
+    p.add_argument("--backbone", default=None, help="default: the scenario's")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     matrices = {}
     with tempfile.TemporaryDirectory() as out:
         def spec(profile: bool) -> RunSpec:
-            cfg = C.RunConfig(epochs=args.epochs, progress=False, output_dir=f"{out}/{int(profile)}", profile=profile,
+            cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False, output_dir=f"{out}/{int(profile)}", profile=profile,
                               checkpoint=False)
             return RunSpec(args.strategy, args.scenario, run=cfg, seed=args.seed)
 
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
                 times[profile].append(t)
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.strategy} on {args.scenario}, {args.epochs} epoch(s), {args.repeats} repeat(s)")
+    print(f"{args.strategy} on {args.scenario} ({args.backbone or 'default backbone'}), {args.epochs} epoch(s), "
+          f"{args.repeats} repeat(s)")
     print(f"  without profiler: {off:.2f} s (median of {[round(t, 2) for t in times[False]]})")
     print(f"  with profiler:    {on:.2f} s (median of {[round(t, 2) for t in times[True]]})")
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "

@@ -128,8 +128,13 @@ def resolve(spec: RunSpec) -> tuple[C.RunConfig, Any]:
     return run, C.build(cls.Config, values)
 
 
-def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | None = None, profiler=None) -> RunResult:
-    """Train `spec.strategy` over `spec.scenario`; returns the result (also written to disk)."""
+def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_experience: Callable | None = None,
+        profiler=None) -> RunResult:
+    """Train `spec.strategy` over `spec.scenario`; returns the result (also written to disk).
+
+    `callbacks` and `loggers` (Lightning `Logger`s: CSV, TensorBoard, ...) join every
+    experience's Trainer; loss terms are logged per step only when some logger is attached.
+    """
     from clbench.backbones import build_backbone
     from clbench.edge.profiler import EdgeProfiler
 
@@ -193,7 +198,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), on_experience: Callable | No
                 )
                 trainer = make_trainer(
                     run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks, *log_callbacks], info, phase,
-                    logger=wandb_logger,
+                    loggers=[*([wandb_logger] if wandb_logger is not None else []), *loggers],
                 )
                 _fit(trainer, strategy, loader)
             strategy.phase = Phase()
@@ -275,7 +280,7 @@ def _wandb(spec: RunSpec, run_cfg: C.RunConfig, cfg, backbone: str):
     return wandb_logger(spec.wandb, spec, run_cfg, cfg, backbone), [GlobalStep()]
 
 
-def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, phase=None, logger=None):
+def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, phase=None, loggers: Sequence = ()):
     """A fresh Trainer per fit (a reused one silently stops after its first `max_epochs`), trimmed to the loop."""
     import pytorch_lightning as pl
 
@@ -286,7 +291,7 @@ def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, 
         num_nodes=run.num_nodes,
         precision=run.precision,
         strategy=run.trainer_strategy,
-        logger=logger if logger is not None else False,
+        logger=list(loggers) if loggers else False,
         log_every_n_steps=1,
         callbacks=list(callbacks),
         enable_checkpointing=False,

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import (
     FlopCounterMode,
@@ -152,35 +151,43 @@ class StepProfile:
         return {"flops": self.flops, "bytes": self.bytes, "ops": self.n_ops}
 
 
-class _OpTrace(TorchDispatchMode):
-    """Records every executed aten op with its (corrected) FLOPs and the bytes it reads and writes.
+class _TracingFlopCounter(FlopCounterMode):
+    """`FlopCounterMode` that also records every counted aten op with its FLOPs and the
+    bytes it reads and writes (one dispatch mode: a second stacked mode doubled the cost).
 
     Bytes are input + output tensor sizes, an upper bound because fusion is ignored;
     view ops move nothing and are skipped.
     """
 
-    def __init__(self, registry: dict):
-        super().__init__()
-        self.registry = registry
+    def __init__(self, custom_mapping: dict):
+        super().__init__(display=False, custom_mapping=custom_mapping)
         self.profile = StepProfile()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if getattr(func, "is_view", False) or func is aten.detach.default:
-            return out
-        packet = func._overloadpacket
-        formula = self.registry.get(packet)
-        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
-        nbytes, dtype = 0, None
-        for t in tree_flatten((args, kwargs, out))[0]:
-            if isinstance(t, torch.Tensor):
-                nbytes += t.numel() * t.element_size()
-                if dtype is None and t.is_floating_point():
-                    dtype = str(t.dtype).replace("torch.", "")
-        name = packet.__name__
-        self.profile.ops[(name, op_kind(name), dtype or "none", flops, nbytes)] += 1
+    def _count_flops(self, func_packet, out, args, kwargs):
+        formula = self.flop_registry.get(func_packet)
+        flops = 0
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
+            for parent in set(self.mod_tracker.parents):
+                self.flop_counts[parent][func_packet] += flops
+        if _moves_data(func_packet):
+            nbytes, dtype = 0, None
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor):
+                    nbytes += t.numel() * t.element_size()
+                    if dtype is None and t.is_floating_point():
+                        dtype = str(t.dtype).replace("torch.", "")
+            name = func_packet.__name__
+            self.profile.ops[(name, op_kind(name), dtype or "none", flops, nbytes)] += 1
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _moves_data(packet) -> bool:
+    if packet is aten.detach:
+        return False
+    overloads = [getattr(packet, name, None) for name in packet.overloads()]
+    return not any(getattr(o, "is_view", False) for o in overloads)
 
 
 # --------------------------------------------------------------------------- counting
@@ -190,14 +197,12 @@ class Counter:
 
     def __init__(self, trace: bool = False):
         verify_corrections()
-        self._fcm = FlopCounterMode(display=False, custom_mapping=dict(_CORRECTIONS))
-        self._trace = _OpTrace(self._fcm.flop_registry) if trace else None
+        self._trace = trace
+        mapping = dict(_CORRECTIONS)
+        self._fcm = _TracingFlopCounter(mapping) if trace else FlopCounterMode(display=False, custom_mapping=mapping)
         self.active = False
 
     def start(self) -> "Counter":
-        # the trace sits below the counter, so it sees exactly the ops the counter counts
-        if self._trace is not None:
-            self._trace.__enter__()
         self._fcm.__enter__()
         self.active = True
         return self
@@ -206,11 +211,7 @@ class Counter:
         if not self.active:
             return
         self.active = False
-        try:
-            self._fcm.__exit__(None, None, None)
-        finally:
-            if self._trace is not None:
-                self._trace.__exit__(None, None, None)
+        self._fcm.__exit__(None, None, None)
 
     __enter__ = start
 
@@ -226,7 +227,7 @@ class Counter:
 
     @property
     def profile(self) -> StepProfile | None:
-        return None if self._trace is None else self._trace.profile
+        return self._fcm.profile if self._trace else None
 
 
 def measure_flops(fn: Callable[[], Any]) -> int:

@@ -54,7 +54,7 @@ class EWC(CLStrategy):
     def training_step(self, batch: Batch, batch_idx: int):
         if self.phase.name == "fisher":
             self.accumulate_fisher(batch)
-            return None  # Lightning skips backward and the optimiser step
+            return None  # no backward, no optimiser step: the Fisher pass only reads gradients
         return super().training_step(batch, batch_idx)
 
     def penalty(self) -> torch.Tensor:
