@@ -30,6 +30,8 @@ class CLStrategy(pl.LightningModule):
     accepts_aux: ClassVar[set[str] | None] = None
     # scenario the registry contract tests run on; methods that need 3x32x32 images say "synthetic32-3"
     contract_scenario: ClassVar[str] = "synthetic-2"
+    # image channels the method is defined for (None: any); `sweep --strategies all` skips other scenarios
+    input_channels: ClassVar[int | None] = None
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
 

@@ -87,6 +87,30 @@ def plan(
     return jobs
 
 
+def compatible_strategies(names: Sequence[str], scenario: str) -> tuple[list[str], dict[str, str]]:
+    """(strategies defined for the scenario's images, {strategy: why not} for the others).
+
+    A strategy declares the image channels it is defined for in `input_channels`; a
+    scenario whose data is absent is not filtered (its runs fail with the data error).
+    """
+    from clbench.errors import DataNotFoundError
+    from clbench.registry import STRATEGIES
+    from clbench.runner import create_scenario
+
+    try:
+        channels = create_scenario(scenario).input_shape[0]
+    except (DataNotFoundError, UsageError):
+        return list(names), {}
+    kept, skipped = [], {}
+    for name in names:
+        needs = STRATEGIES.get(name).input_channels
+        if needs is not None and needs != channels:
+            skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
+        else:
+            kept.append(name)
+    return kept, skipped
+
+
 def _with_wandb(spec, project: str):
     if "wandb" not in getattr(type(spec), "__dataclass_fields__", {}):
         raise UsageError("--wandb is not supported by this clbench runner")
@@ -295,16 +319,22 @@ def cmd_sweep(args) -> int:
     for flag in ("epochs", "accelerator", "devices", "trainer_strategy", "precision", "backbone", "num_nodes"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
-    strategies = STRATEGIES.names() if args.strategies == "all" else split_list(args.strategies, "strategies")
-    jobs = plan(
-        strategies,
-        split_list(args.scenarios, "scenarios"),
-        parse_seeds(args.seeds),
-        overrides=overrides,
-        aux=parse_aux(args.aux),
-        output_dir=args.output_dir,
-        wandb=args.wandb,
-    )
+    scenarios = split_list(args.scenarios, "scenarios")
+    if args.strategies == "all":  # every strategy defined for each scenario's input
+        grid = []
+        for scenario in scenarios:
+            kept, skipped = compatible_strategies(STRATEGIES.names(), scenario)
+            for name, reason in skipped.items():
+                print(f"skip  {name} on {scenario}: {reason}")
+            grid.append((kept, [scenario]))
+    else:
+        grid = [(split_list(args.strategies, "strategies"), scenarios)]
+    jobs = [
+        job
+        for strategies, scenarios_ in grid
+        for job in plan(strategies, scenarios_, parse_seeds(args.seeds), overrides=overrides,
+                        aux=parse_aux(args.aux), output_dir=args.output_dir, wandb=args.wandb)
+    ]
     if args.dry_run:
         for job in jobs:
             print(f"{'skip' if job.existing else 'run '}  {job.name}")

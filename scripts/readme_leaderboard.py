@@ -1,10 +1,12 @@
 """The README's CPU leaderboard: sweep every registered strategy, then print the Markdown tables.
 
     .venv/bin/python scripts/readme_leaderboard.py > leaderboard.md
-    .venv/bin/python scripts/readme_leaderboard.py --grid digits-5=all --grid shapes-5=STRAT_A,STRAT_B
+    .venv/bin/python scripts/readme_leaderboard.py --grid digits-5=all --grid synthetic32-3=er,er_clfd
 
 Each `--grid SCENARIO=STRATEGIES` (STRATEGIES: comma-separated names or `all`, every
-registered strategy) is one `clbench sweep` with the given seeds into `--output-dir`;
+registered strategy defined for the scenario's images) is one `clbench sweep` with the
+given seeds into `--output-dir`; the default is `digits-5=all` and `synthetic32-3=all`
+(the 3-channel scenario on which the CLFD family runs beside its bases);
 runs already stored there are skipped, so an interrupted generation continues where
 it stopped.  The sweep log goes to stderr; stdout holds only the Markdown (one table
 per scenario, with the command that reproduces it), ready to paste.
@@ -24,13 +26,13 @@ from clbench.errors import UsageError
 def cli(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", action="append", default=None, metavar="SCENARIO=STRATEGIES",
-                   help="repeatable; default: digits-5=all")
+                   help="repeatable; default: digits-5=all and synthetic32-3=all")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", default="1", help="runs at a time (1 keeps wall times comparable)")
     p.add_argument("--output-dir", default="results/readme")
     args = p.parse_args(argv)
     grids = []
-    for item in args.grid or ["digits-5=all"]:
+    for item in args.grid or ["digits-5=all", "synthetic32-3=all"]:
         scenario, sep, strategies = item.partition("=")
         if not sep or not scenario or not strategies:
             p.error(f"--grid {item!r}: expected SCENARIO=STRATEGIES")

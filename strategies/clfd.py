@@ -107,10 +107,11 @@ class CLFDMixin:
     """Put in front of a `Replay` base: `class DERPPCLFD(CLFDMixin, DERPP)`."""
 
     contract_scenario = "synthetic32-3"
+    input_channels = 3  # the Haar encoder maps RGB to 3 half-size code channels
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if _input_channels(self.backbone) != 3:
+        if _input_channels(self.backbone) != self.input_channels:
             raise UsageError(
                 "CLFD feeds 3-channel half-size codes to the backbone; expected a convolutional backbone "
                 "with 3 input channels (e.g. --backbone resnet18_cifar), got "

@@ -38,6 +38,24 @@ def test_plan_routes_set_keys_and_passes_lightning_scaling_through(tmp_path):
     assert run.output_dir == str(tmp_path) and all(j.existing is None for j in jobs)
 
 
+def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, capsys):
+    from clbench.registry import STRATEGIES
+
+    needs_rgb = {n for n in STRATEGIES.names() if STRATEGIES.get(n).input_channels == 3}
+    assert {"clfd", "er_clfd", "der_pp_clfd"} <= needs_rgb
+    kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images
+    assert set(skipped) == needs_rgb and set(kept) == set(STRATEGIES.names()) - needs_rgb
+    assert skipped["clfd"] == "defined for 3-channel images, the scenario has 1"
+    assert S.compatible_strategies(["naive", "clfd"], "synthetic32-3") == (["naive", "clfd"], {})
+
+    assert main(["sweep", "--strategies", "all", "--scenarios", "synthetic-2,synthetic32-3", "--seeds", "0",
+                 "--dry-run", "--output-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "skip  clfd on synthetic-2: defined for 3-channel images, the scenario has 1" in lines
+    assert "run   clfd on synthetic32-3 seed 0" in lines and "run   naive on synthetic-2 seed 0" in lines
+    assert not any(line.startswith("run   clfd on synthetic-2") for line in lines)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
