@@ -105,3 +105,46 @@ def test_evaluation_scores_only_seen_classes(strategy_factory, synthetic_scenari
     unmasked = evaluate(strategy, loaders, n_seen=4)
     assert unmasked[0] == 0.0  # class 3 wins everywhere once it may be predicted
     assert strategy.training  # evaluation restores the train mode
+
+
+class MetricsAtTrainEnd(pl.Callback):
+    def __init__(self):
+        self.seen: list[set[str]] = []
+
+    def on_train_end(self, trainer, pl_module):
+        self.seen.append(set(trainer.callback_metrics))
+
+
+@pytest.mark.parametrize("name", ["er", "lwf"])
+def test_manual_step_equals_lightnings_automatic_loop(name, tmp_path, fast_config_for, monkeypatch):
+    """`CLStrategy.training_step` optimises by hand; the same run through Lightning's automatic
+    optimisation (closure, zero_grad, backward, step) must give bit-identical weights."""
+    from clbench.base import CLStrategy
+
+    def run_once(folder):
+        weights = {}
+        spec = RunSpec(name, "synthetic-5", run=fast_config_for(tmp_path / folder, epochs=2), seed=3)
+        result = run(spec, on_experience=lambda i, res, s: weights.update(s.state_dict()))
+        return result.accuracy_matrix, weights
+
+    manual = run_once("manual")
+    init = CLStrategy.__init__
+
+    def automatic_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.automatic_optimization = True
+
+    monkeypatch.setattr(CLStrategy, "__init__", automatic_init)
+    monkeypatch.setattr(CLStrategy, "training_step", CLStrategy.total_loss)
+    automatic = run_once("automatic")
+    assert manual[0] == automatic[0]
+    assert manual[1].keys() == automatic[1].keys()
+    for key in manual[1]:
+        assert torch.equal(manual[1][key], automatic[1][key]), key
+
+
+def test_nothing_is_logged_without_a_logger(tmp_path, fast_config_for):
+    """`self.log` costs about 1 ms a call: loss terms are logged only for an attached logger."""
+    watch = MetricsAtTrainEnd()
+    run(RunSpec("er", "synthetic-2", run=fast_config_for(tmp_path), seed=0), callbacks=[watch])
+    assert watch.seen and all(not names for names in watch.seen)
