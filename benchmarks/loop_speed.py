@@ -10,7 +10,8 @@ What is timed is training only (evaluation excluded), summed over the 5 experien
   - hand loop:  the per-experience `for epoch / for batch` loop with its DataLoader;
   - avalanche:  `strategy.train(experience)` (its own setup, loop and plugins);
   - bare Lightning: the hand loop's model in a minimal LightningModule, one trimmed
-                Trainer per experience (the floor for any Lightning-based loop);
+                Trainer per experience, automatic or manual optimisation (the floor for any
+                Lightning-based loop);
   - clbench:    Trainer construction + `trainer.fit` per experience, split into
                 construction, fit setup/teardown and the inner loop (the EdgeProfiler's
                 on_fit_start -> on_fit_end time).
@@ -92,9 +93,10 @@ def hand_loop(seed: int):
     return elapsed, final_average_accuracy(model, exps), {}
 
 
-def bare_lightning(seed: int):
-    """The hand loop's model and data in a minimal LightningModule, one trimmed Trainer per experience:
-    the floor for any Lightning-based loop (clbench's overhead is what it adds on top)."""
+def bare_lightning(seed: int, manual: bool = False):
+    """The hand loop's model and data in a minimal LightningModule, one trimmed Trainer per experience,
+    with Lightning's automatic optimisation or a manual step (what clbench does): the floor for any
+    Lightning-based loop (clbench's overhead is what it adds on top)."""
     import pytorch_lightning as pl
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
@@ -103,10 +105,17 @@ def bare_lightning(seed: int):
         def __init__(self):
             super().__init__()
             self.net = mlp()
+            self.automatic_optimization = not manual
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            loss = F.cross_entropy(self.net(x), y)
+            if manual:
+                optimizer = self.optimizers()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
@@ -243,25 +252,27 @@ def main(argv=None) -> int:
     contenders = [
         ("hand-written loop", hand_loop),
         ("avalanche Naive", avalanche),
-        ("bare Lightning loop", bare_lightning),
+        ("bare Lightning, automatic", bare_lightning),
+        ("bare Lightning, manual", lambda seed: bare_lightning(seed, manual=True)),
         ("clbench naive", clbench_naive),
         ("clbench naive, no profiler", lambda seed: clbench_naive(seed, profile=False)),
     ]
     rows = measure(contenders, args.repeats, args.seed)
-    hand, aval, lightning, ours, bare = (r["median_s"] for r in rows)
+    hand, aval, lightning, lightning_manual, ours, bare = (r["median_s"] for r in rows)
     print(f"digits 5x2, MLP 64-256-256-10, SGD lr {LR} m {MOMENTUM}, batch {BATCH}, {EPOCHS} epochs; "
           f"torch threads {torch.get_num_threads()}; median of {args.repeats} after a warm-up, round-robin")
     print(f"{'contender':28s} {'train s (median)':>17s}   {'runs':30s} {'final avg acc':>14s}")
     for r in rows:
         runs = " ".join(f"{t:.2f}" for t in r["times"])
         print(f"{r['name']:28s} {r['median_s']:17.3f}   {runs:30s} {r['acc']:14.3f}")
-    d = rows[3]["detail"]
+    d = rows[4]["detail"]
     print(f"clbench breakdown (median run): Trainer construction {d['construct']:.3f} s, fit setup/teardown "
           f"{d['fit'] - d['inner_loop']:.3f} s, inner loop (on_fit_start..on_fit_end) {d['inner_loop']:.3f} s")
     print(f"ratio clbench / avalanche = {ours / aval:.2f}   (target <= 1.0; without the EdgeProfiler {bare / aval:.2f})")
     print(f"ratio clbench / hand loop = {ours / hand:.2f}")
     print(f"ratio avalanche / hand loop = {aval / hand:.2f}")
-    print(f"ratio bare Lightning / avalanche = {lightning / aval:.2f}   (the floor of a Lightning-based loop)")
+    print(f"ratio bare Lightning / avalanche = {lightning / aval:.2f} automatic optimisation, "
+          f"{lightning_manual / aval:.2f} manual (the floor of a Lightning-based loop)")
 
     if args.baselines:
         for method, ours_name in (("replay", "er"), ("lwf", "lwf")):

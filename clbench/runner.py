@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -135,6 +136,8 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     `callbacks` and `loggers` (Lightning `Logger`s: CSV, TensorBoard, ...) join every
     experience's Trainer; loss terms are logged per step only when some logger is attached.
     """
+    import pytorch_lightning as pl
+
     from clbench.backbones import build_backbone
     from clbench.edge.profiler import EdgeProfiler
 
@@ -181,35 +184,37 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
     if start == 0:
         result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
+    profiling = [profiler] if isinstance(profiler, pl.Callback) else []
     try:
-        for i in range(start, scenario.num_experiences):
-            info = scenario.info(i)
-            profiler.start_experience(i)
-            strategy.on_experience_start(info)
-            data = strategy.training_data(info, scenario.train_sets[i])
-            for p_index, phase in enumerate(strategy.phases(info)):
-                strategy.phase = phase
-                loader = make_loader(
-                    data,
-                    run_cfg.batch_size,
-                    shuffle=True,
-                    seed=_loader_seed(spec.seed, i, p_index),
-                    num_workers=run_cfg.num_workers,
-                )
-                trainer = make_trainer(
-                    run_cfg, phase.epochs or run_cfg.epochs, [profiler, *callbacks, *log_callbacks], info, phase,
-                    loggers=[*([wandb_logger] if wandb_logger is not None else []), *loggers],
-                )
-                _fit(trainer, strategy, loader)
-            strategy.phase = Phase()
-            strategy.on_experience_end(info, scenario.train_sets[i])
-            row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
-            result.accuracy_matrix.append(row)
-            result.edge["per_experience"].append(profiler.end_experience(strategy))
-            if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
-                checkpoint.save(ckpt_dir, strategy, result, i + 1)
-            if on_experience is not None:
-                on_experience(i, result, strategy)
+        with _entry_points_scanned_once():
+            for i in range(start, scenario.num_experiences):
+                info = scenario.info(i)
+                profiler.start_experience(i)
+                strategy.on_experience_start(info)
+                data = strategy.training_data(info, scenario.train_sets[i])
+                for p_index, phase in enumerate(strategy.phases(info)):
+                    strategy.phase = phase
+                    loader = make_loader(
+                        data,
+                        run_cfg.batch_size,
+                        shuffle=True,
+                        seed=_loader_seed(spec.seed, i, p_index),
+                        num_workers=run_cfg.num_workers,
+                    )
+                    trainer = make_trainer(
+                        run_cfg, phase.epochs or run_cfg.epochs, [*profiling, *callbacks, *log_callbacks], info, phase,
+                        loggers=[*([wandb_logger] if wandb_logger is not None else []), *loggers],
+                    )
+                    _fit(trainer, strategy, loader)
+                strategy.phase = Phase()
+                strategy.on_experience_end(info, scenario.train_sets[i])
+                row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
+                result.accuracy_matrix.append(row)
+                result.edge["per_experience"].append(profiler.end_experience(strategy))
+                if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
+                    checkpoint.save(ckpt_dir, strategy, result, i + 1)
+                if on_experience is not None:
+                    on_experience(i, result, strategy)
         result.status = "completed"
     except TrainingDivergedError as e:
         result.status, result.error = "failed", str(e)
@@ -225,6 +230,35 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     if result.status == "completed":
         checkpoint.remove(ckpt_dir)
     return result
+
+
+@contextlib.contextmanager
+def _entry_points_scanned_once():
+    """Every Lightning Trainer scans all installed distributions for callback entry points
+    (about 4 ms, most of a Trainer's construction, paid once per experience and phase); the
+    installed set does not change during a run, so one scan serves all of its Trainers."""
+    try:
+        from lightning_fabric.utilities import registry
+    except ImportError:  # a Lightning without this module: nothing to speed up
+        yield
+        return
+    scan = getattr(registry, "entry_points", None)
+    if scan is None:
+        yield
+        return
+    found: dict[tuple, Any] = {}
+
+    def scanned_once(**selection):
+        key = tuple(sorted(selection.items()))
+        if key not in found:
+            found[key] = scan(**selection)
+        return found[key]
+
+    registry.entry_points = scanned_once
+    try:
+        yield
+    finally:
+        registry.entry_points = scan
 
 
 def _restore_or_reset(spec: RunSpec, ckpt_dir, strategy, scenario, result: RunResult, profiler) -> int:

@@ -322,8 +322,9 @@ class EdgeProfiler(pl.Callback):
         return out
 
 
-class NullProfiler(pl.Callback):
-    """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`)."""
+class NullProfiler:
+    """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`); not a Callback,
+    so Trainers do not even dispatch hooks to it."""
 
     def start_experience(self, index: int) -> None:
         pass

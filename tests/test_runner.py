@@ -148,3 +148,21 @@ def test_nothing_is_logged_without_a_logger(tmp_path, fast_config_for):
     watch = MetricsAtTrainEnd()
     run(RunSpec("er", "synthetic-2", run=fast_config_for(tmp_path), seed=0), callbacks=[watch])
     assert watch.seen and all(not names for names in watch.seen)
+
+
+def test_one_entry_point_scan_serves_every_trainer_of_a_run(monkeypatch, tmp_path, fast_config_for):
+    """Lightning scans installed distributions for callback factories in every Trainer; a run scans once."""
+    from lightning_fabric.utilities import registry
+
+    calls = []
+    real_scan = registry.entry_points
+
+    def counting_scan(**selection):
+        calls.append(selection)
+        return real_scan(**selection)
+
+    monkeypatch.setattr(registry, "entry_points", counting_scan)
+    spy = FitSpy()
+    run(RunSpec("naive", "synthetic-5", run=fast_config_for(tmp_path), seed=0), callbacks=[spy])
+    assert len(spy.fits) == 5 and len(calls) == 1  # five Trainers, one scan
+    assert registry.entry_points is counting_scan  # restored after the run
