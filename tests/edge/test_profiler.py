@@ -1,5 +1,6 @@
 """EdgeProfiler: it changes the report, never the result; its FLOPs cover the whole optimisation step."""
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,12 @@ class _MarkedSGD(torch.optim.SGD):
 
 
 class _TwoLayer(pl.LightningModule):
-    def __init__(self, blob_mib: int = 0):
+    def __init__(self, blob_mib: int = 0, manual: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
         self.blob_mib = blob_mib
         self.blob = None
+        self.automatic_optimization = not manual  # CLStrategy optimises manually
 
     def forward(self, x):
         return self.net(x)
@@ -37,7 +39,13 @@ class _TwoLayer(pl.LightningModule):
         x, y = batch
         if self.blob_mib:
             self.blob = torch.ones(self.blob_mib * 2**20 // 4)  # touched pages: really resident
-        return F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.blob = None
@@ -60,10 +68,11 @@ def _step_flops(batch=8):
     return 2 * first + 3 * second + MM_IN_STEP
 
 
-def test_window_covers_forward_backward_and_optimizer_step():
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_window_covers_forward_backward_and_optimizer_step(manual):
     prof = EdgeProfiler(flops="all")
     prof.start_experience(0)
-    _fit(_TwoLayer(), prof)
+    _fit(_TwoLayer(manual=manual), prof)
     rec = prof.end_experience(_TwoLayer())
     assert rec["steps"] == 5 and rec["samples"] == 40
     assert rec["flops_method"] == "exact" and rec["flops_counted_steps"] == 5
