@@ -184,7 +184,8 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
     if start == 0:
         result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
-    profiling = [profiler] if isinstance(profiler, pl.Callback) else []
+    trainer_callbacks = [*([profiler] if isinstance(profiler, pl.Callback) else []), *callbacks, *log_callbacks]
+    trainer_loggers = [*([wandb_logger] if wandb_logger is not None else []), *loggers]
     try:
         with _entry_points_scanned_once():
             for i in range(start, scenario.num_experiences):
@@ -192,21 +193,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 profiler.start_experience(i)
                 strategy.on_experience_start(info)
                 data = strategy.training_data(info, scenario.train_sets[i])
-                for p_index, phase in enumerate(strategy.phases(info)):
-                    strategy.phase = phase
-                    loader = make_loader(
-                        data,
-                        run_cfg.batch_size,
-                        shuffle=True,
-                        seed=_loader_seed(spec.seed, i, p_index),
-                        num_workers=run_cfg.num_workers,
-                    )
-                    trainer = make_trainer(
-                        run_cfg, phase.epochs or run_cfg.epochs, [*profiling, *callbacks, *log_callbacks], info, phase,
-                        loggers=[*([wandb_logger] if wandb_logger is not None else []), *loggers],
-                    )
-                    _fit(trainer, strategy, loader)
-                strategy.phase = Phase()
+                _train(strategy, info, data, run_cfg, spec.seed, trainer_callbacks, trainer_loggers)
                 strategy.on_experience_end(info, scenario.train_sets[i])
                 row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
                 result.accuracy_matrix.append(row)
@@ -230,6 +217,22 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     if result.status == "completed":
         checkpoint.remove(ckpt_dir)
     return result
+
+
+def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Sequence, loggers: Sequence) -> None:
+    """Every phase of one experience, each in a fresh Trainer (fresh optimiser, own loader seed)."""
+    for p_index, phase in enumerate(strategy.phases(info)):
+        strategy.phase = phase
+        loader = make_loader(
+            data,
+            run_cfg.batch_size,
+            shuffle=True,
+            seed=_loader_seed(seed, info.index, p_index),
+            num_workers=run_cfg.num_workers,
+        )
+        trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, callbacks, info, phase, loggers=loggers)
+        _fit(trainer, strategy, loader)
+    strategy.phase = Phase()
 
 
 @contextlib.contextmanager
