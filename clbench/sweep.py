@@ -87,18 +87,20 @@ def plan(
     return jobs
 
 
-def compatible_strategies(names: Sequence[str], scenario: str) -> tuple[list[str], dict[str, str]]:
+def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig | None = None
+                          ) -> tuple[list[str], dict[str, str]]:
     """(strategies defined for the scenario's images, {strategy: why not} for the others).
 
     A strategy declares the image channels it is defined for in `input_channels`; a
-    scenario whose data is absent is not filtered (its runs fail with the data error).
+    scenario whose data is absent (under `run.data_root`) is not filtered (its runs fail
+    with the data error).
     """
     from clbench.errors import DataNotFoundError
     from clbench.registry import STRATEGIES
     from clbench.runner import create_scenario
 
     try:
-        channels = create_scenario(scenario).input_shape[0]
+        channels = create_scenario(scenario, run).input_shape[0]
     except (DataNotFoundError, UsageError):
         return list(names), {}
     kept, skipped = [], {}
@@ -109,6 +111,18 @@ def compatible_strategies(names: Sequence[str], scenario: str) -> tuple[list[str
         else:
             kept.append(name)
     return kept, skipped
+
+
+def _defined_for_their_scenario(jobs: list[Job]) -> list[Job]:
+    """The jobs whose strategy is defined for their scenario's images; the others are printed as skipped."""
+    skipped: set[tuple[str, str]] = set()
+    for scenario in dict.fromkeys(job.spec.scenario for job in jobs):
+        mine = [job for job in jobs if job.spec.scenario == scenario]
+        names = list(dict.fromkeys(job.spec.strategy for job in mine))
+        for name, reason in compatible_strategies(names, scenario, mine[0].spec.run)[1].items():
+            print(f"skip  {name} on {scenario}: {reason}")
+            skipped.add((name, scenario))
+    return [job for job in jobs if (job.spec.strategy, job.spec.scenario) not in skipped]
 
 
 def _with_wandb(spec, project: str):
@@ -319,22 +333,18 @@ def cmd_sweep(args) -> int:
     for flag in ("epochs", "accelerator", "devices", "trainer_strategy", "precision", "backbone", "num_nodes"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
-    scenarios = split_list(args.scenarios, "scenarios")
-    if args.strategies == "all":  # every strategy defined for each scenario's input
-        grid = []
-        for scenario in scenarios:
-            kept, skipped = compatible_strategies(STRATEGIES.names(), scenario)
-            for name, reason in skipped.items():
-                print(f"skip  {name} on {scenario}: {reason}")
-            grid.append((kept, [scenario]))
-    else:
-        grid = [(split_list(args.strategies, "strategies"), scenarios)]
-    jobs = [
-        job
-        for strategies, scenarios_ in grid
-        for job in plan(strategies, scenarios_, parse_seeds(args.seeds), overrides=overrides,
-                        aux=parse_aux(args.aux), output_dir=args.output_dir, wandb=args.wandb)
-    ]
+    strategies = STRATEGIES.names() if args.strategies == "all" else split_list(args.strategies, "strategies")
+    jobs = plan(
+        strategies,
+        split_list(args.scenarios, "scenarios"),
+        parse_seeds(args.seeds),
+        overrides=overrides,
+        aux=parse_aux(args.aux),
+        output_dir=args.output_dir,
+        wandb=args.wandb,
+    )
+    if args.strategies == "all":  # the whole grid routes --set keys; then each scenario keeps its strategies
+        jobs = _defined_for_their_scenario(jobs)
     if args.dry_run:
         for job in jobs:
             print(f"{'skip' if job.existing else 'run '}  {job.name}")

@@ -55,6 +55,11 @@ def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, 
     assert "run   clfd on synthetic32-3 seed 0" in lines and "run   naive on synthetic-2 seed 0" in lines
     assert not any(line.startswith("run   clfd on synthetic-2") for line in lines)
 
+    # a key only the skipped strategies know is still valid for the grid as a whole
+    assert main(["sweep", "--strategies", "all", "--scenarios", "synthetic-2,synthetic32-3", "--seeds", "0",
+                 "--set", "kwta_ratio=0.5", "--dry-run", "--output-dir", str(tmp_path)]) == 0
+    assert "run   clfd on synthetic32-3 seed 0" in capsys.readouterr().out.splitlines()
+
 
 @pytest.mark.parametrize(
     "argv, message",
