@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     counted_steps: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as out:
         def spec(profile: bool) -> RunSpec:
-            cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False, output_dir=f"{out}/{int(profile)}", profile=profile,
-                              checkpoint=False)
+            cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False,
+                              output_dir=f"{out}/{int(profile)}", profile=profile, checkpoint=False)
             return RunSpec(args.strategy, args.scenario, run=cfg, seed=args.seed)
 
         timed(spec(False))  # warm-up: imports, dataset cache, first-call costs

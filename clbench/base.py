@@ -98,7 +98,7 @@ class CLStrategy(pl.LightningModule):
         self.step_output = out
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: zero the gradients, sum the loss terms, backward, step.
 
         Optimisation is manual (`automatic_optimization = False`): the order is the same as
@@ -106,15 +106,13 @@ class CLStrategy(pl.LightningModule):
         machinery, which cost about a tenth of a digits-5 step.
         """
         total = self.total_loss(batch, batch_idx)
-        if total is None:
-            return None
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(total)
         optimizer.step()
         return total.detach()
 
-    def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+    def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The method's named `step_losses` plus the add-ons' terms, checked finite and logged."""
         self.step_output = None
         if self.augment is not None and batch.x_raw is None:
@@ -134,14 +132,14 @@ class CLStrategy(pl.LightningModule):
                 f"loss term {name!r} is {value.item()} at experience {self.experience.index if self.experience else '?'}, "
                 f"step {self.global_step} (phase {self.phase.name!r})"
             )
-        if self._log_this_step(batch_idx):
+        if self._has_logger():
             n = len(batch)
             for name, value in terms.items():
                 self.log(f"train/{name}", value.detach(), batch_size=n, on_step=True, on_epoch=False)
             self.log("train/loss", total.detach(), batch_size=n, on_step=True, on_epoch=False)
         return total
 
-    def _log_this_step(self, batch_idx: int) -> bool:
+    def _has_logger(self) -> bool:
         # the terms are for loggers; without one, `self.log` (about 1 ms a call, a third of
         # a digits step, plus a teardown per fit) would buy nothing
         trainer = self._trainer

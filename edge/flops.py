@@ -164,6 +164,7 @@ class _TracingFlopCounter(FlopCounterMode):
         self.profile = StepProfile()
 
     def _count_flops(self, func_packet, out, args, kwargs):
+        # the parent's bookkeeping, done here so each formula is evaluated once for both records
         formula = self.flop_registry.get(func_packet)
         flops = 0
         if formula is not None:

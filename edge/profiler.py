@@ -2,8 +2,9 @@
 
 Per experience: training FLOPs (every op between `on_train_batch_start` and
 `on_train_batch_end`, which spans `CLStrategy.training_step`: the forward passes,
-replay and teacher passes, auxiliary losses, backward and the optimizer step), inference FLOPs per sample, parameter counts, peak memory, wall
-time, samples/s, and the Jetson training time (estimated, or measured on a Jetson).
+replay and teacher passes, auxiliary losses, backward and the optimizer step),
+inference FLOPs per sample, parameter counts, peak memory, wall time, samples/s, and
+the Jetson training time (estimated, or measured on a Jetson).
 
 FLOPs are counted on a few steps per step shape: a shape (phase, input batch shape)
 is counted until two consecutive counted steps agree, then its remaining steps are

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy
 from clbench.buffers import make_buffer
 from clbench.errors import UsageError
 from clbench.registry import STRATEGIES, register_strategy
