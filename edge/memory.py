@@ -1,17 +1,25 @@
-"""Peak memory per experience: the CUDA allocator's peak, or a sampled process RSS high-water mark.
+"""Peak memory per experience: the CUDA allocator's peak, or the process RSS high-water mark.
 
 `tracemalloc` never sees tensor storage and `ru_maxrss` is a lifetime maximum that
-cannot be reset, so on CPU a background thread samples the resident set size every
-`interval_s` (and the profiler adds synchronous samples at batch ends, so a peak
-that lives for one step is not missed).
+cannot be reset. On Linux the kernel keeps a per-process RSS high-water mark (VmHWM)
+that writing "5" to /proc/self/clear_refs resets (Linux >= 4.0): it sees every peak
+exactly and costs nothing while training. Where that file cannot be written
+(other systems, locked-down containers) a background thread samples the resident set
+size every `interval_s` and the profiler adds samples at batch ends, so a peak that
+lives for one step is not missed. `RssPeak.method` says which one measured.
+Resetting VmHWM also lowers what `getrusage().ru_maxrss` reports for this process.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import torch
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
 
 
 def current_rss_bytes() -> int:
@@ -25,11 +33,33 @@ def current_rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
-class RssPeak:
-    """Peak RSS above a baseline, sampled by a daemon thread while running."""
+def kernel_peak_rss_bytes() -> int | None:
+    """The kernel's RSS high-water mark (VmHWM) of this process, or None where there is none."""
+    try:
+        with open(_STATUS, "rb") as f:
+            match = re.search(rb"VmHWM:\s+(\d+) kB", f.read())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
 
-    def __init__(self, interval_s: float = 0.01):
+
+def reset_kernel_peak_rss() -> bool:
+    """Lower VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return kernel_peak_rss_bytes() is not None
+
+
+class RssPeak:
+    """Peak RSS above a baseline: the kernel's resettable high-water mark, or a sampling thread."""
+
+    def __init__(self, interval_s: float = 0.01, use_kernel_peak: bool = True):
         self.interval_s = interval_s
+        self.use_kernel_peak = use_kernel_peak
+        self.method = "vmhwm" if use_kernel_peak else "sampled"
         self.baseline = 0
         self.peak = 0
         self._stop = threading.Event()
@@ -37,16 +67,22 @@ class RssPeak:
 
     def reset(self) -> None:
         """New baseline (the RSS just before the experience) and a cleared peak."""
+        if self.use_kernel_peak and not reset_kernel_peak_rss():
+            self.use_kernel_peak, self.method = False, "sampled"
         self.baseline = current_rss_bytes()
         self.peak = self.baseline
 
+    @property
+    def needs_samples(self) -> bool:
+        return not self.use_kernel_peak
+
     def sample(self) -> None:
-        rss = current_rss_bytes()
-        if rss > self.peak:
+        rss = kernel_peak_rss_bytes() if self.use_kernel_peak else current_rss_bytes()
+        if rss is not None and rss > self.peak:
             self.peak = rss
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None or self.use_kernel_peak:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="clbench-rss", daemon=True)
@@ -57,11 +93,10 @@ class RssPeak:
             self.sample()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
         self.sample()
 
     @property

@@ -74,7 +74,8 @@ class EdgeProfiler(pl.Callback):
         self._current: dict[str, Any] | None = None
         self._shapes: dict[tuple, _Shape] = {}
         self._run_steps: list[tuple[StepProfile, int]] = []
-        self._counter: Counter | None = None
+        self._counter: Counter | None = None  # the one counting now
+        self._step_counter: Counter | None = None  # reused: building a FlopCounterMode has a cost
         self._counter_shape: _Shape | None = None
         self._rss = memory.RssPeak(rss_interval_s)
         self._sample_input: tuple | None = None
@@ -175,7 +176,9 @@ class EdgeProfiler(pl.Callback):
         if count:
             self._counter_shape = shape
             self._count_t0 = time.perf_counter()
-            self._counter = Counter(trace=True).start()
+            if self._step_counter is None:
+                self._step_counter = Counter(trace=True)
+            self._counter = self._step_counter.start()
         elif self._cuda and self._fit_steps >= WARMUP_STEPS:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -195,7 +198,7 @@ class EdgeProfiler(pl.Callback):
         self._fit_steps += 1
         self._current["samples"] += _batch_len(batch)
         self._current["steps"] += 1
-        if not self._cuda:
+        if not self._cuda and self._rss.needs_samples:
             self._rss.sample()  # a peak that lives for one step is seen even between thread samples
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -247,6 +250,7 @@ class EdgeProfiler(pl.Callback):
         else:
             rec["peak_rss_bytes"] = self._rss.peak_above_baseline
             rec["peak_memory_bytes"], rec["peak_memory_kind"] = rec["peak_rss_bytes"], "cpu_rss"
+            rec["peak_rss_method"] = self._rss.method
         times = rec.pop("_step_times", None)
         if times:
             t = torch.tensor(times)

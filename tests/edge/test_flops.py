@@ -142,3 +142,53 @@ def test_cifar_resnet18_forward_and_training_step_reference_values():
     step = measure_flops(lambda: F.cross_entropy(model(x), y).backward())
     assert step == pytest.approx(213.06e9, rel=1e-4)
     assert 2.99 < step / (64 * fwd) < 3.0  # the first conv needs no input gradient
+
+
+def _mlp_sgd_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # foreach ops on tensor lists
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    step()  # momentum buffers exist from here on, as in every later step
+    return step
+
+
+def _cnn_step():
+    model = _small_cnn()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    return lambda: F.cross_entropy(model(x), y).backward()
+
+
+def _attention_and_fft_step():
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    return lambda: (mha(x, x, x, need_weights=False)[0].sum() + torch.fft.rfft(x).abs().sum()).backward()
+
+
+@pytest.mark.parametrize("make_step", [_mlp_sgd_step, _cnn_step, _attention_and_fft_step])
+def test_lean_dispatch_counts_and_traces_exactly_what_torchs_own_path_does(make_step):
+    runs = {}
+    for lean in (True, False):
+        torch.manual_seed(0)
+        step = make_step()  # fresh state: a second backward would add gradient-accumulation ops
+        counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS), lean=lean)
+        with counter:
+            step()
+        runs[lean] = (counter.get_total_flops(), counter.get_flop_counts()["Global"], counter.profile.ops)
+    assert runs[True][0] > 0
+    assert runs[True] == runs[False]
+
+
+def test_a_reused_counter_starts_every_count_afresh():
+    lin, x = nn.Linear(512, 10), torch.randn(8, 512)
+    counter = Counter(trace=True)
+    for _ in range(2):
+        counter.start()
+        lin(x)
+        counter.stop()
+        assert counter.total == counter.profile.flops == fl.linear_flops(8, 512, 10)

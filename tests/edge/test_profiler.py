@@ -106,7 +106,8 @@ def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
     _fit(_TwoLayer(), prof, n=16)
     second = prof.end_experience(_TwoLayer())
     assert first["peak_memory_kind"] == "cpu_rss"
-    assert first["peak_rss_bytes"] >= 96 * 2**20
+    assert first["peak_rss_bytes"] >= 90 * 2**20  # other memory may be released meanwhile
+    assert first["peak_rss_method"] in ("vmhwm", "sampled")
     assert second["peak_rss_bytes"] < 48 * 2**20
 
 
