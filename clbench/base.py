@@ -9,6 +9,7 @@ The runner calls, per experience: `on_experience_start` -> `training_data` -> on
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, ClassVar, Sequence
 
 import pytorch_lightning as pl
@@ -35,6 +36,11 @@ class CLStrategy(pl.LightningModule):
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
 
+    # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
+    # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's
+    # registration checks (a few percent of a digits-5 step) are skipped for them
+    _PLAIN_ATTRIBUTES: ClassVar[frozenset[str]] = frozenset({"_current_fx_name", "step_output"})
+
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
         self.cfg = cfg if cfg is not None else self.Config()
@@ -51,6 +57,12 @@ class CLStrategy(pl.LightningModule):
         self.automatic_optimization = False  # see `training_step`
         for a in self.aux:
             a.setup(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ----------------------------------------------------------- model
     def make_head(self, in_features: int) -> nn.Module:
@@ -126,7 +138,7 @@ class CLStrategy(pl.LightningModule):
                     terms[f"aux/{a.name}"] = a.weight * term
         values = list(terms.values())
         total = values[0] if len(values) == 1 else torch.stack(values).sum()
-        if not torch.isfinite(total).all():  # one check per step; name the culprit only on failure
+        if not math.isfinite(total.item()):  # one check per step; name the culprit only on failure
             name, value = next(((n, v) for n, v in terms.items() if not torch.isfinite(v).all()), ("total", total))
             raise TrainingDivergedError(
                 f"loss term {name!r} is {value.item()} at experience {self.experience.index if self.experience else '?'}, "

@@ -6,11 +6,15 @@ replay and teacher passes, auxiliary losses, backward and the optimizer step),
 inference FLOPs per sample, parameter counts, peak memory, wall time, samples/s, and
 the Jetson training time (estimated, or measured on a Jetson).
 
-FLOPs are counted on a few steps per step shape: a shape (phase, input batch shape)
+FLOPs are counted on a few steps per step shape (phase, input batch shape): a shape
 is counted until two consecutive counted steps agree, then its remaining steps are
-extrapolated with that value. `flops_method` says what happened: "exact" (every
-step counted), "sampled" (extrapolated from stable shapes) or "sampled-mean"
-(a shape never stabilised within `max_counted_per_shape`; its mean was used).
+extrapolated with that value. Once one shape of a phase has agreed with itself, the
+phase's step cost is known not to vary from step to step within the experience, so
+its other shapes (in practice the shorter last batch of an epoch) are counted once.
+`flops_method` says what happened: "exact" (every step counted), "sampled"
+(extrapolated from confirmed shapes) or "sampled-mean" (a shape never agreed with
+itself within `max_counted_per_shape`; its mean was used); each shape's `basis`
+says how its count was confirmed.
 """
 
 from __future__ import annotations
@@ -35,10 +39,25 @@ class _Shape:
     steps: int = 0
     counted: list[int] = field(default_factory=list)
     profile: StepProfile | None = None
+    phase_stable: bool = False  # its first count came after another shape of its phase agreed with itself
+
+    @property
+    def agreed(self) -> bool:
+        return len(self.counted) >= 2 and self.counted[-1] == self.counted[-2]
 
     @property
     def stable(self) -> bool:
-        return len(self.counted) >= 2 and self.counted[-1] == self.counted[-2]
+        return self.agreed or (self.phase_stable and len(self.counted) == 1)
+
+    @property
+    def basis(self) -> str:
+        if len(self.counted) == self.steps:
+            return "every step counted"
+        if self.agreed:
+            return "two consecutive equal counts"
+        if self.stable:
+            return "one count; another shape of its phase agreed with itself"
+        return f"mean of {len(self.counted)} unequal counts"
 
     @property
     def per_step(self) -> float:
@@ -73,6 +92,7 @@ class EdgeProfiler(pl.Callback):
         self.records: list[dict[str, Any]] = []
         self._current: dict[str, Any] | None = None
         self._shapes: dict[tuple, _Shape] = {}
+        self._stable_phases: set[str] = set()
         self._run_steps: list[tuple[StepProfile, int]] = []
         self._counter: Counter | None = None  # the one counting now
         self._step_counter: Counter | None = None  # reused: building a FlopCounterMode has a cost
@@ -90,6 +110,7 @@ class EdgeProfiler(pl.Callback):
         self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
                          "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
         self._shapes = {}
+        self._stable_phases = set()
         self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if self._cuda:
             memory.cuda_reset()
@@ -174,7 +195,9 @@ class EdgeProfiler(pl.Callback):
         count = self.flops_mode == "all" or (
             self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
         if count:
-            self._counter_shape = shape
+            if not shape.counted:
+                shape.phase_stable = phase in self._stable_phases
+            self._counter_shape, self._counter_phase = shape, phase
             self._count_t0 = time.perf_counter()
             if self._step_counter is None:
                 self._step_counter = Counter(trace=True)
@@ -189,6 +212,8 @@ class EdgeProfiler(pl.Callback):
             self._counter.stop()
             self._counter_shape.counted.append(self._counter.total)
             self._counter_shape.profile = self._counter.profile
+            if self._counter_shape.agreed:
+                self._stable_phases.add(self._counter_phase)
             self._counter = None
             self._current["flop_count_time_s"] += time.perf_counter() - self._count_t0
         elif self._events and self._events[-1][1] is None:
@@ -236,7 +261,7 @@ class EdgeProfiler(pl.Callback):
             rec["flops_method"] = "sampled" if all(s.stable or len(s.counted) == s.steps for s in shapes.values()) else "sampled-mean"
         rec["flops_step_shapes"] = [
             {"phase": k[0], "input_shape": list(k[1]), "steps": s.steps, "counted": len(s.counted),
-             "flops_step": int(round(s.per_step)), "stable": s.stable}
+             "flops_step": int(round(s.per_step)), "stable": s.stable, "basis": s.basis}
             for k, s in shapes.items()
         ]
         planned = rec.get("planned_steps", 0)

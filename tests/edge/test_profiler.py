@@ -54,10 +54,10 @@ class _TwoLayer(pl.LightningModule):
         return _MarkedSGD(self.parameters(), lr=0.1)
 
 
-def _fit(module, profiler, n=40, batch=8):
+def _fit(module, profiler, n=40, batch=8, epochs=1):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[profiler], enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[profiler], enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False)
     trainer.fit(module, DataLoader(data, batch_size=batch))
 
@@ -95,6 +95,39 @@ def test_sampling_counts_until_stable_and_scales_by_steps():
     shapes = {tuple(s["input_shape"]): s for s in rec["flops_step_shapes"]}
     assert shapes[(8, 6)]["steps"] == 10 and shapes[(8, 6)]["stable"]
     assert prof.totals()["train_flops_total"] == rec["train_flops_exp"]
+
+
+class _OddBatchesCostMore(_TwoLayer):
+    """A step whose cost varies with the batch index, not with the batch shape."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 2:
+            torch.ones(4, 4) @ torch.ones(4, 4)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_phase_that_agreed_with_itself_counts_its_other_shapes_once():
+    prof = EdgeProfiler()
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof, n=20, epochs=3)  # per epoch: 8, 8, then a last batch of 4
+    rec = prof.end_experience(_TwoLayer())
+    shapes = {s["input_shape"][0]: s for s in rec["flops_step_shapes"]}
+    assert (shapes[8]["steps"], shapes[8]["counted"], shapes[4]["steps"], shapes[4]["counted"]) == (6, 2, 3, 1)
+    assert shapes[4]["basis"].startswith("one count") and shapes[4]["stable"]
+    assert rec["flops_method"] == "sampled" and rec["flops_counted_steps"] == 3
+    assert rec["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4)
+
+
+def test_a_step_cost_that_varies_is_never_taken_as_stable():
+    prof = EdgeProfiler()
+    prof.start_experience(0)
+    _fit(_OddBatchesCostMore(), prof, n=20, epochs=3)  # per epoch: 8, 8 (one matmul more), 4
+    rec = prof.end_experience(_TwoLayer())
+    shapes = {s["input_shape"][0]: s for s in rec["flops_step_shapes"]}
+    assert not shapes[8]["stable"] and shapes[8]["counted"] == shapes[8]["steps"] == 6
+    # its phase never agreed with itself, so the last batch needs its own two equal counts
+    assert shapes[4]["counted"] == 2 and shapes[4]["basis"] == "two consecutive equal counts"
+    assert rec["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) + 3 * 2 * 4 * 4 * 4
 
 
 def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
