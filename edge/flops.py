@@ -283,14 +283,16 @@ def _formula_on_shapes(formula) -> Callable | None:
 
 def _shapes(obj):
     """`obj` with every tensor replaced by its shape (what torch's flop formulas take), for
-    the containers aten ops use: tuples (named too), lists and dicts."""
+    the containers aten ops use: tuples (named too), lists and dicts; like torch's pytree
+    map, other tuple subclasses (torch.Size) are leaves."""
     if isinstance(obj, torch.Tensor):
         return obj.shape
     if isinstance(obj, list):
         return [_shapes(o) for o in obj]
-    if isinstance(obj, tuple):
-        mapped = [_shapes(o) for o in obj]
-        return tuple(mapped) if type(obj) is tuple else type(obj)(*mapped)
+    if type(obj) is tuple:
+        return tuple(_shapes(o) for o in obj)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):  # a namedtuple
+        return type(obj)(*(_shapes(o) for o in obj))
     if isinstance(obj, dict):
         return {k: _shapes(v) for k, v in obj.items()}
     return obj

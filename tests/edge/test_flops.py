@@ -192,3 +192,16 @@ def test_a_reused_counter_starts_every_count_afresh():
         lin(x)
         counter.stop()
         assert counter.total == counter.profile.flops == fl.linear_flops(8, 512, 10)
+
+
+def test_shape_mapper_maps_like_torchs_pytree_map():
+    from collections import namedtuple
+
+    from torch.utils._pytree import tree_map
+
+    pair = namedtuple("pair", "a b")
+    t = torch.zeros(2, 3)
+    value = (t, [t, 4, (t,)], {"k": t}, pair(t, 1.5), torch.Size([5, 6]), None, "s")
+    expected = tree_map(lambda v: v.shape if isinstance(v, torch.Tensor) else v, value)
+    assert fl._shapes(value) == expected
+    assert type(fl._shapes(value)[3]) is pair
