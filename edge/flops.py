@@ -159,11 +159,12 @@ class _TracingFlopCounter(FlopCounterMode):
     Bytes are input + output tensor sizes, an upper bound because fusion is ignored;
     view ops move nothing and are skipped.
 
-    Four things make its overhead per step about a quarter of the plain mode's (the profiler
+    Five things make its overhead per step a fraction of the plain mode's (the profiler
     runs it inline, so its cost is training time): one dispatch mode records both the count
     and the trace; ops without a CompositeImplicitAutograd kernel skip torch's decomposition
     attempt, which could only return NotImplemented for them (every other op still takes
-    torch's own path); torch's shape-taking formulas get the shapes from a small mapper
+    torch's own path); how each op is handled (its path, formula and trace facts) is looked
+    up once per counter; torch's shape-taking formulas get the shapes from a small mapper
     instead of a generic pytree map; and no per-module tracker is installed, because only
     the global totals are read. Counts and traces are tested identical to torch's own path.
     """
@@ -172,6 +173,7 @@ class _TracingFlopCounter(FlopCounterMode):
         super().__init__(display=False, custom_mapping=custom_mapping)
         self.profile = StepProfile()
         self._lean = lean
+        self._direct: dict[int, tuple] = {}
         if lean:
             self.mod_tracker = _GlobalOnly()
 
@@ -201,23 +203,38 @@ class _TracingFlopCounter(FlopCounterMode):
             nbytes, dtype = _tensor_bytes(args, 0, None)
             if kwargs:
                 nbytes, dtype = _tensor_bytes(kwargs.values(), nbytes, dtype)
-            nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
+            if isinstance(out, torch.Tensor):
+                nbytes += out.nbytes
+                if dtype is None and out.is_floating_point():
+                    dtype = _dtype_name(out.dtype)
+            else:
+                nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
             self.profile.ops[(name, kind, dtype or "none", flops, nbytes)] += 1
 
-    def _count_direct(self, func, args, kwargs):
-        """What `_count_flops` does for an op `_runs_directly` admits, with its facts looked up once."""
-        out = func(*args, **kwargs)
-        packet, facts = _DIRECT[func]
+    def _direct_entry(self, func) -> tuple:
+        """How this counter handles `func`, looked up once per op: (op, packet, facts, formula,
+        formula on shapes, runs directly). The op itself is kept so its id stays unique."""
+        packet = func._overloadpacket
         formula = self.flop_registry.get(packet)
+        on_shapes = _formula_on_shapes(formula) if formula is not None else None
+        entry = (func, packet, _op_facts(packet), formula, on_shapes, _runs_directly(func))
+        self._direct[id(func)] = entry
+        return entry
+
+    def _count_direct(self, entry: tuple, args, kwargs):
+        """What `_count_flops` does for an op `_runs_directly` admits, with its facts looked up once."""
+        func, packet, facts, formula, on_shapes, _ = entry
+        out = func(*args, **kwargs) if kwargs else func(*args)
         flops = 0
         if formula is not None:
-            on_shapes = _formula_on_shapes(formula)
+            kwargs = kwargs or {}
             if on_shapes is not None:  # torch's shape_wrapper, with a cheaper tensor -> shape map
                 flops = int(on_shapes(*_shapes(args), out_shape=_shapes(out), **_shapes(kwargs)))
             else:
                 flops = int(formula(*args, **kwargs, out_val=out))
             self.flop_counts["Global"][packet] += flops
-        self._trace(facts, flops, out, args, kwargs)
+        if facts[2]:
+            self._trace(facts, flops, out, args, kwargs)
         return out
 
 
@@ -235,29 +252,20 @@ class _GlobalOnly:
 
 class _LeanDispatch(_FlopCounterMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _DIRECT or _runs_directly(func):
-            return self.counter._count_direct(func, args, kwargs if kwargs else {})
+        # keyed by id: an op's own __hash__ is Python code, and this runs for every op of a step
+        counter = self.counter
+        entry = counter._direct.get(id(func)) or counter._direct_entry(func)
+        if entry[5]:
+            return counter._count_direct(entry, args, kwargs)
         return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-_DIRECT: dict[Any, tuple] = {}  # op -> (packet, facts) for ops that run directly
-_NOT_DIRECT: set = set()
 
 
 def _runs_directly(func) -> bool:
     """True for an op torch's flop-counting dispatch would simply execute and count: a plain
     OpOverload with no CompositeImplicitAutograd kernel (its decompose() returns NotImplemented)."""
-    if func in _DIRECT:
-        return True
-    if func in _NOT_DIRECT:
-        return False
     cia = torch._C.DispatchKey.CompositeImplicitAutograd
-    if (isinstance(func, torch._ops.OpOverload) and cia not in func.py_kernels
-            and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), cia) and func not in _TORCH_SKIPPED):
-        _DIRECT[func] = (func._overloadpacket, _op_facts(func._overloadpacket))
-        return True
-    _NOT_DIRECT.add(func)
-    return False
+    return (isinstance(func, torch._ops.OpOverload) and cia not in func.py_kernels
+            and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), cia) and func not in _TORCH_SKIPPED)
 
 
 # ops torch's dispatch hands back (NotImplemented) or treats specially; they take its path
@@ -303,7 +311,7 @@ def _tensor_bytes(items, nbytes: int, dtype: str | None) -> tuple[int, str | Non
     floating dtype seen names the op's precision."""
     for t in items:
         if isinstance(t, torch.Tensor):
-            nbytes += t.numel() * t.element_size()
+            nbytes += t.nbytes
             if dtype is None and t.is_floating_point():
                 dtype = _dtype_name(t.dtype)
         elif isinstance(t, (list, tuple)):

@@ -19,6 +19,7 @@ says how its count was confirmed.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 
 from clbench.edge import memory
-from clbench.edge.flops import CONVENTION, Counter, StepProfile, measure_flops, torch_behaviour
+from clbench.edge.flops import CONVENTION, Counter, StepProfile, torch_behaviour
 
 WARMUP_STEPS = 20  # CUDA-event step timings start after this many steps of a fit
 
@@ -95,7 +96,7 @@ class EdgeProfiler(pl.Callback):
         self._stable_phases: set[str] = set()
         self._run_steps: list[tuple[StepProfile, int]] = []
         self._counter: Counter | None = None  # the one counting now
-        self._step_counter: Counter | None = None  # reused: building a FlopCounterMode has a cost
+        self._step_counter: Counter | None = None
         self._counter_shape: _Shape | None = None
         self._rss = memory.RssPeak(rss_interval_s)
         self._sample_input: tuple | None = None
@@ -199,9 +200,7 @@ class EdgeProfiler(pl.Callback):
                 shape.phase_stable = phase in self._stable_phases
             self._counter_shape, self._counter_phase = shape, phase
             self._count_t0 = time.perf_counter()
-            if self._step_counter is None:
-                self._step_counter = Counter(trace=True)
-            self._counter = self._step_counter.start()
+            self._counter = self._counter_for_steps().start()
         elif self._cuda and self._fit_steps >= WARMUP_STEPS:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -240,6 +239,11 @@ class EdgeProfiler(pl.Callback):
         self._rss.stop()
 
     # ------------------------------------------------------------------ record parts
+    def _counter_for_steps(self) -> Counter:
+        if self._step_counter is None:  # one per run: building a FlopCounterMode has a cost
+            self._step_counter = Counter(trace=True)
+        return self._step_counter
+
     def _stop_counter(self) -> None:
         if self._counter is not None:
             self._counter.stop()
@@ -301,9 +305,15 @@ class EdgeProfiler(pl.Callback):
         predict = getattr(strategy, "predict_logits", strategy)
         was_training = strategy.training
         strategy.eval()
+        counter = self._counter_for_steps()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                return measure_flops(lambda: predict(x))
+                counter.start()
+                try:
+                    predict(x)
+                finally:
+                    counter.stop()
+            return counter.total
         finally:
             strategy.train(was_training)
 
@@ -389,6 +399,11 @@ def _batch_len(batch) -> int:
 def _host_name() -> str:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.get_device_name(0)
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
     import platform
 
     return f"cpu:{platform.processor() or platform.machine()}"
