@@ -6,7 +6,9 @@ Runs alternate (without, with, without, with, ...) so drifting machine load hits
 sides; the ratios of the medians and of the fastest runs are printed, and the accuracy
 matrices are compared.  FLOP counting costs a few counted steps per step shape and
 experience, so its share shrinks with steps per experience: compare `--epochs 5` with
-`--epochs 50`.
+`--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
+(counting overhead removed) against the fit time of the unprofiled runs, timed by a
+callback both kinds of run carry.
 """
 
 from __future__ import annotations
@@ -16,19 +18,39 @@ import statistics
 import tempfile
 import time
 
+import pytorch_lightning as pl
+
 from clbench import config as C
 from clbench.runner import RunSpec, quiet_lightning, run
 
 
-def timed(spec: RunSpec) -> tuple[float, float, list, float, int]:
+class FitTimer(pl.Callback):
+    """Wall time of every fit of a run (both kinds of run carry it, so it costs both the same)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        self.seconds += time.perf_counter() - self._t0
+
+
+def timed(spec: RunSpec) -> tuple[float, float, list, dict]:
     """Wall seconds, process CPU seconds (less sensitive to other jobs on a shared machine), accuracy
-    matrix, seconds spent in FLOP-counted steps, and how many steps were counted."""
+    matrix, and the training-time figures: fit time, the profiler's `train_time_s`, its raw
+    value, and the time spent in FLOP-counted steps and their number."""
+    fits = FitTimer()
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run(spec)
+    result = run(spec, callbacks=[fits])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    totals = result.edge.get("totals", {})
     records = result.edge.get("per_experience", [])
-    counting = sum(r.get("flop_count_time_s", 0.0) for r in records)
-    counted = sum(r.get("flops_counted_steps", 0) for r in records)
-    return time.perf_counter() - t0, time.process_time() - c0, result.accuracy_matrix, counting, counted
+    times = {"fit": fits.seconds, "reported": totals.get("train_time_s"), "raw": totals.get("train_time_raw_s"),
+             "counting": sum(r.get("flop_count_time_s", 0.0) for r in records),
+             "counted": sum(r.get("flops_counted_steps", 0) for r in records)}
+    return wall, cpu, result.accuracy_matrix, times
 
 
 def main(argv=None) -> int:
@@ -44,7 +66,7 @@ def main(argv=None) -> int:
     times = {True: [], False: []}
     cpu = {True: [], False: []}
     matrices = {}
-    counted_steps: list[tuple[float, int]] = []
+    fit_times: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as out:
         def spec(profile: bool) -> RunSpec:
             cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False,
@@ -54,9 +76,8 @@ def main(argv=None) -> int:
         timed(spec(False))  # warm-up: imports, dataset cache, first-call costs
         for _ in range(args.repeats):
             for profile in (False, True):
-                t, c, matrices[profile], counting, counted = timed(spec(profile))
-                if profile:
-                    counted_steps.append((counting, counted))
+                t, c, matrices[profile], fit = timed(spec(profile))
+                fit_times[profile].append(fit)
                 times[profile].append(t)
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
@@ -67,8 +88,15 @@ def main(argv=None) -> int:
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "
           f"{statistics.median(cpu[True]) / statistics.median(cpu[False]):.3f}x process CPU time; "
           f"{min(times[True]) / min(times[False]):.3f}x fastest runs (other load only adds time)")
-    counting, counted = min(counted_steps)
+    on_fits = fit_times[True]
+    counted = on_fits[0]["counted"]
+    counting = statistics.median(f["counting"] for f in on_fits)
     print(f"  FLOP-counted steps: {counted} per run, {counting:.2f} s inside them (their own compute included)")
+    unprofiled_fit = statistics.median(f["fit"] for f in fit_times[False])
+    reported = statistics.median(f["reported"] for f in on_fits)
+    raw = statistics.median(f["raw"] for f in on_fits)
+    print(f"  reported training time: train_time_s {reported:.3f} s, {reported / unprofiled_fit:.3f}x the unprofiled "
+          f"fit time {unprofiled_fit:.3f} s (with counting left in: {raw / unprofiled_fit:.3f}x)")
     print(f"  identical accuracy matrix: {matrices[True] == matrices[False]}")
     return 0
 

@@ -15,6 +15,12 @@ its other shapes (in practice the shorter last batch of an epoch) are counted on
 (extrapolated from confirmed shapes) or "sampled-mean" (a shape never agreed with
 itself within `max_counted_per_shape`; its mean was used); each shape's `basis`
 says how its count was confirmed.
+
+Counting slows the counted steps down (torch dispatches every op through Python), so
+`train_time_s` leaves that out: each counted step is timed as the mean uncounted step
+of its shape, and what was removed is `flop_count_overhead_time_s` (the measured fit
+time is `train_time_raw_s`). A shape whose every step was counted (`flops="all"`) keeps
+its measured time.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class _Shape:
     counted: list[int] = field(default_factory=list)
     profile: StepProfile | None = None
     phase_stable: bool = False  # its first count came after another shape of its phase agreed with itself
+    counted_time: float = 0.0  # wall seconds of its counted steps
+    plain_time: float = 0.0  # wall seconds of its other steps
 
     @property
     def agreed(self) -> bool:
@@ -70,6 +78,14 @@ class _Shape:
     def total(self) -> int:
         return int(round(sum(self.counted) + (self.steps - len(self.counted)) * self.per_step))
 
+    @property
+    def counting_overhead(self) -> float:
+        """Extra seconds its counted steps took over the mean of its uncounted ones (0 when all were counted)."""
+        plain_steps = self.steps - len(self.counted)
+        if not self.counted or plain_steps <= 0:
+            return 0.0
+        return max(self.counted_time - len(self.counted) * self.plain_time / plain_steps, 0.0)
+
 
 class EdgeProfiler(pl.Callback):
     """Cost records per experience; the runner brackets experiences with
@@ -97,7 +113,7 @@ class EdgeProfiler(pl.Callback):
         self._run_steps: list[tuple[StepProfile, int]] = []
         self._counter: Counter | None = None  # the one counting now
         self._step_counter: Counter | None = None
-        self._counter_shape: _Shape | None = None
+        self._step_shape: _Shape | None = None
         self._rss = memory.RssPeak(rss_interval_s)
         self._sample_input: tuple | None = None
         self._precision = "32-true"
@@ -122,6 +138,7 @@ class EdgeProfiler(pl.Callback):
         rec = self._current if self._current is not None else {"experience": len(self.records)}
         self._stop_counter()
         rec["train_time_e2e_s"] = time.perf_counter() - rec.pop("_t0", time.perf_counter())
+        self._remove_counting_time(rec)
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
         rec["train_time_source"] = f"measured:{_host_name()}"
         rec.setdefault("trainable_params", sum(p.numel() for p in strategy.parameters() if p.requires_grad))
@@ -143,6 +160,8 @@ class EdgeProfiler(pl.Callback):
         recs = self.records
         out: dict[str, Any] = {
             "train_time_s": sum(r["train_time_s"] for r in recs),
+            "train_time_raw_s": sum(r.get("train_time_raw_s", r["train_time_s"]) for r in recs),
+            "flop_count_overhead_time_s": sum(r.get("flop_count_overhead_time_s", 0.0) for r in recs),
             "train_time_e2e_s": sum(r.get("train_time_e2e_s", 0.0) for r in recs),
             "train_time_source": f"measured:{_host_name()}",
             "samples": sum(r["samples"] for r in recs),
@@ -195,11 +214,12 @@ class EdgeProfiler(pl.Callback):
         shape.steps += 1
         count = self.flops_mode == "all" or (
             self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
+        self._step_shape = shape
+        self._step_t0 = time.perf_counter()
         if count:
             if not shape.counted:
                 shape.phase_stable = phase in self._stable_phases
-            self._counter_shape, self._counter_phase = shape, phase
-            self._count_t0 = time.perf_counter()
+            self._counter_phase = phase
             self._counter = self._counter_for_steps().start()
         elif self._cuda and self._fit_steps >= WARMUP_STEPS:
             start = torch.cuda.Event(enable_timing=True)
@@ -207,18 +227,23 @@ class EdgeProfiler(pl.Callback):
             self._events.append((start, None))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        shape = self._step_shape
         if self._counter is not None:
             self._counter.stop()
-            self._counter_shape.counted.append(self._counter.total)
-            self._counter_shape.profile = self._counter.profile
-            if self._counter_shape.agreed:
+            elapsed = time.perf_counter() - self._step_t0
+            shape.counted.append(self._counter.total)
+            shape.profile = self._counter.profile
+            shape.counted_time += elapsed
+            if shape.agreed:
                 self._stable_phases.add(self._counter_phase)
             self._counter = None
-            self._current["flop_count_time_s"] += time.perf_counter() - self._count_t0
-        elif self._events and self._events[-1][1] is None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events[-1] = (self._events[-1][0], end)
+            self._current["flop_count_time_s"] += elapsed
+        else:
+            shape.plain_time += time.perf_counter() - self._step_t0
+            if self._events and self._events[-1][1] is None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._events[-1] = (self._events[-1][0], end)
         self._fit_steps += 1
         self._current["samples"] += _batch_len(batch)
         self._current["steps"] += 1
@@ -239,6 +264,14 @@ class EdgeProfiler(pl.Callback):
         self._rss.stop()
 
     # ------------------------------------------------------------------ record parts
+    def _remove_counting_time(self, rec: dict[str, Any]) -> None:
+        """`train_time_s` without what FLOP counting added: each counted step is timed as the mean
+        uncounted step of its shape, so the reported time is what an unprofiled run takes."""
+        overhead = min(sum(s.counting_overhead for s in self._shapes.values()), rec.get("train_time_s", 0.0))
+        rec["train_time_raw_s"] = rec.get("train_time_s", 0.0)
+        rec["flop_count_overhead_time_s"] = overhead
+        rec["train_time_s"] = rec["train_time_raw_s"] - overhead
+
     def _counter_for_steps(self) -> Counter:
         if self._step_counter is None:  # one per run: building a FlopCounterMode has a cost
             self._step_counter = Counter(trace=True)

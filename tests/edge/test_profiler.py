@@ -130,6 +130,51 @@ def test_a_step_cost_that_varies_is_never_taken_as_stable():
     assert rec["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) + 3 * 2 * 4 * 4 * 4
 
 
+class _SlowCounter:
+    """Stands in for the FLOP counter: every counted step takes `delay` seconds longer."""
+
+    def __init__(self, delay):
+        import time
+
+        self.delay, self.sleep, self.total, self.profile = delay, time.sleep, 7, None
+
+    def start(self):
+        self.sleep(self.delay)
+        return self
+
+    def stop(self):
+        pass
+
+
+def test_reported_training_time_leaves_out_what_counting_added():
+    delay = 0.05
+    prof = EdgeProfiler()
+    prof._step_counter = _SlowCounter(delay)
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof, n=20, epochs=4)  # per epoch 8, 8, 4: two counts of 8 and one of 4
+    rec = prof.end_experience(_TwoLayer())
+    assert rec["flops_counted_steps"] == 3
+    # each counted step was `delay` slower than the uncounted steps of its shape (which take ~1 ms)
+    assert 3 * delay * 0.9 < rec["flop_count_overhead_time_s"] < 3 * delay + 0.05
+    assert rec["train_time_s"] == pytest.approx(rec["train_time_raw_s"] - rec["flop_count_overhead_time_s"])
+    assert rec["train_time_s"] < rec["train_time_raw_s"] - 3 * delay * 0.9
+    assert rec["samples_per_s"] == pytest.approx(rec["samples"] / rec["train_time_s"])
+    totals = prof.totals()
+    assert totals["train_time_s"] == pytest.approx(rec["train_time_s"])
+    assert totals["flop_count_overhead_time_s"] == pytest.approx(rec["flop_count_overhead_time_s"])
+
+
+def test_training_time_is_left_as_measured_when_every_step_is_counted():
+    prof = EdgeProfiler(flops="all")
+    prof._step_counter = _SlowCounter(0.01)
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof, n=20)
+    rec = prof.end_experience(_TwoLayer())
+    assert rec["flops_counted_steps"] == rec["steps"] == 3
+    assert rec["flop_count_overhead_time_s"] == 0.0  # no uncounted step to compare with
+    assert rec["train_time_s"] == rec["train_time_raw_s"] > 3 * 0.01
+
+
 def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
     prof = EdgeProfiler(flops="off")
     prof.start_experience(0)
