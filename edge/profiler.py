@@ -4,9 +4,13 @@ Per experience: training FLOPs (every op between `on_train_batch_start` and
 `on_train_batch_end`, which spans `CLStrategy.training_step`: the forward passes,
 replay and teacher passes, auxiliary losses, backward and the optimizer step),
 inference FLOPs per sample, parameter counts, peak memory, wall time, samples/s, and
-the Jetson training time (estimated, or measured on a Jetson).
+the Jetson training time (estimated, or measured on a Jetson). Lightning calls a
+module's own `on_train_batch_end` after the callbacks', so what a strategy does there
+(buffer insertion, EMA updates: elementwise, 0 FLOPs by the convention) is outside the
+window and missing from the op trace's bytes.
 
-FLOPs are counted on a few steps per step shape (phase, input batch shape): a shape
+FLOPs are counted on a few steps per step shape (phase, input batch shape, number of
+trainable parameters, so freezing part of the network mid-fit starts a new shape): a shape
 is counted until two consecutive counted steps agree, then its remaining steps are
 extrapolated with that value. Once one shape of a phase has agreed with itself, the
 phase's step cost is known not to vary from step to step within the experience, so
@@ -191,6 +195,7 @@ class EdgeProfiler(pl.Callback):
         if self._cuda:
             torch.cuda.synchronize()
         self._fit_steps = 0
+        self._trainable_numel = None
         self._events: list[tuple] = []
         self._rss.start()
         self._fit_t0 = time.perf_counter()
@@ -205,12 +210,20 @@ class EdgeProfiler(pl.Callback):
         epochs = getattr(phase, "epochs", None) or self.planned_epochs or trainer.max_epochs
         self._current["planned_steps"] += per_epoch * epochs
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._trainable_numel = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x = _batch_input(batch)
         if self._sample_input is None and x is not None:
             self._sample_input = (tuple(x.shape[1:]), x.dtype)
         phase = getattr(getattr(pl_module, "phase", None), "name", "")
-        shape = self._shapes.setdefault((phase, tuple(x.shape) if x is not None else ()), _Shape())
+        if self._trainable_numel is None:  # read here, after the module's own epoch-start hook may have (un)frozen parts
+            self._trainable_numel = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        key = (phase, tuple(x.shape) if x is not None else (), self._trainable_numel)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape()
         shape.steps += 1
         count = self.flops_mode == "all" or (
             self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
@@ -297,7 +310,7 @@ class EdgeProfiler(pl.Callback):
         else:
             rec["flops_method"] = "sampled" if all(s.stable or len(s.counted) == s.steps for s in shapes.values()) else "sampled-mean"
         rec["flops_step_shapes"] = [
-            {"phase": k[0], "input_shape": list(k[1]), "steps": s.steps, "counted": len(s.counted),
+            {"phase": k[0], "input_shape": list(k[1]), "trainable_params": k[2], "steps": s.steps, "counted": len(s.counted),
              "flops_step": int(round(s.per_step)), "stable": s.stable, "basis": s.basis}
             for k, s in shapes.items()
         ]

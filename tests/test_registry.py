@@ -186,6 +186,25 @@ def _build_or_skip(name: str, **kw):
                 raise
 
 
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_sampled_training_flops_equal_counting_every_step(name, tmp_path, fast_config_for):
+    """The profiler's default sampling (a few counted steps per step shape and experience)
+    gives exactly the FLOPs of counting every step, for every registered strategy."""
+    from clbench.edge.profiler import EdgeProfiler
+
+    cls = STRATEGIES.get(name)
+    records = {}
+    for mode in ("all", "sample"):
+        spec = RunSpec(strategy=name, scenario=cls.contract_scenario, seed=0, strategy_overrides=dict(cls.contract_overrides),
+                       run=fast_config_for(tmp_path / mode, epochs=2, limit_train_batches=3))
+        result = run(spec, profiler=EdgeProfiler(flops=mode))
+        assert result.status == "completed", result.error
+        records[mode] = result.edge["per_experience"]
+    assert [r["train_flops_exp"] for r in records["sample"]] == [r["train_flops_exp"] for r in records["all"]]
+    counted, steps = (sum(r[k] for r in records["sample"]) for k in ("flops_counted_steps", "steps"))
+    assert counted < steps, "sampling counted every step: nothing was extrapolated"
+
+
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_scenario_contract(name):
     s = _build_or_skip(name)

@@ -130,6 +130,29 @@ def test_a_step_cost_that_varies_is_never_taken_as_stable():
     assert rec["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) + 3 * 2 * 4 * 4 * 4
 
 
+class _FreezesFirstLayerInLastEpoch(_TwoLayer):
+    """Same batch shapes all along, but the last epoch computes no weight gradient for the first layer."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == self.trainer.max_epochs - 1:
+            self.net[0].requires_grad_(False)
+
+
+def test_freezing_mid_fit_starts_a_new_step_shape():
+    records = {}
+    for mode in ("all", "sample"):
+        prof = EdgeProfiler(flops=mode)
+        prof.start_experience(0)
+        _fit(_FreezesFirstLayerInLastEpoch(), prof, n=32, epochs=3)  # 4 steps of 8 per epoch
+        records[mode] = prof.end_experience(_TwoLayer())
+    # frozen first layer: no grad-weight matmul for it, and no grad-input for the second layer
+    frozen_step = _step_flops() - linear_flops(8, 6, 5) - linear_flops(8, 5, 3)
+    assert records["all"]["train_flops_exp"] == 8 * _step_flops() + 4 * frozen_step
+    assert records["sample"]["train_flops_exp"] == records["all"]["train_flops_exp"]
+    shapes = {s["trainable_params"]: s for s in records["sample"]["flops_step_shapes"]}
+    assert shapes[5 * 3 + 3]["steps"] == 4 and shapes[5 * 3 + 3]["counted"] == 1  # its phase had agreed already
+
+
 class _SlowCounter:
     """Stands in for the FLOP counter: every counted step takes `delay` seconds longer."""
 
