@@ -15,6 +15,11 @@ is counted until two consecutive counted steps agree, then its remaining steps a
 extrapolated with that value. Once one shape of a phase has agreed with itself, the
 phase's step cost is known not to vary from step to step within the experience, so
 its other shapes (in practice the shorter last batch of an epoch) are counted once.
+A phase whose step cost was constant from its first step on in the previous experience
+starts the next one that way too: each of its shapes is counted once (the model may have
+grown, so each experience is counted anew); one counted that way has confirmed nothing,
+so the next experience confirms again (every other experience at least). Every registered strategy's sampled totals
+are tested equal to counting every step.
 `flops_method` says what happened: "exact" (every step counted), "sampled"
 (extrapolated from confirmed shapes) or "sampled-mean" (a shape never agreed with
 itself within `max_counted_per_shape`; its mean was used); each shape's `basis`
@@ -69,7 +74,7 @@ class _Shape:
         if self.agreed:
             return "two consecutive equal counts"
         if self.stable:
-            return "one count; another shape of its phase agreed with itself"
+            return "one count; its phase's step cost was confirmed constant (here or in the previous experience)"
         return f"mean of {len(self.counted)} unequal counts"
 
     @property
@@ -89,6 +94,17 @@ class _Shape:
         if not self.counted or plain_steps <= 0:
             return 0.0
         return max(self.counted_time - len(self.counted) * self.plain_time / plain_steps, 0.0)
+
+
+def _phases_constant_from_first_step(shapes: dict[tuple, _Shape]) -> set[str]:
+    """Phases in which some shape's count agreed with itself and every such shape's first count
+    was already the agreed one (a phase whose first step is special, like a replay method's
+    first step before its buffer holds anything, is not among them)."""
+    agreed: dict[str, bool] = {}
+    for (phase, *_), shape in shapes.items():
+        if shape.agreed:
+            agreed[phase] = agreed.get(phase, True) and shape.counted[0] == shape.counted[-1]
+    return {phase for phase, from_first in agreed.items() if from_first}
 
 
 class EdgeProfiler(pl.Callback):
@@ -130,8 +146,10 @@ class EdgeProfiler(pl.Callback):
     def start_experience(self, index: int) -> None:
         self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
                          "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
+        # a phase whose steps all cost the same in the previous experience, its first one included,
+        # starts this one as stable: each of its shapes is counted once
+        self._stable_phases = _phases_constant_from_first_step(self._shapes)
         self._shapes = {}
-        self._stable_phases = set()
         self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if self._cuda:
             memory.cuda_reset()

@@ -153,6 +153,36 @@ def test_freezing_mid_fit_starts_a_new_step_shape():
     assert shapes[5 * 3 + 3]["steps"] == 4 and shapes[5 * 3 + 3]["counted"] == 1  # its phase had agreed already
 
 
+class _FirstStepOfAFitCostsMore(_TwoLayer):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 0:
+            torch.ones(4, 4) @ torch.ones(4, 4)
+        return super().training_step(batch, batch_idx)
+
+
+def _three_experiences(module_class):
+    prof = EdgeProfiler()
+    for i in range(3):
+        prof.start_experience(i)
+        _fit(module_class(), prof, n=20, epochs=3)  # per epoch: 8, 8, then a last batch of 4
+        prof.end_experience(_TwoLayer())
+    return [{s["input_shape"][0]: (s["counted"], s["basis"]) for s in r["flops_step_shapes"]} for r in prof.records], prof.records
+
+
+def test_a_phase_constant_from_its_first_step_is_counted_once_per_shape_in_the_next_experience():
+    shapes, records = _three_experiences(_TwoLayer)
+    assert [s[8][0] for s in shapes] == [2, 1, 2]  # confirmed, carried, confirmed again
+    assert [s[4][0] for s in shapes] == [1, 1, 1]
+    assert "previous experience" in shapes[1][8][1]
+    assert all(r["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) for r in records)
+
+
+def test_a_phase_whose_first_step_was_special_is_confirmed_again():
+    shapes, records = _three_experiences(_FirstStepOfAFitCostsMore)
+    assert [s[8][0] for s in shapes] == [3, 3, 3]  # the special first step, then two equal ones, every time
+    assert all(r["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) + MM_IN_STEP for r in records)
+
+
 class _SlowCounter:
     """Stands in for the FLOP counter: every counted step takes `delay` seconds longer."""
 
