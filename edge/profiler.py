@@ -150,7 +150,7 @@ class EdgeProfiler(pl.Callback):
         # starts this one as stable: each of its shapes is counted once
         self._stable_phases = _phases_constant_from_first_step(self._shapes)
         self._shapes = {}
-        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._cuda = torch.cuda.is_initialized()  # cheap; is_available() probes the driver
         if self._cuda:
             memory.cuda_reset()
         self._rss.reset()
@@ -461,7 +461,7 @@ def _batch_len(batch) -> int:
 
 
 def _host_name() -> str:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         return torch.cuda.get_device_name(0)
     return _cpu_name()
 
