@@ -107,6 +107,20 @@ def _phases_constant_from_first_step(shapes: dict[tuple, _Shape]) -> set[str]:
     return {phase for phase, from_first in agreed.items() if from_first}
 
 
+def _timed(hook):
+    """Adds the hook's wall time to the profiler's own time (`profiler_time_s`)."""
+
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self._own_time += time.perf_counter() - t0
+
+    return timed
+
+
 class EdgeProfiler(pl.Callback):
     """Cost records per experience; the runner brackets experiences with
     `start_experience(i)` / `end_experience(strategy)` and reads `totals()` at the end.
@@ -141,8 +155,10 @@ class EdgeProfiler(pl.Callback):
         self._jetson_checked = False
         self._tegrastats = None
         self._cuda = False
+        self._own_time = 0.0
 
     # ------------------------------------------------------------------ experience bracket (runner)
+    @_timed
     def start_experience(self, index: int) -> None:
         self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
                          "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
@@ -156,6 +172,7 @@ class EdgeProfiler(pl.Callback):
         self._rss.reset()
         self._start_tegrastats()
 
+    @_timed
     def end_experience(self, strategy) -> dict[str, Any]:
         rec = self._current if self._current is not None else {"experience": len(self.records)}
         self._stop_counter()
@@ -195,6 +212,8 @@ class EdgeProfiler(pl.Callback):
             "trainable_params": recs[-1].get("trainable_params") if recs else None,
             "total_params": recs[-1].get("total_params") if recs else None,
         }
+        # its hooks' own time plus what counting added inside the counted steps
+        out["profiler_time_s"] = self._own_time + out["flop_count_overhead_time_s"]
         if recs and any("train_flops_exp_planned" in r for r in recs):
             out["train_flops_total_planned"] = sum(r.get("train_flops_exp_planned") or 0 for r in recs)
         out["samples_per_s"] = out["samples"] / out["train_time_s"] if out["train_time_s"] else None
@@ -205,6 +224,7 @@ class EdgeProfiler(pl.Callback):
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
+    @_timed
     def on_fit_start(self, trainer, pl_module) -> None:
         if self._current is None:  # used outside the runner: one fit = one experience
             self.start_experience(len(self.records))
@@ -218,6 +238,7 @@ class EdgeProfiler(pl.Callback):
         self._rss.start()
         self._fit_t0 = time.perf_counter()
 
+    @_timed
     def on_train_start(self, trainer, pl_module) -> None:
         self._current["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         try:
@@ -228,9 +249,11 @@ class EdgeProfiler(pl.Callback):
         epochs = getattr(phase, "epochs", None) or self.planned_epochs or trainer.max_epochs
         self._current["planned_steps"] += per_epoch * epochs
 
+    @_timed
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._trainable_numel = None
 
+    @_timed
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x = _batch_input(batch)
         if self._sample_input is None and x is not None:
@@ -246,7 +269,6 @@ class EdgeProfiler(pl.Callback):
         count = self.flops_mode == "all" or (
             self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
         self._step_shape = shape
-        self._step_t0 = time.perf_counter()
         if count:
             if not shape.counted:
                 shape.phase_stable = phase in self._stable_phases
@@ -256,12 +278,13 @@ class EdgeProfiler(pl.Callback):
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events.append((start, None))
+        self._step_t0 = time.perf_counter()  # the step itself: this hook's own time is counted apart
 
+    @_timed
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        shape = self._step_shape
+        shape, elapsed = self._step_shape, time.perf_counter() - self._step_t0
         if self._counter is not None:
             self._counter.stop()
-            elapsed = time.perf_counter() - self._step_t0
             shape.counted.append(self._counter.total)
             shape.profile = self._counter.profile
             shape.counted_time += elapsed
@@ -270,7 +293,7 @@ class EdgeProfiler(pl.Callback):
             self._counter = None
             self._current["flop_count_time_s"] += elapsed
         else:
-            shape.plain_time += time.perf_counter() - self._step_t0
+            shape.plain_time += elapsed
             if self._events and self._events[-1][1] is None:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
@@ -281,6 +304,7 @@ class EdgeProfiler(pl.Callback):
         if not self._cuda and self._rss.needs_samples:
             self._rss.sample()  # a peak that lives for one step is seen even between thread samples
 
+    @_timed
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._cuda:
             torch.cuda.synchronize()

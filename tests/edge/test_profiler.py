@@ -1,5 +1,7 @@
 """EdgeProfiler: it changes the report, never the result; its FLOPs cover the whole optimisation step."""
 
+import time
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -183,49 +185,62 @@ def test_a_phase_whose_first_step_was_special_is_confirmed_again():
     assert all(r["train_flops_exp"] == 6 * _step_flops(8) + 3 * _step_flops(4) + MM_IN_STEP for r in records)
 
 
-class _SlowCounter:
-    """Stands in for the FLOP counter: every counted step takes `delay` seconds longer."""
+class _StubCounter:
+    """Stands in for the FLOP counter; starting it takes `start_delay` seconds."""
 
-    def __init__(self, delay):
-        import time
-
-        self.delay, self.sleep, self.total, self.profile = delay, time.sleep, 7, None
+    def __init__(self, start_delay=0.0):
+        self.start_delay, self.total, self.profile = start_delay, 7, None
 
     def start(self):
-        self.sleep(self.delay)
+        time.sleep(self.start_delay)
         return self
 
     def stop(self):
         pass
 
 
-def test_reported_training_time_leaves_out_what_counting_added():
+class _SlowWhenCounted(_TwoLayer):
+    """A step that takes `delay` seconds longer while the profiler counts it, as counting does."""
+
     delay = 0.05
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.callbacks[0]._counter is not None:
+            time.sleep(self.delay)
+        return super().training_step(batch, batch_idx)
+
+
+def test_reported_training_time_leaves_out_what_counting_added():
+    step_delay, start_delay = _SlowWhenCounted.delay, 0.02
     prof = EdgeProfiler()
-    prof._step_counter = _SlowCounter(delay)
+    prof._step_counter = _StubCounter(start_delay)
     prof.start_experience(0)
-    _fit(_TwoLayer(), prof, n=20, epochs=4)  # per epoch 8, 8, 4: two counts of 8 and one of 4
+    _fit(_SlowWhenCounted(), prof, n=20, epochs=4)  # per epoch 8, 8, 4: two counts of 8 and one of 4
     rec = prof.end_experience(_TwoLayer())
     assert rec["flops_counted_steps"] == 3
-    # each counted step was `delay` slower than the uncounted steps of its shape (which take ~1 ms)
-    assert 3 * delay * 0.9 < rec["flop_count_overhead_time_s"] < 3 * delay + 0.05
+    # each counted step was `step_delay` slower than the uncounted steps of its shape (which take ~1 ms)
+    assert 3 * step_delay * 0.9 < rec["flop_count_overhead_time_s"] < 3 * step_delay + 0.05
     assert rec["train_time_s"] == pytest.approx(rec["train_time_raw_s"] - rec["flop_count_overhead_time_s"])
-    assert rec["train_time_s"] < rec["train_time_raw_s"] - 3 * delay * 0.9
+    assert rec["train_time_s"] < rec["train_time_raw_s"] - 3 * step_delay * 0.9
     assert rec["samples_per_s"] == pytest.approx(rec["samples"] / rec["train_time_s"])
     totals = prof.totals()
     assert totals["train_time_s"] == pytest.approx(rec["train_time_s"])
     assert totals["flop_count_overhead_time_s"] == pytest.approx(rec["flop_count_overhead_time_s"])
+    # the profiler's own time: the counting overhead plus its hooks, which started the counter
+    # three times for steps and once for the inference count
+    own = totals["profiler_time_s"] - totals["flop_count_overhead_time_s"]
+    assert 4 * start_delay * 0.9 < own < 4 * start_delay + 0.1
 
 
 def test_training_time_is_left_as_measured_when_every_step_is_counted():
     prof = EdgeProfiler(flops="all")
-    prof._step_counter = _SlowCounter(0.01)
+    prof._step_counter = _StubCounter()
     prof.start_experience(0)
-    _fit(_TwoLayer(), prof, n=20)
+    _fit(_SlowWhenCounted(), prof, n=20)
     rec = prof.end_experience(_TwoLayer())
     assert rec["flops_counted_steps"] == rec["steps"] == 3
     assert rec["flop_count_overhead_time_s"] == 0.0  # no uncounted step to compare with
-    assert rec["train_time_s"] == rec["train_time_raw_s"] > 3 * 0.01
+    assert rec["train_time_s"] == rec["train_time_raw_s"] > 3 * _SlowWhenCounted.delay
 
 
 def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
