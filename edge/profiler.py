@@ -18,8 +18,8 @@ its other shapes (in practice the shorter last batch of an epoch) are counted on
 A phase whose step cost was constant from its first step on in the previous experience
 starts the next one that way too: each of its shapes is counted once (the model may have
 grown, so each experience is counted anew); one counted that way has confirmed nothing,
-so the next experience confirms again (every other experience at least). Every registered strategy's sampled totals
-are tested equal to counting every step.
+so the next experience confirms again (every other experience at least). Every
+registered strategy's sampled totals are tested equal to counting every step.
 `flops_method` says what happened: "exact" (every step counted), "sampled"
 (extrapolated from confirmed shapes) or "sampled-mean" (a shape never agreed with
 itself within `max_counted_per_shape`; its mean was used); each shape's `basis`
@@ -108,15 +108,18 @@ def _phases_constant_from_first_step(shapes: dict[tuple, _Shape]) -> set[str]:
 
 
 def _timed(hook):
-    """Adds the hook's wall time to the profiler's own time (`profiler_time_s`)."""
+    """Adds the hook's wall time to the profiler's own time (`profiler_time_s`), once when hooks nest."""
 
     @functools.wraps(hook)
     def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        if self._timing:
+            return hook(self, *args, **kwargs)
+        self._timing, t0 = True, time.perf_counter()
         try:
             return hook(self, *args, **kwargs)
         finally:
             self._own_time += time.perf_counter() - t0
+            self._timing = False
 
     return timed
 
@@ -156,6 +159,7 @@ class EdgeProfiler(pl.Callback):
         self._tegrastats = None
         self._cuda = False
         self._own_time = 0.0
+        self._timing = False
 
     # ------------------------------------------------------------------ experience bracket (runner)
     @_timed
