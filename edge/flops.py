@@ -214,10 +214,13 @@ class _TracingFlopCounter(FlopCounterMode):
     def _direct_entry(self, func) -> tuple:
         """How this counter handles `func`, looked up once per op: (op, packet, facts, formula,
         formula on shapes, runs directly). The op itself is kept so its id stays unique."""
-        packet = func._overloadpacket
-        formula = self.flop_registry.get(packet)
-        on_shapes = _formula_on_shapes(formula) if formula is not None else None
-        entry = (func, packet, _op_facts(packet), formula, on_shapes, _runs_directly(func))
+        if _runs_directly(func):
+            packet = func._overloadpacket
+            formula = self.flop_registry.get(packet)
+            on_shapes = _formula_on_shapes(formula) if formula is not None else None
+            entry = (func, packet, _op_facts(packet), formula, on_shapes, True)
+        else:  # torch's own path handles it
+            entry = (func, None, None, None, None, False)
         self._direct[id(func)] = entry
         return entry
 
