@@ -97,6 +97,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int, default=None)
     p.add_argument("--trainer-strategy", default=None, help="Lightning distributed strategy, e.g. ddp")
     p.add_argument("--precision", default=None)
+    p.add_argument("--flops", default=None, help="profiler FLOP counting: sample (default) | all (every step) | off")
 
 
 def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -137,6 +138,7 @@ _FLAG_TO_FIELD = {
     "precision": "precision",
     "backbone": "backbone",
     "weights": "weights",
+    "flops": "flops",
 }
 
 

@@ -44,6 +44,7 @@ class RunConfig:
     checkpoint: bool = True  # save resume state after every experience
     progress: bool = True
     profile: bool = True  # the EdgeProfiler callback (FLOPs, memory, time); it never changes results
+    flops: str = "sample"  # its FLOP counting: sample (a few steps per step shape), all (every step) or off
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "num_nodes"):
@@ -51,6 +52,8 @@ class RunConfig:
                 raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
         if self.num_workers < 0:
             raise UsageError(f"num_workers={self.num_workers} is invalid; expected an integer >= 0")
+        if self.flops not in ("sample", "all", "off"):
+            raise UsageError(f"flops={self.flops!r} is invalid; expected sample, all or off")
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     if profiler is None:  # `profile=False` runs without it (the profiler-invariance test)
         from clbench.edge.profiler import NullProfiler
 
-        profiler = EdgeProfiler() if run_cfg.profile else NullProfiler()
+        profiler = EdgeProfiler(flops=run_cfg.flops) if run_cfg.profile else NullProfiler()
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, backbone_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)

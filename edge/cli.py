@@ -26,7 +26,7 @@ def cmd_profile(args) -> int:
         # a truncated run is not a result: it goes to a scratch folder, never into results/
         tmp = tempfile.TemporaryDirectory(prefix="clbench-profile-")
         run_cfg = replace(run_cfg, limit_train_batches=args.steps, epochs=1, output_dir=tmp.name)
-    profiler = EdgeProfiler(device=args.device, planned_epochs=spec.run.epochs if args.steps else None)
+    profiler = EdgeProfiler(flops=spec.run.flops, device=args.device, planned_epochs=spec.run.epochs if args.steps else None)
     quiet_lightning()
     try:
         result = run(replace(spec, run=run_cfg), profiler=profiler)

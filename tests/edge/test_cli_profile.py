@@ -19,3 +19,19 @@ def test_profile_rejects_unknown_device_and_bad_steps(capsys):
     assert "unknown device 'jetson-tx9'" in capsys.readouterr().err
     assert main(["profile", "--strategy", "naive", "--scenario", "synthetic-2", "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+
+
+def test_flops_option_chooses_how_run_counts(tmp_path):
+    import json
+
+    methods = {}
+    for mode in ("all", "sample", "off"):
+        out = tmp_path / mode
+        assert main(["run", "--quiet", "--strategy", "naive", "--scenario", "synthetic-2", "--epochs", "3",
+                     "--flops", mode, "--output-dir", str(out)]) == 0
+        result = json.loads(next(out.rglob("*.json")).read_text())
+        methods[mode] = [r["flops_method"] for r in result["edge"]["per_experience"]]
+        if mode != "off":
+            methods[mode + " total"] = result["edge"]["totals"]["train_flops_total"]
+    assert set(methods["all"]) == {"exact"} and set(methods["sample"]) == {"sampled"} and set(methods["off"]) == {"off"}
+    assert methods["all total"] == methods["sample total"]

@@ -43,6 +43,7 @@ def _bad(tmp_path: Path, yaml_text: str | None = None) -> list[tuple[str, list[s
         ("buffer larger than data", ["--strategy", "er", "--set", "buffer_size=100000"], ["buffer_size=100000", "0..1437"]),
         ("uneven class split", ["--strategy", "er", "--scenario", "digits-3"], ["10 classes", "3 experiences"]),
         ("zero epochs", ["--strategy", "er", "--epochs", "0"], ["epochs=0", "positive"]),
+        ("bad FLOP counting mode", ["--strategy", "er", "--flops", "every"], ["flops='every'", "sample, all or off"]),
         ("bad optimizer", ["--strategy", "er", "--set", "optimizer=lion"], ["'lion'", "sgd"]),
         ("bad class order", ["--strategy", "er", "--class-order", "shuffled"], ["'shuffled'", "seed:N"]),
         ("bad buffer policy", ["--strategy", "er", "--set", "buffer_policy=fifo"], ["'fifo'", "class_balanced"]),
