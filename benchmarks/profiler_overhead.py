@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     times = {True: [], False: []}
     cpu = {True: [], False: []}
     matrices = {}
-    fit_times: dict[bool, list[dict]] = {True: [], False: []}
+    figures: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as out:
         def spec(profile: bool) -> RunSpec:
             cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False,
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
         timed(spec(False))  # warm-up: imports, dataset cache, first-call costs
         for _ in range(args.repeats):
             for profile in (False, True):
-                t, c, matrices[profile], fit = timed(spec(profile))
-                fit_times[profile].append(fit)
+                t, c, matrices[profile], figure = timed(spec(profile))
+                figures[profile].append(figure)
                 times[profile].append(t)
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
@@ -90,11 +90,11 @@ def main(argv=None) -> int:
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "
           f"{statistics.median(cpu[True]) / statistics.median(cpu[False]):.3f}x process CPU time; "
           f"{min(times[True]) / min(times[False]):.3f}x fastest runs (other load only adds time)")
-    on_fits = fit_times[True]
+    on_fits = figures[True]
     counted = on_fits[0]["counted"]
     counting = statistics.median(f["counting"] for f in on_fits)
     print(f"  FLOP-counted steps: {counted} per run, {counting:.2f} s inside them (their own compute included)")
-    unprofiled_fit = statistics.median(f["fit"] for f in fit_times[False])
+    unprofiled_fit = statistics.median(f["fit"] for f in figures[False])
     reported = statistics.median(f["reported"] for f in on_fits)
     raw = statistics.median(f["raw"] for f in on_fits)
     print(f"  reported training time: train_time_s {reported:.3f} s, {reported / unprofiled_fit:.3f}x the unprofiled "

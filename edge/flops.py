@@ -203,12 +203,7 @@ class _TracingFlopCounter(FlopCounterMode):
             nbytes, dtype = _tensor_bytes(args, 0, None)
             if kwargs:
                 nbytes, dtype = _tensor_bytes(kwargs.values(), nbytes, dtype)
-            if isinstance(out, torch.Tensor):
-                nbytes += out.nbytes
-                if dtype is None and out.is_floating_point():
-                    dtype = _dtype_name(out.dtype)
-            else:
-                nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
+            nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
             self.profile.ops[(name, kind, dtype or "none", flops, nbytes)] += 1
 
     def _direct_entry(self, func) -> tuple:
@@ -236,8 +231,7 @@ class _TracingFlopCounter(FlopCounterMode):
             else:
                 flops = int(formula(*args, **kwargs, out_val=out))
             self.flop_counts["Global"][packet] += flops
-        if facts[2]:
-            self._trace(facts, flops, out, args, kwargs)
+        self._trace(facts, flops, out, args, kwargs)
         return out
 
 

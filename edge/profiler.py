@@ -160,6 +160,7 @@ class EdgeProfiler(pl.Callback):
         self._cuda = False
         self._own_time = 0.0
         self._timing = False
+        self._trainable_numel: int | None = None  # of the current epoch
 
     # ------------------------------------------------------------------ experience bracket (runner)
     @_timed
@@ -184,7 +185,7 @@ class EdgeProfiler(pl.Callback):
         self._remove_counting_time(rec)
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
         rec["train_time_source"] = f"measured:{_host_name()}"
-        rec.setdefault("trainable_params", sum(p.numel() for p in strategy.parameters() if p.requires_grad))
+        rec.setdefault("trainable_params", _trainable_params(strategy))
         rec["total_params"] = sum(p.numel() for p in strategy.parameters())
         rec["fwd_flops_per_sample"] = self._inference_flops(strategy)
         report = strategy.report() if hasattr(strategy, "report") else {}
@@ -237,14 +238,13 @@ class EdgeProfiler(pl.Callback):
         if self._cuda:
             torch.cuda.synchronize()
         self._fit_steps = 0
-        self._trainable_numel = None
         self._events: list[tuple] = []
         self._rss.start()
         self._fit_t0 = time.perf_counter()
 
     @_timed
     def on_train_start(self, trainer, pl_module) -> None:
-        self._current["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self._current["trainable_params"] = _trainable_params(pl_module)
         try:
             per_epoch = len(trainer.train_dataloader)
         except TypeError:
@@ -264,7 +264,7 @@ class EdgeProfiler(pl.Callback):
             self._sample_input = (tuple(x.shape[1:]), x.dtype)
         phase = getattr(getattr(pl_module, "phase", None), "name", "")
         if self._trainable_numel is None:  # read here, after the module's own epoch-start hook may have (un)frozen parts
-            self._trainable_numel = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            self._trainable_numel = _trainable_params(pl_module)
         key = (phase, tuple(x.shape) if x is not None else (), self._trainable_numel)
         shape = self._shapes.get(key)
         if shape is None:
@@ -399,12 +399,8 @@ class EdgeProfiler(pl.Callback):
         strategy.eval()
         counter = self._counter_for_steps()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                counter.start()
-                try:
-                    predict(x)
-                finally:
-                    counter.stop()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), counter:
+                predict(x)
             return counter.total
         finally:
             strategy.train(was_training)
@@ -479,6 +475,10 @@ def _batch_input(batch) -> torch.Tensor | None:
     if isinstance(batch, dict):
         return next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
     return None
+
+
+def _trainable_params(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _batch_len(batch) -> int:

@@ -198,6 +198,11 @@ class _StubCounter:
     def stop(self):
         pass
 
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 class _SlowWhenCounted(_TwoLayer):
     """A step that takes `delay` seconds longer while the profiler counts it, as counting does."""
