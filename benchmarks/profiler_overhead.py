@@ -9,7 +9,8 @@ experience, so its share shrinks with steps per experience: compare `--epochs 5`
 `--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
 (counting overhead removed) against the fit time of the unprofiled runs, timed by a
 callback both kinds of run carry; and prints the profiler's own time as it timed it
-inside the runs (`profiler_time_s`), which other load on the machine barely moves.
+inside the runs (`profiler_time_s`; it does not depend on pairing runs, but it still
+slows down with the machine).
 """
 
 from __future__ import annotations
