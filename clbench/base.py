@@ -165,11 +165,14 @@ class CLStrategy(pl.LightningModule):
         """A fresh optimiser per `fit` (per experience and phase): no state crosses experiences."""
         params = self.trainable_parameters()
         cfg = self.cfg
+        # foreach: a few multi-tensor ops per step instead of a few per parameter. torch picks it
+        # by default on CUDA only; on the CPU it gives bitwise the same parameters, costs fewer
+        # Python-to-C++ calls, and the profiled op trace matches what a Jetson's GPU runs
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
     def on_fit_end(self) -> None:
         self.global_step_offset += self.trainer.global_step
