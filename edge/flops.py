@@ -33,6 +33,7 @@ from torch.utils.flop_counter import (
     FlopCounterMode,
     _FlopCounterMode,
     conv_flop_count,
+    flop_registry,
     sdpa_backward_flop_count,
     sdpa_flop_count,
     shape_wrapper,
@@ -206,23 +207,23 @@ class _TracingFlopCounter(FlopCounterMode):
             nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
             self.profile.ops[(name, kind, dtype or "none", flops, nbytes)] += 1
 
-    def _direct_entry(self, func) -> tuple:
-        """How this counter handles `func`, looked up once per op: (op, packet, facts, formula,
-        formula on shapes, runs directly). The op itself is kept so its id stays unique."""
+    def _direct_entry(self, func) -> tuple | None:
+        """How this counter handles `func`, looked up once per op: None for torch's own path, else
+        (callable, flop formula, formula on shapes, packet, trace facts, func). `func` itself is
+        kept so the id the entry is filed under stays unique."""
+        entry = None
         if _runs_directly(func):
             packet = func._overloadpacket
             formula = self.flop_registry.get(packet)
             on_shapes = _formula_on_shapes(formula) if formula is not None else None
-            entry = (func, packet, _op_facts(packet), formula, on_shapes, True)
-        else:  # torch's own path handles it
-            entry = (func, None, None, None, None, False)
+            # OpOverload.__call__ only forwards to `_op`; calling that saves a Python frame per op
+            entry = (func._op, formula, on_shapes, packet, _op_facts(packet), func)
         self._direct[id(func)] = entry
         return entry
 
-    def _count_direct(self, entry: tuple, args, kwargs):
-        """What `_count_flops` does for an op `_runs_directly` admits, with its facts looked up once."""
-        func, packet, facts, formula, on_shapes, _ = entry
-        out = func(*args, **kwargs) if kwargs else func(*args)
+    def _count_direct(self, entry: tuple, out, args, kwargs):
+        """What `_count_flops` does, for an op `_runs_directly` admits, after it ran."""
+        _, formula, on_shapes, packet, facts, _ = entry
         flops = 0
         if formula is not None:
             kwargs = kwargs or {}
@@ -249,12 +250,18 @@ class _GlobalOnly:
 
 class _LeanDispatch(_FlopCounterMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        # keyed by id: an op's own __hash__ is Python code, and this runs for every op of a step
+        # runs for every op of a counted step: entries are keyed by id (an op's own __hash__ is
+        # Python code), and ops that neither have a formula nor move data (views, detach: about
+        # half of a training step's ops) return straight away
         counter = self.counter
-        entry = counter._direct.get(id(func)) or counter._direct_entry(func)
-        if entry[5]:
-            return counter._count_direct(entry, args, kwargs)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        direct = counter._direct
+        entry = direct[id(func)] if id(func) in direct else counter._direct_entry(func)
+        if entry is None:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        out = entry[0](*args, **kwargs) if kwargs else entry[0](*args)
+        if entry[1] is None and not entry[4][2]:
+            return out
+        return counter._count_direct(entry, out, args, kwargs)
 
 
 def _runs_directly(func) -> bool:
@@ -282,8 +289,18 @@ _SHAPE_WRAPPER_CODE = shape_wrapper(lambda: 0).__code__
 def _formula_on_shapes(formula) -> Callable | None:
     """The shape-taking function inside a formula torch wrapped with `shape_wrapper`, else None."""
     if getattr(formula, "__code__", None) is _SHAPE_WRAPPER_CODE:
-        return getattr(formula, "__wrapped__", None)
+        inner = getattr(formula, "__wrapped__", None)
+        return _ADDMM_ON_SHAPES.get(inner, inner)
     return None
+
+
+def _addmm_on_shapes(_self_shape, a_shape, b_shape, *_, **__) -> int:
+    # torch's addmm formula calls its registered (shape-wrapped) mm formula, a pytree pass per
+    # call; this is the same count from the mm formula inside the wrapper
+    return _formula_on_shapes(flop_registry[aten.mm])(a_shape, b_shape)
+
+
+_ADDMM_ON_SHAPES = {getattr(flop_registry[aten.addmm], "__wrapped__", None): _addmm_on_shapes}
 
 
 def _shapes(obj):
