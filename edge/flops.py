@@ -204,7 +204,12 @@ class _TracingFlopCounter(FlopCounterMode):
             nbytes, dtype = _tensor_bytes(args, 0, None)
             if kwargs:
                 nbytes, dtype = _tensor_bytes(kwargs.values(), nbytes, dtype)
-            nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
+            if isinstance(out, torch.Tensor):  # most ops: one tensor out
+                nbytes += out.nbytes
+                if dtype is None and out.is_floating_point():
+                    dtype = _dtype_name(out.dtype)
+            else:
+                nbytes, dtype = _tensor_bytes((out,), nbytes, dtype)
             self.profile.ops[(name, kind, dtype or "none", flops, nbytes)] += 1
 
     def _direct_entry(self, func) -> tuple | None:
@@ -329,7 +334,8 @@ def _tensor_bytes(items, nbytes: int, dtype: str | None) -> tuple[int, str | Non
             if dtype is None and t.is_floating_point():
                 dtype = _dtype_name(t.dtype)
         elif isinstance(t, (list, tuple)):
-            nbytes, dtype = _tensor_bytes(t, nbytes, dtype)
+            if t and not isinstance(t[0], int):  # aten lists are homogeneous: sizes and dims hold no tensors
+                nbytes, dtype = _tensor_bytes(t, nbytes, dtype)
         elif isinstance(t, dict):
             nbytes, dtype = _tensor_bytes(t.values(), nbytes, dtype)
     return nbytes, dtype

@@ -248,10 +248,10 @@ def calibrate(points: Sequence[CalibrationPoint] = CLFD_ORIN_NX, device_name: st
 @functools.lru_cache(maxsize=None)
 def shipped_calibration(calibration_id: str = CLFD_CALIBRATION_ID) -> Calibration:
     """The fitted calibration stored with the package (regenerate: python -m clbench.edge.jetson)."""
-    import yaml
+    from clbench.edge.devices import read_yaml
 
     path = resources.files("clbench.edge").joinpath("devices").joinpath(f"calibration-{calibration_id}.yaml")
-    d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    d = read_yaml(path.read_text(encoding="utf-8"))
     d["theta"] = Theta(**d["theta"])
     d["precision"] = Precision(**d["precision"])
     d["points"] = tuple(d.get("points", ()))

@@ -185,7 +185,7 @@ class EdgeProfiler(pl.Callback):
         self._remove_counting_time(rec)
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
         rec["train_time_source"] = f"measured:{_host_name()}"
-        rec.setdefault("trainable_params", _trainable_params(strategy))
+        rec.setdefault("trainable_params", _trainable_params(strategy.parameters()))
         rec["total_params"] = sum(p.numel() for p in strategy.parameters())
         rec["fwd_flops_per_sample"] = self._inference_flops(strategy)
         report = strategy.report() if hasattr(strategy, "report") else {}
@@ -229,6 +229,11 @@ class EdgeProfiler(pl.Callback):
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
+    # Lightning dispatches every hook of every step to each callback (a profiler context and a
+    # name string per call); it skips a hook that is not callable, so the per-step hooks this
+    # callback does not use are None instead of the base class's no-ops
+    on_before_backward = on_after_backward = on_before_optimizer_step = on_before_zero_grad = None
+
     @_timed
     def on_fit_start(self, trainer, pl_module) -> None:
         if self._current is None:  # used outside the runner: one fit = one experience
@@ -244,7 +249,10 @@ class EdgeProfiler(pl.Callback):
 
     @_timed
     def on_train_start(self, trainer, pl_module) -> None:
-        self._current["trainable_params"] = _trainable_params(pl_module)
+        # the parameters a fit trains are fixed when it starts (its optimizer holds them); which
+        # of them are trainable may change from epoch to epoch
+        self._fit_params = list(pl_module.parameters())
+        self._current["trainable_params"] = _trainable_params(self._fit_params)
         try:
             per_epoch = len(trainer.train_dataloader)
         except TypeError:
@@ -264,7 +272,7 @@ class EdgeProfiler(pl.Callback):
             self._sample_input = (tuple(x.shape[1:]), x.dtype)
         phase = getattr(getattr(pl_module, "phase", None), "name", "")
         if self._trainable_numel is None:  # read here, after the module's own epoch-start hook may have (un)frozen parts
-            self._trainable_numel = _trainable_params(pl_module)
+            self._trainable_numel = _trainable_params(self._fit_params)
         key = (phase, tuple(x.shape) if x is not None else (), self._trainable_numel)
         shape = self._shapes.get(key)
         if shape is None:
@@ -273,6 +281,7 @@ class EdgeProfiler(pl.Callback):
         count = self.flops_mode == "all" or (
             self.flops_mode == "sample" and not shape.stable and len(shape.counted) < self.max_counted_per_shape)
         self._step_shape = shape
+        self._step_samples = _batch_len(batch, x)
         if count:
             if not shape.counted:
                 shape.phase_stable = phase in self._stable_phases
@@ -303,7 +312,7 @@ class EdgeProfiler(pl.Callback):
                 end.record()
                 self._events[-1] = (self._events[-1][0], end)
         self._fit_steps += 1
-        self._current["samples"] += _batch_len(batch)
+        self._current["samples"] += self._step_samples
         self._current["steps"] += 1
         if not self._cuda and self._rss.needs_samples:
             self._rss.sample()  # a peak that lives for one step is seen even between thread samples
@@ -477,14 +486,14 @@ def _batch_input(batch) -> torch.Tensor | None:
     return None
 
 
-def _trainable_params(module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def _trainable_params(params) -> int:
+    return sum(p.numel() for p in params if p.requires_grad)
 
 
-def _batch_len(batch) -> int:
+def _batch_len(batch, x: torch.Tensor | None) -> int:
+    """Samples in a batch whose input tensor `_batch_input` found to be `x`."""
     if hasattr(batch, "x") and hasattr(batch, "__len__"):
         return len(batch)
-    x = _batch_input(batch)
     return 0 if x is None else len(x)
 
 

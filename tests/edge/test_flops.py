@@ -205,3 +205,13 @@ def test_shape_mapper_maps_like_torchs_pytree_map():
     expected = tree_map(lambda v: v.shape if isinstance(v, torch.Tensor) else v, value)
     assert fl._shapes(value) == expected
     assert type(fl._shapes(value)[3]) is pair
+
+
+def test_trace_bytes_are_tensors_read_plus_written_and_views_move_nothing():
+    a, b = torch.randn(4, 6), torch.randn(2, 6)
+    with Counter(trace=True) as c:
+        torch.cat([a, b])  # a list of tensors in: 24 + 12 floats read, 36 written
+        a.sum(dim=[0])  # the dim list holds no tensor: 24 read, 6 written
+        a.t()  # a view: no entry
+    bytes_and_calls = {k[0]: (k[4], n) for k, n in c.profile.ops.items()}
+    assert bytes_and_calls == {"cat": ((24 + 12 + 36) * 4, 1), "sum": ((24 + 6) * 4, 1)}
