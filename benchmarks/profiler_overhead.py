@@ -2,9 +2,9 @@
 
     python benchmarks/profiler_overhead.py [--strategy er] [--scenario digits-5] [--epochs 5] [--repeats 3]
 
-Runs alternate (without, with, without, with, ...) so drifting machine load hits both
-sides; the ratios of the medians and of the fastest runs are printed, and the accuracy
-matrices are compared.  FLOP counting costs a few counted steps per step shape and
+Runs alternate in pairs (without, with, then with, without, ...) so drifting machine load
+hits both sides; the ratios of the medians, of the fastest runs and the median of the
+per-pair ratios are printed, and the accuracy matrices are compared.  FLOP counting costs a few counted steps per step shape and
 experience, so its share shrinks with steps per experience: compare `--epochs 5` with
 `--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
 (counting overhead removed) against the fit time of the unprofiled runs, timed by a
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops", default="sample", choices=("sample", "all", "off"),
+                   help="the profiled runs' FLOP counting; 'off' shows what the rest of the profiler costs")
     args = p.parse_args(argv)
     quiet_lightning()
     times = {True: [], False: []}
@@ -73,24 +75,29 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out:
         def spec(profile: bool) -> RunSpec:
             cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False,
-                              output_dir=f"{out}/{int(profile)}", profile=profile, checkpoint=False)
+                              output_dir=f"{out}/{int(profile)}", profile=profile, checkpoint=False,
+                              flops=args.flops)
             return RunSpec(args.strategy, args.scenario, run=cfg, seed=args.seed)
 
         timed(spec(False))  # warm-up: imports, dataset cache, first-call costs
-        for _ in range(args.repeats):
-            for profile in (False, True):
+        for repeat in range(args.repeats):
+            # ABBA order: a machine speeding up or slowing down within a pair does not favour one side
+            for profile in ((False, True) if repeat % 2 == 0 else (True, False)):
                 t, c, matrices[profile], figure = timed(spec(profile))
                 figures[profile].append(figure)
                 times[profile].append(t)
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"{args.strategy} on {args.scenario} ({args.backbone or 'default backbone'}), {args.epochs} epoch(s), "
-          f"{args.repeats} repeat(s)")
+          f"{args.repeats} repeat(s), FLOP counting {args.flops}")
     print(f"  without profiler: {off:.2f} s (median of {[round(t, 2) for t in times[False]]})")
     print(f"  with profiler:    {on:.2f} s (median of {[round(t, 2) for t in times[True]]})")
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "
           f"{statistics.median(cpu[True]) / statistics.median(cpu[False]):.3f}x process CPU time; "
           f"{min(times[True]) / min(times[False]):.3f}x fastest runs (other load only adds time)")
+    paired = sorted(on / off for off, on in zip(times[False], times[True]))
+    print(f"  paired: {statistics.median(paired):.3f}x wall, median over the repeats of each profiled run over the "
+          f"unprofiled run beside it (range {paired[0]:.3f}x to {paired[-1]:.3f}x)")
     on_fits = figures[True]
     counted = on_fits[0]["counted"]
     counting = statistics.median(f["counting"] for f in on_fits)
