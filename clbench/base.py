@@ -35,6 +35,9 @@ class CLStrategy(pl.LightningModule):
     input_channels: ClassVar[int | None] = None
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
+    # False for methods whose fits compute statistics instead of taking gradient steps (SimpleCIL's
+    # prototypes): they override `training_step` and have no `step_losses` terms to log
+    learns_by_gradient: ClassVar[bool] = True
 
     # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
     # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's

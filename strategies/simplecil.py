@@ -1,0 +1,79 @@
+"""SimpleCIL (Zhou et al., IJCV 2024, arXiv 2303.07338): a frozen pre-trained model and class prototypes.
+
+Nothing is trained. When a class arrives, its prototype is the mean embedding of its
+training images, taken with evaluation preprocessing (no train augmentation, backbone in
+eval mode). The classifier is the cosine similarity between an image's embedding and every
+seen class's prototype; the prediction is the arg-max. It is the must-beat baseline of the
+pre-trained-model methods (their papers' tables list it beside L2P, EASE, TUNA), and it is
+only as good as the backbone: give it pretrained weights (`--backbone
+vit_base_patch16_224.augreg_in21k --pretrained`); on a randomly initialised backbone it is
+a nearest-class-mean classifier on random features.
+
+The prototype pass runs as one epoch of Lightning steps over the experience's data, so the
+EdgeProfiler measures it as the method's training cost (forward passes only, no backward).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.base import CLStrategy
+from clbench.registry import register_strategy
+from clbench.types import Batch, ExperienceInfo, Output, Phase
+
+
+@register_strategy("simplecil")
+class SimpleCIL(CLStrategy):
+    """Frozen backbone; cosine classifier on per-class mean embeddings (prototypes)."""
+
+    learns_by_gradient: ClassVar[bool] = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        d = self.backbone.num_features
+        # float64 sums: the mean does not depend on the order the loader visits the samples in
+        self.register_buffer("embedding_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
+        self.register_buffer("embedding_counts", torch.zeros(self.num_classes, dtype=torch.long))
+
+    def make_head(self, in_features: int) -> nn.Module:
+        return nn.Identity()  # the prototypes are the classifier
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """Mean embedding of each class seen so far (rows of unseen classes are zero)."""
+        counts = self.embedding_counts.clamp(min=1).unsqueeze(1)
+        return (self.embedding_sums / counts).float()
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's embedding, in eval mode (no dropout; BatchNorm statistics untouched)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                return self.backbone(x)
+        finally:
+            self.backbone.train(was_training)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.embed(x)
+        logits = F.normalize(features, dim=1) @ F.normalize(self.prototypes.to(features.dtype), dim=1).T
+        return Output(logits, features)
+
+    # ---- per experience: one pass over the data accumulates the new classes' embeddings
+    def phases(self, exp: ExperienceInfo) -> list[Phase]:
+        return [Phase("prototypes", epochs=1)]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        features = self.embed(batch.x).to(torch.float64)
+        self.embedding_sums.index_add_(0, batch.y, features)
+        self.embedding_counts.index_add_(0, batch.y, torch.ones_like(batch.y))
+        return None
+
+    def configure_optimizers(self):
+        return None  # nothing is trained
