@@ -170,6 +170,16 @@ def clbench_mlp_tiny(pretrained: bool = False, **kwargs) -> MLP:
 
 
 @register_model
+def clbench_vit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm ViT for 32x32 inputs (patch 8, width 64, depth 4, 4 heads): the method cards' tiny CPU configuration."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory adds these
+        kwargs.pop(key, None)
+    return VisionTransformer(**{"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4, **kwargs})
+
+
+@register_model
 def clbench_convnet(pretrained: bool = False, **kwargs) -> ConvNet:
     """Small 3-block CNN (32-64-128 channels)."""
     return ConvNet(**kwargs)
@@ -189,7 +199,7 @@ def build_backbone(
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UsageError(f"unknown backbone {name!r}; expected a timm model name, e.g. clbench_mlp, clbench_convnet, resnet18{hint}")
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
-    if img_size is not None and name.startswith("clbench_mlp"):
+    if img_size is not None and name.startswith(("clbench_mlp", "clbench_vit")):
         kwargs["img_size"] = img_size
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)

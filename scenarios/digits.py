@@ -23,20 +23,40 @@ def digits_5(options: ScenarioOptions) -> Scenario:
 @register_scenario("digits-{n}")
 def digits(options: ScenarioOptions, n: int) -> Scenario:
     """The same digits split into n equal experiences (n must divide 10: 1, 2, 5 or 10)."""
+    x, y = _load_digits()
+    return _split(f"digits-{n}", x, y, options, n, default_backbone="clbench_mlp")
+
+
+@register_scenario("digits32-{n}")
+def digits32(options: ScenarioOptions, n: int) -> Scenario:
+    """The digits upsampled (bilinear) to 3x32x32, in n experiences: the method cards' tiny image configuration."""
+    x, y = _load_digits()
+    # the cards' tiny configurations for pre-trained-model methods feed a 32x32 RGB ViT; the
+    # three channels are identical copies
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    return _split(f"digits32-{n}", x.contiguous(), y, options, n, default_backbone="clbench_convnet",
+                  meta={"upsampled": "bilinear to 32x32, channel repeated 3 times"})
+
+
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(digits.target, dtype=torch.long)
+    return x, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _split(name: str, x: torch.Tensor, y: torch.Tensor, options: ScenarioOptions, n: int, *, default_backbone: str,
+           meta: dict | None = None) -> Scenario:
     is_test = torch.arange(len(y)) % 5 == 0
     order = resolve_class_order(options.class_order, y.tolist())
     return class_incremental_from_tensors(
-        f"digits-{n}",
+        name,
         (x[~is_test], y[~is_test]),
         (x[is_test], y[is_test]),
         increments=split_increments(10, n),
         class_order=order,
-        default_backbone="clbench_mlp",
+        default_backbone=default_backbone,
         class_names=[str(c) for c in order],
-        meta={"source": "sklearn.datasets.load_digits", "test_split": "every 5th sample"},
+        meta={"source": "sklearn.datasets.load_digits", "test_split": "every 5th sample", **(meta or {})},
     )

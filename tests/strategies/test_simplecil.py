@@ -87,3 +87,12 @@ def test_the_prototype_pass_uses_unaugmented_inputs_in_eval_mode():
     after = strategy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in strategy.parameters())
+
+
+def test_runs_on_the_cards_tiny_configuration(tmp_path, fast_config_for):
+    """digits at 3x32x32 and the tiny ViT, the pre-trained-model cards' CPU setup."""
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", limit_train_batches=None)
+    result = run(RunSpec("simplecil", "digits32-5", run=cfg, seed=0))
+    assert result.status == "completed", result.error
+    assert result.edge["totals"]["trainable_params"] == 0
+    assert result.metrics["final_avg_acc"] > 0.3  # well above chance (0.1), even on random features
