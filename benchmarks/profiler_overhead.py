@@ -4,9 +4,9 @@
 
 Runs alternate in pairs (without, with, then with, without, ...) so drifting machine load
 hits both sides; the ratios of the medians, of the fastest runs and the median of the
-per-pair ratios are printed, and the accuracy matrices are compared.  FLOP counting costs a few counted steps per step shape and
-experience, so its share shrinks with steps per experience: compare `--epochs 5` with
-`--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
+per-pair ratios are printed, and the accuracy matrices are compared.  FLOP counting costs a
+few counted steps per step shape and experience, so its share shrinks with steps per
+experience: compare `--epochs 5` with `--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
 (counting overhead removed) against the fit time of the unprofiled runs, timed by a
 callback both kinds of run carry; and prints the profiler's own time as it timed it
 inside the runs (`profiler_time_s`; it does not depend on pairing runs, but it still

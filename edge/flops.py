@@ -290,22 +290,34 @@ _TORCH_SKIPPED = {
 _SHAPE_WRAPPER_CODE = shape_wrapper(lambda: 0).__code__
 
 
-@functools.lru_cache(maxsize=None)
-def _formula_on_shapes(formula) -> Callable | None:
+def _unwrapped(formula) -> Callable | None:
     """The shape-taking function inside a formula torch wrapped with `shape_wrapper`, else None."""
     if getattr(formula, "__code__", None) is _SHAPE_WRAPPER_CODE:
-        inner = getattr(formula, "__wrapped__", None)
-        return _ADDMM_ON_SHAPES.get(inner, inner)
+        return getattr(formula, "__wrapped__", None)
     return None
+
+
+_MM_ON_SHAPES = _unwrapped(flop_registry[aten.mm])
 
 
 def _addmm_on_shapes(_self_shape, a_shape, b_shape, *_, **__) -> int:
     # torch's addmm formula calls its registered (shape-wrapped) mm formula, a pytree pass per
     # call; this is the same count from the mm formula inside the wrapper
-    return _formula_on_shapes(flop_registry[aten.mm])(a_shape, b_shape)
+    return _MM_ON_SHAPES(a_shape, b_shape)
 
 
-_ADDMM_ON_SHAPES = {getattr(flop_registry[aten.addmm], "__wrapped__", None): _addmm_on_shapes}
+# only where torch wraps both formulas; otherwise its addmm formula is used as it is
+_ADDMM_ON_SHAPES = {}
+if _MM_ON_SHAPES is not None and _unwrapped(flop_registry[aten.addmm]) is not None:
+    _ADDMM_ON_SHAPES[_unwrapped(flop_registry[aten.addmm])] = _addmm_on_shapes
+
+
+@functools.lru_cache(maxsize=None)
+def _formula_on_shapes(formula) -> Callable | None:
+    """What the lean path calls with shapes for a formula: the function inside torch's
+    `shape_wrapper` (addmm's replaced by the equal count above), else None."""
+    inner = _unwrapped(formula)
+    return _ADDMM_ON_SHAPES.get(inner, inner)
 
 
 def _shapes(obj):
