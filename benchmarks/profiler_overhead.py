@@ -1,6 +1,7 @@
 """Wall-time overhead of the EdgeProfiler: the same run with and without it (target: under 1.05x).
 
     python benchmarks/profiler_overhead.py [--strategy er] [--scenario digits-5] [--epochs 5] [--repeats 3]
+                                           [--accelerator cpu|gpu|auto]
 
 Runs alternate in pairs (without, with, then with, without, ...) so drifting machine load
 hits both sides; the ratios of the medians, of the fastest runs and the median of the
@@ -16,11 +17,13 @@ slows down with the machine).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 
 import pytorch_lightning as pl
+import torch
 
 from clbench import config as C
 from clbench.runner import RunSpec, quiet_lightning, run
@@ -56,6 +59,12 @@ def timed(spec: RunSpec) -> tuple[float, float, list, dict]:
     return wall, cpu, result.accuracy_matrix, times
 
 
+def device_name(accelerator: str) -> str:
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"the CPU ({os.cpu_count()} cores)"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="er")
@@ -64,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu", "auto"))
     p.add_argument("--flops", default="sample", choices=("sample", "all", "off"),
                    help="the profiled runs' FLOP counting; 'off' shows what the rest of the profiler costs")
     args = p.parse_args(argv)
@@ -76,7 +86,7 @@ def main(argv=None) -> int:
         def spec(profile: bool) -> RunSpec:
             cfg = C.RunConfig(epochs=args.epochs, backbone=args.backbone, progress=False,
                               output_dir=f"{out}/{int(profile)}", profile=profile, checkpoint=False,
-                              flops=args.flops)
+                              flops=args.flops, accelerator=args.accelerator)
             return RunSpec(args.strategy, args.scenario, run=cfg, seed=args.seed)
 
         timed(spec(False))  # warm-up: imports, dataset cache, first-call costs
@@ -89,7 +99,7 @@ def main(argv=None) -> int:
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"{args.strategy} on {args.scenario} ({args.backbone or 'default backbone'}), {args.epochs} epoch(s), "
-          f"{args.repeats} repeat(s), FLOP counting {args.flops}")
+          f"{args.repeats} repeat(s), FLOP counting {args.flops}, on {device_name(args.accelerator)}")
     print(f"  without profiler: {off:.2f} s (median of {[round(t, 2) for t in times[False]]})")
     print(f"  with profiler:    {on:.2f} s (median of {[round(t, 2) for t in times[True]]})")
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "

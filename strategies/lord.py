@@ -176,7 +176,9 @@ class LoRD(der_pp.DERPP):
         if self.teacher is not None:
             state["kappa"] = self.kappa.as_tensor()
             state["kappa_index"] = torch.tensor(self.kappa_index[0] + self.kappa_index[1])
-            state.update({f"teacher.{k}": v.clone() for k, v in self.teacher.state_dict().items()})
+            # the teacher lies outside the module tree, so moving the strategy does not move it:
+            # copies on the CPU keep a checkpoint's tensors on one device
+            state.update({f"teacher.{k}": v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()})
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ epoch capped at two batches.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -15,13 +16,18 @@ import torch
 from clbench.config import RunConfig
 
 
+# `CLBENCH_TEST_ACCELERATOR=gpu pytest tests/test_registry.py` runs the contract tests of every
+# strategy on a CUDA GPU (tests that compare numbers computed on the CPU expect "cpu")
+TEST_ACCELERATOR = os.environ.get("CLBENCH_TEST_ACCELERATOR", "cpu")
+
+
 def fast_config(output_dir, **overrides) -> RunConfig:
-    """One epoch, two batches per fit, CPU, no progress bar, results under `output_dir`."""
+    """One epoch, two batches per fit, CPU (or $CLBENCH_TEST_ACCELERATOR), no progress bar, results under `output_dir`."""
     base = RunConfig(
         epochs=1,
         batch_size=16,
         eval_batch_size=256,
-        accelerator="cpu",
+        accelerator=TEST_ACCELERATOR,
         limit_train_batches=2,
         progress=False,
         output_dir=str(output_dir),
