@@ -35,6 +35,8 @@ class CLStrategy(pl.LightningModule):
     input_channels: ClassVar[int | None] = None
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
+    # backbone for those contract tests (None: the scenario's default); adapter methods need a ViT
+    contract_backbone: ClassVar[str | None] = None
     # False for methods whose fits compute statistics instead of taking gradient steps (SimpleCIL's
     # prototypes): they override `training_step` and have no `step_losses` terms to log
     learns_by_gradient: ClassVar[bool] = True
@@ -172,10 +174,21 @@ class CLStrategy(pl.LightningModule):
         # by default on CUDA only; on the CPU it gives bitwise the same parameters, costs fewer
         # Python-to-C++ calls, and the profiled op trace matches what a Jetson's GPU runs
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        elif cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        if getattr(cfg, "lr_schedule", "constant") == "cosine":
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+            return {"optimizer": optimizer, "lr_scheduler": cosine}
+        return optimizer
+
+    def on_train_epoch_end(self) -> None:
+        # optimisation is manual, so Lightning leaves the schedule to the module
+        scheduler = self.lr_schedulers() if self._trainer is not None else None
+        if scheduler is not None:
+            scheduler.step()
 
     def on_fit_end(self) -> None:
         self.global_step_offset += self.trainer.global_step

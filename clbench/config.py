@@ -69,10 +69,15 @@ class StrategyConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # "cosine": the learning rate follows a cosine from lr to 0 over each fit's epochs, stepped
+    # once per epoch (torch's CosineAnnealingLR, as the pre-trained-model methods' code does)
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise UsageError(f"optimizer={self.optimizer!r} is invalid; expected one of: sgd, adam, adamw")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: constant, cosine")
         if self.lr <= 0:
             raise UsageError(f"lr={self.lr} is invalid; expected a positive number")
 

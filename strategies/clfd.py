@@ -190,6 +190,7 @@ class CLFDMixin:
             self.accumulate_low_band = True
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.phase.name != "train":
             return
         epoch, last = self.current_epoch + 1, self.trainer.max_epochs

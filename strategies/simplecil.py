@@ -36,13 +36,16 @@ class SimpleCIL(CLStrategy):
         super().__init__(*args, **kwargs)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        d = self.backbone.num_features
+        d = self.embedding_width()
         # float64 sums: the mean does not depend on the order the loader visits the samples in
         self.register_buffer("embedding_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
         self.register_buffer("embedding_counts", torch.zeros(self.num_classes, dtype=torch.long))
 
     def make_head(self, in_features: int) -> nn.Module:
         return nn.Identity()  # the prototypes are the classifier
+
+    def embedding_width(self) -> int:
+        return self.backbone.num_features
 
     @property
     def prototypes(self) -> torch.Tensor:

@@ -64,14 +64,15 @@ def tiny_backbone():
 
 
 def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overrides):
-    """A registered strategy on `scenario` with its default Config plus overrides."""
+    """A registered strategy on `scenario` with its default Config plus overrides (`backbone`: a module,
+    a backbone name, or None for the scenario's default)."""
     from clbench.backbones import build_backbone
     from clbench.runner import create_strategy, strategy_config
 
-    if backbone is None:
+    if backbone is None or isinstance(backbone, str):
         torch.manual_seed(seed)
         backbone = build_backbone(
-            scenario.default_backbone, in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1]
+            backbone or scenario.default_backbone, in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1]
         )
     strategy = create_strategy(name, backbone, scenario.num_classes, strategy_config(name, cfg_overrides), seed=seed)
     strategy.augment = scenario.augment

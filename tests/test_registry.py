@@ -125,7 +125,7 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     captured = {}
     scenario = scenario_named(cls.contract_scenario)
     overrides = dict(cls.contract_overrides)
-    spec = RunSpec(strategy=name, scenario=cls.contract_scenario, run=fast_config_for(tmp_path),
+    spec = RunSpec(strategy=name, scenario=cls.contract_scenario, run=fast_config_for(tmp_path, backbone=cls.contract_backbone),
                    strategy_overrides=overrides, seed=0)
     result = run(spec, callbacks=[recorder], loggers=[logged], on_experience=lambda i, res, strategy: captured.update(strategy=strategy))
 
@@ -155,7 +155,7 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     torch.save({"model": strategy.state_dict(), "extra": strategy.extra_state()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    fresh = build_strategy(name, scenario, seed=123, **overrides)
+    fresh = build_strategy(name, scenario, backbone=cls.contract_backbone, seed=123, **overrides)
     for i in range(t):
         fresh.on_experience_start(scenario.info(i))
     fresh.load_state_dict(saved["model"])
@@ -200,7 +200,7 @@ def test_sampled_training_flops_equal_counting_every_step(name, tmp_path, fast_c
     records = {}
     for mode in ("all", "sample"):
         spec = RunSpec(strategy=name, scenario=cls.contract_scenario, seed=0, strategy_overrides=dict(cls.contract_overrides),
-                       run=fast_config_for(tmp_path / mode, epochs=2, limit_train_batches=3))
+                       run=fast_config_for(tmp_path / mode, epochs=2, limit_train_batches=3, backbone=cls.contract_backbone))
         result = run(spec, profiler=EdgeProfiler(flops=mode))
         assert result.status == "completed", result.error
         records[mode] = result.edge["per_experience"]

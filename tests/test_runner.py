@@ -166,3 +166,38 @@ def test_one_entry_point_scan_serves_every_trainer_of_a_run(monkeypatch, tmp_pat
     run(RunSpec("naive", "synthetic-5", run=fast_config_for(tmp_path), seed=0), callbacks=[spy])
     assert len(spy.fits) == 5 and len(calls) == 1  # five Trainers, one scan
     assert registry.entry_points is counting_scan  # restored after the run
+
+
+class _LearningRates(pl.Callback):
+    def __init__(self):
+        self.per_epoch: list[list[float]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.per_epoch.append([])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.per_epoch[-1].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_cosine_decays_over_each_fits_epochs(schedule, tmp_path, fast_config_for):
+    import math
+
+    lrs = _LearningRates()
+    cfg = fast_config_for(tmp_path, epochs=4)
+    result = run(RunSpec("naive", "synthetic-2", run=cfg, strategy_overrides={"lr": 0.1, "lr_schedule": schedule}),
+                 callbacks=[lrs])
+    assert result.status == "completed", result.error
+    # CosineAnnealingLR with T_max = 4 epochs, stepped after each epoch; every fit starts afresh
+    expected = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 if schedule == "cosine" else 0.1 for e in range(4)]
+    assert len(lrs.per_epoch) == 2
+    for fit in lrs.per_epoch:
+        assert fit == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_unknown_lr_schedule_is_a_usage_error():
+    from clbench.config import StrategyConfig
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="lr_schedule='step' is invalid; expected one of: constant, cosine"):
+        StrategyConfig(lr_schedule="step")

@@ -1,0 +1,118 @@
+"""AdaptFormer parallel adapters for timm Vision Transformers.
+
+The pre-trained-model methods (APER, RanPAC, EASE, TUNA and the DAF, SAEF and SGDS methods
+built on TUNA) tune a frozen ViT through a bottleneck adapter in every block. It reads the
+residual stream after attention (the input of `norm2`) and its output is added to the MLP's:
+
+    x <- x + attn(norm1(x))
+    x <- x + mlp(norm2(x)) + a(x),    a(x) = scale * W_up ReLU(W_down x + b_d) + b_u
+
+with scale 0.1, dropout on the bottleneck, W_down Kaiming-uniform and W_up, b_d, b_u zero,
+so a fresh adapter leaves the network's function unchanged.  The formula follows the TUNA
+card; the released AdaptFormer/PILOT code also multiplies b_u by the scale, which spans the
+same functions and only changes b_u's effective step size.
+
+The backbone's modules and `state_dict` stay as timm built them (pretrained weights load and
+compare as usual): `AdapterRouter` hooks each block's `norm2` (keeps its input) and `mlp`
+(adds the active adapter's output), and `router.using(adapters)` chooses which
+`AdapterSet` runs, so a method can hold one set per task and run the backbone with any of
+them, or with none.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.errors import UsageError
+
+
+class Adapter(nn.Module):
+    """a(x) = scale * W_up ReLU(W_down x + b_d) + b_u, with dropout on the bottleneck."""
+
+    def __init__(self, dim: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.1):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim, bias=False)
+        self.up_bias = nn.Parameter(torch.zeros(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.dropout(F.relu(self.down(x)))) + self.up_bias
+
+
+class AdapterSet(nn.Module):
+    """One adapter per transformer block."""
+
+    def __init__(self, dim: int, depth: int, bottleneck: int, scale: float = 0.1, dropout: float = 0.1):
+        super().__init__()
+        self.adapters = nn.ModuleList(Adapter(dim, bottleneck, scale, dropout) for _ in range(depth))
+
+    def __getitem__(self, block: int) -> Adapter:
+        return self.adapters[block]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    @classmethod
+    def for_vit(cls, vit: nn.Module, bottleneck: int, scale: float = 0.1, dropout: float = 0.1) -> "AdapterSet":
+        blocks = vit_blocks(vit)
+        return cls(blocks[0].norm2.normalized_shape[0], len(blocks), bottleneck, scale, dropout)
+
+
+def vit_blocks(vit: nn.Module) -> nn.Sequential:
+    """The transformer blocks of a timm ViT; a clear error for any other backbone."""
+    blocks = getattr(vit, "blocks", None)
+    if blocks is None or not len(blocks) or not all(hasattr(b, "norm2") and hasattr(b, "mlp") for b in blocks):
+        raise UsageError(f"backbone {type(vit).__name__} has no ViT blocks (norm2 + mlp); adapters need a timm "
+                         "Vision Transformer, e.g. --backbone clbench_vit_tiny or vit_base_patch16_224")
+    return blocks
+
+
+class AdapterRouter:
+    """Runs a ViT's blocks with the active `AdapterSet` (or none). Holds no parameters."""
+
+    def __init__(self, vit: nn.Module):
+        blocks = vit_blocks(vit)
+        self.depth = len(blocks)
+        self.active: AdapterSet | None = None
+        self._block_inputs: list[torch.Tensor | None] = [None] * self.depth
+        self._handles = []
+        for i, block in enumerate(blocks):
+            self._handles.append(block.norm2.register_forward_pre_hook(partial(self._keep_input, i)))
+            self._handles.append(block.mlp.register_forward_hook(partial(self._add_adapter, i)))
+
+    def _keep_input(self, block: int, module: nn.Module, args: tuple) -> None:
+        if self.active is not None:
+            self._block_inputs[block] = args[0]
+
+    def _add_adapter(self, block: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.active is None:
+            return None
+        x, self._block_inputs[block] = self._block_inputs[block], None
+        return output + self.active[block](x)
+
+    @contextmanager
+    def using(self, adapters: AdapterSet | None) -> Iterator[None]:
+        if adapters is not None and len(adapters) != self.depth:
+            raise ValueError(f"adapter set has {len(adapters)} adapters for a ViT of {self.depth} blocks")
+        previous, self.active = self.active, adapters
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
