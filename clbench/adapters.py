@@ -116,3 +116,48 @@ class AdapterRouter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class FirstTaskAdaptation(nn.Module):
+    """The first stage of APER and RanPAC: an adapter set in the frozen ViT, tuned with
+    cross-entropy over the first task's classes through a linear head of its own, then frozen.
+
+    The strategy owns the ViT (it is not registered here twice); this module holds the
+    adapters, the head and the first task's label map, so they are in the strategy's state_dict.
+    """
+
+    def __init__(self, vit: nn.Module, num_classes: int, bottleneck: int, dropout: float = 0.1):
+        super().__init__()
+        self.adapters = AdapterSet.for_vit(vit, bottleneck, dropout=dropout)
+        self.router = AdapterRouter(vit)
+        self._vit = (vit,)  # a tuple: nn.Module does not register it
+        self.head: nn.Linear | None = None
+        self.register_buffer("first_task_label", torch.full((num_classes,), -1, dtype=torch.long))
+
+    @property
+    def vit(self) -> nn.Module:
+        return self._vit[0]
+
+    def start(self, exp) -> None:
+        """At the first task: a head over its classes."""
+        if exp.is_first:
+            self.head = nn.Linear(self.vit.num_features, len(exp.classes))
+            self.first_task_label[list(exp.classes)] = torch.arange(len(exp.classes))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.router.using(self.adapters):
+            features = self.vit(x)
+        return F.cross_entropy(self.head(features), self.first_task_label[y])
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+
+    def features(self, x: torch.Tensor, adapted: bool = True) -> torch.Tensor:
+        """The ViT's embedding with (or without) the adapters, in eval mode and without gradients."""
+        was_training = self.vit.training
+        self.vit.eval(), self.adapters.eval()
+        try:
+            with torch.no_grad(), self.router.using(self.adapters if adapted else None):
+                return self.vit(x)
+        finally:
+            self.vit.train(was_training), self.adapters.train(was_training)

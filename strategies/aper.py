@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from clbench.adapters import AdapterRouter, AdapterSet
+from clbench.adapters import FirstTaskAdaptation
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig
 from clbench.registry import register_strategy
@@ -60,10 +57,7 @@ class APER(SimpleCIL):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.adapter_set = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=self.cfg.adapter_dropout)
-        self.router = AdapterRouter(self.backbone)
-        self.first_task_head: nn.Linear | None = None
-        self.register_buffer("first_task_label", torch.full((self.num_classes,), -1, dtype=torch.long))
+        self.adaptation = FirstTaskAdaptation(self.backbone, self.num_classes, self.cfg.bottleneck, self.cfg.adapter_dropout)
 
     def embedding_width(self) -> int:
         return 2 * self.backbone.num_features
@@ -71,18 +65,14 @@ class APER(SimpleCIL):
     # ---- 1. the first task tunes the adapter through its own head
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
-        if exp.is_first:
-            self.first_task_head = nn.Linear(self.backbone.num_features, len(exp.classes))
-            self.first_task_label[list(exp.classes)] = torch.arange(len(exp.classes))
+        self.adaptation.start(exp)
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
         prototypes = super().phases(exp)
         return ([Phase("adapt")] + prototypes) if exp.is_first else prototypes
 
     def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        with self.router.using(self.adapter_set):
-            features = self.backbone(batch.x)
-        return {"ce": F.cross_entropy(self.first_task_head(features), self.first_task_label[batch.y])}
+        return {"ce": self.adaptation.loss(batch.x, batch.y)}
 
     def training_step(self, batch: Batch, batch_idx: int):
         if self.phase.name == "adapt":
@@ -96,18 +86,8 @@ class APER(SimpleCIL):
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
         super().on_experience_end(exp, train_set)
         if exp.is_first:
-            for p in [*self.adapter_set.parameters(), *self.first_task_head.parameters()]:
-                p.requires_grad_(False)
+            self.adaptation.freeze()
 
     # ---- 3. phi(x) = [f_PTM(x); f_adapted(x)], the embedding SimpleCIL's prototypes and cosine use
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        was_training = self.backbone.training
-        self.backbone.eval(), self.adapter_set.eval()
-        try:
-            with torch.no_grad():
-                plain = self.backbone(x)
-                with self.router.using(self.adapter_set):
-                    adapted = self.backbone(x)
-            return torch.cat([plain, adapted], dim=1)
-        finally:
-            self.backbone.train(was_training), self.adapter_set.train(was_training)
+        return torch.cat([self.adaptation.features(x, adapted=False), self.adaptation.features(x)], dim=1)

@@ -18,7 +18,7 @@ def aper_run(tmp_path_factory, fast_config_for):
     snapshots = []
 
     def keep(i, result, strategy):
-        snapshots.append({"backbone": _state(strategy.backbone), "adapters": _state(strategy.adapter_set),
+        snapshots.append({"backbone": _state(strategy.backbone), "adapters": _state(strategy.adaptation.adapters),
                           "prototypes": strategy.prototypes.clone(), "strategy": strategy})
 
     cfg = fast_config_for(tmp_path_factory.mktemp("aper"), backbone="clbench_vit_tiny", epochs=2, limit_train_batches=None)
