@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.config import StrategyConfig
 from clbench.errors import UsageError
 
 
@@ -116,6 +118,19 @@ class AdapterRouter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+@dataclass(frozen=True)
+class FirstTaskAdaptationConfig(StrategyConfig):
+    """PILOT's recipe for tuning the first task's adapter (APER, RanPAC): SGD lr 0.01, momentum 0.9,
+    weight decay 5e-4, cosine schedule; adapter bottleneck 64, dropout 0.1."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    bottleneck: int = 64
+    adapter_dropout: float = 0.1
 
 
 class FirstTaskAdaptation(nn.Module):

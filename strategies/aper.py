@@ -18,33 +18,22 @@ not). The run needs a timm ViT backbone (`clbench_vit_tiny` on `digits32-*`;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from clbench.adapters import FirstTaskAdaptation
+
+from clbench.adapters import FirstTaskAdaptation, FirstTaskAdaptationConfig
 from clbench.base import CLStrategy
-from clbench.config import StrategyConfig
 from clbench.registry import register_strategy
 from clbench.strategies.simplecil import SimpleCIL
 from clbench.types import Batch, ExperienceInfo, Phase
-
-
-@dataclass(frozen=True)
-class APERConfig(StrategyConfig):
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    bottleneck: int = 64
-    adapter_dropout: float = 0.1
 
 
 @register_strategy("aper")
 class APER(SimpleCIL):
     """Adapter tuned on the first task, then frozen; cosine prototypes over [pre-trained; adapted] features."""
 
-    Config = APERConfig
+    Config = FirstTaskAdaptationConfig
     learns_by_gradient: ClassVar[bool] = True
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.adapters import FirstTaskAdaptation
+from clbench.adapters import FirstTaskAdaptation, FirstTaskAdaptationConfig
 from clbench.base import CLStrategy
-from clbench.config import StrategyConfig
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -38,13 +37,7 @@ RIDGES = tuple(10.0**k for k in range(-8, 9))
 
 
 @dataclass(frozen=True)
-class RanPACConfig(StrategyConfig):
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    bottleneck: int = 64
-    adapter_dropout: float = 0.1
+class RanPACConfig(FirstTaskAdaptationConfig):
     projection_dim: int = 10_000
 
 
