@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.base import eval_mode
 from clbench.config import StrategyConfig
 from clbench.errors import UsageError
 
@@ -121,9 +122,9 @@ class AdapterRouter:
 
 
 @dataclass(frozen=True)
-class FirstTaskAdaptationConfig(StrategyConfig):
-    """PILOT's recipe for tuning the first task's adapter (APER, RanPAC): SGD lr 0.01, momentum 0.9,
-    weight decay 5e-4, cosine schedule; adapter bottleneck 64, dropout 0.1."""
+class AdapterTuningConfig(StrategyConfig):
+    """The adapter-tuning recipe of PILOT and TUNA (APER, RanPAC, DAF): SGD lr 0.01, momentum 0.9,
+    weight decay 5e-4, cosine schedule; adapter bottleneck 64 (TUNA and its family: 16), dropout 0.1."""
 
     lr: float = 0.01
     momentum: float = 0.9
@@ -169,10 +170,5 @@ class FirstTaskAdaptation(nn.Module):
 
     def features(self, x: torch.Tensor, adapted: bool = True) -> torch.Tensor:
         """The ViT's embedding with (or without) the adapters, in eval mode and without gradients."""
-        was_training = self.vit.training
-        self.vit.eval(), self.adapters.eval()
-        try:
-            with torch.no_grad(), self.router.using(self.adapters if adapted else None):
-                return self.vit(x)
-        finally:
-            self.vit.train(was_training), self.adapters.train(was_training)
+        with eval_mode(self.vit, self.adapters), torch.no_grad(), self.router.using(self.adapters if adapted else None):
+            return self.vit(x)

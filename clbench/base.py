@@ -8,9 +8,10 @@ The runner calls, per experience: `on_experience_start` -> `training_data` -> on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -97,6 +98,11 @@ class CLStrategy(pl.LightningModule):
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
         return [Phase("train")]
 
+    def phase_data(self, phase: Phase, data: Dataset) -> Dataset:
+        """The data one phase iterates over (default: the experience's `training_data`); a phase
+        that fits on something else (a subset, sampled features) returns it here."""
+        return data
+
     def on_experience_end(self, exp: ExperienceInfo, train_set: Dataset) -> None:
         for a in self.aux:
             a.on_experience_end(self, exp)
@@ -132,7 +138,8 @@ class CLStrategy(pl.LightningModule):
     def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The method's named `step_losses` plus the add-ons' terms, checked finite and logged."""
         self.step_output = None
-        if self.augment is not None and batch.x_raw is None:
+        # a phase whose inputs are not images (sampled features) says extras={"augment": False}
+        if self.augment is not None and batch.x_raw is None and self.phase.extras.get("augment", True):
             batch = Batch(self.augment(batch.x), batch.y, batch.task, x_raw=batch.x)
         terms = dict(self.step_losses(batch))
         if len(self.aux):
@@ -228,3 +235,19 @@ class CLStrategy(pl.LightningModule):
 def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return teacher["head"](teacher["backbone"](x))
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run `modules` in eval mode (no dropout, BatchNorm statistics untouched), then give each back
+    the mode it had: Lightning keeps submodules' modes across fits, so a mode left switched
+    would carry into the next phase's training."""
+    modes = [[(m, m.training) for m in module.modules()] for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for m, training in saved:
+                m.training = training

@@ -49,12 +49,14 @@ class IncrementalLinear(nn.Module):
 
 
 class CosineLinear(IncrementalLinear):
-    """Cosine-similarity head with a learnable scale (LUCIR/PODNet style), growable like IncrementalLinear."""
+    """Cosine-similarity head, growable like IncrementalLinear: with a learnable scale (LUCIR/PODNet
+    style), or with `scale=None` the plain cosines (TUNA's head: its loss applies a fixed scale)."""
 
-    def __init__(self, in_features: int, out_features: int = 0, scale: float = 16.0):
+    def __init__(self, in_features: int, out_features: int = 0, scale: float | None = 16.0):
         super().__init__(in_features, out_features, bias=False)
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if scale is not None else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         w = nn.functional.normalize(self.fc.weight, dim=1)
-        return self.scale * nn.functional.linear(nn.functional.normalize(features, dim=1), w)
+        cosines = nn.functional.linear(nn.functional.normalize(features, dim=1), w)
+        return cosines if self.scale is None else self.scale * cosines

@@ -224,8 +224,8 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
     for p_index, phase in enumerate(strategy.phases(info)):
         strategy.phase = phase
         loader = make_loader(
-            data,
-            run_cfg.batch_size,
+            strategy.phase_data(phase, data),
+            phase.batch_size or run_cfg.batch_size,
             shuffle=True,
             seed=_loader_seed(seed, info.index, p_index),
             num_workers=run_cfg.num_workers,

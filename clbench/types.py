@@ -57,4 +57,5 @@ class Phase:
 
     name: str = "train"
     epochs: int | None = None  # None: RunConfig.epochs
+    batch_size: int | None = None  # None: RunConfig.batch_size
     extras: dict = field(default_factory=dict, compare=False, hash=False)

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from clbench.adapters import FirstTaskAdaptation, FirstTaskAdaptationConfig
+from clbench.adapters import AdapterTuningConfig, FirstTaskAdaptation
 from clbench.base import CLStrategy
 from clbench.registry import register_strategy
 from clbench.strategies.simplecil import SimpleCIL
@@ -33,7 +33,7 @@ from clbench.types import Batch, ExperienceInfo, Phase
 class APER(SimpleCIL):
     """Adapter tuned on the first task, then frozen; cosine prototypes over [pre-trained; adapted] features."""
 
-    Config = FirstTaskAdaptationConfig
+    Config = AdapterTuningConfig
     learns_by_gradient: ClassVar[bool] = True
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"

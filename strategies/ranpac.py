@@ -22,13 +22,12 @@ profiler's training FLOPs leave them out (the pass that builds G and Q is counte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.adapters import FirstTaskAdaptation, FirstTaskAdaptationConfig
+from clbench.adapters import AdapterTuningConfig, FirstTaskAdaptation
 from clbench.base import CLStrategy
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
@@ -37,7 +36,7 @@ RIDGES = tuple(10.0**k for k in range(-8, 9))
 
 
 @dataclass(frozen=True)
-class RanPACConfig(FirstTaskAdaptationConfig):
+class RanPACConfig(AdapterTuningConfig):
     projection_dim: int = 10_000
 
 

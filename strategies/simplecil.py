@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy
+from clbench.base import CLStrategy, eval_mode
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -55,13 +55,8 @@ class SimpleCIL(CLStrategy):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's embedding, in eval mode (no dropout; BatchNorm statistics untouched)."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                return self.backbone(x)
-        finally:
-            self.backbone.train(was_training)
+        with eval_mode(self.backbone), torch.no_grad():
+            return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> Output:
         features = self.embed(x)

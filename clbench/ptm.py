@@ -1,0 +1,77 @@
+"""Mechanics shared by the TUNA family of pre-trained-model methods (TUNA, DAF, SAEF, SGDS).
+
+- `cosface_loss`: TUNA's training loss on the logits of the current task's classes,
+  L = -log( e^{s(z_y - m)} / (e^{s(z_y - m)} + sum_{k in C_t, k != y} e^{s z_k}) ), the z being
+  the cosines of a `CosineLinear(scale=None)` head (TUNA's bias-free head normalises both sides).
+- `ClassGaussians`: per-class mean and covariance (+ 1e-4 I) of features, measured once,
+  in the class's own task, and Gaussian samples of them for classifier alignment.
+- `alignment_labels`: the label schedule of one classifier-alignment epoch (a fixed number
+  of samples per seen class); the features are drawn inside the steps, fresh every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.data import InMemoryDataset
+
+COVARIANCE_RIDGE = 1e-4
+
+
+def cosface_loss(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int], scale: float, margin: float = 0.0) -> torch.Tensor:
+    """CosFace-form cross-entropy over the logits of `classes` only (labels `y` are among them)."""
+    columns = torch.as_tensor(list(classes), device=logits.device)
+    position = torch.full((int(columns.max()) + 1,), -1, dtype=torch.long, device=logits.device)
+    position[columns] = torch.arange(len(columns), device=logits.device)
+    target = position[y]
+    z = logits[:, columns]
+    z = z - margin * F.one_hot(target, len(columns)).to(z.dtype)
+    return F.cross_entropy(scale * z, target)
+
+
+class ClassGaussians(nn.Module):
+    """Mean and covariance of each class's features; rows of classes not yet measured are zero."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_classes, dim))
+        self.register_buffer("covariance", torch.zeros(num_classes, dim, dim))
+        self.register_buffer("measured", torch.zeros(num_classes, dtype=torch.bool))
+        self._pending: dict[int, list[torch.Tensor]] = {}
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep features of the task being measured (`finish` turns them into statistics)."""
+        for c in labels.unique().tolist():
+            self._pending.setdefault(c, []).append(features[labels == c].detach().double())
+
+    def finish(self) -> None:
+        """Mean and unbiased covariance (+ 1e-4 I) of every class added since the last call."""
+        for c, parts in self._pending.items():
+            x = torch.cat(parts)
+            mean = x.mean(0)
+            centred = x - mean
+            cov = centred.T @ centred / max(len(x) - 1, 1)
+            cov += COVARIANCE_RIDGE * torch.eye(len(mean), dtype=cov.dtype, device=cov.device)
+            self.mean[c], self.covariance[c], self.measured[c] = mean.float(), cov.float(), True
+        self._pending.clear()
+
+    def prepare_sampling(self) -> None:
+        """Cholesky factors of the measured classes' covariances (once per alignment phase)."""
+        self._factor = torch.zeros_like(self.covariance, dtype=torch.float64)
+        self._factor[self.measured] = torch.linalg.cholesky(self.covariance[self.measured].double())
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from N(mean_c, cov_c) per label: mean_c + L_c z, L_c the Cholesky factor, z ~ N(0, I)."""
+        z = torch.randn(len(labels), self.mean.shape[1], 1, generator=generator, dtype=torch.float64)
+        factor = self._factor.to(labels.device)[labels]
+        return (self.mean[labels].double() + (factor @ z.to(factor.device)).squeeze(-1)).float()
+
+
+def alignment_labels(classes: Sequence[int], per_class: int) -> InMemoryDataset:
+    """`per_class` entries of every class (the inputs are placeholders: steps draw the features)."""
+    y = torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(per_class)
+    return InMemoryDataset(torch.zeros(len(y), 1), y)

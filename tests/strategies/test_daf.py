@@ -1,0 +1,189 @@
+"""DAF: the card's faithfulness checks (closed-form fusion, its limits, robust initialisation,
+accumulated Fisher, one global adapter) and TUNA's classifier mechanics underneath."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clbench.adapters import AdapterSet
+from clbench.runner import RunSpec, create_scenario, run
+from clbench.strategies.daf import DAF, fusion_coefficient
+from clbench.types import Batch
+
+T = torch.tensor
+
+
+def _beta(prev, task, init, f_old, f_task, lam):
+    return fusion_coefficient(T(prev), T(task), T(init), T(f_old), T(f_task), lam)["beta"]
+
+
+def test_fusion_on_a_hand_built_example():
+    prev, task, init = [1.0, 0.0, 2.0], [2.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    f_old, f_task, lam = [1.0, 2.0, 0.0], [3.0, 0.0, 1.0], 0.5
+    # d = (1, 1, -1): a_o = 1 + 2 = 3, a_n = 3 + 1 = 4, e = (1, 0, 2).d = -1, |d|^2 = 3
+    terms = fusion_coefficient(T(prev), T(task), T(init), T(f_old), T(f_task), lam)
+    assert (terms["a_old"], terms["a_new"], terms["e"]) == (3.0, 4.0, -1.0)
+    assert terms["beta"] == pytest.approx((4 + 0.5) / (3 + 4 + 0.5 * 3))  # 9/17
+
+
+def test_fusion_limits_and_clipping():
+    prev, task, init = [0.5, -1.0, 2.0], [1.5, 0.0, 0.0], [0.0, 0.0, 0.0]
+    f = [0.3, 2.0, 0.7]
+    assert _beta(prev, task, init, f, f, 0.0) == pytest.approx(0.5)  # equal curvature: plain average
+    assert _beta(prev, task, init, [0.0] * 3, f, 0.0) == 1.0  # nothing old to keep: theta_g = theta_t*
+    assert _beta(prev, task, init, f, [0.0] * 3, 0.0) == 0.0  # nothing new: keep the old global adapter
+    # a strong prior pulls beta to the point of the line nearest theta_0, -e / |d|^2: here
+    # e = (prev - init).d = 0.5 - 1 - 4 = -4.5 and |d|^2 = 6, so 0.75 ...
+    assert _beta(prev, task, init, f, f, 1e9) == pytest.approx(0.75)
+    # ... past theta_t* (-e / |d|^2 = 2, clipped to 1) or behind theta_g^{t-1} (-1, clipped to 0)
+    assert _beta([2.0, 0.0, 0.0], [1.0, 0.0, 0.0], init, f, f, 1e9) == 1.0
+    assert _beta([1.0, 0.0, 0.0], [2.0, 0.0, 0.0], init, f, f, 1e9) == 0.0
+    assert _beta(prev, prev, init, f, f, 1e-3) == 0.0  # d = 0: nothing to fuse
+
+
+def test_beta_minimises_the_quadratic_objective_along_the_segment():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        prev, task, init = rng.normal(size=(3, 6))
+        f_old, f_task = rng.uniform(0.1, 2.0, size=(2, 6))
+        lam = float(rng.uniform(0, 0.5))
+        d = task - prev
+        grid = np.linspace(0, 1, 100_001)
+        theta = prev[None] + grid[:, None] * d[None]
+        j = 0.5 * ((theta - prev) ** 2 * f_old).sum(1) + 0.5 * ((theta - task) ** 2 * f_task).sum(1) \
+            + 0.5 * lam * ((theta - init) ** 2).sum(1)
+        beta = fusion_coefficient(*(torch.from_numpy(v) for v in (prev, task, init, f_old, f_task)), lam)["beta"]
+        assert beta == pytest.approx(grid[np.argmin(j)], abs=1e-3)
+
+
+class _Tap(pl.Callback):
+    """The adapter vector when each task's training starts and ends."""
+
+    def __init__(self):
+        self.train_start, self.train_end = [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        if pl_module.phase.name == "train":
+            self.train_start.append(pl_module.theta().clone())
+
+    def on_fit_end(self, trainer, pl_module):
+        if pl_module.phase.name == "train":
+            self.train_end.append(pl_module.theta().clone())
+
+
+@pytest.fixture(scope="module")
+def daf_run(tmp_path_factory, fast_config_for):
+    tap, fisher_added, after = _Tap(), [], []
+    original = DAF.take_fisher
+
+    def recording(self):
+        fisher = original(self)
+        if self.phase.name == "fisher_fused":
+            fisher_added.append(fisher.clone())
+        return fisher
+
+    def keep(i, result, strategy):
+        after.append({"theta": strategy.theta().clone(), "fisher_old": strategy.fisher_old.clone(),
+                      "backbone": {k: v.clone() for k, v in strategy.backbone.state_dict().items()}, "strategy": strategy})
+
+    DAF.take_fisher = recording
+    try:
+        cfg = fast_config_for(tmp_path_factory.mktemp("daf"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=None)
+        overrides = {"bottleneck": 4, "fisher_samples": 6, "align_epochs": 2, "align_per_class": 8, "prior_strength": 1e-3}
+        result = run(RunSpec("daf", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides),
+                     callbacks=[tap], on_experience=keep)
+    finally:
+        DAF.take_fisher = original
+    assert result.status == "completed", result.error
+    return result, tap, fisher_added, after
+
+
+def test_robust_initialisation_and_the_fused_global_adapter(daf_run):
+    result, tap, _, after = daf_run
+    strategy = after[-1]["strategy"]
+    assert torch.equal(tap.train_start[0], strategy.theta_init)  # theta_0 at the first task
+    fusion = result.strategy_report["fusion"] if hasattr(result, "strategy_report") else strategy.fusion
+    for t in range(5):
+        prev = strategy.theta_init if t == 0 else after[t - 1]["theta"]
+        if t > 0:  # each task's adapter starts as the previous global adapter, bit for bit
+            assert torch.equal(tap.train_start[t], prev)
+        beta = fusion[t]["beta"]
+        assert 0.0 <= beta <= 1.0
+        expected = (prev.double() + beta * (tap.train_end[t].double() - prev.double())).float()
+        assert torch.allclose(after[t]["theta"], expected, atol=1e-7)  # nothing after the fusion moved it
+    assert any(0.0 < f["beta"] < 1.0 for f in fusion)
+
+
+def test_fisher_old_is_the_sum_of_the_fused_adapters_fishers(daf_run):
+    _, _, fisher_added, after = daf_run
+    assert len(fisher_added) == 5
+    running = torch.zeros_like(fisher_added[0])
+    for t, fisher in enumerate(fisher_added):
+        running = running + fisher
+        assert torch.equal(after[t]["fisher_old"], running)
+    # a task whose loss saturates on its Fisher samples (scale 20 on raw logits) has an exactly zero
+    # Fisher in float32; on this tiny run some tasks do, the others must not
+    assert any(f.sum() > 0 for f in fisher_added)
+
+
+def test_one_global_adapter_one_adapter_forward_and_a_frozen_backbone(daf_run):
+    _, _, _, after = daf_run
+    strategy = after[-1]["strategy"]
+    assert sum(isinstance(m, AdapterSet) for m in strategy.modules()) == 1
+    for snapshot in after[1:]:
+        assert all(torch.equal(snapshot["backbone"][k], after[0]["backbone"][k]) for k in after[0]["backbone"])
+    calls = []
+    handle = strategy.adapter[0].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    x = create_scenario("digits32-5").test_sets[0].x[:7]
+    strategy.eval()
+    strategy.predict_logits(x)
+    handle.remove()
+    assert calls == [7]  # one batched adapter forward: each image went through one adapter once
+
+
+def test_class_gaussians_are_the_features_under_the_global_adapter_of_their_task(daf_run):
+    _, _, _, after = daf_run
+    strategy = after[-1]["strategy"]
+    assert bool(strategy.gaussians.measured.all())
+    last = create_scenario("digits32-5").train_sets[-1]
+    features = strategy.eval_features(last.x).double()  # the final adapter is the one of the last task
+    for c in last.y.unique().tolist():
+        f = features[last.y == c]
+        cov = torch.cov(f.T) + 1e-4 * torch.eye(f.shape[1], dtype=f.dtype)
+        assert torch.allclose(strategy.gaussians.mean[c].double(), f.mean(0), atol=1e-5)
+        assert torch.allclose(strategy.gaussians.covariance[c].double(), cov, atol=1e-5)
+
+
+def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
+    from clbench.backbones import build_backbone
+    from clbench.runner import create_strategy, strategy_config
+    from clbench.types import Phase
+
+    scenario = create_scenario("digits32-5")
+    torch.manual_seed(0)
+    strategy = create_strategy("daf", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("daf", {"bottleneck": 4}), seed=0)
+    strategy.on_experience_start(scenario.info(0))
+    with torch.no_grad():
+        for p in strategy.adapter.parameters():
+            p.normal_(0, 0.1)  # away from W_up = 0, where the down projection has no gradient
+    strategy.phase = Phase("fisher_task", batch_size=1)
+    x, y = scenario.train_sets[0].x[:3], scenario.train_sets[0].y[:3]
+    for i in range(3):
+        strategy.accumulate_fisher(Batch(x[i:i + 1], y[i:i + 1]))
+    got = strategy.take_fisher()
+    by_hand = torch.zeros_like(got)
+    strategy.eval()
+    for i in range(3):
+        logits = strategy.head(strategy.features(x[i:i + 1]))
+        loss = torch.nn.functional.cross_entropy(20.0 * logits[:, [0, 1]], y[i:i + 1])  # classes 0 and 1
+        grads = torch.autograd.grad(loss, list(strategy.adapter.parameters()))
+        by_hand += torch.cat([g.reshape(-1) for g in grads]).double() ** 2 / 3
+    assert torch.allclose(got, by_hand, rtol=1e-5, atol=1e-12)
+    assert strategy.adapter.training is False  # eval() above; accumulate_fisher gives modes back:
+    strategy.train()
+    strategy.accumulate_fisher(Batch(x[:1], y[:1]))
+    assert strategy.adapter.training and strategy.backbone.training
