@@ -187,3 +187,13 @@ def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
     strategy.train()
     strategy.accumulate_fisher(Batch(x[:1], y[:1]))
     assert strategy.adapter.training and strategy.backbone.training
+
+
+def test_phases_run_on_their_own_data_and_batch_sizes(daf_run):
+    result, *_ = daf_run
+    shapes = {s["phase"]: s for r in result.edge["per_experience"][1:2] for s in r["flops_step_shapes"]}
+    assert set(shapes) == {"train", "fisher_task", "fisher_fused", "statistics", "align"}
+    assert shapes["fisher_task"]["input_shape"] == [1, 3, 32, 32] and shapes["fisher_task"]["steps"] == 6
+    assert shapes["align"]["input_shape"] == [8, 1]  # label placeholders; the step draws the features
+    # experience 2 aligns on 4 seen classes x 8 samples = 4 steps per epoch, 2 epochs
+    assert sum(s["steps"] for s in result.edge["per_experience"][1]["flops_step_shapes"] if s["phase"] == "align") == 8
