@@ -50,8 +50,12 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.dropout(F.relu(self.down(x)))) + self.up_bias
+    def forward(self, x: torch.Tensor, unit_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`unit_mask` (batch x bottleneck, 0/1) keeps each sample's bottleneck units (SGDS routing)."""
+        hidden = F.relu(self.down(x))
+        if unit_mask is not None:
+            hidden = hidden * unit_mask.reshape(len(unit_mask), *[1] * (hidden.dim() - 2), -1)
+        return self.scale * self.up(self.dropout(hidden)) + self.up_bias
 
 
 class AdapterSet(nn.Module):
@@ -89,6 +93,7 @@ class AdapterRouter:
         blocks = vit_blocks(vit)
         self.depth = len(blocks)
         self.active: AdapterSet | None = None
+        self.unit_mask: torch.Tensor | None = None
         self._block_inputs: list[torch.Tensor | None] = [None] * self.depth
         self._handles = []
         for i, block in enumerate(blocks):
@@ -103,17 +108,19 @@ class AdapterRouter:
         if self.active is None:
             return None
         x, self._block_inputs[block] = self._block_inputs[block], None
-        return output + self.active[block](x)
+        return output + self.active[block](x, self.unit_mask)
 
     @contextmanager
-    def using(self, adapters: AdapterSet | None) -> Iterator[None]:
+    def using(self, adapters: AdapterSet | None, unit_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Run the ViT with `adapters` (None: the plain ViT), each sample's units masked by `unit_mask`."""
         if adapters is not None and len(adapters) != self.depth:
             raise ValueError(f"adapter set has {len(adapters)} adapters for a ViT of {self.depth} blocks")
-        previous, self.active = self.active, adapters
+        previous = self.active, self.unit_mask
+        self.active, self.unit_mask = adapters, unit_mask
         try:
             yield
         finally:
-            self.active = previous
+            self.active, self.unit_mask = previous
 
     def remove(self) -> None:
         for handle in self._handles:

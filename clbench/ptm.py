@@ -7,17 +7,24 @@
   in the class's own task, and Gaussian samples of them for classifier alignment.
 - `alignment_labels`: the label schedule of one classifier-alignment epoch (a fixed number
   of samples per seen class); the features are drawn inside the steps, fresh every epoch.
+- `TunaStrategy`: the train / statistics / alignment pipeline around one adapter set, which
+  DAF and SGDS extend with their own phases and losses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
+from clbench.base import CLStrategy, eval_mode
 from clbench.data import InMemoryDataset
+from clbench.heads import CosineLinear
+from clbench.types import Batch, ExperienceInfo, Output, Phase
 
 COVARIANCE_RIDGE = 1e-4
 
@@ -75,3 +82,111 @@ def alignment_labels(classes: Sequence[int], per_class: int) -> InMemoryDataset:
     """`per_class` entries of every class (the inputs are placeholders: steps draw the features)."""
     y = torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(per_class)
     return InMemoryDataset(torch.zeros(len(y), 1), y)
+
+
+@dataclass(frozen=True)
+class TunaConfig(AdapterTuningConfig):
+    """TUNA's recipe: adapter bottleneck 16, scale s = 20, margin m, classifier alignment."""
+
+    bottleneck: int = 16
+    scale: float = 20.0
+    margin: float = 0.0
+    align_epochs: int = 30  # 0: no alignment
+    align_per_class: int = 80  # TUNA: 5 x batch size
+    align_lr: float = 0.01
+
+
+class TunaStrategy(CLStrategy):
+    """The pipeline TUNA's family shares, around one adapter set in a frozen ViT:
+
+    train (adapter + cosine head, CosFace-form loss on the current classes)
+    -> the method's own phases (`method_phases`)
+    -> statistics (class Gaussians of the new classes under the adapter, eval mode, no augmentation)
+    -> alignment (t > 0: the head on fresh Gaussian samples of all seen classes, its own SGD
+       with momentum 0.9, weight decay 5e-4, cosine schedule, `align_lr`).
+    Inference: s * cosines of the head over the adapted [CLS] feature.
+    """
+
+    Config = TunaConfig
+    contract_scenario = "digits32-5"
+    contract_backbone = "clbench_vit_tiny"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone.requires_grad_(False)
+        self.adapter = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=self.cfg.adapter_dropout)
+        self.router = AdapterRouter(self.backbone)
+        self.gaussians = ClassGaussians(self.num_classes, self.backbone.num_features)
+        self.alignment_generator = torch.Generator().manual_seed(self.seed + 29)
+
+    def make_head(self, in_features: int) -> CosineLinear:
+        return CosineLinear(in_features, scale=None)  # cosine logits; the loss scales them by s
+
+    def features(self, x: torch.Tensor, unit_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with self.router.using(self.adapter, unit_mask):
+            return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        f = self.features(x)
+        return Output(self.cfg.scale * self.head(f), f)
+
+    def eval_features(self, x: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.backbone, self.adapter), torch.no_grad():
+            return self.features(x)
+
+    # ---- the phases of a task
+    def method_phases(self, exp: ExperienceInfo) -> list[Phase]:
+        return []
+
+    def phases(self, exp: ExperienceInfo) -> list[Phase]:
+        phases = [Phase("train"), *self.method_phases(exp), Phase("statistics", epochs=1)]
+        if not exp.is_first and self.cfg.align_epochs > 0:
+            phases.append(Phase("align", epochs=self.cfg.align_epochs, batch_size=self.cfg.align_per_class,
+                                extras={"augment": False}))
+        return phases
+
+    def phase_data(self, phase: Phase, data):
+        if phase.name == "align":
+            return alignment_labels(self.experience.seen_classes, self.cfg.align_per_class)
+        return data
+
+    def train_loss(self, batch: Batch) -> torch.Tensor:
+        """CosFace-form loss of the current classes (methods that route samples override)."""
+        logits = self.head(self.features(batch.x))
+        return cosface_loss(logits, batch.y, self.experience.classes, self.cfg.scale, self.cfg.margin)
+
+    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.phase.name == "align":
+            sampled = self.gaussians.sample(batch.y, self.alignment_generator).to(self.device)
+            return {"align": cosface_loss(self.head(sampled), batch.y, self.experience.seen_classes, self.cfg.scale)}
+        return {"cosface": self.train_loss(batch)}
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        if self.phase.name == "statistics":
+            self.gaussians.add(self.eval_features(batch.x), batch.y)
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        if self.phase.name == "train":
+            return super().configure_optimizers()
+        if self.phase.name == "align":
+            head = torch.optim.SGD(self.head.parameters(), lr=self.cfg.align_lr, momentum=0.9, weight_decay=5e-4, foreach=True)
+            return {"optimizer": head, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(head, T_max=self.trainer.max_epochs)}
+        return None
+
+    def on_fit_start(self) -> None:
+        if self.phase.name == "align":
+            self.gaussians.prepare_sampling()
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        if self.phase.name == "statistics":
+            self.gaussians.finish()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {**super().extra_state(), "alignment_generator": self.alignment_generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_extra_state(state)
+        self.alignment_generator.set_state(state["alignment_generator"])

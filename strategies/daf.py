@@ -44,25 +44,17 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import Subset
 
-from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
-from clbench.base import CLStrategy, eval_mode
-from clbench.heads import CosineLinear
-from clbench.ptm import ClassGaussians, alignment_labels, cosface_loss
+from clbench.base import eval_mode
+from clbench.ptm import TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
-from clbench.types import Batch, ExperienceInfo, Output, Phase
+from clbench.types import Batch, ExperienceInfo, Phase
 
 
 @dataclass(frozen=True)
-class DAFConfig(AdapterTuningConfig):
-    bottleneck: int = 16
-    scale: float = 20.0
-    margin: float = 0.0
+class DAFConfig(TunaConfig):
     prior_strength: float = 1e-3  # lambda
     per_layer: bool = False
     fisher_samples: int = 0  # 0: all of the task's training samples
-    align_epochs: int = 30
-    align_per_class: int = 80  # TUNA: 5 x batch size
-    align_lr: float = 0.01
 
 
 def fusion_coefficient(theta_prev: torch.Tensor, theta_task: torch.Tensor, theta_init: torch.Tensor,
@@ -78,98 +70,49 @@ def fusion_coefficient(theta_prev: torch.Tensor, theta_task: torch.Tensor, theta
 
 
 @register_strategy("daf")
-class DAF(CLStrategy):
+class DAF(TunaStrategy):
     """One global adapter: each task's adapter is fused into it by a curvature-weighted coefficient."""
 
     Config = DAFConfig
-    contract_scenario = "digits32-5"
-    contract_backbone = "clbench_vit_tiny"
     contract_overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self.adapter = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=self.cfg.adapter_dropout)
-        self.router = AdapterRouter(self.backbone)
         theta_init = parameters_to_vector(self.adapter.parameters()).detach()
         self.register_buffer("theta_init", theta_init.clone())
         self.register_buffer("fisher_old", torch.zeros_like(theta_init, dtype=torch.float64))
-        self.gaussians = ClassGaussians(self.num_classes, self.backbone.num_features)
-        self.alignment_generator = torch.Generator().manual_seed(self.seed + 29)
         self.fusion: list[dict[str, float]] = []
         self._theta_prev: torch.Tensor | None = None
         self._fisher_sum: torch.Tensor | None = None
         self._fisher_count = 0
 
-    def make_head(self, in_features: int) -> CosineLinear:
-        return CosineLinear(in_features, scale=None)  # cosine logits; the loss scales them by s
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        with self.router.using(self.adapter):
-            return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> Output:
-        f = self.features(x)
-        return Output(self.cfg.scale * self.head(f), f)
-
     def theta(self) -> torch.Tensor:
         return parameters_to_vector(self.adapter.parameters()).detach()
 
-    # ---- the phases of a task
-    def phases(self, exp: ExperienceInfo) -> list[Phase]:
-        phases = [Phase("train"), Phase("fisher_task", epochs=1, batch_size=1),
-                  Phase("fisher_fused", epochs=1, batch_size=1), Phase("statistics", epochs=1)]
-        if not exp.is_first and self.cfg.align_epochs > 0:  # align_epochs=0: no alignment
-            phases.append(Phase("align", epochs=self.cfg.align_epochs, batch_size=self.cfg.align_per_class,
-                                extras={"augment": False}))
-        return phases
+    # ---- after training: the two Fisher passes (batch-1 steps) before TUNA's statistics and alignment
+    def method_phases(self, exp: ExperienceInfo) -> list[Phase]:
+        return [Phase("fisher_task", epochs=1, batch_size=1), Phase("fisher_fused", epochs=1, batch_size=1)]
 
     def phase_data(self, phase: Phase, data):
         if phase.name.startswith("fisher"):
             return Subset(data, range(min(self.cfg.fisher_samples or len(data), len(data))))
-        if phase.name == "align":
-            return alignment_labels(self.experience.seen_classes, self.cfg.align_per_class)
-        return data
+        return super().phase_data(phase, data)
 
     # ---- 1. Robust Initialization: the adapter holds theta_g^{t-1} when the task starts
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
         self._theta_prev = self.theta().clone()
 
-    # ---- 2. train adapter and head (CosFace on the current classes); 6. align the head
-    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.phase.name == "align":
-            sampled = self.gaussians.sample(batch.y, self.alignment_generator).to(self.device)
-            seen = self.experience.seen_classes
-            return {"align": cosface_loss(self.head(sampled), batch.y, seen, self.cfg.scale)}
-        logits = self.head(self.features(batch.x))
-        return {"cosface": cosface_loss(logits, batch.y, self.experience.classes, self.cfg.scale, self.cfg.margin)}
-
     def training_step(self, batch: Batch, batch_idx: int):
-        name = self.phase.name
-        if name.startswith("fisher"):
+        if self.phase.name.startswith("fisher"):
             return self.accumulate_fisher(batch)
-        if name == "statistics":
-            self.gaussians.add(self.eval_features(batch.x), batch.y)
-            return None
-        return super().training_step(batch, batch_idx)
-
-    def configure_optimizers(self):
-        if self.phase.name == "train":
-            return super().configure_optimizers()
-        if self.phase.name == "align":
-            head = torch.optim.SGD(self.head.parameters(), lr=self.cfg.align_lr, momentum=0.9, weight_decay=5e-4, foreach=True)
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(head, T_max=self.trainer.max_epochs)
-            return {"optimizer": head, "lr_scheduler": cosine}
-        return None
+        return super().training_step(batch, batch_idx)  # 2. train; 6. statistics, alignment
 
     # ---- 3. and 5. diagonal empirical Fisher from per-sample (batch-1) gradients
     def accumulate_fisher(self, batch: Batch) -> None:
         params = list(self.adapter.parameters())
         with torch.enable_grad(), eval_mode(self.backbone, self.adapter):  # the loss itself, without dropout noise
-            logits = self.head(self.features(batch.x))
-            loss = cosface_loss(logits, batch.y, self.experience.classes, self.cfg.scale, self.cfg.margin)
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(self.train_loss(batch), params)
         squared = torch.cat([g.reshape(-1) for g in grads]).double() ** 2
         self._fisher_sum = squared if self._fisher_sum is None else self._fisher_sum + squared
         self._fisher_count += len(batch)
@@ -207,31 +150,18 @@ class DAF(CLStrategy):
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
-        name = self.phase.name
-        if name == "fisher_task":
+        if self.phase.name == "fisher_task":
             self.fuse(self.take_fisher())
-        elif name == "fisher_fused":
+        elif self.phase.name == "fisher_fused":
             self.fisher_old += self.take_fisher()  # 5. F_old accumulates the fused adapter's curvature
-        elif name == "statistics":
-            self.gaussians.finish()
-
-    def on_fit_start(self) -> None:
-        if self.phase.name == "align":
-            self.gaussians.prepare_sampling()
-
-    # ---- 6. class statistics under the fused adapter (eval mode, no augmentation, no gradients)
-    def eval_features(self, x: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.backbone, self.adapter), torch.no_grad():
-            return self.features(x)
 
     # ---- resume and report
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {**super().extra_state(), "alignment_generator": self.alignment_generator.get_state(),
+        return {**super().extra_state(),
                 "fusion_beta": torch.tensor([f.get("beta", float("nan")) for f in self.fusion], dtype=torch.float64)}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_extra_state(state)
-        self.alignment_generator.set_state(state["alignment_generator"])
         self.fusion = [{"task": i, "beta": b} for i, b in enumerate(state["fusion_beta"].tolist())]
 
     def report(self) -> dict:
