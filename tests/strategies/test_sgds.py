@@ -1,0 +1,136 @@
+"""SGDS: the card's faithfulness checks (routing, rank, ALLOCATE, REUSE, P(y|c), frozen backbone)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clbench.backbones import build_backbone
+from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
+from clbench.strategies.sgds import semantic_probabilities
+from clbench.types import Batch
+
+K = 4
+
+
+def _strategy(**overrides):
+    torch.manual_seed(0)
+    cfg = strategy_config("sgds", {"bottleneck": 16, "units_per_class": K, "adapter_dropout": 0.0, **overrides})
+    return create_strategy("sgds", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=0)
+
+
+def _randomise(adapters):
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_semantic_probabilities_are_the_softmax_of_cosines_on_a_hand_built_example():
+    p = semantic_probabilities(torch.tensor([2.0, 0.0]), torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]]), 1.0)
+    e = [math.exp(1.0), math.exp(0.0), math.exp(1 / math.sqrt(2))]
+    assert p.tolist() == pytest.approx([v / sum(e) for v in e])
+    sharp = semantic_probabilities(torch.tensor([2.0, 0.0]), torch.tensor([[1.0, 0.0], [0.0, 3.0]]), 0.5)
+    assert sharp.tolist() == pytest.approx([math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)])
+
+
+def test_a_masked_step_leaves_the_units_outside_the_class_set_bit_identical():
+    strategy = _strategy()
+    scenario = create_scenario("digits32-5")
+    strategy.on_experience_start(scenario.info(0))
+    units = [1, 5, 9, 13]
+    strategy.unit_sets[0, units] = True
+    _randomise(strategy.adapter)
+    before = {k: v.clone() for k, v in strategy.adapter.state_dict().items()}
+    data = scenario.train_sets[0]
+    x = data.x[data.y == 0][:8]
+    optimizer = torch.optim.SGD([p for p in strategy.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    strategy.train_loss(Batch(x, torch.zeros(len(x), dtype=torch.long))).backward()
+    optimizer.step()
+    after = strategy.adapter.state_dict()
+    outside = [i for i in range(16) if i not in units]
+    for b in range(len(strategy.adapter)):
+        down_w, down_b, up_w = (f"adapters.{b}.down.weight", f"adapters.{b}.down.bias", f"adapters.{b}.up.weight")
+        assert torch.equal(after[down_w][outside], before[down_w][outside])
+        assert torch.equal(after[down_b][outside], before[down_b][outside])
+        assert torch.equal(after[up_w][:, outside], before[up_w][:, outside])
+        assert not torch.equal(after[up_w][:, units], before[up_w][:, units])  # the class's own units learn
+
+
+def test_a_class_masked_adapter_output_has_rank_at_most_k():
+    strategy = _strategy()
+    adapter = strategy.adapter[0]
+    _randomise(adapter)
+    x = torch.randn(5, 17, 64)
+    mask = torch.zeros(5, 16)
+    mask[:, [0, 3, 6, 9]] = 1
+    with torch.no_grad():
+        masked = (adapter(x, mask) - adapter.up_bias).reshape(-1, 64)
+        dense = (adapter(x) - adapter.up_bias).reshape(-1, 64)
+    assert torch.linalg.matrix_rank(masked.double(), rtol=1e-6) <= K
+    assert torch.linalg.matrix_rank(dense.double(), rtol=1e-6) > K  # the bound is the mask's doing
+
+
+def _two_old_classes(strategy, new_prototypes):
+    """Task 2 of digits32-5 (classes 2, 3 new) after classes 0 and 1 took units 0-3 and 4-7."""
+    strategy.on_experience_start(create_scenario("digits32-5").info(1))
+    eye = torch.eye(64, dtype=torch.float64)
+    for c, proto in zip((0, 1, 2, 3), (eye[0], eye[1], *new_prototypes)):
+        strategy.prototype_sums[c], strategy.prototype_counts[c] = proto, 1
+    strategy.unit_sets[0, 0:4] = strategy.unit_sets[1, 4:8] = True
+    strategy.unit_usage[0:8] = 1
+    return eye
+
+
+def test_allocate_gives_a_dissimilar_class_unused_units_and_counts_them():
+    strategy = _strategy()
+    eye = torch.eye(64, dtype=torch.float64)
+    _two_old_classes(strategy, (eye[2], eye[3]))  # orthogonal to every old prototype
+    usage_before = strategy.unit_usage.clone()
+    strategy.assign_units([2, 3])
+    s0, s1, s2, s3 = (set(strategy.unit_sets[c].nonzero().flatten().tolist()) for c in range(4))
+    assert len(s2) == len(s3) == K
+    assert not s2 & (s0 | s1) and not s3 & (s0 | s1 | s2)  # 8 units were free: all disjoint
+    grown = (strategy.unit_usage - usage_before).tolist()
+    assert grown == [1 if i in s2 | s3 else 0 for i in range(16)]
+    assert [d["strategy"] for d in strategy.decisions] == ["allocate", "allocate"]
+
+
+def test_reuse_puts_a_class_equal_to_an_old_one_into_its_neighbours_units():
+    strategy = _strategy(reuse_epsilon=0.0)
+    eye = torch.eye(64, dtype=torch.float64)
+    _two_old_classes(strategy, (eye[0] * 3, eye[3]))  # class 2 has class 0's prototype direction
+    strategy.assign_units([2, 3])
+    s0 = set(strategy.unit_sets[0].nonzero().flatten().tolist())
+    assert set(strategy.unit_sets[2].nonzero().flatten().tolist()) == s0  # one neighbour with k units
+    first = strategy.decisions[0]  # the most similar new class is decided first
+    assert (first["class"], first["strategy"], first["neighbour"], first["overlap"]) == (2, "reuse", 0, K)
+    assert strategy.decisions[1]["strategy"] == "allocate"
+
+
+def test_a_run_keeps_the_backbone_frozen_infers_dense_and_reports_the_decisions(tmp_path, fast_config_for):
+    snapshots = []
+
+    def keep(i, result, strategy):
+        snapshots.append(({k: v.clone() for k, v in strategy.backbone.state_dict().items()}, strategy))
+
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=None)
+    overrides = {"bottleneck": 16, "units_per_class": K, "align_epochs": 1, "align_per_class": 8}
+    result = run(RunSpec("sgds", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides), on_experience=keep)
+    assert result.status == "completed", result.error
+    first = snapshots[0][0]
+    assert all(torch.equal(state[k], first[k]) for state, _ in snapshots[1:] for k in first)
+    strategy = snapshots[-1][1]
+    assert len(result.strategy_report["units"]) == 10 and all(strategy.unit_sets.sum(1) == K)
+    scenario = create_scenario("digits32-5")
+    last = scenario.train_sets[-1]
+    strategy.eval()
+    with torch.no_grad():
+        plain = strategy.backbone(last.x)  # prototypes: the frozen PTM's [CLS] means
+        for c in last.y.unique().tolist():
+            assert torch.allclose(strategy.prototypes[c].float(), plain[last.y == c].mean(0), atol=1e-5)
+        x = scenario.test_sets[0].x[:4]
+        dense = strategy.cfg.scale * strategy.head(strategy.features(x))  # no labels, no mask
+        assert torch.allclose(strategy.predict_logits(x), dense)
