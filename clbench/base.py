@@ -34,6 +34,8 @@ class CLStrategy(pl.LightningModule):
     contract_scenario: ClassVar[str] = "synthetic-2"
     # image channels the method is defined for (None: any); `sweep --strategies all` skips other scenarios
     input_channels: ClassVar[int | None] = None
+    # True for methods that put adapters into a timm ViT: sweeps skip runs whose backbone is not one
+    needs_vit_backbone: ClassVar[bool] = False
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
     # backbone for those contract tests (None: the scenario's default); adapter methods need a ViT

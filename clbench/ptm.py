@@ -110,6 +110,7 @@ class TunaStrategy(CLStrategy):
     Config = TunaConfig
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
+    needs_vit_backbone = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

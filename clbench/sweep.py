@@ -100,17 +100,38 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     from clbench.runner import create_scenario
 
     try:
-        channels = create_scenario(scenario, run).input_shape[0]
+        built = create_scenario(scenario, run)
     except (DataNotFoundError, UsageError):
         return list(names), {}
+    channels = built.input_shape[0]
+    backbone = (run.backbone if run is not None and run.backbone else None) or built.default_backbone
     kept, skipped = [], {}
     for name in names:
-        needs = STRATEGIES.get(name).input_channels
+        cls = STRATEGIES.get(name)
+        needs = cls.input_channels
         if needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
+        elif cls.needs_vit_backbone and not _is_vit(backbone, built.input_shape):
+            skipped[name] = f"needs a timm ViT backbone (--backbone clbench_vit_tiny, vit_base_patch16_224...), not {backbone}"
         else:
             kept.append(name)
     return kept, skipped
+
+
+def _is_vit(backbone: str, input_shape) -> bool:
+    """Whether `backbone` has ViT blocks, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from clbench.adapters import vit_blocks
+    from clbench.backbones import build_backbone
+
+    try:
+        with torch.device("meta"):
+            model = build_backbone(backbone, in_chans=input_shape[0], img_size=input_shape[-1])
+        vit_blocks(model)
+    except UsageError:
+        return False
+    return True
 
 
 def _defined_for_their_scenario(jobs: list[Job]) -> list[Job]:

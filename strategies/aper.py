@@ -37,6 +37,7 @@ class APER(SimpleCIL):
     learns_by_gradient: ClassVar[bool] = True
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
+    needs_vit_backbone = True
     contract_overrides = {"bottleneck": 8}
     PAPER_SETTINGS = {
         name: {"epochs": 20, "batch_size": 48, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,

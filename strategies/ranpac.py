@@ -61,6 +61,7 @@ class RanPAC(CLStrategy):
     Config = RanPACConfig
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
+    needs_vit_backbone = True
     contract_overrides = {"bottleneck": 8, "projection_dim": 64}
     PAPER_SETTINGS = {
         name: {"epochs": 20, "batch_size": 48, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from clbench import config as C
+
 from clbench import sweep as S
 from clbench.cli import main
 from clbench.errors import UsageError
@@ -43,10 +45,15 @@ def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, 
 
     needs_rgb = {n for n in STRATEGIES.names() if STRATEGIES.get(n).input_channels == 3}
     assert {"clfd", "er_clfd", "der_pp_clfd"} <= needs_rgb
-    kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images
-    assert set(skipped) == needs_rgb and set(kept) == set(STRATEGIES.names()) - needs_rgb
+    needs_vit = {n for n in STRATEGIES.names() if STRATEGIES.get(n).needs_vit_backbone}
+    assert {"aper", "ranpac", "daf", "sgds"} <= needs_vit
+    kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images, an MLP
+    assert set(skipped) == needs_rgb | needs_vit and set(kept) == set(STRATEGIES.names()) - needs_rgb - needs_vit
     assert skipped["clfd"] == "defined for 3-channel images, the scenario has 1"
+    assert skipped["daf"] == "needs a timm ViT backbone (--backbone clbench_vit_tiny, vit_base_patch16_224...), not clbench_mlp_tiny"
     assert S.compatible_strategies(["naive", "clfd"], "synthetic32-3") == (["naive", "clfd"], {})
+    vit = C.RunConfig(backbone="clbench_vit_tiny")
+    assert S.compatible_strategies(["naive", "daf", "simplecil"], "digits32-5", vit) == (["naive", "daf", "simplecil"], {})
 
     assert main(["sweep", "--strategies", "all", "--scenarios", "synthetic-2,synthetic32-3", "--seeds", "0",
                  "--dry-run", "--output-dir", str(tmp_path)]) == 0
