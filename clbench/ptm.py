@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,9 @@ class TunaStrategy(CLStrategy):
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     needs_vit_backbone = True
+    # True: each task starts with a pass that measures the new classes' mean frozen-PTM [CLS]
+    # feature (no adapter), for methods that decide from semantic similarity (SGDS, SAEF)
+    measures_ptm_prototypes: ClassVar[bool] = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,6 +122,15 @@ class TunaStrategy(CLStrategy):
         self.router = AdapterRouter(self.backbone)
         self.gaussians = ClassGaussians(self.num_classes, self.backbone.num_features)
         self.alignment_generator = torch.Generator().manual_seed(self.seed + 29)
+        if self.measures_ptm_prototypes:
+            d = self.backbone.num_features
+            self.register_buffer("prototype_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
+            self.register_buffer("prototype_counts", torch.zeros(self.num_classes, dtype=torch.long))
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """Mean frozen-PTM [CLS] feature of every class measured so far (float64; zero rows otherwise)."""
+        return self.prototype_sums / self.prototype_counts.clamp(min=1).unsqueeze(1)
 
     def make_head(self, in_features: int) -> CosineLinear:
         return CosineLinear(in_features, scale=None)  # cosine logits; the loss scales them by s
@@ -140,7 +152,8 @@ class TunaStrategy(CLStrategy):
         return []
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
-        phases = [Phase("train"), *self.method_phases(exp), Phase("statistics", epochs=1)]
+        phases = [Phase("prototypes", epochs=1)] if self.measures_ptm_prototypes else []
+        phases += [Phase("train"), *self.method_phases(exp), Phase("statistics", epochs=1)]
         if not exp.is_first and self.cfg.align_epochs > 0:
             phases.append(Phase("align", epochs=self.cfg.align_epochs, batch_size=self.cfg.align_per_class,
                                 extras={"augment": False}))
@@ -165,6 +178,12 @@ class TunaStrategy(CLStrategy):
     def training_step(self, batch: Batch, batch_idx: int):
         if self.phase.name == "statistics":
             self.gaussians.add(self.eval_features(batch.x), batch.y)
+            return None
+        if self.phase.name == "prototypes":
+            with eval_mode(self.backbone), torch.no_grad():
+                features = self.backbone(batch.x).double()  # no adapter: the pre-trained model's [CLS]
+            self.prototype_sums.index_add_(0, batch.y, features)
+            self.prototype_counts.index_add_(0, batch.y, torch.ones_like(batch.y))
             return None
         return super().training_step(batch, batch_idx)
 

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clbench.base import eval_mode
 from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy, cosface_loss
 from clbench.registry import register_strategy
-from clbench.types import Batch, ExperienceInfo, Phase
+from clbench.types import Batch
 
 
 @dataclass(frozen=True)
@@ -69,37 +68,20 @@ class SGDS(TunaStrategy):
 
     Config = SGDSConfig
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
+    measures_ptm_prototypes = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        r, d = self.cfg.bottleneck, self.backbone.num_features
+        r = self.cfg.bottleneck
         if not 0 < self.cfg.units_per_class <= r:
             raise UsageError(f"units_per_class={self.cfg.units_per_class} is invalid; expected 1 to bottleneck ({r})")
-        self.register_buffer("prototype_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
-        self.register_buffer("prototype_counts", torch.zeros(self.num_classes, dtype=torch.long))
         self.register_buffer("unit_sets", torch.zeros(self.num_classes, r, dtype=torch.bool))
         self.register_buffer("unit_usage", torch.zeros(r, dtype=torch.long))
         self.unit_generator = torch.Generator().manual_seed(self.seed + 41)
         self.decisions: list[dict] = []
         self.units_exhausted_at: int | None = None
 
-    @property
-    def prototypes(self) -> torch.Tensor:
-        return self.prototype_sums / self.prototype_counts.clamp(min=1).unsqueeze(1)
-
-    # ---- 1. prototypes of the new classes, from the frozen PTM
-    def phases(self, exp: ExperienceInfo) -> list[Phase]:
-        return [Phase("prototypes", epochs=1), *super().phases(exp)]
-
-    def training_step(self, batch: Batch, batch_idx: int):
-        if self.phase.name == "prototypes":
-            with eval_mode(self.backbone), torch.no_grad():
-                features = self.backbone(batch.x).double()  # no adapter: the pre-trained model's [CLS]
-            self.prototype_sums.index_add_(0, batch.y, features)
-            self.prototype_counts.index_add_(0, batch.y, torch.ones_like(batch.y))
-            return None
-        return super().training_step(batch, batch_idx)
-
+    # ---- 1. prototypes of the new classes, from the frozen PTM (TunaStrategy's first pass)
     def on_fit_end(self) -> None:
         super().on_fit_end()
         if self.phase.name == "prototypes":
