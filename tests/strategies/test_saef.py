@@ -1,0 +1,129 @@
+"""SAEF: the card's faithfulness checks (forest shape, pairing, merge, entropy-guided descent,
+confidence-weighted combination, clustering, frozen backbone and untouched leaves)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from clbench.runner import RunSpec, run
+from clbench.strategies.saef import Node, build_tree, cluster_tasks, combine, descend, sign_elected_merge
+
+
+def _leaves(prototypes, dim=3):
+    thetas = torch.arange(len(prototypes) * dim, dtype=torch.float32).reshape(len(prototypes), dim) ** 1.5
+    units = F.normalize(torch.tensor(prototypes, dtype=torch.float64), dim=1)
+    return [Node(thetas[i], units[i], [i]) for i in range(len(prototypes))], thetas
+
+
+def test_a_cluster_of_n_leaves_is_a_balanced_binary_tree_of_merged_means():
+    angles = [0.0, 0.1, 0.9, 1.0, 2.0, 2.3]
+    leaves, thetas = _leaves([[math.cos(a), math.sin(a)] for a in angles])
+    root = build_tree(leaves, thetas)
+    internal = [n for n in root.nodes() if not n.is_leaf]
+    assert len(internal) == 5 and all(len(n.children) == 2 for n in internal)
+    assert root.depth == math.ceil(math.log2(6))
+    assert sorted(root.leaves) == list(range(6))
+    assert sorted(n.leaves[0] for n in root.nodes() if n.is_leaf) == list(range(6))  # each task exactly once
+    for n in internal:  # every node is the mean of its leaves
+        assert torch.allclose(n.theta, thetas[n.leaves].mean(0))
+        a, b = n.children  # the prototype: the children's, weighted by their leaf counts
+        assert torch.allclose(n.prototype, F.normalize(len(a.leaves) * a.prototype + len(b.leaves) * b.prototype, dim=0))
+
+
+def test_the_first_parent_joins_the_two_most_similar_leaves():
+    leaves, thetas = _leaves([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.62, 0.78]])
+    root = build_tree(leaves, thetas)
+    first = next(n for n in root.nodes() if n.created == 0)
+    assert sorted(first.leaves) == [2, 3]
+
+
+def test_sign_elected_merge_on_a_hand_example():
+    thetas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -4.0], [-1.0, -0.5, 0.25]])
+    # signs of the sums: +, -, -; largest magnitude among the agreeing entries: 3, 2, 4
+    assert sign_elected_merge(thetas).tolist() == [3.0, -2.0, -4.0]
+
+
+def _mock_tree():
+    """A 4-leaf tree whose node entropies are set by hand; each node's q is one-hot on its own id."""
+    leaves, thetas = _leaves([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
+    root = build_tree(leaves, thetas)
+    nodes = root.nodes()
+    entropy = {id(root): 2.0}
+    left, right = root.children
+    entropy[id(left)], entropy[id(right)] = 1.5, 0.7
+    for child, h in zip(right.children, (0.9, 0.2)):
+        entropy[id(child)] = h
+    for child, h in zip(left.children, (0.1, 0.3)):
+        entropy[id(child)] = h
+    calls = []
+
+    def evaluate(node, index):
+        calls.append((node, len(index)))
+        q = F.one_hot(torch.full((len(index),), nodes.index(node)), len(nodes)).float()
+        return q, torch.full((len(index),), entropy[id(node)])
+
+    return root, nodes, evaluate, calls
+
+
+def test_descent_follows_the_lower_entropy_child_and_exits_early():
+    root, nodes, evaluate, calls = _mock_tree()
+    q, h, count = descend(root, 3, evaluate, exit_entropy=10.0)  # above every entropy: the root only
+    assert count == 3 and [c[0] for c in calls] == [root] and torch.all(q.argmax(1) == nodes.index(root))
+    root, nodes, evaluate, calls = _mock_tree()
+    q, h, count = descend(root, 3, evaluate, exit_entropy=0.0)  # never confident: down to a leaf
+    right = root.children[1]
+    expected = right.children[1]  # 0.7 < 1.5, then 0.2 < 0.9
+    assert torch.all(q.argmax(1) == nodes.index(expected)) and expected.is_leaf and torch.all(h == 0.2)
+    assert count == 3 * (1 + 2 * 2)  # per sample: the root, then both children at each of 2 levels
+    root, nodes, evaluate, calls = _mock_tree()
+    q, h, count = descend(root, 3, evaluate, exit_entropy=1.0)  # stops at the right child (0.7 < 1.0)
+    assert torch.all(q.argmax(1) == nodes.index(root.children[1])) and count == 3 * 3
+
+
+def test_trees_are_combined_by_softmax_of_minus_entropy():
+    q1, q2 = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.1, 0.8]])
+    h1, h2 = torch.tensor([0.8]), torch.tensor([0.3])
+    w1, w2 = math.exp(-0.8) / (math.exp(-0.8) + math.exp(-0.3)), math.exp(-0.3) / (math.exp(-0.8) + math.exp(-0.3))
+    assert torch.allclose(combine([q1, q2], [h1, h2]), w1 * q1 + w2 * q2)
+    assert torch.allclose(combine([q1], [h1]), q1)  # a single tree: its expert's prediction
+
+
+def test_clusters_split_orthogonal_groups_and_keep_identical_ones_together():
+    groups = torch.tensor([[1.0, 0.0], [0.95, 0.05], [0.0, 1.0], [0.05, 0.95]])
+    assert cluster_tasks(groups, 0.5) == [[0, 1], [2, 3]]
+    assert cluster_tasks(torch.ones(4, 2), 0.5) == [[0, 1, 2, 3]]
+
+
+class _TrainedAdapters(pl.Callback):
+    def __init__(self):
+        self.thetas = []
+
+    def on_fit_end(self, trainer, pl_module):
+        if pl_module.phase.name == "train":
+            from torch.nn.utils import parameters_to_vector
+
+            self.thetas.append(parameters_to_vector(pl_module.adapter.parameters()).detach().clone())
+
+
+def test_a_run_keeps_the_backbone_and_every_leaf_as_trained(tmp_path, fast_config_for):
+    trained, backbones = _TrainedAdapters(), []
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
+    overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8, "cluster_threshold": 0.999}
+    keep = lambda i, result, s: backbones.append(({k: v.clone() for k, v in s.backbone.state_dict().items()}, s))  # noqa: E731
+    result = run(RunSpec("saef", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[trained],
+                 on_experience=keep)
+    assert result.status == "completed", result.error
+    first = backbones[0][0]
+    assert all(torch.equal(state[k], first[k]) for state, _ in backbones[1:] for k in first)
+    strategy = backbones[-1][1]
+    assert len(trained.thetas) == 5
+    for t, theta in enumerate(trained.thetas):  # leaves untouched by four forest rebuilds
+        assert torch.equal(strategy.leaf_thetas[t], theta)
+    leaves = sorted(i for tree in strategy.forest for i in tree.leaves)
+    assert leaves == [0, 1, 2, 3, 4] and result.strategy_report["trees"]
+    assert result.strategy_report["expert_forwards_per_sample"] >= len(strategy.forest)
