@@ -102,7 +102,8 @@ class CLStrategy(pl.LightningModule):
 
     def phase_data(self, phase: Phase, data: Dataset) -> Dataset:
         """The data one phase iterates over (default: the experience's `training_data`); a phase
-        that fits on something else (a subset, sampled features) returns it here."""
+        that fits on something else (a subset, sampled features) returns it here. A dataset with a
+        `batch_size` attribute is batched by it (a size known only once the phase starts)."""
         return data
 
     def on_experience_end(self, exp: ExperienceInfo, train_set: Dataset) -> None:

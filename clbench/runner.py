@@ -223,9 +223,10 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
     """Every phase of one experience, each in a fresh Trainer (fresh optimiser, own loader seed)."""
     for p_index, phase in enumerate(strategy.phases(info)):
         strategy.phase = phase
+        phase_data = strategy.phase_data(phase, data)
         loader = make_loader(
-            strategy.phase_data(phase, data),
-            phase.batch_size or run_cfg.batch_size,
+            phase_data,
+            getattr(phase_data, "batch_size", None) or phase.batch_size or run_cfg.batch_size,
             shuffle=True,
             seed=_loader_seed(seed, info.index, p_index),
             num_workers=run_cfg.num_workers,

@@ -1,0 +1,124 @@
+"""PrePrompt: the card's faithfulness checks (frozen backbone, prompt-free routing and slot choice,
+prompt bookkeeping, feature translation, what calibration and training may change, masking)."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clbench.backbones import build_backbone
+from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
+from clbench.strategies.preprompt import translated_features
+from clbench.types import Batch
+
+TINY = {"prompt_length": 2, "prompt_blocks": 2, "calibration_epochs": 2, "calibration_batch": 16}
+
+
+class _Snapshots(pl.Callback):
+    """Prompts, heads and backbone at the start and end of every fit, by experience and phase."""
+
+    def __init__(self):
+        self.at = {}
+
+    def _keep(self, when, pl_module):
+        key = (pl_module.experience.index, pl_module.phase.name, when)
+        self.at[key] = {"prompts": pl_module.prompts.detach().clone(),
+                        "head": pl_module.head.weight.detach().clone(), "route": pl_module.route_head.weight.detach().clone(),
+                        "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}}
+
+    def on_fit_start(self, trainer, pl_module):
+        self._keep("start", pl_module)
+
+    def on_fit_end(self, trainer, pl_module):  # callbacks run before the module's own on_fit_end
+        self._keep("end", pl_module)
+
+
+@pytest.fixture(scope="module")
+def preprompt_run(tmp_path_factory, fast_config_for):
+    snaps, final = _Snapshots(), []
+    cfg = fast_config_for(tmp_path_factory.mktemp("preprompt"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
+    result = run(RunSpec("preprompt", "digits32-5", run=cfg, seed=0, strategy_overrides=TINY), callbacks=[snaps],
+                 on_experience=lambda i, r, s: final.append((s.prompts.detach().clone(), s)))
+    assert result.status == "completed", result.error
+    return snaps.at, final
+
+
+def test_the_backbone_never_changes(preprompt_run):
+    at, _ = preprompt_run
+    before = at[(0, "train", "start")]["backbone"]
+    for key in [(0, "train", "end"), (1, "train", "end"), (1, "calibrate", "end"), (4, "calibrate", "end")]:
+        assert all(torch.equal(at[key]["backbone"][k], before[k]) for k in before), key
+
+
+def test_prompt_bookkeeping_copy_mix_and_untouched_earlier_slots(preprompt_run):
+    at, final = preprompt_run
+    for t in range(1, 5):
+        start, trained = at[(t, "train", "start")]["prompts"], at[(t, "train", "end")]["prompts"]
+        assert torch.equal(start[:, :, t], start[:, :, t - 1])  # P_t <- P_{t-1}
+        assert torch.equal(trained[:, :, :t], start[:, :, :t])  # earlier slots untouched by training task t
+        written = final[t][0]
+        expected = 0.99 * trained[:, :, t] + 0.01 * trained[:, :, :t].mean(2)
+        assert torch.allclose(written[:, :, t], expected, atol=1e-6)  # the momentum write-back
+    assert not torch.equal(at[(0, "train", "end")]["prompts"][:, :, 0], at[(0, "train", "start")]["prompts"][:, :, 0])
+
+
+def test_calibration_changes_only_the_label_head_and_training_keeps_old_rows(preprompt_run):
+    at, _ = preprompt_run
+    for t in range(1, 5):
+        before, after = at[(t, "calibrate", "start")], at[(t, "calibrate", "end")]
+        assert torch.equal(before["prompts"], after["prompts"]) and torch.equal(before["route"], after["route"])
+        assert not torch.equal(before["head"], after["head"])
+        start, end = at[(t, "train", "start")], at[(t, "train", "end")]
+        old = list(range(2 * t))  # two classes per task
+        assert torch.equal(start["head"][old], end["head"][old]) and torch.equal(start["route"][old], end["route"][old])
+
+
+def _strategy_after_two_tasks():
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("preprompt", TINY), seed=0)
+    scenario = create_scenario("digits32-5")
+    strategy.on_experience_start(scenario.info(0))
+    strategy.on_experience_start(scenario.info(1))
+    return strategy, scenario
+
+
+def test_routing_ignores_prompts_and_picks_the_predicted_classs_task_slot():
+    strategy, scenario = _strategy_after_two_tasks()
+    x = scenario.test_sets[0].x[:5]
+    strategy.eval()
+    route = strategy.route_head(strategy.unprompted(x))
+    with torch.no_grad():
+        strategy.prompts.add_(torch.randn_like(strategy.prompts))
+    assert torch.equal(strategy.route_head(strategy.unprompted(x)), route)
+    with torch.no_grad():  # a route head that always predicts class 3, a class of task 1
+        strategy.route_head.weight.zero_()
+        strategy.route_head.bias.copy_(torch.arange(10, dtype=torch.float32) == 3)
+    used = []
+    original = strategy.prefix
+    strategy.prefix = lambda slots, mixed=False: used.append(slots.clone()) or original(slots, mixed)
+    strategy.predict_logits(x)
+    assert len(used) == 1 and used[0].tolist() == [1] * 5
+
+
+def test_training_logits_are_masked_to_the_tasks_classes():
+    strategy, scenario = _strategy_after_two_tasks()
+    strategy.phase = strategy.phases(scenario.info(1))[0]
+    data = scenario.train_sets[1]
+    losses = strategy.step_losses(Batch(data.x[:8], data.y[:8]))
+    (losses["route"] + losses["label"]).backward()
+    outside = [c for c in range(10) if c not in (2, 3)]
+    assert torch.all(strategy.head.weight.grad[outside] == 0) and torch.all(strategy.route_head.weight.grad[outside] == 0)
+    assert strategy.head.weight.grad[[2, 3]].abs().sum() > 0 and strategy.route_head.weight.grad[[2, 3]].abs().sum() > 0
+    assert strategy.prompts.grad[:, :, 1].abs().sum() > 0 and torch.all(strategy.prompts.grad[:, :, 0] == 0)
+
+
+def test_feature_translation_on_a_hand_built_example():
+    old_means = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    current_means = torch.tensor([[0.2, 1.0], [3.0, 0.1]])
+    clouds = [torch.tensor([[0.0, 1.0], [0.4, 1.0]]), torch.tensor([[2.0, 0.0], [4.0, 0.2]])]
+    shifted = translated_features(old_means, current_means, clouds)
+    # old class 0 ~ (1, 0) is nearest (cosine) to current class 1; old class 1 ~ (0, 2) to current class 0
+    assert torch.allclose(shifted[0], clouds[1] - current_means[1] + old_means[0])
+    assert torch.allclose(shifted[1], clouds[0] - current_means[0] + old_means[1])
