@@ -34,7 +34,7 @@ class CLStrategy(pl.LightningModule):
     contract_scenario: ClassVar[str] = "synthetic-2"
     # image channels the method is defined for (None: any); `sweep --strategies all` skips other scenarios
     input_channels: ClassVar[int | None] = None
-    # True for methods that put adapters into a timm ViT: sweeps skip runs whose backbone is not one
+    # True for methods that put adapters or prompts into a timm ViT (see `backbone_problem`)
     needs_vit_backbone: ClassVar[bool] = False
     # Config overrides for those contract tests only (e.g. a narrower own network: {"nf": 4})
     contract_overrides: ClassVar[dict[str, Any]] = {}
@@ -71,6 +71,20 @@ class CLStrategy(pl.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    @classmethod
+    def backbone_problem(cls, backbone: nn.Module) -> str | None:
+        """Why the method cannot run on `backbone` (None: it can). Sweeps skip such runs, checking a
+        backbone built on the meta device; methods raise it as a usage error when built."""
+        if cls.needs_vit_backbone:
+            from clbench.adapters import vit_blocks
+            from clbench.errors import UsageError
+
+            try:
+                vit_blocks(backbone)
+            except UsageError as e:
+                return str(e)
+        return None
 
     # ----------------------------------------------------------- model
     def make_head(self, in_features: int) -> nn.Module:
@@ -204,9 +218,10 @@ class CLStrategy(pl.LightningModule):
         self.global_step_offset += self.trainer.global_step
 
     # ----------------------------------------------------------- helpers for subclasses
-    def frozen_copy(self) -> nn.Module:
-        """A teacher snapshot: a deep copy in eval mode with gradients off."""
-        teacher = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head}))
+    def frozen_copy(self, **more: nn.Module) -> nn.Module:
+        """A teacher snapshot: a deep copy of backbone and head (and of `more` modules, by name) in
+        eval mode with gradients off."""
+        teacher = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head, **more}))
         teacher.eval()
         teacher.frozen_snapshot = True  # `train()` below keeps it in eval mode
         for p in teacher.parameters():

@@ -10,6 +10,8 @@ training of one run stays Lightning's (`--set trainer_strategy=ddp devices=N`).
 
 from __future__ import annotations
 
+import functools
+
 import os
 import sys
 import time
@@ -111,27 +113,22 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
         needs = cls.input_channels
         if needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
-        elif cls.needs_vit_backbone and not _is_vit(backbone, built.input_shape):
-            skipped[name] = f"needs a timm ViT backbone (--backbone clbench_vit_tiny, vit_base_patch16_224...), not {backbone}"
+        elif (problem := cls.backbone_problem(_meta_backbone(backbone, built.input_shape))) is not None:
+            skipped[name] = problem
         else:
             kept.append(name)
     return kept, skipped
 
 
-def _is_vit(backbone: str, input_shape) -> bool:
-    """Whether `backbone` has ViT blocks, built on the meta device (no memory, no weights)."""
+@functools.lru_cache(maxsize=None)
+def _meta_backbone(backbone: str, input_shape: tuple):
+    """The backbone built on the meta device (no memory, no weights), for `backbone_problem`."""
     import torch
 
-    from clbench.adapters import vit_blocks
     from clbench.backbones import build_backbone
 
-    try:
-        with torch.device("meta"):
-            model = build_backbone(backbone, in_chans=input_shape[0], img_size=input_shape[-1])
-        vit_blocks(model)
-    except UsageError:
-        return False
-    return True
+    with torch.device("meta"):
+        return build_backbone(backbone, in_chans=input_shape[0], img_size=input_shape[-1])
 
 
 def _defined_for_their_scenario(jobs: list[Job]) -> list[Job]:

@@ -50,8 +50,12 @@ def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, 
     kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images, an MLP
     assert set(skipped) == needs_rgb | needs_vit and set(kept) == set(STRATEGIES.names()) - needs_rgb - needs_vit
     assert skipped["clfd"] == "defined for 3-channel images, the scenario has 1"
-    assert skipped["daf"] == "needs a timm ViT backbone (--backbone clbench_vit_tiny, vit_base_patch16_224...), not clbench_mlp_tiny"
+    assert skipped["daf"].startswith("backbone MLP has no ViT blocks (norm2 + mlp); adapters need a timm Vision Transformer")
     assert S.compatible_strategies(["naive", "clfd"], "synthetic32-3") == (["naive", "clfd"], {})
+    kept, skipped = S.compatible_strategies(["naive", "etag"], "synthetic32-3")  # the default backbone is a ConvNet
+    assert kept == ["naive"] and skipped["etag"].startswith("etag needs a CIFAR ResNet backbone")
+    resnet = C.RunConfig(backbone="resnet18_cifar_nf8")
+    assert S.compatible_strategies(["naive", "etag"], "synthetic32-3", resnet) == (["naive", "etag"], {})
     vit = C.RunConfig(backbone="clbench_vit_tiny")
     assert S.compatible_strategies(["naive", "daf", "simplecil"], "digits32-5", vit) == (["naive", "daf", "simplecil"], {})
 
