@@ -36,7 +36,7 @@ sample of the last `predict_logits` call (all trees together).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
