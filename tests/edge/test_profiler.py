@@ -223,8 +223,9 @@ def test_reported_training_time_leaves_out_what_counting_added():
     _fit(_SlowWhenCounted(), prof, n=20, epochs=4)  # per epoch 8, 8, 4: two counts of 8 and one of 4
     rec = prof.end_experience(_TwoLayer())
     assert rec["flops_counted_steps"] == 3
-    # each counted step was `step_delay` slower than the uncounted steps of its shape (which take ~1 ms)
-    assert 3 * step_delay * 0.9 < rec["flop_count_overhead_time_s"] < 3 * step_delay + 0.05
+    # each counted step was `step_delay` slower than the uncounted steps of its shape (which take ~1 ms;
+    # the upper margin leaves room for a loaded machine, which slows counted and uncounted steps unevenly)
+    assert 3 * step_delay * 0.9 < rec["flop_count_overhead_time_s"] < 3 * step_delay + 0.25
     assert rec["train_time_s"] == pytest.approx(rec["train_time_raw_s"] - rec["flop_count_overhead_time_s"])
     assert rec["train_time_s"] < rec["train_time_raw_s"] - 3 * step_delay * 0.9
     assert rec["samples_per_s"] == pytest.approx(rec["samples"] / rec["train_time_s"])
