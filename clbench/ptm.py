@@ -19,6 +19,7 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
 from clbench.base import CLStrategy, eval_mode
@@ -114,6 +115,9 @@ class TunaStrategy(CLStrategy):
     # True: each task starts with a pass that measures the new classes' mean frozen-PTM [CLS]
     # feature (no adapter), for methods that decide from semantic similarity (SGDS, SAEF)
     measures_ptm_prototypes: ClassVar[bool] = False
+    # True: the adapter as each task leaves it is kept (`task_adapters`), and `expert_prediction`
+    # runs any stored or merged adapter vector (TUNA, SAEF)
+    keeps_task_adapters: ClassVar[bool] = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -122,6 +126,8 @@ class TunaStrategy(CLStrategy):
         self.router = AdapterRouter(self.backbone)
         self.gaussians = ClassGaussians(self.num_classes, self.backbone.num_features)
         self.alignment_generator = torch.Generator().manual_seed(self.seed + 29)
+        if self.keeps_task_adapters:  # holds the adapter vector being evaluated
+            self.expert = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=0.0).requires_grad_(False)
         if self.measures_ptm_prototypes:
             d = self.backbone.num_features
             self.register_buffer("prototype_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
@@ -146,6 +152,36 @@ class TunaStrategy(CLStrategy):
     def eval_features(self, x: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.backbone, self.adapter), torch.no_grad():
             return self.features(x)
+
+    # ---- task adapters, kept once the number of tasks is known
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        super().on_experience_start(exp)
+        if self.keeps_task_adapters and exp.is_first:
+            device = self.gaussians.mean.device
+            dim = parameters_to_vector(self.adapter.parameters()).numel()
+            self.register_buffer("task_adapter_vectors", torch.zeros(exp.num_experiences, dim, device=device))
+            self.register_buffer("task_adapter_count", torch.zeros((), dtype=torch.long, device=device))
+
+    def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
+        super().on_experience_end(exp, train_set)
+        if self.keeps_task_adapters:
+            self.task_adapter_vectors[exp.index] = parameters_to_vector(self.adapter.parameters()).detach()
+            self.task_adapter_count.fill_(exp.index + 1)
+
+    @property
+    def task_adapters(self) -> torch.Tensor:
+        """The adapter vectors of the tasks finished so far (one row per task)."""
+        if not hasattr(self, "task_adapter_count"):
+            return torch.zeros(0)
+        return self.task_adapter_vectors[: int(self.task_adapter_count)]
+
+    def expert_prediction(self, theta: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the adapter vector `theta`: softmax of s times the head's cosines over all seen
+        classes, and its entropy in nats (the same classes and scale for every adapter)."""
+        vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
+        with torch.no_grad(), self.router.using(self.expert):
+            q = torch.softmax(self.cfg.scale * self.head(self.backbone(x)), dim=1)
+        return q, -(q * torch.log(q.clamp_min(1e-12))).sum(1)
 
     # ---- the phases of a task
     def method_phases(self, exp: ExperienceInfo) -> list[Phase]:

@@ -41,9 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from clbench.adapters import AdapterSet
 from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
@@ -187,58 +185,45 @@ class SAEF(TunaStrategy):
     Config = SAEFConfig
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     measures_ptm_prototypes = True
+    keeps_task_adapters = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.expert = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=0.0)  # holds the evaluated node
-        self.expert.requires_grad_(False)
         self._forest: list[Node] | None = None
         self.last_evaluations_per_sample: float | None = None
 
-    # ---- 1. the task's leaf storage exists once the number of tasks is known
+    # ---- 1. the tasks' prototypes, kept once the number of tasks is known
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
         if exp.is_first:
-            dim = parameters_to_vector(self.adapter.parameters()).numel()
-            self.register_buffer("leaf_thetas", torch.zeros(exp.num_experiences, dim, device=self.prototype_sums.device))
             self.register_buffer("leaf_prototypes", torch.zeros(exp.num_experiences, self.backbone.num_features,
                                                                 dtype=torch.float64, device=self.prototype_sums.device))
-            self.register_buffer("leaf_count", torch.zeros((), dtype=torch.long, device=self.prototype_sums.device))
 
-    # ---- 4. store the leaf (theta_t, p_t), rebuild the forest
+    # ---- 4. store the leaf (theta_t: TunaStrategy keeps it; p_t), rebuild the forest
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
         super().on_experience_end(exp, train_set)
         classes = list(exp.classes)
         task_mean = self.prototype_sums[classes].sum(0) / self.prototype_counts[classes].sum().clamp(min=1)
-        t = exp.index
-        self.leaf_thetas[t] = parameters_to_vector(self.adapter.parameters()).detach()
-        self.leaf_prototypes[t] = F.normalize(task_mean, dim=0)
-        self.leaf_count.fill_(t + 1)
+        self.leaf_prototypes[exp.index] = F.normalize(task_mean, dim=0)
         self._forest = None
 
     @property
     def forest(self) -> list[Node]:
         if self._forest is None:
-            n = int(self.leaf_count)
-            thetas, prototypes = self.leaf_thetas[:n], self.leaf_prototypes[:n]
+            thetas = self.task_adapters
+            n = len(thetas)
+            prototypes = self.leaf_prototypes[:n]
             leaves = [Node(thetas[i], prototypes[i], [i]) for i in range(n)]
             clusters = cluster_tasks(prototypes, self.cfg.cluster_threshold)
             self._forest = [build_tree([leaves[i] for i in c], thetas, self.cfg.merge) for c in clusters]
         return self._forest
 
     # ---- inference
-    def expert_prediction(self, node: Node, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax of s times the head's cosines over all seen classes, and its entropy (nats)."""
-        vector_to_parameters(node.theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
-        with torch.no_grad(), self.router.using(self.expert):
-            q = torch.softmax(self.cfg.scale * self.head(self.backbone(x)), dim=1)
-        return q, -(q * torch.log(q.clamp_min(1e-12))).sum(1)
-
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "leaf_count") or int(self.leaf_count) == 0:
+        if len(self.task_adapters) == 0:
             return super().predict_logits(x)  # before the first task ends: the task adapter
-        evaluate = lambda node, index: self.expert_prediction(node, x[index])  # noqa: E731
+        evaluate = lambda node, index: self.expert_prediction(node.theta, x[index])  # noqa: E731
         if self.cfg.flat:
             leaves = [n for tree in self.forest for n in tree.nodes() if n.is_leaf]
             predictions = [evaluate(n, torch.arange(len(x))) for n in leaves]
@@ -261,5 +246,5 @@ class SAEF(TunaStrategy):
         self._forest = None
 
     def report(self) -> dict:
-        trees = [tree.leaves for tree in self.forest] if hasattr(self, "leaf_count") and int(self.leaf_count) else []
+        trees = [tree.leaves for tree in self.forest] if len(self.task_adapters) else []
         return {**super().report(), "trees": trees, "expert_forwards_per_sample": self.last_evaluations_per_sample}

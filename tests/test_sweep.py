@@ -46,7 +46,7 @@ def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, 
     needs_rgb = {n for n in STRATEGIES.names() if STRATEGIES.get(n).input_channels == 3}
     assert {"clfd", "er_clfd", "der_pp_clfd"} <= needs_rgb
     needs_vit = {n for n in STRATEGIES.names() if STRATEGIES.get(n).needs_vit_backbone}
-    assert {"aper", "ranpac", "daf", "sgds", "saef", "preprompt"} <= needs_vit
+    assert {"aper", "ranpac", "tuna", "daf", "sgds", "saef", "preprompt"} <= needs_vit
     kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images, an MLP
     assert set(skipped) == needs_rgb | needs_vit and set(kept) == set(STRATEGIES.names()) - needs_rgb - needs_vit
     assert skipped["clfd"] == "defined for 3-channel images, the scenario has 1"

@@ -122,7 +122,7 @@ def test_a_run_keeps_the_backbone_and_every_leaf_as_trained(tmp_path, fast_confi
     strategy = backbones[-1][1]
     assert len(trained.thetas) == 5
     for t, theta in enumerate(trained.thetas):  # leaves untouched by four forest rebuilds
-        assert torch.equal(strategy.leaf_thetas[t], theta)
+        assert torch.equal(strategy.task_adapters[t], theta)
     leaves = sorted(i for tree in strategy.forest for i in tree.leaves)
     assert leaves == [0, 1, 2, 3, 4] and result.strategy_report["trees"]
     assert result.strategy_report["expert_forwards_per_sample"] >= len(strategy.forest)

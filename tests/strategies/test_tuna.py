@@ -1,0 +1,70 @@
+"""TUNA: minimum-entropy task adapter plus the universal (sign-elected merge) adapter at inference."""
+
+from __future__ import annotations
+
+import torch
+
+from clbench.backbones import build_backbone
+from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
+from clbench.strategies.saef import sign_elected_merge
+
+
+def _strategy(**overrides):
+    torch.manual_seed(0)
+    cfg = strategy_config("tuna", {"bottleneck": 4, **overrides})
+    strategy = create_strategy("tuna", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=0)
+    strategy.on_experience_start(create_scenario("digits32-5").info(0))
+    return strategy
+
+
+def test_inference_takes_the_minimum_entropy_task_adapter_plus_the_universal_one():
+    strategy = _strategy()
+    thetas = torch.randn(3, strategy.task_adapter_vectors.shape[1])
+    strategy.task_adapter_vectors[:3] = thetas
+    strategy.task_adapter_count.fill_(3)
+    q = [torch.tensor([[0.6, 0.4], [0.5, 0.5]]), torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.3, 0.7], [0.1, 0.9]])]
+    h = [torch.tensor([0.5, 0.2]), torch.tensor([0.3, 0.6]), torch.tensor([0.4, 0.1])]
+    universal_q = torch.tensor([[0.25, 0.75], [0.7, 0.3]])
+
+    def mocked(theta, x):  # each stored adapter has its own hand-set prediction and entropy
+        for i in range(3):
+            if torch.equal(theta, thetas[i]):
+                return q[i], h[i]
+        assert torch.equal(theta, sign_elected_merge(thetas))  # anything else must be the universal adapter
+        return universal_q, torch.zeros(2)
+
+    strategy.expert_prediction = mocked
+    scores = strategy.predict_logits(torch.zeros(2, 3, 32, 32))
+    # sample 0: adapter 1 has the lowest entropy (0.3); sample 1: adapter 2 (0.1)
+    assert torch.allclose(scores, torch.stack([q[1][0], q[2][1]]) + universal_q)
+
+
+def test_the_universal_adapter_is_the_sign_elected_merge_or_the_latest():
+    strategy = _strategy()
+    thetas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -4.0], [-1.0, -0.5, 0.25]])
+    strategy.task_adapter_vectors = torch.zeros(5, 3)
+    strategy.task_adapter_vectors[:3] = thetas
+    strategy.task_adapter_count.fill_(3)
+    assert strategy.universal_adapter().tolist() == [3.0, -2.0, -4.0]
+    latest = _strategy(universal="latest")
+    latest.task_adapter_vectors = strategy.task_adapter_vectors.clone()
+    latest.task_adapter_count.fill_(3)
+    assert torch.equal(latest.universal_adapter(), thetas[2])
+
+
+def test_a_run_stores_one_adapter_per_task_and_predicts_by_the_rule(tmp_path, fast_config_for):
+    held = []
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
+    overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
+    result = run(RunSpec("tuna", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides),
+                 on_experience=lambda i, r, s: held.append(s))
+    assert result.status == "completed", result.error
+    strategy = held[-1]
+    assert len(strategy.task_adapters) == 5 and not torch.equal(strategy.task_adapters[0], strategy.task_adapters[4])
+    x = create_scenario("digits32-5").test_sets[2].x[:4]
+    strategy.eval()
+    predictions = [strategy.expert_prediction(theta, x) for theta in strategy.task_adapters]
+    best = torch.stack([hh for _, hh in predictions]).argmin(0)
+    expected = torch.stack([predictions[b][0][i] for i, b in enumerate(best.tolist())])
+    expected = expected + strategy.expert_prediction(sign_elected_merge(strategy.task_adapters), x)[0]
+    assert torch.allclose(strategy.predict_logits(x), expected)
