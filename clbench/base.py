@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clbench.config import StrategyConfig
-from clbench.errors import TrainingDivergedError
+from clbench.errors import TrainingDivergedError, UsageError
 from clbench.heads import IncrementalLinear
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -52,6 +52,9 @@ class CLStrategy(pl.LightningModule):
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
         self.cfg = cfg if cfg is not None else self.Config()
+        problem = self.backbone_problem(backbone)
+        if problem is not None:
+            raise UsageError(problem)
         self.backbone = backbone
         self.head = self.make_head(backbone.num_features)
         self.num_classes = num_classes
@@ -75,10 +78,9 @@ class CLStrategy(pl.LightningModule):
     @classmethod
     def backbone_problem(cls, backbone: nn.Module) -> str | None:
         """Why the method cannot run on `backbone` (None: it can). Sweeps skip such runs, checking a
-        backbone built on the meta device; methods raise it as a usage error when built."""
+        backbone built on the meta device; building the strategy raises it as a usage error."""
         if cls.needs_vit_backbone:
-            from clbench.adapters import vit_blocks
-            from clbench.errors import UsageError
+            from clbench.adapters import vit_blocks  # adapters imports this module
 
             try:
                 vit_blocks(backbone)

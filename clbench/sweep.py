@@ -106,7 +106,7 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     except (DataNotFoundError, UsageError):
         return list(names), {}
     channels = built.input_shape[0]
-    backbone = (run.backbone if run is not None and run.backbone else None) or built.default_backbone
+    backbone = (run.backbone if run is not None else None) or built.default_backbone
     kept, skipped = [], {}
     for name in names:
         cls = STRATEGIES.get(name)

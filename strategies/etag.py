@@ -45,7 +45,6 @@ from torch import nn
 
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig
-from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -135,9 +134,6 @@ class ETag(CLStrategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        problem = self.backbone_problem(self.backbone)
-        if problem is not None:
-            raise UsageError(problem)
         b, c, d = self.backbone, self.num_classes, self.backbone.num_features
         widths = [s[-1].conv2.out_channels for s in (b.layer1, b.layer2, b.layer3, b.layer4)]
         self.branches = nn.ModuleList(
