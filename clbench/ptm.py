@@ -41,6 +41,30 @@ def cosface_loss(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int], 
     return F.cross_entropy(scale * z, target)
 
 
+class ClassMeans(nn.Module):
+    """Running per-class feature sums and counts, in float64: the means do not depend on the order
+    in which the loader visits the samples (SimpleCIL's prototypes, the frozen PTM's class means)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long))
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums.index_add_(0, labels, features.detach().to(torch.float64))
+        self.counts.index_add_(0, labels, torch.ones_like(labels))
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Each class's mean (float64; zero rows for classes not seen yet)."""
+        return self.sums / self.counts.clamp(min=1).unsqueeze(1)
+
+    def pooled_mean(self, classes: Sequence[int]) -> torch.Tensor:
+        """The mean over all samples of `classes` together."""
+        classes = list(classes)
+        return self.sums[classes].sum(0) / self.counts[classes].sum().clamp(min=1)
+
+
 class ClassGaussians(nn.Module):
     """Mean and covariance of each class's features; rows of classes not yet measured are zero."""
 
@@ -129,14 +153,12 @@ class TunaStrategy(CLStrategy):
         if self.keeps_task_adapters:  # holds the adapter vector being evaluated
             self.expert = AdapterSet.for_vit(self.backbone, self.cfg.bottleneck, dropout=0.0).requires_grad_(False)
         if self.measures_ptm_prototypes:
-            d = self.backbone.num_features
-            self.register_buffer("prototype_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
-            self.register_buffer("prototype_counts", torch.zeros(self.num_classes, dtype=torch.long))
+            self.ptm_means = ClassMeans(self.num_classes, self.backbone.num_features)
 
     @property
     def prototypes(self) -> torch.Tensor:
         """Mean frozen-PTM [CLS] feature of every class measured so far (float64; zero rows otherwise)."""
-        return self.prototype_sums / self.prototype_counts.clamp(min=1).unsqueeze(1)
+        return self.ptm_means.means
 
     def make_head(self, in_features: int) -> CosineLinear:
         return CosineLinear(in_features, scale=None)  # cosine logits; the loss scales them by s
@@ -217,9 +239,7 @@ class TunaStrategy(CLStrategy):
             return None
         if self.phase.name == "prototypes":
             with eval_mode(self.backbone), torch.no_grad():
-                features = self.backbone(batch.x).double()  # no adapter: the pre-trained model's [CLS]
-            self.prototype_sums.index_add_(0, batch.y, features)
-            self.prototype_counts.index_add_(0, batch.y, torch.ones_like(batch.y))
+                self.ptm_means.add(self.backbone(batch.x), batch.y)  # no adapter: the pre-trained model's [CLS]
             return None
         return super().training_step(batch, batch_idx)
 

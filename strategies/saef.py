@@ -197,14 +197,12 @@ class SAEF(TunaStrategy):
         super().on_experience_start(exp)
         if exp.is_first:
             self.register_buffer("leaf_prototypes", torch.zeros(exp.num_experiences, self.backbone.num_features,
-                                                                dtype=torch.float64, device=self.prototype_sums.device))
+                                                                dtype=torch.float64, device=self.ptm_means.sums.device))
 
     # ---- 4. store the leaf (theta_t: TunaStrategy keeps it; p_t), rebuild the forest
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
         super().on_experience_end(exp, train_set)
-        classes = list(exp.classes)
-        task_mean = self.prototype_sums[classes].sum(0) / self.prototype_counts[classes].sum().clamp(min=1)
-        self.leaf_prototypes[exp.index] = F.normalize(task_mean, dim=0)
+        self.leaf_prototypes[exp.index] = F.normalize(self.ptm_means.pooled_mean(exp.classes), dim=0)
         self._forest = None
 
     @property

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy, eval_mode
+from clbench.ptm import ClassMeans
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -36,10 +37,7 @@ class SimpleCIL(CLStrategy):
         super().__init__(*args, **kwargs)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        d = self.embedding_width()
-        # float64 sums: the mean does not depend on the order the loader visits the samples in
-        self.register_buffer("embedding_sums", torch.zeros(self.num_classes, d, dtype=torch.float64))
-        self.register_buffer("embedding_counts", torch.zeros(self.num_classes, dtype=torch.long))
+        self.class_means = ClassMeans(self.num_classes, self.embedding_width())
 
     def make_head(self, in_features: int) -> nn.Module:
         return nn.Identity()  # the prototypes are the classifier
@@ -50,8 +48,7 @@ class SimpleCIL(CLStrategy):
     @property
     def prototypes(self) -> torch.Tensor:
         """Mean embedding of each class seen so far (rows of unseen classes are zero)."""
-        counts = self.embedding_counts.clamp(min=1).unsqueeze(1)
-        return (self.embedding_sums / counts).float()
+        return self.class_means.means.float()
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's embedding, in eval mode (no dropout; BatchNorm statistics untouched)."""
@@ -68,9 +65,7 @@ class SimpleCIL(CLStrategy):
         return [Phase("prototypes", epochs=1)]
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        features = self.embed(batch.x).to(torch.float64)
-        self.embedding_sums.index_add_(0, batch.y, features)
-        self.embedding_counts.index_add_(0, batch.y, torch.ones_like(batch.y))
+        self.class_means.add(self.embed(batch.x), batch.y)
         return None
 
     def configure_optimizers(self):

@@ -78,7 +78,7 @@ def _two_old_classes(strategy, new_prototypes):
     strategy.on_experience_start(create_scenario("digits32-5").info(1))
     eye = torch.eye(64, dtype=torch.float64)
     for c, proto in zip((0, 1, 2, 3), (eye[0], eye[1], *new_prototypes)):
-        strategy.prototype_sums[c], strategy.prototype_counts[c] = proto, 1
+        strategy.ptm_means.sums[c], strategy.ptm_means.counts[c] = proto, 1
     strategy.unit_sets[0, 0:4] = strategy.unit_sets[1, 4:8] = True
     strategy.unit_usage[0:8] = 1
     return eye

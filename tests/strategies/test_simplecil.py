@@ -65,8 +65,8 @@ def test_prototypes_are_mean_embeddings_and_the_backbone_never_changes(tmp_path,
 
 def test_logits_are_cosines_to_the_prototypes_and_predict_the_closest():
     strategy = _strategy()
-    strategy.embedding_sums[:] = torch.tensor([[2.0, 0.0], [0.0, 6.0]], dtype=torch.float64)
-    strategy.embedding_counts[:] = torch.tensor([2, 3])  # prototypes (1, 0) and (0, 2)
+    strategy.class_means.sums[:] = torch.tensor([[2.0, 0.0], [0.0, 6.0]], dtype=torch.float64)
+    strategy.class_means.counts[:] = torch.tensor([2, 3])  # prototypes (1, 0) and (0, 2)
     strategy.train()  # the classifier must not depend on the module's mode
     logits = strategy.predict_logits(torch.tensor([[3.0, 1.0], [-1.0, 2.0]]))
     s10, s5 = math.sqrt(10), math.sqrt(5)
@@ -79,11 +79,11 @@ def test_the_prototype_pass_uses_unaugmented_inputs_in_eval_mode():
     strategy.augment = lambda x: x + 100.0  # a train augmentation the pass must not apply
     strategy.on_experience_start(ExperienceInfo(0, (0, 1), (0, 1), 1, 2))
     strategy.train()
-    before = {k: v.clone() for k, v in strategy.state_dict().items() if not k.startswith("embedding_")}
+    before = {k: v.clone() for k, v in strategy.state_dict().items() if not k.startswith("class_means.")}
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     strategy.training_step(Batch(x, torch.tensor([0, 1, 0])), 0)
     assert torch.equal(strategy.prototypes, torch.tensor([[3.0, 4.0], [3.0, 4.0]]))  # dropout off, no +100
-    assert strategy.embedding_counts.tolist() == [2, 1]
+    assert strategy.class_means.counts.tolist() == [2, 1]
     after = strategy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in strategy.parameters())
