@@ -223,12 +223,7 @@ class CLStrategy(pl.LightningModule):
     def frozen_copy(self, **more: nn.Module) -> nn.Module:
         """A teacher snapshot: a deep copy of backbone and head (and of `more` modules, by name) in
         eval mode with gradients off."""
-        teacher = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head, **more}))
-        teacher.eval()
-        teacher.frozen_snapshot = True  # `train()` below keeps it in eval mode
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        return frozen_snapshot({"backbone": self.backbone, "head": self.head, **more})
 
     def train(self, mode: bool = True):
         # `train()` recurses into every submodule, teachers included: restoring the student's
@@ -250,6 +245,17 @@ class CLStrategy(pl.LightningModule):
     def report(self) -> dict[str, Any]:
         """Extra facts for the result JSON (buffer size in bytes, ...)."""
         return {}
+
+
+def frozen_snapshot(modules: dict[str, nn.Module]) -> nn.ModuleDict:
+    """Deep copies of `modules` in eval mode with gradients off; `CLStrategy.train()` keeps
+    such a snapshot in eval mode."""
+    teacher = copy.deepcopy(nn.ModuleDict(modules))
+    teacher.eval()
+    teacher.frozen_snapshot = True
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:

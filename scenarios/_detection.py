@@ -1,0 +1,86 @@
+"""Incremental-detection scenarios: one image pool, tasks cut from it by the IOD filters.
+
+Every detection benchmark (ShapesIOD, VOC, COCO) hands this builder a training pool and a test
+set whose labels are already positions in the benchmark's class order; task `t` takes the next
+`increments[t]` classes and its images come from the setting's filter (`standard` or
+`absent`, see `clbench.detection`). The test set is the full one: evaluation restricts its
+ground truth to the classes seen so far.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from clbench.detection import VOC_AP50, APConvention, DetectionDataset, task_images
+from clbench.errors import UsageError
+from clbench.scenarios.base import Scenario
+
+
+@dataclass
+class DetectionScenario(Scenario):
+    setting: str = "standard"
+    convention: APConvention = VOC_AP50
+    task_type: ClassVar[str] = "detection"
+
+    @property
+    def test_set(self) -> DetectionDataset:
+        return self.test_sets[0]
+
+    @property
+    def task_classes(self) -> list[tuple[int, ...]]:
+        return [self.experience_classes(i) for i in range(self.num_experiences)]
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "task_type": self.task_type,
+            "setting": self.setting,
+            "metric": self.convention.metric,
+            "ap_convention": self.convention.description,
+            "test_images": "full test set; ground truth restricted to seen classes",
+        }
+
+
+def parse_split(split: str) -> list[int]:
+    """`"10+5+5"` -> `[10, 5, 5]`; `"10+2x5"` -> `[10, 5, 5]` (n steps of m classes)."""
+    increments: list[int] = []
+    for part in split.split("+"):
+        m = re.fullmatch(r"(?:(\d+)x)?(\d+)", part)
+        if not m or int(m.group(2)) == 0:
+            raise UsageError(f"split {split!r} is invalid; expected class counts joined by '+', e.g. 10+10 or 10+2x5")
+        increments += [int(m.group(2))] * int(m.group(1) or 1)
+    return increments
+
+
+def detection_scenario(name: str, train: DetectionDataset, test: DetectionDataset, *, increments: list[int],
+                       class_names: list[str], setting: str, input_shape: tuple[int, int, int],
+                       convention: APConvention = VOC_AP50, meta: dict | None = None) -> DetectionScenario:
+    num_classes = len(class_names)
+    if sum(increments) != num_classes:
+        raise UsageError(f"{name}: split {increments} covers {sum(increments)} classes, but the benchmark has {num_classes}")
+    if setting not in ("standard", "absent"):
+        raise UsageError(f"{name}: IOD setting {setting!r} is unknown; expected standard or absent")
+    train_sets = []
+    for t in range(len(increments)):
+        start = sum(increments[:t])
+        current = list(range(start, start + increments[t]))
+        rows, targets = task_images(setting, train.targets, current, list(range(start)))
+        if not rows:
+            raise UsageError(f"{name}: task {t} (classes {current}) has no training image in the {setting} setting")
+        train_sets.append(train.subset(rows, targets))
+    return DetectionScenario(
+        name=name,
+        num_classes=num_classes,
+        class_order=list(range(num_classes)),
+        increments=list(increments),
+        train_sets=train_sets,
+        test_sets=[test],
+        input_shape=input_shape,
+        default_backbone="detector",
+        class_names=list(class_names),
+        setting=setting,
+        convention=convention,
+        meta=dict(meta or {}),
+    )
