@@ -27,6 +27,8 @@ from clbench.types import Batch, ExperienceInfo, Output, Phase
 
 class CLStrategy(pl.LightningModule):
     Config: ClassVar[type] = StrategyConfig
+    # what the method learns: "classification" or "detection" (`clbench.detection.DetectionStrategy`)
+    task_type: ClassVar[str] = "classification"
     PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
     # add-on names this strategy accepts (None: any); checked before training starts
     accepts_aux: ClassVar[set[str] | None] = None
@@ -100,6 +102,10 @@ class CLStrategy(pl.LightningModule):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits used for evaluation; methods with another inference rule (NME, EMA model) override."""
         return self(x).logits
+
+    def predict(self, x: torch.Tensor):
+        """The inference rule evaluation runs (what the profiler counts per sample)."""
+        return self.predict_logits(x)
 
     # ----------------------------------------------------------- experience level
     def on_experience_start(self, exp: ExperienceInfo) -> None:

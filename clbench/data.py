@@ -98,6 +98,10 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 def collate(items) -> Batch:
     if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor):
         return Batch(items[0], items[1])  # already a whole batch from __getitems__
+    if items and isinstance(items[0][1], dict):  # detection: (image, target dict) pairs
+        from clbench.detection import detection_collate
+
+        return detection_collate(items)
     xs, ys = zip(*[(it[0], it[1]) for it in items])
     return Batch(torch.stack(list(xs)), torch.as_tensor(ys).long())
 

@@ -253,6 +253,8 @@ class DetectionStrategy(CLStrategy):
     """
 
     task_type: ClassVar[str] = "detection"
+    # names the model in results (where classification runs name their backbone)
+    detector_name: ClassVar[str] = "detector"
     accepts_aux: ClassVar[set[str] | None] = set()
     contract_scenario: ClassVar[str] = "shapes-2+2"
     input_channels: ClassVar[int | None] = 3
@@ -294,7 +296,6 @@ class DetectionStrategy(CLStrategy):
         return out
 
     def predict(self, x: torch.Tensor):
-        """The inference rule the profiler counts."""
         return self.predict_detections(x)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:

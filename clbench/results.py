@@ -34,6 +34,9 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     edge: dict[str, Any] = field(default_factory=lambda: {"per_experience": [], "totals": {}})
     strategy_report: dict[str, Any] = field(default_factory=dict)
+    # detection scenarios: the AP convention, per-class AP and old/new/all after every task
+    # (`accuracy_matrix` then holds per-task mean AP)
+    detection: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=dict)

@@ -146,14 +146,24 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     _check_output_dir(run_cfg.output_dir)
     seed_everything(spec.seed)
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
-    backbone_name = run_cfg.backbone or scenario.default_backbone
-    backbone = build_backbone(
-        backbone_name,
-        pretrained=run_cfg.pretrained,
-        weights=run_cfg.weights,
-        in_chans=scenario.input_shape[0],
-        img_size=scenario.input_shape[-1],
-    )
+    detection = scenario.task_type == "detection"
+    problem = task_problem(STRATEGIES.get(spec.strategy), scenario)
+    if problem is not None:
+        raise UsageError(problem)
+    if detection:
+        if run_cfg.backbone:
+            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to detection strategies; "
+                             f"expected no --backbone (each builds its detector from its Config)")
+        backbone, backbone_name = None, STRATEGIES.get(spec.strategy).detector_name
+    else:
+        backbone_name = run_cfg.backbone or scenario.default_backbone
+        backbone = build_backbone(
+            backbone_name,
+            pretrained=run_cfg.pretrained,
+            weights=run_cfg.weights,
+            in_chans=scenario.input_shape[0],
+            img_size=scenario.input_shape[-1],
+        )
     strategy = create_strategy(spec.strategy, backbone, scenario.num_classes, cfg, aux, seed=spec.seed)
     strategy.augment = scenario.augment
     _check_strategy_fits(strategy, scenario)
@@ -184,6 +194,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
     if start == 0:
         result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
+        if detection:
+            result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score
+            result.detection = {"metric": scenario.convention.metric, "convention": scenario.convention.description,
+                                "class_names": scenario.class_names, "per_task": []}
     trainer_callbacks = [*([profiler] if isinstance(profiler, pl.Callback) else []), *callbacks, *log_callbacks]
     trainer_loggers = [*([wandb_logger] if wandb_logger is not None else []), *loggers]
     try:
@@ -195,7 +209,14 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 data = strategy.training_data(info, scenario.train_sets[i])
                 _train(strategy, info, data, run_cfg, spec.seed, trainer_callbacks, trainer_loggers)
                 strategy.on_experience_end(info, scenario.train_sets[i])
-                row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
+                if detection:
+                    from clbench.detection import evaluate_detection
+
+                    row, detail = evaluate_detection(strategy, test_loaders[0], info, scenario.task_classes,
+                                                     scenario.convention, device=device)
+                    result.detection["per_task"].append({"task": i, **detail})
+                else:
+                    row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
                 result.accuracy_matrix.append(row)
                 result.edge["per_experience"].append(profiler.end_experience(strategy))
                 if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
@@ -402,6 +423,16 @@ def _check_output_dir(path: str) -> None:
         probe = parent
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise UsageError(f"output directory {path!r} is not writable")
+
+
+def task_problem(strategy_cls, scenario) -> str | None:
+    """Why the strategy cannot run on the scenario because they learn different tasks (None: they match)."""
+    if strategy_cls.task_type == scenario.task_type:
+        return None
+    fitting = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n).task_type == scenario.task_type)
+    return (f"strategy {strategy_cls.registry_name!r} is a {strategy_cls.task_type} method and scenario "
+            f"{scenario.name!r} a {scenario.task_type} benchmark; expected a {scenario.task_type} strategy "
+            f"({', '.join(fitting) or 'none registered'})")
 
 
 def _check_strategy_fits(strategy, scenario) -> None:

@@ -99,7 +99,7 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     """
     from clbench.errors import DataNotFoundError
     from clbench.registry import STRATEGIES
-    from clbench.runner import create_scenario
+    from clbench.runner import create_scenario, task_problem
 
     try:
         built = create_scenario(scenario, run)
@@ -111,7 +111,11 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     for name in names:
         cls = STRATEGIES.get(name)
         needs = cls.input_channels
-        if needs is not None and needs != channels:
+        if task_problem(cls, built) is not None:
+            skipped[name] = f"a {cls.task_type} method, the scenario is a {built.task_type} benchmark"
+        elif built.task_type == "detection":  # detectors are built from the method's Config, not a backbone
+            kept.append(name)
+        elif needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
         elif (problem := cls.backbone_problem(_meta_backbone(backbone, built.input_shape))) is not None:
             skipped[name] = problem

@@ -403,7 +403,7 @@ class EdgeProfiler(pl.Callback):
         except StopIteration:
             device = torch.device("cpu")
         x = torch.zeros((1, *shape), dtype=dtype, device=device)
-        predict = getattr(strategy, "predict_logits", strategy)
+        predict = getattr(strategy, "predict", strategy)
         was_training = strategy.training
         strategy.eval()
         counter = self._counter_for_steps()

@@ -36,6 +36,7 @@ class DetectionScenario(Scenario):
         return {
             **super().describe(),
             "task_type": self.task_type,
+            "class_names": self.class_names,
             "setting": self.setting,
             "metric": self.convention.metric,
             "ap_convention": self.convention.description,

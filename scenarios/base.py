@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -23,6 +23,8 @@ from clbench.types import ExperienceInfo
 
 @dataclass
 class Scenario:
+    task_type: ClassVar[str] = "classification"  # DetectionScenario: "detection"
+
     name: str
     num_classes: int
     class_order: list[int]  # original dataset label of each position

@@ -69,7 +69,9 @@ def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overr
     from clbench.backbones import build_backbone
     from clbench.runner import create_strategy, strategy_config
 
-    if backbone is None or isinstance(backbone, str):
+    if scenario.task_type == "detection":  # detection methods build their detector from their Config
+        torch.manual_seed(seed)
+    elif backbone is None or isinstance(backbone, str):
         torch.manual_seed(seed)
         backbone = build_backbone(
             backbone or scenario.default_backbone, in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1]

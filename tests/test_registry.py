@@ -170,7 +170,19 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
         assert torch.equal(extra_before[k], extra_after[k]), k
     x = batch_of(scenario.test_sets[0], 8).x
     strategy.eval(), fresh.eval()
-    assert torch.allclose(strategy.predict_logits(x), fresh.predict_logits(x))
+    _assert_same_prediction(strategy.predict(x), fresh.predict(x))
+
+
+def _assert_same_prediction(a, b) -> None:
+    """Logits (classification) or per-image detection dicts are equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.allclose(a, b)
+        return
+    assert len(a) == len(b)
+    for da, db in zip(a, b):
+        assert da.keys() == db.keys()
+        for k in da:
+            assert torch.allclose(da[k].float(), db[k].float()), k
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -212,6 +224,9 @@ def test_sampled_training_flops_equal_counting_every_step(name, tmp_path, fast_c
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_scenario_contract(name):
     s = _build_or_skip(name)
+    if s.task_type == "detection":
+        _check_detection_scenario(s)
+        return
     t = s.num_experiences
     assert t == len(s.train_sets) == len(s.test_sets) == len(s.increments) >= 2
     assert sum(s.increments) == s.num_classes == len(s.class_order) == len(set(s.class_order))
@@ -229,13 +244,34 @@ def test_scenario_contract(name):
         assert set(info.classes) == classes[i] and info.num_experiences == t
 
 
+def _check_detection_scenario(s) -> None:
+    """Tasks partition the classes in order; each task's images hold boxes of its classes only;
+    one full test set covers every class."""
+    t = s.num_experiences
+    assert t == len(s.train_sets) == len(s.increments) >= 2 and len(s.test_sets) == 1
+    assert sum(s.increments) == s.num_classes == len(s.class_names)
+    for i in range(t):
+        classes = set(s.experience_classes(i))
+        labels = [set(target["labels"].tolist()) for target in s.train_sets[i].targets]
+        assert labels and all(found and found <= classes for found in labels), f"train set of task {i}"
+        info = s.info(i)
+        assert set(info.classes) == classes and info.seen_classes == tuple(range(sum(s.increments[: i + 1])))
+    assert set().union(*s.test_set.label_sets) == set(range(s.num_classes))
+
+
+def _labels_of(dataset) -> list:
+    if hasattr(dataset, "label_sets"):  # detection: per image, its box labels
+        return [t["labels"].tolist() for t in dataset.targets]
+    return dataset_labels(dataset).tolist()
+
+
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_scenario_is_deterministic_under_seed(name):
     a = _build_or_skip(name)
     b = _build_or_skip(name)
     assert a.class_order == b.class_order
     for da, db in zip(a.train_sets + a.test_sets, b.train_sets + b.test_sets):
-        assert torch.equal(dataset_labels(da), dataset_labels(db))
+        assert _labels_of(da) == _labels_of(db)
         if hasattr(da, "x"):
             assert torch.equal(da.x, db.x)
         else:

@@ -1,0 +1,114 @@
+"""The incremental-detection protocol (methods/iod-protocol.md): task filters and seen-class AP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clbench.detection import (
+    COCO_AP,
+    DetectionDataset,
+    absent_task_images,
+    breakdown,
+    class_ap,
+    detection_collate,
+    make_target,
+    standard_task_images,
+)
+from clbench.errors import UsageError
+from clbench.scenarios._detection import parse_split
+
+
+def pred(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels)}
+
+
+# --------------------------------------------------------------------------- filters
+POOL = [
+    make_target([[0, 0, 10, 10]], [0]),                     # old only
+    make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 2]),  # old + current
+    make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [2, 3]),  # current + future
+    make_target([[0, 0, 10, 10]], [3]),                     # future only
+    make_target([[0, 0, 10, 10]], [2], ignore=[True]),      # a current-class box that is only ignored
+    make_target([[0, 0, 10, 10], [5, 5, 9, 9]], [2, 1]),    # current + old
+]
+
+
+def test_standard_filter_keeps_every_image_with_a_current_object_and_only_its_current_boxes():
+    rows, kept = standard_task_images(POOL, current=[2])
+    assert rows == [1, 2, 5]  # the ignored-only image has nothing to learn from
+    for t in kept:
+        assert t["labels"].tolist() and set(t["labels"].tolist()) == {2}
+    assert torch.equal(kept[0]["boxes"], torch.tensor([[20.0, 20, 30, 30]]))
+
+
+def test_absent_filter_drops_images_holding_an_earlier_class_and_keeps_future_objects_in_the_pixels():
+    rows, kept = absent_task_images(POOL, current=[2], earlier=[0, 1])
+    assert rows == [2]  # 1 and 5 hold an old object in their original annotations; 2 holds a future one
+    assert kept[0]["labels"].tolist() == [2]
+    first_absent, first_standard = absent_task_images(POOL, [0, 1], earlier=[]), standard_task_images(POOL, [0, 1])
+    assert first_absent[0] == first_standard[0] == [0, 1, 5]
+
+
+def test_split_names_parse_into_increments():
+    assert parse_split("10+10") == [10, 10]
+    assert parse_split("10+5+5") == [10, 5, 5]
+    assert parse_split("10+2x5") == [10, 5, 5]
+    assert parse_split("15+5x1") == [15, 1, 1, 1, 1, 1]
+    with pytest.raises(UsageError, match=r"'10\+0'"):
+        parse_split("10+0")
+
+
+def test_dataset_items_are_unit_range_images_with_their_targets_and_collate_into_a_batch():
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    data = DetectionDataset(images, POOL[:3]).subset([2, 0])
+    x, t = data[0]
+    assert torch.allclose(x, images[2].float() / 255) and t is POOL[2]
+    batch = detection_collate([data[0], data[1]])
+    assert batch.x.shape == (2, 3, 8, 8) and len(batch) == 2 and batch.targets[1] is POOL[0]
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_hand_built_case_gives_the_hand_computed_ap50():
+    # class 0: one correct box -> AP 1; class 2: ground truth, no prediction -> AP 0;
+    # class 1: a prediction without ground truth -> no AP at all; mean over classes = 0.5
+    targets = [make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 2])]
+    preds = [pred([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.8], [0, 1])]
+    ap = class_ap(preds, targets, seen=[0, 1, 2])
+    assert ap == {0: pytest.approx(1.0), 2: pytest.approx(0.0)}
+    assert breakdown(ap, old=[0, 1], new=[2]) == {"old": 1.0, "new": 0.0, "all": 0.5}
+
+
+def test_unseen_class_predictions_and_ground_truth_leave_every_number_unchanged():
+    targets = [make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1]), make_target([[5, 5, 25, 25]], [1])]
+    preds = [pred([[0, 0, 10, 10], [21, 21, 30, 30]], [0.9, 0.4], [0, 1]), pred([[0, 0, 20, 20]], [0.7], [1])]
+    base = class_ap(preds, targets, seen=[0, 1])
+    polluted_targets = [make_target(torch.cat([t["boxes"], torch.tensor([[1.0, 1, 30, 30]])]),
+                                    torch.cat([t["labels"], torch.tensor([3])])) for t in targets]
+    polluted_preds = [pred(torch.cat([p["boxes"], torch.tensor([[0.0, 0, 10, 10]])]).tolist(),
+                           p["scores"].tolist() + [0.99], p["labels"].tolist() + [2]) for p in preds]
+    assert class_ap(polluted_preds, polluted_targets, seen=[0, 1]) == base
+    assert 0 < base[1] < 1  # the case is not trivial: class 1 has a miss and a hit
+
+
+def test_ignored_boxes_are_neither_true_nor_false_positives():
+    targets = [make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0], ignore=[False, True])]
+    with_hit_on_ignored = [pred([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.95], [0, 0])]
+    assert class_ap(with_hit_on_ignored, targets, seen=[0]) == {0: pytest.approx(1.0)}
+    unmatched = [pred([[0, 0, 10, 10], [60, 60, 70, 70]], [0.9, 0.95], [0, 0])]
+    assert class_ap(unmatched, targets, seen=[0])[0] < 1.0  # a real false positive does count
+
+
+def test_all_is_the_class_count_weighted_mean_of_old_and_new():
+    ap = {0: 0.9, 1: 0.6, 2: 0.3, 3: 0.2, 4: 0.5}
+    b = breakdown(ap, old=[0, 1, 2], new=[3, 4])
+    assert b["all"] == pytest.approx((3 * b["old"] + 2 * b["new"]) / 5)
+    assert breakdown(ap, old=[], new=[3])["old"] != breakdown(ap, old=[], new=[3])["old"]  # NaN: no old class
+
+
+def test_coco_convention_averages_over_iou_thresholds():
+    targets = [make_target([[0, 0, 10, 10]], [0])]
+    loose = [pred([[0, 0, 10, 12]], [0.9], [0])]  # IoU 10/12 = 0.83: a hit at .50-.80, a miss at .85-.95
+    assert class_ap(loose, targets, seen=[0])[0] == pytest.approx(1.0)
+    assert class_ap(loose, targets, seen=[0], convention=COCO_AP)[0] == pytest.approx(0.7)
