@@ -68,6 +68,7 @@ def save(folder: Path, strategy, result: RunResult, completed: int) -> None:
         "accuracy_matrix": result.accuracy_matrix,
         "initial_accuracy": result.initial_accuracy,
         "edge_per_experience": result.edge["per_experience"],
+        "detection": result.detection,
         "global_step_offset": strategy.global_step_offset,
         "rng_python": _jsonable(random.getstate()),
         "rng_numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -118,6 +119,7 @@ def restore(strategy, meta: dict[str, Any], tensors: dict[str, torch.Tensor], re
     result.accuracy_matrix = meta["accuracy_matrix"]
     result.initial_accuracy = meta["initial_accuracy"]
     result.edge["per_experience"] = meta["edge_per_experience"]
+    result.detection = meta.get("detection", {})
 
 
 def remove(folder: Path) -> None:

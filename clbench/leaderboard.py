@@ -144,11 +144,25 @@ def _metric(key: str, title: str) -> Column:
     return Column(key, title, METRICS[key].higher_is_better, lambda r: r.metrics.get(key), 100.0, ".1f", "%")
 
 
+def final_ap(part: str) -> Callable[[RunResult], float | None]:
+    """Detection runs: the final task's mean AP over `part` (all / old / new) classes."""
+
+    def get(r: RunResult):
+        per_task = (r.detection or {}).get("per_task") or []
+        value = per_task[-1].get(part) if per_task else None
+        return None if value is None or _isnan(value) else value
+
+    return get
+
+
 COLUMNS: list[Column] = [
     _metric("final_avg_acc", "Final acc"),
     _metric("avg_incremental_acc", "Avg inc. acc"),
     _metric("forgetting_max", "Forgetting"),
     _metric("bwt", "BWT"),
+    Column("final_ap_all", "Final AP all", True, final_ap("all"), 100.0, ".1f", "%"),
+    Column("final_ap_old", "Final AP old", True, final_ap("old"), 100.0, ".1f", "%"),
+    Column("final_ap_new", "Final AP new", True, final_ap("new"), 100.0, ".1f", "%"),
     Column("train_flops_total", "Train FLOPs", False, total("train_flops_total"), 1.0, ".3g", "FLOP", count=True),
     Column("peak_memory_bytes", "Peak mem", False, total("peak_memory_bytes"), 1 / 2**20, ".1f", "MiB"),
     Column("train_time_s", "Wall time", False, total("train_time_s"), 1.0, ".2f", "s"),
@@ -353,10 +367,18 @@ def to_markdown(lb: Leaderboard) -> str:
     return "\n".join(out) + "\n"
 
 
+DETECTION_LEGEND = (
+    "On detection scenarios the accuracy metrics are computed from per-task mean AP, and the AP columns give "
+    "the final AP over all / old / new classes (VOC-style scenarios: AP50; COCO: AP at IoU .50:.95; "
+    "COCO-style 101-point interpolation). "
+)
+
+
 def _legend(lb: Leaderboard) -> str:
     return (
         "Mean ± sample std over seeds. ↑ higher is better, ↓ lower is better; **bold**: best in its scenario. "
         "Accuracy metrics in %, forgetting = max-minus-last (Mammoth/PILOT). "
+        + (DETECTION_LEGEND if any(r.cells["final_ap_all"].mean is not None for r in lb.rows) else "") +
         f"Peak memory kind: {', '.join(sorted(lb.memory_kinds)) or MISSING}."
         + _jetson_legend(lb)
     )
