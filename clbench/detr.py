@@ -1,0 +1,489 @@
+"""TinyDETR: a plain DETR small enough for CPU tests, and what the query-based IOD methods share.
+
+- `TinyDETR`: a BatchNorm CNN to stride 8 (64 tokens at 64 px), `d = 64`, one
+  `nn.TransformerEncoder` layer, three decoder layers whose self-attention is an
+  `nn.MultiheadAttention` that optionally sees extra key/value *prompt* tokens (appended to its
+  key and value inputs before the in-projection, no positional embedding on them), 12 learned
+  object queries, a sigmoid class head over every class of the stream from the start and a
+  3-layer box MLP (normalised `cx, cy, w, h`), both shared by all decoder layers (DETR's
+  auxiliary outputs). `encode` (backbone + encoder) and `decode` (decoder + heads) are separate
+  so that methods whose passes differ only in the decoder compute the image features once.
+- `hungarian_match` / `set_loss`: Deformable DETR's matching costs (focal class cost 2, L1 5,
+  GIoU 2, `scipy.optimize.linear_sum_assignment`) and loss on every decoder layer:
+  sigmoid focal (alpha .25, gamma 2) summed over queries and classes, L1 x 5 and GIoU x 2
+  over matched pairs, each divided by the number of target boxes. Ignored boxes are never
+  targets (dropped before matching).
+- `detections`: the top-100 (query, class) scores per image over the allowed classes, no NMS.
+- `pretrain_shapes_base`: the offline stand-in for a COCO-pretrained DETR (see its docstring),
+  cached on disk by its settings; `load_base` reads such a file or any TinyDETR state_dict.
+- `FrozenBaseDetrStrategy`: a detection strategy around a frozen pretrained TinyDETR whose class
+  head (fresh, sized for all classes) and box head are trained; P2IOD and the fine-tuning
+  baseline build on it.
+
+Deviations from DETR, for size: the encoder adds the sine positional embedding to its input
+tokens once (an `nn.TransformerEncoderLayer` cannot add it to queries and keys per layer); no
+dropout (so a frozen base is deterministic and a prompt-free pass equals the base exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from clbench.config import StrategyConfig
+from clbench.detection import DetectionBatch, DetectionStrategy, Target
+from clbench.errors import UsageError
+from clbench.types import ExperienceInfo
+
+MASKED_LOGIT = -1e11  # the value P2IOD's code gives logits of classes not to be predicted
+FOCAL_PRIOR = 0.01  # initial foreground probability of the class head (RetinaNet / DETR focal init)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class DetrOutput:
+    """Per decoder layer (first axis): class logits `[L, B, Q, C]`, boxes `[L, B, Q, 4]` as
+    normalised `cx, cy, w, h`, and the decoder states `[L, B, Q, d]` the heads read."""
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    states: torch.Tensor
+
+
+def sine_positions(height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """DETR's normalised 2-D sine embedding, `[H*W, dim]` (half for y, half for x)."""
+    quarter = dim // 4
+    freq = 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    y = ys[:, None] / freq
+    x = xs[:, None] / freq
+    y = torch.cat([y.sin(), y.cos()], 1)[:, None, :].expand(height, width, 2 * quarter)
+    x = torch.cat([x.sin(), x.cos()], 1)[None, :, :].expand(height, width, 2 * quarter)
+    return torch.cat([y, x], -1).reshape(height * width, 4 * quarter)
+
+
+class DecoderLayer(nn.Module):
+    """DETR decoder layer (post-norm). `prompt = (keys, values)`, each `[B, P, d]`, is appended
+    to the self-attention's key and value inputs; queries and cross-attention are untouched."""
+
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, tgt, query_pos, memory, memory_pos, prompt: tuple[torch.Tensor, torch.Tensor] | None = None):
+        q = k = tgt + query_pos
+        v = tgt
+        if prompt is not None:
+            k = torch.cat([k, prompt[0]], 1)
+            v = torch.cat([v, prompt[1]], 1)
+        tgt = self.norm1(tgt + self.self_attn(q, k, v, need_weights=False)[0])
+        tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, memory + memory_pos, memory, need_weights=False)[0])
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinyDETR(nn.Module):
+    """Plain DETR at CPU-test size (about 0.3 M parameters)."""
+
+    def __init__(self, num_classes: int, d_model: int = 64, heads: int = 4, encoder_layers: int = 1,
+                 decoder_layers: int = 3, ffn: int = 128, num_queries: int = 12, width: int = 32):
+        super().__init__()
+        self.num_classes, self.d_model, self.num_queries = num_classes, d_model, num_queries
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.backbone = nn.Sequential(conv_bn(3, width, 2), conv_bn(width, 2 * width, 2),
+                                      conv_bn(2 * width, 2 * width, 2), conv_bn(2 * width, 2 * width, 1))
+        self.input_proj = nn.Conv2d(2 * width, d_model, 1)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
+        self.query_embed = nn.Embedding(num_queries, d_model)
+        self.decoder = nn.ModuleList(DecoderLayer(d_model, heads, ffn) for _ in range(decoder_layers))
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.class_head = nn.Linear(d_model, num_classes)
+        self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.ReLU(),
+                                      nn.Linear(d_model, 4))
+        self.reset_class_head()
+
+    @property
+    def decoder_layers(self) -> int:
+        return len(self.decoder)
+
+    def reset_class_head(self) -> None:
+        nn.init.normal_(self.class_head.weight, std=0.01)
+        nn.init.constant_(self.class_head.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] -> (encoder memory `[B, HW, d]`, its positional embedding `[1, HW, d]`)."""
+        f = self.input_proj(self.backbone((x - self.mean) / self.std))
+        pos = sine_positions(f.shape[-2], f.shape[-1], self.d_model, f.device).unsqueeze(0)
+        return self.encoder(f.flatten(2).transpose(1, 2) + pos), pos
+
+    def decode(self, memory: torch.Tensor, pos: torch.Tensor,
+               prompts: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DetrOutput:
+        """Decoder and heads; `prompts[l]` (keys, values) enters decoder layer `l`'s self-attention."""
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        states = []
+        for l, layer in enumerate(self.decoder):
+            tgt = layer(tgt, query_pos, memory, pos, None if prompts is None else prompts[l])
+            states.append(self.decoder_norm(tgt))
+        h = torch.stack(states)
+        return DetrOutput(self.class_head(h), self.box_head(h).sigmoid(), h)
+
+    def forward(self, x: torch.Tensor, prompts=None) -> DetrOutput:
+        return self.decode(*self.encode(x), prompts=prompts)
+
+
+# --------------------------------------------------------------------------- matching and loss
+@dataclass(frozen=True)
+class SetLossWeights:
+    """Deformable DETR's defaults: matching costs (class, L1, GIoU) and loss weights."""
+
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    l1: float = 5.0
+    giou: float = 2.0
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+def normalised_targets(targets: Sequence[Target], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+    """Non-ignored boxes as normalised `cx, cy, w, h` with their labels."""
+    h, w = image_size
+    out = []
+    for t in targets:
+        keep = ~t["ignore"]
+        boxes = t["boxes"][keep].float()
+        scale = boxes.new_tensor([w, h, w, h])
+        out.append({"boxes": box_convert(boxes / scale, "xyxy", "cxcywh"), "labels": t["labels"][keep].long()})
+    return out
+
+
+@torch.no_grad()
+def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]],
+                    w: SetLossWeights = SetLossWeights()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, (query indices, target indices) of the minimum-cost assignment.
+
+    Cost = cost_class * focal cost of the target class + cost_l1 * L1(cxcywh) - cost_giou * GIoU,
+    with Deformable DETR's focal class cost alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p)).
+    `logits` `[B, Q, C]`, `boxes` `[B, Q, 4]` normalised cxcywh.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    out = []
+    for b, t in enumerate(targets):
+        if len(t["labels"]) == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            out.append((empty, empty))
+            continue
+        p = logits[b].sigmoid()[:, t["labels"]]
+        pos = w.alpha * (1 - p) ** w.gamma * -(p + 1e-8).log()
+        neg = (1 - w.alpha) * p ** w.gamma * -(1 - p + 1e-8).log()
+        cost = (w.cost_class * (pos - neg) + w.cost_l1 * torch.cdist(boxes[b], t["boxes"], p=1)
+                - w.cost_giou * generalized_box_iou(box_convert(boxes[b], "cxcywh", "xyxy"),
+                                                    box_convert(t["boxes"], "cxcywh", "xyxy")))
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+    return out
+
+
+def layer_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]],
+               w: SetLossWeights = SetLossWeights()) -> dict[str, torch.Tensor]:
+    """One decoder layer's unweighted terms after matching: focal (summed over queries and
+    classes), L1 and 1 - GIoU (summed over matched pairs), each / number of targets."""
+    matches = hungarian_match(logits, boxes, targets, w)
+    num_targets = max(sum(len(t["labels"]) for t in targets), 1)
+    onehot = torch.zeros_like(logits)
+    src, tgt = [], []
+    for b, ((q, j), t) in enumerate(zip(matches, targets)):
+        q, j = q.to(logits.device), j.to(logits.device)
+        onehot[b, q, t["labels"][j]] = 1.0
+        src.append(boxes[b, q])
+        tgt.append(t["boxes"][j])
+    src, tgt = torch.cat(src), torch.cat(tgt)
+    focal = sigmoid_focal_loss(logits, onehot, alpha=w.alpha, gamma=w.gamma, reduction="sum") / num_targets
+    l1 = F.l1_loss(src, tgt, reduction="sum") / num_targets
+    giou = (1 - torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))).sum() / num_targets
+    return {"focal": focal, "l1": l1, "giou": giou}
+
+
+def set_loss(out: DetrOutput, targets: Sequence[dict[str, torch.Tensor]], w: SetLossWeights = SetLossWeights()) -> dict[str, torch.Tensor]:
+    """`sum over decoder layers [focal + w.l1 * L1 + w.giou * GIoU]` as three named terms."""
+    terms = [layer_loss(out.logits[l], out.boxes[l], targets, w) for l in range(out.logits.shape[0])]
+    return {"focal": sum(t["focal"] for t in terms), "l1": w.l1 * sum(t["l1"] for t in terms),
+            "giou": w.giou * sum(t["giou"] for t in terms)}
+
+
+def mask_classes(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
+    """Logits of classes not in `allowed` set to -1e11 (probability 0, no gradient)."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[list(allowed)] = True
+    return logits.masked_fill(~keep, MASKED_LOGIT)
+
+
+# --------------------------------------------------------------------------- inference
+def detections(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], classes: Sequence[int],
+               top_k: int = 100) -> list[dict[str, torch.Tensor]]:
+    """Per image the `top_k` highest (query, class) sigmoid scores over `classes` with their boxes
+    (xyxy pixels) and labels; no NMS. `logits` `[B, Q, C]`, `boxes` `[B, Q, 4]`."""
+    h, w = image_size
+    classes_t = torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)
+    out = []
+    for b in range(logits.shape[0]):
+        if len(classes_t) == 0:
+            out.append({"boxes": boxes.new_zeros(0, 4), "scores": boxes.new_zeros(0),
+                        "labels": torch.zeros(0, dtype=torch.long, device=logits.device)})
+            continue
+        scores = logits[b][:, classes_t].sigmoid()
+        k = min(top_k, scores.numel())
+        top, flat = scores.flatten().topk(k)
+        query, column = flat // len(classes_t), flat % len(classes_t)
+        xyxy = box_convert(boxes[b, query], "cxcywh", "xyxy") * boxes.new_tensor([w, h, w, h])
+        xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w), xyxy[:, 3].clamp(0, h)], 1)
+        out.append({"boxes": xyxy, "scores": top, "labels": classes_t[column]})
+    return out
+
+
+# --------------------------------------------------------------------------- the pretrained base
+def cache_root() -> Path:
+    return Path(os.environ.get("CLBENCH_CACHE") or "~/.cache/clbench").expanduser()
+
+
+def pretrain_shapes_base(settings: dict[str, Any], cache_dir: str | os.PathLike | None = None,
+                         verbose: bool = True) -> Path:
+    """The path of a TinyDETR pre-trained on a separate ShapesIOD pool of all 8 shapes, training
+    it first if no cached file has these settings.
+
+    This stands in for the COCO- (or Objects365-) pretrained DETR the method starts from: a
+    detector trained on *other* images that contain the benchmark's classes among others
+    ("like COCO -> VOC"). It is trained jointly on every class, all parameters, with the set loss
+    (AdamW lr 1e-3, wd 1e-4, clip 0.1); its class head is discarded when loaded
+    (`load_base`), the rest (backbone, encoder, decoder, queries, box head) becomes the frozen
+    base. The pool is generated with `settings["seed"]`, which must differ from the
+    benchmark's seeds. Training is a plain loop outside the run's Trainer, like downloading
+    pretrained weights: it is not part of any run's training cost. The file is keyed by the
+    settings (`images`, `epochs`, `size`, `seed`, `batch_size`) and written atomically.
+    """
+    keys = ("images", "epochs", "size", "seed", "batch_size")
+    settings = {k: settings[k] for k in keys}
+    tag = hashlib.sha1(json.dumps({"model": "TinyDETR-v1", **settings}, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    path = root / f"tinydetr-shapes-{tag}.pt"
+    if path.exists():
+        return path
+    from clbench.scenarios.shapes import generate_shapes
+    from clbench.detection import detection_collate
+
+    pool = generate_shapes(settings["images"], size=settings["size"], num_classes=8, seed=settings["seed"])
+    with torch.random.fork_rng():
+        torch.manual_seed(settings["seed"])
+        model = TinyDETR(num_classes=8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        order = torch.Generator().manual_seed(settings["seed"])
+        model.train()
+        for epoch in range(settings["epochs"]):
+            perm = torch.randperm(len(pool), generator=order).tolist()
+            total = 0.0
+            for start in range(0, len(perm), settings["batch_size"]):
+                batch = detection_collate([pool[i] for i in perm[start:start + settings["batch_size"]]])
+                out = model(batch.x)
+                loss = sum(set_loss(out, normalised_targets(batch.targets, batch.x.shape[-2:])).values())
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                optimizer.step()
+                total += loss.item()
+            if verbose and (epoch + 1) % 10 == 0:
+                print(f"TinyDETR base pre-training: epoch {epoch + 1}/{settings['epochs']}, loss {total:.2f}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_base(model: TinyDETR, path: str | os.PathLike) -> None:
+    """Load a TinyDETR state_dict from `path` into `model`, except its class head (the stream's
+    classes get a fresh head, as a COCO-pretrained DETR gets one for VOC)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"base detector weights not found: {str(p)!r} (expected a TinyDETR state_dict saved with torch.save)")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("class_head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("class_head.")]
+    if missing or unexpected:
+        raise UsageError(f"{str(p)!r} is not a TinyDETR of this size: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# --------------------------------------------------------------------------- strategies on a frozen base
+@dataclass(frozen=True)
+class FrozenBaseDetrConfig(StrategyConfig):
+    """A frozen pretrained TinyDETR with trained class (and box) heads."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # class head (and prompts)
+    box_lr: float = 1e-4  # box head
+    weight_decay: float = 1e-4
+    clip_grad: float = 0.1  # max gradient norm (0: off)
+    # "shapes-pretrain" (pre-trained on a separate ShapesIOD pool, cached), "random" (a random frozen
+    # base: mechanics tests only), or the path of a TinyDETR state_dict
+    base: str = "shapes-pretrain"
+    base_images: int = 300
+    base_epochs: int = 40
+    base_seed: int = 10_000
+    base_size: int = 64
+    base_batch_size: int = 32
+    freeze_old_rows: bool = True  # old classes' class-head rows are not trained
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.box_lr < 0 or self.clip_grad < 0:
+            raise UsageError("box_lr and clip_grad must be >= 0")
+
+
+class FrozenBaseDetrStrategy(DetectionStrategy):
+    """A frozen pretrained TinyDETR whose class head rows of the current classes (and of old
+    classes unless `freeze_old_rows`) and whose box head (at `box_lr`) are trained.
+
+    Rows of classes not trained in an experience have `requires_grad` off, so they get no
+    gradient and, being outside the optimiser, no weight decay either: they stay exactly fixed.
+    The frozen base stays in eval mode (BatchNorm statistics never move).
+    """
+
+    Config: ClassVar[type] = FrozenBaseDetrConfig
+    detector_name: ClassVar[str] = "tiny_detr"
+    contract_overrides: ClassVar[dict[str, Any]] = {"base": "random"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_rows = torch.zeros(self.num_classes, dtype=torch.bool)  # class-head rows trained now
+
+    def build_detector(self, num_classes: int) -> TinyDETR:
+        cfg = self.cfg
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            detector = TinyDETR(num_classes)
+        if cfg.base == "shapes-pretrain":
+            load_base(detector, pretrain_shapes_base({"images": cfg.base_images, "epochs": cfg.base_epochs, "size": cfg.base_size,
+                                                      "seed": cfg.base_seed, "batch_size": cfg.base_batch_size}))
+        elif cfg.base != "random":
+            load_base(detector, cfg.base)
+        detector.requires_grad_(False)
+        detector.eval()
+        return detector
+
+    @property
+    def class_head(self) -> nn.Linear:
+        return self.detector.class_head
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"class_head": self.detector.class_head, "box_head": self.detector.box_head}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.detector.eval()  # the base is frozen: its BatchNorm keeps the pretrained statistics
+        return self
+
+    # ----------------------------------------------------------- experience level
+    def trained_classes(self, exp: ExperienceInfo) -> tuple[int, ...]:
+        return exp.classes if self.cfg.freeze_old_rows else exp.seen_classes
+
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        super().on_experience_start(exp)
+        self.class_head.requires_grad_(True)
+        self.detector.box_head.requires_grad_(True)
+        self.trained_rows = torch.zeros(self.num_classes, dtype=torch.bool)
+        self.trained_rows[list(self.trained_classes(exp))] = True
+
+    def loss_weights(self) -> SetLossWeights:
+        return SetLossWeights(alpha=self.cfg.focal_alpha, gamma=self.cfg.focal_gamma)
+
+    def seen_loss(self, out: DetrOutput, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The set loss with logits of unseen classes masked."""
+        masked = DetrOutput(mask_classes(out.logits, self.experience.seen_classes), out.boxes, out.states)
+        return set_loss(masked, targets, self.loss_weights())
+
+    # ----------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.class_head.parameters()), "lr": self.cfg.lr},
+                {"params": list(self.detector.box_head.parameters()), "lr": self.cfg.box_lr}]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.parameter_groups() for p in g["params"]]
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        groups = [g for g in self.parameter_groups() if g["lr"] > 0]
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        elif cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        if cfg.lr_schedule == "cosine":
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+            return {"optimizer": optimizer, "lr_scheduler": cosine}
+        return optimizer
+
+    def training_step(self, batch, batch_idx: int):
+        with self.untrained_rows_fixed():
+            return super().training_step(batch, batch_idx)
+
+    @contextlib.contextmanager
+    def untrained_rows_fixed(self):
+        """Class-head rows not trained now are written back after the step: one weight tensor holds
+        every class, and weight decay (decoupled in AdamW, in the gradient for SGD/Adam) would
+        still move rows whose loss gradient is zero."""
+        fixed = ~self.trained_rows.to(self.class_head.weight.device)
+        weight, bias = self.class_head.weight[fixed].clone(), self.class_head.bias[fixed].clone()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.class_head.weight[fixed] = weight
+                self.class_head.bias[fixed] = bias
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        fixed = ~self.trained_rows.to(self.class_head.weight.device)
+        for p in (self.class_head.weight, self.class_head.bias):
+            if p.grad is not None:
+                p.grad[fixed] = 0  # before clipping: the norm is that of what is actually trained
+        if self.cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.clip_grad)
+
+    # ----------------------------------------------------------- inference
+    def seen(self) -> tuple[int, ...]:
+        return self.experience.seen_classes if self.experience is not None else ()
+
+    def inference_outputs(self, x: torch.Tensor) -> DetrOutput:
+        return self.detector(x)
+
+    @torch.no_grad()
+    def predict_detections(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = self.inference_outputs(x)
+        seen = self.seen()
+        return detections(mask_classes(out.logits[-1], seen) if seen else out.logits[-1], out.boxes[-1], x.shape[-2:], seen)
