@@ -1,0 +1,453 @@
+"""TinyGFL: a small Generalized Focal Loss detector (Li et al., NeurIPS 2020) for incremental detection.
+
+The dense detector the IOD protocol card asks for (IOR and its baselines need per-location sigmoid
+class logits, a distributional box branch, a cls tower to RoIAlign from and BatchNorm in the backbone):
+
+- **Backbone**: four BatchNorm CNN stages (16-32-64-96 channels at strides 4/8/16/32, each two
+  `Conv2dNormActivation`s), the last three feeding torchvision's `FeaturePyramidNetwork` (strides
+  8/16/32, 64 channels); `num_levels=5` adds torchvision's `LastLevelP6P7` (strides 64/128, as the
+  paper's R50-FPN). Images in [0, 1] are normalised inside (ImageNet mean/std); `forward(...,
+  normalized=True)` takes inputs already in that space (what IOR's inversion optimises).
+- **Head**: two towers of `tower_convs` conv3x3 + GroupNorm(32) + ReLU shared over levels; the cls
+  tower feeds a conv with one sigmoid logit per class (joint class / IoU-quality score, trained by
+  QFL); the reg tower feeds a conv with `4·(R+1)` logits, a softmax distribution over each side's
+  distance to the anchor centre in units of the level's stride (DFL + GIoU), times a learnt scale per
+  level. No centerness branch.
+- **Assignment: ATSS** (Zhang et al., CVPR 2020), as GFL uses: one square anchor of
+  `anchor_scale · stride` per location; per GT the `atss_topk` anchors per level whose centres are
+  closest to the GT centre are candidates; those with IoU >= mean + std of the candidates' IoUs and
+  the anchor centre inside the GT are positives (an anchor claimed twice goes to the larger IoU).
+  We implement ATSS rather than reuse torchvision FCOS' centre sampling, so the assignment is GFL's.
+- **Losses** (mmdetection's GFL head): QFL (beta 2) over every location and class, normalised by the
+  number of positives; GIoU (weight 2) and DFL (weight 0.25, mean over the 4 sides) on positives,
+  each weighted by the positive's largest predicted class score (detached) and normalised by the sum
+  of those weights. The QFL target of a positive is the IoU of its decoded (detached) box with its GT.
+- **Inference**: per level the `candidates_per_level` best (location, class) scores above
+  `score_thresh`, decoded, clipped, class-wise NMS (`torchvision.ops.batched_nms`, IoU 0.6), at most
+  `max_detections` per image. Logits of classes outside `classes` are masked first.
+- **Incremental classifier**: `grow_classes(n)` appends output channels to the class conv and keeps
+  the old rows; a state dict with another class count resizes it on load (resume, teachers).
+
+Boxes are xyxy in pixels; the anchor centre of cell (i, j) at stride s is ((j + 0.5)s, (i + 0.5)s)
+(mmdetection uses offset 0; with square anchors this only shifts the grid by half a stride).
+
+Reused from torch/torchvision: `Conv2dNormActivation`, `FeaturePyramidNetwork`, `LastLevelP6P7`,
+`box_iou`, `generalized_box_iou_loss`, `batched_nms`; the strategies use `roi_align`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, generalized_box_iou_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import Conv2dNormActivation
+
+from clbench.config import StrategyConfig
+from clbench.detection import DetectionBatch, DetectionStrategy, Target
+from clbench.types import ExperienceInfo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRIOR_PROBABILITY = 0.01  # initial class score, as RetinaNet/GFL initialise the class-conv bias
+
+
+@dataclass(frozen=True)
+class GFLConfig(StrategyConfig):
+    """TinyGFL's architecture, loss and inference settings plus the optimiser (tiny CPU defaults;
+    the published R50-FPN values are in each strategy's PAPER_SETTINGS / docstring)."""
+
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    backbone_channels: tuple[int, ...] = (16, 32, 64, 96)  # four stages, strides 4/8/16/32
+    fpn_channels: int = 64  # paper: 256
+    num_levels: int = 3  # 3 (strides 8-32) or 5 (+ P6, P7: strides 8-128, the paper's)
+    tower_convs: int = 2  # paper: 4
+    reg_max: int = 8  # R (paper: 16): each side distance is a distribution over 0..R strides
+    anchor_scale: float = 8.0  # ATSS anchor side = anchor_scale x stride (GFL's octave scale 8)
+    atss_topk: int = 9
+    qfl_beta: float = 2.0
+    giou_weight: float = 2.0
+    dfl_weight: float = 0.25
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.6
+    max_detections: int = 100
+    candidates_per_level: int = 1000
+    flip: bool = True  # random horizontal flip of training images (p 0.5)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from clbench.errors import UsageError
+
+        if self.num_levels not in (3, 5):
+            raise UsageError(f"num_levels={self.num_levels} is invalid; expected 3 or 5")
+        if len(self.backbone_channels) != 4:
+            raise UsageError(f"backbone_channels={self.backbone_channels} is invalid; expected 4 stage widths")
+        if self.reg_max < 1:
+            raise UsageError(f"reg_max={self.reg_max} is invalid; expected a positive integer")
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class GFLOutput:
+    """One forward pass. Per-location tensors are flattened level by level (level 0 first, row-major)."""
+
+    cls_feats: list[torch.Tensor]  # per level [B, C, H_l, W_l]: the cls tower's output (IOR's RoIAlign input)
+    cls_logits: torch.Tensor  # [B, L, K] one sigmoid logit per class
+    reg_logits: torch.Tensor  # [B, L, 4, R + 1] side-distance distributions (left, top, right, bottom)
+    centers: torch.Tensor  # [L, 2] anchor centres (x, y) in pixels
+    strides: torch.Tensor  # [L]
+    levels: torch.Tensor  # [L] FPN level of each location
+    image_size: tuple[int, int]  # (H, W)
+
+    @property
+    def level_strides(self) -> list[int]:
+        return [int(2 ** (3 + level)) for level in range(len(self.cls_feats))]
+
+    def boxes(self, reg_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded boxes [B, L, 4] (xyxy pixels): centre -/+ expected side distances x stride."""
+        reg = self.reg_logits if reg_logits is None else reg_logits
+        return distances_to_boxes(expected_distance(reg) * self.strides[None, :, None], self.centers)
+
+
+class TinyGFL(nn.Module):
+    def __init__(self, num_classes: int, cfg: GFLConfig = GFLConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.reg_max = cfg.reg_max
+        widths = cfg.backbone_channels
+        bn_block = lambda i, o, s: Conv2dNormActivation(i, o, 3, stride=s, norm_layer=nn.BatchNorm2d)  # noqa: E731
+        # the first stage reaches stride 4 (a stride-2 stem), the others halve the resolution once
+        self.stages = nn.ModuleList(
+            nn.Sequential(bn_block(i, o, 2), bn_block(o, o, 2 if i == 3 else 1)) for i, o in zip((3, *widths[:-1]), widths)
+        )
+        c = cfg.fpn_channels
+        extra = LastLevelP6P7(c, c) if cfg.num_levels == 5 else None
+        self.fpn = FeaturePyramidNetwork(list(widths[1:]), c, extra_blocks=extra)
+        gn_block = lambda: Conv2dNormActivation(c, c, 3, norm_layer=lambda ch: nn.GroupNorm(min(32, ch), ch))  # noqa: E731
+        self.cls_tower = nn.Sequential(*[gn_block() for _ in range(cfg.tower_convs)])
+        self.reg_tower = nn.Sequential(*[gn_block() for _ in range(cfg.tower_convs)])
+        self.cls_conv = self._class_conv(num_classes)
+        self.reg_conv = nn.Conv2d(c, 4 * (cfg.reg_max + 1), 3, padding=1)
+        self.level_scales = nn.Parameter(torch.ones(cfg.num_levels))
+        for tower in (self.cls_tower, self.reg_tower):
+            for m in tower.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, std=0.01)
+        nn.init.normal_(self.reg_conv.weight, std=0.01)
+        nn.init.zeros_(self.reg_conv.bias)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._grid_cache: dict = {}
+
+    def _class_conv(self, n: int) -> nn.Conv2d:
+        with warnings.catch_warnings():  # the classifier starts with no classes
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            conv = nn.Conv2d(self.cfg.fpn_channels, n, 3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.constant_(conv.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        return conv
+
+    @property
+    def num_classes(self) -> int:
+        return self.cls_conv.out_channels
+
+    def grow_classes(self, n: int) -> None:
+        """Give the class conv `n` output channels: old rows copied, new rows freshly initialised."""
+        old = self.cls_conv
+        if n == old.out_channels:
+            return
+        if n < old.out_channels:
+            raise ValueError(f"the classifier has {old.out_channels} classes; it cannot shrink to {n}")
+        new = self._class_conv(n).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.out_channels] = old.weight
+            new.bias[: old.out_channels] = old.bias
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.bias.requires_grad_(old.bias.requires_grad)
+        self.cls_conv = new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint (or teacher) with another class count: take its shape before loading
+        saved = state_dict.get(prefix + "cls_conv.weight")
+        if saved is not None and saved.shape[0] != self.num_classes:
+            self.cls_conv = self._class_conv(saved.shape[0]).to(self.reg_conv.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, normalized: bool = False) -> GFLOutput:
+        z = x if normalized else self.normalize(x)
+        stage_outputs = []
+        for stage in self.stages:
+            z = stage(z)
+            stage_outputs.append(z)
+        feats = list(self.fpn({str(i): f for i, f in enumerate(stage_outputs[1:])}).values())
+        cls_feats = [self.cls_tower(f) for f in feats]
+        cls, reg = [], []
+        for level, f in enumerate(feats):
+            b, _, h, w = f.shape
+            logits = self.cls_conv(cls_feats[level]) if self.num_classes else f.new_zeros(b, 0, h, w)
+            cls.append(logits.flatten(2).transpose(1, 2))
+            reg.append((self.level_scales[level] * self.reg_conv(self.reg_tower(f))).flatten(2).transpose(1, 2))
+        centers, strides, levels = self._grid([tuple(f.shape[-2:]) for f in feats], x.device)
+        reg_logits = torch.cat(reg, 1)
+        return GFLOutput(cls_feats, torch.cat(cls, 1), reg_logits.view(*reg_logits.shape[:2], 4, self.reg_max + 1),
+                         centers, strides, levels, tuple(x.shape[-2:]))
+
+    def _grid(self, shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (tuple(shapes), str(device))
+        if key not in self._grid_cache:
+            centers, strides, levels = [], [], []
+            for level, (h, w) in enumerate(shapes):
+                s = 2 ** (3 + level)
+                ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+                centers.append(torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(s))
+                strides.append(torch.full((h * w,), float(s), device=device))
+                levels.append(torch.full((h * w,), level, dtype=torch.long, device=device))
+            self._grid_cache[key] = (torch.cat(centers), torch.cat(strides), torch.cat(levels))
+        return self._grid_cache[key]
+
+    def anchors(self, out: GFLOutput) -> torch.Tensor:
+        """ATSS anchors [L, 4]: squares of side anchor_scale x stride at every location."""
+        half = (self.cfg.anchor_scale * out.strides / 2)[:, None]
+        return torch.cat([out.centers - half, out.centers + half], 1)
+
+    # ----------------------------------------------------------- training
+    def loss(self, out: GFLOutput, targets: Sequence[Target], channels: Sequence[int] | None = None) -> "GFLLoss":
+        """The GFL loss of `out` against `targets`, on the class `channels` only (default: all).
+
+        Targets must only hold classes in `channels` (label c is trained on channel c); ignored
+        boxes are never targets, and their assigned locations count neither as positives nor as
+        negatives."""
+        return gfl_loss(out, self.anchors(out), targets, channels, self.cfg)
+
+    # ----------------------------------------------------------- inference
+    @torch.no_grad()
+    def detect(self, x: torch.Tensor, classes: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+        return postprocess(self(x), classes, self.cfg)
+
+
+# --------------------------------------------------------------------------- box coding
+def expected_distance(reg_logits: torch.Tensor) -> torch.Tensor:
+    """[..., 4, R + 1] logits -> [..., 4] expected distances (in strides) under their softmax."""
+    bins = torch.arange(reg_logits.shape[-1], dtype=reg_logits.dtype, device=reg_logits.device)
+    return (reg_logits.softmax(-1) * bins).sum(-1)
+
+
+def distances_to_boxes(distances: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(left, top, right, bottom) distances [..., 4] from centres [..., 2] -> xyxy boxes."""
+    return torch.cat([centers - distances[..., :2], centers + distances[..., 2:]], -1)
+
+
+def boxes_to_distances(boxes: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes [..., 4] -> (left, top, right, bottom) distances from centres [..., 2]."""
+    return torch.cat([centers - boxes[..., :2], boxes[..., 2:] - centers], -1)
+
+
+# --------------------------------------------------------------------------- assignment
+def atss_assign(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: torch.Tensor, topk: int = 9) -> torch.Tensor:
+    """ATSS: the index of the GT box each anchor is positive for, -1 for background. [L]"""
+    num = anchors.shape[0]
+    assigned = torch.full((num,), -1, dtype=torch.long, device=anchors.device)
+    if len(gt_boxes) == 0:
+        return assigned
+    ious = box_iou(anchors, gt_boxes)  # [L, M]
+    anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    distances = torch.cdist(anchor_centers, gt_centers)  # [L, M]
+    candidates = []
+    for level in levels.unique():
+        at_level = torch.nonzero(levels == level).squeeze(1)
+        k = min(topk, len(at_level))
+        nearest = distances[at_level].topk(k, dim=0, largest=False).indices  # [k, M]
+        candidates.append(at_level[nearest])
+    candidates = torch.cat(candidates)  # [sum k, M]
+    candidate_ious = ious.gather(0, candidates)
+    threshold = candidate_ious.mean(0) + candidate_ious.std(0)  # per GT (unbiased std, as mmdetection)
+    columns = torch.arange(len(gt_boxes), device=anchors.device).expand_as(candidates)
+    is_candidate = torch.zeros_like(ious, dtype=torch.bool)
+    is_candidate[candidates, columns] = True
+    lt = anchor_centers[:, None, :] - gt_boxes[None, :, :2]
+    rb = gt_boxes[None, :, 2:] - anchor_centers[:, None, :]
+    inside = torch.cat([lt, rb], -1).min(-1).values > 0.01
+    positive = is_candidate & inside & (ious >= threshold[None, :])
+    masked = torch.where(positive, ious, torch.full_like(ious, -1.0))
+    best_iou, best_gt = masked.max(1)
+    assigned[best_iou > -1] = best_gt[best_iou > -1]
+    return assigned
+
+
+# --------------------------------------------------------------------------- losses
+def quality_focal_loss(logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """QFL per element [N, K]: BCE(sigmoid(z), y) |y - sigmoid(z)|^beta with y = quality at the
+    positive's class and 0 elsewhere (`labels` -1 for background)."""
+    target = torch.zeros_like(logits)
+    pos = labels >= 0
+    target[pos, labels[pos]] = quality[pos].to(logits.dtype)
+    p = logits.sigmoid()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * (target - p).abs().pow(beta)
+
+
+def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DFL [n]: CE to the two bins around the continuous target, weighted by closeness."""
+    left = target.long()
+    right = left + 1
+    w_left = right.to(target.dtype) - target
+    w_right = target - left.to(target.dtype)
+    return F.cross_entropy(logits, left, reduction="none") * w_left + F.cross_entropy(logits, right, reduction="none") * w_right
+
+
+@dataclass
+class GFLLoss:
+    terms: dict[str, torch.Tensor]  # {"qfl", "giou", "dfl"}, weighted
+    quality_error: torch.Tensor  # detached: mean over levels with positives of mean |q - sigmoid(z)| (0 if none)
+    num_positives: int
+
+
+def gfl_loss(out: GFLOutput, anchors: torch.Tensor, targets: Sequence[Target], channels: Sequence[int] | None,
+             cfg: GFLConfig) -> GFLLoss:
+    channels = list(range(out.cls_logits.shape[-1])) if channels is None else [int(c) for c in channels]
+    position = {c: i for i, c in enumerate(channels)}
+    channel_index = torch.as_tensor(channels, dtype=torch.long, device=out.cls_logits.device)
+    logits = out.cls_logits.index_select(-1, channel_index)  # [B, L, |channels|]
+    boxes = out.boxes()  # [B, L, 4]
+    labels, quality, keep = [], [], []
+    pos_index, pos_gt = [], []
+    for b, t in enumerate(targets):
+        gt, gt_labels, ignore = t["boxes"].to(boxes), t["labels"], t["ignore"]
+        unknown = set(gt_labels[~ignore].tolist()) - set(channels)
+        if unknown:
+            raise ValueError(f"targets hold classes {sorted(unknown)} outside the trained channels {channels}")
+        assigned = atss_assign(anchors, out.levels, gt, cfg.atss_topk)
+        to_ignore = (assigned >= 0) & ignore[assigned.clamp(min=0)]
+        positive = (assigned >= 0) & ~to_ignore
+        lab = torch.full_like(assigned, -1)
+        lab[positive] = torch.as_tensor([position[int(c)] for c in gt_labels[assigned[positive]].tolist()],
+                                        dtype=torch.long, device=lab.device)
+        idx = torch.nonzero(positive).squeeze(1)
+        q = torch.zeros(len(assigned), device=boxes.device)
+        if len(idx):
+            matched = gt[assigned[idx]]
+            q[idx] = box_iou(boxes[b, idx].detach(), matched).diagonal().clamp(min=0)
+            pos_index.append((torch.full_like(idx, b), idx))
+            pos_gt.append(matched)
+        labels.append(lab)
+        quality.append(q)
+        keep.append(~to_ignore)
+    labels, quality, keep = torch.stack(labels), torch.stack(quality), torch.stack(keep)
+    num_pos = int((labels >= 0).sum())
+    qfl = quality_focal_loss(logits, labels, quality, cfg.qfl_beta).sum(-1)
+    qfl = (qfl * keep).sum() / max(num_pos, 1)
+    if num_pos:
+        bi = torch.cat([p[0] for p in pos_index])
+        li = torch.cat([p[1] for p in pos_index])
+        gt = torch.cat(pos_gt)
+        weight = logits[bi, li].detach().sigmoid().max(-1).values
+        norm = weight.sum().clamp(min=1e-6)
+        giou = (generalized_box_iou_loss(boxes[bi, li], gt, reduction="none") * weight).sum() / norm
+        target_dist = boxes_to_distances(gt, out.centers[li]) / out.strides[li, None]
+        target_dist = target_dist.clamp(min=0, max=cfg.reg_max - 0.01)
+        dfl = distribution_focal_loss(out.reg_logits[bi, li].reshape(-1, cfg.reg_max + 1), target_dist.reshape(-1))
+        dfl = (dfl.view(-1, 4) * weight[:, None]).sum() / (4 * norm)
+        scores = logits[bi, li, labels[bi, li]].detach().sigmoid()
+        error = (quality[bi, li] - scores).abs()
+        level = out.levels[li]
+        per_level = [error[level == lv].mean() for lv in level.unique()]
+        quality_error = torch.stack(per_level).mean()
+    else:  # keep the graph connected: zero gradients, not missing ones
+        giou = dfl = out.reg_logits.sum() * 0.0
+        quality_error = torch.zeros((), device=logits.device)
+    terms = {"qfl": qfl, "giou": cfg.giou_weight * giou, "dfl": cfg.dfl_weight * dfl}
+    return GFLLoss(terms, quality_error, num_pos)
+
+
+# --------------------------------------------------------------------------- inference
+def class_mask(num_classes: int, classes: Sequence[int] | None, device) -> torch.Tensor:
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    if classes is None:
+        mask[:] = True
+    else:
+        idx = [c for c in classes if c < num_classes]
+        mask[torch.as_tensor(idx, dtype=torch.long, device=device)] = True
+    return mask
+
+
+def postprocess(out: GFLOutput, classes: Sequence[int] | None, cfg: GFLConfig) -> list[dict[str, torch.Tensor]]:
+    """Per image {"boxes", "scores", "labels"}: GFL's test rule with logits of other classes masked."""
+    num_classes = out.cls_logits.shape[-1]
+    scores = out.cls_logits.sigmoid().masked_fill(~class_mask(num_classes, classes, out.cls_logits.device), 0.0)
+    boxes = out.boxes()
+    h, w = out.image_size
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+    results = []
+    for b in range(scores.shape[0]):
+        kept_boxes, kept_scores, kept_labels = [], [], []
+        for level in range(len(out.cls_feats)):
+            at_level = torch.nonzero(out.levels == level).squeeze(1)
+            s = scores[b, at_level].flatten()
+            candidates = torch.nonzero(s > cfg.score_thresh).squeeze(1)
+            if len(candidates) > cfg.candidates_per_level:
+                candidates = candidates[s[candidates].topk(cfg.candidates_per_level).indices]
+            loc, cls = at_level[candidates // max(num_classes, 1)], candidates % max(num_classes, 1)
+            kept_boxes.append(boxes[b, loc])
+            kept_scores.append(s[candidates])
+            kept_labels.append(cls)
+        bx, sc, lb = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(kept_labels)
+        keep = batched_nms(bx, sc, lb, cfg.nms_thresh)[: cfg.max_detections]
+        results.append({"boxes": bx[keep], "scores": sc[keep], "labels": lb[keep]})
+    return results
+
+
+# --------------------------------------------------------------------------- augmentation
+def hflip_batch(batch: DetectionBatch, p: float = 0.5, generator: torch.Generator | None = None) -> DetectionBatch:
+    """Each image (and its boxes) flipped horizontally with probability `p`."""
+    flip = torch.rand(len(batch), generator=generator) < p
+    if not bool(flip.any()):
+        return batch
+    width = batch.x.shape[-1]
+    x = batch.x.clone()
+    x[flip.to(x.device)] = x[flip.to(x.device)].flip(-1)
+    targets = []
+    for t, f in zip(batch.targets, flip.tolist()):
+        if f:
+            boxes = t["boxes"].clone()
+            boxes[:, 0], boxes[:, 2] = width - t["boxes"][:, 2], width - t["boxes"][:, 0]
+            t = {**t, "boxes": boxes}
+        targets.append(t)
+    return DetectionBatch(x, targets)
+
+
+# --------------------------------------------------------------------------- strategy base
+class GFLStrategy(DetectionStrategy):
+    """A detection strategy on TinyGFL: the classifier covers the seen classes and grows at the
+    start of every task (old rows kept); inference masks unseen classes' logits."""
+
+    Config = GFLConfig
+
+    def build_detector(self, num_classes: int) -> nn.Module:
+        # the class conv starts empty and grows with the seen classes
+        return TinyGFL(0, self.cfg)
+
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        super().on_experience_start(exp)
+        self.detector.grow_classes(len(exp.seen_classes))
+
+    def training_batch(self, batch: DetectionBatch) -> DetectionBatch:
+        return hflip_batch(batch) if self.cfg.flip else batch
+
+    def predict_detections(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        seen = self.experience.seen_classes if self.experience is not None else ()
+        if not seen:
+            empty = x.new_zeros(0)
+            return [{"boxes": x.new_zeros(0, 4), "scores": empty, "labels": empty.long()} for _ in range(len(x))]
+        return self.detector.detect(x, classes=seen)
