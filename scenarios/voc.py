@@ -1,0 +1,205 @@
+"""PASCAL VOC 2007 incremental detection: train on trainval (5,011 images), evaluate on test (4,952).
+
+Files: `<data root>/VOCdevkit/VOC2007/` (or `<data root>/VOC2007/`) as extracted from the
+official trainval and test tarballs: `Annotations/*.xml`, `JPEGImages/*.jpg` and
+`ImageSets/Main/{trainval,test}.txt`. Classes are in the standard alphabetical order
+(`VOC_CLASSES`, aeroplane ... tvmonitor); "difficult" objects travel as ignored boxes.
+
+Images are decoded on demand and resized to a *square* `image_size` x `image_size` (default
+512; not aspect-preserving), and boxes are scaled by the same per-axis factors.
+
+Names: `voc-<split>` (standard setting) and `voc-<split>-absent` (IOR's absent setting). A
+split lists the classes per task joined by `+`; `NxM` stands for N tasks of M classes, as
+`parse_split` reads it. So the literature's 15-1 (15 + five 1-class tasks) is `voc-15+5x1`,
+10-2 (10 + five 2-class tasks) is `voc-10+5x2` and 10-1 is `voc-10+10x1`.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from clbench.detection import VOC_AP50, DetectionDataset, make_target
+from clbench.errors import UsageError
+from clbench.registry import register_scenario
+from clbench.scenarios import _files
+from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
+from clbench.scenarios._images import image_size
+from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, scale_boxes
+from clbench.scenarios.base import ScenarioOptions, data_root
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+DEFAULT_SIZE = 512
+HOW_TO_GET = ("download VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar from the PASCAL VOC 2007 page "
+              "(http://host.robots.ox.ac.uk/pascal/VOC/voc2007/) and extract both into {root} "
+              "(they create VOCdevkit/VOC2007)")
+EXPECTED = ("Annotations", "JPEGImages", "ImageSets/Main/trainval.txt", "ImageSets/Main/test.txt")
+
+
+def voc_folder(root: Path) -> Path:
+    """`<root>/VOCdevkit/VOC2007`, or `<root>/VOC2007` when only that one exists."""
+    devkit, bare = root / "VOCdevkit" / "VOC2007", root / "VOC2007"
+    return bare if bare.is_dir() and not devkit.is_dir() else devkit
+
+
+def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
+    """The images listed in `ImageSets/Main/<image_set>.txt`, decoded lazily at `size` x `size`,
+    with targets in the alphabetical class order (difficult -> ignore)."""
+    how = HOW_TO_GET.format(root=folder.parent.parent if folder.parent.name == "VOCdevkit" else folder.parent)
+    _files.require(folder, EXPECTED, dataset="PASCAL VOC 2007", how=how)
+    ids = _files.read_names(folder / "ImageSets" / "Main" / f"{image_set}.txt")
+    position = {name: i for i, name in enumerate(VOC_CLASSES)}
+    paths, sizes, targets = [], [], []
+    for image_id in ids:
+        xml_path = folder / "Annotations" / f"{image_id}.xml"
+        if not xml_path.is_file():
+            raise _files.missing_error(folder / "Annotations", [f"{image_id}.xml"], dataset="PASCAL VOC 2007", how=how)
+        try:
+            annotation = ET.parse(xml_path).getroot()
+            width, height = (int(annotation.findtext(f"size/{k}")) for k in ("width", "height"))
+            boxes, labels, ignore = [], [], []
+            for obj in annotation.iter("object"):
+                name = obj.findtext("name", "").strip()
+                if name not in position:
+                    raise UsageError(f"{xml_path} has an object of class {name!r}, which is not a VOC class")
+                box = obj.find("bndbox")
+                x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+                boxes.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive pixels -> pixel edges
+                labels.append(position[name])
+                ignore.append(int(obj.findtext("difficult", "0").strip() or 0) == 1)
+        except (ET.ParseError, TypeError, ValueError, AttributeError) as e:
+            raise UsageError(f"{xml_path} is not a valid VOC annotation ({type(e).__name__}: {e}); {how}") from None
+        file_name = annotation.findtext("filename") or f"{image_id}.jpg"
+        paths.append(str(folder / "JPEGImages" / file_name.strip()))
+        sizes.append((width, height))
+        pixels = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        targets.append(make_target(scale_boxes(pixels, width, height, size), labels, ignore))
+    return DetectionDataset(ResizedImages(paths, sizes, size), targets)
+
+
+def voc_scenario(split: str, setting: str, options: ScenarioOptions) -> DetectionScenario:
+    fixed_class_order(options.class_order, "PASCAL VOC")
+    increments = parse_split(split)
+    size = image_size(options.image_size, DEFAULT_SIZE)
+    folder = voc_folder(data_root(options))
+    train, test = read_voc(folder, "trainval", size), read_voc(folder, "test", size)
+    return detection_scenario(
+        f"voc-{split}" + ("-absent" if setting == "absent" else ""), train, test, increments=increments,
+        class_names=list(VOC_CLASSES), setting=setting, input_shape=(3, size, size), convention=VOC_AP50,
+        meta={"source": f"PASCAL VOC 2007 ({folder}): trainval for training, test for evaluation",
+              "image_size": size, "resize": "square, not aspect-preserving; boxes scaled per axis",
+              "difficult": "ignored boxes (neither true nor false positives)"},
+    )
+
+
+@register_scenario("voc-19+1")
+def voc_19_1(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 19+1 (new: tvmonitor), standard setting."""
+    return voc_scenario("19+1", "standard", options)
+
+
+@register_scenario("voc-19+1-absent")
+def voc_19_1_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 19+1, absent setting."""
+    return voc_scenario("19+1", "absent", options)
+
+
+@register_scenario("voc-15+5")
+def voc_15_5(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15+5 (new: pottedplant ... tvmonitor), standard setting."""
+    return voc_scenario("15+5", "standard", options)
+
+
+@register_scenario("voc-15+5-absent")
+def voc_15_5_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15+5, absent setting."""
+    return voc_scenario("15+5", "absent", options)
+
+
+@register_scenario("voc-10+10")
+def voc_10_10(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+10 (new: diningtable ... tvmonitor), standard setting."""
+    return voc_scenario("10+10", "standard", options)
+
+
+@register_scenario("voc-10+10-absent")
+def voc_10_10_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+10, absent setting."""
+    return voc_scenario("10+10", "absent", options)
+
+
+@register_scenario("voc-5+15")
+def voc_5_15(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+15, standard setting."""
+    return voc_scenario("5+15", "standard", options)
+
+
+@register_scenario("voc-5+15-absent")
+def voc_5_15_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+15, absent setting."""
+    return voc_scenario("5+15", "absent", options)
+
+
+@register_scenario("voc-10+5+5")
+def voc_10_5_5(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+5+5 (three tasks), standard setting."""
+    return voc_scenario("10+5+5", "standard", options)
+
+
+@register_scenario("voc-10+5+5-absent")
+def voc_10_5_5_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+5+5, absent setting."""
+    return voc_scenario("10+5+5", "absent", options)
+
+
+@register_scenario("voc-5+5+5+5")
+def voc_5_5_5_5(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+5+5+5 (four tasks), standard setting."""
+    return voc_scenario("5+5+5+5", "standard", options)
+
+
+@register_scenario("voc-5+5+5+5-absent")
+def voc_5_5_5_5_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+5+5+5, absent setting."""
+    return voc_scenario("5+5+5+5", "absent", options)
+
+
+@register_scenario("voc-15+5x1")
+def voc_15_5x1(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15-1: 15 classes, then 5 tasks of 1 class (15+1+1+1+1+1), standard setting."""
+    return voc_scenario("15+5x1", "standard", options)
+
+
+@register_scenario("voc-15+5x1-absent")
+def voc_15_5x1_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15-1 (15+1+1+1+1+1), absent setting."""
+    return voc_scenario("15+5x1", "absent", options)
+
+
+@register_scenario("voc-10+5x2")
+def voc_10_5x2(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-2: 10 classes, then 5 tasks of 2 classes, standard setting."""
+    return voc_scenario("10+5x2", "standard", options)
+
+
+@register_scenario("voc-10+5x2-absent")
+def voc_10_5x2_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-2 (10 + 5 tasks of 2 classes), absent setting."""
+    return voc_scenario("10+5x2", "absent", options)
+
+
+@register_scenario("voc-10+10x1")
+def voc_10_10x1(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-1: 10 classes, then 10 tasks of 1 class, standard setting."""
+    return voc_scenario("10+10x1", "standard", options)
+
+
+@register_scenario("voc-10+10x1-absent")
+def voc_10_10x1_absent(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-1 (10 + 10 tasks of 1 class), absent setting."""
+    return voc_scenario("10+10x1", "absent", options)

@@ -1,0 +1,98 @@
+"""The PASCAL VOC 2007 loader on a ShapesIOD fixture written in VOC's exact on-disk layout.
+
+The eight shapes stand in for eight real VOC classes (by name in the XML); images are padded
+to 96x64 so the square resize scales x and y differently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clbench.config import RunConfig
+from clbench.detection import DetectionDataset, make_target
+from clbench.errors import DataNotFoundError
+from clbench.runner import create_scenario
+from clbench.scenarios._iod_files import write_voc
+from clbench.scenarios.shapes import generate_shapes
+from clbench.scenarios.voc import VOC_CLASSES, read_voc
+
+STAND_INS = ["aeroplane", "bus", "dog", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # shape label -> VOC class
+WIDTH, HEIGHT = 96, 64
+
+
+def _padded_with_difficult(n: int, seed: int) -> DetectionDataset:
+    """Shapes on a 96x64 canvas (padded on the right); every third box is marked difficult."""
+    shapes = generate_shapes(n, size=64, seed=seed)
+    images = torch.full((n, 3, HEIGHT, WIDTH), 128, dtype=torch.uint8)
+    images[..., :64] = shapes.images
+    targets, k = [], 0
+    for t in shapes.targets:
+        ignore = torch.tensor([(k + j) % 3 == 2 for j in range(len(t["labels"]))])
+        k += len(t["labels"])
+        targets.append(make_target(t["boxes"], t["labels"], ignore))
+    return DetectionDataset(images, targets)
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    train, test = _padded_with_difficult(48, seed=0), _padded_with_difficult(12, seed=1)
+    write_voc(train, root / "VOCdevkit", "trainval", STAND_INS)
+    write_voc(test, root / "VOCdevkit", "test", STAND_INS, first_id=1000)
+    return root, train, test
+
+
+def test_boxes_labels_and_difficult_round_trip_through_the_xml(voc_root):
+    root, train, _ = voc_root
+    loaded = read_voc(root / "VOCdevkit" / "VOC2007", "trainval", size=48)
+    assert len(loaded) == len(train)
+    scale = torch.tensor([48 / WIDTH, 48 / HEIGHT, 48 / WIDTH, 48 / HEIGHT])
+    for written, read in zip(train.targets, loaded.targets):
+        assert torch.allclose(read["boxes"], written["boxes"] * scale)
+        assert read["labels"].tolist() == [VOC_CLASSES.index(STAND_INS[c]) for c in written["labels"].tolist()]
+        assert torch.equal(read["ignore"], written["ignore"])  # difficult -> ignore
+    assert any(t["ignore"].any() for t in loaded.targets)
+    image = loaded.image(0)
+    assert image.shape == (3, 48, 48) and 0 <= image.min() and image.max() <= 1
+
+
+def test_xml_uses_one_based_inclusive_pixel_coordinates(voc_root):
+    import xml.etree.ElementTree as ET
+
+    root, train, _ = voc_root
+    obj = ET.parse(root / "VOCdevkit" / "VOC2007" / "Annotations" / "000001.xml").getroot().find("object")
+    box = [int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+    x0, y0, x1, y1 = (int(v) for v in train.targets[0]["boxes"][0])
+    assert box == [x0 + 1, y0 + 1, x1, y1]
+
+
+def test_registered_scenario_reads_trainval_and_test_in_alphabetical_order(voc_root):
+    root, train, test = voc_root
+    s = create_scenario("voc-10+10", RunConfig(data_root=str(root), image_size=48))
+    assert s.class_names == list(VOC_CLASSES) and s.class_names[10] == "diningtable" and s.increments == [10, 10]
+    assert s.input_shape == (3, 48, 48) and s.convention.metric == "AP50"
+    assert len(s.test_set) == len(test)  # the full test set, every class kept
+    for t, task in enumerate(s.train_sets):
+        current = set(s.experience_classes(t))
+        assert all(set(target["labels"].tolist()) <= current for target in task.targets)
+    absent = create_scenario("voc-10+10-absent", RunConfig(data_root=str(root), image_size=48))
+    pool = read_voc(root / "VOCdevkit" / "VOC2007", "trainval", size=48)
+    assert all(not set(pool.targets[r]["labels"].tolist()) & set(range(10)) for r in absent.train_sets[1].rows)
+    many = create_scenario("voc-15+5x1", RunConfig(data_root=str(root), image_size=48))
+    assert many.increments == [15, 1, 1, 1, 1, 1]
+
+
+def test_a_bare_voc2007_folder_is_accepted(tmp_path):
+    write_voc(_padded_with_difficult(24, seed=2), tmp_path, "trainval", STAND_INS)
+    write_voc(_padded_with_difficult(4, seed=3), tmp_path, "test", STAND_INS, first_id=500)
+    s = create_scenario("voc-19+1", RunConfig(data_root=str(tmp_path), image_size=32))
+    assert s.increments == [19, 1] and len(s.test_set) == 4
+
+
+def test_missing_data_names_the_path_and_how_to_get_it(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        create_scenario("voc-10+10", RunConfig(data_root=str(tmp_path)))
+    message = str(e.value)
+    assert str(tmp_path / "VOCdevkit" / "VOC2007") in message
+    assert "VOCtrainval_06-Nov-2007.tar" in message and "ImageSets/Main/test.txt" in message
