@@ -1,0 +1,185 @@
+"""MS COCO 2017 incremental detection: train on train2017 (118k images), evaluate on val2017 (5k).
+
+Files: `<data root>/coco/annotations/instances_{train,val}2017.json` and the image folders
+`<data root>/coco/train2017/`, `<data root>/coco/val2017/`, as extracted from the official
+zips. The class order is ascending category id (person, bicycle, car, ..., toothbrush:
+`COCO_CATEGORIES`), never the alphabetical order an older codebase used. Crowd boxes
+(`iscrowd: 1`) travel as ignored boxes; images without annotations stay in the pool (no task
+keeps them) and in the test set.
+
+Images are decoded on demand and resized to a *square* `image_size` x `image_size` (default
+800; not aspect-preserving), and boxes are scaled by the same per-axis factors.
+
+Names: `coco-<split>` (standard setting) and `coco-<split>-absent` (IOR's absent setting), for
+40+40, 50+30, 60+20, 70+10, 40+20+20 and 40+10+10+10+10.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from clbench.detection import COCO_AP, DetectionDataset, make_target
+from clbench.errors import UsageError
+from clbench.registry import register_scenario
+from clbench.scenarios import _files
+from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
+from clbench.scenarios._images import image_size
+from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, scale_boxes
+from clbench.scenarios.base import ScenarioOptions, data_root
+
+# (category id, name) of the 80 COCO 2017 categories in ascending id order: the class order
+COCO_CATEGORIES = (
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
+    (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
+    (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"), (20, "sheep"),
+    (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"), (27, "backpack"),
+    (28, "umbrella"), (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"),
+    (36, "snowboard"), (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
+    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"),
+    (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"), (54, "sandwich"),
+    (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"),
+    (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"),
+    (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"), (77, "cell phone"),
+    (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"),
+    (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+)
+COCO_CLASSES = tuple(name for _, name in COCO_CATEGORIES)
+DEFAULT_SIZE = 800
+HOW_TO_GET = ("download 2017 Train images, 2017 Val images and 2017 Train/Val annotations from "
+              "https://cocodataset.org/#download and extract them into {folder} "
+              "(giving annotations/, train2017/ and val2017/)")
+
+
+def coco_folder(root: Path) -> Path:
+    return root / "coco"
+
+
+def read_coco(folder: Path, split: str, size: int) -> DetectionDataset:
+    """The images of `annotations/instances_<split>.json` in ascending image id, decoded lazily
+    at `size` x `size`, with labels in ascending category-id order (crowd -> ignore)."""
+    how = HOW_TO_GET.format(folder=folder)
+    _files.require(folder, [f"annotations/instances_{split}.json", split], dataset="MS COCO 2017", how=how)
+    path = folder / "annotations" / f"instances_{split}.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        categories = sorted((int(c["id"]), c["name"]) for c in data["categories"])
+        images = sorted(data["images"], key=lambda im: int(im["id"]))
+        annotations = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a COCO instances file ({type(e).__name__}: {e}); {how}") from None
+    if tuple(categories) != COCO_CATEGORIES:
+        ids = [c for c, _ in categories]
+        raise UsageError(f"{path} has {len(categories)} categories (ids {ids[:5]}...), expected the 80 COCO 2017 "
+                         f"categories with their standard ids and names; {how}")
+    position = {cat_id: i for i, (cat_id, _) in enumerate(COCO_CATEGORIES)}
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for a in annotations:
+        by_image[int(a["image_id"])].append(a)
+    paths, sizes, targets = [], [], []
+    for image in images:
+        width, height = int(image["width"]), int(image["height"])
+        boxes, labels, ignore = [], [], []
+        for a in by_image.get(int(image["id"]), ()):
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if w <= 0 or h <= 0:  # a handful of degenerate boxes in the official files
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(position[int(a["category_id"])])
+            ignore.append(bool(a.get("iscrowd", 0)))
+        paths.append(str(folder / split / image["file_name"]))
+        sizes.append((width, height))
+        pixels = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        targets.append(make_target(scale_boxes(pixels, width, height, size), labels, ignore))
+    return DetectionDataset(ResizedImages(paths, sizes, size), targets)
+
+
+def coco_scenario(split: str, setting: str, options: ScenarioOptions) -> DetectionScenario:
+    fixed_class_order(options.class_order, "MS COCO")
+    increments = parse_split(split)
+    size = image_size(options.image_size, DEFAULT_SIZE)
+    folder = coco_folder(data_root(options))
+    train, test = read_coco(folder, "train2017", size), read_coco(folder, "val2017", size)
+    return detection_scenario(
+        f"coco-{split}" + ("-absent" if setting == "absent" else ""), train, test, increments=increments,
+        class_names=list(COCO_CLASSES), setting=setting, input_shape=(3, size, size), convention=COCO_AP,
+        meta={"source": f"MS COCO 2017 ({folder}): train2017 for training, val2017 for evaluation",
+              "image_size": size, "resize": "square, not aspect-preserving; boxes scaled per axis",
+              "class_order_rule": "ascending COCO category id", "crowd": "ignored boxes"},
+    )
+
+
+@register_scenario("coco-40+40")
+def coco_40_40(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+40 (first task ends at bottle), standard setting."""
+    return coco_scenario("40+40", "standard", options)
+
+
+@register_scenario("coco-40+40-absent")
+def coco_40_40_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+40, absent setting (IOR)."""
+    return coco_scenario("40+40", "absent", options)
+
+
+@register_scenario("coco-50+30")
+def coco_50_30(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 50+30 (first task ends at orange), standard setting."""
+    return coco_scenario("50+30", "standard", options)
+
+
+@register_scenario("coco-50+30-absent")
+def coco_50_30_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 50+30, absent setting (IOR)."""
+    return coco_scenario("50+30", "absent", options)
+
+
+@register_scenario("coco-60+20")
+def coco_60_20(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 60+20 (first task ends at bed), standard setting."""
+    return coco_scenario("60+20", "standard", options)
+
+
+@register_scenario("coco-60+20-absent")
+def coco_60_20_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 60+20, absent setting (IOR)."""
+    return coco_scenario("60+20", "absent", options)
+
+
+@register_scenario("coco-70+10")
+def coco_70_10(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 70+10 (first task ends at oven), standard setting."""
+    return coco_scenario("70+10", "standard", options)
+
+
+@register_scenario("coco-70+10-absent")
+def coco_70_10_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 70+10, absent setting (IOR)."""
+    return coco_scenario("70+10", "absent", options)
+
+
+@register_scenario("coco-40+20+20")
+def coco_40_20_20(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+20+20 (three tasks), standard setting."""
+    return coco_scenario("40+20+20", "standard", options)
+
+
+@register_scenario("coco-40+20+20-absent")
+def coco_40_20_20_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+20+20, absent setting (IOR)."""
+    return coco_scenario("40+20+20", "absent", options)
+
+
+@register_scenario("coco-40+10+10+10+10")
+def coco_40_10_10_10_10(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+10+10+10+10 (five tasks), standard setting."""
+    return coco_scenario("40+10+10+10+10", "standard", options)
+
+
+@register_scenario("coco-40+10+10+10+10-absent")
+def coco_40_10_10_10_10_absent(options: ScenarioOptions) -> DetectionScenario:
+    """MS COCO 2017 40+10+10+10+10, absent setting (IOR)."""
+    return coco_scenario("40+10+10+10+10", "absent", options)
