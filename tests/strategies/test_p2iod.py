@@ -1,0 +1,259 @@
+"""P²IOD: the card's six faithfulness checks on a random frozen TinyDETR base (the card allows
+it for mechanics), plus resume state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+import clbench.detr as detr
+from clbench.detection import detection_collate, standard_task_images
+from clbench.scenarios.shapes import generate_shapes
+from clbench.strategies.p2iod import P2IOD, Config, fuse_task_vectors, prompt_weights
+from clbench.types import ExperienceInfo
+
+T = torch.tensor
+TASKS = [ExperienceInfo(0, (0, 1), (0, 1), 2, 4), ExperienceInfo(1, (2, 3), (0, 1, 2, 3), 2, 4)]
+
+
+def _task_data(classes, seed):
+    """8 images of a task in the standard setting (only current-class boxes labelled)."""
+    pool = generate_shapes(24, size=64, num_classes=4, seed=seed)
+    rows, targets = standard_task_images(pool.targets, classes)
+    return pool.subset(rows[:8], targets[:8])
+
+
+def _fit_one_batch(strategy, data):
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(strategy, DataLoader(data, batch_size=8, collate_fn=detection_collate))
+
+
+@pytest.fixture(scope="module")
+def run():
+    """A strategy through task 1 (one step) and one step of task 2, with snapshots between."""
+    torch.manual_seed(0)
+    strategy = P2IOD(None, 4, Config(base="random", weight_decay=0.1), seed=0)
+    untouched = copy.deepcopy(strategy.detector)
+    initial_prompts = prompt_weights(strategy.prompts)
+    data = [_task_data(TASKS[0].classes, 1), _task_data(TASKS[1].classes, 2)]
+    strategy.on_experience_start(TASKS[0])
+    _fit_one_batch(strategy, data[0])
+    after_task1_step = copy.deepcopy(strategy.state_dict())
+    strategy.on_experience_end(TASKS[0], data[0])
+    strategy.on_experience_start(TASKS[1])
+    # a high bias on old class 0 makes the prompt-free pass propose old-class pseudo-labels
+    with torch.no_grad():
+        strategy.detector.class_head.bias[0] = 3.0
+    before = copy.deepcopy(strategy.state_dict())
+    _fit_one_batch(strategy, data[1])
+    grad = strategy.detector.class_head.weight.grad.clone()  # the last step's gradient, as the optimiser saw it
+    return {"grad": grad, "strategy": strategy, "untouched": untouched, "initial_prompts": initial_prompts, "data": data,
+            "after_task1_step": after_task1_step, "before": before, "after": strategy.state_dict()}
+
+
+# 1 ----------------------------------------------------------------------------------------
+def test_check1_one_bias_free_two_layer_prompt_mlp_per_decoder_layer_feeding_self_attention_only(run):
+    strategy = run["strategy"]
+    L, d, B = strategy.cfg.prompt_length, strategy.detector.d_model, 3
+    assert len(strategy.prompts) == strategy.detector.decoder_layers == 3
+    assert len({id(g) for g in strategy.prompts}) == 3
+    for g in strategy.prompts:
+        linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 2 and all(m.bias is None for m in linears)
+        assert [n for n, _ in g.named_parameters()] == ["w1.weight", "w2.weight"]
+        keys, values = g(torch.randn(B, d))
+        assert keys.shape == values.shape == (B, L // 2, d)
+    seen = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append(("self", a[1].shape[1])))
+             for layer in strategy.detector.decoder]
+    hooks += [layer.cross_attn.register_forward_pre_hook(lambda m, a: seen.append(("cross", a[1].shape[1])))
+              for layer in strategy.detector.decoder]
+    strategy.predict_detections(torch.rand(B, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    Q = strategy.detector.num_queries
+    # prompt-free pass, then the prompted pass: Q keys, then Q + L/2; cross-attention always 64 tokens
+    assert [k for kind, k in seen if kind == "self"] == [Q] * 3 + [Q + L // 2] * 3
+    assert [k for kind, k in seen if kind == "cross"] == [64] * 6
+
+
+# 2 ----------------------------------------------------------------------------------------
+def test_check2_prompt_free_pass_is_the_untouched_base_and_q_is_its_last_layer_query_mean(run, monkeypatch):
+    strategy, untouched = run["strategy"], run["untouched"]
+    batch = detection_collate([run["data"][1][i] for i in range(4)])
+    captured = {}
+    original = strategy.with_pseudo_labels
+
+    def spy(targets, free, size):
+        captured["free"] = free
+        return original(targets, free, size)
+
+    monkeypatch.setattr(strategy, "with_pseudo_labels", spy)
+    hook = strategy.prompts[0].register_forward_pre_hook(lambda m, a: captured.setdefault("q", a[0]))
+    strategy.train()
+    losses = strategy.step_losses(batch)
+    hook.remove()
+    with torch.no_grad():
+        base = untouched(batch.x)
+    assert torch.equal(captured["free"].states, base.states)  # trained heads, same decoder states
+    assert torch.equal(captured["q"], base.states[-1].mean(1))
+    assert not captured["q"].requires_grad and not captured["free"].states.requires_grad
+    strategy.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    frozen = [p for n, p in strategy.detector.named_parameters() if not n.startswith(("class_head.", "box_head."))]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert all(p.grad is not None for p in strategy.prompts.parameters())
+    strategy.zero_grad(set_to_none=True)
+
+
+# 3 ----------------------------------------------------------------------------------------
+def test_check3_a_step_moves_prompts_and_current_rows_only(run):
+    before, after, strategy = run["before"], run["after"], run["strategy"]
+    for name, value in before.items():
+        if name.startswith("detector.") and not name.startswith(("detector.class_head.", "detector.box_head.")):
+            assert torch.equal(value, after[name]), name  # backbone (BN statistics too), encoder, decoder, queries
+    old, current = list(TASKS[1].past_classes), list(TASKS[1].classes)
+    for key in ("detector.class_head.weight", "detector.class_head.bias"):
+        assert torch.equal(before[key][old], after[key][old]), key  # weight decay 0.1 did not touch them
+        assert not torch.equal(before[key][current], after[key][current]), key
+    grad = run["grad"]
+    assert grad[old].abs().sum() == 0 and grad[current].abs().sum() > 0
+    for name in before:
+        if name.startswith("prompts."):
+            assert not torch.equal(before[name], after[name]), name
+    # in task 1 no row was old: both of its rows moved, future rows did not
+    task1 = run["after_task1_step"]
+    init_weight = run["before"]["detector.class_head.weight"]  # rows 2, 3 untouched until task 2
+    assert torch.equal(task1["detector.class_head.weight"][2:], init_weight[2:])
+
+
+# 4 ----------------------------------------------------------------------------------------
+def test_check4_fusion_rule_on_hand_built_vectors():
+    fused = fuse_task_vectors(T([0.0, 0, 0, 0]), T([4.0, 0, 1, -1]), T([4.0, 8, 3, 1]), 0.25, 0.25)
+    # index 0 keeps theta_p (in M_p), 1 takes theta_c (in M_c only), 2 averages, 3 conflicts -> theta_p
+    assert fused.tolist() == [4.0, 8.0, 2.0, -1.0]
+    # with theta0 != 0 the task vectors, not the raw weights, decide
+    shifted = fuse_task_vectors(T([1.0, 1, 1, 1]), T([5.0, 1, 2, 0]), T([5.0, 9, 4, 2]), 0.25, 0.25)
+    assert shifted.tolist() == [5.0, 9.0, 3.0, 0.0]
+
+
+def test_check4_fusion_after_task_2_is_per_tensor_and_is_the_next_start(run):
+    strategy = run["strategy"]
+    # theta0 was stored before task 1 trained; theta_p is the (unfused) result of task 1
+    assert all(torch.equal(strategy.theta0[k], v) for k, v in run["initial_prompts"].items())
+    theta0, theta_prev = dict(strategy.theta0), dict(strategy.theta_prev)
+    assert not all(torch.equal(theta0[k], theta_prev[k]) for k in theta0)
+    current = prompt_weights(strategy.prompts)
+    state = copy.deepcopy(strategy.state_dict())
+    strategy.on_experience_end(TASKS[1], run["data"][1])
+    try:
+        for name, p in strategy.prompts.named_parameters():
+            expected = fuse_task_vectors(theta0[name], theta_prev[name], current[name], 0.5, 0.5)
+            assert torch.equal(p.detach(), expected), name
+            assert torch.equal(strategy.theta_prev[name], expected)  # where the next task starts
+        # per-tensor quantiles: fusing all tensors as one vector would give another result
+        flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+        joint = fuse_task_vectors(flat(theta0), flat(theta_prev), flat(current), 0.5, 0.5)
+        assert not torch.equal(joint, flat(prompt_weights(strategy.prompts)))
+        # heads keep their trained values
+        assert torch.equal(state["detector.class_head.weight"], strategy.detector.class_head.weight)
+    finally:
+        strategy.load_state_dict(state)
+        strategy.theta_prev = theta_prev
+
+
+# 5 ----------------------------------------------------------------------------------------
+def test_check5_sparsity_is_lambda_times_l1_of_prompt_weights_and_is_optimised(run):
+    strategy = run["strategy"]
+    batch = detection_collate([run["data"][1][i] for i in range(4)])
+    losses = strategy.step_losses(batch)
+    by_hand = strategy.cfg.sparsity * sum(float(p.detach().abs().sum()) for p in strategy.prompts.parameters())
+    assert losses["sparsity"].item() == pytest.approx(by_hand, rel=1e-6)
+    weights = list(strategy.prompts.parameters())
+    for w, g in zip(weights, torch.autograd.grad(losses["sparsity"], weights)):
+        assert torch.equal(g, strategy.cfg.sparsity * w.detach().sign())
+    # the optimised total (what training_step backpropagates) includes it
+    total = strategy.total_loss(batch, 0)
+    assert total.item() == pytest.approx(sum(v.item() for v in losses.values()), rel=1e-6)
+    assert total.item() - sum(v.item() for k, v in losses.items() if k != "sparsity") == pytest.approx(by_hand, rel=1e-2)
+
+
+# 6 ----------------------------------------------------------------------------------------
+def _free_output(scores_per_query, boxes):
+    """A fake prompt-free output of 1 image: the last layer's class probabilities given."""
+    p = T(scores_per_query)
+    logits = torch.log(p / (1 - p)).unsqueeze(0).unsqueeze(0)
+    return detr.DetrOutput(logits.repeat(3, 1, 1, 1), T(boxes).unsqueeze(0).unsqueeze(0).repeat(3, 1, 1, 1),
+                           torch.zeros(3, 1, len(scores_per_query), 8))
+
+
+def test_check6_pseudo_labels_old_classes_above_threshold_at_most_five_gt_untouched():
+    strategy = P2IOD(None, 5, Config(base="random"), seed=0)
+    strategy.on_experience_start(ExperienceInfo(1, (2, 3), (0, 1, 2, 3), 3, 5))  # 2 old classes; class 4 unseen
+    low = 0.01
+    scores = [[0.95, low, low, low, low],  # old 0: kept
+              [low, 0.9, low, low, low],  # old 1: kept
+              [low, 0.8, low, low, low],  # kept
+              [0.7, low, low, low, low],  # kept
+              [low, low, 0.99, low, low],  # class 2 = n_old, the first new class: takes a slot, never kept
+              [low, low, low, low, 0.999],  # unseen class 4: masked, takes no slot
+              [0.66, low, low, low, low],  # above the threshold but sixth best seen score: dropped
+              [0.655, low, low, low, low],  # seventh: dropped
+              [low, 0.6, low, low, low]]  # below threshold
+    boxes = [[0.1 * (q + 1), 0.5, 0.1, 0.1] for q in range(9)]
+    gt = {"boxes": T([[1.0, 2.0, 30.0, 40.0]]), "labels": T([3]), "ignore": T([True])}
+    kept_gt = {k: v.clone() for k, v in gt.items()}
+    (out,) = strategy.with_pseudo_labels([gt], _free_output(scores, boxes), (64, 64))
+    assert all(torch.equal(gt[k], kept_gt[k]) for k in gt)  # real GT never altered ...
+    assert torch.equal(out["boxes"][:1], gt["boxes"]) and out["labels"][0] == 3 and bool(out["ignore"][0])  # ... and kept
+    assert out["labels"][1:].tolist() == [0, 1, 1, 0]
+    assert not out["ignore"][1:].any()
+    expected_queries = [0, 1, 2, 3]
+    for row, q in zip(out["boxes"][1:], expected_queries):
+        cx = 0.1 * (q + 1) * 64
+        assert torch.allclose(row, T([cx - 3.2, 28.8, cx + 3.2, 35.2]))
+    # the threshold is the Config's; task 1 (no old class) gets none
+    strategy.on_experience_start(ExperienceInfo(0, (0, 1), (0, 1), 3, 5))
+    (first,) = strategy.with_pseudo_labels([gt], _free_output(scores, boxes), (64, 64))
+    assert len(first["labels"]) == 1
+
+
+def test_check6_limit_of_five_per_image_and_threshold_setting():
+    strategy = P2IOD(None, 4, Config(base="random", pseudo_threshold=0.5), seed=0)
+    strategy.on_experience_start(TASKS[1])
+    scores = [[0.9 - 0.01 * q, 0.01, 0.01, 0.01] for q in range(8)]
+    (out,) = strategy.with_pseudo_labels([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                                          "ignore": torch.zeros(0, dtype=torch.bool)}],
+                                         _free_output(scores, [[0.5, 0.5, 0.2, 0.2]] * 8), (64, 64))
+    assert out["labels"].tolist() == [0] * 5
+
+
+def test_check6_unseen_logits_are_masked_in_loss_and_evaluation(run, monkeypatch):
+    strategy = copy.deepcopy(run["strategy"])
+    strategy.on_experience_start(TASKS[0])  # classes 2, 3 unseen
+    with torch.no_grad():
+        strategy.detector.class_head.bias[2:] = 20.0  # unmasked, they would win everywhere
+    seen_by_loss = []
+    real = detr.set_loss
+    monkeypatch.setattr(detr, "set_loss", lambda out, t, w: seen_by_loss.append(out.logits) or real(out, t, w))
+    strategy.step_losses(detection_collate([run["data"][0][i] for i in range(2)]))
+    assert (seen_by_loss[0][..., 2:] == detr.MASKED_LOGIT).all() and (seen_by_loss[0][..., :2] > -1e3).all()
+    preds = strategy.predict_detections(torch.rand(2, 3, 64, 64))
+    assert all(set(p["labels"].tolist()) <= {0, 1} for p in preds)
+    assert all(len(p["labels"]) == strategy.detector.num_queries * 2 for p in preds)
+
+
+# resume -----------------------------------------------------------------------------------
+def test_theta0_and_theta_prev_survive_a_resume(run):
+    strategy = run["strategy"]
+    other = P2IOD(None, 4, Config(base="random"), seed=1)
+    other.load_state_dict(strategy.state_dict())
+    other.load_extra_state({k: v.clone() for k, v in strategy.extra_state().items()})
+    assert other.theta0.keys() == strategy.theta0.keys() and other.theta_prev.keys() == strategy.theta_prev.keys()
+    assert all(torch.equal(other.theta0[k], strategy.theta0[k]) for k in strategy.theta0)
+    assert all(torch.equal(other.theta_prev[k], strategy.theta_prev[k]) for k in strategy.theta_prev)
