@@ -17,12 +17,12 @@ Names: `coco-<split>` (standard setting) and `coco-<split>-absent` (IOR's absent
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from clbench.detection import COCO_AP, DetectionDataset, make_target
+from clbench.detection import COCO_AP, DetectionDataset
 from clbench.errors import UsageError
 from clbench.registry import register_scenario
 from clbench.scenarios import _files
@@ -76,26 +76,44 @@ def read_coco(folder: Path, split: str, size: int) -> DetectionDataset:
         ids = [c for c, _ in categories]
         raise UsageError(f"{path} has {len(categories)} categories (ids {ids[:5]}...), expected the 80 COCO 2017 "
                          f"categories with their standard ids and names; {how}")
-    position = {cat_id: i for i, (cat_id, _) in enumerate(COCO_CATEGORIES)}
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for a in annotations:
-        by_image[int(a["image_id"])].append(a)
-    paths, sizes, targets = [], [], []
-    for image in images:
-        width, height = int(image["width"]), int(image["height"])
-        boxes, labels, ignore = [], [], []
-        for a in by_image.get(int(image["id"]), ()):
-            x, y, w, h = (float(v) for v in a["bbox"])
-            if w <= 0 or h <= 0:  # a handful of degenerate boxes in the official files
-                continue
-            boxes.append([x, y, x + w, y + h])
-            labels.append(position[int(a["category_id"])])
-            ignore.append(bool(a.get("iscrowd", 0)))
-        paths.append(str(folder / split / image["file_name"]))
-        sizes.append((width, height))
-        pixels = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        targets.append(make_target(scale_boxes(pixels, width, height, size), labels, ignore))
+    try:
+        targets = _targets(images, annotations, size)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} has malformed annotations ({type(e).__name__}: {e}); {how}") from None
+    paths = [str(folder / split / image["file_name"]) for image in images]
+    sizes = [(int(image["width"]), int(image["height"])) for image in images]
     return DetectionDataset(ResizedImages(paths, sizes, size), targets)
+
+
+def _targets(images: list[dict], annotations: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
+    """One target per image (in the order of `images`), built with whole-array operations:
+    the 860k annotations of train2017 take a few seconds this way, minutes one by one."""
+    image_ids = np.array([int(im["id"]) for im in images], dtype=np.int64)  # ascending
+    scale = np.array([(size / im["width"], size / im["height"]) for im in images], dtype=np.float64).reshape(-1, 2)
+    n = len(annotations)
+    owner = np.fromiter((a["image_id"] for a in annotations), dtype=np.int64, count=n)
+    category = np.fromiter((a["category_id"] for a in annotations), dtype=np.int64, count=n)
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in annotations), dtype=bool, count=n)
+    xywh = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(n, 4)
+    row = np.searchsorted(image_ids, owner)
+    if n and (row.max() >= len(image_ids) or not np.array_equal(image_ids[row], owner)):
+        raise ValueError("an annotation refers to an image id that is not in the images list")
+    position = np.full(max(c for c, _ in COCO_CATEGORIES) + 1, -1, dtype=np.int64)
+    position[[c for c, _ in COCO_CATEGORIES]] = np.arange(len(COCO_CATEGORIES))
+    if n and (category.max() >= len(position) or category.min() < 0 or (position[category] < 0).any()):
+        raise ValueError("an annotation has a category id outside the 80 COCO categories")
+    keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)  # a handful of degenerate boxes in the official files
+    row, category, crowd, xywh = row[keep], category[keep], crowd[keep], xywh[keep]
+    order = np.argsort(row, kind="stable")  # annotations grouped by image, in file order within one
+    row, category, crowd, xywh = row[order], category[order], crowd[order], xywh[order]
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1) * np.tile(scale[row], 2)
+    boxes = torch.from_numpy(xyxy.astype(np.float32))
+    labels = torch.from_numpy(position[category])
+    ignore = torch.from_numpy(crowd)
+    bounds = np.searchsorted(row, np.arange(len(images) + 1)).tolist()
+    # clones, not views: a saved or pickled target must not carry every image's boxes along
+    return [{"boxes": boxes[a:b].clone(), "labels": labels[a:b].clone(), "ignore": ignore[a:b].clone()}
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def coco_scenario(split: str, setting: str, options: ScenarioOptions) -> DetectionScenario:
