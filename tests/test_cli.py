@@ -90,6 +90,11 @@ def test_bad_value_in_one_of_several_seeds_trains_nothing(tmp_path, capsys):
     assert "'x'" in line
 
 
+def test_classification_strategy_on_a_detection_scenario_is_refused(tmp_path, capsys):
+    line = _bad(["run", "--strategy", "er", "--scenario", "shapes-2+2"], tmp_path, capsys)
+    assert "'er'" in line and "'shapes-2+2'" in line and "detection" in line
+
+
 def test_missing_data_root_names_the_path(tmp_path, capsys):
     missing = tmp_path / "no-data-here"
     line = _bad(["run", "--strategy", "naive", "--scenario", "cifar10-5", "--data-root", str(missing)], tmp_path, capsys)
