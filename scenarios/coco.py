@@ -28,7 +28,7 @@ from clbench.registry import register_scenario
 from clbench.scenarios import _files
 from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
 from clbench.scenarios._images import image_size
-from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, scale_boxes
+from clbench.scenarios._iod_files import ResizedImages, fixed_class_order
 from clbench.scenarios.base import ScenarioOptions, data_root
 
 # (category id, name) of the 80 COCO 2017 categories in ascending id order: the class order

@@ -24,6 +24,7 @@ from clbench.detection import VOC_AP50, DetectionDataset, make_target
 from clbench.registry import register_scenario
 from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
 from clbench.scenarios._images import image_size
+from clbench.scenarios._iod_files import fixed_class_order
 from clbench.scenarios.base import ScenarioOptions
 
 SHAPES_CLASSES = ("disk", "square", "triangle", "cross", "ring", "diamond", "frame", "x-mark")
@@ -279,6 +280,7 @@ def pool_size(increments: Sequence[int]) -> int:
 
 
 def shapes_scenario(split: str, setting: str, options: ScenarioOptions) -> DetectionScenario:
+    fixed_class_order(options.class_order, "ShapesIOD")
     increments = parse_split(split)
     num_classes = sum(increments)
     size = image_size(options.image_size, 64)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clbench.config import RunConfig
+from clbench.errors import UsageError
 from clbench.runner import create_scenario
 from clbench.scenarios._detection import detection_scenario
 from clbench.scenarios.shapes import SHAPES_CLASSES, SIDE_RANGE, draw_shapes, generate_shapes, pool_size
@@ -145,3 +146,5 @@ def test_pool_is_sized_for_the_absent_setting_and_image_size_is_an_option():
     small = create_scenario("shapes-2+2-absent", RunConfig(image_size=32))
     assert small.input_shape == (3, 32, 32) and small.test_set.images.shape[-1] == 32
     assert small.meta["image_size"] == 32
+    with pytest.raises(UsageError, match="fixed class order"):
+        create_scenario("shapes-2+2", RunConfig(class_order="seed:1"))
