@@ -133,7 +133,7 @@ def draw_shapes(n_images: int, size: int = 64, num_classes: int = 8, seed: int =
     classes = _object_classes(rng, n_images, num_classes, p_mix, task_classes)
     centres, sides = _placements(rng, classes, size)
     colours = BASE_COLOURS[np.maximum(classes, 0)] * rng.uniform(0.7, 1.0, size=classes.shape + (1,)).astype(np.float32)
-    if not color_cue:
+    if not color_cue:  # drawn after the jitter, so the layout is the same with and without the cue
         colours = rng.uniform(0.0, 1.0, size=classes.shape + (3,)).astype(np.float32)
 
     pixels = torch.from_numpy(images)

@@ -6,12 +6,14 @@ to 96x64 so the square resize scales x and y differently.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from clbench.config import RunConfig
 from clbench.detection import DetectionDataset, make_target
-from clbench.errors import DataNotFoundError
+from clbench.errors import DataNotFoundError, UsageError
 from clbench.runner import create_scenario
 from clbench.scenarios._iod_files import write_voc
 from clbench.scenarios.shapes import generate_shapes
@@ -83,11 +85,16 @@ def test_registered_scenario_reads_trainval_and_test_in_alphabetical_order(voc_r
     assert many.increments == [15, 1, 1, 1, 1, 1]
 
 
-def test_a_bare_voc2007_folder_is_accepted(tmp_path):
+def test_a_bare_voc2007_folder_is_accepted_and_a_damaged_image_is_named(tmp_path):
     write_voc(_padded_with_difficult(24, seed=2), tmp_path, "trainval", STAND_INS)
     write_voc(_padded_with_difficult(4, seed=3), tmp_path, "test", STAND_INS, first_id=500)
     s = create_scenario("voc-19+1", RunConfig(data_root=str(tmp_path), image_size=32))
     assert s.increments == [19, 1] and len(s.test_set) == 4
+    loader = pickle.loads(pickle.dumps(s.test_set.images))  # DataLoader workers may pickle it
+    assert torch.equal(loader(0), s.test_set.image(0).mul(255).round().byte())
+    (tmp_path / "VOC2007" / "JPEGImages" / "000500.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UsageError, match="000500.jpg"):
+        s.test_set.image(0)
 
 
 def test_missing_data_names_the_path_and_how_to_get_it(tmp_path):
