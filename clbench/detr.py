@@ -191,19 +191,25 @@ def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence
     """
     from scipy.optimize import linear_sum_assignment
 
+    B, Q, _ = logits.shape
+    sizes = [len(t["labels"]) for t in targets]
+    if sum(sizes) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return [(empty, empty) for _ in targets]
+    labels = torch.cat([t["labels"] for t in targets])
+    target_boxes = torch.cat([t["boxes"] for t in targets])
+    # every query against every target of the batch at once (DETR's layout), then one
+    # assignment per image on its own block
+    p = logits.flatten(0, 1).sigmoid()[:, labels]
+    pos = w.alpha * (1 - p) ** w.gamma * -(p + 1e-8).log()
+    neg = (1 - w.alpha) * p ** w.gamma * -(1 - p + 1e-8).log()
+    pred = boxes.flatten(0, 1)
+    cost = (w.cost_class * (pos - neg) + w.cost_l1 * torch.cdist(pred, target_boxes, p=1)
+            - w.cost_giou * generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")))
+    blocks = cost.view(B, Q, -1).cpu().split(sizes, -1)
     out = []
-    for b, t in enumerate(targets):
-        if len(t["labels"]) == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            out.append((empty, empty))
-            continue
-        p = logits[b].sigmoid()[:, t["labels"]]
-        pos = w.alpha * (1 - p) ** w.gamma * -(p + 1e-8).log()
-        neg = (1 - w.alpha) * p ** w.gamma * -(1 - p + 1e-8).log()
-        cost = (w.cost_class * (pos - neg) + w.cost_l1 * torch.cdist(boxes[b], t["boxes"], p=1)
-                - w.cost_giou * generalized_box_iou(box_convert(boxes[b], "cxcywh", "xyxy"),
-                                                    box_convert(t["boxes"], "cxcywh", "xyxy")))
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    for b, block in enumerate(blocks):
+        rows, cols = linear_sum_assignment(block[b].numpy())
         out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
     return out
 
