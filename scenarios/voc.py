@@ -72,7 +72,9 @@ def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
                 boxes.append([x0 - 1, y0 - 1, x1, y1])  # 1-based inclusive pixels -> pixel edges
                 labels.append(position[name])
                 ignore.append(int(obj.findtext("difficult", "0").strip() or 0) == 1)
-        except (ET.ParseError, TypeError, ValueError, AttributeError) as e:
+        except UsageError:
+            raise
+        except (ET.ParseError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign file
             raise UsageError(f"{xml_path} is not a valid VOC annotation ({type(e).__name__}: {e}); {how}") from None
         file_name = annotation.findtext("filename") or f"{image_id}.jpg"
         paths.append(str(folder / "JPEGImages" / file_name.strip()))
