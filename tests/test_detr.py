@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clbench.detr import (DetrOutput, SetLossWeights, TinyDETR, detections, hungarian_match, layer_loss, load_base,
-                          mask_classes, normalised_targets, set_loss)
+                          mask_classes, normalised_targets, pretrain_shapes_base, set_loss)
 from clbench.errors import UsageError
 
 T = torch.tensor
@@ -179,3 +179,21 @@ def test_load_base_keeps_a_fresh_class_head_and_names_a_missing_file(tmp_path, d
     assert torch.equal(other.class_head.weight, head)
     with pytest.raises(UsageError, match="nowhere.pt"):
         load_base(other, tmp_path / "nowhere.pt")
+
+
+def test_shapes_base_is_trained_once_per_settings_and_cached(tmp_path, monkeypatch):
+    import clbench.scenarios.shapes as shapes
+
+    settings = {"images": 8, "epochs": 1, "size": 64, "seed": 3, "batch_size": 8}
+    path = pretrain_shapes_base(settings, cache_dir=tmp_path, verbose=False)
+    trained = torch.load(path, weights_only=True)
+    torch.manual_seed(3)
+    fresh = TinyDETR(num_classes=8).state_dict()
+    assert not torch.equal(trained["box_head.4.weight"], fresh["box_head.4.weight"])
+    # a second call with the same settings reads the file: no data is generated, nothing trains
+    monkeypatch.setattr(shapes, "generate_shapes", lambda *a, **k: pytest.fail("the cached base was retrained"))
+    assert pretrain_shapes_base(dict(settings), cache_dir=tmp_path) == path
+    other = {**settings, "seed": 4}
+    monkeypatch.undo()
+    assert pretrain_shapes_base(other, cache_dir=tmp_path, verbose=False) != path
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, pretrain_shapes_base(other, cache_dir=tmp_path).name])

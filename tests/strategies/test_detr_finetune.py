@@ -57,3 +57,10 @@ def test_predictions_are_seen_classes_only(task2_data):
     strategy.on_experience_start(TASKS[0])
     preds = strategy.predict_detections(torch.rand(2, 3, 64, 64))
     assert all(set(p["labels"].tolist()) == {0, 1} and p["boxes"].shape == (24, 4) for p in preds)
+
+
+def test_a_missing_base_file_is_a_usage_error_naming_it(tmp_path):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="no_such_base.pt"):
+        DetrFinetune(None, 4, Config(base=str(tmp_path / "no_such_base.pt")), seed=0)
