@@ -14,8 +14,8 @@ class logits, a distributional box branch, a cls tower to RoIAlign from and Batc
   distance to the anchor centre in units of the level's stride (DFL + GIoU), times a learnt scale per
   level. No centerness branch.
 - **Assignment: ATSS** (Zhang et al., CVPR 2020), as GFL uses: one square anchor of
-  `anchor_scale · stride` per location; per GT the `atss_topk` anchors per level whose centres are
-  closest to the GT centre are candidates; those with IoU >= mean + std of the candidates' IoUs and
+  `anchor_scale · stride` per location (octave scale 8); per GT the `atss_topk` anchors per level
+  whose centres are closest to the GT centre are candidates; those with IoU >= mean + std of the candidates' IoUs and
   the anchor centre inside the GT are positives (an anchor claimed twice goes to the larger IoU).
   We implement ATSS rather than reuse torchvision FCOS' centre sampling, so the assignment is GFL's.
 - **Losses** (mmdetection's GFL head): QFL (beta 2) over every location and class, normalised by the
@@ -71,7 +71,10 @@ class GFLConfig(StrategyConfig):
     num_levels: int = 3  # 3 (strides 8-32) or 5 (+ P6, P7: strides 8-128, the paper's)
     tower_convs: int = 2  # paper: 4
     reg_max: int = 8  # R (paper: 16): each side distance is a distribution over 0..R strides
-    anchor_scale: float = 8.0  # ATSS anchor side = anchor_scale x stride (GFL's octave scale 8)
+    # ATSS anchor side = anchor_scale x stride (GFL's octave scale 8). On grids of a few cells (a
+    # 32 px canvas) anchors that all contain an object tie in IoU and may all miss ATSS's mean + std
+    # threshold; on 64 px ShapesIOD images every object gets positives (about 5 each)
+    anchor_scale: float = 8.0
     atss_topk: int = 9
     qfl_beta: float = 2.0
     giou_weight: float = 2.0
@@ -255,35 +258,38 @@ def boxes_to_distances(boxes: torch.Tensor, centers: torch.Tensor) -> torch.Tens
 
 # --------------------------------------------------------------------------- assignment
 def atss_assign(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: torch.Tensor, topk: int = 9) -> torch.Tensor:
-    """ATSS: the index of the GT box each anchor is positive for, -1 for background. [L]"""
+    """ATSS for one image: the index of the GT box each anchor is positive for, -1 for background. [L]"""
+    valid = torch.ones(1, len(gt_boxes), dtype=torch.bool, device=anchors.device)
+    return atss_assign_batch(anchors, levels, gt_boxes[None], valid, topk)[0]
+
+
+def atss_assign_batch(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor,
+                      topk: int = 9) -> torch.Tensor:
+    """ATSS over a batch of GT boxes padded to [B, M, 4] (`valid` [B, M] marks real ones). [B, L]"""
+    batch, num_gt = valid.shape
     num = anchors.shape[0]
-    assigned = torch.full((num,), -1, dtype=torch.long, device=anchors.device)
-    if len(gt_boxes) == 0:
-        return assigned
-    ious = box_iou(anchors, gt_boxes)  # [L, M]
+    if num_gt == 0:
+        return torch.full((batch, num), -1, dtype=torch.long, device=anchors.device)
+    ious = box_iou(anchors, gt_boxes.reshape(-1, 4)).view(num, batch, num_gt).transpose(0, 1)  # [B, L, M]
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    distances = torch.cdist(anchor_centers, gt_centers)  # [L, M]
+    gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
+    distances = torch.cdist(anchor_centers.expand(batch, -1, -1), gt_centers)  # [B, L, M]
     candidates = []
     for level in levels.unique():
         at_level = torch.nonzero(levels == level).squeeze(1)
         k = min(topk, len(at_level))
-        nearest = distances[at_level].topk(k, dim=0, largest=False).indices  # [k, M]
+        nearest = distances[:, at_level].topk(k, dim=1, largest=False).indices  # [B, k, M]
         candidates.append(at_level[nearest])
-    candidates = torch.cat(candidates)  # [sum k, M]
-    candidate_ious = ious.gather(0, candidates)
-    threshold = candidate_ious.mean(0) + candidate_ious.std(0)  # per GT (unbiased std, as mmdetection)
-    columns = torch.arange(len(gt_boxes), device=anchors.device).expand_as(candidates)
-    is_candidate = torch.zeros_like(ious, dtype=torch.bool)
-    is_candidate[candidates, columns] = True
-    lt = anchor_centers[:, None, :] - gt_boxes[None, :, :2]
-    rb = gt_boxes[None, :, 2:] - anchor_centers[:, None, :]
+    candidates = torch.cat(candidates, 1)  # [B, sum k, M]
+    candidate_ious = ious.gather(1, candidates)
+    threshold = candidate_ious.mean(1) + candidate_ious.std(1)  # per GT (unbiased std, as mmdetection)
+    is_candidate = torch.zeros_like(ious, dtype=torch.bool).scatter_(1, candidates, True)
+    lt = anchor_centers[None, :, None, :] - gt_boxes[:, None, :, :2]
+    rb = gt_boxes[:, None, :, 2:] - anchor_centers[None, :, None, :]
     inside = torch.cat([lt, rb], -1).min(-1).values > 0.01
-    positive = is_candidate & inside & (ious >= threshold[None, :])
-    masked = torch.where(positive, ious, torch.full_like(ious, -1.0))
-    best_iou, best_gt = masked.max(1)
-    assigned[best_iou > -1] = best_gt[best_iou > -1]
-    return assigned
+    positive = is_candidate & inside & (ious >= threshold[:, None, :]) & valid[:, None, :]
+    best_iou, best_gt = torch.where(positive, ious, torch.full_like(ious, -1.0)).max(2)
+    return torch.where(best_iou > -1, best_gt, torch.full_like(best_gt, -1))
 
 
 # --------------------------------------------------------------------------- losses
@@ -313,59 +319,62 @@ class GFLLoss:
     num_positives: int
 
 
+def pad_targets(targets: Sequence[Target], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes [B, M, 4], labels [B, M], ignore [B, M] and valid [B, M], padded to the most boxes."""
+    m = max([len(t["labels"]) for t in targets] + [1])  # one invalid slot when no image has a box
+    boxes = torch.zeros(len(targets), m, 4, device=device)
+    labels = torch.zeros(len(targets), m, dtype=torch.long, device=device)
+    ignore = torch.zeros(len(targets), m, dtype=torch.bool, device=device)
+    valid = torch.zeros(len(targets), m, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):
+        n = len(t["labels"])
+        boxes[b, :n], labels[b, :n], ignore[b, :n], valid[b, :n] = t["boxes"], t["labels"], t["ignore"], True
+    return boxes, labels, ignore, valid
+
+
 def gfl_loss(out: GFLOutput, anchors: torch.Tensor, targets: Sequence[Target], channels: Sequence[int] | None,
              cfg: GFLConfig) -> GFLLoss:
+    device = out.cls_logits.device
     channels = list(range(out.cls_logits.shape[-1])) if channels is None else [int(c) for c in channels]
-    position = {c: i for i, c in enumerate(channels)}
-    channel_index = torch.as_tensor(channels, dtype=torch.long, device=out.cls_logits.device)
+    channel_index = torch.as_tensor(channels, dtype=torch.long, device=device)
     logits = out.cls_logits.index_select(-1, channel_index)  # [B, L, |channels|]
     boxes = out.boxes()  # [B, L, 4]
-    labels, quality, keep = [], [], []
-    pos_index, pos_gt = [], []
-    for b, t in enumerate(targets):
-        gt, gt_labels, ignore = t["boxes"].to(boxes), t["labels"], t["ignore"]
-        unknown = set(gt_labels[~ignore].tolist()) - set(channels)
-        if unknown:
-            raise ValueError(f"targets hold classes {sorted(unknown)} outside the trained channels {channels}")
-        assigned = atss_assign(anchors, out.levels, gt, cfg.atss_topk)
-        to_ignore = (assigned >= 0) & ignore[assigned.clamp(min=0)]
-        positive = (assigned >= 0) & ~to_ignore
-        lab = torch.full_like(assigned, -1)
-        lab[positive] = torch.as_tensor([position[int(c)] for c in gt_labels[assigned[positive]].tolist()],
-                                        dtype=torch.long, device=lab.device)
-        idx = torch.nonzero(positive).squeeze(1)
-        q = torch.zeros(len(assigned), device=boxes.device)
-        if len(idx):
-            matched = gt[assigned[idx]]
-            q[idx] = box_iou(boxes[b, idx].detach(), matched).diagonal().clamp(min=0)
-            pos_index.append((torch.full_like(idx, b), idx))
-            pos_gt.append(matched)
-        labels.append(lab)
-        quality.append(q)
-        keep.append(~to_ignore)
-    labels, quality, keep = torch.stack(labels), torch.stack(quality), torch.stack(keep)
-    num_pos = int((labels >= 0).sum())
+    gt, gt_labels, gt_ignore, valid = pad_targets(targets, device)
+    unknown = set(gt_labels[valid & ~gt_ignore].tolist()) - set(channels)
+    if unknown:
+        raise ValueError(f"targets hold classes {sorted(unknown)} outside the trained channels {channels}")
+    position = torch.full((max(channels + gt_labels.flatten().tolist() + [0]) + 1,), -1, dtype=torch.long, device=device)
+    position[channel_index] = torch.arange(len(channels), device=device)
+    assigned = atss_assign_batch(anchors, out.levels, gt, valid, cfg.atss_topk)  # [B, L]
+    matched = assigned.clamp(min=0)
+    hit = assigned >= 0
+    to_ignore = hit & gt_ignore.gather(1, matched)  # ignored boxes: neither positive nor negative
+    positive = hit & ~to_ignore
+    labels = torch.where(positive, position[gt_labels.gather(1, matched)], torch.full_like(assigned, -1))
+    bi, li = torch.nonzero(positive, as_tuple=True)
+    matched_boxes = gt[bi, matched[bi, li]]
+    quality = torch.zeros(assigned.shape, device=device)
+    if len(bi):  # IoU of each positive's decoded box with its GT, image by image (aligned pairs)
+        pred = boxes[bi, li].detach()
+        quality[bi, li] = torch.cat([box_iou(pred[bi == b], matched_boxes[bi == b]).diagonal()
+                                     for b in bi.unique()]).clamp(min=0)
+    num_pos = len(bi)
     qfl = quality_focal_loss(logits, labels, quality, cfg.qfl_beta).sum(-1)
-    qfl = (qfl * keep).sum() / max(num_pos, 1)
+    qfl = (qfl * ~to_ignore).sum() / max(num_pos, 1)
     if num_pos:
-        bi = torch.cat([p[0] for p in pos_index])
-        li = torch.cat([p[1] for p in pos_index])
-        gt = torch.cat(pos_gt)
         weight = logits[bi, li].detach().sigmoid().max(-1).values
         norm = weight.sum().clamp(min=1e-6)
-        giou = (generalized_box_iou_loss(boxes[bi, li], gt, reduction="none") * weight).sum() / norm
-        target_dist = boxes_to_distances(gt, out.centers[li]) / out.strides[li, None]
+        giou = (generalized_box_iou_loss(boxes[bi, li], matched_boxes, reduction="none") * weight).sum() / norm
+        target_dist = boxes_to_distances(matched_boxes, out.centers[li]) / out.strides[li, None]
         target_dist = target_dist.clamp(min=0, max=cfg.reg_max - 0.01)
         dfl = distribution_focal_loss(out.reg_logits[bi, li].reshape(-1, cfg.reg_max + 1), target_dist.reshape(-1))
         dfl = (dfl.view(-1, 4) * weight[:, None]).sum() / (4 * norm)
-        scores = logits[bi, li, labels[bi, li]].detach().sigmoid()
-        error = (quality[bi, li] - scores).abs()
+        error = (quality[bi, li] - logits[bi, li, labels[bi, li]].detach().sigmoid()).abs()
         level = out.levels[li]
-        per_level = [error[level == lv].mean() for lv in level.unique()]
-        quality_error = torch.stack(per_level).mean()
+        quality_error = torch.stack([error[level == lv].mean() for lv in level.unique()]).mean()
     else:  # keep the graph connected: zero gradients, not missing ones
         giou = dfl = out.reg_logits.sum() * 0.0
-        quality_error = torch.zeros((), device=logits.device)
+        quality_error = torch.zeros((), device=device)
     terms = {"qfl": qfl, "giou": cfg.giou_weight * giou, "dfl": cfg.dfl_weight * dfl}
     return GFLLoss(terms, quality_error, num_pos)
 
@@ -433,6 +442,9 @@ class GFLStrategy(DetectionStrategy):
     start of every task (old rows kept); inference masks unseen classes' logits."""
 
     Config = GFLConfig
+    # CLStrategy.on_experience_start grows `self.head` when there is one; the detector's class conv
+    # grows here instead
+    head = None
 
     def build_detector(self, num_classes: int) -> nn.Module:
         # the class conv starts empty and grows with the seen classes

@@ -1,0 +1,38 @@
+"""GFL fine-tuning: the lower bound of incremental detection on TinyGFL (no memory, no distillation).
+
+Each task grows the class conv to the seen classes (old rows kept) and trains the whole detector
+with the ordinary GFL loss (QFL + GIoU + DFL, ATSS) on the task's own annotations. Every seen-class
+channel is trained, so old classes only ever appear as negatives and are forgotten: what IOR and
+the other methods are measured against. Detector and settings: `clbench.gfl` (TinyGFL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clbench.detection import DetectionBatch, restrict
+from clbench.gfl import GFLConfig, GFLStrategy
+from clbench.registry import register_strategy
+
+
+@dataclass(frozen=True)
+class Config(GFLConfig):
+    pass
+
+
+@register_strategy("gfl_finetune")
+class GFLFinetune(GFLStrategy):
+    """TinyGFL fine-tuned on each task's data (lower bound)."""
+
+    Config = Config
+    PAPER_SETTINGS = {  # the IOR code's GFL R50-FPN 1x schedule (12 epochs, SGD, batch 16)
+        "coco-40+40": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12,
+                       "batch_size": 16, "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5},
+    }
+
+    def step_losses(self, batch: DetectionBatch) -> dict[str, torch.Tensor]:
+        batch = self.training_batch(batch)
+        targets = [restrict(t, self.experience.classes) for t in batch.targets]
+        return self.detector.loss(self.detector(batch.x), targets, channels=self.experience.seen_classes).terms

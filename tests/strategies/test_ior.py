@@ -1,0 +1,290 @@
+"""IOR: the method card's faithfulness checks (methods/ior.md) on a tiny TinyGFL.
+
+1 inversion touches only the image and lowers the old detector's loss; 2 sampled labels; 3 replay
+pasting; 4 L_det; 5 L_feat and L_cls. Check 6 (no task-2 training image holds an old-class
+object) is the absent filter's, asserted in tests/test_detection.py
+(`absent_task_images`, protocol check 2); IOR never touches the scenario's data.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from clbench.detection import DetectionBatch, DetectionDataset, make_target
+from clbench.registry import STRATEGIES
+from clbench.strategies.ior import (
+    Config,
+    ReplayDataset,
+    aspect_histogram,
+    box_distillation,
+    feature_distillation,
+    inversion_loss,
+    invert,
+    logit_distillation,
+    object_bank,
+    sample_labels,
+    signed_aspect_ratio,
+    top_old_locations,
+)
+from clbench.types import ExperienceInfo
+
+SIZE = 64
+EXP0 = ExperienceInfo(0, (0, 1), (0, 1), 2, 4)
+EXP1 = ExperienceInfo(1, (2, 3), (0, 1, 2, 3), 2, 4)
+
+
+def _painted(n: int, seed: int) -> DetectionDataset:
+    """Class 0: wide red bars, class 1: tall blue bars, on grey noise."""
+    g = torch.Generator().manual_seed(seed)
+    images = (0.5 + 0.1 * torch.randn(n, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+    targets = []
+    for i in range(n):
+        c = i % 2
+        w, h = (24, 10) if c == 0 else (10, 22)
+        x0, y0 = int(torch.randint(0, SIZE - w, (1,), generator=g)), int(torch.randint(0, SIZE - h, (1,), generator=g))
+        images[i, :, y0:y0 + h, x0:x0 + w] = torch.tensor([0.9, 0.1, 0.1] if c == 0 else [0.1, 0.1, 0.9])[:, None, None]
+        targets.append(make_target([[x0, y0, x0 + w, y0 + h]], [c]))
+    return DetectionDataset(images, targets)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """An IOR strategy after task 0 (a few steps on the bars, histograms stored) and at the start of task 1."""
+    torch.manual_seed(0)
+    strategy = STRATEGIES.get("ior")(None, 4, cfg=Config(flip=False), seed=0)
+    data = _painted(8, seed=1)
+    strategy.on_experience_start(EXP0)
+    optimizer = torch.optim.AdamW(strategy.detector.parameters(), lr=3e-3)
+    strategy.train()
+    batch = DetectionBatch(torch.stack([data.image(i) for i in range(8)]), data.targets)
+    for _ in range(8):
+        loss = sum(strategy.step_losses(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    strategy.on_experience_end(EXP0, data)
+    strategy.on_experience_start(EXP1)
+    return strategy
+
+
+# --------------------------------------------------------------------------- check 1: inversion
+def test_inversion_touches_only_the_image_and_lowers_the_old_loss(trained):
+    old = trained.teacher["detector"]
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    cfg = dataclasses.replace(trained.cfg, inversion_steps=30)
+    boxes = torch.tensor([[8.0, 16.0, 56.0, 36.0], [20.0, 8.0, 40.0, 54.0]])
+    labels = torch.tensor([0, 1])
+    torch.manual_seed(3)
+    start = torch.randn(2, 3, SIZE, SIZE).clamp(0, 1)
+    images = invert(old, boxes, labels, cfg, start=start)
+    after = old.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "parameters or BN running stats changed"
+    assert not old.training and not any(p.requires_grad for p in old.parameters())
+    assert not torch.equal(images, start)
+
+    def detection_loss(x):  # the old detector's GFL loss for the sampled labels, no augmentation
+        with torch.no_grad():
+            return inversion_loss(old, x, boxes, labels, cfg)["main"].item()
+
+    targets = [make_target(b[None], l[None]) for b, l in zip(boxes, labels)]
+    assert old.loss(old(start, normalized=True), targets).num_positives > 0
+
+    assert detection_loss(images) < detection_loss(start)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        invert(trained.detector, boxes, labels, cfg)
+
+
+# --------------------------------------------------------------------------- check 2: labels
+def test_sampled_labels_follow_the_class_histograms(trained):
+    cfg = trained.cfg
+    assert trained.aspect_counts[:2].sum(1).gt(0).all(), "task-0 classes have histograms"
+    assert trained.aspect_counts[2:].sum() == 0, "future classes have none yet"
+    torch.manual_seed(4)
+    many = dataclasses.replace(cfg, images_per_class=25)
+    boxes, labels = sample_labels(trained.aspect_edges, trained.aspect_counts, [0, 1], many)
+    assert labels.tolist() == [0] * 25 + [1] * 25  # one box per canvas, old classes only
+    s = cfg.canvas_size
+    assert (boxes >= -1e-4).all() and (boxes <= s + 1e-4).all()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    long_side, short_side = torch.maximum(w, h), torch.minimum(w, h)
+    assert ((long_side >= 0.6 * s - 1e-4) & (long_side <= 0.8 * s + 1e-4)).all()
+    r = signed_aspect_ratio(boxes)
+    assert torch.allclose(short_side, long_side / r.abs(), atol=1e-4) and (r.abs() >= 1 - 1e-6).all()
+    for c in (0, 1):
+        edges, counts = trained.aspect_edges[c], trained.aspect_counts[c]
+        for value in r[labels == c]:
+            in_bin = (edges[:-1] - 1e-4 <= value) & (value <= edges[1:] + 1e-4) & (counts > 0)
+            assert in_bin.any(), f"ratio {value} of class {c} is outside its histogram's bins"
+    # the bars: class 0 wide (r = 2.4), class 1 tall (r = -2.2)
+    assert (r[labels == 0] > 0).all() and (r[labels == 1] < 0).all()
+
+
+def test_histogram_folds_bins_no_ratio_can_fall_in():
+    boxes = torch.tensor([[0, 0, 21, 20], [0, 0, 20, 21], [0, 0, 22, 20], [0, 0, 20, 22], [0, 0, 20, 20]] * 4, dtype=torch.float)
+    edges, counts = aspect_histogram(boxes, 50, (0.05, 0.95))
+    centres = (edges[:-1] + edges[1:]) / 2
+    assert counts.sum() == 20
+    assert counts[(centres >= -1) & (centres < 1)].sum() == 0
+
+
+# --------------------------------------------------------------------------- check 3: replay
+def _intersection(a, b):
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0) * max(h, 0)
+
+
+def test_replay_pastes_old_objects_by_the_overlap_rule():
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(6)
+    images = torch.rand(12, 3, SIZE, SIZE, generator=g)
+    targets = [make_target([[4 + i, 30, 24 + i, 50]], [2 + i % 2]) for i in range(11)]
+    targets.append(make_target([[2, 2, 62, 62]], [3]))  # a box over 0.75 W x 0.75 H: no paste
+    base = DetectionDataset(images, targets)
+    bank = [(torch.rand(3, 14 + k, 18, generator=g), k % 2) for k in range(5)]
+    cfg = Config(max_pastes=4)
+    replay = ReplayDataset(base, bank, cfg)
+    assert sum(len(p) for p in replay.pastes) > 10 and replay.pastes[-1] == []
+    for i in range(len(base)):
+        n = len(targets[i]["labels"])
+        t = replay.targets[i]
+        assert torch.equal(t["boxes"][:n], targets[i]["boxes"]) and torch.equal(t["labels"][:n], targets[i]["labels"])
+        assert set(t["labels"][n:].tolist()) <= {0, 1}  # every pasted box is an old class
+        boxes = t["boxes"].tolist()
+        for k in range(n, len(boxes)):
+            p = boxes[k]
+            area_p = (p[2] - p[0]) * (p[3] - p[1])
+            for g_box in boxes[:k]:  # every box present before it
+                inter = _intersection(g_box, p)
+                assert inter / ((g_box[2] - g_box[0]) * (g_box[3] - g_box[1])) <= 0.3 + 1e-6
+                assert inter / area_p <= 0.1 + 1e-6
+        # pixels: lambda * image + (1 - lambda) * crop where one paste covers them, untouched elsewhere
+        img, lam = replay.image(i), replay.lambdas[i]
+        cover = torch.zeros(SIZE, SIZE, dtype=torch.long)
+        for p in replay.pastes[i]:
+            cover[p.box[1]:p.box[3], p.box[0]:p.box[2]] += 1
+        assert torch.equal(img[:, cover == 0], images[i][:, cover == 0])
+        for p in replay.pastes[i]:
+            x0, y0, x1, y1 = p.box
+            crop = bank[p.crop][0][:, p.offset[1]:p.offset[1] + y1 - y0, p.offset[0]:p.offset[0] + x1 - x0]
+            only = cover[y0:y1, x0:x1] == 1
+            expected = lam * images[i][:, y0:y1, x0:x1] + (1 - lam) * crop
+            assert torch.allclose(img[:, y0:y1, x0:x1][:, only], expected[:, only], atol=1e-6)
+
+
+def test_object_bank_rescales_each_image_and_crops_its_box():
+    images = torch.stack([torch.linspace(-3, 5, SIZE * SIZE * 3).view(3, SIZE, SIZE), torch.randn(3, SIZE, SIZE)])
+    bank = object_bank(images, torch.tensor([[0.0, 0.0, SIZE, SIZE], [10.2, 5.5, 30.0, 40.1]]), torch.tensor([1, 0]))
+    assert bank[0][0].min() == 0 and bank[0][0].max() == 1 and bank[0][1] == 1
+    assert bank[1][0].shape == (3, 36, 20) and bank[1][1] == 0
+    assert torch.equal((bank[1][0] * 255).round(), bank[1][0] * 255)  # 8-bit export
+
+
+# --------------------------------------------------------------------------- check 4: L_det
+def _captured_logits(strategy):
+    store = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        store.append(output)
+
+    return store, strategy.detector.cls_conv.register_forward_hook(keep)
+
+
+def test_detection_loss_is_new_channels_against_new_gt_only(trained):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    new_gt = [make_target([[8, 8, 30, 28]], [2]), make_target([[30, 34, 56, 60]], [3])]
+    pasted = [make_target([[8, 8, 30, 28], [36, 4, 60, 26]], [2, 0]), make_target([[30, 34, 56, 60], [4, 4, 24, 24]], [3, 1])]
+    store, handle = _captured_logits(trained)
+    try:
+        with_old = trained.step_losses(DetectionBatch(x, pasted))
+        sum(with_old[k] for k in ("qfl", "giou", "dfl")).backward()
+        without_old = trained.step_losses(DetectionBatch(x, new_gt))
+    finally:
+        handle.remove()
+    for level_logits in store[: len(store) // 2]:
+        assert torch.all(level_logits.grad[:, :2] == 0), "L_det reached an old-class channel"
+    assert any(level_logits.grad[:, 2:].abs().sum() > 0 for level_logits in store[: len(store) // 2])
+    for k in ("qfl", "giou", "dfl"):
+        assert torch.equal(with_old[k], without_old[k]), k
+    trained.detector.zero_grad()
+
+
+def test_adaptive_weight_is_zero_without_new_positives(trained):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    only_old = [make_target([[8, 8, 30, 28]], [0]), make_target([[4, 4, 24, 24]], [1])]
+    terms = trained.step_losses(DetectionBatch(x, only_old))
+    assert trained.last_adaptive_weight == 0.0
+    assert all(terms[k].item() == 0.0 for k in ("feat_kd", "cls_kd", "box_kd"))
+    terms = trained.step_losses(DetectionBatch(x, [make_target([[8, 8, 30, 28], [36, 4, 60, 26]], [2, 0])] * 2))
+    assert trained.last_adaptive_weight > 0 and terms["feat_kd"].item() > 0
+
+
+# --------------------------------------------------------------------------- check 5: L_feat, L_cls
+def test_feature_distillation_is_local_to_the_pasted_boxes():
+    torch.manual_seed(7)
+    new = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    old = [torch.randn_like(f) for f in new]
+    strides = [8, 16, 32]
+    boxes = [torch.tensor([[8.0, 8.0, 24.0, 20.0]]), torch.zeros(0, 4)]
+    assert feature_distillation(new, old, [torch.zeros(0, 4)] * 2, strides).item() == 0.0
+    value = feature_distillation(new, old, boxes, strides)
+    # sampling points lie in cells 0.5..2.5 (x) and 0.5..2 (y) of level 0: bilinear reads cells 0-3 / 0-2
+    far = [f.clone() for f in new]
+    far[0][0, :, :, 5:] += 10.0
+    far[0][0, :, 4:, :] += 10.0
+    far[0][1] += 10.0  # the other image has no pasted box
+    far[1] += 10.0  # a small box is routed to the finest level only
+    assert torch.allclose(feature_distillation(far, old, boxes, strides), value)
+    near = [f.clone() for f in new]
+    near[0][0, :, 2, 2] += 10.0
+    assert not torch.allclose(feature_distillation(near, old, boxes, strides), value)
+    diff = torch.linalg.vector_norm(
+        __import__("torchvision").ops.roi_align(new[0], [boxes[0]], 3, 1 / 8, 0, True)
+        - __import__("torchvision").ops.roi_align(old[0], [boxes[0]], 3, 1 / 8, 0, True))
+    assert value.item() == pytest.approx(diff.item(), rel=1e-6)  # Frobenius norm, not squared, not averaged
+
+
+def test_logit_distillation_uses_exactly_the_old_top_k_on_old_channels():
+    torch.manual_seed(8)
+    old_logits = torch.randn(2, 84, 2)
+    new_logits = torch.randn(2, 84, 4, requires_grad=True)
+    k = 5
+    loss = logit_distillation(new_logits[..., :2], old_logits, k)
+    loss.backward()
+    assert torch.all(new_logits.grad[..., 2:] == 0)
+    for b in range(2):
+        expected = set(old_logits[b].sigmoid().max(-1).values.topk(k).indices.tolist())
+        got = set(torch.nonzero(new_logits.grad[b, :, :2].abs().sum(-1)).squeeze(1).tolist())
+        assert got == expected == set(top_old_locations(old_logits, k)[b].tolist())
+    idx = top_old_locations(old_logits, k)
+    by_hand = torch.stack([(new_logits[b, idx[b], :2] - old_logits[b, idx[b]]).pow(2) for b in range(2)]).mean()
+    assert loss.item() == pytest.approx(by_hand.item())
+
+
+def test_box_distillation_vanishes_when_distributions_agree(trained):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    old_classes = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = trained.teacher["detector"](x)
+    assert box_distillation(out, out, old_classes, 1000, 10.0, 0.005).item() == pytest.approx(0.0, abs=1e-7)
+    student = trained.detector(x)
+    assert box_distillation(student, out, old_classes, 1000, 10.0, 0.005).item() > 0
+
+
+# --------------------------------------------------------------------------- end to end per task
+def test_task_data_gets_replayed_old_objects(trained):
+    cfg = dataclasses.replace(trained.cfg, inversion_steps=2)
+    strategy, saved = trained, trained.cfg
+    object.__setattr__(strategy, "cfg", cfg)
+    try:
+        task = _painted(6, seed=2)
+        task = DetectionDataset(task.images, [make_target(t["boxes"], t["labels"] + 2) for t in task.targets])
+        data = strategy.training_data(EXP1, task)
+    finally:
+        object.__setattr__(strategy, "cfg", saved)
+    assert len(data) == len(task) and len(data.bank) == 2 * cfg.images_per_class
+    assert {label for _, label in data.bank} == {0, 1}
+    for t, r in zip(task.targets, data.targets):
+        assert set(r["labels"][len(t["labels"]):].tolist()) <= {0, 1}
