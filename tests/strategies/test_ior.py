@@ -108,7 +108,8 @@ def test_sampled_labels_follow_the_class_histograms(trained):
     assert (boxes >= -1e-4).all() and (boxes <= s + 1e-4).all()
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     long_side, short_side = torch.maximum(w, h), torch.minimum(w, h)
-    assert ((long_side >= 0.6 * s - 1e-4) & (long_side <= 0.8 * s + 1e-4)).all()
+    low, high = cfg.box_side  # the card's [0.6 S, 0.8 S] at paper scale
+    assert ((long_side >= low * s - 1e-4) & (long_side <= high * s + 1e-4)).all()
     r = signed_aspect_ratio(boxes)
     assert torch.allclose(short_side, long_side / r.abs(), atol=1e-4) and (r.abs() >= 1 - 1e-6).all()
     for c in (0, 1):
@@ -173,12 +174,18 @@ def test_replay_pastes_old_objects_by_the_overlap_rule():
             assert torch.allclose(img[:, y0:y1, x0:x1][:, only], expected[:, only], atol=1e-6)
 
 
-def test_object_bank_rescales_each_image_and_crops_its_box():
+def test_object_bank_rescales_each_image_and_crops_its_box(trained):
+    detector = trained.detector
     images = torch.stack([torch.linspace(-3, 5, SIZE * SIZE * 3).view(3, SIZE, SIZE), torch.randn(3, SIZE, SIZE)])
-    bank = object_bank(images, torch.tensor([[0.0, 0.0, SIZE, SIZE], [10.2, 5.5, 30.0, 40.1]]), torch.tensor([1, 0]))
+    bank = object_bank(images, torch.tensor([[0.0, 0.0, SIZE, SIZE], [10.2, 5.5, 30.0, 40.1]]), torch.tensor([1, 0]), detector)
     assert bank[0][0].min() == 0 and bank[0][0].max() == 1 and bank[0][1] == 1
     assert bank[1][0].shape == (3, 36, 20) and bank[1][1] == 0
     assert torch.equal((bank[1][0] * 255).round(), bank[1][0] * 255)  # 8-bit export
+    # pixel space, not normalised space: an image that is a rescaled pixel image comes back as it was
+    pixels = torch.rand(1, 3, SIZE, SIZE)
+    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    again = object_bank(detector.normalize(pixels), torch.tensor([[0.0, 0.0, SIZE, SIZE]]), torch.tensor([0]), detector)
+    assert torch.allclose(again[0][0], pixels[0], atol=0.5 / 255 + 1e-6)
 
 
 # --------------------------------------------------------------------------- check 4: L_det
