@@ -40,18 +40,19 @@ class DetectionScenario(Scenario):
             "setting": self.setting,
             "metric": self.convention.metric,
             "ap_convention": self.convention.description,
-            "test_images": "full test set; ground truth restricted to seen classes",
+            "evaluation": "full test set; ground truth and predictions restricted to seen classes",
         }
 
 
 def parse_split(split: str) -> list[int]:
-    """`"10+5+5"` -> `[10, 5, 5]`; `"10+2x5"` -> `[10, 5, 5]` (n steps of m classes)."""
+    """`"10+5+5"` -> `[10, 5, 5]`; `"10+2x5"` -> `[10, 2, 2, 2, 2, 2]`: `MxN` is N tasks of M classes,
+    the notation of the IOD papers (VOC "10+2×5", "15+1×5")."""
     increments: list[int] = []
     for part in split.split("+"):
-        m = re.fullmatch(r"(?:(\d+)x)?(\d+)", part)
-        if not m or int(m.group(2)) == 0:
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
+        if not m or int(m.group(1)) == 0 or m.group(2) is not None and int(m.group(2)) == 0:
             raise UsageError(f"split {split!r} is invalid; expected class counts joined by '+', e.g. 10+10 or 10+2x5")
-        increments += [int(m.group(2))] * int(m.group(1) or 1)
+        increments += [int(m.group(1))] * int(m.group(2) or 1)
     return increments
 
 

@@ -9,9 +9,9 @@ Images are decoded on demand and resized to a *square* `image_size` x `image_siz
 512; not aspect-preserving), and boxes are scaled by the same per-axis factors.
 
 Names: `voc-<split>` (standard setting) and `voc-<split>-absent` (IOR's absent setting). A
-split lists the classes per task joined by `+`; `NxM` stands for N tasks of M classes, as
-`parse_split` reads it. So the literature's 15-1 (15 + five 1-class tasks) is `voc-15+5x1`,
-10-2 (10 + five 2-class tasks) is `voc-10+5x2` and 10-1 is `voc-10+10x1`.
+split lists the classes per task joined by `+`; `MxN` stands for N tasks of M classes (the
+IOD papers' notation, `parse_split`). So the literature's 15-1 (15 + five 1-class tasks) is
+`voc-15+1x5`, 10-2 (10 + five 2-class tasks) is `voc-10+2x5` and 10-1 is `voc-10+1x10`.
 """
 
 from __future__ import annotations
@@ -171,37 +171,37 @@ def voc_5_5_5_5_absent(options: ScenarioOptions) -> DetectionScenario:
     return voc_scenario("5+5+5+5", "absent", options)
 
 
-@register_scenario("voc-15+5x1")
-def voc_15_5x1(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-15+1x5")
+def voc_15_1x5(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 15-1: 15 classes, then 5 tasks of 1 class (15+1+1+1+1+1), standard setting."""
-    return voc_scenario("15+5x1", "standard", options)
+    return voc_scenario("15+1x5", "standard", options)
 
 
-@register_scenario("voc-15+5x1-absent")
-def voc_15_5x1_absent(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-15+1x5-absent")
+def voc_15_1x5_absent(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 15-1 (15+1+1+1+1+1), absent setting."""
-    return voc_scenario("15+5x1", "absent", options)
+    return voc_scenario("15+1x5", "absent", options)
 
 
-@register_scenario("voc-10+5x2")
-def voc_10_5x2(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-10+2x5")
+def voc_10_2x5(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 10-2: 10 classes, then 5 tasks of 2 classes, standard setting."""
-    return voc_scenario("10+5x2", "standard", options)
+    return voc_scenario("10+2x5", "standard", options)
 
 
-@register_scenario("voc-10+5x2-absent")
-def voc_10_5x2_absent(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-10+2x5-absent")
+def voc_10_2x5_absent(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 10-2 (10 + 5 tasks of 2 classes), absent setting."""
-    return voc_scenario("10+5x2", "absent", options)
+    return voc_scenario("10+2x5", "absent", options)
 
 
-@register_scenario("voc-10+10x1")
-def voc_10_10x1(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-10+1x10")
+def voc_10_1x10(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 10-1: 10 classes, then 10 tasks of 1 class, standard setting."""
-    return voc_scenario("10+10x1", "standard", options)
+    return voc_scenario("10+1x10", "standard", options)
 
 
-@register_scenario("voc-10+10x1-absent")
-def voc_10_10x1_absent(options: ScenarioOptions) -> DetectionScenario:
+@register_scenario("voc-10+1x10-absent")
+def voc_10_1x10_absent(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 10-1 (10 + 10 tasks of 1 class), absent setting."""
-    return voc_scenario("10+10x1", "absent", options)
+    return voc_scenario("10+1x10", "absent", options)

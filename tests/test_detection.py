@@ -54,10 +54,11 @@ def test_absent_filter_drops_images_holding_an_earlier_class_and_keeps_future_ob
 def test_split_names_parse_into_increments():
     assert parse_split("10+10") == [10, 10]
     assert parse_split("10+5+5") == [10, 5, 5]
-    assert parse_split("10+2x5") == [10, 5, 5]
-    assert parse_split("15+5x1") == [15, 1, 1, 1, 1, 1]
-    with pytest.raises(UsageError, match=r"'10\+0'"):
-        parse_split("10+0")
+    assert parse_split("10+2x5") == [10, 2, 2, 2, 2, 2]
+    assert parse_split("15+1x5") == [15, 1, 1, 1, 1, 1]
+    for bad in ("10+0", "10+2x0", "10+x5", "ten"):
+        with pytest.raises(UsageError, match=f"'{bad}'".replace("+", r"\+")):
+            parse_split(bad)
 
 
 def test_dataset_items_are_unit_range_images_with_their_targets_and_collate_into_a_batch():

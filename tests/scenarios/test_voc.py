@@ -81,7 +81,7 @@ def test_registered_scenario_reads_trainval_and_test_in_alphabetical_order(voc_r
     absent = create_scenario("voc-10+10-absent", RunConfig(data_root=str(root), image_size=48))
     pool = read_voc(root / "VOCdevkit" / "VOC2007", "trainval", size=48)
     assert all(not set(pool.targets[r]["labels"].tolist()) & set(range(10)) for r in absent.train_sets[1].rows)
-    many = create_scenario("voc-15+5x1", RunConfig(data_root=str(root), image_size=48))
+    many = create_scenario("voc-15+1x5", RunConfig(data_root=str(root), image_size=48))
     assert many.increments == [15, 1, 1, 1, 1, 1]
 
 
