@@ -129,7 +129,8 @@ class TinyDETR(nn.Module):
         return len(self.decoder)
 
     def reset_class_head(self) -> None:
-        nn.init.normal_(self.class_head.weight, std=0.01)
+        """nn.Linear's own weight init and the focal prior bias, as Deformable DETR's class head."""
+        self.class_head.reset_parameters()
         nn.init.constant_(self.class_head.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +294,7 @@ def pretrain_shapes_base(settings: dict[str, Any], cache_dir: str | os.PathLike 
     """
     keys = ("images", "epochs", "size", "seed", "batch_size")
     settings = {k: settings[k] for k in keys}
-    tag = hashlib.sha1(json.dumps({"model": "TinyDETR-v1", **settings}, sort_keys=True).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(json.dumps({"model": "TinyDETR-v2", **settings}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
     path = root / f"tinydetr-shapes-{tag}.pt"
     if path.exists():
@@ -360,7 +361,7 @@ class FrozenBaseDetrConfig(StrategyConfig):
     base_epochs: int = 40
     base_seed: int = 10_000
     base_size: int = 64
-    base_batch_size: int = 32
+    base_batch_size: int = 8  # 38 steps an epoch: DETR needs steps more than epochs
     freeze_old_rows: bool = True  # old classes' class-head rows are not trained
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -423,7 +424,7 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
         self.class_head.requires_grad_(True)
-        self.detector.box_head.requires_grad_(True)
+        self.detector.box_head.requires_grad_(self.cfg.box_lr > 0)  # Co-DINO's variant trains classifiers only
         self.trained_rows = torch.zeros(self.num_classes, dtype=torch.bool)
         self.trained_rows[list(self.trained_classes(exp))] = True
 
@@ -441,7 +442,7 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
                 {"params": list(self.detector.box_head.parameters()), "lr": self.cfg.box_lr}]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for g in self.parameter_groups() for p in g["params"]]
+        return [p for g in self.parameter_groups() if g["lr"] > 0 for p in g["params"]]
 
     def configure_optimizers(self):
         cfg = self.cfg

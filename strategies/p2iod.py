@@ -50,7 +50,9 @@ Published settings (card, from the released code and logs):
 Reported (released logs, final task, all classes, COCO-style AP): VOC 10+10 58.4 AP / 81.1 AP50
 with Deformable DETR; COCO 40+40 54.7 / 71.1 with Co-DINO (Objects365). The tiny configuration
 on `shapes-2+2` uses a TinyDETR pre-trained on a separate ShapesIOD pool (`base`, see
-`clbench.detr.pretrain_shapes_base`).
+`clbench.detr.pretrain_shapes_base`); on VOC / COCO give `base=<path of a TinyDETR state_dict>`
+pre-trained on other data (`PAPER_SETTINGS` carry the published optimiser and prompt settings,
+not a published detector: no TinyDETR was published).
 """
 
 from __future__ import annotations
