@@ -265,7 +265,12 @@ def _labels_of(dataset) -> list:
     return dataset_labels(dataset).tolist()
 
 
-@pytest.mark.parametrize("name", SCENARIO_NAMES)
+# generated detection pools are large (up to 3,200 images); the generator's determinism is
+# tested in tests/scenarios/test_shapes.py, so one split per setting stands for the family here
+DETERMINISM_NAMES = [n for n in SCENARIO_NAMES if not n.startswith("shapes-") or n in ("shapes-2+2", "shapes-2+2-absent")]
+
+
+@pytest.mark.parametrize("name", DETERMINISM_NAMES)
 def test_scenario_is_deterministic_under_seed(name):
     a = _build_or_skip(name)
     b = _build_or_skip(name)
