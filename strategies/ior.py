@@ -301,7 +301,7 @@ def augment_for_inversion(x: torch.Tensor, boxes: torch.Tensor, cfg: Config) -> 
     if float(torch.rand(())) < cfg.flip_p:
         x = x.flip(-1)
         boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-    x = x + cfg.brightness_std * torch.randn(n, 1, 1, 1)
+    x = x + cfg.brightness_std * torch.randn(n, 1, 1, 1).to(x.device)
     keep = torch.ones(n, 1, h, w)
     for i in range(n):
         if float(torch.rand(())) < cfg.erase_p:
@@ -310,7 +310,7 @@ def augment_for_inversion(x: torch.Tensor, boxes: torch.Tensor, cfg: Config) -> 
             eh, ew = min(h, int(round(math.sqrt(area * aspect)))), min(w, int(round(math.sqrt(area / aspect))))
             top, left = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
             keep[i, :, top:top + eh, left:left + ew] = 0
-    return x * keep, boxes
+    return x * keep.to(x.device), boxes
 
 
 def inversion_loss(detector: TinyGFL, x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
