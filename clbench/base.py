@@ -49,7 +49,7 @@ class CLStrategy(pl.LightningModule):
     # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
     # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's
     # registration checks (a few percent of a digits-5 step) are skipped for them
-    _PLAIN_ATTRIBUTES: ClassVar[frozenset[str]] = frozenset({"_current_fx_name", "step_output"})
+    _PLAIN_ATTRIBUTES: ClassVar[frozenset[str]] = frozenset({"_current_fx_name", "step_output", "cost_meter"})
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
@@ -70,6 +70,12 @@ class CLStrategy(pl.LightningModule):
         self.automatic_optimization = False  # see `training_step`
         for a in self.aux:
             a.setup(self)
+
+    def __getstate__(self):
+        # the runner's profiler (threads, open counters) stays with the process that runs it
+        state = dict(super().__getstate__())
+        state.pop("cost_meter", None)
+        return state
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._PLAIN_ATTRIBUTES:
@@ -240,6 +246,13 @@ class CLStrategy(pl.LightningModule):
             if getattr(module, "frozen_snapshot", False):
                 module.eval()
         return self
+
+    def work_steps(self, label: str, n: int) -> Iterator[int]:
+        """`range(n)` for a loop of training work done outside `trainer.fit` (generating replay
+        data, inverting a model): under the runner's profiler its steps are timed and their FLOPs
+        counted into the experience's training cost."""
+        meter = self.__dict__.get("cost_meter")
+        return meter.work_steps(label, n) if meter is not None else iter(range(n))
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensor state outside `state_dict` (buffers' contents, statistics) for resume."""

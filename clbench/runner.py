@@ -187,6 +187,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
         from clbench.edge.profiler import NullProfiler
 
         profiler = EdgeProfiler(flops=run_cfg.flops) if run_cfg.profile else NullProfiler()
+    strategy.cost_meter = profiler  # meters the training work a strategy does outside its fits
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, backbone_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)

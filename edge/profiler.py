@@ -25,6 +25,12 @@ registered strategy's sampled totals are tested equal to counting every step.
 itself within `max_counted_per_shape`; its mean was used); each shape's `basis`
 says how its count was confirmed.
 
+Training work a strategy does outside `trainer.fit` (IOR's image inversion, run while it
+prepares a task's data) is metered when the strategy loops over `CLStrategy.work_steps(label, n)`:
+every step is timed, and its FLOPs are counted like a fit's (until two consecutive counts agree,
+the rest extrapolated). Such work is part of the experience's `train_flops_exp`,
+`train_time_s`, peak memory and Jetson estimate, and is itemised under `outside_fit`.
+
 Counting slows the counted steps down (torch dispatches every op through Python), so
 `train_time_s` leaves that out: each counted step is timed as the mean uncounted step
 of its shape, and what was removed is `flop_count_overhead_time_s` (the measured fit
@@ -37,7 +43,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -167,6 +173,7 @@ class EdgeProfiler(pl.Callback):
     def start_experience(self, index: int) -> None:
         self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
                          "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
+        self._outside: dict[str, _Shape] = {}
         # a phase whose steps all cost the same in the previous experience, its first one included,
         # starts this one as stable: each of its shapes is counted once
         self._stable_phases = _phases_constant_from_first_step(self._shapes)
@@ -182,6 +189,7 @@ class EdgeProfiler(pl.Callback):
         rec = self._current if self._current is not None else {"experience": len(self.records)}
         self._stop_counter()
         rec["train_time_e2e_s"] = time.perf_counter() - rec.pop("_t0", time.perf_counter())
+        rec["train_time_s"] = rec.get("train_time_s", 0.0) + sum(w.counted_time + w.plain_time for w in self._outside.values())
         self._remove_counting_time(rec)
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
         rec["train_time_source"] = f"measured:{_host_name()}"
@@ -193,9 +201,10 @@ class EdgeProfiler(pl.Callback):
             rec["buffer_bytes"] = report["buffer_bytes"]
         self._flop_fields(rec)
         self._memory_fields(rec)
-        rec["jetson"] = self._jetson_fields(rec, [(s.profile, s.steps) for s in self._shapes.values() if s.profile is not None],
+        work = [*self._shapes.values(), *self._outside.values()]
+        rec["jetson"] = self._jetson_fields(rec, [(s.profile, s.steps) for s in work if s.profile is not None],
                                             planned=rec.get("planned_steps", 0))
-        self._run_steps += [(s.profile, s.steps) for s in self._shapes.values() if s.profile is not None]
+        self._run_steps += [(s.profile, s.steps) for s in work if s.profile is not None]
         self.records.append(rec)
         self._current = None
         return rec
@@ -327,6 +336,36 @@ class EdgeProfiler(pl.Callback):
         if times:
             self._current.setdefault("_step_times", []).extend(times)
 
+    def work_steps(self, label: str, n: int) -> Iterator[int]:
+        """Yields 0..n-1 around the steps of training work done outside a fit (see the module
+        docstring): each step is timed and, like a fit's steps, counted until two consecutive
+        counts agree."""
+        if self._current is None:  # outside an experience bracket there is no record to add to
+            yield from range(n)
+            return
+        work = self._outside.setdefault(label, _Shape())
+        self._rss.start()
+        try:
+            for i in range(n):
+                count = self.flops_mode == "all" or (
+                    self.flops_mode == "sample" and not work.agreed and len(work.counted) < self.max_counted_per_shape)
+                counter = self._counter_for_steps().start() if count else None
+                t0 = time.perf_counter()
+                try:
+                    yield i
+                finally:
+                    elapsed = time.perf_counter() - t0
+                    work.steps += 1
+                    if counter is not None:
+                        counter.stop()
+                        work.counted.append(counter.total)
+                        work.profile = counter.profile
+                        work.counted_time += elapsed
+                    else:
+                        work.plain_time += elapsed
+        finally:
+            self._rss.stop()
+
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._stop_counter()
         self._rss.stop()
@@ -335,7 +374,8 @@ class EdgeProfiler(pl.Callback):
     def _remove_counting_time(self, rec: dict[str, Any]) -> None:
         """`train_time_s` without what FLOP counting added: each counted step is timed as the mean
         uncounted step of its shape, so the reported time is what an unprofiled run takes."""
-        overhead = min(sum(s.counting_overhead for s in self._shapes.values()), rec.get("train_time_s", 0.0))
+        work = [*self._shapes.values(), *self._outside.values()]
+        overhead = min(sum(s.counting_overhead for s in work), rec.get("train_time_s", 0.0))
         rec["train_time_raw_s"] = rec.get("train_time_s", 0.0)
         rec["flop_count_overhead_time_s"] = overhead
         rec["train_time_s"] = rec["train_time_raw_s"] - overhead
@@ -356,7 +396,13 @@ class EdgeProfiler(pl.Callback):
             return
         shapes = self._shapes
         uncounted = sum(s.steps - len(s.counted) for s in shapes.values())
-        rec["train_flops_exp"] = sum(s.total for s in shapes.values())
+        rec["train_flops_exp"] = sum(s.total for s in shapes.values()) + sum(w.total for w in self._outside.values())
+        if self._outside:
+            rec["outside_fit"] = {
+                label: {"steps": w.steps, "counted": len(w.counted), "flops": w.total, "flops_step": int(round(w.per_step)),
+                        "time_s": max(w.counted_time + w.plain_time - w.counting_overhead, 0.0), "basis": w.basis}
+                for label, w in self._outside.items()
+            }
         main = max(shapes.values(), key=lambda s: s.steps, default=None)
         rec["train_flops_step"] = int(round(main.per_step)) if main is not None else 0
         rec["flops_counted_steps"] = sum(len(s.counted) for s in shapes.values())
@@ -471,6 +517,9 @@ class NullProfiler:
 
     def totals(self) -> dict[str, Any]:
         return {}
+
+    def work_steps(self, label: str, n: int) -> Iterator[int]:
+        return iter(range(n))
 
 
 def _batch_input(batch) -> torch.Tensor | None:

@@ -36,7 +36,8 @@ in the method card, except:
   the neighbouring bin on their side, and draws keep |r| >= 1).
 - `s` is 0 for a batch without new-class positives (the code would fail there).
 - The inversion runs inside `training_data`, outside `trainer.fit` (it updates images, no model
-  weight): the profiler does not count its FLOPs.
+  weight); its optimisation steps go through `work_steps`, so the profiler still counts their
+  FLOPs and time into the task's training cost (itemised as `outside_fit` in the run JSON).
 - The paste overlap rule is tested on the clipped pasted box; pixel coordinates are integers.
 - Augmentation draws (inversion, replay, flip) use torch's global RNG, seeded by the runner.
 - Tiny detector (TinyGFL, `clbench.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's GFL head) instead of
@@ -161,7 +162,7 @@ class IOR(GFLStrategy):
             return train_set
         old = list(exp.past_classes)
         boxes, labels = sample_labels(self.aspect_edges, self.aspect_counts, old, self.cfg)
-        images = invert(self.teacher["detector"], boxes, labels, self.cfg)
+        images = invert(self.teacher["detector"], boxes, labels, self.cfg, work_steps=self.work_steps)
         bank = object_bank(images, boxes, labels, self.teacher["detector"])
         return ReplayDataset(train_set, bank, self.cfg)
 
@@ -325,10 +326,11 @@ def inversion_loss(detector: TinyGFL, x: torch.Tensor, boxes: torch.Tensor, labe
 
 
 def invert(detector: TinyGFL, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
-           start: torch.Tensor | None = None) -> torch.Tensor:
+           start: torch.Tensor | None = None, work_steps=lambda label, n: range(n)) -> torch.Tensor:
     """Images [N, 3, S, S] in the detector's normalised space that the frozen, eval-mode
     `detector` sees as holding `labels` at `boxes`, optimised in batches of `inversion_batch`
-    from `start` (default: N(0, 1) noise clamped to [0, 1])."""
+    from `start` (default: N(0, 1) noise clamped to [0, 1]). `work_steps` is the strategy's
+    (the profiler meters the optimisation steps as training work)."""
     if detector.training or any(p.requires_grad for p in detector.parameters()):
         raise RuntimeError("inversion needs the old detector frozen and in eval mode (BN running statistics as targets)")
     steps = cfg.inversion_steps
@@ -343,7 +345,7 @@ def invert(detector: TinyGFL, boxes: torch.Tensor, labels: torch.Tensor, cfg: Co
         optimizer = torch.optim.Adam([x], lr=cfg.inversion_lr, betas=tuple(cfg.inversion_betas))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
         with torch.enable_grad():
-            for _ in range(steps):
+            for _ in work_steps(f"inversion (batch {len(b)})", steps):
                 xa, ba = augment_for_inversion(x, b.cpu(), cfg)
                 loss = sum(inversion_loss(detector, xa, ba.to(device), lab, cfg).values())
                 optimizer.zero_grad()

@@ -278,3 +278,35 @@ def test_same_seed_with_and_without_profiler_gives_identical_accuracy(tmp_path):
     assert rec["flops_step_shapes"][0]["input_shape"] == [32, 1, 8, 8]
     assert rec["train_flops_step"] == 2 * linear_flops(64, 64, 32) + 3 * linear_flops(64, 32, 4)
     assert rec["jetson"]["source"].startswith("estimated:jetson-orin-nx-16gb:MAXN:")
+
+
+def test_training_work_outside_a_fit_is_counted_timed_and_itemised():
+    prof = EdgeProfiler()
+    prof.start_experience(0)
+    _fit(_TwoLayer(), prof, n=16)  # two steps of 8
+    w = torch.randn(16, 16, requires_grad=True)
+    started = time.perf_counter()
+    for _ in prof.work_steps("inversion", 6):
+        (w @ w).sum().backward()  # forward 16^3 MACs, backward two more matmuls of the same size
+    outside_s = time.perf_counter() - started
+    rec = prof.end_experience(_TwoLayer())
+    work = rec["outside_fit"]["inversion"]
+    per_step = 3 * 2 * 16**3
+    assert work["steps"] == 6 and work["counted"] == 2 and work["basis"] == "two consecutive equal counts"
+    assert work["flops_step"] == per_step and work["flops"] == 6 * per_step
+    assert rec["train_flops_exp"] == 2 * _step_flops() + 6 * per_step
+    assert 0 < work["time_s"] <= outside_s
+    assert rec["train_time_s"] == pytest.approx(rec["train_time_raw_s"] - rec["flop_count_overhead_time_s"])
+    assert rec["train_time_raw_s"] >= work["time_s"]
+
+
+def test_strategies_loop_over_plain_ranges_without_the_runners_profiler(strategy_factory):
+    from clbench.edge.profiler import NullProfiler
+
+    strategy = strategy_factory("naive")
+    assert list(strategy.work_steps("anything", 3)) == [0, 1, 2]
+    strategy.cost_meter = NullProfiler()
+    assert list(strategy.work_steps("anything", 2)) == [0, 1]
+    outside = EdgeProfiler()  # a profiler with no experience open adds nothing anywhere
+    strategy.cost_meter = outside
+    assert list(strategy.work_steps("anything", 2)) == [0, 1] and outside.records == []
