@@ -285,6 +285,12 @@ class DetectionStrategy(CLStrategy):
     def build_detector(self, num_classes: int) -> nn.Module:
         raise NotImplementedError
 
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        # no classification head to grow: a method grows or masks its detector's classifier itself
+        self.experience = exp
+        for a in self.aux:
+            a.on_experience_start(self, exp)
+
     def forward(self, x: torch.Tensor):
         return self.detector(x)
 

@@ -442,9 +442,6 @@ class GFLStrategy(DetectionStrategy):
     start of every task (old rows kept); inference masks unseen classes' logits."""
 
     Config = GFLConfig
-    # CLStrategy.on_experience_start grows `self.head` when there is one; the detector's class conv
-    # grows here instead
-    head = None
 
     def build_detector(self, num_classes: int) -> nn.Module:
         # the class conv starts empty and grows with the seen classes
