@@ -140,6 +140,11 @@ def test_check4_fusion_rule_on_hand_built_vectors():
     # with theta0 != 0 the task vectors, not the raw weights, decide
     shifted = fuse_task_vectors(T([1.0, 1, 1, 1]), T([5.0, 1, 2, 0]), T([5.0, 9, 4, 2]), 0.25, 0.25)
     assert shifted.tolist() == [5.0, 9.0, 3.0, 0.0]
+    # index 0 in both masks keeps theta_p although signs agree (not the mean 5 or 9); index 1 has
+    # tau_p = 0, a sign product of 0, so it averages (0 + 8) / 2
+    zero0 = torch.zeros(4)
+    assert fuse_task_vectors(zero0, T([4.0, 0, 1, -1]), T([14.0, 8, 3, 1]), 0.25, 0.25).tolist() == [4.0, 4.0, 2.0, -1.0]
+    assert fuse_task_vectors(zero0, T([4.0, 0, 1, -1]), T([6.0, 8, 3, 1]), 0.25, 0.25).tolist() == [4.0, 8.0, 2.0, -1.0]
 
 
 def test_check4_fusion_after_task_2_is_per_tensor_and_is_the_next_start(run):
