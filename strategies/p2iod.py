@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.detection import DetectionBatch, Target
-from clbench.detr import DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, detections, mask_classes, normalised_targets
+from clbench.detr import DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, detections, normalised_targets
 from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
