@@ -386,8 +386,6 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     Config: ClassVar[type] = FrozenBaseDetrConfig
     detector_name: ClassVar[str] = "tiny_detr"
     contract_overrides: ClassVar[dict[str, Any]] = {"base": "random"}
-    # CLStrategy.on_experience_start grows `self.head` when it can; a detector has no such head
-    head = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
