@@ -370,8 +370,9 @@ class FrozenBaseDetrConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.box_lr < 0 or self.clip_grad < 0:
-            raise UsageError("box_lr and clip_grad must be >= 0")
+        for name in ("box_lr", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
 
 
 class FrozenBaseDetrStrategy(DetectionStrategy):

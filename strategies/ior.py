@@ -128,6 +128,20 @@ class Config(GFLConfig):
     box_kd_nms: float = 0.005
     adaptive_weight: bool = True  # s = detached new-class QFL error (False: s = 1)
 
+    def __post_init__(self):
+        super().__post_init__()
+        from clbench.errors import UsageError
+
+        for name in ("images_per_class", "canvas_size", "inversion_batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
+        for name in ("inversion_steps", "max_pastes", "placement_tries", "jitter"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected an integer >= 0")
+        low, high = self.box_side
+        if not 0 < low <= high <= 1:
+            raise UsageError(f"box_side={self.box_side} is invalid; expected (low, high) with 0 < low <= high <= 1")
+
 
 @register_strategy("ior")
 class IOR(GFLStrategy):

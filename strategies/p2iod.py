@@ -96,8 +96,9 @@ class Config(FrozenBaseDetrConfig):
         super().__post_init__()
         if self.prompt_length < 2 or self.prompt_length % 2:
             raise UsageError(f"prompt_length={self.prompt_length} is invalid; expected an even number >= 2 (keys + values)")
-        if not (0 <= self.rho_prev <= 1 and 0 <= self.rho_cur <= 1):
-            raise UsageError("rho_prev and rho_cur are fractions in [0, 1]")
+        for name in ("rho_prev", "rho_cur"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a fraction in [0, 1]")
 
 
 class PromptGenerator(nn.Module):
