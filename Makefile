@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean leaderboard
+.PHONY: demo test test-fast venv clean leaderboard detection-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ leaderboard: $(STAMP)
 	mkdir -p results
 	$(BIN)/python scripts/readme_leaderboard.py --jobs $(or $(JOBS),1) > results/readme-leaderboard.md
 	$(BIN)/python scripts/splice_readme.py README.md leaderboard results/readme-leaderboard.md
+
+# The README's incremental-detection table: IOR and P2IOD beside their fine-tuning lower bounds on
+# ShapesIOD, seeds 0-2, from real runs.
+detection-table: $(STAMP)
+	mkdir -p results
+	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/detection \
+		--grid shapes-2+2-absent=ior,gfl_finetune --grid shapes-2+2=p2iod,detr_finetune > results/readme-detection.md
+	$(BIN)/python scripts/splice_readme.py README.md detection results/readme-detection.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
