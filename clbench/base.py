@@ -204,9 +204,14 @@ class CLStrategy(pl.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_params(self) -> list:
+        """What the optimiser gets: the trainable parameters, or parameter groups with their own
+        learning rates (a method training parts at different rates overrides this)."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self):
         """A fresh optimiser per `fit` (per experience and phase): no state crosses experiences."""
-        params = self.trainable_parameters()
+        params = self.optimizer_params()
         cfg = self.cfg
         # foreach: a few multi-tensor ops per step instead of a few per parameter. torch picks it
         # by default on CUDA only; on the CPU it gives bitwise the same parameters, costs fewer

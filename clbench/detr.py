@@ -445,19 +445,8 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.parameter_groups() if g["lr"] > 0 for p in g["params"]]
 
-    def configure_optimizers(self):
-        cfg = self.cfg
-        groups = [g for g in self.parameter_groups() if g["lr"] > 0]
-        if cfg.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
-        elif cfg.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        if cfg.lr_schedule == "cosine":
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
-            return {"optimizer": optimizer, "lr_scheduler": cosine}
-        return optimizer
+    def optimizer_params(self) -> list[dict[str, Any]]:
+        return [g for g in self.parameter_groups() if g["lr"] > 0]
 
     def training_step(self, batch, batch_idx: int):
         with self.untrained_rows_fixed():

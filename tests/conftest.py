@@ -42,6 +42,16 @@ def _quiet_lightning():
     quiet_lightning()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a 2-core machine, two threads per convolution
+    thrash under any other load (measured up to 20x slower detection steps)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def fast_run_config(tmp_path) -> RunConfig:
     return fast_config(tmp_path)

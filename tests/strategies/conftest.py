@@ -1,18 +1,13 @@
 """Fixtures shared by the method tests."""
 
 import pytest
-import torch
 
 from clbench.runner import create_scenario
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a 2-core machine, two intra-op threads per convolution thrash under any other load
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
