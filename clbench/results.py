@@ -37,6 +37,8 @@ class RunResult:
     # detection scenarios: the AP convention, per-class AP and old/new/all after every task
     # (`accuracy_matrix` then holds per-task mean AP)
     detection: dict[str, Any] = field(default_factory=dict)
+    # per add-on, per experience: what its `after_evaluation` recorded (e.g. a quantized snapshot's accuracy)
+    aux_results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     error: str | None = None
     device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=dict)

@@ -218,6 +218,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                     result.detection["per_task"].append({"task": i, **detail})
                 else:
                     row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
+                    _evaluate_add_ons(strategy, info, test_loaders, device, result)
                 result.accuracy_matrix.append(row)
                 result.edge["per_experience"].append(profiler.end_experience(strategy))
                 if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
@@ -239,6 +240,17 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     if result.status == "completed":
         checkpoint.remove(ckpt_dir)
     return result
+
+
+def _evaluate_add_ons(strategy, info, test_loaders, device, result: RunResult) -> None:
+    """Each add-on may score its own version of the model after an experience (a quantized
+    snapshot, ...) with the same evaluation; what it returns is kept per experience."""
+    n_seen = len(info.seen_classes)
+    for a in strategy.aux:
+        record = a.after_evaluation(
+            strategy, info, lambda predict_logits: evaluate(strategy, test_loaders, n_seen, device, predict_logits))
+        if record:
+            result.aux_results.setdefault(a.name, []).append(record)
 
 
 def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Sequence, loggers: Sequence) -> None:
@@ -366,12 +378,15 @@ def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, 
 
 
 @torch.no_grad()
-def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
+def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -> list[float]:
     """Class-IL accuracy on each test set, scoring only the `n_seen` classes seen so far.
 
     Logits of classes not yet seen are masked out (the head may be wider than the
     classes seen), so samples of unseen experiences score 0 by construction.
+    `predict_logits` (default: the strategy's) scores another version of the model, such as
+    an add-on's quantized snapshot.
     """
+    predict_logits = predict_logits or strategy.predict_logits
     modes = [(m, m.training) for m in strategy.modules()]  # per module: frozen teachers stay in eval
     original_device = next(strategy.parameters()).device
     device = device or original_device
@@ -385,7 +400,7 @@ def evaluate(strategy, loaders, n_seen: int, device=None) -> list[float]:
             if n_seen == 0:
                 total += len(batch)
                 continue
-            logits = strategy.predict_logits(batch.x)[:, :n_seen]
+            logits = predict_logits(batch.x)[:, :n_seen]
             correct += int((logits.argmax(dim=1) == batch.y).sum())
             total += len(batch)
         row.append(correct / total if total else float("nan"))

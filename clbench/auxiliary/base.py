@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +36,13 @@ class Aux(nn.Module):
 
     def on_experience_end(self, strategy: "CLStrategy", exp: "ExperienceInfo") -> None:
         pass
+
+    def after_evaluation(self, strategy: "CLStrategy", exp: "ExperienceInfo",
+                         evaluate: Callable[[Callable[[torch.Tensor], torch.Tensor]], list[float]]) -> dict[str, Any] | None:
+        """After the runner evaluated the experience: `evaluate(predict_logits)` gives the accuracy
+        row of another version of the model on every test set (a quantized snapshot, ...).
+        What this returns is stored in the run's `aux_results[name]`, one entry per experience."""
+        return None
 
     def report(self) -> dict[str, Any]:
         return {}
