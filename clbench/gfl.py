@@ -442,6 +442,7 @@ class GFLStrategy(DetectionStrategy):
     start of every task (old rows kept); inference masks unseen classes' logits."""
 
     Config = GFLConfig
+    detector_name = "tiny_gfl"
 
     def build_detector(self, num_classes: int) -> nn.Module:
         # the class conv starts empty and grows with the seen classes

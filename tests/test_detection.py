@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,61 @@ def test_coco_convention_averages_over_iou_thresholds():
     loose = [pred([[0, 0, 10, 12]], [0.9], [0])]  # IoU 10/12 = 0.83: a hit at .50-.80, a miss at .85-.95
     assert class_ap(loose, targets, seen=[0])[0] == pytest.approx(1.0)
     assert class_ap(loose, targets, seen=[0], convention=COCO_AP)[0] == pytest.approx(0.7)
+
+
+# --------------------------------------------------------------------------- a run end to end
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory):
+    from clbench.cli import main
+
+    out = tmp_path_factory.mktemp("det")
+    code = main(["run", "--strategy", "gfl_finetune", "--scenario", "shapes-2+2", "--accelerator", "cpu", "--quiet",
+                 "--set", "epochs=1", "limit_train_batches=2", "--output-dir", str(out)])
+    assert code == 0
+    (path,) = out.rglob("*.json")
+    return out, path
+
+
+def test_a_run_stores_per_task_ap_and_the_old_new_all_breakdown(detection_run):
+    import json
+
+    _, path = detection_run
+    data = json.loads(path.read_text())
+    det, matrix = data["detection"], data["accuracy_matrix"]
+    assert data["scenario_info"]["task_type"] == "detection" and data["backbone"] == "tiny_gfl"
+    assert det["metric"] == "AP50" and det["class_names"] == ["disk", "square", "triangle", "cross"]
+    assert [t["task"] for t in det["per_task"]] == [0, 1]
+    first, last = det["per_task"]
+    assert set(first["ap_per_class"]) == {"0", "1"} and set(last["ap_per_class"]) == {"0", "1", "2", "3"}
+    assert math.isnan(first["old"]) and first["all"] == pytest.approx(first["new"])
+    ap = {int(c): v for c, v in last["ap_per_class"].items()}
+    assert last["all"] == pytest.approx(sum(ap.values()) / 4)
+    assert last["old"] == pytest.approx((ap[0] + ap[1]) / 2) and last["new"] == pytest.approx((ap[2] + ap[3]) / 2)
+    # the matrix row of task i: mean AP over each trained task's classes, 0 for tasks not trained yet
+    assert matrix[0] == [pytest.approx(first["all"]), 0.0]
+    assert matrix[1] == [pytest.approx(last["old"]), pytest.approx(last["new"])]
+    assert data["edge"]["totals"]["train_flops_total"] > 0
+
+
+def test_the_leaderboard_shows_final_ap_columns_for_detection_runs(detection_run):
+    import json
+
+    from clbench import leaderboard
+
+    out, path = detection_run
+    last = json.loads(path.read_text())["detection"]["per_task"][-1]
+    board = leaderboard.from_dir(out)
+    (row,) = board.rows
+    assert row.cells["final_ap_all"].mean == pytest.approx(last["all"])
+    assert row.cells["final_ap_new"].mean == pytest.approx(last["new"])
+    assert "Final AP all" in leaderboard.to_markdown(board) and "per-task mean AP" in leaderboard.to_markdown(board)
+
+
+def test_a_backbone_is_refused_for_a_detection_strategy(tmp_path, capsys):
+    from clbench.cli import main
+
+    code = main(["run", "--strategy", "gfl_finetune", "--scenario", "shapes-2+2", "--backbone", "resnet18",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'resnet18'" in err[0]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
