@@ -69,6 +69,7 @@ def save(folder: Path, strategy, result: RunResult, completed: int) -> None:
         "initial_accuracy": result.initial_accuracy,
         "edge_per_experience": result.edge["per_experience"],
         "detection": result.detection,
+        "forecasting": result.forecasting,
         "aux_results": result.aux_results,
         "global_step_offset": strategy.global_step_offset,
         "rng_python": _jsonable(random.getstate()),
@@ -121,6 +122,7 @@ def restore(strategy, meta: dict[str, Any], tensors: dict[str, torch.Tensor], re
     result.initial_accuracy = meta["initial_accuracy"]
     result.edge["per_experience"] = meta["edge_per_experience"]
     result.detection = meta.get("detection", {})
+    result.forecasting = meta.get("forecasting", {})
     result.aux_results = meta.get("aux_results", {})
 
 

@@ -37,6 +37,9 @@ class RunResult:
     # detection scenarios: the AP convention, per-class AP and old/new/all after every task
     # (`accuracy_matrix` then holds per-task mean AP)
     detection: dict[str, Any] = field(default_factory=dict)
+    # forecasting scenarios: MSE and MAE matrices (scaled and original units), error metrics (lower is
+    # better) and the scaler policy (`accuracy_matrix` then stays empty; see `clbench.forecasting`)
+    forecasting: dict[str, Any] = field(default_factory=dict)
     # per add-on, per experience: what its `after_evaluation` recorded (e.g. a quantized snapshot's accuracy)
     aux_results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     error: str | None = None

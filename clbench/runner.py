@@ -147,6 +147,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     seed_everything(spec.seed)
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
     detection = scenario.task_type == "detection"
+    forecasting = scenario.task_type == "forecasting"
     problem = task_problem(STRATEGIES.get(spec.strategy), scenario)
     if problem is not None:
         raise UsageError(problem)
@@ -155,6 +156,14 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
             raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to detection strategies; "
                              f"expected no --backbone (each builds its detector from its Config)")
         backbone, backbone_name = None, STRATEGIES.get(spec.strategy).detector_name
+    elif forecasting:  # forecasters build their model from their Config, bound to the scenario's window
+        from clbench.forecasting import bind_to_scenario
+
+        if run_cfg.backbone:
+            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to forecasting strategies; "
+                             f"expected no --backbone (each builds its model from its Config)")
+        backbone, backbone_name = None, STRATEGIES.get(spec.strategy).model_name
+        cfg = bind_to_scenario(cfg, scenario)
     else:
         backbone_name = run_cfg.backbone or scenario.default_backbone
         backbone = build_backbone(
@@ -193,7 +202,11 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     device = _eval_device(run_cfg)
     ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
-    if start == 0:
+    if start == 0 and forecasting:
+        from clbench.forecasting import evaluate_forecast, new_record
+
+        result.forecasting = new_record(scenario, *evaluate_forecast(strategy, test_loaders, device=device))
+    elif start == 0:
         result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
         if detection:
             result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score
@@ -216,10 +229,18 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                     row, detail = evaluate_detection(strategy, test_loaders[0], info, scenario.task_classes,
                                                      scenario.convention, device=device)
                     result.detection["per_task"].append({"task": i, **detail})
+                elif forecasting:  # errors, not accuracies: `accuracy_matrix` stays empty
+                    from clbench.forecasting import evaluate_forecast
+
+                    mse, mae = evaluate_forecast(strategy, test_loaders, device=device)
+                    result.forecasting["mse_matrix"].append(mse)
+                    result.forecasting["mae_matrix"].append(mae)
+                    row = None
                 else:
                     row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
                     _evaluate_add_ons(strategy, info, test_loaders, device, result)
-                result.accuracy_matrix.append(row)
+                if row is not None:
+                    result.accuracy_matrix.append(row)
                 result.edge["per_experience"].append(profiler.end_experience(strategy))
                 if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
                     checkpoint.save(ckpt_dir, strategy, result, i + 1)
@@ -335,6 +356,10 @@ def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None
 
     if result.accuracy_matrix and result.status == "completed":
         result.metrics = summarise(result.accuracy_matrix, result.initial_accuracy)
+    if result.forecasting.get("mse_matrix") and result.status == "completed":
+        from clbench.forecasting import finish_record
+
+        finish_record(result.forecasting)
     result.edge["totals"] = profiler.totals()
     result.strategy_report = strategy.report()
     # an unexpected exception leaves status "running": no result file for a run that neither
