@@ -79,8 +79,15 @@ def addons_label(r: RunResult) -> str:
     return "+".join(parts)
 
 
+def is_forecasting(r: RunResult) -> bool:
+    return bool(r.forecasting) or r.scenario_info.get("task_type") == "forecasting"
+
+
 def is_complete(r: RunResult) -> bool:
     expected = r.scenario_info.get("num_experiences")
+    if is_forecasting(r):  # errors live in `forecasting`; `accuracy_matrix` stays empty
+        rows = len((r.forecasting or {}).get("mse_matrix") or [])
+        return r.status == "completed" and rows > 0 and (expected is None or rows == expected) and "metrics" in r.forecasting
     rows = len(r.accuracy_matrix)
     return r.status == "completed" and rows > 0 and (expected is None or rows == expected) and bool(r.metrics)
 
@@ -155,6 +162,16 @@ def final_ap(part: str) -> Callable[[RunResult], float | None]:
     return get
 
 
+def forecast_metric(key: str) -> Callable[[RunResult], float | None]:
+    """Forecasting runs: an error metric on the MSE matrix (scaled values; lower is better)."""
+
+    def get(r: RunResult):
+        value = ((r.forecasting or {}).get("metrics") or {}).get("mse", {}).get(key)
+        return None if value is None or _isnan(value) else value
+
+    return get
+
+
 COLUMNS: list[Column] = [
     _metric("final_avg_acc", "Final acc"),
     _metric("avg_incremental_acc", "Avg inc. acc"),
@@ -163,6 +180,8 @@ COLUMNS: list[Column] = [
     Column("final_ap_all", "Final AP all", True, final_ap("all"), 100.0, ".1f", "%"),
     Column("final_ap_old", "Final AP old", True, final_ap("old"), 100.0, ".1f", "%"),
     Column("final_ap_new", "Final AP new", True, final_ap("new"), 100.0, ".1f", "%"),
+    Column("final_mse", "Final MSE", False, forecast_metric("final_avg_error"), 1.0, ".4f"),
+    Column("forgetting_mse", "Forgetting (MSE)", False, forecast_metric("forgetting"), 1.0, ".4f"),
     Column("train_flops_total", "Train FLOPs", False, total("train_flops_total"), 1.0, ".3g", "FLOP", count=True),
     Column("peak_memory_bytes", "Peak mem", False, total("peak_memory_bytes"), 1 / 2**20, ".1f", "MiB"),
     Column("train_time_s", "Wall time", False, total("train_time_s"), 1.0, ".2f", "s"),
@@ -266,7 +285,8 @@ def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, ski
             cells[col.key] = Cell(m, s, sum(v is not None and not _isnan(v) for v in values))
         rows.append(Row(strategy, scenario, backbone, addons, device, sorted(by_seed), cells, notes))
     _mark_best(rows)
-    rows.sort(key=lambda row: (row.scenario, -(row.cells["final_avg_acc"].mean or -1.0), row.label))
+    rows.sort(key=lambda row: (row.scenario, -(row.cells["final_avg_acc"].mean or -1.0),
+                               row.cells["final_mse"].mean if row.cells["final_mse"].mean is not None else 0.0, row.label))
     kinds = {(r.edge.get("totals") or {}).get("peak_memory_kind") for r in results} - {None}
     return Leaderboard(rows, incomplete, list(skipped), kinds, jetson_facts(results))
 
@@ -374,11 +394,19 @@ DETECTION_LEGEND = (
 )
 
 
+FORECAST_LEGEND = (
+    "On forecasting scenarios: final MSE = mean over experiences of the MSE after the last one, forgetting = mean "
+    "error increase since each experience's best (positive: forgot), both on the scaled values (scaler policy in "
+    "each result). "
+)
+
+
 def _legend(lb: Leaderboard) -> str:
     return (
         "Mean ± sample std over seeds. ↑ higher is better, ↓ lower is better; **bold**: best in its scenario. "
         "Accuracy metrics in %, forgetting = max-minus-last (Mammoth/PILOT). "
-        + (DETECTION_LEGEND if any(r.cells["final_ap_all"].mean is not None for r in lb.rows) else "") +
+        + (DETECTION_LEGEND if any(r.cells["final_ap_all"].mean is not None for r in lb.rows) else "")
+        + (FORECAST_LEGEND if any(r.cells["final_mse"].mean is not None for r in lb.rows) else "") +
         f"Peak memory kind: {', '.join(sorted(lb.memory_kinds)) or MISSING}."
         + _jetson_legend(lb)
     )

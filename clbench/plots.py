@@ -56,7 +56,7 @@ def seen_accuracy_curve(matrix: Sequence[Sequence[float]]) -> np.ndarray:
 def _complete_by_label(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     groups: dict[str, list[RunResult]] = {}
     for r in results:
-        if L.is_complete(r):
+        if L.is_complete(r) and not L.is_forecasting(r):  # forecasting runs have error, not accuracy, matrices
             groups.setdefault(label(r), []).append(r)
     return dict(sorted(groups.items()))
 
@@ -176,14 +176,20 @@ def figures(results: Sequence[RunResult], board: L.Leaderboard | None = None) ->
         runs = [r for r in results if r.scenario == scenario]
         if not any(L.is_complete(r) for r in runs):
             continue
-        ax = accuracy_curves(runs)
-        yield f"{scenario}_curves", f"Accuracy per experience, {scenario}", ax.figure
+        forecasting = any(L.is_forecasting(r) for r in runs)
+        if not forecasting:
+            ax = accuracy_curves(runs)
+            yield f"{scenario}_curves", f"Accuracy per experience, {scenario}", ax.figure
         for name, group in _complete_by_label(runs).items():
             ax = accuracy_heatmap(mean_matrix(group), title=f"{name} — {scenario} (mean of {len(group)})")
             yield f"{scenario}_heatmap_{_stem(name)}", f"Accuracy matrix of {name}, {scenario}", ax.figure
         sub = L.Leaderboard([r for r in board.rows if r.scenario == scenario], [], [])
         for cost in COSTS:
             if sum(r.cells[cost].mean is not None for r in sub.rows) == 0:
+                continue
+            if forecasting:  # lower error is better: pareto_plot reads the column's direction
+                ax = pareto_plot(sub, cost, metric="final_mse", title=f"Final MSE vs {COSTS[cost][0]} — {scenario}")
+                yield f"{scenario}_pareto_{cost}", f"Final MSE vs {COSTS[cost][0]}, {scenario}", ax.figure
                 continue
             ax = pareto_plot(sub, cost)
             yield f"{scenario}_pareto_{cost}", f"Final accuracy vs {COSTS[cost][0]}, {scenario}", ax.figure
