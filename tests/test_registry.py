@@ -131,11 +131,15 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
 
     assert result.status == "completed", result.error
     t = scenario.num_experiences
-    matrix = result.accuracy_matrix
+    forecasting = scenario.task_type == "forecasting"  # forecasting: an MSE matrix, no accuracy matrix
+    matrix = result.forecasting["mse_matrix"] if forecasting else result.accuracy_matrix
     assert len(matrix) == t and all(len(row) == t for row in matrix)
-    assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
-    for i in range(t - 1):  # masked evaluation: unseen experiences score exactly 0
-        assert all(a == 0.0 for a in matrix[i][i + 1 :])
+    if forecasting:
+        assert all(math.isfinite(a) and a >= 0.0 for row in matrix for a in row)
+    else:
+        assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
+        for i in range(t - 1):  # masked evaluation: unseen experiences score exactly 0
+            assert all(a == 0.0 for a in matrix[i][i + 1 :])
     assert recorder.batches >= 2 * t
     if cls.learns_by_gradient:
         assert recorder.seen, "step_losses returned no terms"
@@ -145,7 +149,10 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     else:  # it fits statistics: no loss terms, and no parameter may change
         assert not recorder.seen
         assert all(not p.requires_grad for p in captured["strategy"].parameters())
-    assert set(result.metrics) >= {"final_avg_acc", "forgetting_diag", "forgetting_max", "bwt"}
+    if forecasting:
+        assert set(result.forecasting["metrics"]["mse"]) >= {"final_avg_error", "forgetting", "bwt_err"}
+    else:
+        assert set(result.metrics) >= {"final_avg_acc", "forgetting_diag", "forgetting_max", "bwt"}
     assert list(tmp_path.rglob("*.json")), "no result JSON written"
 
     # state_dict round-trip through a weights-only checkpoint, into a strategy rebuilt from scratch
@@ -155,7 +162,10 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     torch.save({"model": strategy.state_dict(), "extra": strategy.extra_state()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    fresh = build_strategy(name, scenario, backbone=cls.contract_backbone, seed=123, **overrides)
+    if forecasting:  # forecasters build their model from their Config bound to the scenario
+        fresh = _build_forecaster(name, scenario, seed=123, **overrides)
+    else:
+        fresh = build_strategy(name, scenario, backbone=cls.contract_backbone, seed=123, **overrides)
     for i in range(t):
         fresh.on_experience_start(scenario.info(i))
     fresh.load_state_dict(saved["model"])
@@ -171,6 +181,14 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     x = batch_of(scenario.test_sets[0], 8).x
     strategy.eval(), fresh.eval()
     _assert_same_prediction(strategy.predict(x), fresh.predict(x))
+
+
+def _build_forecaster(name: str, scenario, seed: int = 0, **overrides):
+    from clbench.forecasting import bind_to_scenario
+    from clbench.runner import create_strategy, strategy_config
+
+    torch.manual_seed(seed)
+    return create_strategy(name, None, scenario.num_classes, bind_to_scenario(strategy_config(name, overrides), scenario), seed=seed)
 
 
 def _assert_same_prediction(a, b) -> None:
@@ -227,6 +245,9 @@ def test_scenario_contract(name):
     if s.task_type == "detection":
         _check_detection_scenario(s)
         return
+    if s.task_type == "forecasting":
+        _check_forecast_scenario(s)
+        return
     t = s.num_experiences
     assert t == len(s.train_sets) == len(s.test_sets) == len(s.increments) >= 2
     assert sum(s.increments) == s.num_classes == len(s.class_order) == len(set(s.class_order))
@@ -257,6 +278,20 @@ def _check_detection_scenario(s) -> None:
         info = s.info(i)
         assert set(info.classes) == classes and info.seen_classes == tuple(range(sum(s.increments[: i + 1])))
     assert set().union(*s.test_set.label_sets) == set(range(s.num_classes))
+
+
+def _check_forecast_scenario(s) -> None:
+    """Experiences of (lookback, horizon) windows with float targets; each test part starts after
+    its training part plus a gap of `horizon` steps; no classes."""
+    t = s.num_experiences
+    assert t == len(s.train_sets) == len(s.test_sets) >= 2 and s.num_classes == 0 and s.scaler
+    for i in range(t):
+        train, test = s.train_sets[i], s.test_sets[i]
+        assert len(train) > 0 and len(test) > 0
+        assert train.x.shape[1:] == test.x.shape[1:] == (s.input_shape[0], s.lookback)
+        assert train.y.shape[1:] == (s.horizon,) and train.y.is_floating_point()
+        assert int(test.starts.min()) >= int(train.starts.max()) + s.lookback + 2 * s.horizon  # the gap
+        assert s.info(i).classes == () and s.info(i).num_experiences == t
 
 
 def _labels_of(dataset) -> list:
