@@ -1,0 +1,661 @@
+"""Quantization add-on `quantize` (aux-components.md section 2): simulated low-bit inference.
+
+Pure-PyTorch fake quantization (no `torch.ao`, no torchao): a quantized value is computed in
+float as `x_hat = s * (q - z)`, so any bit-width runs on any device.
+
+Quantizers (section 2.2), for bit-width b:
+
+* weights: symmetric signed grid, one scale per output channel (or per group of
+  `group_size` inputs for Linear layers), restricted range
+  `q = clamp(round(w / s), -(2^(b-1) - 1), 2^(b-1) - 1)`, `s = max|w| / (2^(b-1) - 1)`;
+* activations (the input of every quantized Conv2d / Linear): asymmetric per tensor,
+  `s = (hi - lo) / (2^b - 1)`, `z = clamp(round(-lo / s), 0, 2^b - 1)`; an input that was
+  never negative during calibration (post-ReLU) gets the unsigned grid `lo = 0`, so `z = 0`;
+* the first layer the backbone runs and the classifier (the Linear layers of the strategy's
+  head) stay at 8 bits unless `quantize_first_last=true`; norms, biases and everything that
+  is not a Conv2d / Linear stay FP32. Layers the model never calls as modules (a cosine
+  head that uses `fc.weight` directly) stay FP32 and count as unquantized.
+
+Calibrators (section 2.3), for weights (per channel / group) and activations (per tensor):
+`minmax`, `percentile` (clip at the `percentile`-th percentile, 99.99 by default), `mse`
+(the clipping ratio alpha in {0.50, 0.55, ..., 1.00} of the min-max range that minimises the
+squared quantization error). Weights of 4 bits or fewer default to `mse`, others to
+`minmax`; activations default to `percentile`.
+
+Modes:
+
+* `ptq` (default). `after_evaluation` (after each experience's FP32 evaluation) deep-copies
+  the backbone and head, folds every BatchNorm2d into the Conv2d whose output it normalises
+  (found by tracing one forward), calibrates on up to `calib_samples` inputs, fake-quantizes
+  weights and activations and scores the copy with the runner's `evaluate`. The copy runs
+  through the strategy's own `predict_logits` (its backbone and head are swapped in for the
+  call and swapped back), so methods with another inference rule keep it. The FP32 model
+  is never written to: training continues on the same FP32 weights.
+  Calibration data: the add-on cannot reach the experience's training set from its hooks,
+  so `loss` (which sees every training batch) keeps a class-balanced reservoir of the
+  current experience's un-augmented inputs (`batch.x_raw` when set), about
+  `calib_samples / classes` per class, without gradients and with its own random generator
+  (training, its random stream and its loss are unchanged; `loss` returns None). At
+  calibration these are pooled with the replay buffer's stored inputs (`strategy.buffer`
+  when it stores inputs of the same shape; read with `all()`, which draws no random numbers)
+  and `calib_samples` are drawn class-balanced over all seen classes.
+* `qat`: `setup` turns every Conv2d / Linear of the backbone and head into a fake-quant
+  layer of the same parameters (the class is swapped, so parameter names, shapes, the
+  optimiser and checkpoints are unchanged): weights per output channel, symmetric min-max,
+  straight-through estimator; inputs with a running (EMA) min/max observer updated in
+  training and frozen in evaluation. Layers a growing head creates are converted at the
+  next experience start. The run's accuracy matrix is then the fake-quant model's own
+  accuracy; `after_evaluation` records size and BOPs only. Calibrators, BN folding and
+  per-group weights apply to `ptq` only.
+
+Each `ptq` record in `aux_results["quantize"]` holds the quantized accuracy row (one
+accuracy per test experience, 0 for unseen ones), the FP32 row recomputed with the same
+evaluation, their seen-experience means and `delta_acc` = FP32 - quantized, average
+forgetting (`clbench.metrics.forgetting_max`) of the quantized and FP32 rows so far (None
+after the first experience, or after a resume; it is derivable from the stored rows), the
+analytic model size and BOPs per sample (section 2.5) of the quantized and the FP32 model,
+and the calibration samples, sources and wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.auxiliary.base import Aux
+from clbench.errors import UsageError
+from clbench.registry import register_aux
+
+PRESETS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
+CALIBRATORS = ("minmax", "percentile", "mse")
+MSE_RATIOS = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # 0.50, 0.55, ..., 1.00
+MIN_BITS, MAX_BITS = 2, 16
+_SAMPLE_CAP = 1 << 18  # activation values kept per layer for the percentile and mse calibrators
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- quantizers
+def symmetric_scale(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
+    """`s = max|x| / (2^(b-1) - 1)` (never 0, so an all-zero channel stays 0)."""
+    return torch.clamp(max_abs / (2 ** (bits - 1) - 1), min=_EPS)
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int, max_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, q, s) on the restricted signed grid; `max_abs` broadcasts against `x` (per channel)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = symmetric_scale(max_abs, bits)
+    q = torch.clamp(torch.round(x / s), -qmax, qmax)
+    return s * q, q, s
+
+
+def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """(s, z) of the unsigned asymmetric grid over [lo, hi] (widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    levels = 2**bits - 1
+    s = max((hi - lo) / levels, _EPS)
+    z = int(min(max(round(-lo / s), 0), levels))
+    return s, z
+
+
+def quantize_affine(x: torch.Tensor, bits: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(x_hat, q, s, z): `q = clamp(round(x/s) + z, 0, 2^b - 1)`, `x_hat = s (q - z)`."""
+    s, z = affine_params(lo, hi, bits)
+    q = torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1)
+    return s * (q - z), q, s, z
+
+
+def _rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """The weight as (rows, k): one row per output channel, or per group of inputs (Linear)."""
+    if group_size and w.dim() == 2:
+        out, cols = w.shape
+        pad = (-cols) % group_size
+        if pad:  # zeros change neither max|w| nor the error
+            w = F.pad(w, (0, pad))
+        return w.reshape(out * ((cols + pad) // group_size), group_size), pad
+    return w.reshape(w.shape[0], -1), 0
+
+
+def weight_max_abs(rows: torch.Tensor, bits: int, method: str, percentile: float = 99.99) -> torch.Tensor:
+    """Clipping value per row (shape (rows, 1)) chosen by `method`."""
+    a = rows.abs()
+    top = a.amax(dim=1, keepdim=True)
+    if method == "minmax":
+        return top
+    if method == "percentile":
+        return torch.quantile(a, percentile / 100.0, dim=1, keepdim=True)
+    best, best_err = top, None
+    for ratio in MSE_RATIOS:
+        m = top * ratio
+        err = ((quantize_symmetric(rows, bits, m)[0] - rows) ** 2).sum(dim=1, keepdim=True)
+        if best_err is None:
+            best, best_err = m, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, m, best), torch.where(better, err, best_err)
+    return best
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, method: str = "minmax", group_size: int = 0,
+                      percentile: float = 99.99) -> tuple[torch.Tensor, int]:
+    """(w_hat, number of scales): symmetric per output channel (per group for 2-D weights if asked)."""
+    rows, pad = _rows(w.detach(), group_size)
+    m = weight_max_abs(rows, bits, method, percentile)
+    w_hat = quantize_symmetric(rows, bits, m)[0]
+    if pad:
+        w_hat = w_hat.reshape(w.shape[0], -1)[:, : w.shape[1]]
+    return w_hat.reshape(w.shape).to(w.dtype), rows.shape[0]
+
+
+def activation_range(lo: float, hi: float, sample: torch.Tensor, bits: int, method: str,
+                     percentile: float = 99.99) -> tuple[float, float]:
+    """[lo, hi] of an activation from its exact min/max and a sample of its values.
+    Never-negative activations keep lo = 0 (unsigned grid, zero point 0)."""
+    unsigned = lo >= 0
+    if unsigned:
+        lo = 0.0
+    if method == "minmax" or sample.numel() == 0:
+        return lo, hi
+    sample = sample.float()
+    if method == "percentile":
+        p = percentile / 100.0
+        hi = float(torch.quantile(sample, p))
+        if not unsigned:
+            lo = float(torch.quantile(sample, 1.0 - p))
+        return lo, hi
+    best, best_err = (lo, hi), math.inf
+    for ratio in MSE_RATIOS:
+        err = float(((quantize_affine(sample, bits, ratio * lo, ratio * hi)[0] - sample) ** 2).sum())
+        if err < best_err:
+            best, best_err = (ratio * lo, ratio * hi), err
+    return best
+
+
+# --------------------------------------------------------------------------- BN folding
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold eval-mode `bn` into `conv` in place: w' = w g/sqrt(v+eps), b' = (b - m) g/sqrt(v+eps) + beta."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+        factor = gamma / std
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+        conv.weight.copy_(conv.weight * factor.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+        new_bias = (bias - bn.running_mean) * factor + beta
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+
+
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                out.setdefault(id(child), []).append((parent, attr))
+    return out
+
+
+def find_conv_bn_pairs(model: nn.Module, run: Any) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Pairs (conv, bn) where bn's input is exactly conv's output in the forward `run()`."""
+    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    hooks = []
+
+    def after_conv(module, _inputs, output):
+        produced[id(output)] = (module, output)
+
+    def before_bn(module, inputs):
+        found = produced.get(id(inputs[0])) if inputs else None
+        if found is not None and found[1] is inputs[0]:
+            pairs.append((found[0], module))
+
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            hooks.append(m.register_forward_hook(after_conv))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(before_bn))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = [id(c) for c, _ in pairs]
+    bns = [id(b) for _, b in pairs]
+    unique = []
+    for conv, bn in pairs:  # a module used twice is not folded (its other uses would change)
+        if (convs.count(id(conv)) == 1 and bns.count(id(bn)) == 1 and bn.track_running_stats
+                and bn.running_mean is not None and conv.out_channels == bn.num_features):
+            unique.append((conv, bn))
+    return unique
+
+
+def fold_batchnorm(model: nn.Module, run: Any) -> int:
+    """Fold the BatchNorm2d layers of `model` (a copy, in eval mode) into their convs; returns how many."""
+    pairs = find_conv_bn_pairs(model, run)
+    parents = _parents(model)
+    for conv, bn in pairs:
+        fold_conv_bn(conv, bn)
+        for parent, attr in parents.get(id(bn), []):
+            parent._modules[attr] = nn.Identity()
+    return len(pairs)
+
+
+# --------------------------------------------------------------------------- PTQ layers
+class _PTQLayer(nn.Module):
+    """A Conv2d / Linear of the snapshot with fake-quantized weights and input."""
+
+    def __init__(self, layer: nn.Module, name: str):
+        super().__init__()
+        self.layer = layer
+        self.name = name
+        self.w_bits = self.a_bits = 32
+        self.state = "observe"  # observe (FP32 pass, statistics) | quant | shape (FP32 pass, record input shape)
+        self.lo, self.hi = math.inf, -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.kept = 0
+        self.generator: torch.Generator | None = None
+        self.scale, self.zero_point = 1.0, 0
+        self.n_scales = 0
+        self.input_shape: tuple[int, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state == "observe":
+            v = x.detach()
+            self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
+            flat = v.reshape(-1)
+            room = _SAMPLE_CAP - self.kept
+            if room > 0:
+                take = min(room, flat.numel(), _SAMPLE_CAP // 4)
+                idx = torch.randint(flat.numel(), (take,), generator=self.generator).to(flat.device)
+                self.samples.append(flat[idx].float().cpu())
+                self.kept += take
+        elif self.state == "quant" and self.a_bits < 32:
+            s, z, levels = self.scale, self.zero_point, 2**self.a_bits - 1
+            x = s * (torch.clamp(torch.round(x / s) + z, 0, levels) - z)
+        elif self.state == "shape":
+            self.input_shape = tuple(x.shape)
+        return self.layer(x)
+
+
+def _ptq_layers(model: nn.Module) -> list[_PTQLayer]:
+    return [m for m in model.modules() if isinstance(m, _PTQLayer)]
+
+
+# --------------------------------------------------------------------------- QAT layers
+class _QATMixin:
+    q_w_bits: int
+    q_a_bits: int
+    q_lo: float | None
+    q_hi: float | None
+    q_momentum: float = 0.1
+
+    def _q_init(self, w_bits: int, a_bits: int) -> None:
+        self.q_w_bits, self.q_a_bits, self.q_lo, self.q_hi = w_bits, a_bits, None, None
+
+    def _q_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            lo, hi = float(x.detach().min()), float(x.detach().max())
+            if self.q_lo is None:
+                self.q_lo, self.q_hi = lo, hi
+            else:
+                m = self.q_momentum
+                self.q_lo, self.q_hi = (1 - m) * self.q_lo + m * lo, (1 - m) * self.q_hi + m * hi
+        if self.q_lo is None or self.q_a_bits >= 32:
+            return x
+        x_hat = quantize_affine(x.detach(), self.q_a_bits, self.q_lo, self.q_hi)[0]
+        return x + (x_hat - x).detach()  # straight-through estimator
+
+    def _q_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.q_w_bits >= 32 or w.numel() == 0:
+            return w
+        return w + (fake_quant_weight(w.detach(), self.q_w_bits)[0] - w).detach()
+
+
+class QATLinear(_QATMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._q_input(x), self._q_weight(), self.bias)
+
+
+class QATConv2d(_QATMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._q_input(x), self._q_weight(), self.bias)
+
+
+_QAT_CLASSES = {nn.Linear: QATLinear, nn.Conv2d: QATConv2d}
+
+
+# --------------------------------------------------------------------------- size and BOPs
+def model_size_bytes(layers: list[tuple[int, int, int, int, int]], unquantized_params: int) -> int:
+    """Section 2.5: sum over quantized layers of ceil(n_w b_w / 8) + 4 n_scales + n_zp zp_bytes,
+    plus 4 bytes per unquantized parameter. `layers`: (n_w, b_w, n_scales, n_zero_points, zp_bytes)."""
+    total = sum(math.ceil(n_w * b_w / 8) + 4 * n_s + n_z * zp for n_w, b_w, n_s, n_z, zp in layers)
+    return int(total + 4 * unquantized_params)
+
+
+def bops(layer_macs: list[tuple[int, int, int]], total_macs: int) -> int:
+    """BOPs = sum MACs_l b_w b_a over quantized layers + the rest of the forward's MACs at 32 x 32."""
+    quantized = sum(m for m, _, _ in layer_macs)
+    return int(sum(m * bw * ba for m, bw, ba in layer_macs) + max(total_macs - quantized, 0) * 32 * 32)
+
+
+def _macs(fn) -> int:
+    from clbench.edge.flops import measure_flops
+
+    with torch.enable_grad():  # the counter's first use runs a self-test with a backward pass
+        return int(measure_flops(fn)) // 2
+
+
+# --------------------------------------------------------------------------- the add-on
+def _bits(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise UsageError(f"quantize {name}={value!r} is invalid; expected an integer from {MIN_BITS} to {MAX_BITS}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"quantize {name}={value!r} is invalid; expected one of {', '.join(allowed)}")
+    return value
+
+
+@register_aux("quantize")
+class Quantize(Aux):
+    """Post-training (default) or quantization-aware fake quantization; PTQ scores a quantized
+    snapshot after every experience (see the module docstring)."""
+
+    family = "quantize"
+
+    def __init__(self, weight: float = 1.0, mode: str = "ptq", preset: str | None = None,
+                 weight_bits: int | None = None, act_bits: int | None = None, bits: int | None = None,
+                 weight_calib: str | None = None, act_calib: str = "percentile", percentile: float = 99.99,
+                 group_size: int = 0, quantize_first_last: bool = False, calib_samples: int = 512,
+                 fold_bn: bool = True, seed: int = 0):
+        mode = _choice("mode", mode, ("ptq", "qat"))
+        if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
+            _bits("bits", bits)
+            weight_bits = bits if weight_bits is None else weight_bits
+            act_bits = bits if act_bits is None else act_bits
+        if preset is not None:
+            key = str(preset).upper()
+            if key not in PRESETS:
+                raise UsageError(f"quantize preset={preset!r} is unknown; expected one of {', '.join(PRESETS)} "
+                                 f"(or weight_bits=..., act_bits=...)")
+            w, a = PRESETS[key]
+            for name, given, implied in (("weight_bits", weight_bits, w), ("act_bits", act_bits, a)):
+                if given is not None and given != implied:
+                    raise UsageError(f"quantize {name}={given!r} contradicts preset={preset!r} ({name}={implied}); "
+                                     f"expected one of them")
+            weight_bits, act_bits = w, a
+        weight_bits = _bits("weight_bits", 8 if weight_bits is None else weight_bits)
+        act_bits = _bits("act_bits", 8 if act_bits is None else act_bits)
+        if weight_calib is None:
+            weight_calib = "mse" if weight_bits <= 4 else "minmax"
+        weight_calib = _choice("weight_calib", weight_calib, CALIBRATORS)
+        act_calib = _choice("act_calib", act_calib, CALIBRATORS)
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+            raise UsageError(f"quantize percentile={percentile!r} is invalid; expected a number in (50, 100]")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+            raise UsageError(f"quantize group_size={group_size!r} is invalid; expected 0 (per channel) or a positive integer")
+        if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
+            raise UsageError(f"quantize calib_samples={calib_samples!r} is invalid; expected a positive integer")
+        for name, value in (("quantize_first_last", quantize_first_last), ("fold_bn", fold_bn)):
+            if not isinstance(value, bool):
+                raise UsageError(f"quantize {name}={value!r} is invalid; expected true or false")
+        super().__init__(weight, mode=mode, weight_bits=weight_bits, act_bits=act_bits, weight_calib=weight_calib,
+                         act_calib=act_calib, percentile=percentile, group_size=group_size,
+                         quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn)
+        self.mode, self.weight_bits, self.act_bits = mode, weight_bits, act_bits
+        self.weight_calib, self.act_calib, self.percentile = weight_calib, act_calib, float(percentile)
+        self.group_size, self.quantize_first_last = group_size, quantize_first_last
+        self.calib_samples, self.fold_bn, self.seed = calib_samples, fold_bn, int(seed)
+        self.edge_bits = (weight_bits, act_bits) if quantize_first_last else (8, 8)
+        # calibration reservoir of the current experience: class -> list of inputs (CPU)
+        self._reservoir: dict[int, list[torch.Tensor]] = {}
+        self._seen: dict[int, int] = {}
+        self._per_class = calib_samples
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._rows_q: list[list[float]] = []
+        self._rows_fp: list[list[float]] = []
+        self._example: torch.Tensor | None = None  # one input, for the QAT cost count
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, strategy) -> None:
+        if self.mode == "qat":
+            self._convert_qat(strategy)
+
+    def on_experience_start(self, strategy, exp) -> None:
+        self._reservoir, self._seen = {}, {}
+        self._per_class = max(1, math.ceil(self.calib_samples / max(1, len(exp.classes))))
+        if exp.is_first:
+            self._rows_q, self._rows_fp = [], []
+        if self.mode == "qat":
+            self._convert_qat(strategy)  # a grown head brings new Linear layers
+
+    def loss(self, batch, out, strategy):
+        """Keeps calibration inputs (no gradient, own random generator); adds no loss term."""
+        x = batch.x_raw if getattr(batch, "x_raw", None) is not None else batch.x
+        x = x.detach()
+        if self._example is None:
+            self._example = x[:1].cpu().clone()
+        if self.mode != "ptq":
+            return None
+        labels = batch.y.detach().cpu().tolist() if batch.y.dim() == 1 else []
+        for i, label in enumerate(labels):
+            seen = self._seen.get(label, 0)
+            self._seen[label] = seen + 1
+            kept = self._reservoir.setdefault(label, [])
+            if len(kept) < self._per_class:
+                kept.append(x[i].cpu().clone())
+            else:
+                j = int(torch.randint(0, seen + 1, (1,), generator=self._generator))
+                if j < self._per_class:
+                    kept[j] = x[i].cpu().clone()
+        return None
+
+    def after_evaluation(self, strategy, exp, evaluate):
+        if self.mode == "qat":
+            return self._qat_record(strategy, exp)
+        start = time.perf_counter()
+        data, sources = self._calibration_data(strategy, exp)
+        if data is None:
+            return {"experience": exp.index, "mode": "ptq", "skipped": "no calibration inputs: the strategy took no "
+                    "training steps through the add-on's loss hook and has no replay buffer of inputs"}
+        snapshot, info = self._quantized_snapshot(strategy, data)
+        calib_seconds = time.perf_counter() - start
+        row_q = evaluate(lambda x: self._predict(strategy, snapshot, x))
+        row_fp = evaluate(strategy.predict_logits)
+        seen = exp.index + 1
+        avg_q, avg_fp = sum(row_q[:seen]) / seen, sum(row_fp[:seen]) / seen
+        self._rows_q.append(list(row_q))
+        self._rows_fp.append(list(row_fp))
+        complete = len(self._rows_q) == seen
+        return {
+            "experience": exp.index,
+            "mode": "ptq",
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "first_last_bits": list(self.edge_bits),
+            "weight_calib": self.weight_calib,
+            "act_calib": self.act_calib,
+            "accuracy": list(row_q),
+            "accuracy_fp32": list(row_fp),
+            "avg_acc": avg_q,
+            "avg_acc_fp32": avg_fp,
+            "delta_acc": avg_fp - avg_q,
+            "forgetting": _forgetting(self._rows_q) if complete else None,
+            "forgetting_fp32": _forgetting(self._rows_fp) if complete else None,
+            **info,
+            "calib_samples": int(data.shape[0]),
+            "calib_sources": sources,
+            "calib_seconds": calib_seconds,
+        }
+
+    def report(self) -> dict[str, Any]:
+        out = {"mode": self.mode, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
+               "first_last_bits": list(self.edge_bits)}
+        if self.mode == "ptq":
+            out.update(weight_calib=self.weight_calib, act_calib=self.act_calib, percentile=self.percentile,
+                       group_size=self.group_size, calib_samples=self.calib_samples, fold_bn=self.fold_bn)
+        return out
+
+    # ------------------------------------------------------------------ calibration data
+    def _calibration_data(self, strategy, exp) -> tuple[torch.Tensor | None, dict[str, int]]:
+        pool: dict[int, list[torch.Tensor]] = {c: list(v) for c, v in self._reservoir.items()}
+        current = sum(len(v) for v in pool.values())
+        shape = next((v[0].shape for v in pool.values() if v), None)
+        from_buffer = 0
+        buffer = getattr(strategy, "buffer", None)
+        if buffer is not None and hasattr(buffer, "all") and len(buffer) > 0:
+            stored = buffer.all()
+            xs, ys = stored.get("x"), stored.get("y")
+            if xs is not None and ys is not None and ys.dim() == 1 and xs.is_floating_point() \
+                    and (shape is None or tuple(xs.shape[1:]) == tuple(shape)):
+                for x, y in zip(xs, ys.tolist()):
+                    pool.setdefault(int(y), []).append(x)
+                    from_buffer += 1
+        if not any(pool.values()):
+            return None, {}
+        # class-balanced: round-robin over classes until calib_samples are drawn
+        chosen: list[torch.Tensor] = []
+        order = {c: torch.randperm(len(v), generator=torch.Generator().manual_seed(self.seed + 7919 * c)).tolist()
+                 for c, v in pool.items()}
+        depth = 0
+        while len(chosen) < self.calib_samples and any(depth < len(v) for v in pool.values()):
+            for c in sorted(pool):
+                if depth < len(pool[c]) and len(chosen) < self.calib_samples:
+                    chosen.append(pool[c][order[c][depth]])
+            depth += 1
+        data = torch.stack([x.float() for x in chosen])
+        return data, {"current": current, "buffer": from_buffer, "classes": len([c for c in pool if pool[c]])}
+
+    # ------------------------------------------------------------------ the quantized snapshot
+    def _predict(self, strategy, snapshot: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        if next(snapshot.parameters()).device != x.device:
+            snapshot.to(x.device)
+        with _swapped(strategy, snapshot):
+            return strategy.predict_logits(x)
+
+    def _quantized_snapshot(self, strategy, data: torch.Tensor) -> tuple[nn.ModuleDict, dict[str, Any]]:
+        from clbench.base import eval_mode
+
+        device = next(strategy.parameters()).device
+        snapshot = copy.deepcopy(nn.ModuleDict({"backbone": strategy.backbone, "head": strategy.head}))
+        snapshot.eval()
+        for p in snapshot.parameters():
+            p.requires_grad_(False)
+        data = data.to(device)
+        fp32_params = sum(p.numel() for p in snapshot.parameters())
+        with eval_mode(strategy), torch.no_grad():
+            run_one = lambda: self._predict(strategy, snapshot, data[:1])  # noqa: E731
+            folded = fold_batchnorm(snapshot, run_one) if self.fold_bn else 0
+            # wrap every Conv2d / Linear, then one FP32 pass in order finds which run, and their inputs
+            parents = _parents(snapshot)
+            head_ids = {id(m) for m in snapshot["head"].modules()}
+            wrappers: dict[int, _PTQLayer] = {}
+            for name, m in list(snapshot.named_modules()):
+                if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in wrappers and m.weight.numel() > 0:
+                    w = _PTQLayer(m, name)
+                    w.generator = torch.Generator().manual_seed(self.seed + len(wrappers))
+                    w.in_head = id(m) in head_ids
+                    wrappers[id(m)] = w
+                    for parent, attr in parents.get(id(m), []):
+                        parent._modules[attr] = w
+            layers = list(wrappers.values())
+            order: list[_PTQLayer] = []
+            hooks = [w.register_forward_pre_hook(lambda mod, _i: order.append(mod) if mod not in order else None)
+                     for w in layers]
+            for w in layers:
+                w.state = "shape"
+            total_macs = _macs(run_one)
+            for h in hooks:
+                h.remove()
+            used = [w for w in layers if w in order]
+            first = next((w for w in order if not w.in_head), None)
+            for w in used:
+                w.state = "observe"
+            for chunk in data.split(128):
+                self._predict(strategy, snapshot, chunk)
+            layer_sizes, layer_macs = [], []
+            for w in used:
+                edge = w is first or w.in_head
+                w.w_bits, w.a_bits = self.edge_bits if edge else (self.weight_bits, self.act_bits)
+                sample = torch.cat(w.samples) if w.samples else torch.empty(0)
+                lo, hi = activation_range(w.lo, w.hi, sample, w.a_bits, self.act_calib, self.percentile)
+                w.scale, w.zero_point = affine_params(lo, hi, w.a_bits)
+                w.samples = []
+                group = self.group_size if isinstance(w.layer, nn.Linear) else 0
+                w_hat, w.n_scales = fake_quant_weight(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
+                w.layer.weight.copy_(w_hat)
+                zp_bytes = math.ceil(w.a_bits / 8)
+                layer_sizes.append((w.layer.weight.numel(), w.w_bits, w.n_scales + 1, 1, zp_bytes))
+                shape = w.input_shape
+                macs = _macs(lambda: w.layer(torch.zeros(shape, device=device))) if shape else 0
+                layer_macs.append((macs, w.w_bits, w.a_bits))
+                w.state = "quant"
+            quantized_weights = {id(w.layer.weight) for w in used}
+            unquantized = sum(p.numel() for p in snapshot.parameters() if id(p) not in quantized_weights)
+        info = {
+            "quantized_layers": len(used),
+            "bn_folded": folded,
+            "size_bytes": model_size_bytes(layer_sizes, unquantized),
+            "size_bytes_fp32": 4 * fp32_params,
+            "macs": total_macs,
+            "bops": bops(layer_macs, total_macs),
+            "bops_fp32": total_macs * 32 * 32,
+        }
+        return snapshot, info
+
+    # ------------------------------------------------------------------ QAT
+    def _convert_qat(self, strategy) -> None:
+        modules = list(strategy.backbone.modules()) + list(strategy.head.modules())
+        first = next((m for m in strategy.backbone.modules() if type(m) in _QAT_CLASSES or isinstance(m, _QATMixin)), None)
+        head_ids = {id(m) for m in strategy.head.modules()}
+        for m in modules:
+            cls = _QAT_CLASSES.get(type(m))
+            if cls is None:
+                continue
+            m.__class__ = cls
+            bits = self.edge_bits if (m is first or id(m) in head_ids) else (self.weight_bits, self.act_bits)
+            m._q_init(*bits)
+
+    def _qat_record(self, strategy, exp) -> dict[str, Any]:
+        layers = [m for m in set(strategy.backbone.modules()) | set(strategy.head.modules()) if isinstance(m, _QATMixin)]
+        layer_sizes = [(m.weight.numel(), m.q_w_bits, m.weight.shape[0], 1, math.ceil(m.q_a_bits / 8))
+                       for m in layers if m.weight.numel()]
+        quantized = {id(m.weight) for m in layers}
+        params = list(strategy.backbone.parameters()) + list(strategy.head.parameters())
+        unquantized = sum(p.numel() for p in params if id(p) not in quantized)
+        record: dict[str, Any] = {"experience": exp.index, "mode": "qat", "weight_bits": self.weight_bits,
+                                  "act_bits": self.act_bits, "first_last_bits": list(self.edge_bits),
+                                  "quantized_layers": len(layer_sizes),
+                                  "size_bytes": model_size_bytes(layer_sizes, unquantized),
+                                  "size_bytes_fp32": 4 * sum(p.numel() for p in params)}
+        return record
+
+
+def _forgetting(rows: list[list[float]]) -> float | None:
+    from clbench.metrics import forgetting_max
+
+    value = forgetting_max(rows) if len(rows) >= 2 else math.nan
+    return None if math.isnan(value) else value
+
+
+@contextmanager
+def _swapped(strategy, snapshot: nn.ModuleDict) -> Iterator[None]:
+    """The strategy's backbone and head replaced by the snapshot's for one call (module table
+    entries only: no parameter of the strategy is touched)."""
+    modules = strategy._modules
+    saved = modules["backbone"], modules["head"]
+    modules["backbone"], modules["head"] = snapshot["backbone"], snapshot["head"]
+    try:
+        yield
+    finally:
+        modules["backbone"], modules["head"] = saved

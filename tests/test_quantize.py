@@ -1,0 +1,280 @@
+"""The `quantize` add-on: quantizer arithmetic, calibrators, BN folding, the PTQ snapshot and its records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clbench.auxiliary.quantize import (
+    Quantize,
+    activation_range,
+    affine_params,
+    bops,
+    fake_quant_weight,
+    fold_batchnorm,
+    fold_conv_bn,
+    model_size_bytes,
+    quantize_affine,
+    quantize_symmetric,
+    weight_max_abs,
+)
+from clbench.errors import UsageError
+
+
+# --------------------------------------------------------------------------- quantizers
+def test_affine_grid_hand_values():
+    x = torch.tensor([-1.0, 0.0, 0.4, 1.6, 2.0, 5.0])
+    x_hat, q, s, z = quantize_affine(x, 2, -1.0, 2.0)  # s = 3 / 3 = 1, z = round(1 / 1) = 1
+    assert s == pytest.approx(1.0) and z == 1
+    assert q.tolist() == [0, 1, 1, 3, 3, 3]  # 5 clamps to the top level
+    assert x_hat.tolist() == pytest.approx([-1.0, 0.0, 0.0, 2.0, 2.0, 2.0])
+    s8, z8 = affine_params(-1.0, 2.0, 8)
+    assert s8 == pytest.approx(3 / 255) and z8 == 85  # round(1 / (3/255)) = 85
+    # a non-negative range is the unsigned grid: zero point 0, 0 exactly representable
+    s_u, z_u = affine_params(0.0, 3.0, 2)
+    assert (s_u, z_u) == (pytest.approx(1.0), 0)
+    # a range that excludes 0 is widened to contain it
+    assert affine_params(1.0, 3.0, 2) == affine_params(0.0, 3.0, 2)
+
+
+def test_symmetric_restricted_grid_per_channel():
+    w = torch.tensor([[-3.0, 1.4, 0.6], [0.5, -0.2, 0.1]])
+    max_abs = w.abs().amax(dim=1, keepdim=True)
+    x_hat, q, s = quantize_symmetric(w, 3, max_abs)  # 3 bits: levels -3..3
+    assert s.flatten().tolist() == pytest.approx([1.0, 0.5 / 3])
+    assert q.tolist() == [[-3, 1, 1], [3, -1, 1]]
+    assert x_hat[1].tolist() == pytest.approx([0.5, -0.5 / 3, 0.5 / 3])
+    # restricted range: never the level -4 of the full signed 3-bit grid, even for -10
+    _, q_out, _ = quantize_symmetric(torch.tensor([-10.0, 10.0]), 3, torch.tensor(3.0))
+    assert q_out.tolist() == [-3, 3]
+    # per-channel: each output channel has its own scale
+    conv_w = torch.randn(4, 2, 3, 3) * torch.tensor([1.0, 10.0, 0.1, 3.0]).reshape(4, 1, 1, 1)
+    w_hat, n_scales = fake_quant_weight(conv_w, 8)
+    assert n_scales == 4
+    steps = conv_w.abs().amax(dim=(1, 2, 3)) / 127
+    assert ((w_hat - conv_w).abs().amax(dim=(1, 2, 3)) <= steps / 2 + 1e-6).all()
+    # per-group for Linear weights: one scale per group of inputs (10 inputs, groups of 4: 3 groups)
+    lin_w = torch.randn(5, 10)
+    g_hat, g_scales = fake_quant_weight(lin_w, 4, "minmax", group_size=4)
+    assert g_scales == 15 and g_hat.shape == lin_w.shape
+
+
+# --------------------------------------------------------------------------- calibrators
+def test_calibrators_clip_an_outlier():
+    torch.manual_seed(0)
+    w = torch.randn(1, 1000)
+    w[0, 0] = 40.0  # one outlier
+    top = weight_max_abs(w, 4, "minmax")
+    assert float(top) == 40.0
+    assert float(weight_max_abs(w, 4, "percentile", 99.0)) < 40.0
+    m = weight_max_abs(w, 4, "mse")
+    assert float(m) / 40.0 < 1.0  # the mse search clips
+    err = lambda max_abs: float(((quantize_symmetric(w, 4, max_abs)[0] - w) ** 2).sum())  # noqa: E731
+    assert err(m) < err(top)
+    w_mse, _ = fake_quant_weight(w, 4, "mse")
+    w_minmax, _ = fake_quant_weight(w, 4, "minmax")
+    assert ((w_mse - w) ** 2).sum() < ((w_minmax - w) ** 2).sum()
+
+    # activations: per tensor, asymmetric; non-negative ones keep lo = 0
+    a = torch.randn(20000)
+    a[0] = 60.0
+    lo, hi = float(a.min()), float(a.max())
+    assert activation_range(lo, hi, a, 4, "minmax") == (lo, hi)
+    p_lo, p_hi = activation_range(lo, hi, a, 4, "percentile", 99.99)
+    assert lo < p_lo < 0 < p_hi < hi
+    m_lo, m_hi = activation_range(lo, hi, a, 4, "mse")
+    assert m_hi < hi
+    err_a = lambda r: float(((quantize_affine(a, 4, *r)[0] - a) ** 2).sum())  # noqa: E731
+    assert err_a((m_lo, m_hi)) < err_a((lo, hi))
+    relu = a.clamp(min=0)
+    assert activation_range(0.0, float(relu.max()), relu, 8, "percentile")[0] == 0.0
+
+
+# --------------------------------------------------------------------------- BN folding
+def test_bn_folding_is_exact_in_eval_mode():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Conv2d(5, 2, 1), nn.BatchNorm2d(2)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    single = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)).eval()
+    ref = single(x)
+    fold_conv_bn(single[0], single[1])
+    assert torch.allclose(single[0](x), ref, atol=1e-5)
+    assert fold_batchnorm(model, lambda: model(x)) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the PTQ snapshot
+def _trained_start(strategy, scenario, batch_of, aux):
+    info = scenario.info(0)
+    strategy.on_experience_start(info)
+    aux.on_experience_start(strategy, info)
+    batch = batch_of(scenario.train_sets[0], 64)
+    aux.loss(batch, strategy(batch.x), strategy)
+    return info, batch
+
+
+def _snapshot_error(strategy, scenario, batch_of, **params) -> float:
+    aux = Quantize(**params)
+    _, batch = _trained_start(strategy, scenario, batch_of, aux)
+    data, _ = aux._calibration_data(strategy, scenario.info(0))
+    snapshot, _ = aux._quantized_snapshot(strategy, data)
+    fp32 = strategy.predict_logits(batch.x)
+    quantized = aux._predict(strategy, snapshot, batch.x)
+    return float((quantized - fp32).abs().max() / fp32.abs().max())
+
+
+def test_eight_bits_track_fp32_and_two_bits_do_not(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("naive")
+    strategy.eval()
+    err8 = _snapshot_error(strategy, synthetic_scenario, batch_of, weight_bits=8, act_bits=8, quantize_first_last=True)
+    err2 = _snapshot_error(strategy, synthetic_scenario, batch_of, weight_bits=2, act_bits=2, quantize_first_last=True)
+    assert err8 < 0.03
+    assert err2 > 5 * err8
+
+
+def test_ptq_hook_leaves_the_fp32_model_bit_identical(build_strategy, synthetic_scenario, batch_of):
+    # a BatchNorm conv net with a replay buffer: folding, calibration and buffer reads must not write back
+    from clbench.backbones import ConvNet
+    from clbench.base import eval_mode
+
+    torch.manual_seed(0)
+    convnet = ConvNet(in_chans=1, width=8)  # clbench_convnet, narrower
+    strategy = build_strategy("er", synthetic_scenario, convnet, buffer_size=16)
+    aux = Quantize(preset="W4A8")
+    info, batch = _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    strategy.buffer.add(x=batch.x[:16], y=batch.y[:16])
+    strategy.train()
+    before = {k: v.clone() for k, v in strategy.state_dict().items()}
+    modes = [m.training for m in strategy.modules()]
+    rng = torch.get_rng_state()
+    buffer_rng = strategy.buffer.generator.get_state()
+
+    def evaluate(predict):  # as the runner's: the strategy in eval mode, modes restored
+        with eval_mode(strategy):
+            logits = predict(batch.x)[:, :2]
+        return [float((logits.argmax(1) == batch.y).float().mean()), 0.0]
+
+    record = aux.after_evaluation(strategy, info, evaluate)
+    after = strategy.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in strategy.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(strategy.buffer.generator.get_state(), buffer_rng)
+    assert record["bn_folded"] == 3 and record["weight_bits"] == 4 and record["weight_calib"] == "mse"
+    assert record["calib_sources"]["buffer"] == 16 and record["calib_samples"] == 64 + 16
+    assert record["size_bytes"] < record["size_bytes_fp32"] and record["bops"] < record["bops_fp32"]
+
+
+def test_size_and_bops_formulas_on_a_hand_model(strategy_factory, synthetic_scenario, batch_of):
+    # (n_w, b_w, scales, zero points, zero-point bytes): ceil(n_w b_w / 8) + 4 scales + zp bytes
+    assert model_size_bytes([(40, 4, 5, 1, 1)], unquantized_params=7) == 20 + 20 + 1 + 28
+    assert model_size_bytes([(3, 3, 1, 0, 1)], 0) == math.ceil(9 / 8) + 4
+    assert bops([(100, 4, 8)], total_macs=110) == 100 * 32 + 10 * 1024
+    # the tiny MLP: Linear 64->32 (first layer) + head Linear 32->2, both kept at 8 bits;
+    # per layer: weights at 1 byte, one scale per output channel + the input's scale and zero point
+    strategy = strategy_factory("naive")
+    aux = Quantize(preset="W4A4")
+    _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    data, _ = aux._calibration_data(strategy, synthetic_scenario.info(0))
+    _, info = aux._quantized_snapshot(strategy, data)
+    body = 64 * 32 + 4 * (32 + 1) + 1
+    head = 32 * 2 + 4 * (2 + 1) + 1
+    assert info["size_bytes"] == body + head + 4 * (32 + 2)  # biases stay FP32
+    assert info["size_bytes_fp32"] == 4 * (64 * 32 + 32 + 32 * 2 + 2)
+    assert info["macs"] == 64 * 32 + 32 * 2
+    assert info["bops"] == info["macs"] * 8 * 8
+
+
+def test_loss_hook_adds_nothing_and_draws_no_global_random_numbers(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("naive")
+    aux = Quantize(calib_samples=4)
+    info = synthetic_scenario.info(0)
+    strategy.on_experience_start(info)
+    aux.on_experience_start(strategy, info)
+    batch = batch_of(synthetic_scenario.train_sets[0], 16)  # a loader draws a seed: before the check
+    out = strategy(batch.x)
+    rng = torch.get_rng_state()
+    for _ in range(3):
+        assert aux.loss(batch, out, strategy) is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(len(v) <= 2 for v in aux._reservoir.values())  # 4 samples over 2 classes
+
+
+# --------------------------------------------------------------------------- through the runner and the CLI
+def test_run_stores_one_record_per_experience(tmp_path, fast_config_for):
+    from clbench.runner import RunSpec, run
+
+    result = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path),
+                         aux=[("quantize", {"preset": "W8A8"})]))
+    records = result.aux_results["quantize"]
+    assert result.status == "completed" and len(records) == 2
+    for i, (record, row) in enumerate(zip(records, result.accuracy_matrix)):
+        assert record["experience"] == i and len(record["accuracy"]) == 2
+        assert record["accuracy_fp32"] == row
+        assert record["delta_acc"] == pytest.approx(record["avg_acc_fp32"] - record["avg_acc"])
+    assert records[0]["accuracy"][1] == 0.0  # the second experience is unseen after the first
+    assert records[0]["forgetting"] is None
+    assert records[1]["forgetting"] == pytest.approx(max(0.0, records[0]["accuracy"][0] - records[1]["accuracy"][0]))
+    assert result.aux[0]["name"] == "quantize"
+
+
+@pytest.mark.parametrize("spec, bad", [("quantize:weight_bits=0", "weight_bits=0"), ("quantize:preset=W3A9", "W3A9"),
+                                       ("quantize:act_calib=median", "median")])
+def test_cli_rejects_a_bad_value_in_one_line(tmp_path, capsys, spec, bad):
+    from clbench.cli import main
+
+    out = tmp_path / "out"
+    code = main(["run", "--strategy", "naive", "--scenario", "synthetic-2", "--accelerator", "cpu", "--quiet",
+                 "--aux", spec, "--output-dir", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and bad in err[0], err
+    assert not out.exists() or not list(out.rglob("*.json"))
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError, match="contradicts"):
+        Quantize(preset="W4A8", weight_bits=8)
+    assert Quantize(bits=4).report()["weight_bits"] == 4 and Quantize(bits=4).weight_calib == "mse"
+    assert Quantize().report() == {"mode": "ptq", "weight_bits": 8, "act_bits": 8, "first_last_bits": [8, 8],
+                                   "weight_calib": "minmax", "act_calib": "percentile", "percentile": 99.99,
+                                   "group_size": 0, "calib_samples": 512, "fold_bn": True}
+
+
+# --------------------------------------------------------------------------- QAT
+def test_qat_wraps_once_and_trains_through_fake_quant(strategy_factory, synthetic_scenario, batch_of):
+    from clbench.auxiliary.quantize import QATLinear
+
+    strategy = strategy_factory("naive")
+    aux = Quantize(mode="qat", preset="W4A4", quantize_first_last=True)
+    names = [(n, tuple(p.shape)) for n, p in strategy.named_parameters()]
+    aux.setup(strategy)
+    aux.setup(strategy)
+    assert [(n, tuple(p.shape)) for n, p in strategy.named_parameters()] == names
+    info = synthetic_scenario.info(0)
+    strategy.on_experience_start(info)
+    aux.on_experience_start(strategy, info)  # the grown head's new Linear is converted too
+    assert isinstance(strategy.head.fc, QATLinear) and strategy.head.fc.q_w_bits == 4
+    batch = batch_of(synthetic_scenario.train_sets[0], 16)
+    strategy.train()
+    loss = nn.functional.cross_entropy(strategy(batch.x).logits, batch.y)
+    loss.backward()
+    assert torch.isfinite(loss) and strategy.head.fc.weight.grad is not None
+    strategy.eval()
+    with torch.no_grad():
+        quantized = strategy(batch.x).logits
+        plain = nn.functional.linear(strategy.backbone(batch.x), strategy.head.fc.weight, strategy.head.fc.bias)
+    assert not torch.allclose(quantized, plain)  # evaluation sees the 4-bit model
+    record = aux.after_evaluation(strategy, info, lambda predict: [0.0, 0.0])
+    assert record["mode"] == "qat" and record["quantized_layers"] == 2
+    assert aux.report() == {"mode": "qat", "weight_bits": 4, "act_bits": 4, "first_last_bits": [4, 4]}
