@@ -275,6 +275,10 @@ def test_qat_wraps_once_and_trains_through_fake_quant(strategy_factory, syntheti
         quantized = strategy(batch.x).logits
         plain = nn.functional.linear(strategy.backbone(batch.x), strategy.head.fc.weight, strategy.head.fc.bias)
     assert not torch.allclose(quantized, plain)  # evaluation sees the 4-bit model
+    aux.loss(batch, strategy(batch.x), strategy)  # keeps one input for the BOPs count
+    before = {k: v.clone() for k, v in strategy.state_dict().items()}
     record = aux.after_evaluation(strategy, info, lambda predict: [0.0, 0.0])
+    assert all(torch.equal(v, strategy.state_dict()[k]) for k, v in before.items())
     assert record["mode"] == "qat" and record["quantized_layers"] == 2
+    assert record["macs"] == 64 * 32 + 32 * 2 and record["bops"] == record["macs"] * 4 * 4
     assert aux.report() == {"mode": "qat", "weight_bits": 4, "act_bits": 4, "first_last_bits": [4, 4]}

@@ -45,7 +45,7 @@ Modes:
   straight-through estimator; inputs with a running (EMA) min/max observer updated in
   training and frozen in evaluation. Layers a growing head creates are converted at the
   next experience start. The run's accuracy matrix is then the fake-quant model's own
-  accuracy; `after_evaluation` records size and BOPs only. Calibrators, BN folding and
+  accuracy; `after_evaluation` records size and BOPs (from one stored training input) only. Calibrators, BN folding and
   per-group weights apply to `ptq` only.
 
 Each `ptq` record in `aux_results["quantize"]` holds the quantized accuracy row (one
@@ -638,6 +638,26 @@ class Quantize(Aux):
                                   "quantized_layers": len(layer_sizes),
                                   "size_bytes": model_size_bytes(layer_sizes, unquantized),
                                   "size_bytes_fp32": 4 * sum(p.numel() for p in params)}
+        if self._example is not None:  # BOPs from one training input's forward
+            from clbench.base import eval_mode
+
+            device = next(strategy.parameters()).device
+            x = self._example.to(device)
+            shapes: dict[int, tuple[int, ...]] = {}
+
+            def record_shape(module, inputs) -> None:  # a pre-hook that returns something replaces the input
+                shapes.setdefault(id(module), tuple(inputs[0].shape))
+
+            hooks = [m.register_forward_pre_hook(record_shape) for m in layers]
+            try:
+                with eval_mode(strategy), torch.no_grad():  # eval: the observers do not move
+                    total = _macs(lambda: strategy.predict_logits(x))
+                    layer_macs = [(_macs(lambda: m(torch.zeros(shapes[id(m)], device=device))), m.q_w_bits, m.q_a_bits)
+                                  for m in layers if id(m) in shapes]
+            finally:
+                for h in hooks:
+                    h.remove()
+            record.update(macs=total, bops=bops(layer_macs, total), bops_fp32=total * 32 * 32)
         return record
 
 
