@@ -362,6 +362,9 @@ def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None
         finish_record(result.forecasting)
     result.edge["totals"] = profiler.totals()
     result.strategy_report = strategy.report()
+    add_ons = {a.name: a.report() for a in getattr(strategy, "aux", ())}
+    if any(add_ons.values()):
+        result.strategy_report["add_ons"] = {name: r for name, r in add_ons.items() if r}
     # an unexpected exception leaves status "running": no result file for a run that neither
     # finished nor failed in a known way (Ctrl-C keeps its resume state instead)
     if result.status in ("completed", "failed"):

@@ -227,6 +227,8 @@ def test_run_stores_one_record_per_experience(tmp_path, fast_config_for):
     assert records[0]["forgetting"] is None
     assert records[1]["forgetting"] == pytest.approx(max(0.0, records[0]["accuracy"][0] - records[1]["accuracy"][0]))
     assert result.aux[0]["name"] == "quantize"
+    report = result.strategy_report["add_ons"]["quantize"]  # the add-on's report() reaches the run JSON
+    assert report["mode"] == "ptq" and report["weight_bits"] == report["act_bits"] == 8
 
 
 @pytest.mark.parametrize("spec, bad", [("quantize:weight_bits=0", "weight_bits=0"), ("quantize:preset=W3A9", "W3A9"),
