@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.buffers import ReservoirBuffer
+from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.strategies.stella_mlp import Config as StellaConfig
 from clbench.strategies.stella_mlp import StellaMLP
@@ -25,6 +26,11 @@ from clbench.types import Batch
 class Config(StellaConfig):
     buffer_size: int = 200
     replay_batch_size: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.replay_batch_size < 1:
+            raise UsageError(f"replay_batch_size={self.replay_batch_size} is invalid; expected a positive integer")
 
 
 @register_strategy("stella_er")

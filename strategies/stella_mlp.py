@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clbench.errors import UsageError
 from clbench.forecasting import ForecastConfig, ForecastStrategy
 from clbench.registry import register_strategy
 from clbench.scenarios.forecast import SEASON, SERIES, VALUE
@@ -27,6 +28,12 @@ from clbench.scenarios.forecast import SEASON, SERIES, VALUE
 class Config(ForecastConfig):
     d_model: int = 32
     hidden: int = 96  # the MLP's inner width (d=32, hidden=96: about 10k parameters on co2-4)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("d_model", "hidden"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
 
 
 @register_strategy("stella_mlp")

@@ -153,6 +153,18 @@ def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_pat
     (row,) = board.rows
     assert row.cells["final_mse"].mean == pytest.approx(f["metrics"]["mse"]["final_avg_error"])
     assert row.cells["final_avg_acc"].mean is None and "Final MSE" in leaderboard.to_markdown(board)
+    from clbench import plots
+
+    written = plots.save_all([load(path)], tmp_path / "plots", board)
+    assert written and all("_pareto_" in p.name for p in written)  # no accuracy curves or heatmaps
+
+
+@pytest.mark.parametrize("strategy, key, value", [("stella_mlp", "d_model", 0), ("stella_er", "replay_batch_size", 0)])
+def test_bad_forecaster_settings_are_named(strategy, key, value):
+    from clbench.runner import strategy_config
+
+    with pytest.raises(UsageError, match=f"{key}={value} is invalid"):
+        strategy_config(strategy, {key: value})
 
 
 def test_resumed_forecasting_run_ends_like_an_uninterrupted_one(tmp_path):
