@@ -21,7 +21,7 @@ from torch import nn
 from clbench.errors import UsageError
 from clbench.forecasting import ForecastConfig, ForecastStrategy
 from clbench.registry import register_strategy
-from clbench.scenarios.forecast import SEASON, SERIES, VALUE
+from clbench.scenarios.forecast import CHANNELS, SEASON, SERIES, VALUE
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class StellaMLP(ForecastStrategy):
 
     Config = Config
     model_name = "stella_like_mlp"
+    input_channels = len(CHANNELS)  # it reads the values, the series index and the seasonal position
 
     def build_model(self) -> nn.Module:
         c = self.cfg
