@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean leaderboard detection-table
+.PHONY: demo test test-fast venv clean leaderboard detection-table forecast-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ detection-table: $(STAMP)
 	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/detection \
 		--grid shapes-2+2-absent=ior,gfl_finetune --grid shapes-2+2=p2iod,detr_finetune > results/readme-detection.md
 	$(BIN)/python scripts/splice_readme.py README.md detection results/readme-detection.md
+
+# The README's continual-forecasting table: the STELLA-like MLP with and without replay, seeds 0-2.
+forecast-table: $(STAMP)
+	mkdir -p results
+	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/forecast \
+		--grid co2-4=stella_mlp,stella_er --grid ts-domains-4=stella_mlp,stella_er > results/readme-forecast.md
+	$(BIN)/python scripts/splice_readme.py README.md forecasting results/readme-forecast.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

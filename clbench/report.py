@@ -35,8 +35,12 @@ def print_result(r: RunResult, file=None) -> None:
 
     out = file or sys.stdout
     print(f"\n{r.strategy} on {r.scenario} (backbone {r.backbone}, seed {r.seed}): {r.status}", file=out)
-    print("accuracy matrix (%), rows: after training experience i; columns: test experience j", file=out)
-    print(format_matrix(r.accuracy_matrix), file=out)
+    if r.forecasting:
+        _print_forecasting(r.forecasting, out)
+    else:
+        what = "per-task mean AP" if r.detection else "accuracy"
+        print(f"{what} matrix (%), rows: after training experience i; columns: test experience j", file=out)
+        print(format_matrix(r.accuracy_matrix), file=out)
     if r.metrics:
         print("metrics (%):", file=out)
         print(format_metrics(r.metrics), file=out)
@@ -57,3 +61,21 @@ def print_result(r: RunResult, file=None) -> None:
     from clbench.results import result_path
 
     print(f"result: {result_path(r.run_config.get('output_dir', 'results'), r)}", file=out)
+
+
+def _print_forecasting(record: dict, out) -> None:
+    """The MSE matrix (scaled values, lower is better) and the error metrics."""
+    R = record.get("mse_matrix") or []
+    print("MSE matrix (scaled values, lower is better), rows: after training experience i; columns: test experience j",
+          file=out)
+    if not R:
+        print("(no experience finished)", file=out)
+        return
+    print("after \\ on " + " ".join(f"{'e' + str(j + 1):>7s}" for j in range(len(R[0]))), file=out)
+    for i, row in enumerate(R):
+        print(f"{'exp ' + str(i + 1):>10s} " + " ".join(f"{v:7.4f}" for v in row), file=out)
+    metrics = (record.get("metrics") or {}).get("mse") or {}
+    for name in ("final_avg_error", "forgetting", "bwt_err", "plasticity_error"):
+        value = metrics.get(name)
+        shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+        print(f"  {name:22s} {shown} (lower is better)", file=out)

@@ -113,7 +113,7 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
         needs = cls.input_channels
         if task_problem(cls, built) is not None:
             skipped[name] = f"a {cls.task_type} method, the scenario is a {built.task_type} benchmark"
-        elif built.task_type == "detection":  # detectors are built from the method's Config, not a backbone
+        elif built.task_type in ("detection", "forecasting"):  # models built from the method's Config, not a backbone
             kept.append(name)
         elif needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"

@@ -198,3 +198,20 @@ def test_mismatched_task_types_are_refused_with_exit_2(strategy, scenario, expec
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and expected in lines[0] and repr(strategy) in lines[0]
     assert not out.exists() or not list(out.rglob("*.json"))
+
+
+def test_terminal_summary_prints_the_mse_matrix_and_error_metrics():
+    import io
+
+    from clbench.forecasting import summarise_errors
+    from clbench.report import print_result
+    from clbench.results import RunResult
+
+    R = [[0.5, 0.9], [0.6, 0.4]]
+    r = RunResult(strategy="stella_mlp", scenario="co2-4", backbone="m", seed=0, status="completed",
+                  forecasting={"mse_matrix": R, "metrics": {"mse": summarise_errors(R)}})
+    buf = io.StringIO()
+    print_result(r, file=buf)
+    text = buf.getvalue()
+    assert "MSE matrix" in text and "accuracy matrix" not in text
+    assert " 0.6000  0.4000" in text and "final_avg_error        0.5000" in text and "forgetting             0.1000" in text
