@@ -59,6 +59,13 @@ class CLStrategy(pl.LightningModule):
             raise UsageError(problem)
         self.backbone = backbone
         self.head = self.make_head(backbone.num_features)
+        self.init_loop_state(num_classes, aux, seed)
+        for a in self.aux:
+            a.setup(self)
+
+    def init_loop_state(self, num_classes: int, aux: Sequence[nn.Module], seed: int) -> None:
+        """What the experience loop keeps on every strategy, whatever its model (detection and
+        forecasting bases build their own model instead of a backbone and head)."""
         self.num_classes = num_classes
         self.aux = nn.ModuleList(aux)
         self.seed = seed
@@ -68,8 +75,6 @@ class CLStrategy(pl.LightningModule):
         self.global_step_offset = 0  # steps taken in earlier fits, for a run-wide logging step
         self.step_output: Output | None = None
         self.automatic_optimization = False  # see `training_step`
-        for a in self.aux:
-            a.setup(self)
 
     def __getstate__(self):
         # the runner's profiler (threads, open counters) stays with the process that runs it
@@ -116,8 +121,9 @@ class CLStrategy(pl.LightningModule):
     # ----------------------------------------------------------- experience level
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         self.experience = exp
-        if hasattr(self.head, "grow"):
-            self.head.grow(len(exp.seen_classes))
+        head = getattr(self, "head", None)  # detection and forecasting models have none
+        if hasattr(head, "grow"):
+            head.grow(len(exp.seen_classes))
         for a in self.aux:
             a.on_experience_start(self, exp)
 

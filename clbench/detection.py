@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clbench.base import CLStrategy, frozen_snapshot
-from clbench.types import ExperienceInfo, Phase
+from clbench.types import ExperienceInfo
 
 Target = dict[str, torch.Tensor]  # {"boxes": float [n, 4] xyxy, "labels": long [n], "ignore": bool [n]}
 
@@ -271,25 +271,12 @@ class DetectionStrategy(CLStrategy):
     def __init__(self, backbone: nn.Module | None, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         pl.LightningModule.__init__(self)  # CLStrategy's own __init__ builds a classification head
         self.cfg = cfg if cfg is not None else self.Config()
-        self.num_classes = num_classes
-        self.aux = nn.ModuleList(aux)
-        self.seed = seed
-        self.experience: ExperienceInfo | None = None
-        self.phase: Phase = Phase()
-        self.augment = None
-        self.global_step_offset = 0
-        self.step_output = None
-        self.automatic_optimization = False
+        self.init_loop_state(num_classes, aux, seed)
         self.detector = self.build_detector(num_classes)
 
     def build_detector(self, num_classes: int) -> nn.Module:
+        """The method's detector; it grows or masks its own classifier per task."""
         raise NotImplementedError
-
-    def on_experience_start(self, exp: ExperienceInfo) -> None:
-        # no classification head to grow: a method grows or masks its detector's classifier itself
-        self.experience = exp
-        for a in self.aux:
-            a.on_experience_start(self, exp)
 
     def forward(self, x: torch.Tensor):
         return self.detector(x)

@@ -32,7 +32,7 @@ from clbench.base import CLStrategy, frozen_snapshot
 from clbench.config import StrategyConfig
 from clbench.errors import UsageError
 from clbench.metrics import MetricSpec
-from clbench.types import Batch, ExperienceInfo, Phase
+from clbench.types import Batch
 
 
 # --------------------------------------------------------------------------- metrics (pure)
@@ -206,25 +206,12 @@ class ForecastStrategy(CLStrategy):
         if unbound:
             raise UsageError(f"{', '.join(f'{n}={getattr(self.cfg, n)}' for n in unbound)} is invalid; expected a "
                              f"positive window (bind the Config with clbench.forecasting.bind_to_scenario)")
-        self.num_classes = num_classes
-        self.aux = nn.ModuleList(aux)
-        self.seed = seed
-        self.experience: ExperienceInfo | None = None
-        self.phase: Phase = Phase()
-        self.augment = None
-        self.global_step_offset = 0
-        self.step_output = None
-        self.automatic_optimization = False
+        self.init_loop_state(num_classes, aux, seed)
         self.model = self.build_model()
 
     def build_model(self) -> nn.Module:
         """The forecaster: float [N, C, L] -> float [N, H]."""
         raise NotImplementedError
-
-    def on_experience_start(self, exp: ExperienceInfo) -> None:
-        self.experience = exp  # no head to grow: the horizon is fixed
-        for a in self.aux:
-            a.on_experience_start(self, exp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

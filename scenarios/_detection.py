@@ -10,7 +10,7 @@ ground truth to the classes seen so far.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from clbench.detection import VOC_AP50, APConvention, DetectionDataset, task_images

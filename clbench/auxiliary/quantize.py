@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
