@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -70,13 +71,17 @@ def test_an_unexpected_crash_writes_no_result(tmp_path):
 # A child that stalls inside a training step of experience 2 so SIGINT arrives during trainer.fit.
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import faulthandler, signal, sys, time
     from clbench.base import CLStrategy
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
     step = CLStrategy.training_step
     def slow_step(self, batch, batch_idx):
         if self.experience.index == 2:
             print("in-experience-2", flush=True)
-            time.sleep(600)
+            # short sleeps: a signal the kernel hands to another thread (torch's) is only acted on
+            # when the main thread next runs Python code, which one long sleep would put off
+            for _ in range(6000):
+                time.sleep(0.1)
         return step(self, batch, batch_idx)
     CLStrategy.training_step = slow_step
     from clbench.cli import main
@@ -92,7 +97,14 @@ def test_ctrl_c_during_fit_leaves_resumable_state_and_no_result(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "in-experience-2"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack to stderr
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the run ignored Ctrl-C for 120 s; its threads:\n{err[-6000:]}")
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert _results(tmp_path) == []
