@@ -94,7 +94,10 @@ CHILD = textwrap.dedent(
 def test_ctrl_c_during_fit_leaves_resumable_state_and_no_result(tmp_path):
     args = ["run", "--strategy", "er", "--scenario", "synthetic-5", "--epochs", "1", "--quiet", "--seed", "5",
             "--output-dir", str(tmp_path), "--set", "limit_train_batches=2"]
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child inherits its parent's blocked-signal mask; in full-suite runs the child ignored both
+    # SIGINT and SIGUSR1 (a mask left set in pytest's main thread), so it starts with none blocked
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []))
     assert proc.stdout.readline().strip() == "in-experience-2"
     proc.send_signal(signal.SIGINT)
     try:
