@@ -294,6 +294,23 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def evaluating(strategy: nn.Module, device=None) -> Iterator[torch.device]:
+    """Evaluate `strategy` on `device` (default: where it is) in eval mode; afterwards every
+    module gets its own mode back (frozen teachers stay in eval) and the strategy its device."""
+    modes = [(m, m.training) for m in strategy.modules()]
+    original_device = next(strategy.parameters()).device
+    device = device or original_device
+    strategy.to(device)
+    strategy.eval()
+    try:
+        yield device
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        strategy.to(original_device)
+
+
+@contextlib.contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Run `modules` in eval mode (no dropout, BatchNorm statistics untouched), then give each back
     the mode it had: Lightning keeps submodules' modes across fits, so a mode left switched

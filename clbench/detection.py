@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from clbench.base import CLStrategy, frozen_snapshot
+from clbench.base import CLStrategy, evaluating, frozen_snapshot
 from clbench.types import ExperienceInfo
 
 Target = dict[str, torch.Tensor]  # {"boxes": float [n, 4] xyxy, "labels": long [n], "ignore": bool [n]}
@@ -228,21 +228,12 @@ def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Seq
     like a classifier's masked logits), so the continual-learning summary metrics apply as they
     are; the detail holds per-class AP and the old / new / all breakdown.
     """
-    modes = [(m, m.training) for m in strategy.modules()]
-    original_device = next(strategy.parameters()).device
-    device = device or original_device
-    strategy.to(device)
-    strategy.eval()
     predictions, targets = [], []
-    try:
+    with evaluating(strategy, device) as device:
         for batch in loader:
             batch = batch.to(device)
             predictions.extend(strategy.detect(batch.x, info.seen_classes))
             targets.extend(batch.targets)
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        strategy.to(original_device)
     ap = class_ap(predictions, targets, info.seen_classes, convention)
     row = [mean_over(ap, classes) if j <= info.index else 0.0 for j, classes in enumerate(task_classes)]
     row = [0.0 if (j <= info.index and math.isnan(v)) else v for j, v in enumerate(row)]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy, frozen_snapshot
+from clbench.base import CLStrategy, evaluating, frozen_snapshot
 from clbench.config import StrategyConfig
 from clbench.errors import UsageError
 from clbench.metrics import MetricSpec
@@ -109,13 +109,8 @@ def to_original_scale(R, scales: Sequence[float], power: int) -> list[list[float
 @torch.no_grad()
 def evaluate_forecast(strategy, loaders, device=None) -> tuple[list[float], list[float]]:
     """(MSE row, MAE row): per test experience, the mean over its windows and horizon steps."""
-    modes = [(m, m.training) for m in strategy.modules()]
-    original_device = next(strategy.parameters()).device
-    device = device or original_device
-    strategy.to(device)
-    strategy.eval()
     mse, mae = [], []
-    try:
+    with evaluating(strategy, device) as device:
         for loader in loaders:
             sq = ab = 0.0
             count = 0
@@ -127,10 +122,6 @@ def evaluate_forecast(strategy, loaders, device=None) -> tuple[list[float], list
                 count += err.numel()
             mse.append(sq / count if count else math.nan)
             mae.append(ab / count if count else math.nan)
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        strategy.to(original_device)
     return mse, mae
 
 

@@ -414,27 +414,22 @@ def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -
     `predict_logits` (default: the strategy's) scores another version of the model, such as
     an add-on's quantized snapshot.
     """
+    from clbench.base import evaluating
+
     predict_logits = predict_logits or strategy.predict_logits
-    modes = [(m, m.training) for m in strategy.modules()]  # per module: frozen teachers stay in eval
-    original_device = next(strategy.parameters()).device
-    device = device or original_device
-    strategy.to(device)
-    strategy.eval()
     row = []
-    for loader in loaders:
-        correct = total = 0
-        for batch in loader:
-            batch = batch.to(device)
-            if n_seen == 0:
+    with evaluating(strategy, device) as device:
+        for loader in loaders:
+            correct = total = 0
+            for batch in loader:
+                batch = batch.to(device)
+                if n_seen == 0:
+                    total += len(batch)
+                    continue
+                logits = predict_logits(batch.x)[:, :n_seen]
+                correct += int((logits.argmax(dim=1) == batch.y).sum())
                 total += len(batch)
-                continue
-            logits = predict_logits(batch.x)[:, :n_seen]
-            correct += int((logits.argmax(dim=1) == batch.y).sum())
-            total += len(batch)
-        row.append(correct / total if total else float("nan"))
-    for module, mode in modes:
-        module.training = mode
-    strategy.to(original_device)
+            row.append(correct / total if total else float("nan"))
     return row
 
 
