@@ -37,6 +37,7 @@ from clbench.registry import STRATEGIES, register_strategy
 from clbench.strategies import cls_er, der_pp
 from clbench.strategies._replay import Replay
 from clbench.types import Batch, ExperienceInfo, Output
+from clbench.wavelets import haar_dwt
 
 BASES = ("er", "der_pp", "er_ace", "cls_er")
 
@@ -61,32 +62,6 @@ class CLFDOptions:
 
 
 # --------------------------------------------------------------------------- the frequency encoder
-def haar_dwt(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-level orthonormal 2-D Haar transform per channel: (LL, details) with details = [D1 | D2 | D3].
-
-    For every 2x2 block [a b; c d]: LL=(a+b+c+d)/2, D1=(a-b+c-d)/2, D2=(a+b-c-d)/2, D3=(a-b-c+d)/2.
-    """
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        raise UsageError(f"the Haar transform needs even image sides, got {tuple(x.shape[-2:])}")
-    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
-    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    ll = (a + b + c + d) / 2
-    details = torch.cat([(a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2], dim=1)
-    return ll, details
-
-
-def haar_idwt(ll: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of `haar_dwt` (the transform is orthonormal, so it is its own transpose)."""
-    d1, d2, d3 = details.chunk(3, dim=1)
-    n, ch, h, w = ll.shape
-    x = ll.new_empty((n, ch, 2 * h, 2 * w))
-    x[..., 0::2, 0::2] = (ll + d1 + d2 + d3) / 2
-    x[..., 0::2, 1::2] = (ll - d1 + d2 - d3) / 2
-    x[..., 1::2, 0::2] = (ll + d1 - d2 - d3) / 2
-    x[..., 1::2, 1::2] = (ll - d1 - d2 + d3) / 2
-    return x
-
-
 class FrequencyEncoder(nn.Module):
     """Haar DWT + three bias-free 1x1 convs: [low(LL), global(all bands), high(details)] -> 3 x H/2 x W/2."""
 

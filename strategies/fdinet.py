@@ -27,7 +27,7 @@ from clbench.backbones import CifarResNet
 from clbench.registry import register_strategy
 from clbench.strategies import er
 from clbench.strategies._replay import Replay
-from clbench.strategies.clfd import haar_dwt
+from clbench.wavelets import haar_dwt
 
 
 class FrequencyBranches(nn.Module):

@@ -14,11 +14,10 @@ from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.clfd import (
     FrequencyEncoder,
     crop_and_flip,
-    haar_dwt,
-    haar_idwt,
     initial_keep_probs,
     new_class_keep_probs,
 )
+from clbench.wavelets import haar_dwt, haar_dwt_conv, haar_idwt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,9 +44,10 @@ def fill(strategy, scenario, batch_of, n=64):
 
 
 # ---------------------------------------------------------------- check 1: the encoder
-def test_haar_matches_pywavelets_and_inverts():
+@pytest.mark.parametrize("transform", [haar_dwt, haar_dwt_conv], ids=["sliced", "grouped_conv"])
+def test_haar_matches_pywavelets_and_inverts(transform):
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
-    ll, details = haar_dwt(x)
+    ll, details = transform(x)
     a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     assert torch.allclose(ll, (a + b + c + d) / 2)
     ca, (ch, cv, cd) = pywt.dwt2(x.numpy(), "haar", axes=(-2, -1))

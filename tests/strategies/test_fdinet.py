@@ -7,7 +7,7 @@ import torch
 
 from clbench.backbones import CifarResNet
 from clbench.edge.flops import measure_flops
-from clbench.strategies.clfd import haar_dwt, haar_idwt
+from clbench.wavelets import haar_dwt, haar_idwt
 from clbench.strategies.fdinet import FrequencyBranches
 
 
