@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from clbench.config import StrategyConfig
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.heads import IncrementalLinear
-from clbench.types import Batch, ExperienceInfo, Output, Phase
+from clbench.types import Batch, ExperienceInfo, Output, Phase, StepView
 
 
 class CLStrategy(pl.LightningModule):
@@ -49,7 +49,7 @@ class CLStrategy(pl.LightningModule):
     # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
     # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's
     # registration checks (a few percent of a digits-5 step) are skipped for them
-    _PLAIN_ATTRIBUTES: ClassVar[frozenset[str]] = frozenset({"_current_fx_name", "step_output", "cost_meter"})
+    _PLAIN_ATTRIBUTES: ClassVar[frozenset[str]] = frozenset({"_current_fx_name", "step_output", "step_view", "cost_meter"})
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
         super().__init__()
@@ -74,6 +74,7 @@ class CLStrategy(pl.LightningModule):
         self.augment = None  # the scenario's per-sample train augmentation, set by the runner
         self.global_step_offset = 0  # steps taken in earlier fits, for a run-wide logging step
         self.step_output: Output | None = None
+        self.step_view: StepView | None = None
         self.automatic_optimization = False  # see `training_step`
 
     def __getstate__(self):
@@ -153,10 +154,17 @@ class CLStrategy(pl.LightningModule):
         out = self.remember(self(batch.x))
         return {"ce": F.cross_entropy(out.logits, batch.y)}
 
-    def remember(self, out: Output) -> Output:
-        """Keep the current batch's output for the add-ons (saves them a second forward)."""
-        self.step_output = out
-        return out
+    def remember(self, out: Output, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 current: int | None = None) -> Output:
+        """Keep the step's main forward for the add-ons (saves them a second forward). A method
+        that forwards the current batch and replayed samples together passes the whole forward:
+        its inputs `x`, labels `y` and how many leading rows are the `current` batch; add-ons'
+        `loss` gets the current rows, and `step_view` has them all. Returns the current rows."""
+        current_out = out if current is None else out.rows(slice(0, current))
+        self.step_output = current_out
+        if x is not None and y is not None:
+            self.step_view = StepView(x, y, out, len(y) if current is None else current)
+        return current_out
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: zero the gradients, sum the loss terms, backward, step.
@@ -174,13 +182,15 @@ class CLStrategy(pl.LightningModule):
 
     def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The method's named `step_losses` plus the add-ons' terms, checked finite and logged."""
-        self.step_output = None
+        self.step_output = self.step_view = None
         # a phase whose inputs are not images (sampled features) says extras={"augment": False}
         if self.augment is not None and batch.x_raw is None and self.phase.extras.get("augment", True):
             batch = Batch(self.augment(batch.x), batch.y, batch.task, x_raw=batch.x)
         terms = dict(self.step_losses(batch))
         if len(self.aux):
             out = self.step_output if self.step_output is not None else self(batch.x)
+            if self.step_view is None:
+                self.step_view = StepView(batch.x, batch.y, out, len(batch))
             for a in self.aux:
                 term = a.loss(batch, out, self)
                 if term is not None:

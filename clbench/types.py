@@ -50,6 +50,25 @@ class Output:
     logits: torch.Tensor
     features: torch.Tensor | None = None
 
+    def rows(self, index) -> "Output":
+        """The outputs of some samples (`index`: a slice, mask or index tensor)."""
+        return Output(self.logits[index], None if self.features is None else self.features[index])
+
+
+@dataclass
+class StepView:
+    """The step's main forward as add-ons see it: its inputs, labels and outputs, the current
+    batch's `current` samples first, then replayed ones for methods that forward both together."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    out: Output
+    current: int
+
+    @property
+    def replayed(self) -> int:
+        return len(self.y) - self.current
+
 
 @dataclass(frozen=True)
 class Phase:

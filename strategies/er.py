@@ -48,7 +48,7 @@ class ER(CLStrategy):
             x = torch.cat([x, self.replay_view(replay["x"])])
             y = torch.cat([y, replay["y"]])
         out = self(x)
-        self.remember(type(out)(out.logits[: len(batch)], None if out.features is None else out.features[: len(batch)]))
+        self.remember(out, x, y, current=len(batch))
         return {"ce": F.cross_entropy(out.logits, y)}
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
