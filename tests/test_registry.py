@@ -330,14 +330,17 @@ def test_seeded_class_order_is_a_reproducible_permutation(name):
 
 # --------------------------------------------------------------------------- add-ons
 @pytest.mark.parametrize("name", AUX_NAMES)
-def test_aux_contract(name, strategy_factory, synthetic_scenario, batch_of):
+def test_aux_contract(name, strategy_factory, build_strategy, synthetic_scenario, batch_of):
     from clbench.runner import create_aux
 
     try:
         (aux,) = create_aux([(name, {})])
     except Exception as e:  # an add-on must build from its defaults
         pytest.fail(f"add-on {name!r} does not build with default parameters: {e}")
-    strategy = strategy_factory("naive")
+    if aux.contract_backbone is None:
+        strategy = strategy_factory("naive")
+    else:
+        strategy = build_strategy("naive", synthetic_scenario, aux.contract_backbone)
     aux.setup(strategy)
     shapes = [(n, tuple(p.shape)) for n, p in strategy.named_parameters()]
     aux.setup(strategy)  # idempotent: a second call wraps nothing twice

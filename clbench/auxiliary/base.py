@@ -19,6 +19,9 @@ class Aux(nn.Module):
     family: ClassVar[str] = "aux"  # "distill", "quantize", "forecast": what strategies accept
     # families this add-on cannot be combined with in one run
     incompatible_with: ClassVar[set[str]] = set()
+    # backbone the registry contract test builds its strategy with (None: the tiny MLP); an
+    # add-on that reads convolutional feature maps names a small CNN
+    contract_backbone: ClassVar[str | None] = None
 
     def __init__(self, weight: float = 1.0, **hparams: Any):
         super().__init__()

@@ -1,28 +1,198 @@
 """Distillation add-ons from a previous-experience teacher (aux-components.md section 1).
 
-`logit_kd`: L = tau^2 * KL(p_t || p_s), p = softmax(z / tau), batch mean, over the
-classes seen before the current experience (new head units have no teacher).
-`feature_kd`: L = mean squared error between the student's and the teacher's pooled
-features (the embedding that feeds the head).
-Both snapshot the model at the start of every experience after the first, and the
-teacher's forward runs without gradients on the current batch (it is real training
-cost, so the profiler counts it).
+The teacher is a frozen snapshot of the model taken at the start of every experience after the
+first (so it knows the classes seen before this experience; new head units have no teacher).
+Its forwards run without gradients in eval mode; they are real training cost, so the profiler
+counts them. A snapshot has the student's architecture, so student and teacher dimensions
+always match and the spec's projector P is the identity.
+
+Which samples are distilled (`samples`): "current" (the current batch), "replay" (the replayed
+samples of the step's main forward) or "all" (both). Replayed samples are seen for methods that
+forward them with the current batch (`er`; see `CLStrategy.remember`); for the others "all" is
+the current batch and "replay" gives no term.
+
+- `logit_kd`    L = tau^2 * KL(p_t || p_s), p = softmax(z / tau), batch mean, old classes (1.1).
+- `logit_mse`   L = mean (z_s - z_t)^2 over old-class logits, DER/LoRD style (1.1 variant).
+- `feature_kd`  L = mean (norm(f_s) - norm(f_t))^2 (1.2): pooled embeddings L2-normalised (weight
+                2000, CLIP-KD), or a named layer's map, raw (weight 5) or channel-normalised.
+- `relation_kd` G = norm(e) norm(e)^T over the distilled samples; L = (1/B) sum_i
+                KL(softmax(G_t[i]/tau_r) || softmax(G_s[i]/tau_r)), or ||G_s - G_t||_F^2 / B^2 (1.3).
+- `freq_kd`     one-level Haar DWT of a feature map (a grouped convolution, counted by the
+                profiler): L = w_low MSE(LL_s, LL_t) + w_high MSE(details_s, details_t) (1.4,
+                clbench's design: the SDKD paper was not found).
+The multi-teacher add-on is `multi_teacher` (1.5, `clbench/auxiliary/multi_teacher.py`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from clbench.auxiliary.base import Aux
+from clbench.errors import UsageError
 from clbench.registry import register_aux
+from clbench.types import Output
+from clbench.wavelets import haar_dwt_conv
+
+SAMPLES = ("current", "replay", "all")
 
 
-class _PreviousTeacher(Aux):
+def _choice(add_on: str, name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def _positive(add_on: str, name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected a positive number")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- losses (pure)
+def logit_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)), averaged over the batch."""
+    return kd_per_sample(student, teacher, temperature).mean()
+
+
+def kd_per_sample(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """tau^2 * KL(p_t || p_s) of each row: float [B]."""
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=1)
+    return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
+
+def normalised(f: torch.Tensor, how: str) -> torch.Tensor:
+    """"l2": unit vectors along the feature dimension (dim 1); "channel": the same for maps, per
+    position; "none": unchanged."""
+    return f if how == "none" else F.normalize(f, dim=1)
+
+
+def feature_mimicry(student: torch.Tensor, teacher: torch.Tensor, how: str = "l2") -> torch.Tensor:
+    """mean((norm(f_s) - norm(f_t))^2) over every element."""
+    return F.mse_loss(normalised(student, how), normalised(teacher, how))
+
+
+def similarity_matrix(e: torch.Tensor) -> torch.Tensor:
+    """G = norm(e) norm(e)^T: cosine similarities of every pair of rows, [B, B]."""
+    e = F.normalize(e.flatten(1), dim=1)
+    return e @ e.T
+
+
+def relation_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1, relation: str = "kl",
+                exclude_diagonal: bool = False) -> torch.Tensor:
+    """Relation distillation between the batch similarity matrices of student and teacher embeddings."""
+    g_s, g_t = similarity_matrix(student), similarity_matrix(teacher)
+    b = len(g_s)
+    if relation == "mse":
+        return ((g_s - g_t) ** 2).sum() / b**2
+    if exclude_diagonal:  # every row loses its self-similarity (always 1)
+        off = ~torch.eye(b, dtype=torch.bool, device=g_s.device)
+        g_s, g_t = g_s[off].view(b, b - 1), g_t[off].view(b, b - 1)
+    log_p_s = F.log_softmax(g_s / temperature, dim=1)
+    log_p_t = F.log_softmax(g_t / temperature, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+
+
+def frequency_kd(student: torch.Tensor, teacher: torch.Tensor, low_weight: float = 1.0, high_weight: float = 0.5,
+                 levels: int = 1, domain: str = "haar", cutoff: float = 0.25) -> torch.Tensor:
+    """w_low * MSE of the low bands + w_high * MSE of the high bands of two maps [B, C, H, W].
+
+    "haar": LL after `levels` transforms (each applied to the previous LL) is the low band; the
+    high term is the mean over levels of the detail bands' MSE. "fft": magnitudes of the 2-D real
+    FFT, split at radial frequency `cutoff` (cycles per sample; 0.5 is Nyquist)."""
+    if domain == "fft":
+        mag_s, mag_t = torch.fft.rfft2(student).abs(), torch.fft.rfft2(teacher).abs()
+        fy = torch.fft.fftfreq(student.shape[-2], device=student.device)
+        fx = torch.fft.rfftfreq(student.shape[-1], device=student.device)
+        low = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() <= cutoff
+        return (low_weight * F.mse_loss(mag_s[..., low], mag_t[..., low])
+                + high_weight * F.mse_loss(mag_s[..., ~low], mag_t[..., ~low]))
+    high = []
+    for _ in range(levels):
+        (student, d_s), (teacher, d_t) = haar_dwt_conv(student), haar_dwt_conv(teacher)
+        high.append(F.mse_loss(d_s, d_t))
+    return low_weight * F.mse_loss(student, teacher) + high_weight * torch.stack(high).mean()
+
+
+# --------------------------------------------------------------------------- feature maps by hooks
+class LayerTap:
+    """The output of one named backbone module in the step's forward, caught by forward hooks
+    (backbones are never edited). Each backbone call in training mode with gradients on is kept
+    with the backbone's input, so the map of a given forward is found by its input; teacher
+    snapshots copy the hooks, which ignore every module but the student's."""
+
+    KEEP = 4  # calls kept per step (a method may run a few forwards per step)
+
+    def __init__(self, backbone: nn.Module, path: str):
+        try:
+            self.module = backbone.get_submodule(path)
+        except AttributeError:
+            names = [n for n, _ in backbone.named_children()]
+            raise UsageError(f"layer={path!r} is not a module of the backbone; expected a module path such as "
+                             f"{', '.join(repr(n) for n in names) or '(it has no submodules)'}") from None
+        self.backbone, self.path = backbone, path
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._input: torch.Tensor | None = None
+        tap = self
+
+        def enter(module, args):
+            if module is tap.backbone and module.training and torch.is_grad_enabled():
+                tap._input = args[0] if args else None
+
+        def record(module, args, output):
+            if module is tap.module and tap._input is not None:
+                tap.calls = [*tap.calls[-(self.KEEP - 1):], (tap._input, output)]
+                tap._input = None
+
+        self._handles = [backbone.register_forward_pre_hook(enter), self.module.register_forward_hook(record)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.calls = []
+
+    def take(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(backbone input, layer output) of the forward of `x` (the same tensor, else the last one
+        with as many rows), and forget the step's calls."""
+        calls, self.calls = self.calls, []
+        for inp, out in reversed(calls):
+            if inp is x:
+                return inp, out
+        return next(((inp, out) for inp, out in reversed(calls) if len(inp) == len(x)), None)
+
+    def output_of(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output when `backbone` (the student or a snapshot of it) runs on `x`."""
+        module, caught = backbone.get_submodule(self.path), []
+        handle = module.register_forward_hook(lambda m, a, out: caught.append(out))
+        try:
+            backbone(x)
+        finally:
+            handle.remove()
+        return caught[-1]
+
+
+def last_conv_stage(backbone: nn.Module, add_on: str) -> str:
+    """The last top-level submodule holding a Conv2d: the backbone's final feature map."""
+    stages = [name for name, child in backbone.named_children() if any(isinstance(m, nn.Conv2d) for m in child.modules())]
+    if not stages:
+        raise UsageError(f"{add_on} needs a convolutional feature map; backbone {type(backbone).__name__} has no "
+                         f"Conv2d stage (give layer=<module path> of a module with a [N, C, H, W] output)")
+    return stages[-1]
+
+
+# --------------------------------------------------------------------------- the teacher
+class PreviousTeacher(Aux):
+    """Shared mechanics: the previous-experience snapshot, the distilled samples and their outputs."""
+
     family = "distill"
 
-    def __init__(self, weight: float = 1.0, **hparams):
-        super().__init__(weight, **hparams)
+    def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
+        super().__init__(weight, samples=samples, **hparams)
+        self.samples = _choice(self.name, "samples", samples, SAMPLES)
         self.teacher = None
         self.old_classes = 0
 
@@ -31,43 +201,189 @@ class _PreviousTeacher(Aux):
         self.teacher = None if exp.is_first else strategy.frozen_copy()
         self.old_classes = len(exp.past_classes)
 
+    def distilled(self, batch, out: Output, strategy) -> tuple[torch.Tensor, torch.Tensor, Output] | None:
+        """(inputs, labels, student outputs) of the samples `samples` selects, or None if none."""
+        view = getattr(strategy, "step_view", None)
+        if view is None or view.out.logits.shape[0] != len(view.y):
+            x, y, full, current = batch.x, batch.y, out, len(batch)
+        else:
+            x, y, full, current = view.x, view.y, view.out, view.current
+        rows = {"current": slice(0, current), "replay": slice(current, None), "all": slice(None)}[self.samples]
+        x = x[rows]
+        if len(x) == 0:
+            return None
+        return x, y[rows], full.rows(rows)
+
     def teacher_output(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             features = self.teacher["backbone"](x)
             return self.teacher["head"](features), features
 
 
-@register_aux("logit_kd")
-class LogitKD(_PreviousTeacher):
-    """Logit distillation tau^2 * KL(teacher || student) on past classes from the previous-experience model."""
-
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0):
-        super().__init__(weight, temperature=temperature)
-        if temperature <= 0:
-            from clbench.errors import UsageError
-
-            raise UsageError(f"logit_kd temperature={temperature} is invalid; expected a positive number")
-        self.temperature = float(temperature)
-
+class _OldLogits(PreviousTeacher):
     def loss(self, batch, out, strategy):
         if self.teacher is None or self.old_classes == 0:
             return None
-        t_logits, _ = self.teacher_output(batch.x)
-        return logit_kd(out.logits[:, : self.old_classes], t_logits[:, : self.old_classes], self.temperature)
+        rows = self.distilled(batch, out, strategy)
+        if rows is None:
+            return None
+        x, _, student = rows
+        t_logits, _ = self.teacher_output(x)
+        return self.compare(student.logits[:, : self.old_classes], t_logits[:, : self.old_classes])
+
+    compare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@register_aux("logit_kd")
+class LogitKD(_OldLogits):
+    """Logit distillation tau^2 * KL(teacher || student) on past classes from the previous-experience model."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 2.0, samples: str = "current"):
+        super().__init__(weight, samples=samples, temperature=temperature)
+        self.temperature = _positive("logit_kd", "temperature", temperature)
+
+    def compare(self, student, teacher):
+        return logit_kd(student, teacher, self.temperature)
+
+
+@register_aux("logit_mse")
+class LogitMSE(_OldLogits):
+    """Logit matching: mean squared error to the previous-experience model's past-class logits."""
+
+    def compare(self, student, teacher):
+        return F.mse_loss(student, teacher)
 
 
 @register_aux("feature_kd")
-class FeatureKD(_PreviousTeacher):
-    """Feature mimicry: MSE between student and previous-experience teacher embeddings."""
+class FeatureKD(PreviousTeacher):
+    """Feature mimicry: MSE between normalised student and previous-experience teacher features."""
+
+    def __init__(self, weight: float | None = None, layer: str | None = None, normalize: str | None = None,
+                 samples: str = "current"):
+        normalize = normalize or ("l2" if layer is None else "none")
+        allowed = ("l2", "none") if layer is None else ("none", "channel")
+        _choice("feature_kd", "normalize", normalize, allowed)
+        # CLIP-KD's weight for unit embeddings (their MSE per element is tiny), MTKD-RL's for raw maps
+        default = 2000.0 if normalize != "none" and layer is None else 5.0
+        super().__init__(default if weight is None else weight, samples=samples, layer=layer, normalize=normalize)
+        self.layer, self.normalize = layer, normalize
+        self.tap: LayerTap | None = None
+
+    def setup(self, strategy) -> None:
+        if self.layer is not None:
+            if self.tap is not None:
+                self.tap.remove()
+            self.tap = LayerTap(strategy.backbone, self.layer)
+
+    def loss(self, batch, out, strategy):
+        if self.tap is not None:
+            return self._map_loss(batch, out, strategy)
+        if self.teacher is None or out.features is None:
+            return None
+        rows = self.distilled(batch, out, strategy)
+        if rows is None:
+            return None
+        x, _, student = rows
+        _, t_features = self.teacher_output(x)
+        return feature_mimicry(student.features, t_features, self.normalize)
+
+    def _map_loss(self, batch, out, strategy):
+        student, teacher_in = student_map(self.tap, self, batch, out, strategy)
+        if student is None or self.teacher is None:
+            return None
+        with torch.no_grad():
+            teacher = self.tap.output_of(self.teacher["backbone"], teacher_in)
+        return feature_mimicry(student, teacher, self.normalize)
+
+
+def student_map(tap: LayerTap, add_on: PreviousTeacher, batch, out, strategy):
+    """(student map of the distilled samples, the backbone input that produced it), from the step's
+    forward when it ran the backbone on those samples, else from one more student forward."""
+    view = getattr(strategy, "step_view", None)
+    forward_x = view.x if view is not None else batch.x
+    caught = tap.take(forward_x)
+    if add_on.teacher is None:
+        return None, None
+    rows = add_on.distilled(batch, out, strategy)
+    if rows is None:
+        return None, None
+    if caught is None:  # the step's forward did not pass this backbone on these inputs
+        x = rows[0]
+        return tap.output_of(strategy.backbone, x), x
+    inp, layer_out = caught
+    current = view.current if view is not None else len(batch)
+    keep = {"current": slice(0, current), "replay": slice(current, None), "all": slice(None)}[add_on.samples]
+    return layer_out[keep], inp[keep]
+
+
+@register_aux("relation_kd")
+class RelationKD(PreviousTeacher):
+    """Relation distillation: sample-to-sample similarity matrices of student and teacher (CIRKD-like)."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 0.1, relation: str = "kl",
+                 exclude_diagonal: bool = False, min_rows: int = 8, samples: str = "all"):
+        super().__init__(weight, samples=samples, temperature=temperature, relation=relation,
+                         exclude_diagonal=exclude_diagonal, min_rows=min_rows)
+        self.temperature = _positive("relation_kd", "temperature", temperature)
+        self.relation = _choice("relation_kd", "relation", relation, ("kl", "mse"))
+        self.exclude_diagonal = bool(exclude_diagonal)
+        if not isinstance(min_rows, int) or min_rows < 2:
+            raise UsageError(f"relation_kd min_rows={min_rows!r} is invalid; expected an integer >= 2")
+        self.min_rows = min_rows
 
     def loss(self, batch, out, strategy):
         if self.teacher is None or out.features is None:
             return None
-        _, t_features = self.teacher_output(batch.x)
-        return F.mse_loss(out.features, t_features)
+        rows = self.distilled(batch, out, strategy)
+        # a similarity matrix of a handful of samples says little (the spec asks for B >= 8)
+        if rows is None or len(rows[0]) < self.min_rows:
+            return None
+        x, _, student = rows
+        _, t_features = self.teacher_output(x)
+        return relation_kd(student.features, t_features, self.temperature, self.relation, self.exclude_diagonal)
 
 
-def logit_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_p_s = F.log_softmax(student / temperature, dim=1)
-    p_t = F.softmax(teacher / temperature, dim=1)
-    return temperature**2 * F.kl_div(log_p_s, p_t, reduction="batchmean")
+@register_aux("freq_kd")
+class FrequencyKD(PreviousTeacher):
+    """Frequency-aligned feature distillation: Haar low band held tightly, detail bands loosely."""
+
+    contract_backbone = "clbench_convnet"
+
+    def __init__(self, weight: float = 1.0, layer: str | None = None, low_weight: float = 1.0, high_weight: float = 0.5,
+                 levels: int = 1, domain: str = "haar", cutoff: float = 0.25, samples: str = "current"):
+        super().__init__(weight, samples=samples, layer=layer, low_weight=low_weight, high_weight=high_weight,
+                         levels=levels, domain=domain, cutoff=cutoff)
+        self.layer = layer
+        for name, value in (("low_weight", low_weight), ("high_weight", high_weight)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise UsageError(f"freq_kd {name}={value!r} is invalid; expected a number >= 0")
+        self.low_weight, self.high_weight = float(low_weight), float(high_weight)
+        self.levels = int(_choice("freq_kd", "levels", levels, (1, 2)))
+        self.domain = _choice("freq_kd", "domain", domain, ("haar", "fft"))
+        self.cutoff = _positive("freq_kd", "cutoff", cutoff)
+        self.tap: LayerTap | None = None
+
+    def setup(self, strategy) -> None:
+        if self.tap is not None:
+            self.tap.remove()
+        self.tap = LayerTap(strategy.backbone, self.layer or last_conv_stage(strategy.backbone, self.name))
+        self.hparams["layer"] = self.tap.path
+
+    def loss(self, batch, out, strategy):
+        student, teacher_in = student_map(self.tap, self, batch, out, strategy)
+        if student is None:
+            return None
+        if student.dim() != 4:
+            raise UsageError(f"freq_kd layer={self.tap.path!r} gives a {student.dim()}-D output {tuple(student.shape)}; "
+                             f"expected a [N, C, H, W] feature map (give another layer=)")
+        side = 2**self.levels
+        if self.domain == "haar" and (student.shape[-1] % side or student.shape[-2] % side):
+            raise UsageError(f"freq_kd layer={self.tap.path!r} gives {tuple(student.shape[-2:])} maps; a {self.levels}-level "
+                             f"Haar transform needs sides divisible by {side} (give another layer= or levels=1)")
+        with torch.no_grad():
+            teacher = self.tap.output_of(self.teacher["backbone"], teacher_in)
+        return frequency_kd(student, teacher, self.low_weight, self.high_weight, self.levels, self.domain, self.cutoff)
+
+    def report(self):
+        return {"layer": self.tap.path if self.tap is not None else self.layer}
+

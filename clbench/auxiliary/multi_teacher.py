@@ -1,0 +1,128 @@
+"""Multi-teacher distillation (aux-components.md section 1.5).
+
+L_mt = mean over samples of sum_k w_k(x) * [tau^2 KL(p_{t_k} || p_s) + gamma * L_feat(f_s, f_{t_k})],
+sum_k w_k(x) = 1.
+
+1. Teachers: at the start of every experience after the first, a frozen snapshot of the model
+   (the model as it was after the previous experience) joins the list; the `teachers` most
+   recent are kept. Teacher k distils only the classes it had seen (its old classes).
+2. Per-sample weights, cheapest first:
+   - `equal`: 1/K;
+   - `confidence`: w_k proportional to exp(-CE(z_{t_k}, y) / T_w) over the teachers that know the
+     sample's class (a teacher cannot be right about a class it never saw);
+   - `task_owner`: weight 1 for the snapshot taken right after the sample's experience was learned
+     (a replayed sample's experience comes from its class); when that snapshot was dropped, the
+     oldest kept one (the nearest in time). Samples of the current experience have no owner and
+     are not distilled.
+   The spec's `rl` policy (MTKD-RL's learned weighting agent) is not built.
+3. L_feat is the per-sample mean squared error between the pooled embeddings (gamma = 5, MTKD-RL's
+   feature weight; 0 turns it off); tau = 4 (MTKD-RL's default).
+The distilled samples are chosen as for the other distillation add-ons (`samples`, default "all":
+current and replayed samples).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clbench.auxiliary.distill import PreviousTeacher, _choice, _positive, kd_per_sample
+from clbench.errors import UsageError
+from clbench.registry import register_aux
+
+POLICIES = ("equal", "confidence", "task_owner")
+
+
+def teacher_weights(policy: str, teacher_logits: list[torch.Tensor], known: list[int], y: torch.Tensor,
+                    owner: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """w [B, K]: each row sums to 1, or is all zero for a sample no teacher may distil.
+
+    known[k]: how many leading classes teacher k had seen; owner: per sample, the index k of its
+    owning teacher or -1 (task_owner only)."""
+    b, k = len(y), len(teacher_logits)
+    if policy == "equal":
+        return torch.full((b, k), 1.0 / k, device=y.device)
+    if policy == "task_owner":
+        w = torch.zeros(b, k, device=y.device)
+        has = owner >= 0
+        w[has, owner[has]] = 1.0
+        return w
+    scores = []
+    for logits, n in zip(teacher_logits, known):
+        knows = y < n
+        ce = F.cross_entropy(logits[:, :n], y.clamp(max=n - 1), reduction="none")
+        scores.append(torch.where(knows, -ce / temperature, torch.full_like(ce, -torch.inf)))
+    scores = torch.stack(scores, dim=1)
+    nobody = torch.isinf(scores).all(dim=1, keepdim=True)
+    return torch.where(nobody, torch.zeros_like(scores), torch.softmax(scores.masked_fill(nobody, 0.0), dim=1))
+
+
+@register_aux("multi_teacher")
+class MultiTeacher(PreviousTeacher):
+    """Distillation from the last K experience snapshots, weighted per sample (equal, confidence or task owner)."""
+
+    def __init__(self, weight: float = 1.0, teachers: int = 2, policy: str = "equal", temperature: float = 4.0,
+                 feature_weight: float = 5.0, confidence_temperature: float = 1.0, samples: str = "all"):
+        super().__init__(weight, samples=samples, teachers=teachers, policy=policy, temperature=temperature,
+                         feature_weight=feature_weight, confidence_temperature=confidence_temperature)
+        if not isinstance(teachers, int) or isinstance(teachers, bool) or teachers < 1:
+            raise UsageError(f"multi_teacher teachers={teachers!r} is invalid; expected a positive integer")
+        if not isinstance(feature_weight, (int, float)) or feature_weight < 0:
+            raise UsageError(f"multi_teacher feature_weight={feature_weight!r} is invalid; expected a number >= 0")
+        self.max_teachers = teachers
+        self.policy = _choice("multi_teacher", "policy", policy, POLICIES)
+        self.temperature = _positive("multi_teacher", "temperature", temperature)
+        self.confidence_temperature = _positive("multi_teacher", "confidence_temperature", confidence_temperature)
+        self.feature_weight = float(feature_weight)
+        # newest first: (snapshot, classes it had seen, index of the experience it had just learned)
+        self.snapshots: list[tuple[torch.nn.Module, int, int]] = []
+        self.class_experience: dict[int, int] = {}
+
+    def on_experience_start(self, strategy, exp) -> None:
+        for c in exp.classes:
+            self.class_experience.setdefault(c, exp.index)
+        if not exp.is_first:
+            self.snapshots = [(strategy.frozen_copy(), len(exp.past_classes), exp.index - 1), *self.snapshots]
+            self.snapshots = self.snapshots[: self.max_teachers]
+        self.teacher = self.snapshots[0][0] if self.snapshots else None
+        self.old_classes = len(exp.past_classes)
+
+    def owners(self, y: torch.Tensor) -> torch.Tensor:
+        """Per sample, the index of the snapshot taken right after its experience (-1: none yet)."""
+        learned_after = {after: k for k, (_, _, after) in enumerate(self.snapshots)}
+        oldest = len(self.snapshots) - 1
+        out = []
+        for c in y.tolist():
+            exp = self.class_experience.get(c)
+            if exp is None or exp > self.snapshots[0][2]:  # the current experience: nobody owns it yet
+                out.append(-1)
+            else:
+                out.append(learned_after.get(exp, oldest))
+        return torch.tensor(out, dtype=torch.long, device=y.device)
+
+    def loss(self, batch, out, strategy):
+        if not self.snapshots:
+            return None
+        rows = self.distilled(batch, out, strategy)
+        if rows is None:
+            return None
+        x, y, student = rows
+        t_logits, t_features = [], []
+        with torch.no_grad():
+            for snapshot, _, _ in self.snapshots:
+                feats = snapshot["backbone"](x)
+                t_features.append(feats)
+                t_logits.append(snapshot["head"](feats))
+        known = [n for _, n, _ in self.snapshots]
+        owner = self.owners(y) if self.policy == "task_owner" else None
+        w = teacher_weights(self.policy, t_logits, known, y, owner, self.confidence_temperature)
+        per_teacher = []
+        for logits, feats, n in zip(t_logits, t_features, known):
+            term = kd_per_sample(student.logits[:, :n], logits[:, :n], self.temperature)
+            if self.feature_weight and student.features is not None:
+                term = term + self.feature_weight * (student.features - feats).pow(2).flatten(1).mean(dim=1)
+            per_teacher.append(term)
+        return (w * torch.stack(per_teacher, dim=1)).sum(dim=1).mean()
+
+    def report(self):
+        return {"teachers": self.max_teachers, "policy": self.policy}

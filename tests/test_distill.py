@@ -1,0 +1,201 @@
+"""Distillation add-ons (aux-components.md section 1): losses against hand-computed values, the
+samples they distil, feature maps caught by hooks, multi-teacher weights, and runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from clbench.auxiliary.distill import (
+    FeatureKD,
+    FrequencyKD,
+    LayerTap,
+    LogitKD,
+    RelationKD,
+    feature_mimicry,
+    frequency_kd,
+    logit_kd,
+    relation_kd,
+    similarity_matrix,
+)
+from clbench.auxiliary.multi_teacher import MultiTeacher, teacher_weights
+from clbench.edge.flops import haar_dwt2_flops, measure_flops
+from clbench.runner import RunSpec, run
+from clbench.types import ExperienceInfo
+from clbench.wavelets import haar_dwt_conv
+
+
+# --------------------------------------------------------------------------- the losses, by hand
+def test_logit_kd_equals_the_hand_computed_kl():
+    # p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2)
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    assert logit_kd(student, teacher, 1.0).item() == pytest.approx(kl, rel=1e-6)
+    # tau = 2 softens the teacher to (sqrt3, 1) / (sqrt3 + 1) and multiplies by 4
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    kl2 = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    assert logit_kd(student, teacher, 2.0).item() == pytest.approx(4 * kl2, rel=1e-6)
+
+
+def test_feature_mimicry_normalises_embeddings():
+    # (3, 4) -> (0.6, 0.8) against (1, 0): ((-0.4)^2 + 0.8^2) / 2 = 0.4
+    assert feature_mimicry(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.4)
+    assert feature_mimicry(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]]), "none").item() == pytest.approx(10.0)
+
+
+def test_similarity_matrix_and_relation_losses_by_hand():
+    g = similarity_matrix(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert torch.allclose(g, torch.tensor([[1.0, 2**-0.5], [2**-0.5, 1.0]]))
+    # G_s = I, G_t = all ones: two off-diagonal errors of 1, over B^2 = 4
+    eye, same = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert relation_kd(eye, same, relation="mse").item() == pytest.approx(0.5)
+    # KL rows with tau = 1: student rows softmax(1, 0), teacher rows softmax(1, 1) = (1/2, 1/2)
+    q = math.e / (math.e + 1)
+    row = 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
+    assert relation_kd(eye, same, temperature=1.0).item() == pytest.approx(row, rel=1e-6)
+    # without the diagonal, two samples leave one entry per row: nothing to match
+    assert relation_kd(eye, same, temperature=1.0, exclude_diagonal=True).item() == pytest.approx(0.0, abs=1e-7)
+    e = torch.randn(9, 5)
+    assert relation_kd(e, 3 * e).item() == pytest.approx(0.0, abs=1e-6)  # cosine geometry ignores scale
+
+
+def test_frequency_kd_splits_low_and_detail_bands():
+    zeros = torch.zeros(1, 1, 4, 4)
+    flat = torch.ones(1, 1, 4, 4)  # LL = (1+1+1+1)/2 = 2 everywhere, no detail
+    assert frequency_kd(zeros, flat).item() == pytest.approx(1.0 * 2**2)
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 2).view(1, 1, 4, 4)  # D3 = 2, the rest 0
+    assert frequency_kd(zeros, checker).item() == pytest.approx(0.5 * 4 / 3)  # mean over [D1|D2|D3]
+    assert frequency_kd(zeros, checker, high_weight=0.0).item() == 0.0
+    # levels=2: LL2 of the flat map is 4 (one value); the high term averages the two levels' details (0)
+    assert frequency_kd(zeros, flat, levels=2).item() == pytest.approx(4.0**2)
+    # the FFT form: a constant 4x4 map has only its DC magnitude 16, in the low band (4 of 12 bins)
+    assert frequency_kd(zeros, flat, domain="fft").item() == pytest.approx(16.0**2 / 4)
+
+
+def test_the_haar_convolution_is_counted_by_the_profiler():
+    x = torch.rand(2, 3, 8, 8)
+    assert measure_flops(lambda: haar_dwt_conv(x)) == 2 * haar_dwt2_flops(3, 8, 8)
+
+
+# --------------------------------------------------------------------------- multi-teacher weights
+def test_teacher_weights_by_hand():
+    y = torch.tensor([1, 3])
+    logits = [torch.zeros(2, 2), torch.zeros(2, 4)]  # CE ln 2 and ln 4 where the class is known
+    equal = teacher_weights("equal", logits, [2, 4], y)
+    assert torch.equal(equal, torch.full((2, 2), 0.5))
+    conf = teacher_weights("confidence", logits, [2, 4], y)
+    # sample 0: exp(-ln 2) : exp(-ln 4) = 2 : 1; sample 1 (class 3): only teacher 1 has seen it
+    assert torch.allclose(conf, torch.tensor([[2 / 3, 1 / 3], [0.0, 1.0]]))
+    owner = teacher_weights("task_owner", logits, [2, 4], y, owner=torch.tensor([1, -1]))
+    assert torch.equal(owner, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+
+
+def _info(index: int, per: int = 2, n: int = 3) -> ExperienceInfo:
+    classes = tuple(range(index * per, (index + 1) * per))
+    return ExperienceInfo(index, classes, tuple(range((index + 1) * per)), n, n * per)
+
+
+@pytest.mark.parametrize("kept, owners", [(1, [0, 0, 0, 0, -1, -1]), (2, [1, 1, 0, 0, -1, -1])])
+def test_task_owner_is_the_snapshot_after_the_samples_experience(strategy_factory, kept, owners):
+    strategy = strategy_factory("naive")
+    mt = MultiTeacher(teachers=kept, policy="task_owner")
+    for i in range(3):
+        strategy.on_experience_start(_info(i))
+        mt.on_experience_start(strategy, _info(i))
+    assert [after for _, _, after in mt.snapshots] == [1, 0][:kept]
+    assert [n for _, n, _ in mt.snapshots] == [4, 2][:kept]  # each teacher distils the classes it had seen
+    # classes 0-1 (experience 0): its snapshot when kept, else the oldest kept; 4-5: current, no owner
+    assert mt.owners(torch.arange(6)).tolist() == owners
+
+
+# --------------------------------------------------------------------------- what is distilled
+def test_every_term_is_zero_while_the_student_equals_its_teacher(strategy_factory, synthetic_scenario, batch_of):
+    """At the start of an experience the snapshot is the student: nothing to distil yet."""
+    add_ons = [LogitKD(), FeatureKD(), RelationKD(min_rows=2), MultiTeacher(policy="confidence")]
+    strategy = strategy_factory("naive")
+    for i in range(2):
+        info = synthetic_scenario.info(i)
+        strategy.on_experience_start(info)
+        for a in add_ons:
+            a.on_experience_start(strategy, info)
+    batch = batch_of(synthetic_scenario.train_sets[0], 8)
+    for a in add_ons:
+        term = a.loss(batch, strategy(batch.x), strategy)
+        assert term is not None and term.item() == pytest.approx(0.0, abs=1e-6), a.name
+
+
+class _Spy(LogitKD):
+    name = "spy"
+
+    def teacher_output(self, x):
+        self.seen = x
+        return super().teacher_output(x)
+
+
+@pytest.mark.parametrize("samples, rows", [("current", "current"), ("replay", "replay"), ("all", "all")])
+def test_er_shows_add_ons_its_replayed_samples(strategy_factory, synthetic_scenario, batch_of, samples, rows):
+    strategy = strategy_factory("er", replay_batch_size=5)
+    spy = _Spy(samples=samples)
+    strategy.aux.append(spy)
+    for i in range(2):
+        info = synthetic_scenario.info(i)
+        strategy.on_experience_start(info)
+        spy.on_experience_start(strategy, info)
+        if i == 0:
+            first = batch_of(synthetic_scenario.train_sets[0], 8)
+            strategy.buffer.add(x=first.x, y=first.y)
+    batch = batch_of(synthetic_scenario.train_sets[1], 6)
+    strategy.total_loss(batch, 0)
+    view = strategy.step_view
+    assert (view.current, view.replayed) == (6, 5)
+    assert strategy.step_output.logits.shape[0] == 6  # add-ons' `out` is the current batch
+    expected = {"current": view.x[:6], "replay": view.x[6:], "all": view.x}[rows]
+    assert torch.equal(spy.seen, expected)
+
+
+# --------------------------------------------------------------------------- feature maps
+def test_layer_tap_catches_the_students_map_and_ignores_teachers_and_evaluation(build_strategy, synthetic_scenario):
+    strategy = build_strategy("naive", synthetic_scenario, "clbench_convnet")
+    tap = LayerTap(strategy.backbone, "body")
+    x = torch.rand(4, 1, 8, 8)
+    strategy(x)
+    inp, out = tap.take(x)
+    assert inp is x and torch.allclose(out, strategy.backbone.body(x))
+    assert tap.take(x) is None  # taken once per step
+    teacher = strategy.frozen_copy()
+    teacher["backbone"](x)  # the copied hook sees a module that is not the student's
+    strategy.eval()
+    strategy(x)
+    with torch.no_grad():
+        strategy.train()
+        strategy(x)
+    assert tap.calls == []
+    with torch.no_grad():  # the same path in the snapshot
+        assert torch.equal(tap.output_of(teacher["backbone"], x), teacher["backbone"].body(x))
+
+
+def test_freq_kd_defaults_to_the_last_convolutional_stage(build_strategy, synthetic_scenario):
+    strategy = build_strategy("naive", synthetic_scenario, "clbench_convnet")
+    fk = FrequencyKD()
+    fk.setup(strategy)
+    fk.setup(strategy)  # once more: the first hooks are removed, not doubled
+    assert fk.report() == {"layer": "body"}
+    assert len(strategy.backbone._forward_pre_hooks) == 1
+
+
+def test_distillation_add_ons_run_end_to_end(tmp_path, fast_config_for):
+    records = {}
+    for aux in [("relation_kd", {}), ("multi_teacher", {"policy": "task_owner"}), ("freq_kd", {}),
+                ("feature_kd", {"layer": "body", "normalize": "channel"})]:
+        backbone = None if aux[0] in ("relation_kd", "multi_teacher") else "clbench_convnet"
+        spec = RunSpec("er", "synthetic-5", run=fast_config_for(tmp_path / aux[0], backbone=backbone), seed=0, aux=[aux])
+        result = run(spec)
+        records[aux[0]] = result
+        saved = json.loads(next((tmp_path / aux[0]).rglob("*.json")).read_text())
+        assert saved["aux"] == [{"name": aux[0], **aux[1]}]
+        assert len(result.accuracy_matrix) == 5
+    assert records["freq_kd"].strategy_report["add_ons"]["freq_kd"] == {"layer": "body"}
+    assert records["multi_teacher"].strategy_report["add_ons"]["multi_teacher"] == {"teachers": 2, "policy": "task_owner"}
