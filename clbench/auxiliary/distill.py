@@ -150,6 +150,13 @@ class LayerTap:
 
         self._handles = [backbone.register_forward_pre_hook(enter), self.module.register_forward_hook(record)]
 
+    @classmethod
+    def replacing(cls, old: "LayerTap | None", backbone: nn.Module, path: str) -> "LayerTap":
+        """A new tap, after removing `old`'s hooks (`Aux.setup` may run twice)."""
+        if old is not None:
+            old.remove()
+        return cls(backbone, path)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -219,17 +226,23 @@ class PreviousTeacher(Aux):
             features = self.teacher["backbone"](x)
             return self.teacher["head"](features), features
 
+    def with_teacher(self, batch, out: Output, strategy, min_rows: int = 1) -> tuple[Output, Output] | None:
+        """(student, teacher) outputs on the distilled samples; None without a teacher or with
+        fewer than `min_rows` samples (the teacher is not run then)."""
+        rows = self.distilled(batch, out, strategy) if self.teacher is not None else None
+        if rows is None or len(rows[0]) < min_rows:
+            return None
+        x, _, student = rows
+        return student, Output(*self.teacher_output(x))
+
 
 class _OldLogits(PreviousTeacher):
     def loss(self, batch, out, strategy):
-        if self.teacher is None or self.old_classes == 0:
+        pair = self.with_teacher(batch, out, strategy) if self.old_classes else None
+        if pair is None:
             return None
-        rows = self.distilled(batch, out, strategy)
-        if rows is None:
-            return None
-        x, _, student = rows
-        t_logits, _ = self.teacher_output(x)
-        return self.compare(student.logits[:, : self.old_classes], t_logits[:, : self.old_classes])
+        student, teacher = pair
+        return self.compare(student.logits[:, : self.old_classes], teacher.logits[:, : self.old_classes])
 
     compare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -271,21 +284,16 @@ class FeatureKD(PreviousTeacher):
 
     def setup(self, strategy) -> None:
         if self.layer is not None:
-            if self.tap is not None:
-                self.tap.remove()
-            self.tap = LayerTap(strategy.backbone, self.layer)
+            self.tap = LayerTap.replacing(self.tap, strategy.backbone, self.layer)
 
     def loss(self, batch, out, strategy):
         if self.tap is not None:
             return self._map_loss(batch, out, strategy)
-        if self.teacher is None or out.features is None:
+        pair = self.with_teacher(batch, out, strategy) if out.features is not None else None
+        if pair is None:
             return None
-        rows = self.distilled(batch, out, strategy)
-        if rows is None:
-            return None
-        x, _, student = rows
-        _, t_features = self.teacher_output(x)
-        return feature_mimicry(student.features, t_features, self.normalize)
+        student, teacher = pair
+        return feature_mimicry(student.features, teacher.features, self.normalize)
 
     def _map_loss(self, batch, out, strategy):
         student, teacher_in = student_map(self.tap, self, batch, out, strategy)
@@ -332,15 +340,12 @@ class RelationKD(PreviousTeacher):
         self.min_rows = min_rows
 
     def loss(self, batch, out, strategy):
-        if self.teacher is None or out.features is None:
-            return None
-        rows = self.distilled(batch, out, strategy)
         # a similarity matrix of a handful of samples says little (the spec asks for B >= 8)
-        if rows is None or len(rows[0]) < self.min_rows:
+        pair = self.with_teacher(batch, out, strategy, self.min_rows) if out.features is not None else None
+        if pair is None:
             return None
-        x, _, student = rows
-        _, t_features = self.teacher_output(x)
-        return relation_kd(student.features, t_features, self.temperature, self.relation, self.exclude_diagonal)
+        student, teacher = pair
+        return relation_kd(student.features, teacher.features, self.temperature, self.relation, self.exclude_diagonal)
 
 
 @register_aux("freq_kd")
@@ -364,9 +369,7 @@ class FrequencyKD(PreviousTeacher):
         self.tap: LayerTap | None = None
 
     def setup(self, strategy) -> None:
-        if self.tap is not None:
-            self.tap.remove()
-        self.tap = LayerTap(strategy.backbone, self.layer or last_conv_stage(strategy.backbone, self.name))
+        self.tap = LayerTap.replacing(self.tap, strategy.backbone, self.layer or last_conv_stage(strategy.backbone, self.name))
         self.hparams["layer"] = self.tap.path
 
     def loss(self, batch, out, strategy):
