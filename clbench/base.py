@@ -238,15 +238,29 @@ class CLStrategy(pl.LightningModule):
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        if getattr(cfg, "lr_schedule", "constant") == "cosine":
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
-            return {"optimizer": optimizer, "lr_scheduler": cosine}
-        return optimizer
+        return self.scheduled(optimizer)
+
+    def scheduled(self, optimizer, schedule: str | None = None):
+        """What `configure_optimizers` returns for `optimizer` under `lr_schedule(optimizer, schedule)`."""
+        scheduler = self.lr_schedule(optimizer, schedule)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def lr_schedule(self, optimizer, name: str | None = None):
+        """The per-epoch schedule `name` (default: the Config's `lr_schedule`) over this fit, or None
+        for a constant rate: "cosine" (lr to 0 over the fit's epochs) or "step" (x lr_step_gamma every
+        lr_step_epochs epochs)."""
+        cfg = self.cfg
+        name = name or getattr(cfg, "lr_schedule", "constant")
+        if name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+        if name == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_step_gamma)
+        return None
 
     def on_train_epoch_end(self) -> None:
         # optimisation is manual, so Lightning leaves the schedule to the module
-        scheduler = self.lr_schedulers() if self._trainer is not None else None
-        if scheduler is not None:
+        schedulers = self.lr_schedulers() if self._trainer is not None else None
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
 
     def on_fit_end(self) -> None:

@@ -70,14 +70,21 @@ class StrategyConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     # "cosine": the learning rate follows a cosine from lr to 0 over each fit's epochs, stepped
-    # once per epoch (torch's CosineAnnealingLR, as the pre-trained-model methods' code does)
+    # once per epoch (torch's CosineAnnealingLR, as the pre-trained-model methods' code does);
+    # "step": it is multiplied by lr_step_gamma every lr_step_epochs epochs of a fit (StepLR)
     lr_schedule: str = "constant"
+    lr_step_epochs: int = 30
+    lr_step_gamma: float = 0.1
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise UsageError(f"optimizer={self.optimizer!r} is invalid; expected one of: sgd, adam, adamw")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: constant, cosine")
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: constant, cosine, step")
+        if self.lr_step_epochs < 1:
+            raise UsageError(f"lr_step_epochs={self.lr_step_epochs} is invalid; expected a positive integer")
+        if not 0 < self.lr_step_gamma <= 1:
+            raise UsageError(f"lr_step_gamma={self.lr_step_gamma} is invalid; expected a number in (0, 1]")
         if self.lr <= 0:
             raise UsageError(f"lr={self.lr} is invalid; expected a positive number")
 

@@ -248,7 +248,7 @@ class TunaStrategy(CLStrategy):
             return super().configure_optimizers()
         if self.phase.name == "align":
             head = torch.optim.SGD(self.head.parameters(), lr=self.cfg.align_lr, momentum=0.9, weight_decay=5e-4, foreach=True)
-            return {"optimizer": head, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(head, T_max=self.trainer.max_epochs)}
+            return self.scheduled(head, "cosine")
         return None
 
     def on_fit_start(self) -> None:

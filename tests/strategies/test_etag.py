@@ -80,7 +80,7 @@ def test_incremental_tasks_keep_batch_norm_statistics_and_train_its_affine_param
     strategy.on_train_epoch_start()
     bn = strategy.backbone.layer2[0].bn1
     stats, weight = (bn.running_mean.clone(), bn.running_var.clone()), bn.weight.detach().clone()
-    optimizer = strategy.configure_optimizers()
+    optimizer = strategy.configure_optimizers()["optimizer"]
     data = scenario.train_sets[1]
     loss = sum(strategy.step_losses(Batch(data.x[:8], data.y[:8])).values())
     loss.backward()
@@ -123,3 +123,20 @@ def test_a_generator_step_keeps_the_previous_generator_and_learns_the_classifier
         optimizer.step()
     assert all(torch.equal(strategy.previous_generator.state_dict()[k], anchor[k]) for k in anchor)
     assert old_class_ce() < before
+
+
+def test_model_learning_rate_decays_tenfold_every_30_epochs_and_the_generator_keeps_its_own():
+    from clbench.types import Phase
+
+    strategy = _strategy()
+    strategy.phase = Phase("train")
+    schedule = strategy.configure_optimizers()["lr_scheduler"]
+    optimizer = schedule.optimizer
+    rates = []
+    for _ in range(61):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == rates[29] == 1e-3 and rates[30] == rates[59] == pytest.approx(1e-4) and rates[60] == pytest.approx(1e-5)
+    strategy.phase = Phase("generator")
+    assert isinstance(strategy.configure_optimizers(), torch.optim.Adam)

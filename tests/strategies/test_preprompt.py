@@ -122,3 +122,28 @@ def test_feature_translation_on_a_hand_built_example():
     # old class 0 ~ (1, 0) is nearest (cosine) to current class 1; old class 1 ~ (0, 2) to current class 0
     assert torch.allclose(shifted[0], clouds[1] - current_means[1] + old_means[0])
     assert torch.allclose(shifted[1], clouds[0] - current_means[0] + old_means[1])
+
+
+class _Rates(pl.Callback):
+    """Learning rates of every optimizer's groups at each training epoch's start, by phase."""
+
+    def __init__(self):
+        self.by_phase = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        rates = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+        self.by_phase.setdefault(pl_module.phase.name, []).append(rates)
+
+
+def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_path, fast_config_for):
+    rates = _Rates()
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=3, limit_train_batches=1)
+    overrides = {**TINY, "calibration_epochs": 1, "lr": 0.1, "head_lr_scale": 0.1, "lr_step_epochs": 1, "lr_step_gamma": 0.5}
+    result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates])
+    assert result.status == "completed", result.error
+    # flattened per epoch: route head, then the label step's prompts and label head
+    expected = [[0.01, 0.1 * 0.5**e, 0.01 * 0.5**e] for e in range(3)]
+    train = [[lr for opt in epoch for lr in opt] for epoch in rates.by_phase["train"]]
+    assert len(train) == 6  # two experiences, each fit starts the schedule afresh
+    for epoch, got in enumerate(train):
+        assert got == pytest.approx(expected[epoch % 3]), epoch
