@@ -145,6 +145,12 @@ class CLStrategy(pl.LightningModule):
         for a in self.aux:
             a.on_experience_end(self, exp)
 
+    def diagnose(self, exp: ExperienceInfo, loaders: Sequence, device) -> dict[str, Any] | None:
+        """A method's own measurement on the test sets after experience `exp` (labels available,
+        modules in eval mode on `device`), kept per experience in the result's `diagnostics`;
+        None (the default) records nothing and the runner does not call it at all."""
+        return None
+
     def on_resume(self, last: ExperienceInfo, past_train_sets: Sequence[Dataset]) -> None:
         """Called instead of replaying experiences 0..last when a run resumes; tensors are already loaded."""
         self.experience = last

@@ -71,6 +71,7 @@ def save(folder: Path, strategy, result: RunResult, completed: int) -> None:
         "detection": result.detection,
         "forecasting": result.forecasting,
         "aux_results": result.aux_results,
+        "diagnostics": result.diagnostics,
         "global_step_offset": strategy.global_step_offset,
         "rng_python": _jsonable(random.getstate()),
         "rng_numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -124,6 +125,7 @@ def restore(strategy, meta: dict[str, Any], tensors: dict[str, torch.Tensor], re
     result.detection = meta.get("detection", {})
     result.forecasting = meta.get("forecasting", {})
     result.aux_results = meta.get("aux_results", {})
+    result.diagnostics = meta.get("diagnostics", [])
 
 
 def remove(folder: Path) -> None:

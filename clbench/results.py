@@ -42,6 +42,8 @@ class RunResult:
     forecasting: dict[str, Any] = field(default_factory=dict)
     # per add-on, per experience: what its `after_evaluation` recorded (e.g. a quantized snapshot's accuracy)
     aux_results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # per experience: what the strategy's `diagnose` measured (e.g. PrePrompt's task-prediction accuracy)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=dict)

@@ -239,6 +239,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 else:
                     row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
                     _evaluate_add_ons(strategy, info, test_loaders, device, result)
+                    _diagnose(strategy, info, test_loaders, device, result)
                 if row is not None:
                     result.accuracy_matrix.append(row)
                 result.edge["per_experience"].append(profiler.end_experience(strategy))
@@ -272,6 +273,18 @@ def _evaluate_add_ons(strategy, info, test_loaders, device, result: RunResult) -
             strategy, info, lambda predict_logits: evaluate(strategy, test_loaders, n_seen, device, predict_logits))
         if record:
             result.aux_results.setdefault(a.name, []).append(record)
+
+
+def _diagnose(strategy, info, test_loaders, device, result: RunResult) -> None:
+    """The strategy's own diagnostic, when it has one (see `CLStrategy.diagnose`)."""
+    from clbench.base import CLStrategy, evaluating
+
+    if type(strategy).diagnose is CLStrategy.diagnose:
+        return
+    with evaluating(strategy, device) as device:
+        record = strategy.diagnose(info, test_loaders, device)
+    if record:
+        result.diagnostics.append({"experience": info.index, **record})
 
 
 def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Sequence, loggers: Sequence) -> None:

@@ -30,8 +30,8 @@ protocol). Two backbone passes per image, both counted by the profiler.
 Schedules: the prompt/label step follows `lr_schedule`, by default the official scripts' step
 decay (x0.1 every 30 epochs; cosine on ImageNet-R, see PAPER_SETTINGS); the route head keeps its
 rate; calibration is cosine.
-Not implemented: the card's diagnostic log of task-prediction accuracy (evaluation goes through
-`predict_logits`, which sees no labels).
+Diagnostic (the card's): after each experience, the share of each seen test experience's samples
+whose predicted task is their true one, in the result's `diagnostics`.
 """
 
 from __future__ import annotations
@@ -154,11 +154,30 @@ class PrePrompt(CLStrategy):
 
     # ---- inference: route -> task -> prompt -> label
     def forward(self, x: torch.Tensor) -> Output:
-        seen = list(self.experience.seen_classes) if self.experience is not None else list(range(self.num_classes))
-        route = _masked(self.route_head(self.unprompted(x)), seen)
-        slots = self.task_of_class[route.argmax(1)]
+        seen = self._seen()
+        slots = self.predicted_task(x)
         features = self.prompted(x, self.prefix(slots))
         return Output(_masked(self.head(features), seen), features)
+
+    def _seen(self) -> list[int]:
+        return list(self.experience.seen_classes) if self.experience is not None else list(range(self.num_classes))
+
+    def predicted_task(self, x: torch.Tensor) -> torch.Tensor:
+        """tau_hat: the task of the class the route head predicts on the unprompted feature."""
+        return self.task_of_class[_masked(self.route_head(self.unprompted(x)), self._seen()).argmax(1)]
+
+    @torch.no_grad()
+    def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict:
+        """The card's diagnostic: how often tau_hat is the sample's true task, per seen test experience."""
+        row = []
+        for loader in loaders[: exp.index + 1]:
+            right = total = 0
+            for batch in loader:
+                batch = batch.to(device)
+                right += int((self.predicted_task(batch.x) == self.task_of_class[batch.y]).sum())
+                total += len(batch)
+            row.append(right / total if total else float("nan"))
+        return {"task_prediction_accuracy": row}
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
         phases = [Phase("train"), Phase("statistics", epochs=1)]

@@ -146,3 +146,21 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert main(args + ["buffer_size=50", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "different settings" in err and "strategy_config" in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_keeps_the_per_experience_records(tmp_path, strategy_factory):
+    """What the result gathers per experience besides the accuracy matrix survives a resume."""
+    from clbench import checkpoint
+    from clbench.results import RunResult
+
+    strategy = strategy_factory("naive")
+    result = RunResult("naive", "synthetic-2", "clbench_mlp_tiny", 0, accuracy_matrix=[[0.5, 0.0]],
+                       aux_results={"quantize": [{"experience": 0, "accuracy": [0.4, 0.0]}]},
+                       diagnostics=[{"experience": 0, "task_prediction_accuracy": [1.0]}])
+    checkpoint.save(tmp_path, strategy, result, 1)
+    meta, tensors = checkpoint.load(tmp_path)
+    restored = RunResult("naive", "synthetic-2", "clbench_mlp_tiny", 0)
+    checkpoint.restore(strategy_factory("naive"), meta, tensors, restored)
+    assert restored.accuracy_matrix == result.accuracy_matrix
+    assert restored.aux_results == result.aux_results
+    assert restored.diagnostics == result.diagnostics

@@ -141,9 +141,30 @@ def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_
     overrides = {**TINY, "calibration_epochs": 1, "lr": 0.1, "head_lr_scale": 0.1, "lr_step_epochs": 1, "lr_step_gamma": 0.5}
     result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates])
     assert result.status == "completed", result.error
+    # the task-prediction diagnostic: after the first task every route prediction is task 0
+    assert [d["experience"] for d in result.diagnostics] == [0, 1]
+    assert result.diagnostics[0]["task_prediction_accuracy"] == [1.0]
+    assert len(result.diagnostics[1]["task_prediction_accuracy"]) == 2
     # flattened per epoch: route head, then the label step's prompts and label head
     expected = [[0.01, 0.1 * 0.5**e, 0.01 * 0.5**e] for e in range(3)]
     train = [[lr for opt in epoch for lr in opt] for epoch in rates.by_phase["train"]]
     assert len(train) == 6  # two experiences, each fit starts the schedule afresh
     for epoch, got in enumerate(train):
         assert got == pytest.approx(expected[epoch % 3]), epoch
+
+
+def test_task_prediction_accuracy_on_hand_set_predictions():
+    scenario = create_scenario("digits32-2")
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("preprompt", TINY), seed=0)
+    for i in range(2):
+        strategy.on_experience_start(scenario.info(i))
+    classes = [scenario.info(i).classes for i in range(2)]
+    x = torch.zeros(4, 3, 32, 32)
+    first = [Batch(x, torch.tensor([classes[0][0], classes[0][1], classes[0][0], classes[0][1]]))]
+    second = [Batch(x[:2], torch.tensor([classes[1][0], classes[1][1]]))]
+    predicted = iter([torch.tensor([0, 0, 1, 0]), torch.tensor([1, 0])])
+    strategy.predicted_task = lambda inputs: next(predicted)
+    record = strategy.diagnose(scenario.info(1), [first, second], torch.device("cpu"))
+    assert record == {"task_prediction_accuracy": [0.75, 0.5]}
