@@ -12,30 +12,52 @@ Inference: every task adapter gives softmax(s cosines) over the seen classes; th
 minimum entropy is chosen; the score is its softmax plus the universal adapter's; argmax.
 `universal="latest"` reproduces the released code, whose universal branch runs the latest,
 continually trained adapter instead of the merged one (its logged numbers come from that);
-the paper's merged adapter is the default. The optional orthogonality term on the adapters'
-up-projections is not implemented.
+the paper's merged adapter is the default.
+
+Optional orthogonality term (the released code's, used there on ImageNet-R/A and ObjectNet; off
+by default): for t > 0, orthogonality x exp(-(t+1)) x sum over earlier tasks i of
+(1/blocks) sum over blocks j of |mean(norm(U_j) norm(U_j^(i))^T)|, where U_j is block j's
+up-projection [dim x bottleneck] in training, U_j^(i) task i's stored one, and norm scales every
+row to unit length.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch.nn.utils import vector_to_parameters
 
 from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.strategies.saef import sign_elected_merge
+from clbench.types import Batch, ExperienceInfo
 
 
 @dataclass(frozen=True)
 class TUNAConfig(TunaConfig):
     universal: str = "merged"  # or "latest": the released code's behaviour
+    orthogonality: float = 0.0  # the released code's `reg` (0.001 with `use_orth` on ImageNet-R/A, ObjectNet)
 
     def __post_init__(self):
         super().__post_init__()
         if self.universal not in ("merged", "latest"):
             raise UsageError(f"universal={self.universal!r} is invalid; expected one of: merged, latest")
+        if self.orthogonality < 0:
+            raise UsageError(f"orthogonality={self.orthogonality} is invalid; expected a number >= 0")
+
+
+def up_projection_overlap(current: list[torch.Tensor], previous: list[list[torch.Tensor]]) -> torch.Tensor:
+    """sum_i (1/blocks) sum_j |mean(norm(current[j]) norm(previous[i][j])^T)|, rows unit-normalised."""
+    total = current[0].new_zeros(())
+    for earlier in previous:
+        for now, then in zip(current, earlier):
+            total = total + (F.normalize(now, dim=1) @ F.normalize(then, dim=1).T).mean().abs() / len(current)
+    return total
 
 
 @register_strategy("tuna")
@@ -45,6 +67,33 @@ class TUNA(TunaStrategy):
     Config = TUNAConfig
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     keeps_task_adapters = True
+    # the card's configurations (TUNA's scripts): CIFAR B0Inc5, ImageNet-R B0Inc20 with the orthogonality term
+    PAPER_SETTINGS = {
+        "cifar100-20": {"epochs": 15, "lr": 0.01, "batch_size": 16},
+        "imagenet-r-10": {"epochs": 10, "lr": 0.02, "batch_size": 32, "orthogonality": 0.001},
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._earlier_up: list[list[torch.Tensor]] = []  # earlier tasks' up-projections, per block
+
+    def on_experience_start(self, exp: ExperienceInfo) -> None:
+        super().on_experience_start(exp)
+        self._earlier_up = [self.up_projections(theta) for theta in self.task_adapters] if self.cfg.orthogonality else []
+
+    def up_projections(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's up-projection weight of a stored adapter vector."""
+        vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
+        return [a.up.weight.detach().clone() for a in self.expert.adapters]
+
+    def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        losses = super().step_losses(batch)
+        t = self.experience.index
+        if self.phase.name == "train" and self._earlier_up:
+            current = [a.up.weight for a in self.adapter.adapters]
+            weight = self.cfg.orthogonality * math.exp(-(t + 1))
+            losses["orthogonality"] = weight * up_projection_overlap(current, self._earlier_up)
+        return losses
 
     def universal_adapter(self) -> torch.Tensor:
         adapters = self.task_adapters

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from clbench.backbones import build_backbone
@@ -68,3 +71,40 @@ def test_a_run_stores_one_adapter_per_task_and_predicts_by_the_rule(tmp_path, fa
     expected = torch.stack([predictions[b][0][i] for i, b in enumerate(best.tolist())])
     expected = expected + strategy.expert_prediction(sign_elected_merge(strategy.task_adapters), x)[0]
     assert torch.allclose(strategy.predict_logits(x), expected)
+
+
+def test_up_projection_overlap_by_hand():
+    from clbench.strategies.tuna import up_projection_overlap
+
+    now = [torch.eye(2)]
+    then = [torch.tensor([[1.0, 0.0], [3.0, 0.0]])]  # rows normalise to (1, 0): I @ then^T has mean 1/2
+    assert up_projection_overlap(now, [then]).item() == 0.5
+    assert up_projection_overlap(now, [then, then]).item() == 1.0  # summed over earlier tasks
+    # averaged over blocks; the absolute value of each block's mean
+    assert up_projection_overlap([torch.eye(2), -torch.eye(2)], [then * 1, then * 1]).item() == 0.5
+
+
+def test_orthogonality_term_uses_the_stored_earlier_adapters_weighted_by_exp_minus_t_plus_1():
+    from clbench.strategies.tuna import up_projection_overlap
+    from clbench.types import Batch
+
+    scenario = create_scenario("digits32-5")
+    strategy = _strategy(orthogonality=0.5)
+    for a in strategy.adapter.adapters:
+        torch.nn.init.normal_(a.up.weight)
+    stored = [a.up.weight.detach().clone() for a in strategy.adapter.adapters]
+    strategy.on_experience_end(scenario.info(0), scenario.train_sets[0])
+    strategy.on_experience_start(scenario.info(1))
+    for a in strategy.adapter.adapters:  # training moves on from the stored adapter
+        torch.nn.init.normal_(a.up.weight)
+    x = scenario.train_sets[1].x[:4]
+    batch = Batch(x, torch.tensor(scenario.info(1).classes[:1] * 4))
+    term = strategy.step_losses(batch)["orthogonality"]
+    expected = 0.5 * math.exp(-2) * up_projection_overlap([a.up.weight for a in strategy.adapter.adapters], [stored])
+    assert term.item() == pytest.approx(expected.item(), rel=1e-6) and term.item() > 0
+    term.backward()
+    assert strategy.adapter.adapters[0].up.weight.grad is not None
+    fresh = _strategy()  # off by default
+    fresh.on_experience_end(scenario.info(0), scenario.train_sets[0])
+    fresh.on_experience_start(scenario.info(1))
+    assert "orthogonality" not in fresh.step_losses(batch)
