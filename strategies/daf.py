@@ -31,9 +31,13 @@ Inference: logits s cos(W, f(x; theta_g^t)), one adapter forward per image.
 
 Also clbench's choices where the card is silent: the alignment loss is cross-entropy over
 the seen classes' logits scaled by s, with learning rate `align_lr` (0.01); the prior
-strength lambda defaults to the card's tiny-configuration value 1e-3 (the card's log-grid
-selection on 20% of the first task is not implemented: set `prior_strength`). Every task's
-beta_t, a_o, a_n and e are in the result JSON (`strategy_report.fusion`).
+strength lambda defaults to the card's tiny-configuration value 1e-3. With `select_prior`, the
+card's selection for real runs: a seeded `holdout_fraction` (20%) of the first task's training
+samples is kept out of its training and Fisher passes; after the first task's Fisher, each
+lambda of the log grid 1e-6 ... 1e-1 fuses the adapter, the fused adapter's CosFace-form loss on
+the held-out samples is measured (eval mode), and the lambda of the lowest loss is kept for every
+task (`strategy_report.prior_selection`). Every task's beta_t, a_o, a_n and e are in the result
+JSON (`strategy_report.fusion`).
 """
 
 from __future__ import annotations
@@ -45,9 +49,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import Subset
 
 from clbench.base import eval_mode
+from clbench.data import make_loader
+from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
+
+PRIOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the card's log grid for lambda
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,15 @@ class DAFConfig(TunaConfig):
     prior_strength: float = 1e-3  # lambda
     per_layer: bool = False
     fisher_samples: int = 0  # 0: all of the task's training samples
+    select_prior: bool = False  # choose lambda on PRIOR_GRID with held-out samples of the first task
+    holdout_fraction: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prior_strength < 0:
+            raise UsageError(f"prior_strength={self.prior_strength} is invalid; expected a number >= 0")
+        if not 0 < self.holdout_fraction < 1:
+            raise UsageError(f"holdout_fraction={self.holdout_fraction} is invalid; expected a number in (0, 1)")
 
 
 def fusion_coefficient(theta_prev: torch.Tensor, theta_task: torch.Tensor, theta_init: torch.Tensor,
@@ -82,6 +99,9 @@ class DAF(TunaStrategy):
         self.register_buffer("theta_init", theta_init.clone())
         self.register_buffer("fisher_old", torch.zeros_like(theta_init, dtype=torch.float64))
         self.fusion: list[dict[str, float]] = []
+        self.prior_strength = self.cfg.prior_strength  # lambda; chosen after the first task with select_prior
+        self.prior_selection: dict | None = None
+        self._holdout: Subset | None = None
         self._theta_prev: torch.Tensor | None = None
         self._fisher_sum: torch.Tensor | None = None
         self._fisher_count = 0
@@ -94,9 +114,19 @@ class DAF(TunaStrategy):
         return [Phase("fisher_task", epochs=1, batch_size=1), Phase("fisher_fused", epochs=1, batch_size=1)]
 
     def phase_data(self, phase: Phase, data):
+        if self.cfg.select_prior and self.experience.is_first and phase.name in ("train", "fisher_task", "fisher_fused"):
+            data = self.split_holdout(data)
         if phase.name.startswith("fisher"):
             return Subset(data, range(min(self.cfg.fisher_samples or len(data), len(data))))
         return super().phase_data(phase, data)
+
+    def split_holdout(self, data):
+        """The first task's samples that training may see; the others (a seeded `holdout_fraction`)
+        are kept for choosing lambda."""
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed + 71)).tolist()
+        held = max(1, round(self.cfg.holdout_fraction * len(data)))
+        self._holdout = Subset(data, sorted(order[:held]))
+        return Subset(data, sorted(order[held:]))
 
     # ---- 1. Robust Initialization: the adapter holds theta_g^{t-1} when the task starts
     def on_experience_start(self, exp: ExperienceInfo) -> None:
@@ -123,20 +153,49 @@ class DAF(TunaStrategy):
         return fisher
 
     # ---- 4. fusion
-    def fuse(self, fisher_task: torch.Tensor) -> None:
-        theta_task, prev = self.theta().double(), self._theta_prev.double()
-        init, fisher_old = self.theta_init.double(), self.fisher_old
-        fused = prev.clone()
-        terms = []
+    def fused(self, theta_task: torch.Tensor, fisher_task: torch.Tensor, prior_strength: float) -> tuple[torch.Tensor, list[dict]]:
+        """theta_g^t for a given lambda, and the fusion terms of each part (one, or one per block)."""
+        prev, init, fisher_old = self._theta_prev.double(), self.theta_init.double(), self.fisher_old
+        theta_task, fused, terms = theta_task.double(), prev.clone(), []
         for part in self._slices():
             t = fusion_coefficient(prev[part], theta_task[part], init[part], fisher_old[part], fisher_task[part],
-                                   self.cfg.prior_strength)
+                                   prior_strength)
             fused[part] = prev[part] + t["beta"] * (theta_task[part] - prev[part])
             terms.append(t)
-        vector_to_parameters(fused.float(), list(self.adapter.parameters()))
+        return fused.float(), terms
+
+    def fuse(self, fisher_task: torch.Tensor) -> None:
+        theta_task = self.theta()
+        if self.cfg.select_prior and self.experience.is_first:
+            self.select_prior_strength(theta_task, fisher_task)
+        fused, terms = self.fused(theta_task, fisher_task, self.prior_strength)
+        vector_to_parameters(fused, list(self.adapter.parameters()))
         record = {"task": self.experience.index, **terms[0]} if len(terms) == 1 else {
             "task": self.experience.index, "beta_per_block": [t["beta"] for t in terms]}
         self.fusion.append(record)
+
+    def select_prior_strength(self, theta_task: torch.Tensor, fisher_task: torch.Tensor) -> None:
+        """lambda of PRIOR_GRID whose fused adapter has the lowest held-out loss (first wins a tie)."""
+        losses = []
+        for i in self.work_steps("prior_selection", len(PRIOR_GRID)):  # training cost, metered by the profiler
+            losses.append(self.heldout_loss(self.fused(theta_task, fisher_task, PRIOR_GRID[i])[0]))
+        best = min(range(len(PRIOR_GRID)), key=losses.__getitem__)
+        self.prior_strength = PRIOR_GRID[best]
+        self.prior_selection = {"grid": list(PRIOR_GRID), "heldout_loss": losses, "chosen": self.prior_strength,
+                                "heldout_samples": len(self._holdout)}
+        vector_to_parameters(theta_task, list(self.adapter.parameters()))
+
+    @torch.no_grad()
+    def heldout_loss(self, theta: torch.Tensor) -> float:
+        """Mean CosFace-form loss of the held-out first-task samples with the adapter set to `theta`."""
+        vector_to_parameters(theta, list(self.adapter.parameters()))
+        total = count = 0
+        with eval_mode(self.backbone, self.adapter):
+            for batch in make_loader(self._holdout, 256, shuffle=False):
+                batch = batch.to(self.device)
+                total += float(self.train_loss(batch)) * len(batch)
+                count += len(batch)
+        return total / count
 
     def _slices(self) -> list[slice]:
         if not self.cfg.per_layer:
@@ -158,11 +217,15 @@ class DAF(TunaStrategy):
     # ---- resume and report
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {**super().extra_state(),
-                "fusion_beta": torch.tensor([f.get("beta", float("nan")) for f in self.fusion], dtype=torch.float64)}
+                "fusion_beta": torch.tensor([f.get("beta", float("nan")) for f in self.fusion], dtype=torch.float64),
+                "prior_strength": torch.tensor(self.prior_strength, dtype=torch.float64)}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_extra_state(state)
         self.fusion = [{"task": i, "beta": b} for i, b in enumerate(state["fusion_beta"].tolist())]
+        if "prior_strength" in state:
+            self.prior_strength = float(state["prior_strength"])
 
     def report(self) -> dict:
-        return {**super().report(), "fusion": self.fusion}
+        selection = {"prior_selection": self.prior_selection} if self.prior_selection else {}
+        return {**super().report(), "fusion": self.fusion, "prior_strength": self.prior_strength, **selection}

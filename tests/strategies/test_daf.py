@@ -197,3 +197,41 @@ def test_phases_run_on_their_own_data_and_batch_sizes(daf_run):
     assert shapes["align"]["input_shape"] == [8, 1]  # label placeholders; the step draws the features
     # experience 2 aligns on 4 seen classes x 8 samples = 4 steps per epoch, 2 epochs
     assert sum(s["steps"] for s in result.edge["per_experience"][1]["flops_step_shapes"] if s["phase"] == "align") == 8
+
+
+def test_prior_selection_keeps_the_lambda_of_the_lowest_heldout_loss(tmp_path, fast_config_for):
+    """select_prior: 20% of the first task is never trained on, each grid lambda's fused adapter is
+    scored on it, and the winner is used for every later fusion."""
+    from clbench.strategies.daf import PRIOR_GRID
+
+    seen = {}
+    original_split, original_loss = DAF.split_holdout, DAF.heldout_loss
+
+    def split(self, data):
+        kept = original_split(self, data)
+        seen["train"], seen["held"], seen["n"] = set(kept.indices), set(self._holdout.indices), len(data)
+        return kept
+
+    def loss(self, theta):  # the held-out loss, recorded against the fused adapter it was measured with
+        value = original_loss(self, theta)
+        seen.setdefault("scored", []).append((theta.clone(), value))
+        return value
+
+    DAF.split_holdout, DAF.heldout_loss = split, loss
+    try:
+        cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=None)
+        overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8, "select_prior": True}
+        result = run(RunSpec("daf", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides),
+                     on_experience=lambda i, r, s: seen.setdefault("global", []).append(s.theta().clone()))
+    finally:
+        DAF.split_holdout, DAF.heldout_loss = original_split, original_loss
+    assert result.status == "completed", result.error
+    assert not seen["train"] & seen["held"] and len(seen["train"]) + len(seen["held"]) == seen["n"]
+    assert len(seen["held"]) == round(0.2 * seen["n"])
+    selection = result.strategy_report["prior_selection"]
+    assert selection["grid"] == list(PRIOR_GRID) and len(seen["scored"]) == len(PRIOR_GRID)
+    assert selection["heldout_loss"] == [v for _, v in seen["scored"]]
+    best = min(range(len(PRIOR_GRID)), key=selection["heldout_loss"].__getitem__)
+    assert selection["chosen"] == PRIOR_GRID[best] == result.strategy_report["prior_strength"]
+    # the first task's global adapter is the one fused with the chosen lambda
+    assert torch.equal(seen["global"][0], seen["scored"][best][0])
