@@ -31,7 +31,11 @@ p(x) = sum_k softmax(-H)_k q_k [recon: the weights]. q is the softmax of s times
 cosines over all seen classes, the same classes and scale for every node. `flat=True` is the
 card's flat reference: every leaf is evaluated and the one of minimum entropy kept.
 The run's report holds the trees (their leaves) and the mean number of expert forwards per
-sample of the last `predict_logits` call (all trees together).
+sample of the last `predict_logits` call (all trees together). Because the depth reached varies
+per sample, inference cost is a distribution (the card's pitfall): after each task the result's
+`diagnostics` hold, over the seen test sets of that evaluation, the histogram of expert forwards
+per sample and the per-sample inference FLOPs it implies (forwards x the counted FLOPs of one
+expert forward).
 """
 
 from __future__ import annotations
@@ -148,13 +152,13 @@ def build_tree(leaves: Sequence[Node], leaf_thetas: torch.Tensor, rule: str = "m
 
 # ---- inference: entropy-guided descent and confidence-weighted combination
 def descend(root: Node, n: int, evaluate: Callable[[Node, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-            exit_entropy: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each sample's stopping expert in one tree: (q, H, expert evaluations summed over the samples).
+            exit_entropy: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's stopping expert in one tree: (q, H, expert evaluations of each sample).
     `evaluate(node, index)` gives the softmax and entropy of that node's expert on the samples `index`;
     the samples that go on are grouped per node."""
     everyone = torch.arange(n)
     q, entropy = evaluate(root, everyone)
-    evaluations = n
+    evaluations = torch.ones(n, dtype=torch.long)
     frontier = [(root, everyone)]
     while frontier:
         node, index = frontier.pop()
@@ -164,7 +168,7 @@ def descend(root: Node, n: int, evaluate: Callable[[Node, torch.Tensor], tuple[t
         (left, right) = node.children
         q_left, h_left = evaluate(left, going)
         q_right, h_right = evaluate(right, going)
-        evaluations += 2 * len(going)
+        evaluations[going] += 2
         to_left = h_left <= h_right
         q[going] = torch.where(to_left[:, None], q_left, q_right)
         entropy[going] = torch.where(to_left, h_left, h_right)
@@ -191,10 +195,12 @@ class SAEF(TunaStrategy):
         super().__init__(*args, **kwargs)
         self._forest: list[Node] | None = None
         self.last_evaluations_per_sample: float | None = None
+        self._evaluations: list[torch.Tensor] = []  # per-sample expert forwards of this task's evaluation
 
     # ---- 1. the tasks' prototypes, kept once the number of tasks is known
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
+        self._evaluations = []
         if exp.is_first:
             self.register_buffer("leaf_prototypes", torch.zeros(exp.num_experiences, self.backbone.num_features,
                                                                 dtype=torch.float64, device=self.ptm_means.sums.device))
@@ -227,16 +233,39 @@ class SAEF(TunaStrategy):
             predictions = [evaluate(n, torch.arange(len(x))) for n in leaves]
             best = torch.stack([h for _, h in predictions]).argmin(0)
             p = torch.stack([q for q, _ in predictions])[best, torch.arange(len(x))]
-            self.last_evaluations_per_sample = float(len(leaves))
+            evaluations = torch.full((len(x),), len(leaves))
         else:
-            qs, entropies, evaluations = [], [], 0
+            qs, entropies, evaluations = [], [], torch.zeros(len(x), dtype=torch.long)
             for tree in self.forest:
                 q, h, count = descend(tree, len(x), evaluate, self.cfg.exit_entropy)
                 qs.append(q), entropies.append(h)
                 evaluations += count
             p = combine(qs, entropies)
-            self.last_evaluations_per_sample = evaluations / len(x)
+        self.last_evaluations_per_sample = float(evaluations.float().mean())
+        self._evaluations.append(evaluations)
         return torch.log(p.clamp_min(1e-12))
+
+    @torch.no_grad()
+    def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict | None:
+        """Expert forwards and inference FLOPs per sample over the seen test sets of the evaluation
+        that just ran (it scored the test sets in order, so their samples come first)."""
+        from clbench.edge.flops import measure_flops
+
+        seen = sum(len(loader.dataset) for loader in loaders[: exp.index + 1])
+        counts = torch.cat(self._evaluations) if self._evaluations else torch.zeros(0, dtype=torch.long)
+        self._evaluations = []
+        if len(self.task_adapters) == 0 or len(counts) < seen:
+            return None
+        counts = counts[:seen]
+        x = next(iter(loaders[0])).x[:1].to(device)
+        per_forward = measure_flops(lambda: self.expert_prediction(self.task_adapters[0], x))
+        flops = counts.double() * per_forward
+        values, frequency = counts.unique(return_counts=True)
+        return {"expert_forwards_histogram": {int(v): int(n) for v, n in zip(values, frequency)},
+                "flops_per_expert_forward": per_forward,
+                "inference_flops_per_sample": {"min": float(flops.min()), "median": float(flops.median()),
+                                               "mean": float(flops.mean()), "p90": float(flops.quantile(0.9)),
+                                               "max": float(flops.max())}}
 
     # ---- resume and report
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -72,16 +72,16 @@ def _mock_tree():
 def test_descent_follows_the_lower_entropy_child_and_exits_early():
     root, nodes, evaluate, calls = _mock_tree()
     q, h, count = descend(root, 3, evaluate, exit_entropy=10.0)  # above every entropy: the root only
-    assert count == 3 and [c[0] for c in calls] == [root] and torch.all(q.argmax(1) == nodes.index(root))
+    assert count.tolist() == [1, 1, 1] and [c[0] for c in calls] == [root] and torch.all(q.argmax(1) == nodes.index(root))
     root, nodes, evaluate, calls = _mock_tree()
     q, h, count = descend(root, 3, evaluate, exit_entropy=0.0)  # never confident: down to a leaf
     right = root.children[1]
     expected = right.children[1]  # 0.7 < 1.5, then 0.2 < 0.9
     assert torch.all(q.argmax(1) == nodes.index(expected)) and expected.is_leaf and torch.all(h == 0.2)
-    assert count == 3 * (1 + 2 * 2)  # per sample: the root, then both children at each of 2 levels
+    assert count.tolist() == [1 + 2 * 2] * 3  # per sample: the root, then both children at each of 2 levels
     root, nodes, evaluate, calls = _mock_tree()
     q, h, count = descend(root, 3, evaluate, exit_entropy=1.0)  # stops at the right child (0.7 < 1.0)
-    assert torch.all(q.argmax(1) == nodes.index(root.children[1])) and count == 3 * 3
+    assert torch.all(q.argmax(1) == nodes.index(root.children[1])) and count.tolist() == [3, 3, 3]
 
 
 def test_trees_are_combined_by_softmax_of_minus_entropy():
@@ -126,3 +126,29 @@ def test_a_run_keeps_the_backbone_and_every_leaf_as_trained(tmp_path, fast_confi
     leaves = sorted(i for tree in strategy.forest for i in tree.leaves)
     assert leaves == [0, 1, 2, 3, 4] and result.strategy_report["trees"]
     assert result.strategy_report["expert_forwards_per_sample"] >= len(strategy.forest)
+
+
+def test_each_sample_counts_its_own_expert_forwards():
+    root, nodes, evaluate, calls = _mock_tree()
+
+    def per_sample(node, index):  # sample 0 is confident at the root already
+        q, h = evaluate(node, index)
+        return q, torch.where(index == 0, torch.tensor(0.5), h) if node is root else h
+
+    q, h, count = descend(root, 3, per_sample, exit_entropy=1.0)
+    assert count.tolist() == [1, 3, 3]
+
+
+def test_inference_cost_is_recorded_as_a_distribution(tmp_path, fast_config_for):
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=2)
+    overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8, "exit_entropy": 0.0}
+    result = run(RunSpec("saef", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides))
+    assert result.status == "completed", result.error
+    tests = result.scenario_info["test_sizes"]
+    first, second = result.diagnostics
+    # one tree of one leaf, then of two: every sample ends at a leaf (tau_e = 0): 1, then 1 + 2 forwards
+    # over the seen test sets only: the first task's after task 0, both after task 1
+    assert first["expert_forwards_histogram"] == {1: tests[0]}
+    assert second["expert_forwards_histogram"] == {3: tests[0] + tests[1]}
+    flops = second["inference_flops_per_sample"]
+    assert flops["min"] == flops["max"] == 3 * second["flops_per_expert_forward"] > 0
