@@ -13,12 +13,16 @@ from clbench.auxiliary.quantize import (
     activation_range,
     affine_params,
     bops,
+    channel_kurtosis,
+    diverse_top,
     fake_quant_weight,
     fold_batchnorm,
     fold_conv_bn,
+    kurtosis_assignment,
     model_size_bytes,
     quantize_affine,
     quantize_symmetric,
+    salient_selection,
     weight_max_abs,
 )
 from clbench.errors import UsageError
@@ -250,7 +254,84 @@ def test_options_are_checked():
     assert Quantize(bits=4).report()["weight_bits"] == 4 and Quantize(bits=4).weight_calib == "mse"
     assert Quantize().report() == {"mode": "ptq", "weight_bits": 8, "act_bits": 8, "first_last_bits": [8, 8],
                                    "weight_calib": "minmax", "act_calib": "percentile", "percentile": 99.99,
-                                   "group_size": 0, "calib_samples": 512, "fold_bn": True}
+                                   "group_size": 0, "calib_samples": 512, "fold_bn": True, "mixed": "none",
+                                   "calib_select": "balanced"}
+
+
+# --------------------------------------------------------------------------- kurtosis mixed precision
+def test_channel_kurtosis_by_hand():
+    w = torch.tensor([[1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    # row 2: mean 1/2, deviations (-1/2, -1/2, -1/2, 3/2): m2 = 3/4, m4 = 21/16, kappa = 21/16 / (9/16)
+    assert channel_kurtosis(w).tolist() == pytest.approx([1.0, 7 / 3, 0.0])
+
+
+def test_the_heaviest_tailed_channels_get_the_high_bits_within_the_budget():
+    kurtosis = [torch.tensor([5.0, 1.0, 9.0]), torch.tensor([7.0, 2.0])]
+    # 10 weights per channel in layer 0, 20 in layer 1: 70 weights, budget 0.4 -> 28
+    high = kurtosis_assignment(kurtosis, [10, 20], 0.4)
+    assert [m.tolist() for m in high] == [[False, False, True], [False, False]]  # 9 (10) fits, 7 (20 more) does not
+    high = kurtosis_assignment(kurtosis, [10, 20], 0.5)  # 35: 9 then 7 fit (30)
+    assert [m.tolist() for m in high] == [[False, False, True], [True, False]]
+
+
+def test_mixed_precision_snapshot_reports_the_realised_bits(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("naive")
+    aux = Quantize(preset="W4A8", mixed="kurtosis", high_fraction=0.5, quantize_first_last=True)
+    _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    first = next(m for m in strategy.backbone.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():  # channels 0-15: one outlier each (heavy tails); the rest and the head: +-1
+        first.weight.copy_(torch.tensor([1.0, -1.0]).repeat(32, 32))
+        first.weight[:16] = 0.1
+        first.weight[:16, 0] = 10.0
+        head = strategy.head.fc.weight
+        head.copy_(torch.tensor([1.0, -1.0]).repeat(2, 16))
+    data, _ = aux._calibration_data(strategy, synthetic_scenario.info(0))
+    snapshot, info = aux._quantized_snapshot(strategy, data)
+    assert info["high_bit_channels"] == 16  # 16 x 64 = 1024 weights of the 2112 fit in half of them
+    assert info["weight_bits_avg"] == pytest.approx((1024 * 8 + 1088 * 4) / 2112)
+    # an outlier channel at 8 bits keeps its small weights (0.1 on a grid of 10/127), at 4 bits they vanish
+    quantized = next(m for m in snapshot.modules() if isinstance(m, nn.Linear))
+    assert quantized.weight[0, 1].item() == pytest.approx(10 / 127, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- salient calibration data
+def test_diverse_top_takes_the_best_of_each_cluster():
+    embeddings = torch.tensor([[0.0, 0.0], [0.0, 0.1], [10.0, 10.0], [10.0, 10.1]])
+    scores = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    assert diverse_top(embeddings, scores, 2, seed=0) == [1, 2]
+    assert diverse_top(embeddings, scores, 4, seed=0) == [0, 1, 2, 3]
+
+
+def test_gradient_scores_are_each_samples_squared_gradient_norm(strategy_factory, synthetic_scenario):
+    from clbench.auxiliary.quantize import gradient_scores
+
+    strategy = strategy_factory("naive")
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    data = synthetic_scenario.train_sets[0]
+    scores = gradient_scores(strategy, data.x[:3], data.y[:3])
+    assert all(p.grad is None for p in strategy.parameters())  # scoring leaves no gradients behind
+    strategy.eval()
+    torch.nn.functional.cross_entropy(strategy(data.x[1:2]).logits, data.y[1:2]).backward()
+    by_hand = sum(float((p.grad.double() ** 2).sum()) for p in strategy.parameters() if p.grad is not None)
+    assert scores[1].item() == pytest.approx(by_hand, rel=1e-9) and (scores > 0).all()
+
+
+def test_salient_selection_drops_score_outliers_and_fills_every_class(strategy_factory, synthetic_scenario, monkeypatch):
+    import clbench.auxiliary.quantize as Q
+
+    strategy = strategy_factory("naive")
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    data = synthetic_scenario.train_sets[0]
+    pool = {c: [data.x[i] for i in range(len(data.y)) if int(data.y[i]) == c][:30] for c in (0, 1)}
+    # hand-set scores: the candidates in pool order, the first of class 0 an outlier
+    scores = torch.arange(60, dtype=torch.float64)
+    scores[0] = 1e6
+    monkeypatch.setattr(Q, "gradient_scores", lambda strategy, x, y: scores)
+    chosen, dropped = salient_selection(strategy, pool, 10, seed=0)
+    assert dropped == 1 and len(chosen) == 10
+    assert not any(torch.equal(x, pool[0][0]) for x in chosen)
+    labels = [next(c for c in pool if any(torch.equal(x, t) for t in pool[c])) for x in chosen]
+    assert labels.count(0) == labels.count(1) == 5
 
 
 # --------------------------------------------------------------------------- QAT

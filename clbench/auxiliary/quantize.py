@@ -22,6 +22,21 @@ Calibrators (section 2.3), for weights (per channel / group) and activations (pe
 squared quantization error). Weights of 4 bits or fewer default to `mse`, others to
 `minmax`; activations default to `percentile`.
 
+Kurtosis-driven mixed precision (section 2.6, `mixed="kurtosis"`): per output channel c of
+every layer at the chosen bit-width, kappa_c = E[(w - mu_c)^4] / sigma_c^4; going down the
+channels of all those layers in decreasing kappa, each gets `high_bits` (8) while the weights so
+promoted stay within `high_fraction` (10%) of their weights; the rest keep `weight_bits`. The
+record gives the realised mean weight bit-width (`weight_bits_avg`) and the promoted channels;
+size and BOPs count each channel at its own bit-width.
+
+Salient calibration data (section 2.6, `calib_select="fisher"`; default `balanced`, the
+class-balanced draw below): every candidate of the pool (current experience's kept inputs and
+the replay buffer) is scored by s(x) = ||grad_theta CE(x)||^2 on the FP32 model (eval mode, one
+backward per candidate); candidates at or above the 99th percentile of the scores are dropped as
+outliers; then each seen class gets an even share k of `calib_samples`, filled with the
+highest-scoring candidate of each of k k-means clusters (scikit-learn) of the class's backbone
+embeddings.
+
 Modes:
 
 * `ptq` (default). `after_evaluation` (after each experience's FP32 evaluation) deep-copies
@@ -151,6 +166,89 @@ def fake_quant_weight(w: torch.Tensor, bits: int, method: str = "minmax", group_
     if pad:
         w_hat = w_hat.reshape(w.shape[0], -1)[:, : w.shape[1]]
     return w_hat.reshape(w.shape).to(w.dtype), rows.shape[0]
+
+
+def channel_kurtosis(w: torch.Tensor) -> torch.Tensor:
+    """kappa_c = E[(w - mu_c)^4] / sigma_c^4 over each output channel's weights (population moments);
+    a constant channel has kappa 0."""
+    rows = w.detach().reshape(w.shape[0], -1).double()
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    var = (centred**2).mean(dim=1)
+    fourth = (centred**4).mean(dim=1)
+    return torch.where(var > 0, fourth / var.clamp_min(1e-300) ** 2, torch.zeros_like(var))
+
+
+def kurtosis_assignment(kurtosis: list[torch.Tensor], sizes: list[int], fraction: float) -> list[torch.Tensor]:
+    """Which output channels get the higher bit-width: the heaviest-tailed channels over all layers,
+    taken in decreasing kappa while their weights stay within `fraction` of all the weights
+    (sizes[l]: weights per channel of layer l). One bool mask per layer."""
+    flat = torch.cat(kurtosis)
+    per_channel = torch.cat([torch.full((len(k),), n, dtype=torch.long) for k, n in zip(kurtosis, sizes)])
+    budget = fraction * int(per_channel.sum())
+    high = torch.zeros(len(flat), dtype=torch.bool)
+    used = 0
+    for i in torch.argsort(flat, descending=True, stable=True).tolist():
+        if used + int(per_channel[i]) > budget:
+            break
+        high[i], used = True, used + int(per_channel[i])
+    return list(high.split([len(k) for k in kurtosis]))
+
+
+def gradient_scores(strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """s(x) = ||grad_theta CE(x)||^2 of each sample on the FP32 model in eval mode (a Fisher proxy;
+    parameters' .grad are left as they were)."""
+    from clbench.base import eval_mode
+
+    params = [p for p in strategy.parameters() if p.requires_grad]
+    scores = []
+    device = params[0].device if params else x.device
+    with eval_mode(strategy), torch.enable_grad():
+        for xi, yi in zip(x, y):
+            out = strategy(xi[None].to(device))
+            logits = getattr(out, "logits", out)
+            loss = F.cross_entropy(logits, yi[None].to(device))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            scores.append(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def diverse_top(embeddings: torch.Tensor, scores: torch.Tensor, k: int, seed: int) -> list[int]:
+    """k indices: k-means (k clusters) of the embeddings, the highest score of each cluster."""
+    if len(scores) <= k:
+        return list(range(len(scores)))
+    from sklearn.cluster import KMeans
+
+    labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(embeddings.double().numpy())
+    picked = []
+    for cluster in range(k):
+        members = [i for i, c in enumerate(labels.tolist()) if c == cluster]
+        if members:
+            picked.append(max(members, key=lambda i: float(scores[i])))
+    return sorted(picked)
+
+
+def salient_selection(strategy, pool: dict[int, list[torch.Tensor]], n: int, seed: int,
+                      outlier_percentile: float = 99.0) -> tuple[list[torch.Tensor], int]:
+    """Section 2.6's salient calibration data: score every candidate by `gradient_scores`, drop
+    those at or above the `outlier_percentile`-th percentile of the scores, then per class (an even
+    share of `n`) the highest-scoring sample of each k-means cluster of the embeddings."""
+    from clbench.base import eval_mode
+
+    classes = sorted(c for c in pool if pool[c])
+    x = torch.stack([t.float() for c in classes for t in pool[c]])
+    y = torch.tensor([c for c in classes for _ in pool[c]])
+    scores = gradient_scores(strategy, x, y)
+    keep = scores < torch.quantile(scores, outlier_percentile / 100.0) if len(scores) > 1 else torch.ones(1, dtype=torch.bool)
+    device = next(strategy.parameters()).device
+    with eval_mode(strategy), torch.no_grad():
+        embeddings = torch.cat([strategy.backbone(chunk.to(device)).flatten(1).cpu() for chunk in x.split(256)])
+    share = {c: n // len(classes) + (1 if i < n % len(classes) else 0) for i, c in enumerate(classes)}
+    chosen = []
+    for c in classes:
+        rows = ((y == c) & keep).nonzero().flatten()
+        picked = diverse_top(embeddings[rows], scores[rows], share[c], seed + c) if len(rows) else []
+        chosen += [x[int(rows[i])] for i in picked]
+    return chosen, int((~keep).sum())
 
 
 def activation_range(lo: float, hi: float, sample: torch.Tensor, bits: int, method: str,
@@ -376,7 +474,8 @@ class Quantize(Aux):
                  weight_bits: int | None = None, act_bits: int | None = None, bits: int | None = None,
                  weight_calib: str | None = None, act_calib: str = "percentile", percentile: float = 99.99,
                  group_size: int = 0, quantize_first_last: bool = False, calib_samples: int = 512,
-                 fold_bn: bool = True, seed: int = 0):
+                 fold_bn: bool = True, mixed: str = "none", high_bits: int = 8, high_fraction: float = 0.1,
+                 calib_select: str = "balanced", seed: int = 0):
         mode = _choice("mode", mode, ("ptq", "qat"))
         if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
             _bits("bits", bits)
@@ -405,12 +504,20 @@ class Quantize(Aux):
             raise UsageError(f"quantize group_size={group_size!r} is invalid; expected 0 (per channel) or a positive integer")
         if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
             raise UsageError(f"quantize calib_samples={calib_samples!r} is invalid; expected a positive integer")
+        mixed = _choice("mixed", mixed, ("none", "kurtosis"))
+        calib_select = _choice("calib_select", calib_select, ("balanced", "fisher"))
+        high_bits = _bits("high_bits", high_bits)
+        if isinstance(high_fraction, bool) or not isinstance(high_fraction, (int, float)) or not 0 < high_fraction < 1:
+            raise UsageError(f"quantize high_fraction={high_fraction!r} is invalid; expected a number in (0, 1)")
         for name, value in (("quantize_first_last", quantize_first_last), ("fold_bn", fold_bn)):
             if not isinstance(value, bool):
                 raise UsageError(f"quantize {name}={value!r} is invalid; expected true or false")
         super().__init__(weight, mode=mode, weight_bits=weight_bits, act_bits=act_bits, weight_calib=weight_calib,
                          act_calib=act_calib, percentile=percentile, group_size=group_size,
-                         quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn)
+                         quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn,
+                         mixed=mixed, high_bits=high_bits, high_fraction=high_fraction, calib_select=calib_select)
+        self.mixed, self.high_bits, self.high_fraction = mixed, high_bits, float(high_fraction)
+        self.calib_select = calib_select
         self.mode, self.weight_bits, self.act_bits = mode, weight_bits, act_bits
         self.weight_calib, self.act_calib, self.percentile = weight_calib, act_calib, float(percentile)
         self.group_size, self.quantize_first_last = group_size, quantize_first_last
@@ -502,7 +609,10 @@ class Quantize(Aux):
                "first_last_bits": list(self.edge_bits)}
         if self.mode == "ptq":
             out.update(weight_calib=self.weight_calib, act_calib=self.act_calib, percentile=self.percentile,
-                       group_size=self.group_size, calib_samples=self.calib_samples, fold_bn=self.fold_bn)
+                       group_size=self.group_size, calib_samples=self.calib_samples, fold_bn=self.fold_bn,
+                       mixed=self.mixed, calib_select=self.calib_select)
+            if self.mixed != "none":
+                out.update(high_bits=self.high_bits, high_fraction=self.high_fraction)
         return out
 
     # ------------------------------------------------------------------ calibration data
@@ -522,6 +632,10 @@ class Quantize(Aux):
                     from_buffer += 1
         if not any(pool.values()):
             return None, {}
+        sources = {"current": current, "buffer": from_buffer, "classes": len([c for c in pool if pool[c]])}
+        if self.calib_select == "fisher":
+            chosen, dropped = salient_selection(strategy, pool, self.calib_samples, self.seed)
+            return torch.stack([x.float() for x in chosen]), {**sources, "dropped_outliers": dropped}
         # class-balanced: round-robin over classes until calib_samples are drawn
         chosen: list[torch.Tensor] = []
         order = {c: torch.randperm(len(v), generator=torch.Generator().manual_seed(self.seed + 7919 * c)).tolist()
@@ -533,7 +647,7 @@ class Quantize(Aux):
                     chosen.append(pool[c][order[c][depth]])
             depth += 1
         data = torch.stack([x.float() for x in chosen])
-        return data, {"current": current, "buffer": from_buffer, "classes": len([c for c in pool if pool[c]])}
+        return data, sources
 
     # ------------------------------------------------------------------ the quantized snapshot
     def _predict(self, strategy, snapshot: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
@@ -582,7 +696,14 @@ class Quantize(Aux):
                 w.state = "observe"
             for chunk in data.split(128):
                 self._predict(strategy, snapshot, chunk)
-            layer_sizes, layer_macs = [], []
+            layer_sizes, layer_macs, weight_bits = [], [], []
+            # the layers at the chosen bit-width (first and classifier too with quantize_first_last)
+            inner = [w for w in used if self.quantize_first_last or not (w is first or w.in_head)]
+            high = {}
+            if self.mixed == "kurtosis" and inner:
+                masks = kurtosis_assignment([channel_kurtosis(w.layer.weight) for w in inner],
+                                            [w.layer.weight[0].numel() for w in inner], self.high_fraction)
+                high = {id(w): m for w, m in zip(inner, masks)}
             for w in used:
                 edge = w is first or w.in_head
                 w.w_bits, w.a_bits = self.edge_bits if edge else (self.weight_bits, self.act_bits)
@@ -592,17 +713,34 @@ class Quantize(Aux):
                 w.samples = []
                 group = self.group_size if isinstance(w.layer, nn.Linear) else 0
                 w_hat, w.n_scales = fake_quant_weight(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
+                mask = high.get(id(w))
+                share = float(mask.float().mean()) if mask is not None else 0.0  # of this layer's channels
+                if share:
+                    w_high, _ = fake_quant_weight(w.layer.weight, self.high_bits, self.weight_calib, group, self.percentile)
+                    w_hat = torch.where(mask.to(w_hat.device).view(-1, *[1] * (w_hat.dim() - 1)), w_high, w_hat)
                 w.layer.weight.copy_(w_hat)
                 zp_bytes = math.ceil(w.a_bits / 8)
-                layer_sizes.append((w.layer.weight.numel(), w.w_bits, w.n_scales + 1, 1, zp_bytes))
+                n_w = w.layer.weight.numel()
+                n_high = round(share * n_w)
+                layer_sizes.append((n_w - n_high, w.w_bits, w.n_scales + 1, 1, zp_bytes))
+                if n_high:
+                    layer_sizes.append((n_high, self.high_bits, 0, 0, 0))
+                weight_bits.append((n_w - n_high, w.w_bits, n_high, self.high_bits))
                 shape = w.input_shape
                 macs = _macs(lambda: w.layer(torch.zeros(shape, device=device))) if shape else 0
-                layer_macs.append((macs, w.w_bits, w.a_bits))
+                layer_macs.append((round(macs * (1 - share)), w.w_bits, w.a_bits))
+                if n_high:  # a high-precision channel's MACs run at its bit-width
+                    layer_macs.append((macs - round(macs * (1 - share)), self.high_bits, w.a_bits))
                 w.state = "quant"
             quantized_weights = {id(w.layer.weight) for w in used}
             unquantized = sum(p.numel() for p in snapshot.parameters() if id(p) not in quantized_weights)
+        quantized_numel = sum(n_low + n_high for n_low, _, n_high, _ in weight_bits)
         info = {
             "quantized_layers": len(used),
+            # realised mean weight bit-width over the quantized layers (first and last included)
+            "weight_bits_avg": (sum(n_low * b_low + n_high * b_high for n_low, b_low, n_high, b_high in weight_bits)
+                                / quantized_numel) if quantized_numel else None,
+            "high_bit_channels": int(sum(int(m.sum()) for m in high.values())),
             "bn_folded": folded,
             "size_bytes": model_size_bytes(layer_sizes, unquantized),
             "size_bytes_fp32": 4 * fp32_params,
