@@ -41,7 +41,8 @@ detection-table: $(STAMP)
 forecast-table: $(STAMP)
 	mkdir -p results
 	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/forecast \
-		--grid co2-4=stella_mlp,stella_er --grid ts-domains-4=stella_mlp,stella_er > results/readme-forecast.md
+		--grid co2-4=stella_mlp,stella_er --grid ts-domains-4=stella_mlp,stella_er \
+		--grid macro-vars-4=stella_mlp,stella_er > results/readme-forecast.md
 	$(BIN)/python scripts/splice_readme.py README.md forecasting results/readme-forecast.md
 
 clean:

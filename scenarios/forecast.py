@@ -6,7 +6,12 @@ An experience is a set of (lookback L, horizon H) windows of one series segment:
   eras of 571 weeks; L = 52, H = 4;
 - `ts-domains-4` (domain-incremental): four different series one after another (yearly
   sunspots, yearly Nile flow, monthly El Nino sea-surface temperature, monthly euro-area
-  electrical-equipment orders); L = 12, H = 3.
+  electrical-equipment orders); L = 12, H = 3;
+- `macro-vars-4` (variable-incremental): the quarterly US macro panel (statsmodels `macrodata`,
+  1959Q1-2009Q3), one more of its variables per experience (inflation, unemployment, T-bill
+  rate, real interest rate) over the same timeline; L = 8, H = 2. Each window holds one variable
+  with its index (the channel-independent form: a forecaster sees the variables seen so far one
+  at a time, told apart by their index), each variable z-scored on its own training part.
 
 Inside each experience the split is chronological: training windows, then a gap of H
 steps, then test windows, so no test window shares a time step with any training window.
@@ -210,4 +215,41 @@ def ts_domains_4(options: ScenarioOptions) -> ForecastScenario:
         meta={"source": "statsmodels.datasets sunspots (yearly), nile (yearly), elnino (monthly, flattened Jan..Dec "
                         "year by year), elec_equip (monthly)",
               "test_fraction": DOMAINS_TEST_FRACTION},
+    )
+
+
+# --------------------------------------------------------------------------- variables added over time
+MACRO_VARIABLES = ("infl", "unemp", "tbilrate", "realint")
+MACRO_LOOKBACK, MACRO_HORIZON, MACRO_TEST_FRACTION = 8, 2, 0.3
+
+
+def load_macro() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The four variables of `MACRO_VARIABLES` (levels, quarterly) and the quarter 0..3 of each step."""
+    data = _statsmodels("macrodata").load_pandas().data
+    return {v: data[v].to_numpy(dtype=float) for v in MACRO_VARIABLES}, data["quarter"].to_numpy(dtype=int) - 1
+
+
+@register_scenario("macro-vars-4")
+def macro_vars_4(options: ScenarioOptions) -> ForecastScenario:
+    """US quarterly macro panel (statsmodels), one more variable per experience, variable-incremental forecasting, L=8, H=2."""
+    variables, quarter = load_macro()
+    steps = len(quarter)
+    tr, te = split_part(0, steps, MACRO_TEST_FRACTION, MACRO_HORIZON)  # one timeline for every variable
+    train, test, scales = [], [], []
+    for i, name in enumerate(MACRO_VARIABLES):
+        values = variables[name]
+        mean, std = float(values[tr[0]:tr[1]].mean()), float(values[tr[0]:tr[1]].std())
+        scaled = (values - mean) / std
+        train.append(make_windows(scaled, quarter, i, *tr, MACRO_LOOKBACK, MACRO_HORIZON))
+        test.append(make_windows(scaled, quarter, i, *te, MACRO_LOOKBACK, MACRO_HORIZON))
+        scales.append(std)
+    return forecast_scenario(
+        "macro-vars-4", train, test, lookback=MACRO_LOOKBACK, horizon=MACRO_HORIZON, stream="variable-incremental",
+        scaler="z-score per variable, fit on that variable's own training part", scales=scales,
+        num_series=len(MACRO_VARIABLES), season_slots=4, series_names=list(MACRO_VARIABLES),
+        meta={"source": "statsmodels.datasets.macrodata (quarterly, 1959Q1 to 2009Q3)",
+              "variables": "infl: inflation (%), unemp: unemployment rate (%), tbilrate: 3-month T-bill rate (%), "
+                           "realint: real interest rate (%)",
+              "timeline": f"steps {tr[0]}-{tr[1]} train, {te[0]}-{te[1]} test, for every variable",
+              "test_fraction": MACRO_TEST_FRACTION},
     )

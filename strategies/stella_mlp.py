@@ -9,6 +9,10 @@ not a reproduction: the STELLA code was not read, and layer sizes here are our c
    month (yearly series have none: that term is skipped, a zero vector).
 2. A 2-layer MLP block with a residual connection, then a Linear d -> H gives the forecast.
 3. Train with MSE on each experience in turn, nothing kept from earlier ones.
+`instance_norm=true` (the aux card's third scaler policy, RevIN-style without affine terms):
+each window's lookback is standardised by its own mean and standard deviation before step 1,
+and the forecast is mapped back with them, so shifting a window's values shifts its forecast
+by the same amount.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from clbench.scenarios.forecast import CHANNELS, SEASON, SERIES, VALUE
 class Config(ForecastConfig):
     d_model: int = 32
     hidden: int = 96  # the MLP's inner width (d=32, hidden=96: about 10k parameters on co2-4)
+    instance_norm: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,14 +51,18 @@ class StellaMLP(ForecastStrategy):
 
     def build_model(self) -> nn.Module:
         c = self.cfg
-        return StellaLike(c.lookback, c.horizon, c.num_series, c.season_slots, c.d_model, c.hidden)
+        return StellaLike(c.lookback, c.horizon, c.num_series, c.season_slots, c.d_model, c.hidden, c.instance_norm)
 
 
 class StellaLike(nn.Module):
     """float [N, 3, L] (values, series index, seasonal position) -> float [N, H]."""
 
-    def __init__(self, lookback: int, horizon: int, num_series: int, season_slots: int, d_model: int, hidden: int):
+    EPS = 1e-5  # added to each window's variance
+
+    def __init__(self, lookback: int, horizon: int, num_series: int, season_slots: int, d_model: int, hidden: int,
+                 instance_norm: bool = False):
         super().__init__()
+        self.instance_norm = instance_norm
         self.history = nn.Linear(lookback, d_model)
         self.series = nn.Embedding(max(num_series, 1), d_model)
         # row 0 stands for "no seasonal position" and stays zero
@@ -62,11 +71,17 @@ class StellaLike(nn.Module):
         self.out = nn.Linear(d_model, horizon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.history(x[:, VALUE]) + self.series(series_index(x, self.series.num_embeddings))
+        values = x[:, VALUE]
+        if self.instance_norm:
+            mean = values.mean(dim=1, keepdim=True)
+            std = (values.var(dim=1, unbiased=False, keepdim=True) + self.EPS).sqrt()
+            values = (values - mean) / std
+        h = self.history(values) + self.series(series_index(x, self.series.num_embeddings))
         if self.season is not None:
             h = h + self.season(season_index(x, self.season.num_embeddings))
         h = h + self.mlp(torch.relu(h))
-        return self.out(h)
+        forecast = self.out(h)
+        return forecast * std + mean if self.instance_norm else forecast
 
 
 def series_index(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -108,6 +108,46 @@ def test_domains_are_four_series_each_scaled_on_its_own_training_part(domains):
     assert domains.train_sets[0].x[:, 2].eq(-1).all() and domains.train_sets[2].x[:, 2].max() == 11  # yearly: no month
 
 
+def test_macro_variables_arrive_one_per_experience_on_one_timeline():
+    from clbench.scenarios.forecast import MACRO_VARIABLES, load_macro
+
+    macro = create_scenario("macro-vars-4")
+    variables, quarter = load_macro()
+    assert macro.stream == "variable-incremental" and macro.series_names == list(MACRO_VARIABLES)
+    assert (macro.lookback, macro.horizon, macro.num_series, macro.season_slots) == (8, 2, 4, 4)
+    first_train = macro.train_sets[0].starts
+    for i, name in enumerate(MACRO_VARIABLES):
+        train, test = macro.train_sets[i], macro.test_sets[i]
+        assert torch.equal(train.starts, first_train)  # the same time steps for every variable
+        stop = int(train.starts[-1]) + 8 + 2
+        part = variables[name][:stop]
+        assert macro.scales[i] == pytest.approx(part.std())
+        t = int(train.starts[7])
+        np.testing.assert_allclose(train[7][0][0].numpy(), (variables[name][t : t + 8] - part.mean()) / part.std(),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(train[7][1].numpy(), (variables[name][t + 8 : t + 10] - part.mean()) / part.std(),
+                                   rtol=1e-5, atol=1e-5)
+        assert train.x[:, 1].eq(i).all() and torch.equal(train.x[7, 2], torch.tensor(quarter[t : t + 8], dtype=torch.float32))
+        assert int(test.starts[0]) >= stop + 2  # a gap of H steps after the last training target
+    assert macro.describe()["stream"] == "variable-incremental"
+
+
+def test_instance_normalisation_makes_the_forecast_follow_a_shift_of_the_window(domains):
+    from clbench.strategies.stella_mlp import StellaLike
+
+    torch.manual_seed(0)
+    plain, normed = StellaLike(12, 3, 4, 12, 8, 16), StellaLike(12, 3, 4, 12, 8, 16, instance_norm=True)
+    normed.load_state_dict(plain.state_dict())
+    x = domains.train_sets[2].x[:5]
+    shifted = x.clone()
+    shifted[:, 0] += 7.0  # the values only; series index and month stay
+    assert torch.allclose(normed(shifted), normed(x) + 7.0, atol=1e-4)
+    assert not torch.allclose(plain(shifted), plain(x) + 7.0, atol=1e-2)
+    scaled = x.clone()
+    scaled[:, 0] *= 3.0
+    assert torch.allclose(normed(scaled), 3.0 * normed(x), atol=1e-3)
+
+
 def test_scenario_describes_its_protocol_and_is_deterministic(co2):
     d = co2.describe()
     assert d["task_type"] == "forecasting" and d["lookback"] == 52 and d["horizon"] == 4
