@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from clbench.registry import register_strategy
 from clbench.strategies import der_pp
-from clbench.strategies.fdinet import FDINetMixin
+from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
 
 
 @dataclass(frozen=True)
-class Config(der_pp.Config):
-    nf: int = 21
+class Config(der_pp.Config, FDINetOptions):
+    pass
 
 
 @register_strategy("der_pp_fdinet")

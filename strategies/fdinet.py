@@ -9,8 +9,10 @@ specification:
   (default 21: 0.216 of ResNet-18's parameters, the published "-78%") read LL and the
   details respectively;
 - late fusion: their pooled features are concatenated (16 nf dims) before one classifier
-  ("mutual frequency integration" is reconstructed as this late fusion; the card's
-  lateral-link variant is not implemented).
+  ("mutual frequency integration" is reconstructed as this late fusion by default);
+  `integration="mutual"` is the card's optional variant: after each of the four stages,
+  x_L <- x_L + P_s(x_H) and x_H <- x_H + Q_s(x_L) with bias-free 1x1 convolutions (both
+  updates read the stage's outputs before either is changed), then the same late fusion.
 The rehearsal method around it is unchanged: `fdinet` is ER (CE on current + replay),
 `der_pp_fdinet` is DER++; the buffer stores images and the transform is recomputed on
 replay.  The run's backbone is not used: FDINet defines its own two-branch network.
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from clbench.backbones import CifarResNet
+from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.strategies import er
 from clbench.strategies._replay import Replay
@@ -31,22 +34,45 @@ from clbench.wavelets import haar_dwt
 
 
 class FrequencyBranches(nn.Module):
-    """DWT -> (N_L on LL, N_H on details) -> concatenated pooled features; parameters never shared."""
+    """DWT -> (N_L on LL, N_H on details) -> concatenated pooled features; the branches share no
+    parameter (with `mutual`, 1x1 lateral links exchange their stage outputs)."""
 
-    def __init__(self, nf: int = 21, in_chans: int = 3):
+    STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, nf: int = 21, in_chans: int = 3, mutual: bool = False):
         super().__init__()
         self.low = CifarResNet(nf=nf, in_chans=in_chans)
         self.high = CifarResNet(nf=nf, in_chans=3 * in_chans)
         self.num_features = self.low.num_features + self.high.num_features
+        widths = [nf * 2**i for i in range(len(self.STAGES))]
+        # P_s: high -> low, Q_s: low -> high, after stage s
+        self.to_low = nn.ModuleList(nn.Conv2d(w, w, 1, bias=False) for w in widths) if mutual else None
+        self.to_high = nn.ModuleList(nn.Conv2d(w, w, 1, bias=False) for w in widths) if mutual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ll, details = haar_dwt(x)
-        return torch.cat([self.low(ll), self.high(details)], dim=1)
+        if self.to_low is None:
+            return torch.cat([self.low(ll), self.high(details)], dim=1)
+        low, high = _stem(self.low, ll), _stem(self.high, details)
+        for s, stage in enumerate(self.STAGES):
+            low, high = getattr(self.low, stage)(low), getattr(self.high, stage)(high)
+            low, high = low + self.to_low[s](high), high + self.to_high[s](low)
+        return torch.cat([self.low.pool(low), self.high.pool(high)], dim=1)
+
+
+def _stem(net: CifarResNet, x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(net.bn1(net.conv1(x)))
 
 
 @dataclass(frozen=True)
-class Config(er.Config):
+class FDINetOptions:
     nf: int = 21  # width of each branch (reconstruction: 21 gives 0.22 of ResNet-18's parameters)
+    integration: str = "late"  # or "mutual": 1x1 lateral links after every stage
+
+
+@dataclass(frozen=True)
+class Config(er.Config, FDINetOptions):
+    pass
 
 
 class FDINetMixin:
@@ -56,7 +82,10 @@ class FDINetMixin:
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, **kwargs):
         cfg = cfg if cfg is not None else self.Config()
-        super().__init__(FrequencyBranches(cfg.nf, _image_channels(backbone)), num_classes, cfg, **kwargs)
+        if cfg.integration not in ("late", "mutual"):
+            raise UsageError(f"integration={cfg.integration!r} is invalid; expected one of: late, mutual")
+        branches = FrequencyBranches(cfg.nf, _image_channels(backbone), mutual=cfg.integration == "mutual")
+        super().__init__(branches, num_classes, cfg, **kwargs)
 
 
 @register_strategy("fdinet")

@@ -38,6 +38,32 @@ def test_no_parameter_is_shared_between_branches():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.low.parameters())
 
 
+def test_mutual_integration_links_the_branches_after_every_stage():
+    torch.manual_seed(0)
+    late, mutual = FrequencyBranches(nf=4), FrequencyBranches(nf=4, mutual=True)
+    extra = sum(p.numel() for p in mutual.parameters()) - sum(p.numel() for p in late.parameters())
+    assert extra == 2 * sum((4 * 2**i) ** 2 for i in range(4))  # one bias-free 1x1 conv each way per stage
+    mutual.load_state_dict(late.state_dict(), strict=False)
+    x = torch.rand(2, 3, 32, 32)
+    late.eval(), mutual.eval()
+    for conv in [*mutual.to_low, *mutual.to_high]:
+        torch.nn.init.zeros_(conv.weight)
+    assert torch.allclose(mutual(x), late(x), atol=1e-6)  # zero links: exactly late fusion
+    for conv in [*mutual.to_low, *mutual.to_high]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    # the low branch's half of the features now depends on the high branch's parameters
+    mutual(x)[:, : mutual.low.num_features].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mutual.high.parameters())
+
+
+def test_fdinet_integration_is_checked(scenario, build_strategy):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="integration='early' is invalid"):
+        build_strategy("der_pp_fdinet", scenario, integration="early", nf=4)
+    assert build_strategy("der_pp_fdinet", scenario, integration="mutual", nf=4).backbone.to_low is not None
+
+
 def _step_flops(name, scenario, build_strategy, batch_of, backbone, **cfg):
     torch.manual_seed(0)
     s = build_strategy(name, scenario, backbone=backbone, buffer_size=8, replay_batch_size=2, **cfg)
