@@ -146,6 +146,9 @@ def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> Non
         parts = key.split(".")
         owner: nn.Module = strategy
         for depth, part in enumerate(parts[:-1]):
+            if part.isdigit() and isinstance(owner, nn.ModuleList):
+                while len(owner) <= int(part):  # a list of snapshots (multi_teacher) not yet taken
+                    owner.append(strategy.frozen_copy())
             child = getattr(owner, part, None) if not part.isdigit() else owner[int(part)]  # type: ignore[index]
             if child is None:
                 # a snapshot taken with CLStrategy.frozen_copy (a teacher) that does not exist yet

@@ -99,9 +99,12 @@ def _info(index: int, per: int = 2, n: int = 3) -> ExperienceInfo:
 
 
 @pytest.mark.parametrize("kept, owners", [(1, [0, 0, 0, 0, -1, -1]), (2, [1, 1, 0, 0, -1, -1])])
-def test_task_owner_is_the_snapshot_after_the_samples_experience(strategy_factory, kept, owners):
-    strategy = strategy_factory("naive")
+def test_task_owner_is_the_snapshot_after_the_samples_experience(tiny_backbone, kept, owners):
+    from clbench.runner import create_strategy, strategy_config
+
+    strategy = create_strategy("naive", tiny_backbone, 6, strategy_config("naive", {}))
     mt = MultiTeacher(teachers=kept, policy="task_owner")
+    mt.setup(strategy)
     for i in range(3):
         strategy.on_experience_start(_info(i))
         mt.on_experience_start(strategy, _info(i))
@@ -116,6 +119,8 @@ def test_every_term_is_zero_while_the_student_equals_its_teacher(strategy_factor
     """At the start of an experience the snapshot is the student: nothing to distil yet."""
     add_ons = [LogitKD(), FeatureKD(), RelationKD(min_rows=2), MultiTeacher(policy="confidence")]
     strategy = strategy_factory("naive")
+    for a in add_ons:
+        a.setup(strategy)
     for i in range(2):
         info = synthetic_scenario.info(i)
         strategy.on_experience_start(info)
@@ -199,3 +204,24 @@ def test_distillation_add_ons_run_end_to_end(tmp_path, fast_config_for):
         assert len(result.accuracy_matrix) == 5
     assert records["freq_kd"].strategy_report["add_ons"]["freq_kd"] == {"layer": "body"}
     assert records["multi_teacher"].strategy_report["add_ons"]["multi_teacher"] == {"teachers": 2, "policy": "task_owner"}
+
+
+@pytest.mark.parametrize("aux", [("multi_teacher", {"policy": "task_owner", "teachers": 2}), ("logit_kd", {})])
+def test_a_resumed_distillation_run_ends_like_an_uninterrupted_one(tmp_path, aux):
+    """Teacher snapshots (and multi_teacher's bookkeeping) are saved with the checkpoint."""
+    from clbench.config import RunConfig
+
+    def spec(out, resume=False):
+        cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)
+        return RunSpec("er", "synthetic-5", run=cfg, seed=3, aux=[aux], resume=resume)
+
+    whole = run(spec(tmp_path / "whole"))
+
+    def stop(i, result, strategy):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec(tmp_path / "cut"), on_experience=stop)
+    resumed = run(spec(tmp_path / "cut", resume=True))
+    assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix

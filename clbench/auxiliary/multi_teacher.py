@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from clbench.auxiliary.distill import PreviousTeacher, _choice, _positive, kd_per_sample
 from clbench.errors import UsageError
@@ -74,34 +75,45 @@ class MultiTeacher(PreviousTeacher):
         self.temperature = _positive("multi_teacher", "temperature", temperature)
         self.confidence_temperature = _positive("multi_teacher", "confidence_temperature", confidence_temperature)
         self.feature_weight = float(feature_weight)
-        # newest first: (snapshot, classes it had seen, index of the experience it had just learned)
-        self.snapshots: list[tuple[torch.nn.Module, int, int]] = []
-        self.class_experience: dict[int, int] = {}
+        # newest first; modules and buffers, so they move with the strategy and survive --resume
+        self.teachers = nn.ModuleList()
+
+    def setup(self, strategy) -> None:
+        if not hasattr(self, "class_experience"):
+            k = self.max_teachers
+            # per class: the experience that brought it (-1: not yet); per teacher: the classes it
+            # had seen and the experience it had just learned
+            self.register_buffer("class_experience", torch.full((strategy.num_classes,), -1, dtype=torch.long))
+            self.register_buffer("teacher_known", torch.zeros(k, dtype=torch.long))
+            self.register_buffer("teacher_after", torch.full((k,), -1, dtype=torch.long))
+
+    @property
+    def snapshots(self) -> list[tuple[nn.Module, int, int]]:
+        """(snapshot, classes it had seen, experience it had just learned), newest first."""
+        return [(t, int(self.teacher_known[k]), int(self.teacher_after[k])) for k, t in enumerate(self.teachers)]
 
     def on_experience_start(self, strategy, exp) -> None:
-        for c in exp.classes:
-            self.class_experience.setdefault(c, exp.index)
+        new = torch.tensor(list(exp.classes), dtype=torch.long)
+        self.class_experience[new[self.class_experience[new] < 0]] = exp.index
         if not exp.is_first:
-            self.snapshots = [(strategy.frozen_copy(), len(exp.past_classes), exp.index - 1), *self.snapshots]
-            self.snapshots = self.snapshots[: self.max_teachers]
-        self.teacher = self.snapshots[0][0] if self.snapshots else None
+            self.teachers.insert(0, strategy.frozen_copy())
+            del self.teachers[self.max_teachers:]
+            self.teacher_known.copy_(torch.cat([self.teacher_known.new_tensor([len(exp.past_classes)]), self.teacher_known[:-1]]))
+            self.teacher_after.copy_(torch.cat([self.teacher_after.new_tensor([exp.index - 1]), self.teacher_after[:-1]]))
         self.old_classes = len(exp.past_classes)
 
     def owners(self, y: torch.Tensor) -> torch.Tensor:
         """Per sample, the index of the snapshot taken right after its experience (-1: none yet)."""
-        learned_after = {after: k for k, (_, _, after) in enumerate(self.snapshots)}
-        oldest = len(self.snapshots) - 1
-        out = []
-        for c in y.tolist():
-            exp = self.class_experience.get(c)
-            if exp is None or exp > self.snapshots[0][2]:  # the current experience: nobody owns it yet
-                out.append(-1)
-            else:
-                out.append(learned_after.get(exp, oldest))
-        return torch.tensor(out, dtype=torch.long, device=y.device)
+        kept = len(self.teachers)
+        after = self.teacher_after[:kept].to(y.device)
+        experience = self.class_experience.to(y.device)[y]
+        match = experience[:, None] == after[None, :]
+        owner = torch.where(match.any(dim=1), match.long().argmax(dim=1), torch.full_like(y, kept - 1))
+        # the current experience's samples (or a class never seen): nobody owns them yet
+        return torch.where((experience < 0) | (experience > after[0]), torch.full_like(y, -1), owner)
 
     def loss(self, batch, out, strategy):
-        if not self.snapshots:
+        if not len(self.teachers):
             return None
         rows = self.distilled(batch, out, strategy)
         if rows is None:
