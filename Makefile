@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean leaderboard detection-table forecast-table
+.PHONY: demo test test-fast venv clean leaderboard detection-table forecast-table distill-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ forecast-table: $(STAMP)
 		--grid co2-4=stella_mlp,stella_er --grid ts-domains-4=stella_mlp,stella_er \
 		--grid macro-vars-4=stella_mlp,stella_er > results/readme-forecast.md
 	$(BIN)/python scripts/splice_readme.py README.md forecasting results/readme-forecast.md
+
+# The README's distillation table: ER alone and with each distillation add-on, seeds 0-2.
+distill-table: $(STAMP)
+	mkdir -p results
+	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/distill --grid digits-5=er \
+		--add-ons none --add-ons logit_kd --add-ons logit_mse --add-ons feature_kd --add-ons relation_kd \
+		--add-ons multi_teacher:policy=task_owner > results/readme-distill.md
+	$(BIN)/python scripts/splice_readme.py README.md distillation results/readme-distill.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

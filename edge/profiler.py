@@ -154,6 +154,7 @@ class EdgeProfiler(pl.Callback):
         self._shapes: dict[tuple, _Shape] = {}
         self._stable_phases: set[str] = set()
         self._run_steps: list[tuple[StepProfile, int]] = []
+        self._traced_records = 0  # records this process traced (a resumed run restores the earlier ones)
         self._counter: Counter | None = None  # the one counting now
         self._step_counter: Counter | None = None
         self._step_shape: _Shape | None = None
@@ -205,6 +206,7 @@ class EdgeProfiler(pl.Callback):
         rec["jetson"] = self._jetson_fields(rec, [(s.profile, s.steps) for s in work if s.profile is not None],
                                             planned=rec.get("planned_steps", 0))
         self._run_steps += [(s.profile, s.steps) for s in work if s.profile is not None]
+        self._traced_records += 1
         self.records.append(rec)
         self._current = None
         return rec
@@ -231,7 +233,12 @@ class EdgeProfiler(pl.Callback):
         if recs and any("train_flops_exp_planned" in r for r in recs):
             out["train_flops_total_planned"] = sum(r.get("train_flops_exp_planned") or 0 for r in recs)
         out["samples_per_s"] = out["samples"] / out["train_time_s"] if out["train_time_s"] else None
-        out["jetson"] = self._jetson_fields(out, self._run_steps, planned=sum(r.get("planned_steps", 0) for r in recs))
+        if len(recs) > self._traced_records and all("time_s" in (r.get("jetson") or {}) for r in recs):
+            # a resumed run: the op traces of the experiences before the resume are not in the
+            # checkpoint, but their records are; the estimate is additive over steps
+            out["jetson"] = _summed_jetson([r["jetson"] for r in recs])
+        else:
+            out["jetson"] = self._jetson_fields(out, self._run_steps, planned=sum(r.get("planned_steps", 0) for r in recs))
         if self.flops_mode != "off":
             out["flops_convention"] = CONVENTION
             out["flop_counter"] = torch_behaviour()
@@ -503,6 +510,23 @@ class EdgeProfiler(pl.Callback):
             out["planned_time_s"] = est.time_s * planned / done
             out["planned_low_s"], out["planned_high_s"] = est.low_s * planned / done, est.high_s * planned / done
         return out
+
+
+def _summed_jetson(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's Jetson time as the sum of its experiences' (estimated or measured) times."""
+    out = {k: v for k, v in parts[-1].items() if k not in ("per_step_s", "label", "planned_time_s", "planned_low_s",
+                                                             "planned_high_s")}
+    for key in ("time_s", "low_s", "high_s"):
+        if all(key in p for p in parts):
+            out[key] = sum(p[key] for p in parts)
+    out["summed_experiences"] = len(parts)
+    if str(out.get("source", "")).startswith("estimated"):
+        from clbench.edge.jetson import _hms
+
+        out["label"] = f"{_hms(out['time_s'])} estimated ± {100 * out['band']:.0f}% [{_hms(out['low_s'])}, {_hms(out['high_s'])}]"
+    else:
+        out["label"] = f"{out['time_s']:.2f} s measured"
+    return out
 
 
 class NullProfiler:

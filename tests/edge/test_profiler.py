@@ -310,3 +310,29 @@ def test_strategies_loop_over_plain_ranges_without_the_runners_profiler(strategy
     outside = EdgeProfiler()  # a profiler with no experience open adds nothing anywhere
     strategy.cost_meter = outside
     assert list(strategy.work_steps("anything", 2)) == [0, 1] and outside.records == []
+
+
+def test_a_resumed_run_reports_the_whole_runs_jetson_time(tmp_path):
+    """Op traces are not checkpointed: after --resume the run total is the sum of the experiences'
+    estimates, equal to an uninterrupted run's."""
+    from clbench.config import RunConfig
+    from clbench.runner import RunSpec, run
+
+    def spec(out, resume=False):
+        cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)
+        return RunSpec("er", "synthetic-5", run=cfg, seed=5, resume=resume)
+
+    whole = run(spec(tmp_path / "whole"))
+
+    def stop(i, result, strategy):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec(tmp_path / "cut"), on_experience=stop)
+    resumed = run(spec(tmp_path / "cut", resume=True))
+    a, b = whole.edge["totals"]["jetson"], resumed.edge["totals"]["jetson"]
+    assert b["time_s"] == pytest.approx(a["time_s"], rel=1e-9)
+    assert b["low_s"] == pytest.approx(a["low_s"], rel=1e-9) and b["high_s"] == pytest.approx(a["high_s"], rel=1e-9)
+    assert b["summed_experiences"] == 5 and "planned_time_s" not in b
+    assert b["label"].split(" estimated")[0] == a["label"].split(" estimated")[0]
