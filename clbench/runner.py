@@ -94,14 +94,26 @@ def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
     return out
 
 
+def aux_problem(strategy_cls, aux_cls) -> str | None:
+    """Why the add-on cannot be used with the strategy (None: it can); classes suffice."""
+    from clbench.base import CLStrategy
+
+    name, accepts = strategy_cls.registry_name, strategy_cls.accepts_aux
+    if accepts is not None and aux_cls.family not in accepts and aux_cls.name not in accepts:
+        return f"strategy {name!r} does not accept add-on {aux_cls.name!r}; it accepts: {', '.join(sorted(accepts)) or 'none'}"
+    if getattr(aux_cls, "needs_backbone_head", False) and strategy_cls.forward is not CLStrategy.forward:
+        return (f"add-on {aux_cls.name!r} distils snapshots of backbone and head, and strategy {name!r} computes its "
+                f"output its own way (encoders, adapters, prompts or other modules); expected a strategy whose output "
+                f"is head(backbone(x))")
+    return None
+
+
 def create_strategy(name: str, backbone, num_classes: int, cfg=None, aux: Sequence = (), seed: int = 0):
     cls = STRATEGIES.get(name)
-    accepts = cls.accepts_aux
     for a in aux:
-        if accepts is not None and a.family not in accepts and a.name not in accepts:
-            raise UsageError(
-                f"strategy {name!r} does not accept add-on {a.name!r}; it accepts: {', '.join(sorted(accepts)) or 'none'}"
-            )
+        problem = aux_problem(cls, type(a))
+        if problem is not None:
+            raise UsageError(problem)
     return cls(backbone, num_classes, cfg, aux=list(aux), seed=seed)
 
 

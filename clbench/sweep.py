@@ -89,8 +89,8 @@ def plan(
     return jobs
 
 
-def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig | None = None
-                          ) -> tuple[list[str], dict[str, str]]:
+def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig | None = None,
+                          aux: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
     """(strategies defined for the scenario's images, {strategy: why not} for the others).
 
     A strategy declares the image channels it is defined for in `input_channels`; a
@@ -98,8 +98,8 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     with the data error).
     """
     from clbench.errors import DataNotFoundError
-    from clbench.registry import STRATEGIES
-    from clbench.runner import create_scenario, task_problem
+    from clbench.registry import AUXILIARY, STRATEGIES
+    from clbench.runner import aux_problem, create_scenario, task_problem
 
     try:
         built = create_scenario(scenario, run)
@@ -118,6 +118,8 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
         elif needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
         elif (problem := cls.backbone_problem(_meta_backbone(backbone, built.input_shape))) is not None:
+            skipped[name] = problem
+        elif (problem := next(filter(None, (aux_problem(cls, AUXILIARY.get(a)) for a in aux)), None)) is not None:
             skipped[name] = problem
         else:
             kept.append(name)
@@ -141,7 +143,8 @@ def _defined_for_their_scenario(jobs: list[Job]) -> list[Job]:
     for scenario in dict.fromkeys(job.spec.scenario for job in jobs):
         mine = [job for job in jobs if job.spec.scenario == scenario]
         names = list(dict.fromkeys(job.spec.strategy for job in mine))
-        for name, reason in compatible_strategies(names, scenario, mine[0].spec.run)[1].items():
+        add_ons = [a for a, _ in mine[0].spec.aux]
+        for name, reason in compatible_strategies(names, scenario, mine[0].spec.run, add_ons)[1].items():
             print(f"skip  {name} on {scenario}: {reason}")
             skipped.add((name, scenario))
     return [job for job in jobs if (job.spec.strategy, job.spec.scenario) not in skipped]

@@ -225,3 +225,17 @@ def test_a_resumed_distillation_run_ends_like_an_uninterrupted_one(tmp_path, aux
         run(spec(tmp_path / "cut"), on_experience=stop)
     resumed = run(spec(tmp_path / "cut", resume=True))
     assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix
+
+
+def test_distillation_is_refused_for_strategies_with_their_own_forward(tiny_backbone):
+    from clbench.errors import UsageError
+    from clbench.runner import create_strategy, strategy_config
+    from clbench.sweep import compatible_strategies
+
+    with pytest.raises(UsageError, match="add-on 'logit_kd' distils snapshots of backbone and head, and strategy 'lord'"):
+        create_strategy("lord", tiny_backbone, 4, strategy_config("lord", {}), aux=[LogitKD()])
+    assert create_strategy("er", tiny_backbone, 4, strategy_config("er", {}), aux=[LogitKD()]).aux[0].name == "logit_kd"
+    # a sweep plans around it: the pair is skipped with the reason, not run and failed
+    kept, skipped = compatible_strategies(["er", "fdinet", "er_clfd", "lord"], "synthetic32-3", aux=["multi_teacher"])
+    assert kept == ["er", "fdinet"] and set(skipped) == {"er_clfd", "lord"}
+    assert "head(backbone(x))" in skipped["lord"]

@@ -196,6 +196,8 @@ class PreviousTeacher(Aux):
     """Shared mechanics: the previous-experience snapshot, the distilled samples and their outputs."""
 
     family = "distill"
+    # a snapshot is backbone and head: refused (before training) for strategies with their own forward
+    needs_backbone_head = True
 
     def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
         super().__init__(weight, samples=samples, **hparams)
