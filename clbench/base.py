@@ -266,7 +266,9 @@ class CLStrategy(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # optimisation is manual, so Lightning leaves the schedule to the module
         schedulers = self.lr_schedulers() if self._trainer is not None else None
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
 
     def on_fit_end(self) -> None:
@@ -318,9 +320,15 @@ def frozen_snapshot(modules: dict[str, nn.Module]) -> nn.ModuleDict:
     return teacher
 
 
-def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> Output:
+    """A backbone-and-head snapshot's logits and features on `x`, without gradients."""
     with torch.no_grad():
-        return teacher["head"](teacher["backbone"](x))
+        features = teacher["backbone"](x)
+        return Output(teacher["head"](features), features)
+
+
+def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return teacher_outputs(teacher, x).logits
 
 
 @contextlib.contextmanager

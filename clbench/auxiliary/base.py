@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+from clbench.errors import UsageError
 
 if TYPE_CHECKING:
     from clbench.base import CLStrategy
@@ -49,3 +51,16 @@ class Aux(nn.Module):
 
     def report(self) -> dict[str, Any]:
         return {}
+
+
+def choice(add_on: str, name: str, value: Any, allowed: Sequence) -> Any:
+    """`value` if it is one of `allowed`, else the one-line usage error naming add-on, setting and value."""
+    if value not in allowed:
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def positive(add_on: str, name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected a positive number")
+    return float(value)

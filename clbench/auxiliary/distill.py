@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux
+from clbench.auxiliary.base import Aux, choice, positive
+from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 from clbench.types import Output
@@ -40,16 +41,9 @@ from clbench.wavelets import haar_dwt_conv
 SAMPLES = ("current", "replay", "all")
 
 
-def _choice(add_on: str, name: str, value, allowed) -> str:
-    if value not in allowed:
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected one of {', '.join(map(str, allowed))}")
-    return value
-
-
-def _positive(add_on: str, name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected a positive number")
-    return float(value)
+def sample_rows(samples: str, current: int) -> slice:
+    """The rows of a step's forward that `samples` names: the current batch comes first."""
+    return {"current": slice(0, current), "replay": slice(current, None), "all": slice(None)}[samples]
 
 
 # --------------------------------------------------------------------------- losses (pure)
@@ -201,7 +195,7 @@ class PreviousTeacher(Aux):
 
     def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
         super().__init__(weight, samples=samples, **hparams)
-        self.samples = _choice(self.name, "samples", samples, SAMPLES)
+        self.samples = choice(self.name, "samples", samples, SAMPLES)
         self.teacher = None
         self.old_classes = 0
 
@@ -217,16 +211,11 @@ class PreviousTeacher(Aux):
             x, y, full, current = batch.x, batch.y, out, len(batch)
         else:
             x, y, full, current = view.x, view.y, view.out, view.current
-        rows = {"current": slice(0, current), "replay": slice(current, None), "all": slice(None)}[self.samples]
+        rows = sample_rows(self.samples, current)
         x = x[rows]
         if len(x) == 0:
             return None
         return x, y[rows], full.rows(rows)
-
-    def teacher_output(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            features = self.teacher["backbone"](x)
-            return self.teacher["head"](features), features
 
     def with_teacher(self, batch, out: Output, strategy, min_rows: int = 1) -> tuple[Output, Output] | None:
         """(student, teacher) outputs on the distilled samples; None without a teacher or with
@@ -235,7 +224,10 @@ class PreviousTeacher(Aux):
         if rows is None or len(rows[0]) < min_rows:
             return None
         x, _, student = rows
-        return student, Output(*self.teacher_output(x))
+        return student, self.teacher_output(x)
+
+    def teacher_output(self, x: torch.Tensor) -> Output:
+        return teacher_outputs(self.teacher, x)
 
 
 class _OldLogits(PreviousTeacher):
@@ -255,7 +247,7 @@ class LogitKD(_OldLogits):
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0, samples: str = "current"):
         super().__init__(weight, samples=samples, temperature=temperature)
-        self.temperature = _positive("logit_kd", "temperature", temperature)
+        self.temperature = positive("logit_kd", "temperature", temperature)
 
     def compare(self, student, teacher):
         return logit_kd(student, teacher, self.temperature)
@@ -282,7 +274,7 @@ class FeatureKD(PreviousTeacher):
                  samples: str = "current"):
         normalize = normalize or ("l2" if layer is None else "none")
         allowed = ("l2", "none") if layer is None else ("none", "channel")
-        _choice("feature_kd", "normalize", normalize, allowed)
+        choice("feature_kd", "normalize", normalize, allowed)
         # CLIP-KD's weight for unit embeddings (their MSE per element is tiny), MTKD-RL's for raw maps
         default = 2000.0 if normalize != "none" and layer is None else 5.0
         super().__init__(default if weight is None else weight, samples=samples, layer=layer, normalize=normalize)
@@ -327,7 +319,7 @@ def student_map(tap: LayerTap, add_on: PreviousTeacher, batch, out, strategy):
         return tap.output_of(strategy.backbone, x), x
     inp, layer_out = caught
     current = view.current if view is not None else len(batch)
-    keep = {"current": slice(0, current), "replay": slice(current, None), "all": slice(None)}[add_on.samples]
+    keep = sample_rows(add_on.samples, current)
     return layer_out[keep], inp[keep]
 
 
@@ -339,8 +331,8 @@ class RelationKD(PreviousTeacher):
                  exclude_diagonal: bool = False, min_rows: int = 8, samples: str = "all"):
         super().__init__(weight, samples=samples, temperature=temperature, relation=relation,
                          exclude_diagonal=exclude_diagonal, min_rows=min_rows)
-        self.temperature = _positive("relation_kd", "temperature", temperature)
-        self.relation = _choice("relation_kd", "relation", relation, ("kl", "mse"))
+        self.temperature = positive("relation_kd", "temperature", temperature)
+        self.relation = choice("relation_kd", "relation", relation, ("kl", "mse"))
         self.exclude_diagonal = bool(exclude_diagonal)
         if not isinstance(min_rows, int) or min_rows < 2:
             raise UsageError(f"relation_kd min_rows={min_rows!r} is invalid; expected an integer >= 2")
@@ -370,9 +362,9 @@ class FrequencyKD(PreviousTeacher):
             if not isinstance(value, (int, float)) or value < 0:
                 raise UsageError(f"freq_kd {name}={value!r} is invalid; expected a number >= 0")
         self.low_weight, self.high_weight = float(low_weight), float(high_weight)
-        self.levels = int(_choice("freq_kd", "levels", levels, (1, 2)))
-        self.domain = _choice("freq_kd", "domain", domain, ("haar", "fft"))
-        self.cutoff = _positive("freq_kd", "cutoff", cutoff)
+        self.levels = int(choice("freq_kd", "levels", levels, (1, 2)))
+        self.domain = choice("freq_kd", "domain", domain, ("haar", "fft"))
+        self.cutoff = positive("freq_kd", "cutoff", cutoff)
         self.tap: LayerTap | None = None
 
     def setup(self, strategy) -> None:

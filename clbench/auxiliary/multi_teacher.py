@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.distill import PreviousTeacher, _choice, _positive, kd_per_sample
+from clbench.auxiliary.base import choice, positive
+from clbench.auxiliary.distill import PreviousTeacher, kd_per_sample
+from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -71,9 +73,9 @@ class MultiTeacher(PreviousTeacher):
         if not isinstance(feature_weight, (int, float)) or feature_weight < 0:
             raise UsageError(f"multi_teacher feature_weight={feature_weight!r} is invalid; expected a number >= 0")
         self.max_teachers = teachers
-        self.policy = _choice("multi_teacher", "policy", policy, POLICIES)
-        self.temperature = _positive("multi_teacher", "temperature", temperature)
-        self.confidence_temperature = _positive("multi_teacher", "confidence_temperature", confidence_temperature)
+        self.policy = choice("multi_teacher", "policy", policy, POLICIES)
+        self.temperature = positive("multi_teacher", "temperature", temperature)
+        self.confidence_temperature = positive("multi_teacher", "confidence_temperature", confidence_temperature)
         self.feature_weight = float(feature_weight)
         # newest first; modules and buffers, so they move with the strategy and survive --resume
         self.teachers = nn.ModuleList()
@@ -119,20 +121,15 @@ class MultiTeacher(PreviousTeacher):
         if rows is None:
             return None
         x, y, student = rows
-        t_logits, t_features = [], []
-        with torch.no_grad():
-            for snapshot, _, _ in self.snapshots:
-                feats = snapshot["backbone"](x)
-                t_features.append(feats)
-                t_logits.append(snapshot["head"](feats))
-        known = [n for _, n, _ in self.snapshots]
+        teachers = [teacher_outputs(snapshot, x) for snapshot in self.teachers]
+        known = self.teacher_known[: len(teachers)].tolist()
         owner = self.owners(y) if self.policy == "task_owner" else None
-        w = teacher_weights(self.policy, t_logits, known, y, owner, self.confidence_temperature)
+        w = teacher_weights(self.policy, [t.logits for t in teachers], known, y, owner, self.confidence_temperature)
         per_teacher = []
-        for logits, feats, n in zip(t_logits, t_features, known):
-            term = kd_per_sample(student.logits[:, :n], logits[:, :n], self.temperature)
+        for teacher, n in zip(teachers, known):
+            term = kd_per_sample(student.logits[:, :n], teacher.logits[:, :n], self.temperature)
             if self.feature_weight and student.features is not None:
-                term = term + self.feature_weight * (student.features - feats).pow(2).flatten(1).mean(dim=1)
+                term = term + self.feature_weight * (student.features - teacher.features).pow(2).flatten(1).mean(dim=1)
             per_teacher.append(term)
         return (w * torch.stack(per_teacher, dim=1)).sum(dim=1).mean()
 

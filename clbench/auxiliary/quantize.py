@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux
+from clbench.auxiliary.base import Aux, choice
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -457,12 +457,6 @@ def _bits(name: str, value: Any) -> int:
     return value
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise UsageError(f"quantize {name}={value!r} is invalid; expected one of {', '.join(allowed)}")
-    return value
-
-
 @register_aux("quantize")
 class Quantize(Aux):
     """Post-training (default) or quantization-aware fake quantization; PTQ scores a quantized
@@ -476,7 +470,7 @@ class Quantize(Aux):
                  group_size: int = 0, quantize_first_last: bool = False, calib_samples: int = 512,
                  fold_bn: bool = True, mixed: str = "none", high_bits: int = 8, high_fraction: float = 0.1,
                  calib_select: str = "balanced", seed: int = 0):
-        mode = _choice("mode", mode, ("ptq", "qat"))
+        mode = choice("quantize", "mode", mode, ("ptq", "qat"))
         if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
             _bits("bits", bits)
             weight_bits = bits if weight_bits is None else weight_bits
@@ -496,16 +490,16 @@ class Quantize(Aux):
         act_bits = _bits("act_bits", 8 if act_bits is None else act_bits)
         if weight_calib is None:
             weight_calib = "mse" if weight_bits <= 4 else "minmax"
-        weight_calib = _choice("weight_calib", weight_calib, CALIBRATORS)
-        act_calib = _choice("act_calib", act_calib, CALIBRATORS)
+        weight_calib = choice("quantize", "weight_calib", weight_calib, CALIBRATORS)
+        act_calib = choice("quantize", "act_calib", act_calib, CALIBRATORS)
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
             raise UsageError(f"quantize percentile={percentile!r} is invalid; expected a number in (50, 100]")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
             raise UsageError(f"quantize group_size={group_size!r} is invalid; expected 0 (per channel) or a positive integer")
         if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
             raise UsageError(f"quantize calib_samples={calib_samples!r} is invalid; expected a positive integer")
-        mixed = _choice("mixed", mixed, ("none", "kurtosis"))
-        calib_select = _choice("calib_select", calib_select, ("balanced", "fisher"))
+        mixed = choice("quantize", "mixed", mixed, ("none", "kurtosis"))
+        calib_select = choice("quantize", "calib_select", calib_select, ("balanced", "fisher"))
         high_bits = _bits("high_bits", high_bits)
         if isinstance(high_fraction, bool) or not isinstance(high_fraction, (int, float)) or not 0 < high_fraction < 1:
             raise UsageError(f"quantize high_fraction={high_fraction!r} is invalid; expected a number in (0, 1)")
@@ -696,7 +690,7 @@ class Quantize(Aux):
                 w.state = "observe"
             for chunk in data.split(128):
                 self._predict(strategy, snapshot, chunk)
-            layer_sizes, layer_macs, weight_bits = [], [], []
+            layer_sizes, layer_macs = [], []
             # the layers at the chosen bit-width (first and classifier too with quantize_first_last)
             inner = [w for w in used if self.quantize_first_last or not (w is first or w.in_head)]
             high = {}
@@ -725,7 +719,6 @@ class Quantize(Aux):
                 layer_sizes.append((n_w - n_high, w.w_bits, w.n_scales + 1, 1, zp_bytes))
                 if n_high:
                     layer_sizes.append((n_high, self.high_bits, 0, 0, 0))
-                weight_bits.append((n_w - n_high, w.w_bits, n_high, self.high_bits))
                 shape = w.input_shape
                 macs = _macs(lambda: w.layer(torch.zeros(shape, device=device))) if shape else 0
                 layer_macs.append((round(macs * (1 - share)), w.w_bits, w.a_bits))
@@ -734,12 +727,11 @@ class Quantize(Aux):
                 w.state = "quant"
             quantized_weights = {id(w.layer.weight) for w in used}
             unquantized = sum(p.numel() for p in snapshot.parameters() if id(p) not in quantized_weights)
-        quantized_numel = sum(n_low + n_high for n_low, _, n_high, _ in weight_bits)
+        quantized_numel = sum(n_w for n_w, *_ in layer_sizes)
         info = {
             "quantized_layers": len(used),
             # realised mean weight bit-width over the quantized layers (first and last included)
-            "weight_bits_avg": (sum(n_low * b_low + n_high * b_high for n_low, b_low, n_high, b_high in weight_bits)
-                                / quantized_numel) if quantized_numel else None,
+            "weight_bits_avg": sum(n_w * b_w for n_w, b_w, *_ in layer_sizes) / quantized_numel if quantized_numel else None,
             "high_bit_channels": int(sum(int(m.sum()) for m in high.values())),
             "bn_folded": folded,
             "size_bytes": model_size_bytes(layer_sizes, unquantized),
