@@ -197,10 +197,14 @@ class TunaStrategy(CLStrategy):
             return torch.zeros(0)
         return self.task_adapter_vectors[: int(self.task_adapter_count)]
 
+    def load_expert(self, theta: torch.Tensor) -> None:
+        """Put the adapter vector `theta` (a stored or merged adapter) into the evaluation adapter set."""
+        vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
+
     def expert_prediction(self, theta: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """With the adapter vector `theta`: softmax of s times the head's cosines over all seen
         classes, and its entropy in nats (the same classes and scale for every adapter)."""
-        vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
+        self.load_expert(theta)
         with torch.no_grad(), self.router.using(self.expert):
             q = torch.softmax(self.cfg.scale * self.head(self.backbone(x)), dim=1)
         return q, -(q * torch.log(q.clamp_min(1e-12))).sum(1)

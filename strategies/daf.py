@@ -109,6 +109,9 @@ class DAF(TunaStrategy):
     def theta(self) -> torch.Tensor:
         return parameters_to_vector(self.adapter.parameters()).detach()
 
+    def set_theta(self, theta: torch.Tensor) -> None:
+        vector_to_parameters(theta, list(self.adapter.parameters()))
+
     # ---- after training: the two Fisher passes (batch-1 steps) before TUNA's statistics and alignment
     def method_phases(self, exp: ExperienceInfo) -> list[Phase]:
         return [Phase("fisher_task", epochs=1, batch_size=1), Phase("fisher_fused", epochs=1, batch_size=1)]
@@ -169,7 +172,7 @@ class DAF(TunaStrategy):
         if self.cfg.select_prior and self.experience.is_first:
             self.select_prior_strength(theta_task, fisher_task)
         fused, terms = self.fused(theta_task, fisher_task, self.prior_strength)
-        vector_to_parameters(fused, list(self.adapter.parameters()))
+        self.set_theta(fused)
         record = {"task": self.experience.index, **terms[0]} if len(terms) == 1 else {
             "task": self.experience.index, "beta_per_block": [t["beta"] for t in terms]}
         self.fusion.append(record)
@@ -183,12 +186,12 @@ class DAF(TunaStrategy):
         self.prior_strength = PRIOR_GRID[best]
         self.prior_selection = {"grid": list(PRIOR_GRID), "heldout_loss": losses, "chosen": self.prior_strength,
                                 "heldout_samples": len(self._holdout)}
-        vector_to_parameters(theta_task, list(self.adapter.parameters()))
+        self.set_theta(theta_task)
 
     @torch.no_grad()
     def heldout_loss(self, theta: torch.Tensor) -> float:
         """Mean CosFace-form loss of the held-out first-task samples with the adapter set to `theta`."""
-        vector_to_parameters(theta, list(self.adapter.parameters()))
+        self.set_theta(theta)
         total = count = 0
         with eval_mode(self.backbone, self.adapter):
             for batch in make_loader(self._holdout, 256, shuffle=False):

@@ -29,7 +29,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import vector_to_parameters
 
 from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy
@@ -83,7 +82,7 @@ class TUNA(TunaStrategy):
 
     def up_projections(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """Every block's up-projection weight of a stored adapter vector."""
-        vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))
+        self.load_expert(theta)
         return [a.up.weight.detach().clone() for a in self.expert.adapters]
 
     def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
