@@ -274,7 +274,7 @@ class Estimate:
     per_step_s: dict[str, float] = field(default_factory=dict)
 
     def label(self) -> str:
-        return f"{_hms(self.time_s)} estimated ± {100 * self.band:.0f}% [{_hms(self.low_s)}, {_hms(self.high_s)}]"
+        return estimate_label(self.time_s, self.band, self.low_s, self.high_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -309,6 +309,15 @@ def estimate_train_time(steps: Sequence[tuple[StepProfile, int]], device: Device
         n_calibration_points=calibration.n_points,
         per_step_s=per_step,
     )
+
+
+def estimate_label(time_s: float, band: float, low_s: float, high_s: float) -> str:
+    """e.g. `2.1 h estimated ± 33% [1.6 h, 2.8 h]`."""
+    return f"{_hms(time_s)} estimated ± {100 * band:.0f}% [{_hms(low_s)}, {_hms(high_s)}]"
+
+
+def measured_label(time_s: float) -> str:
+    return f"{time_s:.2f} s measured"
 
 
 def _hms(seconds: float) -> str:

@@ -486,7 +486,7 @@ class EdgeProfiler(pl.Callback):
     def _jetson_fields(self, rec: dict[str, Any], steps, planned: int = 0) -> dict[str, Any] | None:
         info = self._detect_jetson()
         if info is not None and self._cuda:
-            from clbench.edge.jetson import power_mode_name
+            from clbench.edge.jetson import measured_label, power_mode_name
 
             mode = power_mode_name()
             out = {"device": info.profile or info.model, "model": info.model, "l4t": info.l4t, "power_mode": mode,
@@ -494,7 +494,7 @@ class EdgeProfiler(pl.Callback):
             swap = (rec.get("tegrastats") or {}).get("swap_grew_mb", 0)
             if swap and swap > 0:
                 out["valid"], out["reason"] = False, f"swap grew by {swap:.0f} MB during training; times are not trustworthy"
-            out["label"] = f"{rec['train_time_s']:.2f} s measured"
+            out["label"] = measured_label(rec["train_time_s"])
             return out
         if not steps or self.device is None:
             return None
@@ -520,12 +520,12 @@ def _summed_jetson(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if all(key in p for p in parts):
             out[key] = sum(p[key] for p in parts)
     out["summed_experiences"] = len(parts)
-    if str(out.get("source", "")).startswith("estimated"):
-        from clbench.edge.jetson import _hms
+    from clbench.edge.jetson import estimate_label, measured_label
 
-        out["label"] = f"{_hms(out['time_s'])} estimated ± {100 * out['band']:.0f}% [{_hms(out['low_s'])}, {_hms(out['high_s'])}]"
+    if str(out.get("source", "")).startswith("estimated"):
+        out["label"] = estimate_label(out["time_s"], out["band"], out["low_s"], out["high_s"])
     else:
-        out["label"] = f"{out['time_s']:.2f} s measured"
+        out["label"] = measured_label(out["time_s"])
     return out
 
 
