@@ -309,6 +309,31 @@ class CLStrategy(pl.LightningModule):
         return {}
 
 
+class EvaluationNotes:
+    """Per-sample values a strategy notes while the runner evaluates it, for its `diagnose`: the
+    evaluation scores the test sets in order, so the seen test sets' samples come first. A strategy
+    clears the notes in `on_experience_end` (the evaluation follows it) and notes in eval mode only."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, values: torch.Tensor) -> None:
+        self.parts.append(values.detach().cpu())
+
+    def clear(self) -> None:
+        self.parts = []
+
+    def of_seen(self, loaders: Sequence, exp: ExperienceInfo) -> list[torch.Tensor] | None:
+        """The noted values of each seen test set (experiences 0..exp.index), then cleared; None
+        when fewer samples were noted."""
+        sizes = [len(loader.dataset) for loader in loaders[: exp.index + 1]]
+        values = torch.cat(self.parts) if self.parts else torch.zeros(0)
+        self.parts = []
+        if len(values) < sum(sizes):
+            return None
+        return list(values[: sum(sizes)].split(sizes))
+
+
 def frozen_snapshot(modules: dict[str, nn.Module]) -> nn.ModuleDict:
     """Deep copies of `modules` in eval mode with gradients off; `CLStrategy.train()` keeps
     such a snapshot in eval mode."""

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy, eval_mode
+from clbench.base import CLStrategy, EvaluationNotes, eval_mode
 from clbench.config import StrategyConfig
 from clbench.data import InMemoryDataset
 from clbench.prompts import PrefixRouter
@@ -116,6 +116,7 @@ class PrePrompt(CLStrategy):
         self._clouds: dict[int, list[torch.Tensor]] = {}
         self._calibration_set: tuple[torch.Tensor, torch.Tensor] | None = None
         self._order: torch.Tensor | None = None
+        self.predicted_tasks = EvaluationNotes()  # tau_hat per sample, in the evaluation after each task
 
     def make_head(self, in_features: int) -> nn.Module:
         return nn.Identity()  # replaced by the label head once the class count is known
@@ -132,6 +133,10 @@ class PrePrompt(CLStrategy):
                 self.prompts[:, :, exp.index] = self.prompts[:, :, exp.index - 1]
         self.task_of_class[list(exp.classes)] = exp.index
         self._clouds = {}
+
+    def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
+        super().on_experience_end(exp, train_set)
+        self.predicted_tasks.clear()  # the evaluation follows: its forwards are what `diagnose` reads
 
     def prefix(self, slots: torch.Tensor, mixed: bool = False) -> torch.Tensor:
         """Each sample's prompt (blocks, 2, batch, length, heads, head_dim); `mixed` adds step 2's
@@ -156,6 +161,8 @@ class PrePrompt(CLStrategy):
     def forward(self, x: torch.Tensor) -> Output:
         seen = self._seen()
         slots = self.predicted_task(x)
+        if not self.training:
+            self.predicted_tasks.add(slots)
         features = self.prompted(x, self.prefix(slots))
         return Output(_masked(self.head(features), seen), features)
 
@@ -166,17 +173,17 @@ class PrePrompt(CLStrategy):
         """tau_hat: the task of the class the route head predicts on the unprompted feature."""
         return self.task_of_class[_masked(self.route_head(self.unprompted(x)), self._seen()).argmax(1)]
 
-    @torch.no_grad()
-    def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict:
-        """The card's diagnostic: how often tau_hat is the sample's true task, per seen test experience."""
+    def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict | None:
+        """The card's diagnostic: how often tau_hat (noted by the evaluation's forwards) is the
+        sample's true task, per seen test experience."""
+        predicted = self.predicted_tasks.of_seen(loaders, exp)
+        if predicted is None:
+            return None
+        task_of_class = self.task_of_class.cpu()
         row = []
-        for loader in loaders[: exp.index + 1]:
-            right = total = 0
-            for batch in loader:
-                batch = batch.to(device)
-                right += int((self.predicted_task(batch.x) == self.task_of_class[batch.y]).sum())
-                total += len(batch)
-            row.append(right / total if total else float("nan"))
+        for tau_hat, loader in zip(predicted, loaders):
+            true = task_of_class[torch.cat([batch.y for batch in loader])]
+            row.append(float((tau_hat == true).float().mean()) if len(true) else float("nan"))
         return {"task_prediction_accuracy": row}
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from clbench.base import EvaluationNotes
 from clbench.errors import UsageError
 from clbench.ptm import TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
@@ -195,12 +196,11 @@ class SAEF(TunaStrategy):
         super().__init__(*args, **kwargs)
         self._forest: list[Node] | None = None
         self.last_evaluations_per_sample: float | None = None
-        self._evaluations: list[torch.Tensor] = []  # per-sample expert forwards of this task's evaluation
+        self.expert_forwards = EvaluationNotes()  # per sample, in the evaluation after each task
 
     # ---- 1. the tasks' prototypes, kept once the number of tasks is known
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
-        self._evaluations = []
         if exp.is_first:
             self.register_buffer("leaf_prototypes", torch.zeros(exp.num_experiences, self.backbone.num_features,
                                                                 dtype=torch.float64, device=self.ptm_means.sums.device))
@@ -208,6 +208,7 @@ class SAEF(TunaStrategy):
     # ---- 4. store the leaf (theta_t: TunaStrategy keeps it; p_t), rebuild the forest
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
         super().on_experience_end(exp, train_set)
+        self.expert_forwards.clear()  # what follows is the evaluation the diagnostic reads
         self.leaf_prototypes[exp.index] = F.normalize(self.ptm_means.pooled_mean(exp.classes), dim=0)
         self._forest = None
 
@@ -242,7 +243,7 @@ class SAEF(TunaStrategy):
                 evaluations += count
             p = combine(qs, entropies)
         self.last_evaluations_per_sample = float(evaluations.float().mean())
-        self._evaluations.append(evaluations)
+        self.expert_forwards.add(evaluations)
         return torch.log(p.clamp_min(1e-12))
 
     @torch.no_grad()
@@ -251,12 +252,10 @@ class SAEF(TunaStrategy):
         that just ran (it scored the test sets in order, so their samples come first)."""
         from clbench.edge.flops import measure_flops
 
-        seen = sum(len(loader.dataset) for loader in loaders[: exp.index + 1])
-        counts = torch.cat(self._evaluations) if self._evaluations else torch.zeros(0, dtype=torch.long)
-        self._evaluations = []
-        if len(self.task_adapters) == 0 or len(counts) < seen:
+        per_test_set = self.expert_forwards.of_seen(loaders, exp)
+        if len(self.task_adapters) == 0 or per_test_set is None:
             return None
-        counts = counts[:seen]
+        counts = torch.cat(per_test_set)
         x = next(iter(loaders[0])).x[:1].to(device)
         per_forward = measure_flops(lambda: self.expert_prediction(self.task_adapters[0], x))
         flops = counts.double() * per_forward

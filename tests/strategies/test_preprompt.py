@@ -160,11 +160,20 @@ def test_task_prediction_accuracy_on_hand_set_predictions():
                                strategy_config("preprompt", TINY), seed=0)
     for i in range(2):
         strategy.on_experience_start(scenario.info(i))
+    strategy.on_experience_end(scenario.info(1), scenario.train_sets[1])
+    from clbench.data import InMemoryDataset, make_loader
+
     classes = [scenario.info(i).classes for i in range(2)]
     x = torch.zeros(4, 3, 32, 32)
-    first = [Batch(x, torch.tensor([classes[0][0], classes[0][1], classes[0][0], classes[0][1]]))]
-    second = [Batch(x[:2], torch.tensor([classes[1][0], classes[1][1]]))]
+    first = make_loader(InMemoryDataset(x, torch.tensor([classes[0][0], classes[0][1], classes[0][0], classes[0][1]])),
+                        4, shuffle=False)
+    second = make_loader(InMemoryDataset(x[:2], torch.tensor([classes[1][0], classes[1][1]])), 4, shuffle=False)
     predicted = iter([torch.tensor([0, 0, 1, 0]), torch.tensor([1, 0])])
     strategy.predicted_task = lambda inputs: next(predicted)
+    strategy.eval()
+    with torch.no_grad():  # the evaluation's forwards note each sample's predicted task
+        for loader in (first, second):
+            for batch in loader:
+                strategy(batch.x)
     record = strategy.diagnose(scenario.info(1), [first, second], torch.device("cpu"))
     assert record == {"task_prediction_accuracy": [0.75, 0.5]}
