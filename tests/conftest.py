@@ -120,6 +120,28 @@ def batch_of():
     return first_batch
 
 
+def interrupted_and_resumed(spec, out, stop_after: int = 2):
+    """(an uninterrupted run, the same run stopped by Ctrl-C after experience `stop_after` and then
+    resumed); `spec(output_dir, resume)` builds the RunSpec, runs go under `out`."""
+    from clbench.runner import run
+
+    whole = run(spec(out / "whole", False))
+
+    def stop(i, result, strategy):
+        if i == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(spec(out / "cut", False), on_experience=stop)
+    return whole, run(spec(out / "cut", True))
+
+
+@pytest.fixture(scope="session")
+def resume_pair():
+    """`resume_pair(spec, out, stop_after=2)`: see `interrupted_and_resumed`."""
+    return interrupted_and_resumed
+
+
 @pytest.fixture(scope="session")
 def fast_config_for():
     """`fast_config_for(output_dir, **overrides)`: the fast RunConfig with changes."""

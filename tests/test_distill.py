@@ -207,23 +207,15 @@ def test_distillation_add_ons_run_end_to_end(tmp_path, fast_config_for):
 
 
 @pytest.mark.parametrize("aux", [("multi_teacher", {"policy": "task_owner", "teachers": 2}), ("logit_kd", {})])
-def test_a_resumed_distillation_run_ends_like_an_uninterrupted_one(tmp_path, aux):
+def test_a_resumed_distillation_run_ends_like_an_uninterrupted_one(tmp_path, aux, resume_pair):
     """Teacher snapshots (and multi_teacher's bookkeeping) are saved with the checkpoint."""
     from clbench.config import RunConfig
 
-    def spec(out, resume=False):
+    def spec(out, resume):
         cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)
         return RunSpec("er", "synthetic-5", run=cfg, seed=3, aux=[aux], resume=resume)
 
-    whole = run(spec(tmp_path / "whole"))
-
-    def stop(i, result, strategy):
-        if i == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(spec(tmp_path / "cut"), on_experience=stop)
-    resumed = run(spec(tmp_path / "cut", resume=True))
+    whole, resumed = resume_pair(spec, tmp_path)
     assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix
 
 

@@ -207,16 +207,9 @@ def test_bad_forecaster_settings_are_named(strategy, key, value):
         strategy_config(strategy, {key: value})
 
 
-def test_resumed_forecasting_run_ends_like_an_uninterrupted_one(tmp_path):
-    whole = run(_spec(tmp_path / "whole", strategy="stella_er"))
-
-    def stop(i, result, strategy):
-        if i == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(_spec(tmp_path / "cut", strategy="stella_er"), on_experience=stop)
-    resumed = run(_spec(tmp_path / "cut", strategy="stella_er", resume=True))
+def test_resumed_forecasting_run_ends_like_an_uninterrupted_one(tmp_path, resume_pair):
+    whole, resumed = resume_pair(lambda out, resume: _spec(out, strategy="stella_er", resume=resume), tmp_path,
+                                 stop_after=1)
     assert resumed.status == "completed"
     assert resumed.forecasting["mse_matrix"] == whole.forecasting["mse_matrix"]
     assert resumed.forecasting["initial_mse"] == whole.forecasting["initial_mse"]

@@ -312,25 +312,17 @@ def test_strategies_loop_over_plain_ranges_without_the_runners_profiler(strategy
     assert list(strategy.work_steps("anything", 2)) == [0, 1] and outside.records == []
 
 
-def test_a_resumed_run_reports_the_whole_runs_jetson_time(tmp_path):
+def test_a_resumed_run_reports_the_whole_runs_jetson_time(tmp_path, resume_pair):
     """Op traces are not checkpointed: after --resume the run total is the sum of the experiences'
     estimates, equal to an uninterrupted run's."""
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec, run
+    from clbench.runner import RunSpec
 
-    def spec(out, resume=False):
+    def spec(out, resume):
         cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)
         return RunSpec("er", "synthetic-5", run=cfg, seed=5, resume=resume)
 
-    whole = run(spec(tmp_path / "whole"))
-
-    def stop(i, result, strategy):
-        if i == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(spec(tmp_path / "cut"), on_experience=stop)
-    resumed = run(spec(tmp_path / "cut", resume=True))
+    whole, resumed = resume_pair(spec, tmp_path)
     a, b = whole.edge["totals"]["jetson"], resumed.edge["totals"]["jetson"]
     assert b["time_s"] == pytest.approx(a["time_s"], rel=1e-9)
     assert b["low_s"] == pytest.approx(a["low_s"], rel=1e-9) and b["high_s"] == pytest.approx(a["high_s"], rel=1e-9)
