@@ -281,8 +281,11 @@ def _evaluate_add_ons(strategy, info, test_loaders, device, result: RunResult) -
     snapshot, ...) with the same evaluation; what it returns is kept per experience."""
     n_seen = len(info.seen_classes)
     for a in strategy.aux:
-        record = a.after_evaluation(
-            strategy, info, lambda predict_logits: evaluate(strategy, test_loaders, n_seen, device, predict_logits))
+        # an add-on's extra evaluations draw loader seeds from the global generator: forked, so the
+        # training that follows is the one a run without the add-on would do
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            record = a.after_evaluation(
+                strategy, info, lambda predict_logits: evaluate(strategy, test_loaders, n_seen, device, predict_logits))
         if record:
             result.aux_results.setdefault(a.name, []).append(record)
 

@@ -365,3 +365,108 @@ def test_qat_wraps_once_and_trains_through_fake_quant(strategy_factory, syntheti
     assert record["mode"] == "qat" and record["quantized_layers"] == 2
     assert record["macs"] == 64 * 32 + 32 * 2 and record["bops"] == record["macs"] * 4 * 4
     assert aux.report() == {"mode": "qat", "weight_bits": 4, "act_bits": 4, "first_last_bits": [4, 4]}
+
+
+# --------------------------------------------------------------------------- FP32-to-quantized distillation
+def test_scale_gradient_is_lsq_with_a_straight_through_round():
+    from clbench.auxiliary.quantize import quantize_rows
+
+    w = torch.tensor([[0.3, -1.0, 2.6]])
+    theta = torch.zeros(1, 1, requires_grad=True)
+    s0 = torch.tensor([[0.5]])
+    w_hat = quantize_rows(w, s0 * theta.exp(), 3, ste=True)  # 3 bits: levels -3..3
+    # w/s = 0.6, -2, 5.2 -> q = 1, -2, 3 (clipped)
+    assert torch.equal(w_hat, torch.tensor([[0.5, -1.0, 1.5]]))
+    w_hat.sum().backward()
+    # d w_hat / d s = q - w/s inside the grid, +-qmax where clipped; d s / d theta = s
+    expected = ((1 - 0.6) + (-2 - -2.0) + 3) * 0.5
+    assert theta.grad.item() == pytest.approx(expected)
+
+
+def test_tunable_scales_start_at_the_calibrated_snapshot(strategy_factory, synthetic_scenario, batch_of):
+    from clbench.auxiliary.quantize import _ptq_layers
+
+    strategy = strategy_factory("naive")
+    strategy.eval()
+    aux = Quantize(preset="W4A4", quantize_first_last=True)
+    _, batch = _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    data, _ = aux._calibration_data(strategy, synthetic_scenario.info(0))
+    snapshot, _ = aux._quantized_snapshot(strategy, data)
+    baked = aux._predict(strategy, snapshot, batch.x)
+    layers = _ptq_layers(snapshot)
+    for w in layers:
+        w.start_learning()
+    assert torch.equal(aux._predict(strategy, snapshot, batch.x), baked)  # theta = 0: the same function
+    for w in layers:
+        w.finish_learning()
+    assert torch.equal(aux._predict(strategy, snapshot, batch.x), baked)
+    assert all(w.log_w_scale is None and not any(True for _ in w.parameters() if _.requires_grad) for w in layers)
+
+
+def test_distilling_the_scales_moves_the_quantized_model_towards_fp32(build_strategy, synthetic_scenario, batch_of):
+    from clbench.auxiliary.distill import logit_kd
+    from clbench.backbones import ConvNet
+    from clbench.base import eval_mode
+
+    torch.manual_seed(0)
+    strategy = build_strategy("er", synthetic_scenario, ConvNet(in_chans=1, width=8), buffer_size=16)
+    plain, tuned = Quantize(preset="W2A4"), Quantize(preset="W2A4", distill_steps=30, distill_batch=16)
+    info, batch = _trained_start(strategy, synthetic_scenario, batch_of, plain)
+    optimizer = torch.optim.Adam(strategy.parameters(), lr=0.01)
+    for _ in range(20):  # confident logits: an untrained net's are all alike, and so would be its quantized copy's
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(strategy(batch.x).logits[:, :2], batch.y).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tuned.on_experience_start(strategy, info)
+    tuned.loss(batch, strategy(batch.x), strategy)
+    strategy.buffer.add(x=batch.x[:16], y=batch.y[:16])
+    before = {k: v.clone() for k, v in strategy.state_dict().items()}
+    rng = torch.get_rng_state()
+    gaps = {}
+
+    def evaluate_for(aux):
+        def evaluate(predict):  # as the runner's; also measures the gap to FP32 on the calibration inputs
+            with eval_mode(strategy):
+                data, _ = aux._calibration_data(strategy, info)
+                gaps.setdefault(aux, []).append(float(logit_kd(predict(data), strategy.predict_logits(data), 2.0)))
+                logits = predict(batch.x)[:, :2]
+            return [float((logits.argmax(1) == batch.y).float().mean()), 0.0]
+        return evaluate
+
+    record_plain = plain.after_evaluation(strategy, info, evaluate_for(plain))
+    record = tuned.after_evaluation(strategy, info, evaluate_for(tuned))
+    distill = record["distill"]
+    assert distill["steps"] == 30 and distill["relation_term"] and distill["tuned_scales"] > 0
+    assert distill["loss_last"] < distill["loss_first"]
+    assert distill["accuracy_before"] == record_plain["accuracy"]  # tuning starts from the plain PTQ snapshot
+    # gaps: [quantized, FP32 row] per call; the tuned call also scored the untuned snapshot first
+    assert gaps[tuned][0] == pytest.approx(gaps[plain][0])
+    assert gaps[tuned][1] < 0.5 * gaps[plain][0]
+    # only the snapshot's scales moved: the FP32 model and the global random stream are untouched
+    assert all(torch.equal(before[k], v) for k, v in strategy.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in strategy.parameters())
+    assert record["size_bytes"] == record_plain["size_bytes"] and record["bops"] == record_plain["bops"]
+
+
+def test_distillation_options_are_checked():
+    with pytest.raises(UsageError, match="distill_steps=5 needs mode=ptq"):
+        Quantize(mode="qat", distill_steps=5)
+    with pytest.raises(UsageError, match="distill_steps=-1"):
+        Quantize(distill_steps=-1)
+    with pytest.raises(UsageError, match="distill_batch=1"):
+        Quantize(distill_steps=2, distill_batch=1)
+    assert Quantize(distill_steps=10).report()["distill_steps"] == 10
+
+
+def test_a_distilled_run_trains_exactly_as_a_run_without_the_add_on(tmp_path, fast_config_for):
+    from clbench.runner import RunSpec, run
+
+    plain = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path / "plain")))
+    result = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path / "q"),
+                         aux=[("quantize", {"preset": "W4A8", "distill_steps": 3})]))
+    assert result.accuracy_matrix == plain.accuracy_matrix
+    for record in result.aux_results["quantize"]:
+        assert record["distill"]["steps"] == 3 and len(record["distill"]["accuracy_before"]) == 2
+    assert result.strategy_report["add_ons"]["quantize"]["distill_steps"] == 3

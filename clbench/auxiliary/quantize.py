@@ -37,6 +37,19 @@ outliers; then each seen class gets an even share k of `calib_samples`, filled w
 highest-scoring candidate of each of k k-means clusters (scikit-learn) of the class's backbone
 embeddings.
 
+Distillation between the quantized and the FP32 model (section 2.6, `distill_steps=N`, PTQ
+only): after calibration the snapshot's quantizer scales (every weight row's step and every
+layer's input step, as s = s0 * exp(theta), theta starting at 0) are tuned for N Adam steps
+(`distill_lr`) with the FP32 model of the same experience as the teacher, on minibatches of
+`distill_batch` calibration samples (current experience and buffer): tau^2 KL of the logits
+(section 1.1, tau = `distill_temperature`) plus `distill_relation` times the relation loss of the
+embeddings (section 1.3), the distillation add-ons' own loss functions. Rounding passes gradients
+straight through, so a scale's gradient is LSQ's (q - w/s inside the grid, +-qmax where clipped).
+Only scales move: weights stay on their grid, the bit-widths, size and BOPs are unchanged. The
+record's `distill` holds the accuracy row before the tuning, the first and last loss and its wall
+time; the tuning is not training of the run (the profiler does not meter it), and the optional
+low-rank adapter of the card is not built.
+
 Modes:
 
 * `ptq` (default). `after_evaluation` (after each experience's FP32 evaluation) deep-copies
@@ -84,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, choice
+from clbench.auxiliary.base import Aux, choice, positive
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -160,12 +173,33 @@ def weight_max_abs(rows: torch.Tensor, bits: int, method: str, percentile: float
 def fake_quant_weight(w: torch.Tensor, bits: int, method: str = "minmax", group_size: int = 0,
                       percentile: float = 99.99) -> tuple[torch.Tensor, int]:
     """(w_hat, number of scales): symmetric per output channel (per group for 2-D weights if asked)."""
-    rows, pad = _rows(w.detach(), group_size)
-    m = weight_max_abs(rows, bits, method, percentile)
-    w_hat = quantize_symmetric(rows, bits, m)[0]
+    scale = weight_row_scales(w, bits, method, group_size, percentile)
+    return quantize_rows(w.detach(), scale, 2 ** (bits - 1) - 1, group_size), scale.shape[0]
+
+
+def weight_row_scales(w: torch.Tensor, bits: int, method: str = "minmax", group_size: int = 0,
+                      percentile: float = 99.99) -> torch.Tensor:
+    """The symmetric grid's step per row of `_rows(w, group_size)`, shape (rows, 1)."""
+    rows, _ = _rows(w.detach(), group_size)
+    return symmetric_scale(weight_max_abs(rows, bits, method, percentile), bits)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, qmax, group_size: int = 0, ste: bool = False) -> torch.Tensor:
+    """`scale * clamp(round(rows / scale), -qmax, qmax)` back in `w`'s shape; `qmax` is a number or a
+    (rows, 1) tensor (mixed precision). With `ste` the gradient reaches `scale` as in LSQ: q - w/s
+    inside the grid, +-qmax where clipped."""
+    rows, pad = _rows(w, group_size)
+    x = rows / scale
+    q = torch.clamp(round_ste(x) if ste else torch.round(x), -qmax, qmax)
+    w_hat = scale * q
     if pad:
         w_hat = w_hat.reshape(w.shape[0], -1)[:, : w.shape[1]]
-    return w_hat.reshape(w.shape).to(w.dtype), rows.shape[0]
+    return w_hat.reshape(w.shape).to(w.dtype)
 
 
 def channel_kurtosis(w: torch.Tensor) -> torch.Tensor:
@@ -361,8 +395,39 @@ class _PTQLayer(nn.Module):
         self.scale, self.zero_point = 1.0, 0
         self.n_scales = 0
         self.input_shape: tuple[int, ...] | None = None
+        self.grid: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (row scales, row qmax, group size)
+        self.log_w_scale: nn.Parameter | None = None  # set while the scales are fine-tuned
+        self.log_a_scale: nn.Parameter | None = None
+
+    def start_learning(self) -> list[nn.Parameter]:
+        """Makes the weight row scales and the input scale trainable, as s = s0 * exp(theta) with
+        theta = 0 (so the layer computes what it computed before); the FP32 weight is kept to be
+        re-quantized with the moving scales. Returns the new parameters."""
+        scale, _, _ = self.grid
+        self.w_fp = self.layer.weight.detach().clone()
+        self.log_w_scale = nn.Parameter(torch.zeros_like(scale))
+        self.log_a_scale = nn.Parameter(torch.zeros((), device=scale.device)) if self.a_bits < 32 else None
+        return [p for p in (self.log_w_scale, self.log_a_scale) if p is not None]
+
+    def finish_learning(self) -> None:
+        """Bakes the tuned scales in: the quantized weight is written, the input scale fixed."""
+        with torch.no_grad():
+            self.layer.weight.copy_(self._weight(ste=False))
+            if self.log_a_scale is not None:
+                self.scale = float(self.scale * self.log_a_scale.exp())
+        self.log_w_scale = self.log_a_scale = None
+        del self.w_fp
+
+    def _weight(self, ste: bool) -> torch.Tensor:
+        scale, qmax, group = self.grid
+        return quantize_rows(self.w_fp, scale * self.log_w_scale.exp(), qmax, group, ste=ste)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log_w_scale is not None:  # fine-tuning the scales
+            if self.log_a_scale is not None:
+                s, z, levels = self.scale * self.log_a_scale.exp(), self.zero_point, 2**self.a_bits - 1
+                x = s * (torch.clamp(round_ste(x / s) + z, 0, levels) - z)
+            return torch.func.functional_call(self.layer, {"weight": self._weight(ste=True)}, (x,))
         if self.state == "observe":
             v = x.detach()
             self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
@@ -469,8 +534,21 @@ class Quantize(Aux):
                  weight_calib: str | None = None, act_calib: str = "percentile", percentile: float = 99.99,
                  group_size: int = 0, quantize_first_last: bool = False, calib_samples: int = 512,
                  fold_bn: bool = True, mixed: str = "none", high_bits: int = 8, high_fraction: float = 0.1,
-                 calib_select: str = "balanced", seed: int = 0):
+                 calib_select: str = "balanced", distill_steps: int = 0, distill_lr: float = 0.01,
+                 distill_temperature: float = 2.0, distill_relation: float = 1.0, distill_batch: int = 32,
+                 seed: int = 0):
         mode = choice("quantize", "mode", mode, ("ptq", "qat"))
+        if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
+            raise UsageError(f"quantize distill_steps={distill_steps!r} is invalid; expected 0 (off) or a positive integer")
+        if distill_steps and mode != "ptq":
+            raise UsageError(f"quantize distill_steps={distill_steps} needs mode=ptq (it tunes a PTQ snapshot's "
+                             f"scales); got mode={mode!r}")
+        distill_lr = positive("quantize", "distill_lr", distill_lr)
+        distill_temperature = positive("quantize", "distill_temperature", distill_temperature)
+        if isinstance(distill_relation, bool) or not isinstance(distill_relation, (int, float)) or distill_relation < 0:
+            raise UsageError(f"quantize distill_relation={distill_relation!r} is invalid; expected a number >= 0")
+        if isinstance(distill_batch, bool) or not isinstance(distill_batch, int) or distill_batch < 2:
+            raise UsageError(f"quantize distill_batch={distill_batch!r} is invalid; expected an integer >= 2")
         if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
             _bits("bits", bits)
             weight_bits = bits if weight_bits is None else weight_bits
@@ -509,7 +587,11 @@ class Quantize(Aux):
         super().__init__(weight, mode=mode, weight_bits=weight_bits, act_bits=act_bits, weight_calib=weight_calib,
                          act_calib=act_calib, percentile=percentile, group_size=group_size,
                          quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn,
-                         mixed=mixed, high_bits=high_bits, high_fraction=high_fraction, calib_select=calib_select)
+                         mixed=mixed, high_bits=high_bits, high_fraction=high_fraction, calib_select=calib_select,
+                         distill_steps=distill_steps, distill_lr=distill_lr, distill_temperature=distill_temperature,
+                         distill_relation=distill_relation, distill_batch=distill_batch)
+        self.distill_steps, self.distill_lr, self.distill_batch = distill_steps, distill_lr, distill_batch
+        self.distill_temperature, self.distill_relation = distill_temperature, float(distill_relation)
         self.mixed, self.high_bits, self.high_fraction = mixed, high_bits, float(high_fraction)
         self.calib_select = calib_select
         self.mode, self.weight_bits, self.act_bits = mode, weight_bits, act_bits
@@ -570,6 +652,10 @@ class Quantize(Aux):
                     "training steps through the add-on's loss hook and has no replay buffer of inputs"}
         snapshot, info = self._quantized_snapshot(strategy, data)
         calib_seconds = time.perf_counter() - start
+        if self.distill_steps:
+            before = evaluate(lambda x: self._predict(strategy, snapshot, x))
+            info["distill"] = {**self._distill_scales(strategy, snapshot, data), "accuracy_before": list(before),
+                               "avg_acc_before": sum(before[: exp.index + 1]) / (exp.index + 1)}
         row_q = evaluate(lambda x: self._predict(strategy, snapshot, x))
         row_fp = evaluate(strategy.predict_logits)
         seen = exp.index + 1
@@ -607,6 +693,10 @@ class Quantize(Aux):
                        mixed=self.mixed, calib_select=self.calib_select)
             if self.mixed != "none":
                 out.update(high_bits=self.high_bits, high_fraction=self.high_fraction)
+            if self.distill_steps:
+                out.update(distill_steps=self.distill_steps, distill_lr=self.distill_lr,
+                           distill_temperature=self.distill_temperature, distill_relation=self.distill_relation,
+                           distill_batch=self.distill_batch)
         return out
 
     # ------------------------------------------------------------------ calibration data
@@ -706,13 +796,17 @@ class Quantize(Aux):
                 w.scale, w.zero_point = affine_params(lo, hi, w.a_bits)
                 w.samples = []
                 group = self.group_size if isinstance(w.layer, nn.Linear) else 0
-                w_hat, w.n_scales = fake_quant_weight(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
+                scale = weight_row_scales(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
+                qmax = torch.full_like(scale, 2 ** (w.w_bits - 1) - 1)
                 mask = high.get(id(w))
                 share = float(mask.float().mean()) if mask is not None else 0.0  # of this layer's channels
-                if share:
-                    w_high, _ = fake_quant_weight(w.layer.weight, self.high_bits, self.weight_calib, group, self.percentile)
-                    w_hat = torch.where(mask.to(w_hat.device).view(-1, *[1] * (w_hat.dim() - 1)), w_high, w_hat)
-                w.layer.weight.copy_(w_hat)
+                if share:  # a promoted channel's rows (its groups) take the high-bit grid
+                    rows = mask.to(scale.device).repeat_interleave(scale.shape[0] // mask.numel()).view(-1, 1)
+                    high_scale = weight_row_scales(w.layer.weight, self.high_bits, self.weight_calib, group, self.percentile)
+                    scale = torch.where(rows, high_scale, scale)
+                    qmax = torch.where(rows, torch.full_like(qmax, 2 ** (self.high_bits - 1) - 1), qmax)
+                w.grid, w.n_scales = (scale, qmax, group), scale.shape[0]
+                w.layer.weight.copy_(quantize_rows(w.layer.weight, scale, qmax, group))
                 zp_bytes = math.ceil(w.a_bits / 8)
                 n_w = w.layer.weight.numel()
                 n_high = round(share * n_w)
@@ -741,6 +835,54 @@ class Quantize(Aux):
             "bops_fp32": total_macs * 32 * 32,
         }
         return snapshot, info
+
+    def _distill_scales(self, strategy, snapshot: nn.ModuleDict, data: torch.Tensor) -> dict[str, Any]:
+        """Section 2.6's FP32-to-quantized distillation: `distill_steps` Adam steps on the quantized
+        snapshot's weight row scales and input scales (nothing else moves), the FP32 model of the same
+        experience as the teacher, on minibatches of the calibration samples (current experience and
+        buffer). Loss: tau^2 KL of the logits (section 1.1) + `distill_relation` x the relation loss
+        of the embeddings the head reads (section 1.3; left out where the forward gives none)."""
+        from clbench.auxiliary.distill import logit_kd, relation_kd
+        from clbench.base import eval_mode
+        from clbench.types import Output
+
+        start = time.perf_counter()
+        layers = [w for w in _ptq_layers(snapshot) if w.state == "quant" and w.grid is not None]
+        params = [p for w in layers for p in w.start_learning()]
+        optimizer = torch.optim.Adam(params, lr=self.distill_lr)
+        device = next(strategy.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed + 104729)
+        losses: list[float] = []
+        relation_used = False
+
+        def outputs(x):
+            out = strategy(x)
+            return (out.logits, out.features) if isinstance(out, Output) else (out, None)
+
+        # its own random stream and no .grad written anywhere: the FP32 run is untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(strategy), \
+                torch.enable_grad():
+            for step in range(self.distill_steps):
+                rows = torch.randint(len(data), (min(self.distill_batch, len(data)),), generator=generator)
+                x = data[rows].to(device)
+                with torch.no_grad():
+                    teacher_logits, teacher_features = outputs(x)
+                with _swapped(strategy, snapshot):
+                    logits, features = outputs(x)
+                loss = logit_kd(logits, teacher_logits, self.distill_temperature)
+                if self.distill_relation and features is not None and teacher_features is not None and len(x) >= 2:
+                    loss = loss + self.distill_relation * relation_kd(features, teacher_features)
+                    relation_used = True
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        for w in layers:
+            w.finish_learning()
+        return {"steps": self.distill_steps, "loss_first": losses[0], "loss_last": losses[-1],
+                "relation_term": relation_used, "tuned_scales": sum(p.numel() for p in params),
+                "seconds": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ QAT
     def _convert_qat(self, strategy) -> None:
