@@ -50,6 +50,17 @@ record's `distill` holds the accuracy row before the tuning, the first and last 
 time; the tuning is not training of the run (the profiler does not meter it), and the optional
 low-rank adapter of the card is not built.
 
+Outlier smoothing (section 2.6, QuantVGGT-style, PTQ only): `smooth="hadamard"` rotates the input
+space of every Linear layer the model runs: W <- W H^T and x <- x H^T with H an orthonormal
+Walsh-Hadamard matrix (of the largest power of two dividing the width, block-diagonal above it),
+so an outlier channel is spread over the block before the per-tensor input grid is fit;
+`"hadamard_channel"` then also smooths per input channel as SmoothQuant does (one more calibration
+pass: s_c = max|x_c|^alpha / max|W_:,c|^(1-alpha), alpha = `smooth_alpha`; x <- x / s,
+W <- W diag(s)). The FP32 product is unchanged; the record counts the online transforms' work
+(`smoothing_ops` per sample: n log2(block) additions per input row for a fast transform, one
+division per input value for smoothing) apart from the BOPs. Conv2d layers are left as they are.
+The card names it for timm ViT backbones; it applies to any Linear layer.
+
 Modes:
 
 * `ptq` (default). `after_evaluation` (after each experience's FP32 evaluation) deep-copies
@@ -378,6 +389,25 @@ def fold_batchnorm(model: nn.Module, run: Any) -> int:
     return len(pairs)
 
 
+# --------------------------------------------------------------------------- outlier smoothing
+def hadamard(n: int) -> torch.Tensor:
+    """An orthonormal n x n rotation: the Walsh-Hadamard matrix of the largest power of two dividing
+    n (Sylvester's construction, scaled by 1/sqrt(block)), repeated block-diagonally."""
+    block = n & -n
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / math.sqrt(block)] * (n // block))
+
+
+def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel divisor s_c = max|x_c|^alpha / max|W_:,c|^(1-alpha) (1 where a
+    channel is all zero), so x/s and W diag(s) compute the same product with flatter inputs."""
+    w_max = weight.detach().abs().reshape(weight.shape[0], weight.shape[1], -1).amax(dim=(0, 2))
+    s = act_max.clamp_min(_EPS) ** alpha / w_max.clamp_min(_EPS) ** (1 - alpha)
+    return torch.where((act_max > 0) & (w_max > 0), s, torch.ones_like(s))
+
+
 # --------------------------------------------------------------------------- PTQ layers
 class _PTQLayer(nn.Module):
     """A Conv2d / Linear of the snapshot with fake-quantized weights and input."""
@@ -398,6 +428,23 @@ class _PTQLayer(nn.Module):
         self.grid: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (row scales, row qmax, group size)
         self.log_w_scale: nn.Parameter | None = None  # set while the scales are fine-tuned
         self.log_a_scale: nn.Parameter | None = None
+        # outlier smoothing (Linear only): the input is rotated (x H^T) and divided per channel by
+        # `smooth`; the weight was multiplied by the inverse of both, so the FP32 product is unchanged
+        self.rotation: torch.Tensor | None = None
+        self.smooth: torch.Tensor | None = None
+        self.channel_max: torch.Tensor | None = None
+
+    def rotate(self) -> None:
+        """W <- W H^T, and the input will be x H^T (H orthonormal: the product is unchanged)."""
+        weight = self.layer.weight
+        self.rotation = hadamard(weight.shape[1]).to(weight.device, weight.dtype)
+        weight.copy_(weight @ self.rotation.T)
+
+    def smooth_channels(self, alpha: float) -> None:
+        """W <- W diag(s), and the input will be divided by s (s from the observed `channel_max`)."""
+        self.smooth = smoothing_factors(self.channel_max, self.layer.weight, alpha)
+        self.layer.weight.mul_(self.smooth)
+        self.channel_max = None
 
     def start_learning(self) -> list[nn.Parameter]:
         """Makes the weight row scales and the input scale trainable, as s = s0 * exp(theta) with
@@ -423,6 +470,14 @@ class _PTQLayer(nn.Module):
         return quantize_rows(self.w_fp, scale * self.log_w_scale.exp(), qmax, group, ste=ste)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = x @ self.rotation.T
+        if self.smooth is not None:
+            x = x / self.smooth
+        if self.state == "channels":  # the smoothing pass: per input channel max |x|
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+            self.channel_max = m if self.channel_max is None else torch.maximum(self.channel_max, m)
+            return self.layer(x)
         if self.log_w_scale is not None:  # fine-tuning the scales
             if self.log_a_scale is not None:
                 s, z, levels = self.scale * self.log_a_scale.exp(), self.zero_point, 2**self.a_bits - 1
@@ -536,13 +591,18 @@ class Quantize(Aux):
                  fold_bn: bool = True, mixed: str = "none", high_bits: int = 8, high_fraction: float = 0.1,
                  calib_select: str = "balanced", distill_steps: int = 0, distill_lr: float = 0.01,
                  distill_temperature: float = 2.0, distill_relation: float = 1.0, distill_batch: int = 32,
-                 seed: int = 0):
+                 smooth: str = "none", smooth_alpha: float = 0.5, seed: int = 0):
         mode = choice("quantize", "mode", mode, ("ptq", "qat"))
         if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
             raise UsageError(f"quantize distill_steps={distill_steps!r} is invalid; expected 0 (off) or a positive integer")
         if distill_steps and mode != "ptq":
             raise UsageError(f"quantize distill_steps={distill_steps} needs mode=ptq (it tunes a PTQ snapshot's "
                              f"scales); got mode={mode!r}")
+        smooth = choice("quantize", "smooth", smooth, ("none", "hadamard", "hadamard_channel"))
+        if smooth != "none" and mode != "ptq":
+            raise UsageError(f"quantize smooth={smooth} needs mode=ptq; got mode={mode!r}")
+        if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not 0 < smooth_alpha < 1:
+            raise UsageError(f"quantize smooth_alpha={smooth_alpha!r} is invalid; expected a number in (0, 1)")
         distill_lr = positive("quantize", "distill_lr", distill_lr)
         distill_temperature = positive("quantize", "distill_temperature", distill_temperature)
         if isinstance(distill_relation, bool) or not isinstance(distill_relation, (int, float)) or distill_relation < 0:
@@ -589,7 +649,9 @@ class Quantize(Aux):
                          quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn,
                          mixed=mixed, high_bits=high_bits, high_fraction=high_fraction, calib_select=calib_select,
                          distill_steps=distill_steps, distill_lr=distill_lr, distill_temperature=distill_temperature,
-                         distill_relation=distill_relation, distill_batch=distill_batch)
+                         distill_relation=distill_relation, distill_batch=distill_batch, smooth=smooth,
+                         smooth_alpha=smooth_alpha)
+        self.smooth, self.smooth_alpha = smooth, float(smooth_alpha)
         self.distill_steps, self.distill_lr, self.distill_batch = distill_steps, distill_lr, distill_batch
         self.distill_temperature, self.distill_relation = distill_temperature, float(distill_relation)
         self.mixed, self.high_bits, self.high_fraction = mixed, high_bits, float(high_fraction)
@@ -693,6 +755,10 @@ class Quantize(Aux):
                        mixed=self.mixed, calib_select=self.calib_select)
             if self.mixed != "none":
                 out.update(high_bits=self.high_bits, high_fraction=self.high_fraction)
+            if self.smooth != "none":
+                out.update(smooth=self.smooth)
+                if self.smooth == "hadamard_channel":
+                    out.update(smooth_alpha=self.smooth_alpha)
             if self.distill_steps:
                 out.update(distill_steps=self.distill_steps, distill_lr=self.distill_lr,
                            distill_temperature=self.distill_temperature, distill_relation=self.distill_relation,
@@ -776,6 +842,16 @@ class Quantize(Aux):
                 h.remove()
             used = [w for w in layers if w in order]
             first = next((w for w in order if not w.in_head), None)
+            smoothed = [w for w in used if isinstance(w.layer, nn.Linear)] if self.smooth != "none" else []
+            for w in smoothed:
+                w.rotate()
+            if self.smooth == "hadamard_channel" and smoothed:
+                for w in smoothed:
+                    w.state = "channels"
+                for chunk in data.split(128):
+                    self._predict(strategy, snapshot, chunk)
+                for w in smoothed:
+                    w.smooth_channels(self.smooth_alpha)
             for w in used:
                 w.state = "observe"
             for chunk in data.split(128):
@@ -828,6 +904,10 @@ class Quantize(Aux):
             "weight_bits_avg": sum(n_w * b_w for n_w, b_w, *_ in layer_sizes) / quantized_numel if quantized_numel else None,
             "high_bit_channels": int(sum(int(m.sum()) for m in high.values())),
             "bn_folded": folded,
+            "smoothed_layers": len(smoothed),
+            # what the online transforms cost per sample (a fast Walsh-Hadamard transform: n log2(block)
+            # additions per input row; smoothing: one division per input value); not in the BOPs
+            "smoothing_ops": sum(_smoothing_ops(w) for w in smoothed),
             "size_bytes": model_size_bytes(layer_sizes, unquantized),
             "size_bytes_fp32": 4 * fp32_params,
             "macs": total_macs,
@@ -930,6 +1010,12 @@ class Quantize(Aux):
                     h.remove()
             record.update(macs=total, bops=bops(layer_macs, total), bops_fp32=total * 32 * 32)
         return record
+
+
+def _smoothing_ops(w: _PTQLayer) -> int:
+    n = w.layer.weight.shape[1]
+    rows = math.prod(w.input_shape[:-1]) if w.input_shape else 1
+    return rows * n * ((n & -n).bit_length() - 1) + (rows * n if w.smooth is not None else 0)
 
 
 def _forgetting(rows: list[list[float]]) -> float | None:
