@@ -172,6 +172,23 @@ def forecast_metric(key: str) -> Callable[[RunResult], float | None]:
     return get
 
 
+def quantized(key: str) -> Callable[[RunResult], float | None]:
+    """Runs with the `quantize` add-on: a field of its record after the last experience. A `qat` run's
+    accuracy is its own accuracy matrix (the model trained quantized), so it has no FP32 delta."""
+
+    def get(r: RunResult):
+        records = (r.aux_results or {}).get("quantize") or []
+        record = records[-1] if records else None
+        if not isinstance(record, dict) or "skipped" in record:
+            return None
+        if record.get("mode") == "qat" and key == "avg_acc":
+            return r.metrics.get("final_avg_acc")
+        value = record.get(key)
+        return None if value is None or _isnan(value) else value
+
+    return get
+
+
 COLUMNS: list[Column] = [
     _metric("final_avg_acc", "Final acc"),
     _metric("avg_incremental_acc", "Avg inc. acc"),
@@ -189,6 +206,9 @@ COLUMNS: list[Column] = [
     Column("jetson_time_estimated_s", "Jetson time (estimated)", False, jetson_of_kind("estimated"), 1.0, ".2f", "s"),
     Column("trainable_params", "Trainable params", False, lambda r: total("trainable_params")(r) or last_experience(r, "trainable_params"), 1.0, ",.0f", count=True),
     Column("buffer_size", "Buffer", False, lambda r: r.strategy_report.get("buffer_size"), 1.0, ",.0f", count=True),
+    Column("quantized_acc", "Quantized acc", True, quantized("avg_acc"), 100.0, ".1f", "%"),
+    Column("quantized_delta_acc", "Acc lost to quantization", False, quantized("delta_acc"), 100.0, ".1f", "pp"),
+    Column("quantized_size_bytes", "Quantized size", False, quantized("size_bytes"), 1 / 2**10, ".1f", "KiB"),
 ]
 COLUMN_BY_KEY = {c.key: c for c in COLUMNS}
 

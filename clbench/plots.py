@@ -31,6 +31,8 @@ COSTS: dict[str, tuple[str, bool]] = {
     "jetson_time_estimated_s": ("Jetson training time, estimated (s)", False),
     "jetson_time_measured_s": ("Jetson training time, measured (s)", False),
 }
+# costs plotted against another metric than the final accuracy (see `figures`)
+OTHER_COSTS: dict[str, tuple[str, bool]] = {"quantized_size_bytes": ("quantized model size (KiB)", False)}
 
 
 def new_axes(figsize=(6.4, 4.4)):
@@ -134,8 +136,8 @@ def pareto_plot(
     board: L.Leaderboard, cost: str = "train_flops_total", metric: str = "final_avg_acc", ax=None, title=None
 ):
     """One point per leaderboard row (error bars = ± std over seeds); the frontier as a step line."""
-    if cost not in COSTS:
-        raise ValueError(f"cost {cost!r} is unknown; expected one of {', '.join(COSTS)}")
+    if cost not in COSTS and cost not in OTHER_COSTS:
+        raise ValueError(f"cost {cost!r} is unknown; expected one of {', '.join([*COSTS, *OTHER_COSTS])}")
     ax = ax if ax is not None else new_axes()
     scenario = _one_scenario(board.rows, "pareto_plot")
     cost_col, metric_col = L.COLUMN_BY_KEY[cost], L.COLUMN_BY_KEY[metric]
@@ -155,7 +157,7 @@ def pareto_plot(
         ax.annotate(name, (xs[k], ys[k]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     fx, fy = xs[front], ys[front]
     ax.plot(fx, fy, drawstyle="steps-post", color="black", linestyle="--", linewidth=1, label="Pareto frontier")
-    label_text, log = COSTS[cost]
+    label_text, log = {**COSTS, **OTHER_COSTS}[cost]
     if log and (xs > 0).all():
         ax.set_xscale("log")
     ax.set_xlabel(f"{label_text} (lower is better)")
@@ -193,6 +195,11 @@ def figures(results: Sequence[RunResult], board: L.Leaderboard | None = None) ->
                 continue
             ax = pareto_plot(sub, cost)
             yield f"{scenario}_pareto_{cost}", f"Final accuracy vs {COSTS[cost][0]}, {scenario}", ax.figure
+        if sum(r.cells["quantized_acc"].mean is not None and r.cells["quantized_size_bytes"].mean is not None
+               for r in sub.rows):
+            ax = pareto_plot(sub, "quantized_size_bytes", metric="quantized_acc",
+                             title=f"Quantized accuracy vs model size — {scenario}")
+            yield f"{scenario}_pareto_quantized", f"Quantized accuracy vs quantized model size, {scenario}", ax.figure
 
 
 def _stem(s: str) -> str:

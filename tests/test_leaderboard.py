@@ -267,3 +267,33 @@ def test_results_written_by_the_runner_are_found_under_their_result_path(tmp_pat
     assert result_path(tmp_path, r).is_file()
     (row,) = L.from_dir(tmp_path).rows
     assert (row.strategy, row.seeds) == ("er", [3])
+
+
+def test_quantized_columns_read_the_last_quantize_record():
+    def with_quantize(seed, acc, size, mode="ptq"):
+        r = make_result("er", seed=seed)
+        r.aux = [{"name": "quantize", "preset": "W4A8"}]
+        early = {"experience": 0, "mode": mode, "avg_acc": 0.99, "delta_acc": 0.0, "size_bytes": 1}
+        last = {"experience": 1, "mode": mode, "size_bytes": size}
+        if mode == "ptq":
+            last.update(avg_acc=acc, delta_acc=r.metrics["final_avg_acc"] - acc)
+        r.aux_results = {"quantize": [early, last]}
+        return r
+
+    # the plain run's final accuracy is 0.7 (last row 0.6, 0.8)
+    runs = [with_quantize(0, 0.6, 2048), with_quantize(1, 0.5, 2048), make_result("er"),
+            with_quantize(0, None, 1024, mode="qat")]
+    runs[3].aux = [{"name": "quantize", "mode": "qat"}]
+    lb = L.build(runs)
+    rows = {r.addons: r for r in lb.rows}
+    ptq, plain, qat = rows["quantize:preset=W4A8"], rows[""], rows["quantize:mode=qat"]
+    assert ptq.cells["quantized_acc"].mean == pytest.approx(0.55) and ptq.cells["quantized_acc"].std == pytest.approx(0.0707, abs=1e-4)
+    assert ptq.cells["quantized_delta_acc"].mean == pytest.approx(0.15)
+    assert ptq.cells["quantized_size_bytes"].mean == 2048
+    assert qat.cells["quantized_acc"].mean == pytest.approx(0.7)  # its own accuracy matrix: it trained quantized
+    assert qat.cells["quantized_delta_acc"].mean is None and qat.cells["quantized_size_bytes"].best
+    assert all(plain.cells[k].mean is None for k in ("quantized_acc", "quantized_delta_acc", "quantized_size_bytes"))
+    md = L.to_markdown(lb)
+    assert "Quantized acc (%) ↑" in md and "Acc lost to quantization (pp) ↓" in md and "Quantized size (KiB) ↓" in md
+    assert "| 55.0 ± 7.1 |" in md and "| **1.0** |" in md  # 1024 bytes, the smallest
+    assert "Quantized acc" not in L.to_markdown(L.build([make_result("er")]))  # no quantize run, no column

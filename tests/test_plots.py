@@ -101,3 +101,20 @@ def test_cli_plot_with_only_failed_runs_says_so(tmp_path, capsys):
     (tmp_path / "r" / failed.name).write_text(failed.read_text())
     assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "p")]) == 1
     assert "no completed run" in capsys.readouterr().err
+
+
+def test_quantized_runs_get_their_accuracy_vs_size_frontier():
+    def quantized(strategy, acc, size):
+        r = make_result(strategy, 0, [[1.0, 0.0], [0.9, 0.9]], train_time_s=1.0)
+        r.aux = [{"name": "quantize"}]
+        r.aux_results = {"quantize": [{"experience": 1, "mode": "ptq", "avg_acc": acc, "delta_acc": 0.9 - acc,
+                                       "size_bytes": size}]}
+        return r
+
+    runs = [quantized("w4", 0.8, 2048), quantized("w2", 0.5, 1024), quantized("w3", 0.4, 1536)]
+    stems = [stem for stem, _, _ in plots.figures(runs)]
+    assert "toy-3_pareto_quantized" in stems
+    ax = plots.pareto_plot(L.build(runs), "quantized_size_bytes", metric="quantized_acc")
+    (frontier,) = [line for line in ax.get_lines() if line.get_label() == "Pareto frontier"]
+    assert list(frontier.get_xdata()) == [1.0, 2.0] and list(frontier.get_ydata()) == pytest.approx([50.0, 80.0])
+    assert "toy-3_pareto_quantized" not in [s for s, _, _ in plots.figures([make_result("a", 0, [[1.0, 0.0], [0.5, 0.5]])])]
