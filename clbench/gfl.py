@@ -27,6 +27,10 @@ class logits, a distributional box branch, a cls tower to RoIAlign from and Batc
   `max_detections` per image. Logits of classes outside `classes` are masked first.
 - **Incremental classifier**: `grow_classes(n)` appends output channels to the class conv and keeps
   the old rows; a state dict with another class count resizes it on load (resume, teachers).
+- **Response distillation** (shared by ERD and IOR): the confidences an old detector's locations
+  are selected by (`class_confidence`, `box_confidence`) and the two distances at the selected
+  locations (`squared_logit_gaps` on raw class logits; `box_distillation_at`, a temperature KL of
+  the side distributions after class-wise NMS); each method selects and normalises on its own.
 
 Boxes are xyxy in pixels; the anchor centre of cell (i, j) at stride s is ((j + 0.5)s, (i + 0.5)s)
 (mmdetection uses offset 0; with square anchors this only shifts the grid by half a stride).
@@ -377,6 +381,48 @@ def gfl_loss(out: GFLOutput, anchors: torch.Tensor, targets: Sequence[Target], c
         quality_error = torch.zeros((), device=device)
     terms = {"qfl": qfl, "giou": cfg.giou_weight * giou, "dfl": cfg.dfl_weight * dfl}
     return GFLLoss(terms, quality_error, num_pos)
+
+
+# --------------------------------------------------------------------------- response distillation
+# The old detector's responses distilled into the new one at locations the old detector picks (ERD
+# and IOR, which inherits ERD's code): how a method *selects* the locations is its own business;
+# the confidences it selects by and the distances it distils live here once.
+def class_confidence(cls_logits: torch.Tensor) -> torch.Tensor:
+    """Per location the largest class probability over the given channels. [B, L, K] -> [B, L]"""
+    return cls_logits.sigmoid().max(-1).values
+
+
+def box_confidence(reg_logits: torch.Tensor) -> torch.Tensor:
+    """Per location the largest raw box logit over all sides and bins (how peaked its most
+    confident side distribution is; what the ERD code ranks box responses by). [B, L, 4, R + 1] -> [B, L]"""
+    return reg_logits.flatten(2).max(-1).values
+
+
+def squared_logit_gaps(new_logits: torch.Tensor, old_logits: torch.Tensor,
+                       locations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per image `(z_new - z_old)^2` of the raw logits at its `locations`, on the channels given
+    (the old classes'). [(n_b, K)]"""
+    return [(new_logits[b, loc] - old_logits[b, loc]).pow(2) for b, loc in enumerate(locations)]
+
+
+def box_distillation_at(new: GFLOutput, old: GFLOutput, old_classes: torch.Tensor, candidates: Sequence[torch.Tensor],
+                        temperature: float, nms_iou: float) -> list[torch.Tensor]:
+    """Per image `sum_i sum_side w_i T^2 mean_bins KL(softmax(d_old/T) || softmax(d_new/T))` over its
+    `candidates` kept by class-wise NMS (IoU `nms_iou`) of the old model's decoded boxes, each
+    scored by the old model's best old-class probability and labelled with that class;
+    `w_i` = the new model's best old-class score, detached (a location the new model already
+    treats as background distils less). The caller normalises over sides and images."""
+    old_boxes = old.boxes()
+    values = []
+    for b, candidate in enumerate(candidates):
+        score, label = old.cls_logits[b, candidate][:, old_classes].sigmoid().max(-1)
+        keep = candidate[batched_nms(old_boxes[b, candidate], score, label, nms_iou)]
+        weight = new.cls_logits[b, keep][:, old_classes].detach().sigmoid().max(-1).values
+        log_p_new = F.log_softmax(new.reg_logits[b, keep] / temperature, -1)
+        p_old = F.softmax(old.reg_logits[b, keep] / temperature, -1)
+        kl = F.kl_div(log_p_new, p_old, reduction="none").mean(-1)  # [n, 4]
+        values.append((weight[:, None] * kl).sum() * temperature**2)
+    return values
 
 
 # --------------------------------------------------------------------------- inference

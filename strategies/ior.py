@@ -76,13 +76,13 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.ops import batched_nms, box_iou, roi_align
+from torchvision.ops import box_iou, roi_align
 
 from clbench.detection import DetectionBatch, Target, make_target, restrict
-from clbench.gfl import GFLConfig, GFLOutput, GFLStrategy, TinyGFL
+from clbench.gfl import (GFLConfig, GFLOutput, GFLStrategy, TinyGFL, box_confidence, box_distillation_at,
+                         class_confidence, squared_logit_gaps)
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
@@ -515,31 +515,26 @@ def feature_distillation(new_feats: Sequence[torch.Tensor], old_feats: Sequence[
 
 def top_old_locations(old_logits: torch.Tensor, k: int) -> torch.Tensor:
     """Per image the `k` locations with the largest old-model old-class probability. [B, k]"""
-    return old_logits.sigmoid().max(-1).values.topk(min(k, old_logits.shape[1]), dim=1).indices
+    return class_confidence(old_logits).topk(min(k, old_logits.shape[1]), dim=1).indices
 
 
 def logit_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, k: int) -> torch.Tensor:
     """Mean over the old model's top-k locations and the old classes of (z_new − z_old)², raw logits."""
     if old_logits.shape[-1] == 0:
         return new_logits.sum() * 0.0
-    idx = top_old_locations(old_logits, k)[..., None].expand(-1, -1, old_logits.shape[-1])
-    return (new_logits.gather(1, idx) - old_logits.gather(1, idx)).pow(2).mean()
+    # every image has k locations: the mean over the stacked gaps is the mean over images too
+    return torch.stack(squared_logit_gaps(new_logits, old_logits, top_old_locations(old_logits, k))).mean()
 
 
 def box_distillation(new: GFLOutput, old: GFLOutput, old_classes: torch.Tensor, k: int, temperature: float,
                      nms_iou: float) -> torch.Tensor:
     """(1/4) Σ_i Σ_side w_i T² mean_bins KL(softmax(d_old/T) ‖ softmax(d_new/T)) over the old
     model's top-k locations by largest box logit, kept by class-wise NMS of its decoded boxes
-    (scored by its best old-class probability); w_i = the new model's best old-class score."""
+    (scored by its best old-class probability); w_i = the new model's best old-class score.
+    Summed over images."""
+    confidence = box_confidence(old.reg_logits)
+    candidates = [confidence[b].topk(min(k, old.reg_logits.shape[1])).indices for b in range(len(confidence))]
     total = new.reg_logits.sum() * 0.0
-    old_boxes = old.boxes()
-    for b in range(new.reg_logits.shape[0]):
-        candidates = old.reg_logits[b].flatten(1).max(-1).values.topk(min(k, old.reg_logits.shape[1])).indices
-        score, label = old.cls_logits[b, candidates][:, old_classes].sigmoid().max(-1)
-        keep = candidates[batched_nms(old_boxes[b, candidates], score, label, nms_iou)]
-        weight = new.cls_logits[b, keep][:, old_classes].detach().sigmoid().max(-1).values
-        log_p_new = F.log_softmax(new.reg_logits[b, keep] / temperature, -1)
-        p_old = F.softmax(old.reg_logits[b, keep] / temperature, -1)
-        kl = F.kl_div(log_p_new, p_old, reduction="none").mean(-1)  # [n, 4]
-        total = total + (weight[:, None] * kl).sum() * temperature**2
+    for value in box_distillation_at(new, old, old_classes, candidates, temperature, nms_iou):
+        total = total + value
     return total / 4
