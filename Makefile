@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean leaderboard detection-table forecast-table distill-table
+.PHONY: demo test test-fast venv clean leaderboard detection-table forecast-table distill-table quantize-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ distill-table: $(STAMP)
 		--add-ons none --add-ons logit_kd --add-ons logit_mse --add-ons feature_kd --add-ons relation_kd \
 		--add-ons multi_teacher:policy=task_owner > results/readme-distill.md
 	$(BIN)/python scripts/splice_readme.py README.md distillation results/readme-distill.md
+
+quantize-table: $(STAMP)
+	mkdir -p results
+	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/quantize --grid digits-5=er \
+		--add-ons none --add-ons quantize:preset=W8A8 --add-ons quantize:preset=W4A4 --add-ons quantize:preset=W2A4 \
+		--add-ons quantize:preset=W2A4,mixed=kurtosis --add-ons quantize:preset=W2A4,distill_steps=100 \
+		--add-ons quantize:preset=W4A4,smooth=hadamard_channel > results/readme-quantize.md
+	$(BIN)/python scripts/splice_readme.py README.md quantization results/readme-quantize.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
