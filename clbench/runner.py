@@ -101,7 +101,15 @@ def aux_problem(strategy_cls, aux_cls) -> str | None:
     name, accepts = strategy_cls.registry_name, strategy_cls.accepts_aux
     if accepts is not None and aux_cls.family not in accepts and aux_cls.name not in accepts:
         return f"strategy {name!r} does not accept add-on {aux_cls.name!r}; it accepts: {', '.join(sorted(accepts)) or 'none'}"
-    if getattr(aux_cls, "needs_backbone_head", False) and strategy_cls.forward is not CLStrategy.forward:
+    kind = getattr(strategy_cls, "output_kind", "class_logits")
+    reason = getattr(aux_cls, "refuses", {}).get(kind)
+    if reason is not None:
+        return f"add-on {aux_cls.name!r} cannot distil strategy {name!r}, whose output is a {kind.replace('_', ' ')}: {reason}"
+    # a snapshot is backbone and head, unless the class that defines the strategy's own forward
+    # also declares how its snapshots are read (`snapshot_output`: forecasters)
+    forward_owner = next(k for k in strategy_cls.__mro__ if "forward" in vars(k))
+    declared = strategy_cls.forward is CLStrategy.forward or "snapshot_output" in vars(forward_owner)
+    if getattr(aux_cls, "needs_backbone_head", False) and not declared:
         return (f"add-on {aux_cls.name!r} distils snapshots of backbone and head, and strategy {name!r} computes its "
                 f"output its own way (encoders, adapters, prompts or other modules); expected a strategy whose output "
                 f"is head(backbone(x))")

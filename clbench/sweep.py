@@ -113,13 +113,13 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
         needs = cls.input_channels
         if task_problem(cls, built) is not None:
             skipped[name] = f"a {cls.task_type} method, the scenario is a {built.task_type} benchmark"
+        elif (problem := next(filter(None, (aux_problem(cls, AUXILIARY.get(a)) for a in aux)), None)) is not None:
+            skipped[name] = problem
         elif built.task_type in ("detection", "forecasting"):  # models built from the method's Config, not a backbone
             kept.append(name)
         elif needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
         elif (problem := cls.backbone_problem(_meta_backbone(backbone, built.input_shape))) is not None:
-            skipped[name] = problem
-        elif (problem := next(filter(None, (aux_problem(cls, AUXILIARY.get(a)) for a in aux)), None)) is not None:
             skipped[name] = problem
         else:
             kept.append(name)

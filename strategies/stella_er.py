@@ -5,6 +5,7 @@ The model is `stella_mlp`'s (clbench's STELLA-like baseline, not a reproduction 
    from the buffer.
 2. After each step the current windows (lookback and horizon) are offered to a reservoir
    buffer, labelled with their experience index.
+Distillation add-ons see the replayed windows too (`samples=replay` or `all`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StellaER(StellaMLP):
         if not self.buffer.is_empty:
             replay = self.buffer.sample(self.cfg.replay_batch_size, device=self.device)
             x, y = torch.cat([x, replay["x"]]), torch.cat([y, replay["target"]])
-        return {"mse": F.mse_loss(self(x), y)}
+        return {"mse": F.mse_loss(self.step_forecast(x, y, current=len(batch)), y)}
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         # the buffer's `y` is its label (here: the experience), the horizon travels as `target`

@@ -13,6 +13,8 @@ not a reproduction: the STELLA code was not read, and layer sizes here are our c
 each window's lookback is standardised by its own mean and standard deviation before step 1,
 and the forecast is mapped back with them, so shifting a window's values shifts its forecast
 by the same amount.
+Distillation add-ons (`--aux logit_mse`, `feature_kd`, `relation_kd`) distil the forecast and the
+embedding h (the output Linear's input) of the snapshot taken after the previous experience.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class StellaMLP(ForecastStrategy):
     Config = Config
     model_name = "stella_like_mlp"
     input_channels = len(CHANNELS)  # it reads the values, the series index and the seasonal position
+    features_at = "out"  # distillation add-ons' features: the embedding h [N, d] the output Linear reads
 
     def build_model(self) -> nn.Module:
         c = self.cfg

@@ -21,11 +21,22 @@ the current batch and "replay" gives no term.
                 profiler): L = w_low MSE(LL_s, LL_t) + w_high MSE(details_s, details_t) (1.4,
                 clbench's design: the SDKD paper was not found).
 The multi-teacher add-on is `multi_teacher` (1.5, `clbench/auxiliary/multi_teacher.py`).
+
+What a strategy's output is, for these add-ons: by default head(backbone(x)), class logits
+(`output_kind` "class_logits") and pooled backbone features, the teacher a backbone-and-head
+snapshot. A strategy family with its own forward declares otherwise (forecasters,
+`clbench.forecasting.ForecastStrategy`):
+- `output_kind`: "forecast" outputs are distilled on every column (horizon steps belong to no
+  class); an add-on that cannot distil a kind names it in `refuses`, with the reason, and is
+  refused before training (`clbench.runner.aux_problem`);
+- `features_at`: the module whose input the features are (None: no features, and `feature_kd`
+  and `relation_kd` refuse the strategy);
+- `snapshot_output(snapshot, x) -> Output`, a classmethod: a `frozen_copy` snapshot's output.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +50,12 @@ from clbench.types import Output
 from clbench.wavelets import haar_dwt_conv
 
 SAMPLES = ("current", "replay", "all")
+CLASS_LOGITS, FORECAST = "class_logits", "forecast"
+
+
+def output_kind(strategy) -> str:
+    """What the strategy (class or instance) outputs: "class_logits" unless it declares another kind."""
+    return getattr(strategy, "output_kind", CLASS_LOGITS)
 
 
 def sample_rows(samples: str, current: int) -> slice:
@@ -190,19 +207,25 @@ class PreviousTeacher(Aux):
     """Shared mechanics: the previous-experience snapshot, the distilled samples and their outputs."""
 
     family = "distill"
-    # a snapshot is backbone and head: refused (before training) for strategies with their own forward
+    # a snapshot is backbone and head: refused (before training) for strategies with their own
+    # forward, unless they declare `snapshot_output`
     needs_backbone_head = True
+    # output kinds this add-on cannot distil, with the one-line reason the refusal gives
+    refuses: ClassVar[dict[str, str]] = {}
 
     def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
         super().__init__(weight, samples=samples, **hparams)
         self.samples = choice(self.name, "samples", samples, SAMPLES)
         self.teacher = None
-        self.old_classes = 0
+        # the teacher's columns to distil: its classes, or None for all (a forecast's horizon steps)
+        self.old_classes: int | None = 0
+        self.read_snapshot: Callable[[nn.Module, torch.Tensor], Output] = teacher_outputs
 
     def on_experience_start(self, strategy, exp) -> None:
         # runs after the head grew: keep only the rows of classes the teacher knew
         self.teacher = None if exp.is_first else strategy.frozen_copy()
-        self.old_classes = len(exp.past_classes)
+        self.read_snapshot = snapshot_reader(strategy)
+        self.old_classes = len(exp.past_classes) if output_kind(strategy) == CLASS_LOGITS else None
 
     def distilled(self, batch, out: Output, strategy) -> tuple[torch.Tensor, torch.Tensor, Output] | None:
         """(inputs, labels, student outputs) of the samples `samples` selects, or None if none."""
@@ -227,16 +250,30 @@ class PreviousTeacher(Aux):
         return student, self.teacher_output(x)
 
     def teacher_output(self, x: torch.Tensor) -> Output:
-        return teacher_outputs(self.teacher, x)
+        return self.read_snapshot(self.teacher, x)
+
+
+def require_features(add_on: str, strategy) -> None:
+    """A strategy with a declared output kind gives features only where it names them (`features_at`)."""
+    if output_kind(strategy) != CLASS_LOGITS and getattr(strategy, "features_at", None) is None:
+        raise UsageError(f"{add_on} distils features, and strategy {type(strategy).registry_name!r} declares none "
+                         f"(its features_at is None); expected a strategy that names the module whose input they are")
+
+
+def snapshot_reader(strategy) -> Callable[[nn.Module, torch.Tensor], Output]:
+    """How to run the strategy's `frozen_copy` snapshots: its declared `snapshot_output`, else
+    head(backbone(x)) (`clbench.base.teacher_outputs`); both without gradients."""
+    return getattr(strategy, "snapshot_output", teacher_outputs)
 
 
 class _OldLogits(PreviousTeacher):
     def loss(self, batch, out, strategy):
-        pair = self.with_teacher(batch, out, strategy) if self.old_classes else None
+        pair = self.with_teacher(batch, out, strategy) if self.old_classes != 0 else None
         if pair is None:
             return None
         student, teacher = pair
-        return self.compare(student.logits[:, : self.old_classes], teacher.logits[:, : self.old_classes])
+        columns = slice(None) if self.old_classes is None else slice(0, self.old_classes)
+        return self.compare(student.logits[:, columns], teacher.logits[:, columns])
 
     compare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -244,6 +281,8 @@ class _OldLogits(PreviousTeacher):
 @register_aux("logit_kd")
 class LogitKD(_OldLogits):
     """Logit distillation tau^2 * KL(teacher || student) on past classes from the previous-experience model."""
+
+    refuses = {FORECAST: "a softmax over forecast steps is meaningless; use logit_mse to distil the forecast"}
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0, samples: str = "current"):
         super().__init__(weight, samples=samples, temperature=temperature)
@@ -255,7 +294,8 @@ class LogitKD(_OldLogits):
 
 @register_aux("logit_mse")
 class LogitMSE(_OldLogits):
-    """Logit matching: mean squared error to the previous-experience model's past-class logits."""
+    """Logit matching: mean squared error to the previous-experience model's past-class logits
+    (a forecaster's whole forecast)."""
 
     # DER++'s alpha in clbench's der_pp: raw logits are unbounded, and at weight 1 the README's
     # ER run on digits-5 diverged (NaN) in one seed of three
@@ -282,7 +322,13 @@ class FeatureKD(PreviousTeacher):
         self.tap: LayerTap | None = None
 
     def setup(self, strategy) -> None:
-        if self.layer is not None:
+        if self.layer is None:
+            require_features(self.name, strategy)
+        else:
+            if getattr(strategy, "backbone", None) is None:
+                raise UsageError(f"feature_kd layer={self.layer!r} names a backbone module, and strategy "
+                                 f"{type(strategy).registry_name!r} has no backbone; expected no layer= "
+                                 f"(its features are the embedding it declares)")
             self.tap = LayerTap.replacing(self.tap, strategy.backbone, self.layer)
 
     def loss(self, batch, out, strategy):
@@ -338,6 +384,9 @@ class RelationKD(PreviousTeacher):
             raise UsageError(f"relation_kd min_rows={min_rows!r} is invalid; expected an integer >= 2")
         self.min_rows = min_rows
 
+    def setup(self, strategy) -> None:
+        require_features(self.name, strategy)
+
     def loss(self, batch, out, strategy):
         # a similarity matrix of a handful of samples says little (the spec asks for B >= 8)
         pair = self.with_teacher(batch, out, strategy, self.min_rows) if out.features is not None else None
@@ -352,6 +401,8 @@ class FrequencyKD(PreviousTeacher):
     """Frequency-aligned feature distillation: Haar low band held tightly, detail bands loosely."""
 
     contract_backbone = "clbench_convnet"
+    refuses = {FORECAST: "it reads a convolutional feature map [N, C, H, W], and a forecaster's features are an "
+                         "embedding [N, d]; use feature_kd or relation_kd"}
 
     def __init__(self, weight: float = 1.0, layer: str | None = None, low_weight: float = 1.0, high_weight: float = 0.5,
                  levels: int = 1, domain: str = "haar", cutoff: float = 0.25, samples: str = "current"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.auxiliary.base import choice, positive
-from clbench.auxiliary.distill import PreviousTeacher, kd_per_sample
+from clbench.auxiliary.distill import FORECAST, PreviousTeacher, kd_per_sample
 from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
@@ -63,6 +63,9 @@ def teacher_weights(policy: str, teacher_logits: list[torch.Tensor], known: list
 @register_aux("multi_teacher")
 class MultiTeacher(PreviousTeacher):
     """Distillation from the last K experience snapshots, weighted per sample (equal, confidence or task owner)."""
+
+    refuses = {FORECAST: "it distils class probabilities of the classes each teacher saw, weighted by class "
+                         "confidence or ownership, and a forecast has no classes; use logit_mse"}
 
     def __init__(self, weight: float = 1.0, teachers: int = 2, policy: str = "equal", temperature: float = 4.0,
                  feature_weight: float = 5.0, confidence_temperature: float = 1.0, samples: str = "all"):
