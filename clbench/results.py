@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -60,9 +61,24 @@ class RunResult:
 
 
 def result_path(output_dir: str | os.PathLike, r: RunResult) -> Path:
-    """`<out>/<scenario>/<strategy>[+aux]/<backbone>-seed<k>-<device>.json`; hardware is part of the name."""
-    strategy = r.strategy + "".join(f"+{a['name']}" for a in r.aux)
+    """`<out>/<scenario>/<strategy>[+aux]/<backbone>-seed<k>-<device>.json`; hardware is part of the name.
+    Each add-on is named with the settings given to it (`er+quantize-preset-w4a4`), so runs of one
+    add-on with other settings, separate rows of a leaderboard, never overwrite each other."""
+    strategy = r.strategy + "".join(f"+{_add_on_slug(a)}" for a in r.aux)
     return Path(output_dir) / r.scenario / strategy / f"{_slug(r.backbone)}-seed{r.seed}-{_slug(r.device)}.json"
+
+
+MAX_SETTINGS_SLUG = 60  # longer settings are named by a hash (file names stay well under 255 bytes)
+
+
+def _add_on_slug(add_on: dict[str, Any]) -> str:
+    settings = ",".join(f"{k}={v}" for k, v in add_on.items() if k != "name")
+    if not settings:
+        return add_on["name"]
+    slug = _slug(settings)
+    if len(slug) > MAX_SETTINGS_SLUG:
+        slug = hashlib.sha1(settings.encode()).hexdigest()[:12]
+    return f"{add_on['name']}-{slug}"
 
 
 def _slug(s: str) -> str:

@@ -297,3 +297,19 @@ def test_quantized_columns_read_the_last_quantize_record():
     assert "Quantized acc (%) ↑" in md and "Acc lost to quantization (pp) ↓" in md and "Quantized size (KiB) ↓" in md
     assert "| 55.0 ± 7.1 |" in md and "| **1.0** |" in md  # 1024 bytes, the smallest
     assert "Quantized acc" not in L.to_markdown(L.build([make_result("er")]))  # no quantize run, no column
+
+
+def test_each_add_on_setting_gets_its_own_result_file(tmp_path):
+    def path(*aux):
+        r = make_result("er", scenario="digits-5")
+        r.aux = list(aux)
+        return result_path(tmp_path, r).relative_to(tmp_path).parent.as_posix()
+
+    assert path() == "digits-5/er"
+    assert path({"name": "logit_kd"}) == "digits-5/er+logit_kd"  # no settings: the name alone, as before
+    w4, w2 = path({"name": "quantize", "preset": "W4A4"}), path({"name": "quantize", "preset": "W2A4", "distill_steps": 100})
+    assert w4 == "digits-5/er+quantize-preset-w4a4" and w2 == "digits-5/er+quantize-preset-w2a4-distill_steps-100"
+    both = path({"name": "logit_kd", "temperature": 4}, {"name": "quantize", "bits": 8})
+    assert both == "digits-5/er+logit_kd-temperature-4+quantize-bits-8"
+    long = path({"name": "quantize", **{f"setting_{i}": "x" * 10 for i in range(8)}})
+    assert len(long.split("/")[-1]) == len("er+quantize-") + 12  # a hash past 60 characters of settings
