@@ -34,7 +34,7 @@ leaderboard: $(STAMP)
 detection-table: $(STAMP)
 	mkdir -p results
 	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/detection \
-		--grid shapes-2+2-absent=ior,gfl_finetune --grid shapes-2+2=p2iod,detr_finetune > results/readme-detection.md
+		--grid shapes-2+2-absent=ior,erd,gfl_finetune --grid shapes-2+2=p2iod,cl_detr,detr_finetune,erd,gfl_finetune > results/readme-detection.md
 	$(BIN)/python scripts/splice_readme.py README.md detection results/readme-detection.md
 
 # The README's continual-forecasting table: the STELLA-like MLP with and without replay, seeds 0-2.

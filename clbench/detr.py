@@ -13,12 +13,14 @@
   sigmoid focal (alpha .25, gamma 2) summed over queries and classes, L1 x 5 and GIoU x 2
   over matched pairs, each divided by the number of target boxes. Ignored boxes are never
   targets (dropped before matching).
-- `detections`: the top-100 (query, class) scores per image over the allowed classes, no NMS.
+- `detections`: the top-100 (query, class) scores per image over the allowed classes, no NMS;
+  `with_pseudo_boxes` appends chosen detections to the ground truth as pseudo labels (P2IOD,
+  CL-DETR).
 - `pretrain_shapes_base`: the offline stand-in for a COCO-pretrained DETR (see its docstring),
   cached on disk by its settings; `load_base` reads such a file or any TinyDETR state_dict.
 - `FrozenBaseDetrStrategy`: a detection strategy around a frozen pretrained TinyDETR whose class
   head (fresh, sized for all classes) and box head are trained; P2IOD and the fine-tuning
-  baseline build on it.
+  baseline build on it, and CL-DETR, which unfreezes the whole detector (BatchNorm aside).
 
 Deviations from DETR, for size: the encoder adds the sine positional embedding to its input
 tokens once (an `nn.TransformerEncoderLayer` cannot add it to queries and keys per layer); no
@@ -269,6 +271,20 @@ def detections(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
         xyxy = box_convert(boxes[b, query], "cxcywh", "xyxy") * boxes.new_tensor([w, h, w, h])
         xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w), xyxy[:, 3].clamp(0, h)], 1)
         out.append({"boxes": xyxy, "scores": top, "labels": classes_t[column]})
+    return out
+
+
+def with_pseudo_boxes(targets: Sequence[Target], found: Sequence[dict[str, torch.Tensor]],
+                      keep: Sequence[torch.Tensor]) -> list[Target]:
+    """Each image's target plus the kept rows of its `found` detections (xyxy pixel boxes and
+    labels, as `detections` returns them) as ordinary, non-ignored boxes. New dicts: the real
+    ground truth is never altered."""
+    out = []
+    for t, d, k in zip(targets, found, keep):
+        n = int(k.sum())
+        out.append({"boxes": torch.cat([t["boxes"], d["boxes"][k].to(t["boxes"].dtype)]),
+                    "labels": torch.cat([t["labels"], d["labels"][k]]),
+                    "ignore": torch.cat([t["ignore"], t["ignore"].new_zeros(n)])})
     return out
 
 

@@ -71,7 +71,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.detection import DetectionBatch, Target
-from clbench.detr import DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, detections, normalised_targets
+from clbench.detr import (DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, detections, normalised_targets,
+                          with_pseudo_boxes)
 from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
@@ -167,14 +168,8 @@ class P2IOD(FrozenBaseDetrStrategy):
             return list(targets)
         best = detections(free.logits[-1], free.boxes[-1], image_size, self.experience.seen_classes,
                           top_k=self.cfg.pseudo_per_image)
-        out = []
-        for t, d in zip(targets, best):
-            keep = (d["scores"] >= self.cfg.pseudo_threshold) & (d["labels"] < n_old)
-            n = int(keep.sum())
-            out.append({"boxes": torch.cat([t["boxes"], d["boxes"][keep].to(t["boxes"].dtype)]),
-                        "labels": torch.cat([t["labels"], d["labels"][keep]]),
-                        "ignore": torch.cat([t["ignore"], t["ignore"].new_zeros(n)])})
-        return out
+        keep = [(d["scores"] >= self.cfg.pseudo_threshold) & (d["labels"] < n_old) for d in best]
+        return with_pseudo_boxes(targets, best, keep)
 
     def parameter_groups(self):
         return [*super().parameter_groups(), {"params": list(self.prompts.parameters()), "lr": self.cfg.lr}]
