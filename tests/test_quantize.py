@@ -212,7 +212,27 @@ def test_loss_hook_adds_nothing_and_draws_no_global_random_numbers(strategy_fact
     for _ in range(3):
         assert aux.loss(batch, out, strategy) is None
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(len(v) <= 2 for v in aux._reservoir.values())  # 4 samples over 2 classes
+    assert all(n <= 2 for n in aux._filled.values())  # 4 samples over 2 classes
+
+
+def test_calibration_reservoir_keeps_a_uniform_sample_of_each_class():
+    from clbench.types import Batch
+
+    aux = Quantize(calib_samples=4)
+    aux._per_class = 2
+    kept = torch.zeros(6)
+    for seed in range(300):  # which of a class's six samples survive: each with probability 2/6
+        aux._reservoir, aux._filled, aux._seen = {}, {}, {}
+        aux._generator.manual_seed(seed)
+        for start in (0, 3):  # two batches: values 0-2 then 3-5 of class 0, one class-1 sample each
+            x = torch.tensor([[start + 0.0], [start + 1.0], [start + 2.0], [-1.0]])
+            aux.loss(Batch(x, torch.tensor([0, 0, 0, 1])), None, None)
+        assert aux._filled == {0: 2, 1: 2} and aux._seen == {0: 6, 1: 2}
+        assert sorted(aux._reservoir[1].view(-1).tolist()) == [-1.0, -1.0]
+        values = aux._reservoir[0].view(-1).long()
+        assert len(set(values.tolist())) == 2  # two distinct samples, never one twice
+        kept[values] += 1
+    assert torch.all((kept / 300 - 1 / 3).abs() < 0.1), kept
 
 
 # --------------------------------------------------------------------------- through the runner and the CLI

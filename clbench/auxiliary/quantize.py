@@ -662,7 +662,8 @@ class Quantize(Aux):
         self.calib_samples, self.fold_bn, self.seed = calib_samples, fold_bn, int(seed)
         self.edge_bits = (weight_bits, act_bits) if quantize_first_last else (8, 8)
         # calibration reservoir of the current experience: class -> list of inputs (CPU)
-        self._reservoir: dict[int, list[torch.Tensor]] = {}
+        self._reservoir: dict[int, torch.Tensor] = {}  # class -> [per-class capacity, *input shape]
+        self._filled: dict[int, int] = {}
         self._seen: dict[int, int] = {}
         self._per_class = calib_samples
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -676,7 +677,7 @@ class Quantize(Aux):
             self._convert_qat(strategy)
 
     def on_experience_start(self, strategy, exp) -> None:
-        self._reservoir, self._seen = {}, {}
+        self._reservoir, self._filled, self._seen = {}, {}, {}
         self._per_class = max(1, math.ceil(self.calib_samples / max(1, len(exp.classes))))
         if exp.is_first:
             self._rows_q, self._rows_fp = [], []
@@ -692,16 +693,29 @@ class Quantize(Aux):
         if self.mode != "ptq":
             return None
         labels = batch.y.detach().cpu().tolist() if batch.y.dim() == 1 else []
+        if not labels:
+            return None
+        # this runs inside every training step (the profiler counts it): one draw per batch and one
+        # gather-and-write per class, not an op per sample
+        draws = torch.rand(len(labels), generator=self._generator).tolist()
+        writes: dict[int, dict[int, int]] = {}  # class -> slot -> row (a later row wins a slot)
         for i, label in enumerate(labels):
             seen = self._seen.get(label, 0)
             self._seen[label] = seen + 1
-            kept = self._reservoir.setdefault(label, [])
-            if len(kept) < self._per_class:
-                kept.append(x[i].cpu().clone())
+            filled = self._filled.get(label, 0)
+            if filled < self._per_class:
+                slot, self._filled[label] = filled, filled + 1
             else:
-                j = int(torch.randint(0, seen + 1, (1,), generator=self._generator))
-                if j < self._per_class:
-                    kept[j] = x[i].cpu().clone()
+                slot = int(draws[i] * (seen + 1))  # uniform over 0..seen: reservoir sampling
+                if slot >= self._per_class:
+                    continue
+            writes.setdefault(label, {})[slot] = i
+        for label, slots in writes.items():
+            store = self._reservoir.get(label)
+            if store is None:
+                store = self._reservoir[label] = torch.empty((self._per_class, *x.shape[1:]), dtype=x.dtype)
+            rows = torch.tensor(list(slots.values()), device=x.device)
+            store[torch.tensor(list(slots))] = x.index_select(0, rows).cpu()
         return None
 
     def after_evaluation(self, strategy, exp, evaluate):
@@ -767,7 +781,7 @@ class Quantize(Aux):
 
     # ------------------------------------------------------------------ calibration data
     def _calibration_data(self, strategy, exp) -> tuple[torch.Tensor | None, dict[str, int]]:
-        pool: dict[int, list[torch.Tensor]] = {c: list(v) for c, v in self._reservoir.items()}
+        pool: dict[int, list[torch.Tensor]] = {c: list(v[: self._filled[c]]) for c, v in self._reservoir.items()}
         current = sum(len(v) for v in pool.values())
         shape = next((v[0].shape for v in pool.values() if v), None)
         from_buffer = 0
