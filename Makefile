@@ -57,8 +57,9 @@ quantize-table: $(STAMP)
 	mkdir -p results
 	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/quantize --grid digits-5=er \
 		--add-ons none --add-ons quantize:preset=W8A8 --add-ons quantize:preset=W4A4 --add-ons quantize:preset=W2A4 \
-		--add-ons quantize:preset=W2A4,mixed=kurtosis --add-ons quantize:preset=W2A4,distill_steps=100 \
-		--add-ons quantize:preset=W4A4,smooth=hadamard_channel > results/readme-quantize.md
+		--add-ons quantize:preset=W2A4,mixed=kurtosis --add-ons quantize:preset=W4A4,smooth=hadamard_channel \
+		--add-ons quantize:preset=W2A4,quantize_first_last=true \
+		--add-ons quantize:preset=W2A4,quantize_first_last=true,distill_steps=100 > results/readme-quantize.md
 	$(BIN)/python scripts/splice_readme.py README.md quantization results/readme-quantize.md
 
 clean:
