@@ -32,6 +32,8 @@ class CLStrategy(pl.LightningModule):
     PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
     # add-on names this strategy accepts (None: any); checked before training starts
     accepts_aux: ClassVar[set[str] | None] = None
+    # what the output is, for add-ons that read it: class logits, or "forecast" (`Aux.refuses`)
+    output_kind: ClassVar[str] = "class_logits"
     # scenario the registry contract tests run on; methods that need 3x32x32 images say "synthetic32-3"
     contract_scenario: ClassVar[str] = "synthetic-2"
     # image channels the method is defined for (None: any); `sweep --strategies all` skips other scenarios

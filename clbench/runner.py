@@ -101,8 +101,8 @@ def aux_problem(strategy_cls, aux_cls) -> str | None:
     name, accepts = strategy_cls.registry_name, strategy_cls.accepts_aux
     if accepts is not None and aux_cls.family not in accepts and aux_cls.name not in accepts:
         return f"strategy {name!r} does not accept add-on {aux_cls.name!r}; it accepts: {', '.join(sorted(accepts)) or 'none'}"
-    kind = getattr(strategy_cls, "output_kind", "class_logits")
-    reason = getattr(aux_cls, "refuses", {}).get(kind)
+    kind = strategy_cls.output_kind
+    reason = aux_cls.refuses.get(kind)
     if reason is not None:
         return f"add-on {aux_cls.name!r} cannot distil strategy {name!r}, whose output is a {kind.replace('_', ' ')}: {reason}"
     # a snapshot is backbone and head, unless the class that defines the strategy's own forward

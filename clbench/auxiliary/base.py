@@ -21,6 +21,9 @@ class Aux(nn.Module):
     family: ClassVar[str] = "aux"  # "distill", "quantize", "forecast": what strategies accept
     # families this add-on cannot be combined with in one run
     incompatible_with: ClassVar[set[str]] = set()
+    # strategy output kinds (`CLStrategy.output_kind`) this add-on cannot use, with the one-line
+    # reason the refusal before training gives
+    refuses: ClassVar[dict[str, str]] = {}
     # backbone the registry contract test builds its strategy with (None: the tiny MLP); an
     # add-on that reads convolutional feature maps names a small CNN
     contract_backbone: ClassVar[str | None] = None

@@ -36,7 +36,7 @@ snapshot. A strategy family with its own forward declares otherwise (forecasters
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,6 @@ from clbench.wavelets import haar_dwt_conv
 
 SAMPLES = ("current", "replay", "all")
 CLASS_LOGITS, FORECAST = "class_logits", "forecast"
-
-
-def output_kind(strategy) -> str:
-    """What the strategy (class or instance) outputs: "class_logits" unless it declares another kind."""
-    return getattr(strategy, "output_kind", CLASS_LOGITS)
 
 
 def sample_rows(samples: str, current: int) -> slice:
@@ -210,8 +205,6 @@ class PreviousTeacher(Aux):
     # a snapshot is backbone and head: refused (before training) for strategies with their own
     # forward, unless they declare `snapshot_output`
     needs_backbone_head = True
-    # output kinds this add-on cannot distil, with the one-line reason the refusal gives
-    refuses: ClassVar[dict[str, str]] = {}
 
     def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
         super().__init__(weight, samples=samples, **hparams)
@@ -225,7 +218,7 @@ class PreviousTeacher(Aux):
         # runs after the head grew: keep only the rows of classes the teacher knew
         self.teacher = None if exp.is_first else strategy.frozen_copy()
         self.read_snapshot = snapshot_reader(strategy)
-        self.old_classes = len(exp.past_classes) if output_kind(strategy) == CLASS_LOGITS else None
+        self.old_classes = len(exp.past_classes) if strategy.output_kind == CLASS_LOGITS else None
 
     def distilled(self, batch, out: Output, strategy) -> tuple[torch.Tensor, torch.Tensor, Output] | None:
         """(inputs, labels, student outputs) of the samples `samples` selects, or None if none."""
@@ -255,7 +248,7 @@ class PreviousTeacher(Aux):
 
 def require_features(add_on: str, strategy) -> None:
     """A strategy with a declared output kind gives features only where it names them (`features_at`)."""
-    if output_kind(strategy) != CLASS_LOGITS and getattr(strategy, "features_at", None) is None:
+    if strategy.output_kind != CLASS_LOGITS and getattr(strategy, "features_at", None) is None:
         raise UsageError(f"{add_on} distils features, and strategy {type(strategy).registry_name!r} declares none "
                          f"(its features_at is None); expected a strategy that names the module whose input they are")
 

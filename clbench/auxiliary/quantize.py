@@ -832,6 +832,11 @@ class Quantize(Aux):
         fp32_params = sum(p.numel() for p in snapshot.parameters())
         with eval_mode(strategy), torch.no_grad():
             run_one = lambda: self._predict(strategy, snapshot, data[:1])  # noqa: E731
+
+            def run_all():  # a pass over the calibration data, for the layers' current state
+                for chunk in data.split(128):
+                    self._predict(strategy, snapshot, chunk)
+
             folded = fold_batchnorm(snapshot, run_one) if self.fold_bn else 0
             # wrap every Conv2d / Linear, then one FP32 pass in order finds which run, and their inputs
             parents = _parents(snapshot)
@@ -862,14 +867,12 @@ class Quantize(Aux):
             if self.smooth == "hadamard_channel" and smoothed:
                 for w in smoothed:
                     w.state = "channels"
-                for chunk in data.split(128):
-                    self._predict(strategy, snapshot, chunk)
+                run_all()
                 for w in smoothed:
                     w.smooth_channels(self.smooth_alpha)
             for w in used:
                 w.state = "observe"
-            for chunk in data.split(128):
-                self._predict(strategy, snapshot, chunk)
+            run_all()
             layer_sizes, layer_macs = [], []
             # the layers at the chosen bit-width (first and classifier too with quantize_first_last)
             inner = [w for w in used if self.quantize_first_last or not (w is first or w.in_head)]
@@ -941,7 +944,7 @@ class Quantize(Aux):
         from clbench.types import Output
 
         start = time.perf_counter()
-        layers = [w for w in _ptq_layers(snapshot) if w.state == "quant" and w.grid is not None]
+        layers = [w for w in _ptq_layers(snapshot) if w.grid is not None]  # the layers quantized
         params = [p for w in layers for p in w.start_learning()]
         optimizer = torch.optim.Adam(params, lr=self.distill_lr)
         device = next(strategy.parameters()).device
@@ -956,7 +959,7 @@ class Quantize(Aux):
         # its own random stream and no .grad written anywhere: the FP32 run is untouched
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(strategy), \
                 torch.enable_grad():
-            for step in range(self.distill_steps):
+            for _ in range(self.distill_steps):
                 rows = torch.randint(len(data), (min(self.distill_batch, len(data)),), generator=generator)
                 x = data[rows].to(device)
                 with torch.no_grad():
