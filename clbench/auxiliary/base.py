@@ -63,7 +63,13 @@ def choice(add_on: str, name: str, value: Any, allowed: Sequence) -> Any:
     return value
 
 
+def checked(add_on: str, name: str, value: Any, ok: Callable[[Any], bool], expected: str, integer: bool = False) -> Any:
+    """`value` if it is a number (an integer with `integer`; never a bool) for which `ok` holds, else
+    the one-line usage error naming add-on, setting and value and what was `expected`."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not ok(value):
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected {expected}")
+    return value
+
+
 def positive(add_on: str, name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected a positive number")
-    return float(value)
+    return float(checked(add_on, name, value, lambda v: v > 0, "a positive number"))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, choice, positive
+from clbench.auxiliary.base import Aux, checked, choice, positive
 from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
@@ -373,8 +373,7 @@ class RelationKD(PreviousTeacher):
         self.temperature = positive("relation_kd", "temperature", temperature)
         self.relation = choice("relation_kd", "relation", relation, ("kl", "mse"))
         self.exclude_diagonal = bool(exclude_diagonal)
-        if not isinstance(min_rows, int) or min_rows < 2:
-            raise UsageError(f"relation_kd min_rows={min_rows!r} is invalid; expected an integer >= 2")
+        checked("relation_kd", "min_rows", min_rows, lambda v: v >= 2, "an integer >= 2", integer=True)
         self.min_rows = min_rows
 
     def setup(self, strategy) -> None:

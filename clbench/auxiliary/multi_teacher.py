@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import choice, positive
+from clbench.auxiliary.base import checked, choice, positive
 from clbench.auxiliary.distill import FORECAST, PreviousTeacher, kd_per_sample
 from clbench.base import teacher_outputs
 from clbench.errors import UsageError
@@ -71,8 +71,7 @@ class MultiTeacher(PreviousTeacher):
                  feature_weight: float = 5.0, confidence_temperature: float = 1.0, samples: str = "all"):
         super().__init__(weight, samples=samples, teachers=teachers, policy=policy, temperature=temperature,
                          feature_weight=feature_weight, confidence_temperature=confidence_temperature)
-        if not isinstance(teachers, int) or isinstance(teachers, bool) or teachers < 1:
-            raise UsageError(f"multi_teacher teachers={teachers!r} is invalid; expected a positive integer")
+        checked("multi_teacher", "teachers", teachers, lambda v: v >= 1, "a positive integer", integer=True)
         if not isinstance(feature_weight, (int, float)) or feature_weight < 0:
             raise UsageError(f"multi_teacher feature_weight={feature_weight!r} is invalid; expected a number >= 0")
         self.max_teachers = teachers

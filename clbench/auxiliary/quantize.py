@@ -108,7 +108,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, choice, positive
+from clbench.auxiliary.base import Aux, checked, choice, positive
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -572,9 +572,8 @@ def _macs(fn) -> int:
 
 # --------------------------------------------------------------------------- the add-on
 def _bits(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise UsageError(f"quantize {name}={value!r} is invalid; expected an integer from {MIN_BITS} to {MAX_BITS}")
-    return value
+    return checked("quantize", name, value, lambda v: MIN_BITS <= v <= MAX_BITS,
+                   f"an integer from {MIN_BITS} to {MAX_BITS}", integer=True)
 
 
 @register_aux("quantize")
@@ -593,22 +592,18 @@ class Quantize(Aux):
                  distill_temperature: float = 2.0, distill_relation: float = 1.0, distill_batch: int = 32,
                  smooth: str = "none", smooth_alpha: float = 0.5, seed: int = 0):
         mode = choice("quantize", "mode", mode, ("ptq", "qat"))
-        if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
-            raise UsageError(f"quantize distill_steps={distill_steps!r} is invalid; expected 0 (off) or a positive integer")
+        checked("quantize", "distill_steps", distill_steps, lambda v: v >= 0, "0 (off) or a positive integer", integer=True)
         if distill_steps and mode != "ptq":
             raise UsageError(f"quantize distill_steps={distill_steps} needs mode=ptq (it tunes a PTQ snapshot's "
                              f"scales); got mode={mode!r}")
         smooth = choice("quantize", "smooth", smooth, ("none", "hadamard", "hadamard_channel"))
         if smooth != "none" and mode != "ptq":
             raise UsageError(f"quantize smooth={smooth} needs mode=ptq; got mode={mode!r}")
-        if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not 0 < smooth_alpha < 1:
-            raise UsageError(f"quantize smooth_alpha={smooth_alpha!r} is invalid; expected a number in (0, 1)")
+        checked("quantize", "smooth_alpha", smooth_alpha, lambda v: 0 < v < 1, "a number in (0, 1)")
         distill_lr = positive("quantize", "distill_lr", distill_lr)
         distill_temperature = positive("quantize", "distill_temperature", distill_temperature)
-        if isinstance(distill_relation, bool) or not isinstance(distill_relation, (int, float)) or distill_relation < 0:
-            raise UsageError(f"quantize distill_relation={distill_relation!r} is invalid; expected a number >= 0")
-        if isinstance(distill_batch, bool) or not isinstance(distill_batch, int) or distill_batch < 2:
-            raise UsageError(f"quantize distill_batch={distill_batch!r} is invalid; expected an integer >= 2")
+        checked("quantize", "distill_relation", distill_relation, lambda v: v >= 0, "a number >= 0")
+        checked("quantize", "distill_batch", distill_batch, lambda v: v >= 2, "an integer >= 2", integer=True)
         if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
             _bits("bits", bits)
             weight_bits = bits if weight_bits is None else weight_bits
@@ -630,17 +625,14 @@ class Quantize(Aux):
             weight_calib = "mse" if weight_bits <= 4 else "minmax"
         weight_calib = choice("quantize", "weight_calib", weight_calib, CALIBRATORS)
         act_calib = choice("quantize", "act_calib", act_calib, CALIBRATORS)
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
-            raise UsageError(f"quantize percentile={percentile!r} is invalid; expected a number in (50, 100]")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
-            raise UsageError(f"quantize group_size={group_size!r} is invalid; expected 0 (per channel) or a positive integer")
-        if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
-            raise UsageError(f"quantize calib_samples={calib_samples!r} is invalid; expected a positive integer")
+        checked("quantize", "percentile", percentile, lambda v: 50 < v <= 100, "a number in (50, 100]")
+        checked("quantize", "group_size", group_size, lambda v: v >= 0, "0 (per channel) or a positive integer",
+                integer=True)
+        checked("quantize", "calib_samples", calib_samples, lambda v: v >= 1, "a positive integer", integer=True)
         mixed = choice("quantize", "mixed", mixed, ("none", "kurtosis"))
         calib_select = choice("quantize", "calib_select", calib_select, ("balanced", "fisher"))
         high_bits = _bits("high_bits", high_bits)
-        if isinstance(high_fraction, bool) or not isinstance(high_fraction, (int, float)) or not 0 < high_fraction < 1:
-            raise UsageError(f"quantize high_fraction={high_fraction!r} is invalid; expected a number in (0, 1)")
+        checked("quantize", "high_fraction", high_fraction, lambda v: 0 < v < 1, "a number in (0, 1)")
         for name, value in (("quantize_first_last", quantize_first_last), ("fold_bn", fold_bn)):
             if not isinstance(value, bool):
                 raise UsageError(f"quantize {name}={value!r} is invalid; expected true or false")
