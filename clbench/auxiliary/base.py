@@ -73,3 +73,7 @@ def checked(add_on: str, name: str, value: Any, ok: Callable[[Any], bool], expec
 
 def positive(add_on: str, name: str, value: Any) -> float:
     return float(checked(add_on, name, value, lambda v: v > 0, "a positive number"))
+
+
+def non_negative(add_on: str, name: str, value: Any) -> float:
+    return float(checked(add_on, name, value, lambda v: v >= 0, "a number >= 0"))

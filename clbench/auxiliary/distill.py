@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, checked, choice, positive
+from clbench.auxiliary.base import Aux, checked, choice, non_negative, positive
 from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
@@ -401,10 +401,8 @@ class FrequencyKD(PreviousTeacher):
         super().__init__(weight, samples=samples, layer=layer, low_weight=low_weight, high_weight=high_weight,
                          levels=levels, domain=domain, cutoff=cutoff)
         self.layer = layer
-        for name, value in (("low_weight", low_weight), ("high_weight", high_weight)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise UsageError(f"freq_kd {name}={value!r} is invalid; expected a number >= 0")
-        self.low_weight, self.high_weight = float(low_weight), float(high_weight)
+        self.low_weight = non_negative("freq_kd", "low_weight", low_weight)
+        self.high_weight = non_negative("freq_kd", "high_weight", high_weight)
         self.levels = int(choice("freq_kd", "levels", levels, (1, 2)))
         self.domain = choice("freq_kd", "domain", domain, ("haar", "fft"))
         self.cutoff = positive("freq_kd", "cutoff", cutoff)

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import checked, choice, positive
+from clbench.auxiliary.base import checked, choice, non_negative, positive
 from clbench.auxiliary.distill import FORECAST, PreviousTeacher, kd_per_sample
 from clbench.base import teacher_outputs
-from clbench.errors import UsageError
 from clbench.registry import register_aux
 
 POLICIES = ("equal", "confidence", "task_owner")
@@ -72,13 +71,11 @@ class MultiTeacher(PreviousTeacher):
         super().__init__(weight, samples=samples, teachers=teachers, policy=policy, temperature=temperature,
                          feature_weight=feature_weight, confidence_temperature=confidence_temperature)
         checked("multi_teacher", "teachers", teachers, lambda v: v >= 1, "a positive integer", integer=True)
-        if not isinstance(feature_weight, (int, float)) or feature_weight < 0:
-            raise UsageError(f"multi_teacher feature_weight={feature_weight!r} is invalid; expected a number >= 0")
         self.max_teachers = teachers
         self.policy = choice("multi_teacher", "policy", policy, POLICIES)
         self.temperature = positive("multi_teacher", "temperature", temperature)
         self.confidence_temperature = positive("multi_teacher", "confidence_temperature", confidence_temperature)
-        self.feature_weight = float(feature_weight)
+        self.feature_weight = non_negative("multi_teacher", "feature_weight", feature_weight)
         # newest first; modules and buffers, so they move with the strategy and survive --resume
         self.teachers = nn.ModuleList()
 
