@@ -15,9 +15,11 @@ replacements, so a torch release that fixes the same formula is not corrected tw
   registry, so attention on CPU counted 0. They get torch's own SDPA formulas, so
   CPU and CUDA runs of one model agree (backward = 2.5x forward, the fused-kernel formula).
 - `_fft_r2c` / `_fft_c2r` / `_fft_c2c`: counted with the usual 5 n log2 n (complex)
-  and 2.5 n log2 n (real) per transformed vector. Wavelet transforms written with
-  convolutions are counted as convolutions; ones computed outside torch (numpy,
-  PyWavelets) are invisible and count 0.
+  and 2.5 n log2 n (real) per transformed vector.
+- clbench's own wavelet ops (`clbench::haar_dwt`, `clbench::haar_idwt`, `clbench.wavelets`):
+  8·H·W per channel, either way (the backward of one is the other). Wavelet transforms
+  written with convolutions are counted as convolutions; ones computed outside torch
+  (numpy, PyWavelets) are invisible and count 0.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
     shape_wrapper,
 )
+
+from clbench.wavelets import HAAR_DWT_OP, HAAR_IDWT_OP
 
 aten = torch.ops.aten
 
@@ -91,6 +95,15 @@ def _fft_c2c(x_shape, dim, _normalization, _forward, **_) -> int:
     return fft_flops(n, math.prod(x_shape) // max(n, 1))
 
 
+def _haar_dwt(x_shape, **_) -> int:
+    *lead, h, w = x_shape  # the full-resolution side: [..., C, H, W]
+    return haar_dwt2_flops(math.prod(lead), h, w)
+
+
+def _haar_idwt(_ll_shape, _details_shape, out_shape=None, **_) -> int:
+    return _haar_dwt(out_shape)
+
+
 _CORRECTIONS: dict[Any, Callable] = {
     aten.convolution_backward: _conv_backward,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
@@ -98,6 +111,8 @@ _CORRECTIONS: dict[Any, Callable] = {
     aten._fft_r2c: _fft_r2c,
     aten._fft_c2r: _fft_c2r,
     aten._fft_c2c: _fft_c2c,
+    HAAR_DWT_OP: _haar_dwt,
+    HAAR_IDWT_OP: _haar_idwt,
 }
 
 

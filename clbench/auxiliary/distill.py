@@ -47,7 +47,7 @@ from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 from clbench.types import Output
-from clbench.wavelets import haar_dwt_conv
+from clbench.wavelets import haar_dwt
 
 SAMPLES = ("current", "replay", "all")
 CLASS_LOGITS, FORECAST = "class_logits", "forecast"
@@ -119,7 +119,7 @@ def frequency_kd(student: torch.Tensor, teacher: torch.Tensor, low_weight: float
                 + high_weight * F.mse_loss(mag_s[..., ~low], mag_t[..., ~low]))
     high = []
     for _ in range(levels):
-        (student, d_s), (teacher, d_t) = haar_dwt_conv(student), haar_dwt_conv(teacher)
+        (student, d_s), (teacher, d_t) = haar_dwt(student), haar_dwt(teacher)
         high.append(F.mse_loss(d_s, d_t))
     return low_weight * F.mse_loss(student, teacher) + high_weight * torch.stack(high).mean()
 

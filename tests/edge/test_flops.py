@@ -75,6 +75,28 @@ def test_haar_dwt_as_grouped_conv_and_rfft():
     assert measure_flops(lambda: torch.fft.fft(s.to(torch.complex64))) == 4 * 5 * 64 * 6
 
 
+def test_clbench_haar_ops_count_the_haar_formula_both_ways():
+    from clbench.wavelets import haar_dwt, haar_idwt
+
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    assert measure_flops(lambda: haar_dwt(x)) == 24_576 == fl.haar_dwt2_flops(3, 32, 32)
+    # the backward is the inverse transform of the two output gradients: the same 8 H W per channel
+    assert measure_flops(lambda: sum(t.sum() for t in haar_dwt(x)).backward()) == 2 * 24_576
+    ll, details = haar_dwt(x.detach())
+    assert measure_flops(lambda: haar_idwt(ll, details)) == 24_576
+    assert measure_flops(lambda: haar_dwt(torch.empty(2, 4, 16, 8, device="meta"))) == 8 * 16 * 8 * 8
+
+
+def test_clfd_encoder_counts_its_dwt_and_three_1x1_convs():
+    from clbench.strategies.clfd import FrequencyEncoder
+
+    enc = FrequencyEncoder(3)
+    x = torch.randn(2, 3, 32, 32)
+    # per image: DWT 8*32*32*3; then on 16x16: low 3->1, all bands 12->1, high 9->1 (2 FLOPs per MAC)
+    per_image = 24_576 + 2 * 16 * 16 * (3 + 12 + 9)
+    assert measure_flops(lambda: enc(x)) == 2 * per_image == 2 * 36_864
+
+
 def _small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(
