@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from clbench.edge import flops as fl
 from clbench.edge.flops import Counter, measure_flops
@@ -138,8 +139,25 @@ def test_trace_sees_the_same_flops_and_moves_bytes():
 
 def test_torch_behaviour_reports_what_was_corrected():
     b = fl.torch_behaviour()
-    assert b["grouped_conv_weight_grad"].startswith(("corrected", "torch already"))
-    assert b["cpu_sdpa"].startswith(("corrected", "torch already"))
+    # the labels say what this torch's own FlopCounterMode does on the two known cases
+    with FlopCounterMode(display=False) as raw:
+        fl._depthwise_step()
+    raw_exact = raw.get_total_flops() == 3 * fl.conv2d_flops(1, 16, 16, 32, 32, 3, 3, groups=16)
+    assert b["grouped_conv_weight_grad"].startswith("torch already exact" if raw_exact else "corrected")
+    with FlopCounterMode(display=False) as raw:
+        fl._cpu_sdpa()
+    assert b["cpu_sdpa"].startswith("corrected" if raw.get_total_flops() == 0 else "torch already exact")
+
+
+def test_torch_behaviour_raises_when_a_correction_disagrees_with_the_analytic_count(monkeypatch):
+    # a torch upgrade that changed a formula under a correction must stop runs, not mis-count them
+    monkeypatch.setitem(fl._CORRECTIONS, torch.ops.aten.convolution_backward, lambda *a, **k: 0)
+    fl.torch_behaviour.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="depthwise conv step 294912 \\(expected 884736\\)"):
+            fl.torch_behaviour()
+    finally:
+        fl.torch_behaviour.cache_clear()
 
 
 def test_fft_flops_formula():
