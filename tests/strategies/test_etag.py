@@ -95,6 +95,39 @@ def test_the_embedding_term_is_one_unsquared_norm_over_the_batch():
     assert embedding_l2(student, teacher, k_old=2).item() == pytest.approx(10.0)
 
 
+def test_k_old_counts_old_classes_in_units_of_a_new_task():
+    from clbench.types import ExperienceInfo
+
+    strategy = _strategy(num_classes=100)
+    strategy.first_task_classes = 50  # B50: then 5 tasks of 10 classes
+    for t, expected in ((1, 5), (2, 6), (5, 9)):
+        seen = 50 + 10 * t
+        exp = ExperienceInfo(t, tuple(range(seen - 10, seen)), tuple(range(seen)), 6, 100)
+        assert strategy.k_old(exp) == expected == (seen - 10) // 10
+
+
+def test_the_step_distils_the_embeddings_of_all_4b_rotated_images():
+    strategy = _strategy()
+    scenario = _incremental(strategy)
+    strategy.phase = strategy.phases(scenario.info(1))[0]
+    strategy.on_train_epoch_start()
+    with torch.no_grad():  # the student has moved away from its teacher
+        strategy.backbone.layer4[0].conv1.weight.mul_(1.5)
+    data = scenario.train_sets[1]
+    x, y = data.x[:6], data.y[:6]
+    terms = strategy.step_losses(Batch(x, y))
+    x_rot, _ = rotations(x, y)
+    with torch.no_grad():
+        student = strategy.stage_outputs(x_rot)[-1].mean(dim=(2, 3))
+        teacher = strategy.stage_outputs(x_rot, strategy.teacher["backbone"])[-1].mean(dim=(2, 3))
+    k_old = strategy.k_old(scenario.info(1))
+    assert k_old == 1  # synthetic32-3: 2 classes in every task, one old task
+    expected = strategy.cfg.distill_weight * k_old * torch.linalg.norm(student - teacher)
+    assert terms["embedding_l2"].item() == pytest.approx(expected.item(), rel=1e-5)
+    unrotated_only = strategy.cfg.distill_weight * k_old * torch.linalg.norm(student[:6] - teacher[:6])
+    assert abs(terms["embedding_l2"].item() - unrotated_only.item()) > 1e-3 * expected.item()
+
+
 def test_a_generator_step_keeps_the_previous_generator_and_learns_the_classifiers_old_classes():
     strategy = _strategy(generator_lr=1e-3)
     scenario = _incremental(strategy)

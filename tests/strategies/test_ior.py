@@ -218,6 +218,22 @@ def test_detection_loss_is_new_channels_against_new_gt_only(trained):
     trained.detector.zero_grad()
 
 
+def test_logit_distillation_in_the_step_reaches_old_class_channels_only(trained):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    pasted = [make_target([[8, 8, 30, 28], [36, 4, 60, 26]], [2, 0]), make_target([[30, 34, 56, 60], [4, 4, 24, 24]], [3, 1])]
+    store, handle = _captured_logits(trained)
+    try:
+        terms = trained.step_losses(DetectionBatch(x, pasted))
+        assert terms["cls_kd"].item() > 0
+        terms["cls_kd"].backward()
+    finally:
+        handle.remove()
+    for level_logits in store:
+        assert torch.all(level_logits.grad[:, 2:] == 0), "L_cls reached a new-class channel"
+    assert any(level_logits.grad[:, :2].abs().sum() > 0 for level_logits in store)
+    trained.detector.zero_grad()
+
+
 def test_adaptive_weight_is_zero_without_new_positives(trained):
     x = torch.rand(2, 3, SIZE, SIZE)
     only_old = [make_target([[8, 8, 30, 28]], [0]), make_target([[4, 4, 24, 24]], [1])]
