@@ -109,6 +109,15 @@ def alignment_labels(classes: Sequence[int], per_class: int) -> InMemoryDataset:
     return InMemoryDataset(torch.zeros(len(y), 1), y)
 
 
+# TUNA's released training values, which DAF, SAEF and SGDS take as their reconstructed settings (their
+# cards): CIFAR-100 B0Inc5 and ImageNet-R B0Inc20; classifier alignment draws 5 x batch samples per class
+# and trains at ca_lr 0.005
+TUNA_PAPER_SETTINGS = {
+    "cifar100-20": {"epochs": 15, "lr": 0.01, "batch_size": 16, "align_per_class": 80, "align_lr": 0.005},
+    "imagenet-r-10": {"epochs": 10, "lr": 0.02, "batch_size": 32, "align_per_class": 160, "align_lr": 0.005},
+}
+
+
 @dataclass(frozen=True)
 class TunaConfig(AdapterTuningConfig):
     """TUNA's recipe: adapter bottleneck 16, scale s = 20, margin m, classifier alignment."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from clbench.registry import register_strategy
 from clbench.strategies import cls_er
-from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta
+from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta, paper_settings
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.1}
 
@@ -30,10 +30,10 @@ class CLSERCLFD(CLFDMixin, cls_er.CLSER):
 
     Config = Config
     # card Table 1, buffer 125, Class-IL: 59.98 (S-CIFAR-10) / 18.73 (S-Tiny-ImageNet)
-    PAPER_SETTINGS = {
+    PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "epochs": 50, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},
         "tinyimagenet-10": {**_COMMON, "epochs": 50, "reg_weight": 0.1, "stable_update_freq": 0.1, "plastic_update_freq": 0.16},
-    }
+    })
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -51,7 +51,7 @@ from torch.utils.data import Subset
 from clbench.base import eval_mode
 from clbench.data import make_loader
 from clbench.errors import UsageError
-from clbench.ptm import TunaConfig, TunaStrategy
+from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
@@ -92,6 +92,7 @@ class DAF(TunaStrategy):
 
     Config = DAFConfig
     contract_overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8}
+    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from clbench.registry import register_strategy
 from clbench.strategies import der_pp
-from clbench.strategies.clfd import CLFDMixin, CLFDOptions
+from clbench.strategies.clfd import CLFDMixin, CLFDOptions, paper_settings
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03, "beta": 0.5}
 
@@ -26,7 +26,7 @@ class DERPPCLFD(CLFDMixin, der_pp.DERPP):
 
     Config = Config
     # card Table 1, buffer 125, Class-IL: 58.81 (S-CIFAR-10) / 15.42 (S-Tiny-ImageNet)
-    PAPER_SETTINGS = {
+    PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "alpha": 0.2, "epochs": 50},
         "tinyimagenet-10": {**_COMMON, "alpha": 0.1, "epochs": 100},
-    }
+    })

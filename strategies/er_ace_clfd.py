@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from clbench.registry import register_strategy
 from clbench.strategies import er_ace
-from clbench.strategies.clfd import CLFDMixin, CLFDOptions
+from clbench.strategies.clfd import CLFDMixin, CLFDOptions, paper_settings
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03}
 
@@ -22,7 +22,7 @@ class ERACECLFD(CLFDMixin, er_ace.ERACE):
 
     Config = Config
     # card Table 1, buffer 125, Class-IL: 58.68 (S-CIFAR-10) / 15.88 (S-Tiny-ImageNet)
-    PAPER_SETTINGS = {
+    PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "epochs": 50},
         "tinyimagenet-10": {**_COMMON, "epochs": 50},
-    }
+    })

@@ -153,7 +153,8 @@ class IOR(GFLStrategy):
                   "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5,
                   "images_per_class": 10, "canvas_size": 160, "box_side": (0.6, 0.8), "inversion_steps": 2000,
                   "inversion_lr": 0.2, "jitter": 20, "max_pastes": 6}
-        for setting in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10")
+        for split in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10")
+        for setting in (split, f"{split}-absent")  # IOR's own setting is the absent one; the recipe is the same
     }
     contract_overrides = {"inversion_steps": 2}
 

@@ -32,8 +32,9 @@ Deviations: pseudo-labels keep classes strictly `< n_old` (the released variant 
 `<= n_old`, an off-by-one); old-class rows are also kept out of weight decay (the released
 code lets AdamW decay them), so they stay exactly fixed; the image features (backbone and
 encoder, frozen) are computed once per batch and shared by the two passes, which changes
-nothing but the cost; no gradient accumulation, LR step or EMA (the runner's constant or
-cosine schedule applies).
+nothing but the cost; no gradient accumulation (a batch of 32 is one step), and variant (b)'s
+layer decay and EMA are not built. Variant (a)'s LR x0.1 at epoch 80 is in its `PAPER_SETTINGS`
+(the core's step schedule every 80 epochs, which falls once in 100).
 
 Published settings (card, from the released code and logs):
 
@@ -78,7 +79,8 @@ from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
 _VOC_A = {"lr": 1e-4, "box_lr": 1e-5, "weight_decay": 1e-4, "clip_grad": 0.1, "prompt_length": 10,
-          "prompt_hidden": 64, "sparsity": 1e-5, "rho_prev": 0.5, "rho_cur": 0.5, "epochs": 100, "batch_size": 32}
+          "prompt_hidden": 64, "sparsity": 1e-5, "rho_prev": 0.5, "rho_cur": 0.5, "epochs": 100, "batch_size": 32,
+          "lr_schedule": "step", "lr_step_epochs": 80, "lr_step_gamma": 0.1}  # x0.1 at epoch 80 (once in 100)
 _COCO_B = {"lr": 5e-5, "box_lr": 0.0, "weight_decay": 0.01, "clip_grad": 0.1, "prompt_length": 50, "prompt_hidden": 64,
            "sparsity": 3e-6, "rho_prev": 0.3, "rho_cur": 0.3, "epochs": 1}
 

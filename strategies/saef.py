@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from clbench.base import EvaluationNotes
 from clbench.errors import UsageError
-from clbench.ptm import TunaConfig, TunaStrategy
+from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
@@ -189,6 +189,7 @@ class SAEF(TunaStrategy):
 
     Config = SAEFConfig
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
+    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
     measures_ptm_prototypes = True
     keeps_task_adapters = True
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.errors import UsageError
-from clbench.ptm import TunaConfig, TunaStrategy, cosface_loss
+from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy, cosface_loss
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
@@ -68,6 +68,7 @@ class SGDS(TunaStrategy):
 
     Config = SGDSConfig
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
+    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
     measures_ptm_prototypes = True
 
     def __init__(self, *args, **kwargs):

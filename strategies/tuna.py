@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.errors import UsageError
-from clbench.ptm import TunaConfig, TunaStrategy
+from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.strategies.saef import sign_elected_merge
 from clbench.types import Batch, ExperienceInfo
@@ -67,10 +67,8 @@ class TUNA(TunaStrategy):
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     keeps_task_adapters = True
     # the card's configurations (TUNA's scripts): CIFAR B0Inc5, ImageNet-R B0Inc20 with the orthogonality term
-    PAPER_SETTINGS = {
-        "cifar100-20": {"epochs": 15, "lr": 0.01, "batch_size": 16},
-        "imagenet-r-10": {"epochs": 10, "lr": 0.02, "batch_size": 32, "orthogonality": 0.001},
-    }
+    PAPER_SETTINGS = {**TUNA_PAPER_SETTINGS,
+                      "imagenet-r-10": {**TUNA_PAPER_SETTINGS["imagenet-r-10"], "orthogonality": 0.001}}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -66,3 +66,16 @@ def test_cosine_head_without_scale_returns_cosines_and_grows():
     assert head.scale is None and [n for n, _ in head.named_parameters()] == ["fc.weight"]
     head.grow(4)
     assert head(x).shape == (1, 4) and torch.allclose(head(x)[:, :2], torch.tensor([[1.0, 1 / math.sqrt(2)]]))
+
+
+@pytest.mark.parametrize("name", ["tuna", "daf", "saef", "sgds"])
+def test_tuna_family_paper_settings_follow_tunas_recipe(name):
+    from clbench.registry import STRATEGIES
+    from clbench.runner import strategy_config
+
+    settings = STRATEGIES.get(name).PAPER_SETTINGS
+    assert set(settings) == {"cifar100-20", "imagenet-r-10"}
+    for scenario, values in settings.items():
+        assert values["align_per_class"] == 5 * values["batch_size"]  # TUNA: 5 x batch samples per class
+        cfg = strategy_config(name, paper_settings_for=scenario)
+        assert cfg.align_lr == 0.005 and cfg.lr == {"cifar100-20": 0.01, "imagenet-r-10": 0.02}[scenario]

@@ -311,3 +311,9 @@ def test_task_data_gets_replayed_old_objects(trained):
     assert {label for _, label in data.bank} == {0, 1}
     for t, r in zip(task.targets, data.targets):
         assert set(r["labels"][len(t["labels"]):].tolist()) <= {0, 1}
+
+
+def test_paper_settings_cover_the_absent_setting_with_the_same_recipe():
+    settings = STRATEGIES.get("ior").PAPER_SETTINGS
+    for split in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10"):
+        assert settings[f"{split}-absent"] == settings[split]

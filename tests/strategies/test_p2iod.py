@@ -262,3 +262,21 @@ def test_theta0_and_theta_prev_survive_a_resume(run):
     assert other.theta0.keys() == strategy.theta0.keys() and other.theta_prev.keys() == strategy.theta_prev.keys()
     assert all(torch.equal(other.theta0[k], strategy.theta0[k]) for k in strategy.theta0)
     assert all(torch.equal(other.theta_prev[k], strategy.theta_prev[k]) for k in strategy.theta_prev)
+
+
+def test_voc_paper_setting_divides_the_rate_by_ten_once_at_epoch_80():
+    import types
+
+    from clbench.base import CLStrategy
+    from clbench.runner import strategy_config
+
+    cfg = strategy_config("p2iod", paper_settings_for="voc-10+10")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = CLStrategy.lr_schedule(types.SimpleNamespace(cfg=cfg), optimizer)
+    rates = []
+    for _ in range(100):  # the setting's 100 epochs
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:80] == [1e-4] * 80
+    assert rates[80:] == pytest.approx([1e-5] * 20)
