@@ -173,3 +173,16 @@ def test_model_learning_rate_decays_tenfold_every_30_epochs_and_the_generator_ke
     assert rates[0] == rates[29] == 1e-3 and rates[30] == rates[59] == pytest.approx(1e-4) and rates[60] == pytest.approx(1e-5)
     strategy.phase = Phase("generator")
     assert isinstance(strategy.configure_optimizers(), torch.optim.Adam)
+
+
+def test_paper_settings_are_the_appendix_values_on_etags_b50_splits():
+    from clbench.registry import STRATEGIES
+    from clbench.runner import paper_settings
+
+    cls = STRATEGIES.get("etag")
+    for name, epochs in (("cifar100-b50-5", 100), ("cifar100-b50-10", 100), ("imagenet-subset-b50-5", 70),
+                         ("imagenet-subset-b50-10", 70)):
+        run_values, strategy_values = paper_settings(cls, name)
+        assert run_values == {"batch_size": 128, "epochs": epochs} and strategy_values == {}
+    cfg = cls.Config()  # the rest of the recipe is the default
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.lr_step_epochs) == ("adam", 1e-3, 2e-4, "step", 30)
