@@ -121,7 +121,9 @@ def standard_task_images(targets: Sequence[Target], current: Sequence[int]) -> t
 def absent_task_images(targets: Sequence[Target], current: Sequence[int], earlier: Sequence[int]) -> tuple[list[int], list[Target]]:
     """Absent ("non-co-occurrence") setting (IOR): the standard images of the task minus every
     image whose original annotations hold an object of a class seen before the task; future
-    objects may remain. With no earlier classes it is the standard filter."""
+    objects may remain. With no earlier classes it is the standard filter. IOR's code defines it
+    for two tasks; dropping images of any class seen before the task, for more tasks, is the
+    protocol card's reconstruction."""
     return _task_images(targets, current, earlier)
 
 

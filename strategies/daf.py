@@ -28,6 +28,8 @@ Per task t:
    seen classes (`align_per_class` per class and epoch, fresh every epoch, SGD momentum 0.9,
    weight decay 5e-4, cosine over `align_epochs`). Old classes' Gaussians are not refreshed.
 Inference: logits s cos(W, f(x; theta_g^t)), one adapter forward per image.
+The backbone (a frozen ViT-B/16-IN21K for published runs), the AdaptFormer adapter design
+(bottleneck 16, scale 0.1) and the training values (`PAPER_SETTINGS`) are TUNA's [recon: TUNA].
 
 Also clbench's choices where the card is silent: the alignment loss is cross-entropy over
 the seen classes' logits scaled by s, with learning rate `align_lr` (0.01); the prior

@@ -13,7 +13,9 @@ Per task t (TUNA's pipeline, `clbench.ptm.TunaStrategy`):
    [recon].
 2. Task adapter: it continues from the previous task's adapter [recon = TUNA]; adapter and head
    are trained with the CosFace-form loss on the current classes (s = 20, margin m).
-3. Class Gaussians under the task adapter; for t > 0, classifier alignment of the head.
+3. Class Gaussians under the task adapter; for t > 0, classifier alignment of the head [recon = TUNA].
+The backbone (a frozen ViT-B/16-IN21K for published runs), the adapters (bottleneck 16, dropout
+0.1, W_up = 0 at init) and the training values (`PAPER_SETTINGS`) are TUNA's [recon].
 4. The leaf (theta_t, p_t) is stored; the forest is rebuilt from all leaves [recon: after every
    task, so that every task can be evaluated]:
    a. clusters [recon]: agglomerative, average linkage on the prototypes' cosines, merging

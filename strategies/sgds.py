@@ -6,15 +6,17 @@ its activation subspace; similar classes share units, dissimilar ones get their 
 the abstract and a third-party review were available: the method card (`methods/sgds.md`)
 reconstructs the rest, with low confidence, and everything marked [recon] below is that
 reconstruction, implemented as the card specifies. It is built on TUNA's pipeline
-(`clbench.ptm.TunaStrategy`): one shared adapter set (bottleneck r = 64, continually trained,
-no orthogonality term), cosine head with the CosFace-form loss, class Gaussians and
+(`clbench.ptm.TunaStrategy`; the backbone, a frozen ViT-B/16-IN21K for published runs, is TUNA's
+protocol [recon]): one shared adapter set, continually trained, with no orthogonality term
+(bottleneck r = 64) [recon], cosine head with the CosFace-form loss, class Gaussians and
 classifier alignment.
 
 Each class c owns a set S_c of k = 8 bottleneck units, the same in every block [recon]; a
 sample of class y runs the adapter as a(x) = 0.1 W_up (m_y * ReLU(W_down x + b_d)) + b_u
 with m_y the indicator of S_y, so its gradients reach only those rows of W_down and b_d and
 columns of W_up. Per task t:
-1. Prototypes: the mean frozen-PTM [CLS] feature mu_c of each new class (no adapter).
+1. Prototypes: the mean frozen-PTM [CLS] feature mu_c of each new class (no adapter: the frozen
+   model keeps prototypes of all tasks comparable) [recon].
 2. Semantic strategy [review formula]: P(y | c) = softmax over the old and new classes of
    cos(mu_c, mu_y) / tau (tau = 1); y* = the most probable old class. [recon] REUSE if t > 0
    and cos(mu_c, mu_y*) >= gamma_r (0.7), else ALLOCATE.
@@ -23,10 +25,12 @@ columns of W_up. Per task t:
    with cos >= gamma_r) of P(y | c) 1[i in S_y], plus epsilon; ALLOCATE takes the k least-used
    units (usage counters u_i; ties broken at random with the run's seed), disjoint from every
    set while free units remain. Masks never change once assigned.
-4. Stage 1: adapter and head trained with each sample's class mask (TUNA's loss and recipe).
-5. Stage 2: adapter frozen and dense: Gaussians of the new classes, then alignment of the head
-   (alignment lr 0.005, the card's value).
-Inference: dense adapter (labels are unknown at test time), one backbone pass per image.
+4. Stage 1 [recon: the review names two stages, not their content]: adapter and head trained
+   with each sample's class mask (TUNA's loss and recipe).
+5. Stage 2 [recon]: adapter frozen and dense: Gaussians of the new classes, then alignment of the
+   head (alignment lr 0.005, the card's value).
+Inference [recon]: dense adapter (labels are unknown at test time), one backbone pass per image.
+Training values (`PAPER_SETTINGS`) are TUNA's [recon].
 Every class's decision, its nearest old class, their similarity and the overlap
 |S_c & S_y*| are in the result JSON (`strategy_report.units`), and so is the first task in
 which ALLOCATE found fewer than k unused units (r / k disjoint sets is the reconstruction's
