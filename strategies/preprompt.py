@@ -44,6 +44,7 @@ from torch import nn
 
 from clbench.base import CLStrategy, EvaluationNotes, eval_mode
 from clbench.config import StrategyConfig
+from clbench.errors import UsageError
 from clbench.data import InMemoryDataset
 from clbench.prompts import PrefixRouter
 from clbench.registry import register_strategy
@@ -58,6 +59,8 @@ class PrePromptConfig(StrategyConfig):
     lr: float = 0.03 * OFFICIAL_LR_SCALE  # the prompts'
     momentum: float = 0.9
     head_lr_scale: float = 0.1  # route and label heads learn at lr x 0.1
+    # the label head's own scale (None: head_lr_scale); CUB's script puts it in the prompts' group (1.0)
+    label_head_lr_scale: float | None = None
     prompt_length: int = 5
     prompt_blocks: int = 5
     prompt_momentum: float = 0.01  # m
@@ -67,6 +70,13 @@ class PrePromptConfig(StrategyConfig):
     calibration_lr: float = 0.01 * OFFICIAL_LR_SCALE  # ca_lr x 24/256
     # the official scripts' default for the prompt/label step (x0.1 every 30 epochs); ImageNet-R uses cosine
     lr_schedule: str = "step"
+
+    def __post_init__(self):
+        super().__post_init__()
+        scales = {"head_lr_scale": self.head_lr_scale, "label_head_lr_scale": self.label_head_lr_scale}
+        for name, value in scales.items():
+            if value is not None and not value > 0:
+                raise UsageError(f"{name}={value} is invalid; expected a positive number")
 
 
 def translated_features(old_means: torch.Tensor, current_means: torch.Tensor,
@@ -98,7 +108,9 @@ class PrePrompt(CLStrategy):
         "cifar100-10": {"epochs": 50, "batch_size": 24, "prompt_length": 5, "calibration_lr": 0.1432 * OFFICIAL_LR_SCALE},
         "imagenet-r-10": {"epochs": 150, "batch_size": 24, "prompt_length": 10, "lr_schedule": "cosine",
                           "calibration_lr": 0.003 * OFFICIAL_LR_SCALE},
-        "cub-10": {"epochs": 50, "batch_size": 24, "prompt_length": 20, "calibration_lr": 0.01 * OFFICIAL_LR_SCALE},
+        # CUB's script has one parameter group: the label head learns at the prompts' rate
+        "cub-10": {"epochs": 50, "batch_size": 24, "prompt_length": 20, "calibration_lr": 0.01 * OFFICIAL_LR_SCALE,
+                   "label_head_lr_scale": 1.0},
     }
 
     def __init__(self, *args, **kwargs):
@@ -229,13 +241,18 @@ class PrePrompt(CLStrategy):
         if self.phase.name == "train":
             route = torch.optim.Adam(self.route_head.parameters(), lr=cfg.lr * cfg.head_lr_scale)
             label = torch.optim.Adam([{"params": [self.prompts], "lr": cfg.lr},
-                                      {"params": self.head.parameters(), "lr": cfg.lr * cfg.head_lr_scale}])
+                                      {"params": self.head.parameters(), "lr": cfg.lr * self.label_head_lr_scale}])
             schedule = self.lr_schedule(label)  # the prompt/label step's; the route head's rate stays
             return [route, label] if schedule is None else ([route, label], [schedule])
         if self.phase.name == "calibrate":
             head = torch.optim.SGD(self.head.parameters(), lr=cfg.calibration_lr, momentum=0.9)
             return self.scheduled(head, "cosine")
         return None
+
+    @property
+    def label_head_lr_scale(self) -> float:
+        scale = self.cfg.label_head_lr_scale
+        return self.cfg.head_lr_scale if scale is None else scale
 
     # ---- 3. momentum write-back at the end of training
     def on_fit_end(self) -> None:

@@ -177,3 +177,22 @@ def test_task_prediction_accuracy_on_hand_set_predictions():
                 strategy(batch.x)
     record = strategy.diagnose(scenario.info(1), [first, second], torch.device("cpu"))
     assert record == {"task_prediction_accuracy": [0.75, 0.5]}
+
+
+def test_cubs_published_setting_trains_the_label_head_at_the_prompts_rate():
+    from clbench.errors import UsageError
+    from clbench.types import Phase
+
+    cfg = strategy_config("preprompt", TINY, paper_settings_for="cub-10")
+    assert cfg.label_head_lr_scale == 1.0
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=0)
+    strategy.on_experience_start(create_scenario("digits32-2").info(0))
+    strategy.phase = Phase("train")
+    (route, label), _ = strategy.configure_optimizers()
+    assert route.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.1)  # the route head keeps a tenth
+    assert [g["lr"] for g in label.param_groups] == pytest.approx([cfg.lr, cfg.lr])
+    default = strategy_config("preprompt", TINY, paper_settings_for="cifar100-10")
+    assert default.label_head_lr_scale is None  # the head_lr_scale then applies to both heads
+    with pytest.raises(UsageError, match="label_head_lr_scale=0.0 is invalid; expected a positive number"):
+        strategy_config("preprompt", {"label_head_lr_scale": 0.0})
