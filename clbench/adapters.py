@@ -173,7 +173,10 @@ class FirstTaskAdaptation(nn.Module):
         return F.cross_entropy(self.head(features), self.first_task_label[y])
 
     def freeze(self) -> None:
+        """After the first task: the adapters stay fixed, and the head, which served the tuning
+        only, is dropped (so a checkpoint never holds it)."""
         self.requires_grad_(False)
+        self.head = None
 
     def features(self, x: torch.Tensor, adapted: bool = True) -> torch.Tensor:
         """The ViT's embedding with (or without) the adapters, in eval mode and without gradients."""

@@ -153,6 +153,11 @@ class CLStrategy(pl.LightningModule):
         None (the default) records nothing and the runner does not call it at all."""
         return None
 
+    def prepare_for_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Before a resumed run loads the saved `state` (no experience has started in this process):
+        create the parameters this strategy creates in `on_experience_start`, with the saved shapes.
+        Teacher snapshots, grown heads and buffers registered later are made by the loader itself."""
+
     def on_resume(self, last: ExperienceInfo, past_train_sets: Sequence[Dataset]) -> None:
         """Called instead of replaying experiences 0..last when a run resumes; tensors are already loaded."""
         self.experience = last

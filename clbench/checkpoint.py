@@ -104,12 +104,19 @@ def check_identity(meta: dict[str, Any], result: RunResult, folder: Path) -> Non
         )
 
 
+def load_strategy_state(strategy, model: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
+    """Load a saved `state_dict` (`model`) and `extra_state` into a strategy built afresh, in a process
+    where no experience has started (what --resume does)."""
+    strategy.prepare_for_state(model)
+    _prepare_modules(strategy, model)
+    strategy.load_state_dict(model, strict=True)
+    strategy.load_extra_state(extra)
+
+
 def restore(strategy, meta: dict[str, Any], tensors: dict[str, torch.Tensor], result: RunResult) -> None:
     """Put strategy, RNGs and result back to the state right after experience `completed - 1`."""
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    _prepare_modules(strategy, model)
-    strategy.load_state_dict(model, strict=True)
-    strategy.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    load_strategy_state(strategy, model, {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     strategy.global_step_offset = meta["global_step_offset"]
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
@@ -141,10 +148,11 @@ def remove(folder: Path) -> None:
 
 
 def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give the module tree the shapes of the saved state: teacher snapshots and grown heads."""
+    """Give the module tree the shapes of the saved state: teacher snapshots, grown heads, and
+    buffers a strategy registers once an experience tells it their size (the stored task adapters)."""
     for key in sorted(state):
         parts = key.split(".")
-        owner: nn.Module = strategy
+        owner: nn.Module | None = strategy
         for depth, part in enumerate(parts[:-1]):
             if part.isdigit() and isinstance(owner, nn.ModuleList):
                 while len(owner) <= int(part):  # a list of snapshots (multi_teacher) not yet taken
@@ -155,8 +163,11 @@ def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> Non
                 setattr(owner, part, strategy.frozen_copy())
                 child = getattr(owner, part)
             if not isinstance(child, nn.Module):
+                owner = None
                 break
             owner = child
+        if owner is not None and not hasattr(owner, parts[-1]):
+            owner.register_buffer(parts[-1], torch.empty_like(state[key]))
     for mod_name, module in strategy.named_modules():
         if isinstance(module, IncrementalLinear):
             key = f"{mod_name}.fc.weight" if mod_name else "fc.weight"

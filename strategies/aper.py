@@ -4,7 +4,7 @@
    (`clbench.adapters`, bottleneck 64) is tuned with cross-entropy over the first task's
    classes, through a linear head used for this alone. PILOT's recipe: SGD lr 0.01,
    momentum 0.9, weight decay 5e-4, batch 48, 20 epochs, cosine schedule.
-2. Then the adapter is frozen for good (as is that head).
+2. Then the adapter is frozen for good and that head, which served the tuning only, dropped.
 3. Every image is embedded twice, by the pre-trained model and by the adapted one:
    phi(x) = [f_PTM(x); f_adapted(x)], 2d wide.
 4. The classifier is SimpleCIL's over phi: cosine similarity to per-class prototypes, each the

@@ -46,7 +46,7 @@ from clbench.base import CLStrategy, EvaluationNotes, eval_mode
 from clbench.config import StrategyConfig
 from clbench.errors import UsageError
 from clbench.data import InMemoryDataset
-from clbench.prompts import PrefixRouter
+from clbench.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -133,6 +133,10 @@ class PrePrompt(CLStrategy):
     def make_head(self, in_features: int) -> nn.Module:
         return nn.Identity()  # replaced by the label head once the class count is known
 
+    def prepare_for_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.prompts is None and "prompts" in state:  # created by the first task (its size is the task count)
+            self.prompts = nn.Parameter(torch.empty_like(state["prompts"], device=self.class_means.device))
+
     # ---- prompts: (blocks, key/value, task slot, length, heads, head_dim), U(-1, 1)
     def on_experience_start(self, exp: ExperienceInfo) -> None:
         super().on_experience_start(exp)
@@ -176,14 +180,14 @@ class PrePrompt(CLStrategy):
         if not self.training:
             self.predicted_tasks.add(slots)
         features = self.prompted(x, self.prefix(slots))
-        return Output(_masked(self.head(features), seen), features)
+        return Output(mask_to(self.head(features), seen), features)
 
     def _seen(self) -> list[int]:
         return list(self.experience.seen_classes) if self.experience is not None else list(range(self.num_classes))
 
     def predicted_task(self, x: torch.Tensor) -> torch.Tensor:
         """tau_hat: the task of the class the route head predicts on the unprompted feature."""
-        return self.task_of_class[_masked(self.route_head(self.unprompted(x)), self._seen()).argmax(1)]
+        return self.task_of_class[mask_to(self.route_head(self.unprompted(x)), self._seen()).argmax(1)]
 
     def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict | None:
         """The card's diagnostic: how often tau_hat (noted by the evaluation's forwards) is the
@@ -208,14 +212,14 @@ class PrePrompt(CLStrategy):
     def step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.phase.name == "calibrate":
             x, y = self._calibration_batch(batch)
-            return {"calibration": F.cross_entropy(_masked(self.head(x), self.experience.seen_classes), y)}
+            return {"calibration": F.cross_entropy(mask_to(self.head(x), self.experience.seen_classes), y)}
         classes = self.experience.classes
         with torch.no_grad():
             plain = self.unprompted(batch.x)
-        route = F.cross_entropy(_masked(self.route_head(plain), classes), batch.y)
+        route = F.cross_entropy(mask_to(self.route_head(plain), classes), batch.y)
         slots = torch.full((len(batch),), self.experience.index, device=batch.y.device)
         features = self.prompted(batch.x, self.prefix(slots, mixed=True))
-        label = F.cross_entropy(_masked(self.head(features), classes), batch.y)
+        label = F.cross_entropy(mask_to(self.head(features), classes), batch.y)
         return {"route": route, "label": label}
 
     def training_step(self, batch: Batch, batch_idx: int):
@@ -305,10 +309,3 @@ class PrePrompt(CLStrategy):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_extra_state(state)
         self.calibration_generator.set_state(state["calibration_generator"])
-
-
-def _masked(logits: torch.Tensor, classes) -> torch.Tensor:
-    """Logits of classes outside `classes` set to -inf (they get no gradient)."""
-    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    keep[list(classes)] = True
-    return logits.masked_fill(~keep, float("-inf"))

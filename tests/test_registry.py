@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
+from clbench.checkpoint import load_strategy_state
 from clbench.data import dataset_labels
 from clbench.errors import DataNotFoundError
 from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES, Registry
@@ -166,10 +167,9 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
         fresh = _build_forecaster(name, scenario, seed=123, **overrides)
     else:
         fresh = build_strategy(name, scenario, backbone=cls.contract_backbone, seed=123, **overrides)
-    for i in range(t):
-        fresh.on_experience_start(scenario.info(i))
-    fresh.load_state_dict(saved["model"])
-    fresh.load_extra_state(saved["extra"])
+    # as --resume does: no experience starts in the new process before the state is loaded
+    load_strategy_state(fresh, saved["model"], saved["extra"])
+    fresh.on_resume(scenario.info(t - 1), scenario.train_sets[:t])
     before, after = strategy.state_dict(), fresh.state_dict()
     assert before.keys() == after.keys()
     for k in before:

@@ -196,3 +196,14 @@ def test_cubs_published_setting_trains_the_label_head_at_the_prompts_rate():
     assert default.label_head_lr_scale is None  # the head_lr_scale then applies to both heads
     with pytest.raises(UsageError, match="label_head_lr_scale=0.0 is invalid; expected a positive number"):
         strategy_config("preprompt", {"label_head_lr_scale": 0.0})
+
+
+def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, resume_pair, fast_config_for):
+    def spec(out, resume):
+        cfg = fast_config_for(out, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=2)
+        return RunSpec("preprompt", "digits32-2", run=cfg, seed=0, resume=resume,
+                       strategy_overrides={**TINY, "calibration_epochs": 1})
+
+    whole, resumed = resume_pair(spec, tmp_path, stop_after=0)
+    assert resumed.status == "completed", resumed.error
+    assert resumed.accuracy_matrix == whole.accuracy_matrix

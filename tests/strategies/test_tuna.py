@@ -108,3 +108,20 @@ def test_orthogonality_term_uses_the_stored_earlier_adapters_weighted_by_exp_min
     fresh.on_experience_end(scenario.info(0), scenario.train_sets[0])
     fresh.on_experience_start(scenario.info(1))
     assert "orthogonality" not in fresh.step_losses(batch)
+
+
+@pytest.mark.parametrize("name", ["tuna", "daf", "saef", "sgds"])
+def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name, resume_pair, fast_config_for):
+    """State registered once the number of tasks is known (the stored task adapters, SAEF's leaf
+    prototypes) is restored on --resume, before any experience starts again."""
+    from clbench.registry import STRATEGIES
+
+    overrides = {**STRATEGIES.get(name).contract_overrides, "align_epochs": 1}
+
+    def spec(out, resume):
+        cfg = fast_config_for(out, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=2)
+        return RunSpec(name, "digits32-2", run=cfg, seed=0, strategy_overrides=overrides, resume=resume)
+
+    whole, resumed = resume_pair(spec, tmp_path, stop_after=0)
+    assert resumed.status == "completed", resumed.error
+    assert resumed.accuracy_matrix == whole.accuracy_matrix
