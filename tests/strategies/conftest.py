@@ -1,6 +1,7 @@
 """Fixtures shared by the method tests."""
 
 import pytest
+import pytorch_lightning as pl
 
 from clbench.runner import create_scenario
 
@@ -14,3 +15,36 @@ def _one_thread(one_thread):
 def scenario():
     """3 experiences x 2 classes of 3x32x32 images: the CNN-sized tiny configuration."""
     return create_scenario("synthetic32-3")
+
+
+class FitSnapshots(pl.Callback):
+    """Copies of `parts(module)` (a dict of tensors, lists or state dicts) at the start and end of
+    every fit: `at[(experience, when)]`, or `at[(experience, phase, when)]` with `by_phase`. The
+    callbacks' on_fit_end runs before the module's own, so "end" is what the fit's steps left."""
+
+    def __init__(self, parts, by_phase: bool = False):
+        self.parts, self.by_phase, self.at = parts, by_phase, {}
+
+    def _keep(self, when, pl_module):
+        key = (pl_module.experience.index, *((pl_module.phase.name,) if self.by_phase else ()), when)
+        self.at[key] = {name: _copied(value) for name, value in self.parts(pl_module).items()}
+
+    def on_fit_start(self, trainer, pl_module):
+        self._keep("start", pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        self._keep("end", pl_module)
+
+
+def _copied(value):
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copied(v) for v in value]
+    return value.detach().clone()
+
+
+@pytest.fixture(scope="session")
+def fit_snapshots():
+    """`fit_snapshots(parts, by_phase=False)`: a `FitSnapshots` callback (tests is not a package)."""
+    return FitSnapshots

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -26,29 +25,11 @@ def _flat(pool_part: torch.Tensor, block: int) -> torch.Tensor:
     return pool_part[block].flatten(1)
 
 
-class _Snapshots(pl.Callback):
-    """The whole pool (P, K, A), the head and the backbone at the start and end of every fit."""
-
-    def __init__(self):
-        self.at = {}
-
-    def _keep(self, when, pl_module):
-        self.at[(pl_module.experience.index, when)] = {
-            "pool": [t.detach().clone() for t in pl_module.pool.stacked()],
-            "head": pl_module.head.fc.weight.detach().clone(),
-            "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()},
-        }
-
-    def on_fit_start(self, trainer, pl_module):  # right after on_experience_start initialised the group
-        self._keep("start", pl_module)
-
-    def on_fit_end(self, trainer, pl_module):
-        self._keep("end", pl_module)
-
-
 @pytest.fixture(scope="module")
-def coda_run(tmp_path_factory, fast_config_for):
-    snaps, final = _Snapshots(), []
+def coda_run(tmp_path_factory, fast_config_for, fit_snapshots):
+    # "start" is right after on_experience_start initialised the task's group
+    snaps = fit_snapshots(lambda m: {"pool": m.pool.stacked(), "head": m.head.fc.weight, "backbone": m.backbone.state_dict()})
+    final = []
     cfg = fast_config_for(tmp_path_factory.mktemp("coda"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
     result = run(RunSpec("coda_prompt", "digits32-5", run=cfg, seed=0, strategy_overrides=TINY), callbacks=[snaps],
                  on_experience=lambda i, r, s: final.append(s))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import timm
 import torch
 
@@ -131,26 +130,10 @@ def test_task_t_trains_its_own_e_prompt_pulls_its_key_and_masks_to_its_classes()
 
 
 # --------------------------------------------------------------------------- end to end
-class _Snapshots(pl.Callback):
-    def __init__(self):
-        self.at = {}
-
-    def _keep(self, when, pl_module):
-        self.at[(pl_module.experience.index, when)] = {
-            "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()},
-            "e": pl_module.e_pool.prompts.detach().clone(), "keys": pl_module.e_pool.keys.detach().clone(),
-            "g": pl_module.g_prompt.detach().clone(), "head": pl_module.head.fc.weight.detach().clone()}
-
-    def on_fit_start(self, trainer, pl_module):
-        self._keep("start", pl_module)
-
-    def on_fit_end(self, trainer, pl_module):
-        self._keep("end", pl_module)
-
-
 @pytest.fixture(scope="module")
-def dualprompt_run(tmp_path_factory, fast_config_for):
-    snaps = _Snapshots()
+def dualprompt_run(tmp_path_factory, fast_config_for, fit_snapshots):
+    snaps = fit_snapshots(lambda m: {"backbone": m.backbone.state_dict(), "e": m.e_pool.prompts, "keys": m.e_pool.keys,
+                                     "g": m.g_prompt, "head": m.head.fc.weight})
     cfg = fast_config_for(tmp_path_factory.mktemp("dualprompt"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
     result = run(RunSpec("dualprompt", "digits32-5", run=cfg, seed=0, strategy_overrides=TINY), callbacks=[snaps])
     assert result.status == "completed", result.error

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from clbench.backbones import build_backbone
@@ -153,28 +152,10 @@ def test_loss_is_ce_masked_to_current_classes_plus_lambda_times_the_key_query_te
 
 
 # --------------------------------------------------------------------------- end to end
-class _Snapshots(pl.Callback):
-    """Backbone, prompts, keys and head at the start and end of every fit, by experience."""
-
-    def __init__(self):
-        self.at = {}
-
-    def _keep(self, when, pl_module):
-        self.at[(pl_module.experience.index, when)] = {
-            "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()},
-            "prompts": pl_module.pool.prompts.detach().clone(), "keys": pl_module.pool.keys.detach().clone(),
-            "head": pl_module.head.fc.weight.detach().clone()}
-
-    def on_fit_start(self, trainer, pl_module):
-        self._keep("start", pl_module)
-
-    def on_fit_end(self, trainer, pl_module):
-        self._keep("end", pl_module)
-
-
 @pytest.fixture(scope="module")
-def l2p_run(tmp_path_factory, fast_config_for):
-    snaps = _Snapshots()
+def l2p_run(tmp_path_factory, fast_config_for, fit_snapshots):
+    snaps = fit_snapshots(lambda m: {"backbone": m.backbone.state_dict(), "prompts": m.pool.prompts, "keys": m.pool.keys,
+                                     "head": m.head.fc.weight})
     cfg = fast_config_for(tmp_path_factory.mktemp("l2p"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
     result = run(RunSpec("l2p", "digits32-5", run=cfg, seed=0, strategy_overrides=TINY), callbacks=[snaps])
     assert result.status == "completed", result.error

@@ -15,28 +15,11 @@ from clbench.types import Batch
 TINY = {"prompt_length": 2, "prompt_blocks": 2, "calibration_epochs": 2, "calibration_batch": 16}
 
 
-class _Snapshots(pl.Callback):
-    """Prompts, heads and backbone at the start and end of every fit, by experience and phase."""
-
-    def __init__(self):
-        self.at = {}
-
-    def _keep(self, when, pl_module):
-        key = (pl_module.experience.index, pl_module.phase.name, when)
-        self.at[key] = {"prompts": pl_module.prompts.detach().clone(),
-                        "head": pl_module.head.weight.detach().clone(), "route": pl_module.route_head.weight.detach().clone(),
-                        "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}}
-
-    def on_fit_start(self, trainer, pl_module):
-        self._keep("start", pl_module)
-
-    def on_fit_end(self, trainer, pl_module):  # callbacks run before the module's own on_fit_end
-        self._keep("end", pl_module)
-
-
 @pytest.fixture(scope="module")
-def preprompt_run(tmp_path_factory, fast_config_for):
-    snaps, final = _Snapshots(), []
+def preprompt_run(tmp_path_factory, fast_config_for, fit_snapshots):
+    snaps = fit_snapshots(lambda m: {"prompts": m.prompts, "head": m.head.weight, "route": m.route_head.weight,
+                                     "backbone": m.backbone.state_dict()}, by_phase=True)
+    final = []
     cfg = fast_config_for(tmp_path_factory.mktemp("preprompt"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
     result = run(RunSpec("preprompt", "digits32-5", run=cfg, seed=0, strategy_overrides=TINY), callbacks=[snaps],
                  on_experience=lambda i, r, s: final.append((s.prompts.detach().clone(), s)))
