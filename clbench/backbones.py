@@ -208,8 +208,35 @@ def build_backbone(
     if weights is not None:
         if not Path(weights).is_file():
             raise UsageError(f"pretrained weights file {weights!r} not found")
+        expected = set(timm.create_model(name, pretrained=False, **kwargs).state_dict())
+        found = _checkpoint_keys(weights)
+        if not found & expected:  # timm would only warn and leave the model at its random init
+            raise UsageError(f"pretrained weights file {weights!r} holds no weights of {name!r} (none of its "
+                             f"{len(found)} keys names a parameter of the model); expected a checkpoint of that model")
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
     return _from_local_cache(name, kwargs)
+
+
+def _checkpoint_keys(path: str) -> set[str]:
+    """The parameter names in a weight file (a torch state_dict, possibly under "state_dict" or
+    "model" as timm's checkpoints keep it, or .safetensors)."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                keys = set(f.keys())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for nested in ("state_dict", "model", "state_dict_ema"):
+                if isinstance(state, dict) and isinstance(state.get(nested), dict):
+                    state = state[nested]
+                    break
+            keys = set(state) if isinstance(state, dict) else set()
+    except Exception as e:  # a text file, a truncated download, a pickle of other objects
+        raise UsageError(f"pretrained weights file {path!r} is not a readable checkpoint ({type(e).__name__}); "
+                         f"expected a state_dict saved with torch.save, or a .safetensors file") from None
+    return {k.removeprefix("module.") for k in keys}
 
 
 def _from_local_cache(name: str, kwargs: dict) -> nn.Module:

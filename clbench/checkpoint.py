@@ -11,6 +11,7 @@ leaves either the previous complete checkpoint or the new one.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -89,7 +90,7 @@ def load(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         tensors = torch.load(folder / meta["state_file"], weights_only=True, map_location="cpu")
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UsageError(f"checkpoint in {str(folder)!r} is unreadable ({type(e).__name__}); delete it to start over") from None
     return meta, tensors
 

@@ -17,6 +17,16 @@ from typing import Any, Mapping
 from clbench.errors import UsageError
 
 
+NORMALIZATIONS = ("dataset", "imagenet", "inception", "none")
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Lightning's seeding accept
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"seed={seed!r} is invalid; expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    return seed
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Engineering settings of a run: nothing here changes what a method is."""
@@ -54,6 +64,14 @@ class RunConfig:
             raise UsageError(f"num_workers={self.num_workers} is invalid; expected an integer >= 0")
         if self.flops not in ("sample", "all", "off"):
             raise UsageError(f"flops={self.flops!r} is invalid; expected sample, all or off")
+        for name in ("limit_train_batches", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name}={value} is invalid; expected a positive integer (or unset)")
+        if self.weights is not None and not self.pretrained:
+            raise UsageError(f"weights={self.weights!r} is given without pretrained; expected --pretrained --weights FILE")
+        if self.normalization not in NORMALIZATIONS:
+            raise UsageError(f"normalization={self.normalization!r} is invalid; expected one of: {', '.join(NORMALIZATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,9 @@ class StrategyConfig:
             raise UsageError(f"lr_step_gamma={self.lr_step_gamma} is invalid; expected a number in (0, 1]")
         if self.lr <= 0:
             raise UsageError(f"lr={self.lr} is invalid; expected a positive number")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
 
 
 def field_names(cls) -> list[str]:

@@ -37,6 +37,8 @@ class Loaded:
 def load_results(results_dir: str | Path, scenario: str | None = None) -> Loaded:
     """Every clbench result under `results_dir` (recursively); unreadable or newer files go to `skipped`."""
     root = Path(results_dir)
+    if root.is_file():
+        raise UsageError(f"results directory {str(root)!r} is a file; expected a directory of result JSON files")
     if not root.is_dir():
         raise UsageError(f"results directory {str(root)!r} does not exist")
     out = Loaded([], [])
@@ -58,7 +60,9 @@ def load_results(results_dir: str | Path, scenario: str | None = None) -> Loaded
             raise UsageError(
                 f"no results for scenario {scenario!r} under {str(root)!r}; found: {', '.join(found) or 'none'}"
             )
-        raise UsageError(f"no clbench results under {str(root)!r} (expected <scenario>/<strategy>/*.json)")
+        unreadable = (f"; {len(out.skipped)} unreadable file(s), the first {str(out.skipped[0][0])!r}: "
+                      f"{out.skipped[0][1]}" if out.skipped else "")
+        raise UsageError(f"no clbench results under {str(root)!r} (expected <scenario>/<strategy>/*.json){unreadable}")
     return out
 
 
@@ -605,8 +609,12 @@ def cmd_leaderboard(args) -> int:
     text = render(lb, args.format, loaded.results)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--out {args.out!r} cannot be written ({e.strerror or e}); expected a file path in a "
+                             f"writable directory") from None
         print(f"leaderboard: {len(lb.rows)} rows, {len(lb.incomplete)} failed/incomplete runs -> {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

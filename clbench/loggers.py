@@ -11,6 +11,7 @@ Offline mode (`WANDB_MODE=offline`) needs no network; the run lands in `$WANDB_D
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +24,20 @@ def require_wandb():
         import wandb
     except ImportError:
         raise UsageError("--wandb needs the wandb package, which is not installed; pip install 'clbench[wandb]'") from None
+    if os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") and not _has_wandb_login():
+        raise UsageError("--wandb found no W&B login (no WANDB_API_KEY, no api.wandb.ai entry in ~/.netrc); expected "
+                         "`wandb login` first, or WANDB_MODE=offline to log to local files")
     return wandb
+
+
+def _has_wandb_login() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return "api.wandb.ai" in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
 
 
 def _wandb_logger_class():

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from clbench import leaderboard as L
+from clbench.errors import UsageError
 from clbench.results import RunResult
 
 # cost column -> (axis label, log scale)
@@ -237,7 +238,11 @@ def cmd_plot(args) -> int:
     for path, why in loaded.skipped:
         print(f"clbench: warning: skipped {path}: {why}", file=sys.stderr)
     board = L.build(loaded.results, loaded.paths, loaded.skipped)
-    written = save_all(loaded.results, args.out, board)
+    try:
+        written = save_all(loaded.results, args.out, board)
+    except OSError as e:
+        raise UsageError(f"--out {args.out!r} cannot be written ({e.strerror or e}); expected a writable "
+                         f"directory") from None
     for path in written:
         print(path)
     if not written:

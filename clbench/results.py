@@ -64,14 +64,15 @@ def result_path(output_dir: str | os.PathLike, r: RunResult) -> Path:
     """`<out>/<scenario>/<strategy>[+aux]/<backbone>-seed<k>-<device>.json`; hardware is part of the name.
     Each add-on is named with the settings given to it (`er+quantize-preset-w4a4`), so runs of one
     add-on with other settings, separate rows of a leaderboard, never overwrite each other."""
-    strategy = r.strategy + "".join(f"+{_add_on_slug(a)}" for a in r.aux)
+    strategy = r.strategy + "".join(f"+{add_on_slug(a)}" for a in r.aux)
     return Path(output_dir) / r.scenario / strategy / f"{_slug(r.backbone)}-seed{r.seed}-{_slug(r.device)}.json"
 
 
 MAX_SETTINGS_SLUG = 60  # longer settings are named by a hash (file names stay well under 255 bytes)
 
 
-def _add_on_slug(add_on: dict[str, Any]) -> str:
+def add_on_slug(add_on: dict[str, Any]) -> str:
+    """An add-on with its settings, as result paths and sweep logs name it (`quantize-preset-w4a4`)."""
     settings = ",".join(f"{k}={v}" for k, v in add_on.items() if k != "name")
     if not settings:
         return add_on["name"]
@@ -122,10 +123,31 @@ def load(path: str | os.PathLike) -> RunResult:
             f"result file {str(p)!r} has schema_version {version!r}; this clbench reads up to {SCHEMA_VERSION} "
             f"(upgrade clbench)"
         )
+    problem = _not_numbers(data)
+    if problem is not None:
+        raise UsageError(f"result file {str(p)!r} is malformed: {problem}")
     try:
         return RunResult.from_dict(data)
     except TypeError as e:
         raise UsageError(f"result file {str(p)!r} is malformed: {e}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _not_numbers(data: dict[str, Any]) -> str | None:
+    """What in a result's summary metrics or accuracy matrix is not a number (None: nothing)."""
+    metrics = data.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        return f"metrics is {type(metrics).__name__}; expected a mapping of numbers"
+    for key, value in metrics.items():
+        if not _is_number(value):
+            return f"metric {key!r} is {value!r}; expected a number"
+    matrix = data["accuracy_matrix"]
+    if not isinstance(matrix, list) or not all(isinstance(row, list) and all(map(_is_number, row)) for row in matrix):
+        return "accuracy_matrix is not a list of rows of numbers"
+    return None
 
 
 def environment() -> dict[str, Any]:

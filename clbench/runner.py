@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -78,6 +79,10 @@ def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
     out = []
     for name, params in specs:
         cls = AUXILIARY.get(name)
+        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise UsageError(f"add-on {name!r} has no setting {unknown[0]!r}; valid settings: {', '.join(known)}")
         try:
             out.append(cls(**params))
         except TypeError as e:
@@ -162,8 +167,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     from clbench.edge.profiler import EdgeProfiler
 
     run_cfg, cfg = resolve(spec)
+    C.check_seed(spec.seed)
     aux = create_aux(spec.aux)
     _check_output_dir(run_cfg.output_dir)
+    _check_trainer_settings(run_cfg)
     seed_everything(spec.seed)
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
     detection = scenario.task_type == "detection"
@@ -270,6 +277,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
         result.status = "completed"
     except TrainingDivergedError as e:
         result.status, result.error = "failed", str(e)
+    except UsageError:  # found only once training began (a layer's output shape): nothing of this run is kept
+        if start == 0:
+            checkpoint.remove(ckpt_dir)
+        raise
     except KeyboardInterrupt:
         result.status, result.error = "interrupted", "interrupted by the user"
         raise
@@ -279,7 +290,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
             from clbench.loggers import log_result
 
             log_result(wandb_logger, result)
-    if result.status == "completed":
+    if result.status in ("completed", "failed"):  # a diverged run would diverge again: nothing to resume
         checkpoint.remove(ckpt_dir)
     return result
 
@@ -328,19 +339,21 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
 
 
 @contextlib.contextmanager
-def _entry_points_scanned_once():
+def _entry_points_scanned_once(scan: Callable | None = None):
     """Every Lightning Trainer scans all installed distributions for callback entry points
     (about 4 ms, most of a Trainer's construction, paid once per experience and phase); the
-    installed set does not change during a run, so one scan serves all of its Trainers."""
+    installed set does not change during a run, so one scan serves all of its Trainers.
+    `scan` replaces the real scan (the settings check's Trainer needs no callbacks)."""
     try:
         from lightning_fabric.utilities import registry
     except ImportError:  # a Lightning without this module: nothing to speed up
         yield
         return
-    scan = getattr(registry, "entry_points", None)
-    if scan is None:
+    real = getattr(registry, "entry_points", None)
+    if real is None:
         yield
         return
+    scan = scan or real
     found: dict[tuple, Any] = {}
 
     def scanned_once(**selection):
@@ -353,7 +366,7 @@ def _entry_points_scanned_once():
     try:
         yield
     finally:
-        registry.entry_points = scan
+        registry.entry_points = real
 
 
 def _restore_or_reset(spec: RunSpec, ckpt_dir, strategy, scenario, result: RunResult, profiler) -> int:
@@ -489,6 +502,11 @@ def _loader_seed(seed: int, experience: int, phase: int) -> int:
 
 
 def _check_output_dir(path: str) -> None:
+    """Refuse before training an output directory that could not be written: its nearest existing
+    ancestor must be a directory in which a file can really be created (`os.access` says yes to
+    root even where the file system refuses, as /proc does)."""
+    import tempfile
+
     p = os.path.abspath(path)
     probe = p
     while not os.path.exists(probe):
@@ -496,8 +514,28 @@ def _check_output_dir(path: str) -> None:
         if parent == probe:
             break
         probe = parent
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise UsageError(f"output directory {path!r} is not writable")
+    if not os.path.isdir(probe):
+        raise UsageError(f"output directory {path!r} is not writable: {probe!r} is a file; expected a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".clbench-probe-")
+    except OSError as e:
+        raise UsageError(f"output directory {path!r} is not writable ({e.strerror or e}); expected a writable directory") from None
+    os.close(fd)
+    os.remove(name)
+
+
+def _check_trainer_settings(run: C.RunConfig) -> None:
+    """Lightning's own checks of accelerator, devices, precision and trainer strategy, before training."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    _eval_device(run)  # clbench's own message for a GPU that is not there
+    try:
+        with _entry_points_scanned_once(scan=lambda **selection: ()):  # no callbacks needed to check settings
+            make_trainer(run, 1, ())
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"accelerator={run.accelerator!r}, devices={run.devices!r}, precision={run.precision!r}, "
+                         f"trainer_strategy={run.trainer_strategy!r}: Lightning refuses them ({first})") from None
 
 
 def task_problem(strategy_cls, scenario) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from clbench import config as C
 from clbench.errors import UsageError
+from clbench.results import add_on_slug
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Job:
     @property
     def name(self) -> str:
         s = self.spec
-        aux = "".join(f"+{n}" for n, _ in s.aux)
+        aux = "".join(f"+{add_on_slug({'name': n, **settings})}" for n, settings in s.aux)
         resumed = " (resumed)" if getattr(s, "resume", False) else ""
         return f"{s.strategy}{aux} on {s.scenario} seed {s.seed}{resumed}"
 
@@ -50,9 +51,12 @@ def parse_seeds(text: str) -> list[int]:
     for item in split_list(text, "seeds"):
         lo, sep, hi = item.partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(item)]
+            items = list(range(int(lo), int(hi) + 1)) if sep and lo else [int(item)]
         except ValueError:
             raise UsageError(f"--seeds item {item!r} is invalid; expected integers like 0,1,2 or 0-4") from None
+        if not items:
+            raise UsageError(f"--seeds item {item!r} is an empty range; expected LOW-HIGH with LOW <= HIGH")
+        seeds += [C.check_seed(seed) for seed in items]
     return list(dict.fromkeys(seeds))
 
 
@@ -74,8 +78,13 @@ def plan(
         STRATEGIES.get(name)
     for name in scenarios:
         SCENARIOS.get(name)
+    from clbench.runner import _check_output_dir, _check_trainer_settings, create_aux
+
     run_values, per_strategy = _route_overrides(overrides or {}, strategies)
     run = replace(C.RunConfig(), **run_values, output_dir=output_dir, progress=False)
+    create_aux(aux)  # add-on names and settings
+    _check_output_dir(output_dir)
+    _check_trainer_settings(run)
     jobs = []
     for scenario in scenarios:
         for strategy in strategies:

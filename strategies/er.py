@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from clbench.base import CLStrategy
 from clbench.buffers import make_buffer
 from clbench.config import StrategyConfig
+from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
@@ -25,6 +26,11 @@ class Config(StrategyConfig):
     buffer_size: int = 200
     replay_batch_size: int = 32
     buffer_policy: str = "reservoir"  # reservoir | class_balanced
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.replay_batch_size < 1:
+            raise UsageError(f"replay_batch_size={self.replay_batch_size} is invalid; expected a positive integer")
 
 
 @register_strategy("er")

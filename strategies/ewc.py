@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig
+from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
@@ -25,6 +26,14 @@ class Config(StrategyConfig):
     ewc_lambda: float = 10.0
     gamma: float = 1.0
     fisher_samples: int | None = None  # cap on samples used for the Fisher estimate (None: all)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fisher_samples is not None and self.fisher_samples < 1:
+            raise UsageError(f"fisher_samples={self.fisher_samples} is invalid; expected a positive integer (or none: all)")
+        for name in ("ewc_lambda", "gamma"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
 
 
 @register_strategy("ewc")

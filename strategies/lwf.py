@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from clbench.base import CLStrategy, teacher_logits
 from clbench.config import StrategyConfig
+from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
@@ -26,6 +27,13 @@ class Config(StrategyConfig):
     alpha: float = 1.0
     temperature: float = 2.0
     warmup: bool = False  # train only the new head rows on frozen features first (Mammoth)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise UsageError(f"temperature={self.temperature} is invalid; expected a positive number")
+        if self.alpha < 0:
+            raise UsageError(f"alpha={self.alpha} is invalid; expected a number >= 0")
 
 
 @register_strategy("lwf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
@@ -30,7 +31,8 @@ class Aux(nn.Module):
 
     def __init__(self, weight: float = 1.0, **hparams: Any):
         super().__init__()
-        self.weight = float(weight)
+        self.weight = float(checked(self.name, "weight", weight, lambda v: math.isfinite(v) and v >= 0,
+                                    "a finite number >= 0"))
         self.hparams = hparams
 
     def setup(self, strategy: "CLStrategy") -> None:
@@ -73,6 +75,13 @@ def checked(add_on: str, name: str, value: Any, ok: Callable[[Any], bool], expec
 
 def positive(add_on: str, name: str, value: Any) -> float:
     return float(checked(add_on, name, value, lambda v: v > 0, "a positive number"))
+
+
+def flag(add_on: str, name: str, value: Any) -> bool:
+    """`value` if it is a boolean (`true`/`false` on the command line), else the one-line usage error."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected true or false")
+    return value
 
 
 def non_negative(add_on: str, name: str, value: Any) -> float:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, checked, choice, non_negative, positive
+from clbench.auxiliary.base import Aux, checked, choice, flag, non_negative, positive
 from clbench.base import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
@@ -372,7 +372,7 @@ class RelationKD(PreviousTeacher):
                          exclude_diagonal=exclude_diagonal, min_rows=min_rows)
         self.temperature = positive("relation_kd", "temperature", temperature)
         self.relation = choice("relation_kd", "relation", relation, ("kl", "mse"))
-        self.exclude_diagonal = bool(exclude_diagonal)
+        self.exclude_diagonal = flag("relation_kd", "exclude_diagonal", exclude_diagonal)
         checked("relation_kd", "min_rows", min_rows, lambda v: v >= 2, "an integer >= 2", integer=True)
         self.min_rows = min_rows
 

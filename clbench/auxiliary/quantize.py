@@ -108,7 +108,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, checked, choice, positive
+from clbench.auxiliary.base import Aux, checked, choice, flag, positive
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -633,9 +633,9 @@ class Quantize(Aux):
         calib_select = choice("quantize", "calib_select", calib_select, ("balanced", "fisher"))
         high_bits = _bits("high_bits", high_bits)
         checked("quantize", "high_fraction", high_fraction, lambda v: 0 < v < 1, "a number in (0, 1)")
-        for name, value in (("quantize_first_last", quantize_first_last), ("fold_bn", fold_bn)):
-            if not isinstance(value, bool):
-                raise UsageError(f"quantize {name}={value!r} is invalid; expected true or false")
+        flag("quantize", "quantize_first_last", quantize_first_last)
+        flag("quantize", "fold_bn", fold_bn)
+        checked("quantize", "seed", seed, lambda v: v >= 0, "an integer >= 0", integer=True)
         super().__init__(weight, mode=mode, weight_bits=weight_bits, act_bits=act_bits, weight_calib=weight_calib,
                          act_calib=act_calib, percentile=percentile, group_size=group_size,
                          quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn,
