@@ -138,13 +138,15 @@ def restore(strategy, meta: dict[str, Any], tensors: dict[str, torch.Tensor], re
 
 def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
-    # drop now-empty parents up to .resume
+    # drop now-empty parents, .resume itself included (rmdir refuses a folder still in use)
     for parent in folder.parents:
-        if parent.name == ".resume" or not parent.exists():
+        if not parent.exists():
             break
         try:
             parent.rmdir()
         except OSError:
+            break
+        if parent.name == ".resume":
             break
 
 

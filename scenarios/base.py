@@ -84,6 +84,8 @@ def resolve_class_order(spec: str, labels: Sequence[int], paper_order: Sequence[
             seed = int(spec[5:])
         except ValueError:
             raise UsageError(f"class order {spec!r} is invalid; expected natural, paper or seed:N") from None
+        if seed < 0:
+            raise UsageError(f"class order {spec!r} is invalid; expected seed:N with N >= 0")
         order = list(natural)
         random.Random(seed).shuffle(order)  # PyCIL/PILOT: np.random.seed(1993) permutation; see seeded_permutation
         return order

@@ -60,6 +60,7 @@ def _bad(tmp_path: Path, yaml_text: str | None = None) -> list[tuple[str, list[s
         ("bad FLOP counting mode", ["--strategy", "er", "--flops", "every"], ["flops='every'", "sample, all or off"]),
         ("bad optimizer", ["--strategy", "er", "--set", "optimizer=lion"], ["'lion'", "sgd"]),
         ("bad class order", ["--strategy", "er", "--class-order", "shuffled"], ["'shuffled'", "seed:N"]),
+        ("negative class-order seed", ["--strategy", "er", "--class-order", "seed:-1"], ["'seed:-1'", "N >= 0"]),
         ("bad buffer policy", ["--strategy", "er", "--set", "buffer_policy=fifo"], ["'fifo'", "class_balanced"]),
         ("missing pretrained weights", ["--strategy", "er", "--backbone", "resnet18", "--pretrained"], ["'resnet18'", "not available locally", "--weights"]),
         ("missing weights file", ["--strategy", "er", "--backbone", "resnet18", "--pretrained", "--weights", str(tmp_path / "w.pth")], ["w.pth", "not found"]),
