@@ -151,8 +151,9 @@ def remove(folder: Path) -> None:
 
 
 def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give the module tree the shapes of the saved state: teacher snapshots, grown heads, and
-    buffers a strategy registers once an experience tells it their size (the stored task adapters)."""
+    """Give the module tree the shapes of the saved state: teacher snapshots, grown heads, buffers
+    a strategy registers once an experience tells it their size (TUNA's stored task adapters), and
+    buffers that grow by a row per task (EASE's adapters and prototypes) at their saved size."""
     for key in sorted(state):
         parts = key.split(".")
         owner: nn.Module | None = strategy
@@ -169,8 +170,13 @@ def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> Non
                 owner = None
                 break
             owner = child
-        if owner is not None and not hasattr(owner, parts[-1]):
-            owner.register_buffer(parts[-1], torch.empty_like(state[key]))
+        if owner is None:
+            continue
+        name = parts[-1]
+        if not hasattr(owner, name):
+            owner.register_buffer(name, torch.empty_like(state[key]))
+        elif name in owner._buffers and owner._buffers[name] is not None and owner._buffers[name].shape != state[key].shape:
+            owner._buffers[name] = torch.empty_like(state[key], device=owner._buffers[name].device)  # a buffer that grows
     for mod_name, module in strategy.named_modules():
         if isinstance(module, IncrementalLinear):
             key = f"{mod_name}.fc.weight" if mod_name else "fc.weight"

@@ -54,7 +54,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
 from clbench.base import CLStrategy, eval_mode
@@ -163,11 +163,8 @@ class EASE(CLStrategy):
     # ---- subspaces: the frozen ViT with one task's adapter
     @torch.no_grad()
     def load_expert(self, s: int) -> AdapterSet:
-        """The evaluation adapter set holding task s's adapter (copied in: no storage is shared with the vectors)."""
-        vector, start = self.task_adapter_vectors[s], 0
-        for p in self.expert.parameters():
-            p.copy_(vector[start : start + p.numel()].view_as(p))
-            start += p.numel()
+        """The evaluation adapter set holding task s's adapter (a copy: no storage is shared with the vectors)."""
+        vector_to_parameters(self.task_adapter_vectors[s].clone(), list(self.expert.parameters()))
         return self.expert
 
     def subspace_features(self, x: torch.Tensor, s: int) -> torch.Tensor:
@@ -238,14 +235,6 @@ class EASE(CLStrategy):
         features = [self.subspace_features(x, s) for s in range(self.num_subspaces)]
         logits = ensemble_logits(features, self.prototypes, self.class_task, self.cfg.alpha, self.cfg.alpha_divisor)
         return Output(logits, torch.cat(features, dim=1))
-
-    # ---- resume: the growing buffers take the saved shapes
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("task_adapter_vectors", "prototypes"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, getattr(self, name).new_zeros(saved.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def report(self) -> dict:
         return {**super().report(), "subspaces": self.num_subspaces}
