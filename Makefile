@@ -17,11 +17,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/clbench run --strategy er --scenario digits-5
 
+# One pytest-xdist worker per core (JOBS=0: all in one process), each with one intra-op thread
+# (tests/conftest.py): twice as many threads as cores thrash on the 2-core CI machine.
+TEST_JOBS = $(or $(JOBS),$(shell nproc 2>/dev/null || echo 2))
+PYTEST = WANDB_MODE=offline MPLBACKEND=Agg OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_JOBS)
+
 test: $(STAMP)
-	WANDB_MODE=offline MPLBACKEND=Agg $(BIN)/python -m pytest -q -ra
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	WANDB_MODE=offline MPLBACKEND=Agg $(BIN)/python -m pytest -q -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The README's results table: every registered strategy on digits-5, seeds 0-2, from real runs.
 leaderboard: $(STAMP)

@@ -42,6 +42,14 @@ def _quiet_lightning():
     quiet_lightning()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_xdist_worker():
+    """Under pytest-xdist (`make test` runs one worker per core) each worker keeps to one intra-op
+    thread: two workers with a thread per core each would thrash the cores they share."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests: on a 2-core machine, two threads per convolution
