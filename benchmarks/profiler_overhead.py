@@ -1,23 +1,32 @@
 """Wall-time overhead of the EdgeProfiler: the same run with and without it (target: under 1.05x).
 
-    python benchmarks/profiler_overhead.py [--strategy er] [--scenario digits-5] [--epochs 5] [--repeats 3]
-                                           [--accelerator cpu|gpu|auto]
+    python benchmarks/profiler_overhead.py [--strategy er] [--scenario synthetic32-3] [--epochs 5] [--repeats 6]
+                                           [--threads 1] [--accelerator cpu|gpu|auto] [--flops sample|all|off]
+
+The default run is CIFAR-shaped: ER on `synthetic32-3` (3x32x32 images, the scenario's
+convnet), the shape of the image scenarios clbench targets (cifar100-10 and the like cannot
+be downloaded here).  `--scenario digits-5` is the worst case: `make demo`'s sub-second run,
+whose experiences last about 0.15 s, so the profiler's fixed cost per experience (a few
+counted steps, the inference FLOPs, the Jetson estimate) is a visible share of it.
 
 Runs alternate in pairs (without, with, then with, without, ...) so drifting machine load
 hits both sides; the ratios of the medians, of the fastest runs and the median of the
-per-pair ratios are printed, and the accuracy matrices are compared.  FLOP counting costs a
-few counted steps per step shape and experience, so its share shrinks with steps per
-experience: compare `--epochs 5` with `--epochs 50`.  It also checks the profiler's reported training time: `train_time_s`
-(counting overhead removed) against the fit time of the unprofiled runs, timed by a
-callback both kinds of run carry; and prints the profiler's own time as it timed it
-inside the runs (`profiler_time_s`; it does not depend on pairing runs, but it still
-slows down with the machine).
+per-pair ratios are printed, with a 95% bootstrap interval of that median: the target is
+"met" when the whole interval lies under 1.05x, "missed" when it lies at or above, and
+undecided otherwise (more `--repeats` narrow it).  Runs use one intra-op thread by default:
+with a thread per core, any other load on a small machine stalls every op and scatters run
+times by tens of percent.  The accuracy matrices are compared.  It also checks the
+profiler's reported training time: `train_time_s` (counting overhead removed) against the
+fit time of the unprofiled runs, timed by a callback both kinds of run carry; and prints
+the profiler's own time as it timed it inside the runs (`profiler_time_s`; it does not
+depend on pairing runs, but it still slows down with the machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -59,6 +68,19 @@ def timed(spec: RunSpec) -> tuple[float, float, list, dict]:
     return wall, cpu, result.accuracy_matrix, times
 
 
+def bootstrap_interval(ratios: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of `ratios` (pairs resampled with replacement)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
+def verdict(high: float, low: float, target: float = 1.05) -> str:
+    if high < target:
+        return "met"
+    return "missed" if low >= target else "not decided at this many repeats"
+
+
 def device_name(accelerator: str) -> str:
     if accelerator != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -68,16 +90,20 @@ def device_name(accelerator: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="er")
-    p.add_argument("--scenario", default="digits-5")
+    p.add_argument("--scenario", default="synthetic32-3")
     p.add_argument("--backbone", default=None, help="default: the scenario's")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (0: torch's default); one leaves the other cores to absorb other load")
     p.add_argument("--flops", default="sample", choices=("sample", "all", "off"),
                    help="the profiled runs' FLOP counting; 'off' shows what the rest of the profiler costs")
     args = p.parse_args(argv)
     quiet_lightning()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     times = {True: [], False: []}
     cpu = {True: [], False: []}
     matrices = {}
@@ -99,15 +125,18 @@ def main(argv=None) -> int:
                 cpu[profile].append(c)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"{args.strategy} on {args.scenario} ({args.backbone or 'default backbone'}), {args.epochs} epoch(s), "
-          f"{args.repeats} repeat(s), FLOP counting {args.flops}, on {device_name(args.accelerator)}")
+          f"{args.repeats} repeat(s), FLOP counting {args.flops}, on {device_name(args.accelerator)}, "
+          f"{torch.get_num_threads()} intra-op thread(s)")
     print(f"  without profiler: {off:.2f} s (median of {[round(t, 2) for t in times[False]]})")
     print(f"  with profiler:    {on:.2f} s (median of {[round(t, 2) for t in times[True]]})")
     print(f"  ratio: {on / off:.3f}x wall (target < 1.05x); "
           f"{statistics.median(cpu[True]) / statistics.median(cpu[False]):.3f}x process CPU time; "
           f"{min(times[True]) / min(times[False]):.3f}x fastest runs (other load only adds time)")
     paired = sorted(on / off for off, on in zip(times[False], times[True]))
+    low, high = bootstrap_interval(paired)
     print(f"  paired: {statistics.median(paired):.3f}x wall, median over the repeats of each profiled run over the "
-          f"unprofiled run beside it (range {paired[0]:.3f}x to {paired[-1]:.3f}x)")
+          f"unprofiled run beside it (range {paired[0]:.3f}x to {paired[-1]:.3f}x; 95% bootstrap interval of the "
+          f"median {low:.3f}x to {high:.3f}x: target {verdict(high, low)})")
     on_fits = figures[True]
     counted = on_fits[0]["counted"]
     counting = statistics.median(f["counting"] for f in on_fits)
