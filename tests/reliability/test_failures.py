@@ -90,14 +90,21 @@ CHILD = textwrap.dedent(
 )
 
 
+def _signals_as_in_a_terminal():
+    """Runs in the child before exec: a child inherits its parent's blocked-signal mask and ignored
+    signals. In full-suite runs a mask left set in pytest's main thread blocked SIGINT and SIGUSR1;
+    a pytest-xdist worker ignores SIGINT, and Python keeps an ignored SIGINT ignored instead of
+    raising KeyboardInterrupt. So the child starts with nothing blocked and SIGINT at its default."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_fit_leaves_resumable_state_and_no_result(tmp_path):
     args = ["run", "--strategy", "er", "--scenario", "synthetic-5", "--epochs", "1", "--quiet", "--seed", "5",
             "--output-dir", str(tmp_path), "--set", "limit_train_batches=2"]
-    # a child inherits its parent's blocked-signal mask; in full-suite runs the child ignored both
-    # SIGINT and SIGUSR1 (a mask left set in pytest's main thread), so it starts with none blocked
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []))
+                            preexec_fn=_signals_as_in_a_terminal)
     assert proc.stdout.readline().strip() == "in-experience-2"
     proc.send_signal(signal.SIGINT)
     try:
