@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from clbench.errors import UsageError
 
@@ -25,6 +25,31 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise UsageError(f"seed={seed!r} is invalid; expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     return seed
+
+
+def require(config, names, ok: Callable[[Any], bool], expected: str) -> None:
+    """The one-line usage error for the first of `config`'s fields `names` whose value fails `ok`
+    (a NaN fails every comparison, so it is refused too)."""
+    for name in names:
+        value = getattr(config, name)
+        if not ok(value):
+            raise UsageError(f"{name}={value} is invalid; expected {expected}")
+
+
+def positive_integers(config, *names: str) -> None:
+    require(config, names, lambda v: v >= 1, "a positive integer")
+
+
+def positive_numbers(config, *names: str) -> None:
+    require(config, names, lambda v: v > 0, "a positive number")
+
+
+def non_negative_numbers(config, *names: str) -> None:
+    require(config, names, lambda v: v >= 0, "a number >= 0")
+
+
+def non_negative_integers(config, *names: str) -> None:
+    require(config, names, lambda v: v >= 0, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -57,11 +82,8 @@ class RunConfig:
     flops: str = "sample"  # its FLOP counting: sample (a few steps per step shape), all (every step) or off
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
-        if self.num_workers < 0:
-            raise UsageError(f"num_workers={self.num_workers} is invalid; expected an integer >= 0")
+        positive_integers(self, "epochs", "batch_size", "eval_batch_size", "num_nodes")
+        non_negative_integers(self, "num_workers")
         if self.flops not in ("sample", "all", "off"):
             raise UsageError(f"flops={self.flops!r} is invalid; expected sample, all or off")
         for name in ("limit_train_batches", "image_size"):
@@ -99,15 +121,11 @@ class StrategyConfig:
             raise UsageError(f"optimizer={self.optimizer!r} is invalid; expected one of: sgd, adam, adamw")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: constant, cosine, step")
-        if self.lr_step_epochs < 1:
-            raise UsageError(f"lr_step_epochs={self.lr_step_epochs} is invalid; expected a positive integer")
+        positive_integers(self, "lr_step_epochs")
         if not 0 < self.lr_step_gamma <= 1:
             raise UsageError(f"lr_step_gamma={self.lr_step_gamma} is invalid; expected a number in (0, 1]")
-        if self.lr <= 0:
-            raise UsageError(f"lr={self.lr} is invalid; expected a positive number")
-        for name in ("momentum", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
+        positive_numbers(self, "lr")
+        non_negative_numbers(self, "momentum", "weight_decay")
 
 
 def field_names(cls) -> list[str]:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, non_negative_numbers
 from clbench.detection import DetectionStrategy, Target
 from clbench.errors import UsageError
 from clbench.types import ExperienceInfo
@@ -386,9 +386,7 @@ class FrozenBaseDetrConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("box_lr", "clip_grad"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "box_lr", "clip_grad")
 
 
 class FrozenBaseDetrStrategy(DetectionStrategy):

@@ -53,7 +53,7 @@ from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, general
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, positive_integers
 from clbench.detection import DetectionBatch, DetectionStrategy, Target
 from clbench.types import ExperienceInfo
 
@@ -97,8 +97,7 @@ class GFLConfig(StrategyConfig):
             raise UsageError(f"num_levels={self.num_levels} is invalid; expected 3 or 5")
         if len(self.backbone_channels) != 4:
             raise UsageError(f"backbone_channels={self.backbone_channels} is invalid; expected 4 stage widths")
-        if self.reg_max < 1:
-            raise UsageError(f"reg_max={self.reg_max} is invalid; expected a positive integer")
+        positive_integers(self, "reg_max")
 
 
 # --------------------------------------------------------------------------- model

@@ -85,6 +85,7 @@ from clbench.detection import DetectionBatch, Target
 from clbench.detr import (DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, TinyDETR, detections,
                           normalised_targets, with_pseudo_boxes)
 from clbench.errors import UsageError
+from clbench.config import non_negative_numbers
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo, Phase
 
@@ -127,9 +128,7 @@ class Config(FrozenBaseDetrConfig):
         for name in ("memory_fraction", "pseudo_threshold", "pseudo_max_iou"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number in [0, 1]")
-        for name in ("backbone_lr", "focal_weight", "kd_weight", "pseudo_top_k", "calibration_epochs"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "backbone_lr", "focal_weight", "kd_weight", "pseudo_top_k", "calibration_epochs")
         if self.calibration_lr_step_epochs < 1:
             raise UsageError(f"calibration_lr_step_epochs={self.calibration_lr_step_epochs} is invalid; expected >= 1")
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from clbench.adapters import vit_blocks
 from clbench.base import CLStrategy, EvaluationNotes, eval_mode
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
 from clbench.prompts import PrefixRouter, PromptPool, mask_to
 from clbench.registry import register_strategy
@@ -65,9 +65,7 @@ class DualPromptConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("g_prompt_length", "e_prompt_length", "pool_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
+        positive_integers(self, "g_prompt_length", "e_prompt_length", "pool_size")
         for name in ("g_prompt_layers", "e_prompt_layers"):
             layers = getattr(self, name)
             if any(b < 0 for b in layers) or len(set(layers)) != len(layers):
@@ -77,8 +75,7 @@ class DualPromptConfig(StrategyConfig):
         if set(self.g_prompt_layers) & set(self.e_prompt_layers):
             raise UsageError(f"g_prompt_layers={self.g_prompt_layers} and e_prompt_layers={self.e_prompt_layers} "
                              "overlap; expected disjoint block indices")
-        if self.pull_weight < 0:
-            raise UsageError(f"pull_weight={self.pull_weight} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "pull_weight")
 
 
 @register_strategy("dualprompt")

@@ -59,6 +59,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
 from clbench.base import CLStrategy, eval_mode
 from clbench.errors import UsageError
+from clbench.config import non_negative_numbers, positive_integers
 from clbench.heads import CosineLinear
 from clbench.ptm import ClassMeans
 from clbench.registry import register_strategy
@@ -81,12 +82,10 @@ class EASEConfig(AdapterTuningConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.alpha < 0:
-            raise UsageError(f"alpha={self.alpha} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "alpha")
         if self.alpha_divisor not in ALPHA_DIVISORS:
             raise UsageError(f"alpha_divisor={self.alpha_divisor!r} is invalid; expected one of: {', '.join(ALPHA_DIVISORS)}")
-        if self.bottleneck < 1:
-            raise UsageError(f"bottleneck={self.bottleneck} is invalid; expected a positive integer")
+        positive_integers(self, "bottleneck")
 
 
 def transferred_prototypes(old_own: torch.Tensor, new_own: torch.Tensor, new_target: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from clbench.base import CLStrategy
 from clbench.buffers import make_buffer
-from clbench.config import StrategyConfig
-from clbench.errors import UsageError
+from clbench.config import StrategyConfig, positive_integers
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
@@ -29,8 +28,7 @@ class Config(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.replay_batch_size < 1:
-            raise UsageError(f"replay_batch_size={self.replay_batch_size} is invalid; expected a positive integer")
+        positive_integers(self, "replay_batch_size")
 
 
 @register_strategy("er")

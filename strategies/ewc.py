@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.base import CLStrategy
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, non_negative_numbers
 from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
@@ -31,9 +31,7 @@ class Config(StrategyConfig):
         super().__post_init__()
         if self.fisher_samples is not None and self.fisher_samples < 1:
             raise UsageError(f"fisher_samples={self.fisher_samples} is invalid; expected a positive integer (or none: all)")
-        for name in ("ewc_lambda", "gamma"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "ewc_lambda", "gamma")
 
 
 @register_strategy("ewc")

@@ -81,6 +81,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou, roi_align
 
 from clbench.detection import DetectionBatch, Target, make_target, restrict
+from clbench.config import non_negative_integers, positive_integers
 from clbench.gfl import (GFLConfig, GFLOutput, GFLStrategy, TinyGFL, box_confidence, box_distillation_at,
                          class_confidence, squared_logit_gaps)
 from clbench.registry import register_strategy
@@ -132,12 +133,8 @@ class Config(GFLConfig):
         super().__post_init__()
         from clbench.errors import UsageError
 
-        for name in ("images_per_class", "canvas_size", "inversion_batch"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
-        for name in ("inversion_steps", "max_pastes", "placement_tries", "jitter"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected an integer >= 0")
+        positive_integers(self, "images_per_class", "canvas_size", "inversion_batch")
+        non_negative_integers(self, "inversion_steps", "max_pastes", "placement_tries", "jitter")
         low, high = self.box_side
         if not 0 < low <= high <= 1:
             raise UsageError(f"box_side={self.box_side} is invalid; expected (low, high) with 0 < low <= high <= 1")

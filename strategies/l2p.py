@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.base import CLStrategy, eval_mode
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
 from clbench.prompts import PromptPool, TokenPrompter, mask_to
 from clbench.registry import register_strategy
@@ -53,13 +53,10 @@ class L2PConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("pool_size", "prompt_length", "top_k"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
+        positive_integers(self, "pool_size", "prompt_length", "top_k")
         if self.top_k > self.pool_size:
             raise UsageError(f"top_k={self.top_k} is invalid; expected at most pool_size ({self.pool_size})")
-        if self.pull_weight < 0:
-            raise UsageError(f"pull_weight={self.pull_weight} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "pull_weight")
 
 
 @register_strategy("l2p")

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.base import CLStrategy, teacher_logits
-from clbench.config import StrategyConfig
-from clbench.errors import UsageError
+from clbench.config import StrategyConfig, non_negative_numbers, positive_numbers
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
@@ -30,10 +29,8 @@ class Config(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.temperature > 0:
-            raise UsageError(f"temperature={self.temperature} is invalid; expected a positive number")
-        if self.alpha < 0:
-            raise UsageError(f"alpha={self.alpha} is invalid; expected a number >= 0")
+        positive_numbers(self, "temperature")
+        non_negative_numbers(self, "alpha")
 
 
 @register_strategy("lwf")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.buffers import ReservoirBuffer
-from clbench.errors import UsageError
+from clbench.config import positive_integers
 from clbench.registry import register_strategy
 from clbench.strategies.stella_mlp import Config as StellaConfig
 from clbench.strategies.stella_mlp import StellaMLP
@@ -30,8 +30,7 @@ class Config(StellaConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.replay_batch_size < 1:
-            raise UsageError(f"replay_batch_size={self.replay_batch_size} is invalid; expected a positive integer")
+        positive_integers(self, "replay_batch_size")
 
 
 @register_strategy("stella_er")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clbench.errors import UsageError
+from clbench.config import positive_integers
 from clbench.forecasting import ForecastConfig, ForecastStrategy
 from clbench.registry import register_strategy
 from clbench.scenarios.forecast import CHANNELS, SEASON, SERIES, VALUE
@@ -38,9 +38,7 @@ class Config(ForecastConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_model", "hidden"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name}={getattr(self, name)} is invalid; expected a positive integer")
+        positive_integers(self, "d_model", "hidden")
 
 
 @register_strategy("stella_mlp")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.errors import UsageError
+from clbench.config import non_negative_numbers
 from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.strategies.saef import sign_elected_merge
@@ -46,8 +47,7 @@ class TUNAConfig(TunaConfig):
         super().__post_init__()
         if self.universal not in ("merged", "latest"):
             raise UsageError(f"universal={self.universal!r} is invalid; expected one of: merged, latest")
-        if self.orthogonality < 0:
-            raise UsageError(f"orthogonality={self.orthogonality} is invalid; expected a number >= 0")
+        non_negative_numbers(self, "orthogonality")
 
 
 def up_projection_overlap(current: list[torch.Tensor], previous: list[list[torch.Tensor]]) -> torch.Tensor:

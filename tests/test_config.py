@@ -139,6 +139,30 @@ def test_range_checks_in_post_init():
         C.StrategyConfig(lr=-1)
 
 
+@pytest.mark.parametrize("check, good, bad, expected", [
+    (C.positive_integers, 1, 0, "a positive integer"),
+    (C.non_negative_integers, 0, -1, "an integer >= 0"),
+    (C.positive_numbers, 1e-9, 0.0, "a positive number"),
+    (C.non_negative_numbers, 0.0, -1e-9, "a number >= 0"),
+    (C.non_negative_numbers, 0.0, float("nan"), "a number >= 0"),
+    (C.positive_numbers, 1.0, float("nan"), "a positive number"),
+])
+def test_shared_range_checks_name_the_first_bad_field(check, good, bad, expected):
+    @dataclass
+    class Settings:
+        a: float
+        b: float
+
+    check(Settings(good, good), "a", "b")
+    with pytest.raises(UsageError, match=rf"^b={bad} is invalid; expected {expected}$"):
+        check(Settings(good, bad), "a", "b")
+
+
+def test_a_nan_weight_is_refused_by_the_strategy_configs():
+    with pytest.raises(UsageError, match="momentum=nan"):
+        C.StrategyConfig(momentum=float("nan"))
+
+
 def test_build_turns_bad_keywords_into_usage_errors():
     with pytest.raises(UsageError):
         C.build(ToyConfig, {"nope": 1})
