@@ -92,9 +92,10 @@ CHILD = textwrap.dedent(
 
 def _signals_as_in_a_terminal():
     """Runs in the child before exec: a child inherits its parent's blocked-signal mask and ignored
-    signals. In full-suite runs a mask left set in pytest's main thread blocked SIGINT and SIGUSR1;
-    a pytest-xdist worker ignores SIGINT, and Python keeps an ignored SIGINT ignored instead of
-    raising KeyboardInterrupt. So the child starts with nothing blocked and SIGINT at its default."""
+    signals, and Python keeps an inherited ignored SIGINT ignored instead of raising
+    KeyboardInterrupt. In full-suite runs a mask left set in pytest's main thread blocked SIGINT
+    and SIGUSR1 (once, under pytest-xdist, the child ignored both for another reason not found),
+    so the child starts as from a terminal: nothing blocked, SIGINT at its default."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
