@@ -55,7 +55,7 @@ distill-table: $(STAMP)
 	mkdir -p results
 	$(BIN)/python scripts/readme_leaderboard.py --output-dir results/distill --grid digits-5=er \
 		--add-ons none --add-ons logit_kd --add-ons logit_mse --add-ons feature_kd --add-ons relation_kd \
-		--add-ons multi_teacher:policy=task_owner > results/readme-distill.md
+		--add-ons multi_teacher:policy=task_owner --add-ons multi_teacher:policy=rl > results/readme-distill.md
 	$(BIN)/python scripts/splice_readme.py README.md distillation results/readme-distill.md
 
 quantize-table: $(STAMP)

@@ -21,10 +21,10 @@ from clbench.auxiliary.distill import (
     relation_kd,
     similarity_matrix,
 )
-from clbench.auxiliary.multi_teacher import MultiTeacher, teacher_weights
+from clbench.auxiliary.multi_teacher import MultiTeacher, WeightingAgent, standardised_rewards, teacher_state, teacher_weights
 from clbench.edge.flops import haar_dwt2_flops, measure_flops
 from clbench.runner import RunSpec, run
-from clbench.types import ExperienceInfo
+from clbench.types import ExperienceInfo, Output
 from clbench.wavelets import haar_dwt_conv
 
 
@@ -112,6 +112,102 @@ def test_task_owner_is_the_snapshot_after_the_samples_experience(tiny_backbone, 
     assert [n for _, n, _ in mt.snapshots] == [4, 2][:kept]  # each teacher distils the classes it had seen
     # classes 0-1 (experience 0): its snapshot when kept, else the oldest kept; 4-5: current, no owner
     assert mt.owners(torch.arange(6)).tolist() == owners
+
+
+# --------------------------------------------------------------------------- MTKD-RL's agent (policy "rl")
+def test_rewards_are_the_standardised_negative_loss_clipped_to_0_1():
+    # -loss = (-1, -2, -3): mean -2, std 1 -> (1, 0, -1) -> clipped (1, 0, 0)
+    assert standardised_rewards(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1.0, 0.0, 0.0]
+    # -loss = (0, -4): mean -2, std 2*sqrt(2) -> (0.707, -0.707)
+    assert standardised_rewards(torch.tensor([0.0, 4.0])).tolist() == pytest.approx([2**-0.5, 0.0])
+    assert standardised_rewards(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]  # no spread
+    assert standardised_rewards(torch.tensor([2.0])).tolist() == [0.0]
+
+
+def test_teacher_state_by_hand():
+    # the teacher knew 2 of 4 classes; sample 0 is of class 1 (known), sample 1 of class 3 (never seen)
+    features = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    teacher = Output(torch.tensor([[0.0, math.log(3.0), 9.0], [0.0, 0.0, 9.0]]), features)
+    student = Output(torch.zeros(2, 4), torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    state = teacher_state(student, teacher, known=2, num_classes=4, y=torch.tensor([1, 3]), temperature=1.0)
+    assert state.shape == (2, 3 + 2 + 4)
+    assert state[:, 0].tolist() == pytest.approx([1.0, 0.0])  # cosine of the embeddings
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # p_t = (1/4, 3/4) against p_s = (1/2, 1/2)
+    assert state[:, 1].tolist() == pytest.approx([kl, 0.0], abs=1e-6)
+    assert state[:, 2].tolist() == pytest.approx([-math.log(0.75), math.log(2.0)])  # CE; unseen class: uniform guess
+    assert state[:, 3:5].tolist() == features.tolist()
+    assert torch.allclose(state[:, 5:], torch.tensor([[0.0, math.log(3.0), 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_agent_learns_only_from_rewarded_samples_and_leaves_no_gradients():
+    torch.manual_seed(0)
+    mt = MultiTeacher(policy="rl", teachers=1)
+    mt.agent = WeightingAgent(1, 4)
+    states = [torch.randn(3, 4)]
+    before = [p.detach().clone() for p in mt.agent.parameters()]
+    mt.pending = [(states, torch.zeros(3))]
+    mt.register_buffer("agent_updates", torch.zeros((), dtype=torch.long))
+    mt.update_agent()
+    assert all(torch.equal(a, b) for a, b in zip(before, mt.agent.parameters()))  # reward 0: nothing learned
+    w_before = mt.agent(states)[0]
+    mt.pending = [(states, torch.ones(3))] * 5
+    mt.update_agent()
+    assert (mt.agent(states)[0] > w_before).all()  # rewarded choices are made more likely
+    assert all(p.grad is None for p in mt.agent.parameters())  # the strategy's optimiser will not move it
+    assert int(mt.agent_updates) == 6 and mt.pending == []
+
+
+def test_rl_weights_are_all_one_in_an_experiences_first_epoch(strategy_factory, synthetic_scenario, batch_of):
+    strategy = strategy_factory("naive")
+    rl, equal = MultiTeacher(policy="rl", teachers=1), MultiTeacher(policy="equal", teachers=1)
+    for a in (rl, equal):
+        a.setup(strategy)
+    for i in range(2):
+        info = synthetic_scenario.info(i)
+        strategy.on_experience_start(info)
+        for a in (rl, equal):
+            a.on_experience_start(strategy, info)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a student that has moved away from its snapshot
+        for p in strategy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = batch_of(synthetic_scenario.train_sets[1], 8)
+    out = strategy(batch.x)
+    rl_loss, equal_loss = rl.loss(batch, out, strategy).item(), equal.loss(batch, out, strategy).item()
+    assert equal_loss > 0
+    assert rl_loss == pytest.approx(equal_loss, rel=1e-6)  # one teacher: equal weighs it 1 too
+    assert len(rl.pending) == 1 and rl.pending[0][0][0].shape == (8, 3 + strategy.backbone.num_features + 4)
+
+
+def test_after_the_first_epoch_the_agents_weights_scale_each_term(strategy_factory, synthetic_scenario, batch_of,
+                                                                 monkeypatch):
+    from clbench.auxiliary.distill import kd_per_sample
+
+    strategy = strategy_factory("naive")
+    rl = MultiTeacher(policy="rl", teachers=1)
+    rl.setup(strategy)
+    for i in range(2):
+        strategy.on_experience_start(synthetic_scenario.info(i))
+        rl.on_experience_start(strategy, synthetic_scenario.info(i))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in strategy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = batch_of(synthetic_scenario.train_sets[1], 8)
+    out = strategy(batch.x)
+    rl.loss(batch, out, strategy)  # epoch 0: a step for the agent to learn from
+    monkeypatch.setattr(type(strategy), "current_epoch", property(lambda self: 1))
+    loss = rl.loss(batch, out, strategy)
+    assert int(rl.agent_updates) == 1  # the first epoch's step was learned from when epoch 1 began
+    teacher = rl.teachers[0]
+    t = Output(*[teacher["head"](f) for f in [teacher["backbone"](batch.x)]], teacher["backbone"](batch.x))
+    state = teacher_state(out, t, 2, 4, batch.y, 4.0)
+    w_kd, w_feat = rl.agent([state])
+    kd = kd_per_sample(out.logits[:, :2], t.logits[:, :2], 4.0)
+    feat = (out.features - t.features).pow(2).mean(dim=1)
+    expected = (w_kd[:, 0] * kd + 5.0 * w_feat[:, 0] * feat).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not torch.allclose(w_kd, torch.ones_like(w_kd))
 
 
 # --------------------------------------------------------------------------- what is distilled
@@ -217,6 +313,24 @@ def test_a_resumed_distillation_run_ends_like_an_uninterrupted_one(tmp_path, aux
 
     whole, resumed = resume_pair(spec, tmp_path)
     assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix
+
+
+def test_an_rl_weighted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, resume_pair):
+    """Two epochs, so the agent weighs the second; its parameters and update count are checkpointed."""
+    from clbench.config import RunConfig
+
+    aux = ("multi_teacher", {"policy": "rl", "agent_steps": 2})
+
+    def spec(out, resume):
+        cfg = RunConfig(epochs=2, progress=False, output_dir=str(out), limit_train_batches=3)
+        return RunSpec("er", "synthetic-5", run=cfg, seed=3, aux=[aux], resume=resume)
+
+    whole, resumed = resume_pair(spec, tmp_path)
+    assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix
+    report = whole.strategy_report["add_ons"]["multi_teacher"]
+    # 4 experiences with teachers x 2 epochs x 3 steps, each learned from once
+    assert report == {"teachers": 2, "policy": "rl", "agent_updates": 24}
+    assert resumed.strategy_report["add_ons"]["multi_teacher"] == report
 
 
 def test_distillation_is_refused_for_strategies_with_their_own_forward(tiny_backbone):
