@@ -260,14 +260,16 @@ class CLStrategy(pl.LightningModule):
 
     def lr_schedule(self, optimizer, name: str | None = None):
         """The per-epoch schedule `name` (default: the Config's `lr_schedule`) over this fit, or None
-        for a constant rate: "cosine" (lr to 0 over the fit's epochs) or "step" (x lr_step_gamma every
-        lr_step_epochs epochs)."""
+        for a constant rate: "cosine" (lr to 0 over the fit's epochs), "step" (x lr_step_gamma every
+        lr_step_epochs epochs) or "multistep" (x lr_step_gamma at each of lr_milestones)."""
         cfg = self.cfg
         name = name or getattr(cfg, "lr_schedule", "constant")
         if name == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
         if name == "step":
             return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_step_gamma)
+        if name == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones), gamma=cfg.lr_step_gamma)
         return None
 
     def on_train_epoch_end(self) -> None:

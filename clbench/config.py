@@ -96,6 +96,9 @@ class RunConfig:
             raise UsageError(f"normalization={self.normalization!r} is invalid; expected one of: {', '.join(NORMALIZATIONS)}")
 
 
+LR_SCHEDULES = ("constant", "cosine", "step", "multistep")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Optimiser settings shared by every strategy.
@@ -115,12 +118,20 @@ class StrategyConfig:
     lr_schedule: str = "constant"
     lr_step_epochs: int = 30
     lr_step_gamma: float = 0.1
+    # "multistep": multiplied by lr_step_gamma at each of these epochs of a fit (MultiStepLR), the
+    # detection recipes' "LR steps at 8 and 11" of 12 epochs
+    lr_milestones: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise UsageError(f"optimizer={self.optimizer!r} is invalid; expected one of: sgd, adam, adamw")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: constant, cosine, step")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: {', '.join(LR_SCHEDULES)}")
+        milestones = list(self.lr_milestones)
+        if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+            raise UsageError(f"lr_milestones={self.lr_milestones} is invalid; expected increasing epochs >= 1, e.g. 8,11")
+        if self.lr_schedule == "multistep" and not milestones:
+            raise UsageError("lr_schedule='multistep' needs lr_milestones; expected e.g. --set lr_milestones=8,11")
         positive_integers(self, "lr_step_epochs")
         if not 0 < self.lr_step_gamma <= 1:
             raise UsageError(f"lr_step_gamma={self.lr_step_gamma} is invalid; expected a number in (0, 1]")

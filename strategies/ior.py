@@ -41,8 +41,9 @@ in the method card, except:
 - The paste overlap rule is tested on the clipped pasted box; pixel coordinates are integers.
 - Augmentation draws (inversion, replay, flip) use torch's global RNG, seeded by the runner.
 - Tiny detector (TinyGFL, `clbench.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's GFL head) instead of
-  GFL R50-FPN; optimiser AdamW with a constant lr (paper: SGD 0.01, steps at epochs 8 and 11, not
-  available in clbench's schedules); 1333x800 resizing is the scenario's business.
+  GFL R50-FPN; optimiser AdamW with a constant lr (paper: SGD 0.01, steps at epochs 8 and 11:
+  `--paper-settings` gives that, with `lr_schedule="multistep"`); 1333x800 resizing is the
+  scenario's business.
 - With 64 px images (84 locations) top-k = 1000 covers every location.
 
 **Published values (code defaults) vs the tiny CPU configuration (Config defaults):**
@@ -147,6 +148,7 @@ class IOR(GFLStrategy):
     Config = Config
     PAPER_SETTINGS = {
         setting: {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12, "batch_size": 16,
+                  "lr_schedule": "multistep", "lr_milestones": (8, 11),  # x0.1 at epochs 8 and 11
                   "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5,
                   "images_per_class": 10, "canvas_size": 160, "box_side": (0.6, 0.8), "inversion_steps": 2000,
                   "inversion_lr": 0.2, "jitter": 20, "max_pastes": 6}

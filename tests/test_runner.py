@@ -179,18 +179,19 @@ class _LearningRates(pl.Callback):
         self.per_epoch[-1].append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step", "multistep"])
 def test_lr_schedules_over_each_fits_epochs(schedule, tmp_path, fast_config_for):
     import math
 
     lrs = _LearningRates()
     cfg = fast_config_for(tmp_path, epochs=4)
-    overrides = {"lr": 0.1, "lr_schedule": schedule, "lr_step_epochs": 2, "lr_step_gamma": 0.5}
+    overrides = {"lr": 0.1, "lr_schedule": schedule, "lr_step_epochs": 2, "lr_step_gamma": 0.5,
+                 "lr_milestones": (1, 3)}
     result = run(RunSpec("naive", "synthetic-2", run=cfg, strategy_overrides=overrides), callbacks=[lrs])
     assert result.status == "completed", result.error
     # stepped after each epoch, every fit afresh: CosineAnnealingLR with T_max = 4 epochs; StepLR
-    # halving every 2 epochs
-    expected = {"constant": [0.1] * 4, "step": [0.1, 0.1, 0.05, 0.05],
+    # halving every 2 epochs; MultiStepLR halving at epochs 1 and 3
+    expected = {"constant": [0.1] * 4, "step": [0.1, 0.1, 0.05, 0.05], "multistep": [0.1, 0.05, 0.05, 0.025],
                 "cosine": [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]}[schedule]
     assert len(lrs.per_epoch) == 2
     for fit in lrs.per_epoch:
@@ -201,7 +202,12 @@ def test_an_unknown_lr_schedule_is_a_usage_error():
     from clbench.config import StrategyConfig
     from clbench.errors import UsageError
 
-    with pytest.raises(UsageError, match="lr_schedule='linear' is invalid; expected one of: constant, cosine, step"):
+    with pytest.raises(UsageError, match="lr_schedule='linear' is invalid; expected one of: constant, cosine, step, multistep"):
         StrategyConfig(lr_schedule="linear")
+    with pytest.raises(UsageError, match="lr_schedule='multistep' needs lr_milestones"):
+        StrategyConfig(lr_schedule="multistep")
+    for milestones in ((11, 8), (0, 8), (8, 8)):
+        with pytest.raises(UsageError, match=r"lr_milestones=.* is invalid; expected increasing epochs >= 1"):
+            StrategyConfig(lr_schedule="multistep", lr_milestones=milestones)
     with pytest.raises(UsageError, match="lr_step_gamma=0 is invalid"):
         StrategyConfig(lr_step_gamma=0)

@@ -317,3 +317,6 @@ def test_paper_settings_cover_the_absent_setting_with_the_same_recipe():
     settings = STRATEGIES.get("ior").PAPER_SETTINGS
     for split in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10"):
         assert settings[f"{split}-absent"] == settings[split]
+        # the published 1x schedule: x0.1 at epochs 8 and 11 of 12, a Config that accepts it
+        assert (settings[split]["lr_schedule"], settings[split]["lr_milestones"], settings[split]["epochs"]) == ("multistep", (8, 11), 12)
+        STRATEGIES.get("ior").Config(**{k: v for k, v in settings[split].items() if k not in ("epochs", "batch_size")})
