@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from clbench.errors import UsageError
 
@@ -121,12 +121,14 @@ class StrategyConfig:
     # "multistep": multiplied by lr_step_gamma at each of these epochs of a fit (MultiStepLR), the
     # detection recipes' "LR steps at 8 and 11" of 12 epochs
     lr_milestones: tuple[int, ...] = ()
+    # the schedules `CLStrategy.lr_schedule` knows; a method whose code has its own extends this
+    lr_schedules: ClassVar[tuple[str, ...]] = LR_SCHEDULES
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise UsageError(f"optimizer={self.optimizer!r} is invalid; expected one of: sgd, adam, adamw")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule not in self.lr_schedules:
+            raise UsageError(f"lr_schedule={self.lr_schedule!r} is invalid; expected one of: {', '.join(self.lr_schedules)}")
         milestones = list(self.lr_milestones)
         if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
             raise UsageError(f"lr_milestones={self.lr_milestones} is invalid; expected increasing epochs >= 1, e.g. 8,11")

@@ -45,9 +45,11 @@ Details reconstructed from the official code (the card leaves them open):
   use, the earlier ones detached; summed over blocks) are the code's.
 - alpha is computed as (q (A * K/|K|)^T) / |q * A| (the same cosine, without the
   batch x M x D intermediate the code builds).
-Deviations: the cosine schedule is clbench's (`lr_schedule="cosine"`: lr to 0 over the fit's
-epochs, stepped per epoch); the official/PILOT `CosineSchedule` is lr * cos(0.495 pi e / (E - 1)),
-which ends at 1.6% of lr. The head is clbench's growing linear head over the seen classes (the
+Schedule: the official/PILOT `CosineSchedule`, lr * cos(99 pi e / (200 (E - 1))) at epoch e of E
+(it ends at 1.6% of lr, not at 0), is `lr_schedule="coda_cosine"` and what `--paper-settings`
+uses; the tiny default keeps clbench's `cosine` (lr to 0 over the fit's epochs). Both are
+stepped per epoch.
+Deviation: the head is clbench's growing linear head over the seen classes (the
 code keeps a full-width head and slices its logits to the seen classes: the same function).
 Blocks 0-4 need a ViT of depth >= 5; on `clbench_vit_tiny` (depth 4) set `prompt_blocks` to 4 or
 less (PrefixRouter refuses more, naming the depth). M must not exceed the feature width (the
@@ -64,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy
-from clbench.config import StrategyConfig
+from clbench.config import LR_SCHEDULES, StrategyConfig
 from clbench.errors import UsageError
 from clbench.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
@@ -81,6 +83,7 @@ class CodaPromptConfig(StrategyConfig):
     prompt_length: int = 4  # key-prefix tokens per component (and as many value-prefix tokens)
     prompt_blocks: int = 5  # blocks 0..prompt_blocks-1 are prompted
     ortho_weight: float = 0.0  # mu of the orthogonality penalty on P, K, A
+    lr_schedules = LR_SCHEDULES + ("coda_cosine",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,16 +151,17 @@ class CodaPrompt(CLStrategy):
     needs_vit_backbone = True
     PAPER_SETTINGS = {  # PILOT's exps/coda_prompt.json and coda_prompt_inr.json (= the official configs)
         "cifar100-10": {"epochs": 20, "batch_size": 128, "optimizer": "adam", "lr": 0.001, "weight_decay": 0.0,
-                        "lr_schedule": "cosine", "pool_size": 100, "prompt_length": 4, "prompt_blocks": 5,
+                        "lr_schedule": "coda_cosine", "pool_size": 100, "prompt_length": 4, "prompt_blocks": 5,
                         "ortho_weight": 0.0},
         "imagenet-r-10": {"epochs": 50, "batch_size": 128, "optimizer": "adam", "lr": 0.001, "weight_decay": 0.0,
-                          "lr_schedule": "cosine", "pool_size": 100, "prompt_length": 4, "prompt_blocks": 5,
+                          "lr_schedule": "coda_cosine", "pool_size": 100, "prompt_length": 4, "prompt_blocks": 5,
                           "ortho_weight": 0.0},
     }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone.requires_grad_(False)
+
         cfg = self.cfg
         self.router = PrefixRouter(self.backbone, cfg.prompt_blocks)
         dim, key_dim = self.router.heads * self.router.head_dim, self.backbone.num_features
@@ -210,6 +214,13 @@ class CodaPrompt(CLStrategy):
         if self.cfg.ortho_weight > 0:
             terms["ortho"] = self.cfg.ortho_weight * self.pool.ortho_penalty(self.group(self.experience)[1])
         return terms
+
+    def lr_schedule(self, optimizer, name: str | None = None):
+        if (name or self.cfg.lr_schedule) != "coda_cosine":
+            return super().lr_schedule(optimizer, name)
+        epochs = self.trainer.max_epochs  # the code's K; with one epoch its formula divides by 0: lr stays
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: 1.0 if epochs <= 1 else math.cos(99 * math.pi * e / (200 * (epochs - 1))))
 
 
 def coda_weights(q: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

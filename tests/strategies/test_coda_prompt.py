@@ -216,6 +216,29 @@ def test_paper_settings_and_defaults_are_pilots():
     assert (cfg.pool_size, cfg.prompt_length, cfg.prompt_blocks, cfg.ortho_weight) == (100, 4, 5, 0.0)
     assert CodaPrompt.PAPER_SETTINGS["cifar100-10"]["epochs"] == 20
     assert CodaPrompt.PAPER_SETTINGS["cifar100-10"]["batch_size"] == 128
+    assert {s["lr_schedule"] for s in CodaPrompt.PAPER_SETTINGS.values()} == {"coda_cosine"}
+
+
+def test_the_codes_cosine_schedule_ends_at_1_6_percent_of_lr(tmp_path, fast_config_for):
+    import pytorch_lightning as pl
+
+    class FirstFitRates(pl.Callback):
+        rates: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if pl_module.experience.index == 0:
+                self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = FirstFitRates()
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=3, limit_train_batches=1)
+    result = run(RunSpec("coda_prompt", "digits32-5", run=cfg, seed=0,
+                         strategy_overrides={**TINY, "lr_schedule": "coda_cosine", "lr": 0.01}), callbacks=[rates])
+    assert result.status == "completed", result.error
+    # lr * cos(99 pi e / (200 (E - 1))), E = 3: cos(99 pi / 400) = 0.7127, cos(99 pi / 200) = 0.0157
+    assert rates.rates == pytest.approx([0.01, 0.01 * math.cos(99 * math.pi / 400), 0.01 * math.cos(99 * math.pi / 200)])
+    assert rates.rates[-1] / rates.rates[0] == pytest.approx(0.0157, abs=1e-4)
+    with pytest.raises(UsageError, match="lr_schedule='coda_cosine' is invalid"):  # the code's, not every method's
+        strategy_config("naive", {"lr_schedule": "coda_cosine"})
 
 
 def test_bad_inputs_are_usage_errors():
