@@ -52,6 +52,10 @@ def non_negative_integers(config, *names: str) -> None:
     require(config, names, lambda v: v >= 0, "an integer >= 0")
 
 
+def unit_interval(config, *names: str) -> None:
+    require(config, names, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Engineering settings of a run: nothing here changes what a method is."""

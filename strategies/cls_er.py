@@ -21,22 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.config import StrategyConfig
+from clbench.config import non_negative_numbers, unit_interval
 from clbench.registry import register_strategy
+from clbench.strategies import er
 from clbench.strategies._replay import Replay
 from clbench.types import Batch, ExperienceInfo
 
 
 @dataclass(frozen=True)
-class Config(StrategyConfig):
-    buffer_size: int = 200
-    replay_batch_size: int = 32
-    buffer_policy: str = "reservoir"
+class Config(er.Config):
     reg_weight: float = 0.15
     stable_update_freq: float = 0.2
     plastic_update_freq: float = 0.9
     stable_alpha: float = 0.999
     plastic_alpha: float = 0.999
+
+    def __post_init__(self):
+        super().__post_init__()
+        non_negative_numbers(self, "reg_weight")
+        unit_interval(self, "stable_update_freq", "plastic_update_freq", "stable_alpha", "plastic_alpha")
 
 
 @register_strategy("cls_er")

@@ -20,19 +20,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clbench.config import StrategyConfig
+from clbench.config import non_negative_numbers
 from clbench.registry import register_strategy
+from clbench.strategies import er
 from clbench.strategies._replay import Replay, pad_logits, width_mask
 from clbench.types import Batch
 
 
 @dataclass(frozen=True)
-class Config(StrategyConfig):
-    buffer_size: int = 200
-    replay_batch_size: int = 32
-    buffer_policy: str = "reservoir"
+class Config(er.Config):
     alpha: float = 0.1  # weight of the logit-matching (dark knowledge) term
     beta: float = 0.5  # weight of the replay cross-entropy term
+
+    def __post_init__(self):
+        super().__post_init__()
+        non_negative_numbers(self, "alpha", "beta")
 
 
 @register_strategy("der_pp")

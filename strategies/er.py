@@ -15,19 +15,22 @@ import torch.nn.functional as F
 
 from clbench.base import CLStrategy
 from clbench.buffers import make_buffer
-from clbench.config import StrategyConfig, positive_integers
+from clbench.config import StrategyConfig, non_negative_integers, positive_integers
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
 
 @dataclass(frozen=True)
 class Config(StrategyConfig):
+    """The replay settings every method built on ER shares (DER++, ER-ACE, CLS-ER and their variants)."""
+
     buffer_size: int = 200
     replay_batch_size: int = 32
     buffer_policy: str = "reservoir"  # reservoir | class_balanced
 
     def __post_init__(self):
         super().__post_init__()
+        non_negative_integers(self, "buffer_size")
         positive_integers(self, "replay_batch_size")
 
 

@@ -14,17 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clbench.config import StrategyConfig
 from clbench.registry import register_strategy
+from clbench.strategies import er
 from clbench.strategies._replay import Replay
 from clbench.types import Batch
 
 
 @dataclass(frozen=True)
-class Config(StrategyConfig):
-    buffer_size: int = 200
-    replay_batch_size: int = 32
-    buffer_policy: str = "reservoir"
+class Config(er.Config):
+    pass
 
 
 @register_strategy("er_ace")

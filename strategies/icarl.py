@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from clbench.base import CLStrategy, teacher_logits
 from clbench.buffers import ReservoirBuffer, herding_selection
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, non_negative_integers, non_negative_numbers
 from clbench.data import InMemoryDataset, concat, make_loader
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo
@@ -32,6 +32,11 @@ from clbench.types import Batch, ExperienceInfo
 class Config(StrategyConfig):
     buffer_size: int = 200
     wd_reg: float = 1e-5  # Mammoth adds wd_reg * sum of squared parameters to the loss
+
+    def __post_init__(self):
+        super().__post_init__()
+        non_negative_integers(self, "buffer_size")
+        non_negative_numbers(self, "wd_reg")
 
 
 @register_strategy("icarl")

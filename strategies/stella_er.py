@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.buffers import ReservoirBuffer
-from clbench.config import positive_integers
+from clbench.config import non_negative_integers, positive_integers
 from clbench.registry import register_strategy
 from clbench.strategies.stella_mlp import Config as StellaConfig
 from clbench.strategies.stella_mlp import StellaMLP
@@ -30,6 +30,7 @@ class Config(StellaConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        non_negative_integers(self, "buffer_size")
         positive_integers(self, "replay_batch_size")
 
 

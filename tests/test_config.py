@@ -158,6 +158,22 @@ def test_shared_range_checks_name_the_first_bad_field(check, good, bad, expected
         check(Settings(good, bad), "a", "b")
 
 
+@pytest.mark.parametrize("strategy, key, value, expected", [
+    ("er", "buffer_size", -1, "an integer >= 0"),
+    ("der_pp", "alpha", -0.1, "a number >= 0"),
+    ("der_pp_clfd", "replay_batch_size", 0, "a positive integer"),  # inherited through the replay settings
+    ("cls_er", "stable_alpha", 1.5, r"a number in \[0, 1\]"),
+    ("clfd", "plastic_update_freq", -0.2, r"a number in \[0, 1\]"),
+    ("icarl", "wd_reg", -1e-5, "a number >= 0"),
+    ("stella_er", "buffer_size", -5, "an integer >= 0"),
+])
+def test_replay_settings_are_range_checked(strategy, key, value, expected):
+    from clbench.runner import strategy_config
+
+    with pytest.raises(UsageError, match=rf"^{key}={value} is invalid; expected {expected}$"):
+        strategy_config(strategy, {key: value})
+
+
 def test_a_nan_weight_is_refused_by_the_strategy_configs():
     with pytest.raises(UsageError, match="momentum=nan"):
         C.StrategyConfig(momentum=float("nan"))
