@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import eval_mode
-from clbench.config import StrategyConfig
+from clbench.config import StrategyConfig, positive_integers, probabilities_below_one
 from clbench.errors import UsageError
 
 
@@ -139,6 +139,11 @@ class AdapterTuningConfig(StrategyConfig):
     lr_schedule: str = "cosine"
     bottleneck: int = 64
     adapter_dropout: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_integers(self, "bottleneck")
+        probabilities_below_one(self, "adapter_dropout")
 
 
 class FirstTaskAdaptation(nn.Module):

@@ -56,6 +56,11 @@ def unit_interval(config, *names: str) -> None:
     require(config, names, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def probabilities_below_one(config, *names: str) -> None:
+    """Dropout rates and the like: 1 would drop everything."""
+    require(config, names, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Engineering settings of a run: nothing here changes what a method is."""

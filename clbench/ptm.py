@@ -23,6 +23,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
 from clbench.base import CLStrategy, eval_mode
+from clbench.config import non_negative_integers, non_negative_numbers, positive_integers, positive_numbers
 from clbench.data import InMemoryDataset
 from clbench.heads import CosineLinear
 from clbench.types import Batch, ExperienceInfo, Output, Phase
@@ -128,6 +129,13 @@ class TunaConfig(AdapterTuningConfig):
     align_epochs: int = 30  # 0: no alignment
     align_per_class: int = 80  # TUNA: 5 x batch size
     align_lr: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_numbers(self, "scale", "align_lr")
+        non_negative_numbers(self, "margin")
+        non_negative_integers(self, "align_epochs")
+        positive_integers(self, "align_per_class")
 
 
 class TunaStrategy(CLStrategy):

@@ -53,7 +53,7 @@ from torch.utils.data import Subset
 from clbench.base import eval_mode
 from clbench.data import make_loader
 from clbench.errors import UsageError
-from clbench.config import non_negative_numbers
+from clbench.config import non_negative_integers, non_negative_numbers
 from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
@@ -72,6 +72,7 @@ class DAFConfig(TunaConfig):
     def __post_init__(self):
         super().__post_init__()
         non_negative_numbers(self, "prior_strength")
+        non_negative_integers(self, "fisher_samples")
         if not 0 < self.holdout_fraction < 1:
             raise UsageError(f"holdout_fraction={self.holdout_fraction} is invalid; expected a number in (0, 1)")
 

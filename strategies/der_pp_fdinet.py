@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clbench.config import positive_integers
 from clbench.registry import register_strategy
 from clbench.strategies import der_pp
 from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
@@ -11,7 +12,9 @@ from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
 
 @dataclass(frozen=True)
 class Config(der_pp.Config, FDINetOptions):
-    pass
+    def __post_init__(self):
+        super().__post_init__()
+        positive_integers(self, "nf")
 
 
 @register_strategy("der_pp_fdinet")

@@ -59,7 +59,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
 from clbench.base import CLStrategy, eval_mode
 from clbench.errors import UsageError
-from clbench.config import non_negative_numbers, positive_integers
+from clbench.config import non_negative_numbers
 from clbench.heads import CosineLinear
 from clbench.ptm import ClassMeans
 from clbench.registry import register_strategy
@@ -85,7 +85,6 @@ class EASEConfig(AdapterTuningConfig):
         non_negative_numbers(self, "alpha")
         if self.alpha_divisor not in ALPHA_DIVISORS:
             raise UsageError(f"alpha_divisor={self.alpha_divisor!r} is invalid; expected one of: {', '.join(ALPHA_DIVISORS)}")
-        positive_integers(self, "bottleneck")
 
 
 def transferred_prototypes(old_own: torch.Tensor, new_own: torch.Tensor, new_target: torch.Tensor) -> torch.Tensor:

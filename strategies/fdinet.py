@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from clbench.backbones import CifarResNet
+from clbench.config import positive_integers
 from clbench.errors import UsageError
 from clbench.registry import register_strategy
 from clbench.strategies import er
@@ -72,7 +73,9 @@ class FDINetOptions:
 
 @dataclass(frozen=True)
 class Config(er.Config, FDINetOptions):
-    pass
+    def __post_init__(self):
+        super().__post_init__()
+        positive_integers(self, "nf")
 
 
 class FDINetMixin:

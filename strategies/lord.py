@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.backbones import CifarResNet
+from clbench.config import non_negative_integers, non_negative_numbers, positive_integers, unit_interval
 from clbench.registry import register_strategy
 from clbench.strategies import der_pp
 from clbench.types import Batch, ExperienceInfo, Output
@@ -53,6 +54,13 @@ class Config(der_pp.Config):
     widths: tuple[float, ...] = ()  # empty: 10 ratios for 5 tasks, else 19 (the released lists)
     schedule_r: float = 0.0  # 0: 4 for 5 tasks, 3.5 for 10, else 1 (the released rule)
     nf: int = 64  # width of the CIFAR ResNet-18 built when the run's backbone is not one
+
+    def __post_init__(self):
+        super().__post_init__()
+        non_negative_numbers(self, "distill_weight", "insertion_decay", "schedule_r")
+        positive_integers(self, "search_samples", "nf")
+        non_negative_integers(self, "search_noise")
+        unit_interval(self, "size_cap")
 
 
 @register_strategy("lord")

@@ -166,8 +166,16 @@ def test_shared_range_checks_name_the_first_bad_field(check, good, bad, expected
     ("clfd", "plastic_update_freq", -0.2, r"a number in \[0, 1\]"),
     ("icarl", "wd_reg", -1e-5, "a number >= 0"),
     ("stella_er", "buffer_size", -5, "an integer >= 0"),
+    ("aper", "adapter_dropout", 1.0, r"a number in \[0, 1\)"),  # the shared adapter recipe
+    ("ranpac", "bottleneck", 0, "a positive integer"),
+    ("tuna", "align_lr", 0.0, "a positive number"),  # the TUNA family's recipe, for DAF/SAEF/SGDS too
+    ("sgds", "align_epochs", -1, "an integer >= 0"),
+    ("daf", "fisher_samples", -1, "an integer >= 0"),
+    ("lord", "size_cap", 1.5, r"a number in \[0, 1\]"),
+    ("fdinet", "nf", 0, "a positive integer"),
+    ("der_pp_fdinet", "nf", 0, "a positive integer"),
 ])
-def test_replay_settings_are_range_checked(strategy, key, value, expected):
+def test_method_settings_are_range_checked(strategy, key, value, expected):
     from clbench.runner import strategy_config
 
     with pytest.raises(UsageError, match=rf"^{key}={value} is invalid; expected {expected}$"):
