@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy
-from clbench.config import StrategyConfig
+from clbench.config import (StrategyConfig, non_negative_integers, non_negative_numbers, positive_integers,
+                            positive_numbers)
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -65,6 +66,13 @@ class ETagConfig(StrategyConfig):
     latent: int = 200
     hidden: int = 512
     lr_schedule: str = "step"  # x0.1 every 30 epochs (backbone, branches and classifier)
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_numbers(self, "temperature", "generator_lr")
+        non_negative_numbers(self, "distill_weight", "generator_consistency")
+        non_negative_integers(self, "generator_epochs")
+        positive_integers(self, "latent", "hidden")
 
 
 def rotations(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

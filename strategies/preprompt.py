@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy, EvaluationNotes, eval_mode
-from clbench.config import StrategyConfig
+from clbench.config import (StrategyConfig, non_negative_integers, positive_integers, positive_numbers,
+                            unit_interval)
 from clbench.errors import UsageError
 from clbench.data import InMemoryDataset
 from clbench.prompts import PrefixRouter, mask_to
@@ -73,6 +74,10 @@ class PrePromptConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        positive_integers(self, "prompt_length", "prompt_blocks", "calibration_batch")
+        unit_interval(self, "prompt_momentum")
+        positive_numbers(self, "grad_clip", "calibration_lr")  # a clip at 0 would zero every gradient
+        non_negative_integers(self, "calibration_epochs")  # 0: no calibration
         scales = {"head_lr_scale": self.head_lr_scale, "label_head_lr_scale": self.label_head_lr_scale}
         for name, value in scales.items():
             if value is not None and not value > 0:

@@ -174,6 +174,10 @@ def test_shared_range_checks_name_the_first_bad_field(check, good, bad, expected
     ("lord", "size_cap", 1.5, r"a number in \[0, 1\]"),
     ("fdinet", "nf", 0, "a positive integer"),
     ("der_pp_fdinet", "nf", 0, "a positive integer"),
+    ("etag", "temperature", 0.0, "a positive number"),
+    ("etag", "generator_epochs", -1, "an integer >= 0"),
+    ("preprompt", "grad_clip", 0.0, "a positive number"),
+    ("preprompt", "prompt_momentum", 1.5, r"a number in \[0, 1\]"),
 ])
 def test_method_settings_are_range_checked(strategy, key, value, expected):
     from clbench.runner import strategy_config
