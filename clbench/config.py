@@ -148,6 +148,11 @@ class StrategyConfig:
             raise UsageError(f"lr_step_gamma={self.lr_step_gamma} is invalid; expected a number in (0, 1]")
         positive_numbers(self, "lr")
         non_negative_numbers(self, "momentum", "weight_decay")
+        # option dataclasses a Config mixes in after its base (FDINet's, CLFD's) come after this
+        # class in the MRO: their checks run here
+        mixed_in = getattr(super(), "__post_init__", None)
+        if mixed_in is not None:
+            mixed_in()
 
 
 def field_names(cls) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clbench.config import positive_integers
 from clbench.registry import register_strategy
 from clbench.strategies import der_pp
 from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
@@ -12,9 +11,7 @@ from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
 
 @dataclass(frozen=True)
 class Config(der_pp.Config, FDINetOptions):
-    def __post_init__(self):
-        super().__post_init__()
-        positive_integers(self, "nf")
+    pass
 
 
 @register_strategy("der_pp_fdinet")

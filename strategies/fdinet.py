@@ -70,12 +70,13 @@ class FDINetOptions:
     nf: int = 21  # width of each branch (reconstruction: 21 gives 0.22 of ResNet-18's parameters)
     integration: str = "late"  # or "mutual": 1x1 lateral links after every stage
 
+    def __post_init__(self):  # reached through StrategyConfig.__post_init__ in the Configs mixing this in
+        positive_integers(self, "nf")
+
 
 @dataclass(frozen=True)
 class Config(er.Config, FDINetOptions):
-    def __post_init__(self):
-        super().__post_init__()
-        positive_integers(self, "nf")
+    pass
 
 
 class FDINetMixin:
