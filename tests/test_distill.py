@@ -182,6 +182,7 @@ def test_rl_weights_are_all_one_in_an_experiences_first_epoch(strategy_factory, 
 def test_after_the_first_epoch_the_agents_weights_scale_each_term(strategy_factory, synthetic_scenario, batch_of,
                                                                  monkeypatch):
     from clbench.auxiliary.distill import kd_per_sample
+    from clbench.base import teacher_outputs
 
     strategy = strategy_factory("naive")
     rl = MultiTeacher(policy="rl", teachers=1)
@@ -199,8 +200,7 @@ def test_after_the_first_epoch_the_agents_weights_scale_each_term(strategy_facto
     monkeypatch.setattr(type(strategy), "current_epoch", property(lambda self: 1))
     loss = rl.loss(batch, out, strategy)
     assert int(rl.agent_updates) == 1  # the first epoch's step was learned from when epoch 1 began
-    teacher = rl.teachers[0]
-    t = Output(*[teacher["head"](f) for f in [teacher["backbone"](batch.x)]], teacher["backbone"](batch.x))
+    t = teacher_outputs(rl.teachers[0], batch.x)
     state = teacher_state(out, t, 2, 4, batch.y, 4.0)
     w_kd, w_feat = rl.agent([state])
     kd = kd_per_sample(out.logits[:, :2], t.logits[:, :2], 4.0)
