@@ -180,7 +180,7 @@ def avalanche(seed: int, method: str = "naive"):
 
 
 def clbench_naive(seed: int, strategy: str = "naive", profile: bool = True):
-    import clbench.runner as runner
+    import clbench.engine.runner as runner
     from clbench.config import RunConfig
 
     parts = {"construct": 0.0, "fit": 0.0}
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: no oversubscription on shared cores)")
     args = ap.parse_args(argv)
 
-    from clbench.runner import quiet_lightning
+    from clbench.engine.runner import quiet_lightning
 
     quiet_lightning()
     warnings.filterwarnings("ignore")

@@ -36,7 +36,7 @@ import pytorch_lightning as pl
 import torch
 
 from clbench import config as C
-from clbench.runner import RunSpec, quiet_lightning, run
+from clbench.engine.runner import RunSpec, quiet_lightning, run
 
 
 class FitTimer(pl.Callback):

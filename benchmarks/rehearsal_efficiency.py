@@ -30,7 +30,7 @@ import tempfile
 import torch
 
 from clbench import config as C
-from clbench.runner import RunSpec, quiet_lightning, run
+from clbench.engine.runner import RunSpec, quiet_lightning, run
 
 PAPER = {  # CLFD / base, from the CLFD card
     "er": {"flops": "0.25", "saved": "0.35 (derived)", "memory": "0.41 (205/497 MB)", "time": "0.43 (2.8/6.5 h, Orin NX)"},
@@ -68,8 +68,8 @@ def _measure(strategy: str, args, out: str) -> dict:
 
 def saved_for_backward_bytes(strategy, args) -> int:
     """Bytes autograd keeps for backward in one step (each storage once), buffer full, last experience."""
-    from clbench.data import make_loader
-    from clbench.runner import create_scenario
+    from clbench.engine.data import make_loader
+    from clbench.engine.runner import create_scenario
 
     scenario = create_scenario(args.scenario)
     batch = next(iter(make_loader(scenario.train_sets[-1], args.batch_size, shuffle=False))).to(strategy.device)

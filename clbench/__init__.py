@@ -27,7 +27,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in ("create_strategy", "create_scenario", "create_aux", "run", "RunSpec"):
-        from clbench import runner
+        from clbench.engine import runner
 
         return getattr(runner, name)
     raise AttributeError(name)

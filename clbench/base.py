@@ -8,8 +8,6 @@ The runner calls, per experience: `on_experience_start` -> `training_data` -> on
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -21,13 +19,14 @@ from torch.utils.data import Dataset
 
 from clbench.config import StrategyConfig
 from clbench.errors import TrainingDivergedError, UsageError
-from clbench.heads import IncrementalLinear
+from clbench.models.freeze import frozen_snapshot
+from clbench.models.heads import IncrementalLinear
 from clbench.types import Batch, ExperienceInfo, Output, Phase, StepView
 
 
 class CLStrategy(pl.LightningModule):
     Config: ClassVar[type] = StrategyConfig
-    # what the method learns: "classification" or "detection" (`clbench.detection.DetectionStrategy`)
+    # what the method learns: "classification" or "detection" (`clbench.strategies._detection.DetectionStrategy`)
     task_type: ClassVar[str] = "classification"
     PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
     # add-on names this strategy accepts (None: any); checked before training starts
@@ -96,7 +95,9 @@ class CLStrategy(pl.LightningModule):
         """Why the method cannot run on `backbone` (None: it can). Sweeps skip such runs, checking a
         backbone built on the meta device; building the strategy raises it as a usage error."""
         if cls.needs_vit_backbone:
-            from clbench.adapters import vit_blocks  # adapters imports this module
+            from clbench.models.adapters import (
+                vit_blocks,  # adapters imports this module
+            )
 
             try:
                 vit_blocks(backbone)
@@ -341,58 +342,3 @@ class EvaluationNotes:
         if len(values) < sum(sizes):
             return None
         return list(values[: sum(sizes)].split(sizes))
-
-
-def frozen_snapshot(modules: dict[str, nn.Module]) -> nn.ModuleDict:
-    """Deep copies of `modules` in eval mode with gradients off; `CLStrategy.train()` keeps
-    such a snapshot in eval mode."""
-    teacher = copy.deepcopy(nn.ModuleDict(modules))
-    teacher.eval()
-    teacher.frozen_snapshot = True
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> Output:
-    """A backbone-and-head snapshot's logits and features on `x`, without gradients."""
-    with torch.no_grad():
-        features = teacher["backbone"](x)
-        return Output(teacher["head"](features), features)
-
-
-def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return teacher_outputs(teacher, x).logits
-
-
-@contextlib.contextmanager
-def evaluating(strategy: nn.Module, device=None) -> Iterator[torch.device]:
-    """Evaluate `strategy` on `device` (default: where it is) in eval mode; afterwards every
-    module gets its own mode back (frozen teachers stay in eval) and the strategy its device."""
-    modes = [(m, m.training) for m in strategy.modules()]
-    original_device = next(strategy.parameters()).device
-    device = device or original_device
-    strategy.to(device)
-    strategy.eval()
-    try:
-        yield device
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        strategy.to(original_device)
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Run `modules` in eval mode (no dropout, BatchNorm statistics untouched), then give each back
-    the mode it had: Lightning keeps submodules' modes across fits, so a mode left switched
-    would carry into the next phase's training."""
-    modes = [[(m, m.training) for m in module.modules()] for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for saved in modes:
-            for m, training in saved:
-                m.training = training

@@ -148,7 +148,7 @@ def spec_from_args(args, seed: int):
 
     from clbench import config as C
     from clbench.registry import SCENARIOS, STRATEGIES
-    from clbench.runner import RunSpec
+    from clbench.engine.runner import RunSpec
 
     strategy_cls = STRATEGIES.get(args.strategy)
     scenario = SCENARIOS.get(args.scenario) and args.scenario.strip()
@@ -188,15 +188,15 @@ def spec_from_args(args, seed: int):
 
 
 def cmd_run(args) -> int:
-    from clbench.report import print_result
-    from clbench.runner import quiet_lightning, run
+    from clbench.reporting.report import print_result
+    from clbench.engine.runner import quiet_lightning, run
 
     seeds = args.seeds if args.seeds else [args.seed]
     specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
     quiet_lightning()
     status = 0
     for spec in specs:
-        from clbench.progress import ProgressBar
+        from clbench.engine.progress import ProgressBar
 
         callbacks = [ProgressBar(spec)] if spec.run.progress else []
         try:
@@ -240,9 +240,9 @@ COMMANDS = {
     "run": cmd_run,
     "list": cmd_list,
     "profile": _lazy("clbench.edge.cli", "cmd_profile"),
-    "sweep": _lazy("clbench.sweep", "cmd_sweep"),
-    "leaderboard": _lazy("clbench.leaderboard", "cmd_leaderboard"),
-    "plot": _lazy("clbench.plots", "cmd_plot"),
+    "sweep": _lazy("clbench.engine.sweep", "cmd_sweep"),
+    "leaderboard": _lazy("clbench.reporting.leaderboard", "cmd_leaderboard"),
+    "plot": _lazy("clbench.reporting.plots", "cmd_plot"),
 }
 
 

@@ -11,10 +11,11 @@ from clbench.errors import UsageError
 
 
 def cmd_profile(args) -> int:
-    from clbench.cli import spec_from_args
     from clbench.edge import devices
     from clbench.edge.profiler import EdgeProfiler
-    from clbench.runner import quiet_lightning, run
+
+    from clbench.cli import spec_from_args
+    from clbench.engine.runner import quiet_lightning, run
 
     devices.load(args.device)  # fail on a bad name before training
     if args.steps is not None and args.steps < 1:

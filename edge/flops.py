@@ -16,7 +16,7 @@ replacements, so a torch release that fixes the same formula is not corrected tw
   CPU and CUDA runs of one model agree (backward = 2.5x forward, the fused-kernel formula).
 - `_fft_r2c` / `_fft_c2r` / `_fft_c2c`: counted with the usual 5 n log2 n (complex)
   and 2.5 n log2 n (real) per transformed vector.
-- clbench's own wavelet ops (`clbench::haar_dwt`, `clbench::haar_idwt`, `clbench.wavelets`):
+- clbench's own wavelet ops (`clbench::haar_dwt`, `clbench::haar_idwt`, `clbench.models.wavelets`):
   8·H·W per channel, either way (the backward of one is the other). Wavelet transforms
   written with convolutions are counted as convolutions; ones computed outside torch
   (numpy, PyWavelets) are invisible and count 0.
@@ -41,7 +41,7 @@ from torch.utils.flop_counter import (
     shape_wrapper,
 )
 
-from clbench.wavelets import HAAR_DWT_OP, HAAR_IDWT_OP
+from clbench.models.wavelets import HAAR_DWT_OP, HAAR_IDWT_OP
 
 aten = torch.ops.aten
 

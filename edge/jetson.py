@@ -29,7 +29,6 @@ from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
-
 from clbench.edge.devices import DeviceProfile, load
 from clbench.edge.flops import StepProfile
 
@@ -158,9 +157,9 @@ def trace_point(point: CalibrationPoint) -> StepProfile:
     import timm
     import torch
     import torch.nn.functional as F_
-
-    import clbench.backbones  # noqa: F401  (registers the CIFAR ResNets with timm)
     from clbench.edge.flops import Counter
+
+    import clbench.models.backbones  # noqa: F401  (registers the CIFAR ResNets with timm)
 
     def make():
         with torch.device("meta"):  # no weights are initialised or stored

@@ -47,7 +47,6 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-
 from clbench.edge import memory
 from clbench.edge.flops import CONVENTION, Counter, StepProfile, torch_behaviour
 

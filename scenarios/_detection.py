@@ -3,7 +3,7 @@
 Every detection benchmark (ShapesIOD, VOC, COCO) hands this builder a training pool and a test
 set whose labels are already positions in the benchmark's class order; task `t` takes the next
 `increments[t]` classes and its images come from the setting's filter (`standard` or
-`absent`, see `clbench.detection`). The test set is the full one: evaluation restricts its
+`absent`, see `clbench.tasks.detection`). The test set is the full one: evaluation restricts its
 ground truth to the classes seen so far.
 """
 
@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from clbench.detection import VOC_AP50, APConvention, DetectionDataset, task_images
-from clbench.errors import UsageError
 from clbench.scenarios.base import Scenario
+
+from clbench.errors import UsageError
+from clbench.models.detection.targets import DetectionDataset
+from clbench.tasks.detection import VOC_AP50, APConvention, task_images
 
 
 @dataclass

@@ -25,7 +25,12 @@ NORMALIZATIONS = ("dataset", "imagenet", "inception", "none")
 
 def normalization(name: str, dataset_mean: Sequence[float], dataset_std: Sequence[float]):
     """(mean, std) for `ScenarioOptions.normalization`: the dataset's own statistics or a backbone's."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+    from timm.data import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        IMAGENET_INCEPTION_MEAN,
+        IMAGENET_INCEPTION_STD,
+    )
 
     table = {
         "dataset": (dataset_mean, dataset_std),
@@ -245,7 +250,10 @@ def image_folder_scenario(
     meta: dict,
 ):
     """A scenario over image files read lazily, preprocessed as `protocol` says (overridable by options)."""
-    from clbench.scenarios.base import class_incremental_from_datasets, resolve_class_order
+    from clbench.scenarios.base import (
+        class_incremental_from_datasets,
+        resolve_class_order,
+    )
 
     size = image_size(options.image_size, protocol.size)
     mean, std = normalization(options.normalization, protocol.mean, protocol.std)

@@ -16,7 +16,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from clbench.data import InMemoryDataset
+from clbench.datasets import InMemoryDataset
 from clbench.errors import UsageError
 from clbench.types import ExperienceInfo
 
@@ -166,7 +166,9 @@ def _class_positions(class_order: list[int], increments: list[int]) -> torch.Ten
 def _avalanche_split(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, increments):
     """Avalanche's class-incremental split of (already remapped) labels, classes in position order."""
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+    from avalanche.benchmarks.utils import (
+        _make_taskaware_tensor_classification_dataset as tensor_dataset,
+    )
 
     return class_incremental_benchmark(
         {"train": tensor_dataset(train_x, train_y), "test": tensor_dataset(test_x, test_y)},
@@ -238,7 +240,7 @@ def class_incremental_from_datasets(
     through Avalanche's split, so building the scenario reads no image; each experience
     is a `LabelledSubset` of the parent dataset carrying class-order positions.
     """
-    from clbench.data import LabelledSubset
+    from clbench.datasets import LabelledSubset
 
     num_classes = len(class_order)
     position = _class_positions(class_order, increments)

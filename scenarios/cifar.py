@@ -22,11 +22,15 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
-from clbench.scenarios._images import ImageTensors, PadCropFlip, Preprocess, ResizedCropFlip, image_size, normalization
+from clbench.scenarios._images import (
+    ImageTensors,
+    PadCropFlip,
+    Preprocess,
+    ResizedCropFlip,
+    image_size,
+    normalization,
+)
 from clbench.scenarios.base import (
     Scenario,
     ScenarioOptions,
@@ -36,6 +40,9 @@ from clbench.scenarios.base import (
     seeded_permutation,
     split_increments,
 )
+
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import register_scenario
 
 DOWNLOAD_TIMEOUT_S = 10.0  # per network operation: a dead network fails in seconds, not minutes
 

@@ -21,15 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from clbench.detection import COCO_AP, DetectionDataset
-from clbench.errors import UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
-from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
+from clbench.scenarios._detection import (
+    DetectionScenario,
+    detection_scenario,
+    parse_split,
+)
 from clbench.scenarios._images import image_size
 from clbench.scenarios._iod_files import ResizedImages, fixed_class_order
 from clbench.scenarios.base import ScenarioOptions, data_root
+
+from clbench.errors import UsageError
+from clbench.models.detection.targets import DetectionDataset
+from clbench.registry import register_scenario
+from clbench.tasks.detection import COCO_AP
 
 # (category id, name) of the 80 COCO 2017 categories in ascending id order: the class order
 COCO_CATEGORIES = (

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clbench.errors import UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
 from clbench.scenarios._images import image_folder_scenario
-from clbench.scenarios.base import Scenario, ScenarioOptions, data_root, seeded_permutation, split_increments
+from clbench.scenarios.base import (
+    Scenario,
+    ScenarioOptions,
+    data_root,
+    seeded_permutation,
+    split_increments,
+)
 from clbench.scenarios.imagenet_r import PILOT
+
+from clbench.errors import UsageError
+from clbench.registry import register_scenario
 
 URL = "https://data.caltech.edu/records/65de6-vp158 (CUB_200_2011.tgz)"
 FOLDER = "CUB_200_2011"

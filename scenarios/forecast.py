@@ -25,11 +25,11 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
+from clbench.scenarios.base import Scenario, ScenarioOptions
 from torch.utils.data import Dataset
 
 from clbench.errors import UsageError
 from clbench.registry import register_scenario
-from clbench.scenarios.base import Scenario, ScenarioOptions
 
 # the channels of a window's input `x` [3, L]
 VALUE, SERIES, SEASON = 0, 1, 2
@@ -40,7 +40,7 @@ CHANNELS = ("value (scaled)", "series index", "seasonal position of the step (we
 class WindowDataset(Dataset):
     """Forecasting windows held in memory: `x` float [N, 3, L] (channels `CHANNELS`), `y` float
     [N, H] (the next H scaled values), `starts` long [N] (index in the whole series of each
-    window's first lookback step). Batches are fetched whole, so `clbench.data.collate` gives a
+    window's first lookback step). Batches are fetched whole, so `clbench.engine.data.collate` gives a
     `Batch(x, y)` with float targets (`InMemoryDataset` would cast them to long)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor):

@@ -14,12 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from clbench.scenarios import _files
+from clbench.scenarios._images import Protocol, image_folder_scenario
+from clbench.scenarios.base import (
+    Scenario,
+    ScenarioOptions,
+    data_root,
+    seeded_permutation,
+    split_increments,
+)
 
 from clbench.errors import UsageError
 from clbench.registry import register_scenario
-from clbench.scenarios import _files
-from clbench.scenarios._images import Protocol, image_folder_scenario
-from clbench.scenarios.base import Scenario, ScenarioOptions, data_root, seeded_permutation, split_increments
 
 URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 FOLDER = "imagenet-r"

@@ -12,11 +12,17 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from clbench.errors import UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
 from clbench.scenarios._images import Protocol, image_folder_scenario
-from clbench.scenarios.base import Scenario, ScenarioOptions, data_root, split_increments
+from clbench.scenarios.base import (
+    Scenario,
+    ScenarioOptions,
+    data_root,
+    split_increments,
+)
+
+from clbench.errors import UsageError
+from clbench.registry import register_scenario
 
 FOLDER = "imagenet"
 URL = "https://image-net.org/download-images.php (ILSVRC2012 train and val)"

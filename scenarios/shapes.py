@@ -19,13 +19,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-from clbench.detection import VOC_AP50, DetectionDataset, make_target
-from clbench.registry import register_scenario
-from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
+from clbench.scenarios._detection import (
+    DetectionScenario,
+    detection_scenario,
+    parse_split,
+)
 from clbench.scenarios._images import image_size
 from clbench.scenarios._iod_files import fixed_class_order
 from clbench.scenarios.base import ScenarioOptions
+
+from clbench.models.detection.targets import DetectionDataset, make_target
+from clbench.registry import register_scenario
+from clbench.tasks.detection import VOC_AP50
 
 SHAPES_CLASSES = ("disk", "square", "triangle", "cross", "ring", "diamond", "frame", "x-mark")
 

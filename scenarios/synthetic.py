@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import torch
-
-from clbench.registry import register_scenario
 from clbench.scenarios.base import (
     Scenario,
     ScenarioOptions,
@@ -12,6 +10,8 @@ from clbench.scenarios.base import (
     resolve_class_order,
     split_increments,
 )
+
+from clbench.registry import register_scenario
 
 
 def _clusters(num_classes: int, shape: tuple[int, ...], smooth: bool):

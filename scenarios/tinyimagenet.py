@@ -9,11 +9,17 @@ sorted wnids (ImageFolder's order); Mammoth keeps the natural order.
 
 from __future__ import annotations
 
-from clbench.errors import UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
 from clbench.scenarios._images import Protocol, image_folder_scenario
-from clbench.scenarios.base import Scenario, ScenarioOptions, data_root, split_increments
+from clbench.scenarios.base import (
+    Scenario,
+    ScenarioOptions,
+    data_root,
+    split_increments,
+)
+
+from clbench.errors import UsageError
+from clbench.registry import register_scenario
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 FOLDER = "tiny-imagenet-200"

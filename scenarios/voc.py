@@ -20,15 +20,20 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-
-from clbench.detection import VOC_AP50, DetectionDataset, make_target
-from clbench.errors import UsageError
-from clbench.registry import register_scenario
 from clbench.scenarios import _files
-from clbench.scenarios._detection import DetectionScenario, detection_scenario, parse_split
+from clbench.scenarios._detection import (
+    DetectionScenario,
+    detection_scenario,
+    parse_split,
+)
 from clbench.scenarios._images import image_size
 from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, scale_boxes
 from clbench.scenarios.base import ScenarioOptions, data_root
+
+from clbench.errors import UsageError
+from clbench.models.detection.targets import DetectionDataset, make_target
+from clbench.registry import register_scenario
+from clbench.tasks.detection import VOC_AP50
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

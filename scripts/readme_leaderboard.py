@@ -21,7 +21,7 @@ import argparse
 import contextlib
 import sys
 
-from clbench import leaderboard
+from clbench.reporting import leaderboard
 from clbench.cli import main
 from clbench.errors import UsageError
 

@@ -11,8 +11,8 @@ reuses their losses unchanged:
 from __future__ import annotations
 
 import torch
-
 from clbench.strategies.er import ER
+
 from clbench.types import Batch, Output
 
 

@@ -1,7 +1,7 @@
 """APER, "AdaPt and mERge" (Zhou et al., IJCV 2024, arXiv 2303.07338), with an AdaptFormer adapter.
 
 1. First task only: an AdaptFormer adapter in every block of the frozen pre-trained ViT
-   (`clbench.adapters`, bottleneck 64) is tuned with cross-entropy over the first task's
+   (`clbench.models.adapters`, bottleneck 64) is tuned with cross-entropy over the first task's
    classes, through a linear head used for this alone. PILOT's recipe: SGD lr 0.01,
    momentum 0.9, weight decay 5e-4, batch 48, 20 epochs, cosine schedule.
 2. Then the adapter is frozen for good and that head, which served the tuning only, dropped.
@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-
-from clbench.adapters import AdapterTuningConfig, FirstTaskAdaptation
-from clbench.base import CLStrategy
-from clbench.registry import register_strategy
 from clbench.strategies.simplecil import SimpleCIL
+
+from clbench.base import CLStrategy
+from clbench.models.adapters import AdapterTuningConfig, FirstTaskAdaptation
+from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
 

@@ -51,7 +51,7 @@ Config defaults are the release's method settings at tiny scale, except:
 The threshold was chosen from two probes (threshold .3, top-3) on shapes-2+2's own test set,
 so the tiny numbers below are optimistic.
 
-Deviations (ours): the detector is TinyDETR (plain DETR, `clbench.detr`), not Deformable DETR
+Deviations (ours): the detector is TinyDETR (plain DETR, `clbench.models.detection.detr`), not Deformable DETR
 R50, initialised from a TinyDETR pretrained on a separate ShapesIOD pool (`base`, as P2IOD's);
 BatchNorm is frozen (eval mode, affine fixed) like DETR's FrozenBatchNorm2d. The teacher ranks
 old classes only (the release ranks all its logits, whose never-trained new-class outputs stay
@@ -77,15 +77,21 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from clbench.strategies._detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.ops import box_iou
 
-from clbench.detection import DetectionBatch, Target
-from clbench.detr import (DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, TinyDETR, detections,
-                          normalised_targets, with_pseudo_boxes)
-from clbench.errors import UsageError
 from clbench.config import non_negative_numbers
+from clbench.errors import UsageError
+from clbench.models.detection.detr import (
+    DetrOutput,
+    TinyDETR,
+    detections,
+    normalised_targets,
+    with_pseudo_boxes,
+)
+from clbench.models.detection.targets import DetectionBatch, Target
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo, Phase
 

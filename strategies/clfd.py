@@ -29,17 +29,17 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from clbench.buffers import make_buffer
-from clbench.errors import UsageError
-from clbench.registry import STRATEGIES, register_strategy
 from clbench.scenarios.cifar import CIFAR10
 from clbench.scenarios.tinyimagenet import MAMMOTH
 from clbench.strategies import cls_er, der_pp
 from clbench.strategies._replay import Replay
+from torch import nn
+
+from clbench.errors import UsageError
+from clbench.models.buffers import make_buffer
+from clbench.models.wavelets import haar_dwt
+from clbench.registry import STRATEGIES, register_strategy
 from clbench.types import Batch, ExperienceInfo, Output
-from clbench.wavelets import haar_dwt
 
 BASES = ("er", "der_pp", "er_ace", "cls_er")
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies import er
+from clbench.strategies._replay import Replay
 from torch import nn
 
 from clbench.config import non_negative_numbers, unit_interval
 from clbench.registry import register_strategy
-from clbench.strategies import er
-from clbench.strategies._replay import Replay
 from clbench.types import Batch, ExperienceInfo
 
 

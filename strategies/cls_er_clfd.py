@@ -10,11 +10,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from clbench.strategies import cls_er
+from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta, paper_settings
 from torch import nn
 
 from clbench.registry import register_strategy
-from clbench.strategies import cls_er
-from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta, paper_settings
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.1}
 

@@ -9,7 +9,7 @@ that is a soft, input-dependent mix of a pool of M components. In every prompted
     prompt   = sum_m alpha_m P_m                             (P_m: 2 x prompt_length tokens)
 
 and the prompt's first `prompt_length` tokens are put in front of the attention keys, the other
-`prompt_length` in front of the values (`clbench.prompts.PrefixRouter`). Everything is
+`prompt_length` in front of the values (`clbench.models.prompts.PrefixRouter`). Everything is
 differentiable end to end; a linear head reads the prompted [CLS].
 
 Per task t of T (T = the scenario's number of experiences), the components form T groups of
@@ -68,7 +68,7 @@ from torch import nn
 from clbench.base import CLStrategy
 from clbench.config import LR_SCHEDULES, StrategyConfig
 from clbench.errors import UsageError
-from clbench.prompts import PrefixRouter, mask_to
+from clbench.models.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output
 

@@ -47,14 +47,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import Subset
 
-from clbench.base import eval_mode
-from clbench.data import make_loader
-from clbench.errors import UsageError
 from clbench.config import non_negative_integers, non_negative_numbers
-from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
+from clbench.engine.data import make_loader
+from clbench.errors import UsageError
+from clbench.models.freeze import eval_mode
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies import er
+from clbench.strategies._replay import Replay, pad_logits, width_mask
 
 from clbench.config import non_negative_numbers
 from clbench.registry import register_strategy
-from clbench.strategies import er
-from clbench.strategies._replay import Replay, pad_logits, width_mask
 from clbench.types import Batch
 
 

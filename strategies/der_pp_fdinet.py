@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clbench.registry import register_strategy
 from clbench.strategies import der_pp
 from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
+
+from clbench.registry import register_strategy
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Fine-tuning baseline for query-based incremental detection: P²IOD's lower bound.
 
-The same frozen pretrained TinyDETR as P²IOD (`clbench.detr`), with its class head (all classes
+The same frozen pretrained TinyDETR as P²IOD (`clbench.models.detection.detr`), with its class head (all classes
 of the stream from the start, unseen-class logits masked) and box head (lower learning rate)
 trained on each task's own annotations by the set loss: no prompts, no pseudo-labels, no
 fusion. By default every seen class's row is trained (old objects in new images are
@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from clbench.strategies._detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy
 
-from clbench.detection import DetectionBatch
-from clbench.detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy, normalised_targets
+from clbench.models.detection.detr import normalised_targets
+from clbench.models.detection.targets import DetectionBatch
 from clbench.registry import register_strategy
 
 

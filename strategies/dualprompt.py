@@ -1,6 +1,6 @@
 """DualPrompt (Wang et al., ECCV 2022), as PILOT (LAMDA-PILOT) runs it.
 
-A frozen pre-trained ViT with two kinds of prefix prompts (`clbench.prompts.PrefixRouter`: a
+A frozen pre-trained ViT with two kinds of prefix prompts (`clbench.models.prompts.PrefixRouter`: a
 prompt's key half goes in front of the attention keys, its value half in front of the values):
 - a G-prompt (length 5) shared by all tasks, in blocks 0-1;
 - an E-prompt pool with one prompt (length 5) per task and a learnable key each, in blocks 2-4.
@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.adapters import vit_blocks
-from clbench.base import CLStrategy, EvaluationNotes, eval_mode
+from clbench.base import CLStrategy, EvaluationNotes
 from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
-from clbench.prompts import PrefixRouter, PromptPool, mask_to
+from clbench.models.adapters import vit_blocks
+from clbench.models.freeze import eval_mode
+from clbench.models.prompts import PrefixRouter, PromptPool, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output
 

@@ -1,6 +1,6 @@
 """EASE, "Expandable Subspace Ensemble" (Zhou et al., CVPR 2024; code sun-hailong/CVPR24-EASE, also in LAMDA-PILOT).
 
-1. Every task trains a NEW AdaptFormer adapter set (`clbench.adapters`, bottleneck 64, every
+1. Every task trains a NEW AdaptFormer adapter set (`clbench.models.adapters`, bottleneck 64, every
    block) in the frozen pre-trained ViT, with cross-entropy over the task's classes through a
    head of its own; earlier adapters stay frozen. Subspace i is the ViT's [CLS] embedding with
    adapter i: phi_i(x). PILOT/official recipe: SGD lr 0.025, momentum 0.9, weight decay 5e-4,
@@ -56,12 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from clbench.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
-from clbench.base import CLStrategy, eval_mode
-from clbench.errors import UsageError
+from clbench.base import CLStrategy
 from clbench.config import non_negative_numbers
-from clbench.heads import CosineLinear
-from clbench.ptm import ClassMeans
+from clbench.errors import UsageError
+from clbench.models.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
+from clbench.models.freeze import eval_mode
+from clbench.models.heads import CosineLinear
+from clbench.models.prototypes import ClassMeans
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 

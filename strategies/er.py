@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from clbench.base import CLStrategy
-from clbench.buffers import make_buffer
 from clbench.config import StrategyConfig, non_negative_integers, positive_integers
+from clbench.models.buffers import make_buffer
 from clbench.registry import register_strategy
 from clbench.types import Batch
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from clbench.registry import register_strategy
 from clbench.strategies import er
 from clbench.strategies._replay import Replay
+
+from clbench.registry import register_strategy
 from clbench.types import Batch
 
 

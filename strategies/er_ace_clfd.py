@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clbench.registry import register_strategy
 from clbench.strategies import er_ace
 from clbench.strategies.clfd import CLFDMixin, CLFDOptions, paper_settings
+
+from clbench.registry import register_strategy
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03}
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clbench.registry import register_strategy
 from clbench.strategies import er
 from clbench.strategies.clfd import CLFD, CLFDOptions
+
+from clbench.registry import register_strategy
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ only where the teacher's response is unusually confident for that image:
 
 Total: `L = L_GFL + 1.0 * L_cls + 0.25 * L_box`. Shared pieces (the two confidences, the squared
 gaps and the NMS-filtered box KL, also used by IOR, which builds on ERD's code) are in
-`clbench.gfl`; the elastic selection and ERD's normalisation are below.
+`clbench.models.detection.gfl`; the elastic selection and ERD's normalisation are below.
 
 **Read in the official code (Hi-FT/ERD, mmdetection 3: `GFLIncrementERD`,
 `GFLHeadIncrementERD`, `configs/gfl_increment`) vs reconstructed / deviations:**
@@ -49,7 +49,7 @@ gaps and the NMS-filtered box KL, also used by IOR, which builds on ERD's code) 
   second task on raised final AP50 all from 0.71 to 0.80 (shapes-2+2) and old AP50 from 0.10 to
   0.28 (shapes-2+2-absent) in single seed-0 runs; not done here, since it would change the
   detector relative to the other TinyGFL strategies.
-- Tiny detector (TinyGFL, `clbench.gfl`) instead of GFL R50-FPN; optimiser AdamW with a constant
+- Tiny detector (TinyGFL, `clbench.models.detection.gfl`) instead of GFL R50-FPN; optimiser AdamW with a constant
   lr (code: SGD 0.01 at batch 16, 500-iteration linear warm-up, steps at epochs 8 and 11;
   `--paper-settings` gives SGD 0.01 with the steps, `lr_schedule="multistep"`, without the
   warm-up, which clbench's per-epoch schedules cannot express); 1333x800 resizing is the
@@ -82,10 +82,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from clbench.strategies._gfl import GFLStrategy
 
-from clbench.detection import DetectionBatch, restrict
-from clbench.gfl import (GFLConfig, GFLOutput, GFLStrategy, box_confidence, box_distillation_at, class_confidence,
-                         squared_logit_gaps)
+from clbench.models.detection.gfl import (
+    GFLConfig,
+    GFLOutput,
+    box_confidence,
+    box_distillation_at,
+    class_confidence,
+    squared_logit_gaps,
+)
+from clbench.models.detection.targets import DetectionBatch, restrict
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
@@ -176,5 +183,5 @@ def class_response_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, site
 def box_response_loss(new: GFLOutput, old: GFLOutput, old_classes: torch.Tensor, sites: Sequence[torch.Tensor],
                       temperature: float, nms_iou: float) -> torch.Tensor:
     """Mean over images of `(1/4) sum_i sum_side w_i T^2 mean_bins KL` at the sites kept by NMS
-    (`clbench.gfl.box_distillation_at`)."""
+    (`clbench.models.detection.gfl.box_distillation_at`)."""
     return torch.stack(box_distillation_at(new, old, old_classes, sites, temperature, nms_iou)).mean() / 4

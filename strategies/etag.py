@@ -44,8 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy
-from clbench.config import (StrategyConfig, non_negative_integers, non_negative_numbers, positive_integers,
-                            positive_numbers)
+from clbench.config import (
+    StrategyConfig,
+    non_negative_integers,
+    non_negative_numbers,
+    positive_integers,
+    positive_numbers,
+)
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-from clbench.backbones import CifarResNet
-from clbench.config import positive_integers
-from clbench.errors import UsageError
-from clbench.registry import register_strategy
 from clbench.strategies import er
 from clbench.strategies._replay import Replay
-from clbench.wavelets import haar_dwt
+from torch import nn
+
+from clbench.config import positive_integers
+from clbench.errors import UsageError
+from clbench.models.backbones import CifarResNet
+from clbench.models.wavelets import haar_dwt
+from clbench.registry import register_strategy
 
 
 class FrequencyBranches(nn.Module):

@@ -3,7 +3,7 @@
 Each task grows the class conv to the seen classes (old rows kept) and trains the whole detector
 with the ordinary GFL loss (QFL + GIoU + DFL, ATSS) on the task's own annotations. Every seen-class
 channel is trained, so old classes only ever appear as negatives and are forgotten: what IOR and
-the other methods are measured against. Detector and settings: `clbench.gfl` (TinyGFL).
+the other methods are measured against. Detector and settings: `clbench.models.detection.gfl` (TinyGFL).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from clbench.strategies._gfl import GFLStrategy
 
-from clbench.detection import DetectionBatch, restrict
-from clbench.gfl import GFLConfig, GFLStrategy
+from clbench.models.detection.gfl import GFLConfig
+from clbench.models.detection.targets import DetectionBatch, restrict
 from clbench.registry import register_strategy
 
 

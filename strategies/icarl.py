@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from clbench.base import CLStrategy, teacher_logits
-from clbench.buffers import ReservoirBuffer, herding_selection
+from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_integers, non_negative_numbers
-from clbench.data import InMemoryDataset, concat, make_loader
+from clbench.datasets import InMemoryDataset, concat
+from clbench.engine.data import make_loader
+from clbench.models.buffers import ReservoirBuffer, herding_selection
+from clbench.models.freeze import teacher_logits
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo
 

@@ -40,7 +40,7 @@ in the method card, except:
   FLOPs and time into the task's training cost (itemised as `outside_fit` in the run JSON).
 - The paste overlap rule is tested on the clipped pasted box; pixel coordinates are integers.
 - Augmentation draws (inversion, replay, flip) use torch's global RNG, seeded by the runner.
-- Tiny detector (TinyGFL, `clbench.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's GFL head) instead of
+- Tiny detector (TinyGFL, `clbench.models.detection.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's GFL head) instead of
   GFL R50-FPN; optimiser AdamW with a constant lr (paper: SGD 0.01, steps at epochs 8 and 11:
   `--paper-settings` gives that, with `lr_schedule="multistep"`); 1333x800 resizing is the
   scenario's business.
@@ -77,14 +77,27 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from clbench.strategies._gfl import GFLStrategy
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou, roi_align
 
-from clbench.detection import DetectionBatch, Target, make_target, restrict
 from clbench.config import non_negative_integers, positive_integers
-from clbench.gfl import (GFLConfig, GFLOutput, GFLStrategy, TinyGFL, box_confidence, box_distillation_at,
-                         class_confidence, squared_logit_gaps)
+from clbench.models.detection.gfl import (
+    GFLConfig,
+    GFLOutput,
+    TinyGFL,
+    box_confidence,
+    box_distillation_at,
+    class_confidence,
+    squared_logit_gaps,
+)
+from clbench.models.detection.targets import (
+    DetectionBatch,
+    Target,
+    make_target,
+    restrict,
+)
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from clbench.base import CLStrategy
-from clbench.data import concat
+from clbench.datasets import concat
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

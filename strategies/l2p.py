@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clbench.base import CLStrategy, eval_mode
+from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
-from clbench.prompts import PromptPool, TokenPrompter, mask_to
+from clbench.models.freeze import eval_mode
+from clbench.models.prompts import PromptPool, TokenPrompter, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, Output
 

@@ -32,12 +32,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies import der_pp
 from torch import nn
 
-from clbench.backbones import CifarResNet
-from clbench.config import non_negative_integers, non_negative_numbers, positive_integers, unit_interval
+from clbench.config import (
+    non_negative_integers,
+    non_negative_numbers,
+    positive_integers,
+    unit_interval,
+)
+from clbench.models.backbones import CifarResNet
 from clbench.registry import register_strategy
-from clbench.strategies import der_pp
 from clbench.types import Batch, ExperienceInfo, Output
 
 WIDTHS_10 = tuple(round(0.1 * i, 2) for i in range(1, 11))  # S-CIFAR-10

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clbench.base import CLStrategy, teacher_logits
+from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_numbers, positive_numbers
+from clbench.models.freeze import teacher_logits
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 

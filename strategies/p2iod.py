@@ -25,7 +25,7 @@ Source: the official code (both implementations), via the method card. **[code]*
 above, the trainable set (classification head lr 1e-4, box head lr 1e-5, prompts lr 1e-4;
 variant (a)), zero gradient for old-class rows, the -1e11 logit masking, the fusion rule and
 the pseudo-label rule. **Reconstructed / ours**: the paper body was not readable, so the
-equations follow the code; the base is TinyDETR (`clbench.detr`, plain DETR, not Deformable
+equations follow the code; the base is TinyDETR (`clbench.models.detection.detr`, plain DETR, not Deformable
 DETR or Co-DINO) with prompts appended to the self-attention's key/value inputs before its
 in-projection (the card's variant (b) injection, which fits `nn.MultiheadAttention`).
 Deviations: pseudo-labels keep classes strictly `< n_old` (the released variant (a) keeps
@@ -51,7 +51,7 @@ Published settings (card, from the released code and logs):
 Reported (released logs, final task, all classes, COCO-style AP): VOC 10+10 58.4 AP / 81.1 AP50
 with Deformable DETR; COCO 40+40 54.7 / 71.1 with Co-DINO (Objects365). The tiny configuration
 on `shapes-2+2` uses a TinyDETR pre-trained on a separate ShapesIOD pool (`base`, see
-`clbench.detr.pretrain_shapes_base`); on VOC / COCO give `base=<path of a TinyDETR state_dict>`
+`clbench.strategies._detr.pretrain_shapes_base`); on VOC / COCO give `base=<path of a TinyDETR state_dict>`
 pre-trained on other data (`PAPER_SETTINGS` carry the published optimiser and prompt settings,
 not a published detector: no TinyDETR was published).
 
@@ -69,12 +69,17 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies._detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy
 from torch import nn
 
-from clbench.detection import DetectionBatch, Target
-from clbench.detr import (DetrOutput, FrozenBaseDetrConfig, FrozenBaseDetrStrategy, detections, normalised_targets,
-                          with_pseudo_boxes)
 from clbench.errors import UsageError
+from clbench.models.detection.detr import (
+    DetrOutput,
+    detections,
+    normalised_targets,
+    with_pseudo_boxes,
+)
+from clbench.models.detection.targets import DetectionBatch, Target
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

@@ -42,12 +42,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy, EvaluationNotes, eval_mode
-from clbench.config import (StrategyConfig, non_negative_integers, positive_integers, positive_numbers,
-                            unit_interval)
+from clbench.base import CLStrategy, EvaluationNotes
+from clbench.config import (
+    StrategyConfig,
+    non_negative_integers,
+    positive_integers,
+    positive_numbers,
+    unit_interval,
+)
+from clbench.datasets import InMemoryDataset
 from clbench.errors import UsageError
-from clbench.data import InMemoryDataset
-from clbench.prompts import PrefixRouter, mask_to
+from clbench.models.freeze import eval_mode
+from clbench.models.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 

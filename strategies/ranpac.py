@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.adapters import AdapterTuningConfig, FirstTaskAdaptation
 from clbench.base import CLStrategy
+from clbench.models.adapters import AdapterTuningConfig, FirstTaskAdaptation
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 

@@ -8,7 +8,7 @@ confident, and the trees' predictions are combined with confidence weights. The 
 merge operator, clustering rule, weights and hyper-parameters were not available: the method
 card (`methods/saef.md`) reconstructs them on TUNA, and [recon] marks that reconstruction.
 
-Per task t (TUNA's pipeline, `clbench.ptm.TunaStrategy`):
+Per task t (TUNA's pipeline, `clbench.strategies._ptm.TunaStrategy`):
 1. Visual prototype p_t: the mean frozen-PTM [CLS] feature of the task's images, L2-normalised
    [recon].
 2. Task adapter: it continues from the previous task's adapter [recon = TUNA]; adapter and head
@@ -47,10 +47,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 
 from clbench.base import EvaluationNotes
 from clbench.errors import UsageError
-from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

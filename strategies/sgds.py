@@ -6,7 +6,7 @@ its activation subspace; similar classes share units, dissimilar ones get their 
 the abstract and a third-party review were available: the method card (`methods/sgds.md`)
 reconstructs the rest, with low confidence, and everything marked [recon] below is that
 reconstruction, implemented as the card specifies. It is built on TUNA's pipeline
-(`clbench.ptm.TunaStrategy`; the backbone, a frozen ViT-B/16-IN21K for published runs, is TUNA's
+(`clbench.strategies._ptm.TunaStrategy`; the backbone, a frozen ViT-B/16-IN21K for published runs, is TUNA's
 protocol [recon]): one shared adapter set, continually trained, with no orthogonality term
 (bottleneck r = 64) [recon], cosine head with the CosFace-form loss, class Gaussians and
 classifier alignment.
@@ -43,9 +43,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 
 from clbench.errors import UsageError
-from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy, cosface_loss
+from clbench.models.prototypes import cosface_loss
 from clbench.registry import register_strategy
 from clbench.types import Batch
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import CLStrategy, eval_mode
-from clbench.ptm import ClassMeans
+from clbench.base import CLStrategy
+from clbench.models.freeze import eval_mode
+from clbench.models.prototypes import ClassMeans
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 

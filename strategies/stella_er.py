@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from clbench.buffers import ReservoirBuffer
-from clbench.config import non_negative_integers, positive_integers
-from clbench.registry import register_strategy
 from clbench.strategies.stella_mlp import Config as StellaConfig
 from clbench.strategies.stella_mlp import StellaMLP
+
+from clbench.config import non_negative_integers, positive_integers
+from clbench.models.buffers import ReservoirBuffer
+from clbench.registry import register_strategy
 from clbench.types import Batch
 
 

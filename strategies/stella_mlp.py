@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from clbench.scenarios.forecast import CHANNELS, SEASON, SERIES, VALUE
+from clbench.strategies._forecasting import ForecastConfig, ForecastStrategy
 from torch import nn
 
 from clbench.config import positive_integers
-from clbench.forecasting import ForecastConfig, ForecastStrategy
 from clbench.registry import register_strategy
-from clbench.scenarios.forecast import CHANNELS, SEASON, SERIES, VALUE
 
 
 @dataclass(frozen=True)

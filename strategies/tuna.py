@@ -1,6 +1,6 @@
 """TUNA: task-specific and universal adapters (Wang, Zhou, Ye; ICCV 2025; code LAMDA-CL/ICCV2025-TUNA).
 
-The base of DAF, SAEF and SGDS, and their baseline. Per task (`clbench.ptm.TunaStrategy`): the
+The base of DAF, SAEF and SGDS, and their baseline. Per task (`clbench.strategies._ptm.TunaStrategy`): the
 task's adapter continues from the previous task's and is trained with the cosine head by the
 CosFace-form loss on the current classes (s = 20, margin m); it is then stored; class Gaussians
 are measured under it and, for t > 0, the head is aligned on Gaussian samples of all seen
@@ -23,18 +23,17 @@ row to unit length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from clbench.errors import UsageError
-from clbench.config import non_negative_numbers
-from clbench.ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
-from clbench.registry import register_strategy
+from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 from clbench.strategies.saef import sign_elected_merge
+
+from clbench.config import non_negative_numbers
+from clbench.errors import UsageError
+from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo
 
 

@@ -15,7 +15,6 @@ import torch
 
 from clbench.config import RunConfig
 
-
 # `CLBENCH_TEST_ACCELERATOR=gpu pytest tests/test_registry.py` runs the contract tests of every
 # strategy on a CUDA GPU (tests that compare numbers computed on the CPU expect "cpu")
 TEST_ACCELERATOR = os.environ.get("CLBENCH_TEST_ACCELERATOR", "cpu")
@@ -37,7 +36,7 @@ def fast_config(output_dir, **overrides) -> RunConfig:
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_lightning():
-    from clbench.runner import quiet_lightning
+    from clbench.engine.runner import quiet_lightning
 
     quiet_lightning()
 
@@ -68,14 +67,14 @@ def fast_run_config(tmp_path) -> RunConfig:
 @pytest.fixture(scope="session")
 def synthetic_scenario():
     """`synthetic-2` (2 experiences x 2 classes of 1x8x8 clusters), built once per session."""
-    from clbench.runner import create_scenario
+    from clbench.engine.runner import create_scenario
 
     return create_scenario("synthetic-2")
 
 
 @pytest.fixture
 def tiny_backbone():
-    from clbench.backbones import build_backbone
+    from clbench.models.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_backbone("clbench_mlp_tiny", in_chans=1, img_size=8)
@@ -84,8 +83,8 @@ def tiny_backbone():
 def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overrides):
     """A registered strategy on `scenario` with its default Config plus overrides (`backbone`: a module,
     a backbone name, or None for the scenario's default)."""
-    from clbench.backbones import build_backbone
-    from clbench.runner import create_strategy, strategy_config
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
 
     if scenario.task_type == "detection":  # detection methods build their detector from their Config
         torch.manual_seed(seed)
@@ -101,7 +100,7 @@ def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overr
 
 def first_batch(dataset, n: int = 16):
     """The first `n` samples of a dataset as a `Batch`."""
-    from clbench.data import make_loader
+    from clbench.engine.data import make_loader
 
     return next(iter(make_loader(dataset, n, shuffle=False)))
 
@@ -131,7 +130,7 @@ def batch_of():
 def interrupted_and_resumed(spec, out, stop_after: int = 2):
     """(an uninterrupted run, the same run stopped by Ctrl-C after experience `stop_after` and then
     resumed); `spec(output_dir, resume)` builds the RunSpec, runs go under `out`."""
-    from clbench.runner import run
+    from clbench.engine.runner import run
 
     whole = run(spec(out / "whole", False))
 

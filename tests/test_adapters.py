@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from clbench.adapters import Adapter, AdapterRouter, AdapterSet
-from clbench.backbones import build_backbone
 from clbench.errors import UsageError
+from clbench.models.adapters import Adapter, AdapterRouter, AdapterSet
+from clbench.models.backbones import build_backbone
 
 
 def _vit():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench.backbones import build_backbone
+from clbench.models.backbones import build_backbone
 
 
 def test_tiny_vit_is_the_cards_configuration():

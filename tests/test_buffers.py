@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from clbench.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
 from clbench.errors import UsageError
+from clbench.models.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
 
 
 def stream(labels, dim: int = 3):

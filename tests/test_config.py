@@ -180,7 +180,7 @@ def test_shared_range_checks_name_the_first_bad_field(check, good, bad, expected
     ("preprompt", "prompt_momentum", 1.5, r"a number in \[0, 1\]"),
 ])
 def test_method_settings_are_range_checked(strategy, key, value, expected):
-    from clbench.runner import strategy_config
+    from clbench.engine.runner import strategy_config
 
     with pytest.raises(UsageError, match=rf"^{key}={value} is invalid; expected {expected}$"):
         strategy_config(strategy, {key: value})

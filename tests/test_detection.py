@@ -6,19 +6,21 @@ import math
 
 import pytest
 import torch
+from clbench.scenarios._detection import parse_split
 
-from clbench.detection import (
-    COCO_AP,
+from clbench.errors import UsageError
+from clbench.models.detection.targets import (
     DetectionDataset,
+    detection_collate,
+    make_target,
+)
+from clbench.tasks.detection import (
+    COCO_AP,
     absent_task_images,
     breakdown,
     class_ap,
-    detection_collate,
-    make_target,
     standard_task_images,
 )
-from clbench.errors import UsageError
-from clbench.scenarios._detection import parse_split
 
 
 def pred(boxes, scores, labels):
@@ -154,7 +156,7 @@ def test_a_run_stores_per_task_ap_and_the_old_new_all_breakdown(detection_run):
 def test_the_leaderboard_shows_final_ap_columns_for_detection_runs(detection_run):
     import json
 
-    from clbench import leaderboard
+    from clbench.reporting import leaderboard
 
     out, path = detection_run
     last = json.loads(path.read_text())["detection"]["per_task"][-1]

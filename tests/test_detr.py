@@ -8,10 +8,20 @@ import math
 
 import pytest
 import torch
+from clbench.strategies._detr import load_base, pretrain_shapes_base
 
-from clbench.detr import (DetrOutput, SetLossWeights, TinyDETR, detections, hungarian_match, layer_loss, load_base,
-                          mask_classes, normalised_targets, pretrain_shapes_base, set_loss)
 from clbench.errors import UsageError
+from clbench.models.detection.detr import (
+    DetrOutput,
+    SetLossWeights,
+    TinyDETR,
+    detections,
+    hungarian_match,
+    layer_loss,
+    mask_classes,
+    normalised_targets,
+    set_loss,
+)
 
 T = torch.tensor
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from clbench.edge.flops import haar_dwt2_flops, measure_flops
 
 from clbench.auxiliary.distill import (
     FeatureKD,
@@ -21,11 +22,16 @@ from clbench.auxiliary.distill import (
     relation_kd,
     similarity_matrix,
 )
-from clbench.auxiliary.multi_teacher import MultiTeacher, WeightingAgent, standardised_rewards, teacher_state, teacher_weights
-from clbench.edge.flops import haar_dwt2_flops, measure_flops
-from clbench.runner import RunSpec, run
+from clbench.auxiliary.multi_teacher import (
+    MultiTeacher,
+    WeightingAgent,
+    standardised_rewards,
+    teacher_state,
+    teacher_weights,
+)
+from clbench.engine.runner import RunSpec, run
+from clbench.models.wavelets import haar_dwt_conv
 from clbench.types import ExperienceInfo, Output
-from clbench.wavelets import haar_dwt_conv
 
 
 # --------------------------------------------------------------------------- the losses, by hand
@@ -100,7 +106,7 @@ def _info(index: int, per: int = 2, n: int = 3) -> ExperienceInfo:
 
 @pytest.mark.parametrize("kept, owners", [(1, [0, 0, 0, 0, -1, -1]), (2, [1, 1, 0, 0, -1, -1])])
 def test_task_owner_is_the_snapshot_after_the_samples_experience(tiny_backbone, kept, owners):
-    from clbench.runner import create_strategy, strategy_config
+    from clbench.engine.runner import create_strategy, strategy_config
 
     strategy = create_strategy("naive", tiny_backbone, 6, strategy_config("naive", {}))
     mt = MultiTeacher(teachers=kept, policy="task_owner")
@@ -182,7 +188,7 @@ def test_rl_weights_are_all_one_in_an_experiences_first_epoch(strategy_factory, 
 def test_after_the_first_epoch_the_agents_weights_scale_each_term(strategy_factory, synthetic_scenario, batch_of,
                                                                  monkeypatch):
     from clbench.auxiliary.distill import kd_per_sample
-    from clbench.base import teacher_outputs
+    from clbench.models.freeze import teacher_outputs
 
     strategy = strategy_factory("naive")
     rl = MultiTeacher(policy="rl", teachers=1)
@@ -334,9 +340,9 @@ def test_an_rl_weighted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, res
 
 
 def test_distillation_is_refused_for_strategies_with_their_own_forward(tiny_backbone):
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.engine.sweep import compatible_strategies
     from clbench.errors import UsageError
-    from clbench.runner import create_strategy, strategy_config
-    from clbench.sweep import compatible_strategies
 
     with pytest.raises(UsageError, match="add-on 'logit_kd' distils snapshots of backbone and head, and strategy 'lord'"):
         create_strategy("lord", tiny_backbone, 4, strategy_config("lord", {}), aux=[LogitKD()])

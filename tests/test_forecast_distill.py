@@ -10,17 +10,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clbench.scenarios.forecast import VALUE
+from clbench.strategies.stella_mlp import season_index, series_index
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
 from clbench.auxiliary.distill import FeatureKD, LogitMSE, RelationKD, relation_kd
 from clbench.cli import main
+from clbench.engine.runner import (
+    RunSpec,
+    aux_problem,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
 from clbench.errors import UsageError
-from clbench.forecasting import bind_to_scenario
 from clbench.registry import AUXILIARY, STRATEGIES
-from clbench.runner import RunSpec, aux_problem, create_scenario, create_strategy, run, strategy_config
-from clbench.scenarios.forecast import VALUE
-from clbench.strategies.stella_mlp import season_index, series_index
+from clbench.tasks.forecasting import bind_to_scenario
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +235,7 @@ def test_a_resumed_forecaster_distillation_run_ends_like_an_uninterrupted_one(tm
 
 
 def test_sweep_skips_forecasters_paired_with_an_add_on_they_refuse():
-    from clbench.sweep import compatible_strategies
+    from clbench.engine.sweep import compatible_strategies
 
     kept, skipped = compatible_strategies(["stella_mlp", "stella_er"], "ts-domains-4", aux=["logit_kd"])
     assert kept == [] and set(skipped) == {"stella_mlp", "stella_er"}

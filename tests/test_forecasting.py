@@ -13,8 +13,8 @@ import torch
 
 from clbench import forecasting as F
 from clbench.cli import main
+from clbench.engine.runner import RunSpec, create_scenario, run
 from clbench.errors import UsageError
-from clbench.runner import RunSpec, create_scenario, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,8 +173,8 @@ def _spec(tmp_path, strategy="stella_mlp", **kw):
 
 
 def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_path):
-    from clbench import leaderboard
-    from clbench.results import load
+    from clbench.reporting import leaderboard
+    from clbench.reporting.results import load
 
     result = run(_spec(tmp_path))
     assert result.status == "completed", result.error
@@ -193,7 +193,7 @@ def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_pat
     (row,) = board.rows
     assert row.cells["final_mse"].mean == pytest.approx(f["metrics"]["mse"]["final_avg_error"])
     assert row.cells["final_avg_acc"].mean is None and "Final MSE" in leaderboard.to_markdown(board)
-    from clbench import plots
+    from clbench.reporting import plots
 
     written = plots.save_all([load(path)], tmp_path / "plots", board)
     assert written and all("_pareto_" in p.name for p in written)  # no accuracy curves or heatmaps
@@ -201,7 +201,7 @@ def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_pat
 
 @pytest.mark.parametrize("strategy, key, value", [("stella_mlp", "d_model", 0), ("stella_er", "replay_batch_size", 0)])
 def test_bad_forecaster_settings_are_named(strategy, key, value):
-    from clbench.runner import strategy_config
+    from clbench.engine.runner import strategy_config
 
     with pytest.raises(UsageError, match=f"{key}={value} is invalid"):
         strategy_config(strategy, {key: value})
@@ -236,9 +236,9 @@ def test_mismatched_task_types_are_refused_with_exit_2(strategy, scenario, expec
 def test_terminal_summary_prints_the_mse_matrix_and_error_metrics():
     import io
 
-    from clbench.forecasting import summarise_errors
-    from clbench.report import print_result
-    from clbench.results import RunResult
+    from clbench.reporting.report import print_result
+    from clbench.reporting.results import RunResult
+    from clbench.tasks.forecasting import summarise_errors
 
     R = [[0.5, 0.9], [0.6, 0.4]]
     r = RunResult(strategy="stella_mlp", scenario="co2-4", backbone="m", seed=0, status="completed",

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from clbench.detection import make_target
-from clbench.gfl import (
+from clbench.models.detection.gfl import (
     GFLConfig,
     TinyGFL,
     atss_assign,
@@ -16,7 +15,7 @@ from clbench.gfl import (
     expected_distance,
     quality_focal_loss,
 )
-
+from clbench.models.detection.targets import make_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

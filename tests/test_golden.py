@@ -18,7 +18,7 @@ import statistics
 import pytest
 
 from clbench.config import RunConfig
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 REFERENCE = {  # strategy: (Avalanche reference, allowed distance of the 3-seed median)
     "naive": (0.21, 0.05),

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from clbench import leaderboard as L
 from clbench.cli import main
-from clbench.metrics import METRICS, summarise
-from clbench.results import RunResult, load, result_path, save
+from clbench.reporting import leaderboard as L
+from clbench.reporting.metrics import METRICS, summarise
+from clbench.reporting.results import RunResult, load, result_path, save
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep"
 

@@ -41,7 +41,7 @@ def outputs(nb, kind: str) -> list:
 
 
 def test_leaderboard_notebook_shows_the_table(monkeypatch):
-    from clbench import leaderboard
+    from clbench.reporting import leaderboard
 
     nb = run_notebook("leaderboard.ipynb", monkeypatch)
     (table,) = outputs(nb, "text/markdown")
@@ -51,7 +51,7 @@ def test_leaderboard_notebook_shows_the_table(monkeypatch):
 
 
 def test_accuracy_efficiency_notebook_draws_every_plot(monkeypatch):
-    from clbench import leaderboard
+    from clbench.reporting import leaderboard
 
     nb = run_notebook("accuracy_efficiency.ipynb", monkeypatch)
     images = outputs(nb, "image/png")

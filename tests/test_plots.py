@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clbench import leaderboard as L
-from clbench import plots
 from clbench.cli import main
-from clbench.metrics import summarise
-from clbench.results import RunResult
+from clbench.reporting import leaderboard as L
+from clbench.reporting import plots
+from clbench.reporting.metrics import summarise
+from clbench.reporting.results import RunResult
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep"
 PNG = b"\x89PNG\r\n\x1a\n"

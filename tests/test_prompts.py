@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from clbench.backbones import build_backbone
 from clbench.errors import UsageError
-from clbench.prompts import PrefixRouter
+from clbench.models.backbones import build_backbone
+from clbench.models.prompts import PrefixRouter
 
 
 def _vit():

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from clbench.strategies._ptm import alignment_labels
 from torch import nn
 
-from clbench.base import eval_mode
-from clbench.heads import CosineLinear
-from clbench.ptm import COVARIANCE_RIDGE, ClassGaussians, alignment_labels, cosface_loss
+from clbench.models.freeze import eval_mode
+from clbench.models.heads import CosineLinear
+from clbench.models.prototypes import COVARIANCE_RIDGE, ClassGaussians, cosface_loss
 
 
 def test_cosface_loss_uses_only_the_given_classes_and_subtracts_the_margin():
@@ -70,8 +71,8 @@ def test_cosine_head_without_scale_returns_cosines_and_grows():
 
 @pytest.mark.parametrize("name", ["tuna", "daf", "saef", "sgds"])
 def test_tuna_family_paper_settings_follow_tunas_recipe(name):
+    from clbench.engine.runner import strategy_config
     from clbench.registry import STRATEGIES
-    from clbench.runner import strategy_config
 
     settings = STRATEGIES.get(name).PAPER_SETTINGS
     assert set(settings) == {"cifar100-20", "imagenet-r-10"}

@@ -149,8 +149,8 @@ def test_eight_bits_track_fp32_and_two_bits_do_not(strategy_factory, synthetic_s
 
 def test_ptq_hook_leaves_the_fp32_model_bit_identical(build_strategy, synthetic_scenario, batch_of):
     # a BatchNorm conv net with a replay buffer: folding, calibration and buffer reads must not write back
-    from clbench.backbones import ConvNet
-    from clbench.base import eval_mode
+    from clbench.models.backbones import ConvNet
+    from clbench.models.freeze import eval_mode
 
     torch.manual_seed(0)
     convnet = ConvNet(in_chans=1, width=8)  # clbench_convnet, narrower
@@ -237,7 +237,7 @@ def test_calibration_reservoir_keeps_a_uniform_sample_of_each_class():
 
 # --------------------------------------------------------------------------- through the runner and the CLI
 def test_run_stores_one_record_per_experience(tmp_path, fast_config_for):
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     result = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path),
                          aux=[("quantize", {"preset": "W8A8"})]))
@@ -425,8 +425,8 @@ def test_tunable_scales_start_at_the_calibrated_snapshot(strategy_factory, synth
 
 def test_distilling_the_scales_moves_the_quantized_model_towards_fp32(build_strategy, synthetic_scenario, batch_of):
     from clbench.auxiliary.distill import logit_kd
-    from clbench.backbones import ConvNet
-    from clbench.base import eval_mode
+    from clbench.models.backbones import ConvNet
+    from clbench.models.freeze import eval_mode
 
     torch.manual_seed(0)
     strategy = build_strategy("er", synthetic_scenario, ConvNet(in_chans=1, width=8), buffer_size=16)
@@ -481,7 +481,7 @@ def test_distillation_options_are_checked():
 
 
 def test_a_distilled_run_trains_exactly_as_a_run_without_the_add_on(tmp_path, fast_config_for):
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     plain = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path / "plain")))
     result = run(RunSpec(strategy="er", scenario="synthetic-2", run=fast_config_for(tmp_path / "q"),

@@ -18,11 +18,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
-from clbench.checkpoint import load_strategy_state
-from clbench.data import dataset_labels
+from clbench.datasets import dataset_labels
+from clbench.engine.checkpoint import load_strategy_state
+from clbench.engine.runner import RunSpec, create_scenario, run
 from clbench.errors import DataNotFoundError
 from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES, Registry
-from clbench.runner import RunSpec, create_scenario, run
 
 STRATEGY_NAMES = STRATEGIES.names()
 SCENARIO_NAMES = SCENARIOS.names()
@@ -184,8 +184,8 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
 
 
 def _build_forecaster(name: str, scenario, seed: int = 0, **overrides):
-    from clbench.forecasting import bind_to_scenario
-    from clbench.runner import create_strategy, strategy_config
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.tasks.forecasting import bind_to_scenario
 
     torch.manual_seed(seed)
     return create_strategy(name, None, scenario.num_classes, bind_to_scenario(strategy_config(name, overrides), scenario), seed=seed)
@@ -331,7 +331,7 @@ def test_seeded_class_order_is_a_reproducible_permutation(name):
 # --------------------------------------------------------------------------- add-ons
 @pytest.mark.parametrize("name", AUX_NAMES)
 def test_aux_contract(name, strategy_factory, build_strategy, synthetic_scenario, batch_of):
-    from clbench.runner import create_aux
+    from clbench.engine.runner import create_aux
 
     try:
         (aux,) = create_aux([(name, {})])

@@ -6,8 +6,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from clbench.data import make_loader
-from clbench.runner import RunSpec, evaluate, run
+from clbench.engine.data import make_loader
+from clbench.engine.runner import RunSpec, evaluate, run
 
 
 class FitSpy(pl.Callback):

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from clbench import config as C
-
-from clbench import sweep as S
 from clbench.cli import main
+from clbench.engine import sweep as S
 from clbench.errors import UsageError
 
 FAST = ["--epochs", "1", "--accelerator", "cpu"]
@@ -131,7 +130,7 @@ def test_failed_run_is_reported_and_retried_on_request(tmp_path, capsys):
 
 
 def test_stopped_run_is_resumed_from_its_last_experience(tmp_path, capsys):
-    from clbench.runner import run
+    from clbench.engine.runner import run
 
     (job,) = S.plan(["naive"], ["synthetic-2"], [0], overrides={"epochs": 1, "accelerator": "cpu"},
                     output_dir=str(tmp_path))

@@ -25,10 +25,10 @@ The multi-teacher add-on is `multi_teacher` (1.5, `clbench/auxiliary/multi_teach
 What a strategy's output is, for these add-ons: by default head(backbone(x)), class logits
 (`output_kind` "class_logits") and pooled backbone features, the teacher a backbone-and-head
 snapshot. A strategy family with its own forward declares otherwise (forecasters,
-`clbench.forecasting.ForecastStrategy`):
+`clbench.strategies._forecasting.ForecastStrategy`):
 - `output_kind`: "forecast" outputs are distilled on every column (horizon steps belong to no
   class); an add-on that cannot distil a kind names it in `refuses`, with the reason, and is
-  refused before training (`clbench.runner.aux_problem`);
+  refused before training (`clbench.engine.runner.aux_problem`);
 - `features_at`: the module whose input the features are (None: no features, and `feature_kd`
   and `relation_kd` refuse the strategy);
 - `snapshot_output(snapshot, x) -> Output`, a classmethod: a `frozen_copy` snapshot's output.
@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.auxiliary.base import Aux, checked, choice, flag, non_negative, positive
-from clbench.base import teacher_outputs
+from clbench.models.freeze import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 from clbench.types import Output
-from clbench.wavelets import haar_dwt
+from clbench.models.wavelets import haar_dwt
 
 SAMPLES = ("current", "replay", "all")
 CLASS_LOGITS, FORECAST = "class_logits", "forecast"
@@ -255,7 +255,7 @@ def require_features(add_on: str, strategy) -> None:
 
 def snapshot_reader(strategy) -> Callable[[nn.Module, torch.Tensor], Output]:
     """How to run the strategy's `frozen_copy` snapshots: its declared `snapshot_output`, else
-    head(backbone(x)) (`clbench.base.teacher_outputs`); both without gradients."""
+    head(backbone(x)) (`clbench.models.freeze.teacher_outputs`); both without gradients."""
     return getattr(strategy, "snapshot_output", teacher_outputs)
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from clbench.auxiliary.base import checked, choice, non_negative, positive
 from clbench.auxiliary.distill import FORECAST, PreviousTeacher, kd_per_sample
-from clbench.base import teacher_outputs
+from clbench.models.freeze import teacher_outputs
 from clbench.registry import register_aux
 from clbench.types import Output
 

@@ -90,7 +90,7 @@ Modes:
 Each `ptq` record in `aux_results["quantize"]` holds the quantized accuracy row (one
 accuracy per test experience, 0 for unseen ones), the FP32 row recomputed with the same
 evaluation, their seen-experience means and `delta_acc` = FP32 - quantized, average
-forgetting (`clbench.metrics.forgetting_max`) of the quantized and FP32 rows so far (None
+forgetting (`clbench.reporting.metrics.forgetting_max`) of the quantized and FP32 rows so far (None
 after the first experience, or after a resume; it is derivable from the stored rows), the
 analytic model size and BOPs per sample (section 2.5) of the quantized and the FP32 model,
 and the calibration samples, sources and wall time.
@@ -242,7 +242,7 @@ def kurtosis_assignment(kurtosis: list[torch.Tensor], sizes: list[int], fraction
 def gradient_scores(strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """s(x) = ||grad_theta CE(x)||^2 of each sample on the FP32 model in eval mode (a Fisher proxy;
     parameters' .grad are left as they were)."""
-    from clbench.base import eval_mode
+    from clbench.models.freeze import eval_mode
 
     params = [p for p in strategy.parameters() if p.requires_grad]
     scores = []
@@ -277,7 +277,7 @@ def salient_selection(strategy, pool: dict[int, list[torch.Tensor]], n: int, see
     """Section 2.6's salient calibration data: score every candidate by `gradient_scores`, drop
     those at or above the `outlier_percentile`-th percentile of the scores, then per class (an even
     share of `n`) the highest-scoring sample of each k-means cluster of the embeddings."""
-    from clbench.base import eval_mode
+    from clbench.models.freeze import eval_mode
 
     classes = sorted(c for c in pool if pool[c])
     x = torch.stack([t.float() for c in classes for t in pool[c]])
@@ -813,7 +813,7 @@ class Quantize(Aux):
             return strategy.predict_logits(x)
 
     def _quantized_snapshot(self, strategy, data: torch.Tensor) -> tuple[nn.ModuleDict, dict[str, Any]]:
-        from clbench.base import eval_mode
+        from clbench.models.freeze import eval_mode
 
         device = next(strategy.parameters()).device
         snapshot = copy.deepcopy(nn.ModuleDict({"backbone": strategy.backbone, "head": strategy.head}))
@@ -932,7 +932,7 @@ class Quantize(Aux):
         buffer). Loss: tau^2 KL of the logits (section 1.1) + `distill_relation` x the relation loss
         of the embeddings the head reads (section 1.3; left out where the forward gives none)."""
         from clbench.auxiliary.distill import logit_kd, relation_kd
-        from clbench.base import eval_mode
+        from clbench.models.freeze import eval_mode
         from clbench.types import Output
 
         start = time.perf_counter()
@@ -999,7 +999,7 @@ class Quantize(Aux):
                                   "size_bytes": model_size_bytes(layer_sizes, unquantized),
                                   "size_bytes_fp32": 4 * sum(p.numel() for p in params)}
         if self._example is not None:  # BOPs from one training input's forward
-            from clbench.base import eval_mode
+            from clbench.models.freeze import eval_mode
 
             device = next(strategy.parameters()).device
             x = self._example.to(device)
@@ -1028,7 +1028,7 @@ def _smoothing_ops(w: _PTQLayer) -> int:
 
 
 def _forgetting(rows: list[list[float]]) -> float | None:
-    from clbench.metrics import forgetting_max
+    from clbench.reporting.metrics import forgetting_max
 
     value = forgetting_max(rows) if len(rows) >= 2 else math.nan
     return None if math.isnan(value) else value

@@ -9,14 +9,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from clbench.edge import flops as fl
+from clbench.edge.flops import measure_flops
+from clbench.edge.profiler import WARMUP_STEPS, EdgeProfiler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench import config as C
-from clbench.edge import flops as fl
-from clbench.edge.flops import measure_flops
-from clbench.edge.profiler import WARMUP_STEPS, EdgeProfiler
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

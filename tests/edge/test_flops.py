@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from clbench.edge import flops as fl
 from clbench.edge.flops import Counter, measure_flops
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def test_conv2d_forward_matches_reference_value():
@@ -77,7 +76,7 @@ def test_haar_dwt_as_grouped_conv_and_rfft():
 
 
 def test_clbench_haar_ops_count_the_haar_formula_both_ways():
-    from clbench.wavelets import haar_dwt, haar_idwt
+    from clbench.models.wavelets import haar_dwt, haar_idwt
 
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     assert measure_flops(lambda: haar_dwt(x)) == 24_576 == fl.haar_dwt2_flops(3, 32, 32)
@@ -170,7 +169,7 @@ def test_fft_flops_formula():
 def test_cifar_resnet18_forward_and_training_step_reference_values():
     import timm
 
-    import clbench.backbones  # noqa: F401  (registers resnet18_cifar with timm)
+    import clbench.models.backbones  # noqa: F401  (registers resnet18_cifar with timm)
 
     with torch.device("meta"):
         model = timm.create_model("resnet18_cifar", num_classes=10)

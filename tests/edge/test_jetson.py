@@ -3,10 +3,11 @@
 import sys
 
 import pytest
-
-from clbench.edge import devices, jetson as J
+from clbench.edge import devices
+from clbench.edge import jetson as J
 from clbench.edge.devices import DeviceProfile
 from clbench.edge.flops import StepProfile
+
 from clbench.errors import UsageError
 
 TOY = DeviceProfile(

@@ -4,7 +4,6 @@ import time
 
 import pytest
 import torch
-
 from clbench.edge import memory
 
 MIB = 2**20

@@ -6,13 +6,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from clbench.edge.flops import linear_flops
+from clbench.edge.profiler import EdgeProfiler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench import config as C
-from clbench.edge.flops import linear_flops
-from clbench.edge.profiler import EdgeProfiler
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 MM_IN_STEP = 2 * 4 * 4 * 4  # the marker matmul the optimizer below runs in every step
 
@@ -316,7 +316,7 @@ def test_a_resumed_run_reports_the_whole_runs_jetson_time(tmp_path, resume_pair)
     """Op traces are not checkpointed: after --resume the run total is the sum of the experiences'
     estimates, equal to an uninterrupted run's."""
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec
+    from clbench.engine.runner import RunSpec
 
     def spec(out, resume):
         cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)

@@ -215,7 +215,7 @@ def test_a_result_with_a_non_numeric_metric_is_skipped_with_a_warning(tmp_path, 
 
 
 def test_a_corrupt_resume_state_is_a_clear_error(tmp_path):
-    from clbench import checkpoint
+    from clbench.engine import checkpoint
     from clbench.errors import UsageError
 
     (tmp_path / checkpoint.META).write_text(json.dumps({"state_file": "state-1.pt"}))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clbench.config import RunConfig
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 TIMING_KEYS = {"train_time_s", "samples_per_s", "train_time_e2e_s", "peak_memory_bytes", "peak_rss_bytes",
                "peak_alloc_bytes", "peak_reserved_bytes"}

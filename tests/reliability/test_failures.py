@@ -15,7 +15,7 @@ import pytest
 from clbench.base import CLStrategy
 from clbench.cli import main
 from clbench.registry import STRATEGIES, register_strategy
-from clbench.results import load, write_json_atomic
+from clbench.reporting.results import load, write_json_atomic
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_nan_loss_stops_the_run_with_a_failed_result(tmp_path, capsys, diverging
 
 def test_an_unexpected_crash_writes_no_result(tmp_path):
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     def crash(i, result, strategy_):
         if i == 1:
@@ -144,7 +144,7 @@ def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from clbench.results import RunResult, save
+    from clbench.reporting.results import RunResult, save
     out, k, same_file = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     for repeat in range(20):
         seed, device = (0, "cpu") if same_file else (k, "cpu")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from clbench.config import RunConfig, coerce, parse_set, split_overrides
 from clbench.errors import UsageError
 from clbench.registry import SCENARIOS, STRATEGIES
-from clbench.results import SCHEMA_VERSION, RunResult, load
+from clbench.reporting.results import SCHEMA_VERSION, RunResult, load
 
 FIELD_TYPES = typing.get_type_hints(RunConfig)
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)

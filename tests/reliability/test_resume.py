@@ -25,7 +25,7 @@ STRATEGIES_TO_KILL = ["naive", "er", "lwf"] + ([SEED_METHOD] if SEED_METHOD else
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from clbench import checkpoint
+    from clbench.engine import checkpoint
     save = checkpoint.save
     def stalling_save(folder, strategy, result, completed):
         save(folder, strategy, result, completed)
@@ -89,7 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_resume_at_every_experience_boundary(tmp_path, strategy):
     """Interrupt after each experience in turn (in-process); every resume ends identical to the reference."""
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     def spec(out, resume=False):
         cfg = RunConfig(epochs=1, progress=False, output_dir=str(out), limit_train_batches=3)
@@ -112,7 +112,7 @@ def test_resume_at_every_experience_boundary(tmp_path, strategy):
 
 def test_checkpoint_is_tensors_and_json_only(tmp_path):
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     cfg = RunConfig(epochs=1, progress=False, output_dir=str(tmp_path), limit_train_batches=2)
 
@@ -135,7 +135,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     args = ["run", "--strategy", "er", "--scenario", "synthetic-5", "--epochs", "1", "--quiet",
             "--output-dir", str(tmp_path), "--set", "limit_train_batches=2"]
     from clbench.config import RunConfig
-    from clbench.runner import RunSpec, run
+    from clbench.engine.runner import RunSpec, run
 
     def interrupt(i, result, strategy_):
         if i == 0:
@@ -151,8 +151,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
 
 def test_checkpoint_keeps_the_per_experience_records(tmp_path, strategy_factory):
     """What the result gathers per experience besides the accuracy matrix survives a resume."""
-    from clbench import checkpoint
-    from clbench.results import RunResult
+    from clbench.engine import checkpoint
+    from clbench.reporting.results import RunResult
 
     strategy = strategy_factory("naive")
     result = RunResult("naive", "synthetic-2", "clbench_mlp_tiny", 0, accuracy_matrix=[[0.5, 0.0]],

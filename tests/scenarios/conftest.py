@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 # --------------------------------------------------------------------------- label <-> pixels
 def encode_label(label: int) -> tuple[int, int, int]:
     """An RGB colour for `label` (0..255) spaced 16 apart per channel, so JPEG keeps it decodable."""

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from clbench.data import dataset_labels, make_loader
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.runner import create_scenario
 from clbench.scenarios import cifar
 from clbench.scenarios.base import ScenarioOptions
+
+from clbench.datasets import dataset_labels
+from clbench.engine.data import make_loader
+from clbench.engine.runner import create_scenario
+from clbench.errors import DataNotFoundError, UsageError
 
 PYCIL_CIFAR100_ORDER_HEAD = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]  # as printed in PyCIL's logs
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from clbench.registry import SCENARIOS
-from clbench.runner import strategy_config
 from clbench.scenarios.base import ScenarioOptions
+
+from clbench.engine.runner import strategy_config
+from clbench.registry import SCENARIOS
 
 VARIANTS = ("clfd", "er_clfd", "der_pp_clfd", "er_ace_clfd", "cls_er_clfd")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clbench.runner import create_scenario
+from clbench.engine.runner import create_scenario
 
 
 def test_digits32_is_the_same_split_upsampled_bilinearly_to_three_identical_channels():

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from clbench.data import dataset_labels, make_loader
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.registry import SCENARIOS
 from clbench.scenarios import _images
 from clbench.scenarios.base import ScenarioOptions
+
+from clbench.datasets import dataset_labels
+from clbench.engine.data import make_loader
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
 
 PILOT_200_ORDER_HEAD = [168, 136, 51, 9, 183, 101, 171, 99]  # numpy seed 1993 permutation of 200
 
@@ -224,7 +225,6 @@ def test_subset_list_is_etags_derivation():
     from importlib.resources import files
 
     import numpy as np
-
     from clbench.scenarios.imagenet_subset import subset_wnids
 
     all_wnids = files("timm.data").joinpath("_info/imagenet_synsets.txt").read_text().split()

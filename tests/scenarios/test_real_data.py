@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clbench.scenarios.base import ScenarioOptions
 
-from clbench.data import make_loader
+from clbench.engine.data import make_loader
 from clbench.errors import DataNotFoundError
 from clbench.registry import SCENARIOS
-from clbench.scenarios.base import ScenarioOptions
 
 pytestmark = pytest.mark.data
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clbench.scenarios._detection import detection_scenario
+from clbench.scenarios.shapes import (
+    SHAPES_CLASSES,
+    SIDE_RANGE,
+    draw_shapes,
+    generate_shapes,
+    pool_size,
+)
 
 from clbench.config import RunConfig
+from clbench.engine.runner import create_scenario
 from clbench.errors import UsageError
-from clbench.runner import create_scenario
-from clbench.scenarios._detection import detection_scenario
-from clbench.scenarios.shapes import SHAPES_CLASSES, SIDE_RANGE, draw_shapes, generate_shapes, pool_size
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import pickle
 
 import pytest
 import torch
-
-from clbench.config import RunConfig
-from clbench.detection import DetectionDataset, make_target
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.runner import create_scenario
 from clbench.scenarios._iod_files import write_voc
 from clbench.scenarios.shapes import generate_shapes
 from clbench.scenarios.voc import VOC_CLASSES, read_voc
+
+from clbench.config import RunConfig
+from clbench.engine.runner import create_scenario
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.models.detection.targets import DetectionDataset, make_target
 
 STAND_INS = ["aeroplane", "bus", "dog", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # shape label -> VOC class
 WIDTH, HEIGHT = 96, 64

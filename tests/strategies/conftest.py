@@ -3,7 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 
-from clbench.runner import create_scenario
+from clbench.engine.runner import create_scenario
 
 
 @pytest.fixture(autouse=True, scope="module")

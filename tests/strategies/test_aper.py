@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clbench.engine.runner import RunSpec, create_scenario, run
 from clbench.errors import UsageError
-from clbench.runner import RunSpec, create_scenario, run
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -32,8 +32,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_backbone_never_changes_and_the_adapter_changes_in_the_first_task_only(aper_run):
-    from clbench.adapters import AdapterSet
-    from clbench.backbones import build_backbone
+    from clbench.models.adapters import AdapterSet
+    from clbench.models.backbones import build_backbone
 
     result, snapshots = aper_run
     torch.manual_seed(0)

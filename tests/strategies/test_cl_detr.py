@@ -11,12 +11,22 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from clbench.scenarios.shapes import generate_shapes
+from clbench.strategies.cl_detr import (
+    CLDETR,
+    Config,
+    distribution_preserving_selection,
+    label_counts,
+)
 from torch.utils.data import DataLoader
 
-from clbench.detection import DetectionDataset, detection_collate, make_target, standard_task_images
-from clbench.detr import DetrOutput
-from clbench.scenarios.shapes import generate_shapes
-from clbench.strategies.cl_detr import CLDETR, Config, distribution_preserving_selection, label_counts
+from clbench.models.detection.detr import DetrOutput
+from clbench.models.detection.targets import (
+    DetectionDataset,
+    detection_collate,
+    make_target,
+)
+from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 
 T = torch.tensor
@@ -249,7 +259,7 @@ def test_cli_run_on_shapes_stores_a_detection_record(tmp_path):
 def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, fast_config_for, resume_pair):
     """Stopped after task 1, the memory comes back as row indices into task 1's training set and
     task 2's calibration replays the same exemplars."""
-    from clbench.runner import RunSpec
+    from clbench.engine.runner import RunSpec
 
     def spec(out, resume):
         return RunSpec("cl_detr", "shapes-2+2", run=fast_config_for(out, batch_size=4), seed=0, resume=resume,

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import pywt
 import torch
-
 from clbench.edge.flops import measure_flops
-from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.clfd import (
     FrequencyEncoder,
     crop_and_flip,
     initial_keep_probs,
     new_class_keep_probs,
 )
-from clbench.wavelets import haar_dwt, haar_dwt_conv, haar_idwt
+
+from clbench.engine.runner import RunSpec, create_scenario, run
+from clbench.models.wavelets import haar_dwt, haar_dwt_conv, haar_idwt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,7 +29,7 @@ def _one_thread():
 
 
 def build(name, scenario, build_strategy, **cfg):
-    from clbench.backbones import build_backbone
+    from clbench.models.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_strategy(name, scenario, backbone=build_backbone("resnet18_cifar_nf8"), **cfg)

@@ -9,11 +9,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clbench.strategies.coda_prompt import (
+    CodaPrompt,
+    coda_weights,
+    ortho_penalty,
+    orthogonal_rows,
+)
 
-from clbench.backbones import build_backbone
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
 from clbench.errors import UsageError
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
-from clbench.strategies.coda_prompt import CodaPrompt, coda_weights, orthogonal_rows, ortho_penalty
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch
 
 TINY = {"pool_size": 10, "prompt_length": 2, "prompt_blocks": 4}  # digits32-5: T = 5, M = 2 T, groups of 2

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from clbench.adapters import AdapterSet
-from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.daf import DAF, fusion_coefficient
+
+from clbench.engine.runner import RunSpec, create_scenario, run
+from clbench.models.adapters import AdapterSet
 from clbench.types import Batch
 
 T = torch.tensor
@@ -158,8 +158,8 @@ def test_class_gaussians_are_the_features_under_the_global_adapter_of_their_task
 
 
 def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
-    from clbench.backbones import build_backbone
-    from clbench.runner import create_strategy, strategy_config
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
     from clbench.types import Phase
 
     scenario = create_scenario("digits32-5")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from clbench.edge.flops import measure_flops
 from clbench.strategies.der_pp import stored_logit_mse
 
 
 def build(name, scenario, build_strategy, **cfg):
-    from clbench.backbones import build_backbone
+    from clbench.models.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_strategy(name, scenario, backbone=build_backbone("resnet18_cifar_nf8"), **cfg)

@@ -8,11 +8,12 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
-
-from clbench.detection import detection_collate, standard_task_images
 from clbench.scenarios.shapes import generate_shapes
 from clbench.strategies.detr_finetune import Config, DetrFinetune
+from torch.utils.data import DataLoader
+
+from clbench.models.detection.targets import detection_collate
+from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 
 TASKS = [ExperienceInfo(0, (0, 1), (0, 1), 2, 4), ExperienceInfo(1, (2, 3), (0, 1, 2, 3), 2, 4)]

@@ -9,11 +9,18 @@ import math
 import pytest
 import timm
 import torch
-
-from clbench.backbones import build_backbone
-from clbench.errors import UsageError
-from clbench.runner import RunSpec, create_scenario, create_strategy, paper_settings, run, strategy_config
 from clbench.strategies.dualprompt import DualPrompt
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    paper_settings,
+    run,
+    strategy_config,
+)
+from clbench.errors import UsageError
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch
 
 TINY = {"pool_size": 5, "g_prompt_length": 2, "e_prompt_length": 2, "e_prompt_layers": (2, 3)}
@@ -162,7 +169,8 @@ def test_a_short_run_trains_task_ts_e_prompt_and_key_only_and_never_the_backbone
 
 
 def test_selection_accuracy_on_hand_set_selections():
-    from clbench.data import InMemoryDataset, make_loader
+    from clbench.datasets import InMemoryDataset
+    from clbench.engine.data import make_loader
 
     strategy, scenario = _strategy(experiences=2)
     strategy.on_experience_end(scenario.info(1), scenario.train_sets[1])

@@ -8,13 +8,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clbench.strategies.ease import (
+    complemented,
+    ensemble_logits,
+    transferred_prototypes,
+)
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from clbench.adapters import AdapterSet
-from clbench.backbones import build_backbone
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
 from clbench.errors import UsageError
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
-from clbench.strategies.ease import complemented, ensemble_logits, transferred_prototypes
+from clbench.models.adapters import AdapterSet
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch, Phase
 
 E = math.e
@@ -269,8 +279,9 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, fast_config_for,
 
 
 def test_paper_settings_are_the_released_configs():
-    from clbench.runner import paper_settings
     from clbench.strategies.ease import EASE
+
+    from clbench.engine.runner import paper_settings
 
     run_values, values = paper_settings(EASE, "cifar100-20")
     assert run_values == {"epochs": 20, "batch_size": 48}

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 
 class BufferWatch(pl.Callback):

@@ -6,11 +6,16 @@ import math
 
 import pytest
 import torch
+from clbench.strategies.erd import (
+    Config,
+    box_response_loss,
+    class_response_loss,
+    elastic_locations,
+)
 
-from clbench.detection import DetectionBatch, make_target
-from clbench.gfl import GFLOutput
+from clbench.models.detection.gfl import GFLOutput
+from clbench.models.detection.targets import DetectionBatch, make_target
 from clbench.registry import STRATEGIES
-from clbench.strategies.erd import Config, box_response_loss, class_response_loss, elastic_locations
 from clbench.types import ExperienceInfo
 
 EXP0 = ExperienceInfo(0, (0, 1), (0, 1), 2, 4)

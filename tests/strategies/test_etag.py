@@ -8,10 +8,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from clbench.backbones import build_backbone
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
 from clbench.strategies.etag import embedding_l2, rotations
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch
 
 TINY = {"generator_epochs": 1, "latent": 8, "hidden": 16}
@@ -176,8 +182,8 @@ def test_model_learning_rate_decays_tenfold_every_30_epochs_and_the_generator_ke
 
 
 def test_paper_settings_are_the_appendix_values_on_etags_b50_splits():
+    from clbench.engine.runner import paper_settings
     from clbench.registry import STRATEGIES
-    from clbench.runner import paper_settings
 
     cls = STRATEGIES.get("etag")
     for name, epochs in (("cifar100-b50-5", 100), ("cifar100-b50-10", 100), ("imagenet-subset-b50-5", 70),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 
 def _params(strategy):

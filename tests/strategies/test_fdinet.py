@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from clbench.backbones import CifarResNet
 from clbench.edge.flops import measure_flops
-from clbench.wavelets import haar_dwt, haar_idwt
 from clbench.strategies.fdinet import FrequencyBranches
+
+from clbench.models.backbones import CifarResNet
+from clbench.models.wavelets import haar_dwt, haar_idwt
 
 
 def test_branches_receive_the_low_and_detail_bands():

@@ -6,10 +6,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-
-from clbench.buffers import herding_selection
-from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.icarl import balanced_quotas
+
+from clbench.engine.runner import RunSpec, create_scenario, run
+from clbench.models.buffers import herding_selection
 
 
 def test_herding_by_hand():

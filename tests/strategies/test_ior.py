@@ -10,9 +10,6 @@ import dataclasses
 
 import pytest
 import torch
-
-from clbench.detection import DetectionBatch, DetectionDataset, make_target
-from clbench.registry import STRATEGIES
 from clbench.strategies.ior import (
     Config,
     ReplayDataset,
@@ -27,6 +24,13 @@ from clbench.strategies.ior import (
     signed_aspect_ratio,
     top_old_locations,
 )
+
+from clbench.models.detection.targets import (
+    DetectionBatch,
+    DetectionDataset,
+    make_target,
+)
+from clbench.registry import STRATEGIES
 from clbench.types import ExperienceInfo
 
 SIZE = 64

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clbench.data import dataset_labels
-from clbench.runner import RunSpec, run
+from clbench.datasets import dataset_labels
+from clbench.engine.runner import RunSpec, run
 
 
 def test_training_data_is_the_union_of_experiences_so_far(strategy_factory, synthetic_scenario):

@@ -8,12 +8,19 @@ import math
 
 import pytest
 import torch
-
-from clbench.backbones import build_backbone
-from clbench.errors import UsageError
-from clbench.prompts import PromptPool, TokenPrompter
-from clbench.runner import RunSpec, create_scenario, create_strategy, paper_settings, run, strategy_config
 from clbench.strategies.l2p import L2P
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    paper_settings,
+    run,
+    strategy_config,
+)
+from clbench.errors import UsageError
+from clbench.models.backbones import build_backbone
+from clbench.models.prompts import PromptPool, TokenPrompter
 from clbench.types import Batch
 
 TINY = {"pool_size": 5, "prompt_length": 2, "top_k": 2}

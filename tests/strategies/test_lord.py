@@ -7,14 +7,21 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from clbench.backbones import CifarResNet
-from clbench.config import RunConfig
-from clbench.data import make_loader
 from clbench.edge.flops import Counter
-from clbench.runner import make_trainer
 from clbench.scenarios.base import class_incremental_from_tensors
-from clbench.strategies.lord import Arch, arch_params, elastic_features, reorder_inner_channels, student_widths, teacher_forward
+from clbench.strategies.lord import (
+    Arch,
+    arch_params,
+    elastic_features,
+    reorder_inner_channels,
+    student_widths,
+    teacher_forward,
+)
+
+from clbench.config import RunConfig
+from clbench.engine.data import make_loader
+from clbench.engine.runner import make_trainer
+from clbench.models.backbones import CifarResNet
 from clbench.types import Phase
 
 

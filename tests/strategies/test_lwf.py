@@ -7,10 +7,10 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-
-from clbench.base import teacher_logits
-from clbench.runner import RunSpec, run
 from clbench.strategies.lwf import distillation
+
+from clbench.engine.runner import RunSpec, run
+from clbench.models.freeze import teacher_logits
 
 
 class TeacherWatch(pl.Callback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 
 def test_loss_is_cross_entropy_on_the_current_batch_only(strategy_factory, synthetic_scenario, batch_of):

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import copy
 
+import clbench.detr as detr
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
-
-import clbench.detr as detr
-from clbench.detection import detection_collate, standard_task_images
 from clbench.scenarios.shapes import generate_shapes
 from clbench.strategies.p2iod import P2IOD, Config, fuse_task_vectors, prompt_weights
+from torch.utils.data import DataLoader
+
+from clbench.models.detection.targets import detection_collate
+from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 
 T = torch.tensor
@@ -268,7 +269,7 @@ def test_voc_paper_setting_divides_the_rate_by_ten_once_at_epoch_80():
     import types
 
     from clbench.base import CLStrategy
-    from clbench.runner import strategy_config
+    from clbench.engine.runner import strategy_config
 
     cfg = strategy_config("p2iod", paper_settings_for="voc-10+10")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)

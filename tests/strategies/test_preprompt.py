@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from clbench.backbones import build_backbone
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
 from clbench.strategies.preprompt import translated_features
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch
 
 TINY = {"prompt_length": 2, "prompt_blocks": 2, "calibration_epochs": 2, "calibration_batch": 16}
@@ -144,7 +150,8 @@ def test_task_prediction_accuracy_on_hand_set_predictions():
     for i in range(2):
         strategy.on_experience_start(scenario.info(i))
     strategy.on_experience_end(scenario.info(1), scenario.train_sets[1])
-    from clbench.data import InMemoryDataset, make_loader
+    from clbench.datasets import InMemoryDataset
+    from clbench.engine.data import make_loader
 
     classes = [scenario.info(i).classes for i in range(2)]
     x = torch.zeros(4, 3, 32, 32)

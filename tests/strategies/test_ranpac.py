@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from clbench.runner import RunSpec, create_scenario, run
 from clbench.strategies.ranpac import RIDGES, choose_ridge, ridge_solution
+
+from clbench.engine.runner import RunSpec, create_scenario, run
 
 
 def test_ridge_choice_and_readout_equal_the_closed_form_on_a_small_example():
@@ -61,8 +61,8 @@ def test_streamed_g_and_q_equal_the_batch_computation_over_all_data(ranpac_run):
 
 
 def test_the_projection_is_random_fixed_and_seeded(ranpac_run):
-    from clbench.backbones import build_backbone
-    from clbench.runner import create_strategy, strategy_config
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
 
     _, snapshots = ranpac_run
     w = snapshots[0]["projection"]

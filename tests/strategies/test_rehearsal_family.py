@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clbench.config import RunConfig
-from clbench.runner import RunSpec, run
+from clbench.engine.runner import RunSpec, run
 
 # CLFD is one wrapper over each base: it is checked here over ER and DER++ (its other bases are
 # checked alone above and in combination by the contract suite), which keeps the suite's time

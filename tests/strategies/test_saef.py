@@ -8,9 +8,16 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from clbench.strategies.saef import (
+    Node,
+    build_tree,
+    cluster_tasks,
+    combine,
+    descend,
+    sign_elected_merge,
+)
 
-from clbench.runner import RunSpec, run
-from clbench.strategies.saef import Node, build_tree, cluster_tasks, combine, descend, sign_elected_merge
+from clbench.engine.runner import RunSpec, run
 
 
 def _leaves(prototypes, dim=3):

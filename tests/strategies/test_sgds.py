@@ -6,10 +6,16 @@ import math
 
 import pytest
 import torch
-
-from clbench.backbones import build_backbone
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
 from clbench.strategies.sgds import semantic_probabilities
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
+from clbench.models.backbones import build_backbone
 from clbench.types import Batch
 
 K = 4

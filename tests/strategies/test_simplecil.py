@@ -7,7 +7,13 @@ import math
 import torch
 from torch import nn
 
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
 from clbench.types import Batch, ExperienceInfo
 
 

@@ -6,10 +6,16 @@ import math
 
 import pytest
 import torch
-
-from clbench.backbones import build_backbone
-from clbench.runner import RunSpec, create_scenario, create_strategy, run, strategy_config
 from clbench.strategies.saef import sign_elected_merge
+
+from clbench.engine.runner import (
+    RunSpec,
+    create_scenario,
+    create_strategy,
+    run,
+    strategy_config,
+)
+from clbench.models.backbones import build_backbone
 
 
 def _strategy(**overrides):
@@ -86,6 +92,7 @@ def test_up_projection_overlap_by_hand():
 
 def test_orthogonality_term_uses_the_stored_earlier_adapters_weighted_by_exp_minus_t_plus_1():
     from clbench.strategies.tuna import up_projection_overlap
+
     from clbench.types import Batch
 
     scenario = create_scenario("digits32-5")

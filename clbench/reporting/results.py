@@ -39,7 +39,7 @@ class RunResult:
     # (`accuracy_matrix` then holds per-task mean AP)
     detection: dict[str, Any] = field(default_factory=dict)
     # forecasting scenarios: MSE and MAE matrices (scaled and original units), error metrics (lower is
-    # better) and the scaler policy (`accuracy_matrix` then stays empty; see `clbench.forecasting`)
+    # better) and the scaler policy (`accuracy_matrix` then stays empty; see `clbench.tasks.forecasting`)
     forecasting: dict[str, Any] = field(default_factory=dict)
     # per add-on, per experience: what its `after_evaluation` recorded (e.g. a quantized snapshot's accuracy)
     aux_results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)

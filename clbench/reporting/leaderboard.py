@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from clbench.errors import UsageError
-from clbench.metrics import METRICS
-from clbench.results import RunResult, load
+from clbench.reporting.metrics import METRICS
+from clbench.reporting.results import RunResult, load
 
 MISSING = "—"
 
@@ -539,7 +539,7 @@ def to_html(lb: Leaderboard, results: Sequence[RunResult] | None = None, title: 
         items = "".join(f"<li>{escape(str(p))}: {escape(why)}</li>" for p, why in lb.skipped)
         parts.append(f"<h2>Skipped files</h2><ul>{items}</ul>")
     if results:
-        from clbench import plots
+        from clbench.reporting import plots
 
         figures = "".join(
             f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{b64}"><figcaption>{escape(caption)}</figcaption></figure>'

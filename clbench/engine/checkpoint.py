@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from clbench.errors import UsageError
-from clbench.heads import IncrementalLinear
-from clbench.results import RunResult, result_path, write_json_atomic
+from clbench.models.heads import IncrementalLinear
+from clbench.reporting.results import RunResult, result_path, write_json_atomic
 
 META = "checkpoint.json"
 

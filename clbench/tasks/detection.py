@@ -19,95 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
-from torch import nn
-from torch.utils.data import Dataset
 
-from clbench.base import CLStrategy, evaluating, frozen_snapshot
+from clbench.models.detection.targets import Target, restrict
+from clbench.models.freeze import evaluating
 from clbench.types import ExperienceInfo
-
-Target = dict[str, torch.Tensor]  # {"boxes": float [n, 4] xyxy, "labels": long [n], "ignore": bool [n]}
-
-
-def make_target(boxes, labels, ignore=None) -> Target:
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    ignore = torch.zeros(len(labels), dtype=torch.bool) if ignore is None else torch.as_tensor(ignore, dtype=torch.bool)
-    if not (len(boxes) == len(labels) == len(ignore)):
-        raise ValueError(f"target has {len(boxes)} boxes, {len(labels)} labels and {len(ignore)} ignore flags")
-    return {"boxes": boxes, "labels": labels, "ignore": ignore.reshape(-1)}
-
-
-def select(target: Target, keep: torch.Tensor) -> Target:
-    return {k: v[keep] for k, v in target.items()}
-
-
-def restrict(target: Target, classes: Sequence[int] | torch.Tensor) -> Target:
-    """The target's boxes whose label is in `classes`."""
-    allowed = torch.as_tensor(list(classes) if not isinstance(classes, torch.Tensor) else classes, dtype=torch.long)
-    return select(target, torch.isin(target["labels"], allowed))
-
-
-# --------------------------------------------------------------------------- data
-@dataclass
-class DetectionBatch:
-    """Images of one size stacked to `x` (values in [0, 1]; detectors normalise themselves) and
-    one target per image."""
-
-    x: torch.Tensor
-    targets: list[Target]
-    x_raw: None = None  # no per-sample train augmentation outside the strategy
-
-    def to(self, device) -> "DetectionBatch":
-        return DetectionBatch(self.x.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets])
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-
-class DetectionDataset(Dataset):
-    """Images and their targets; items are `(image float [3, H, W] in [0, 1], target)`.
-
-    `images` is either a uint8 tensor `[N, 3, H, W]` held in memory or a function `load(row)`
-    returning one such image (files decoded on demand); `rows[i]` is the parent row of item `i`,
-    so task subsets share the parent's images.
-    """
-
-    def __init__(self, images: torch.Tensor | Callable[[int], torch.Tensor], targets: Sequence[Target],
-                 rows: Sequence[int] | None = None):
-        self.images = images
-        self.targets = list(targets)
-        self.rows = list(range(len(self.targets))) if rows is None else [int(r) for r in rows]
-        if len(self.rows) != len(self.targets):
-            raise ValueError(f"{len(self.rows)} rows but {len(self.targets)} targets")
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def image(self, i: int) -> torch.Tensor:
-        row = self.rows[i]
-        raw = self.images[row] if isinstance(self.images, torch.Tensor) else self.images(row)
-        return raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float()
-
-    def __getitem__(self, i: int):
-        return self.image(i), self.targets[i]
-
-    def subset(self, items: Sequence[int], targets: Sequence[Target] | None = None) -> "DetectionDataset":
-        """Items `items` of this dataset (with replaced targets, if given), sharing its images."""
-        targets = [self.targets[i] for i in items] if targets is None else list(targets)
-        return DetectionDataset(self.images, targets, [self.rows[i] for i in items])
-
-    @property
-    def label_sets(self) -> list[set[int]]:
-        return [set(t["labels"].tolist()) for t in self.targets]
-
-
-def detection_collate(items) -> DetectionBatch:
-    images, targets = zip(*items)
-    return DetectionBatch(torch.stack(list(images)), list(targets))
 
 
 # --------------------------------------------------------------------------- task filters
@@ -242,63 +160,3 @@ def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Seq
     detail = {"ap_per_class": {str(c): v for c, v in sorted(ap.items())},
               **breakdown(ap, info.past_classes, info.classes)}
     return row, detail
-
-
-# --------------------------------------------------------------------------- strategy contract
-class DetectionStrategy(CLStrategy):
-    """Base of every incremental-detection method.
-
-    The experience loop, optimiser, finiteness checks and logging are `CLStrategy`'s; what
-    differs: the model is a detector the method builds from its Config (`build_detector`; the
-    runner passes no classification backbone), batches are `DetectionBatch`es, and evaluation
-    calls `detect`, which returns seen-class detections only.
-    """
-
-    task_type: ClassVar[str] = "detection"
-    # names the model in results (where classification runs name their backbone)
-    detector_name: ClassVar[str] = "detector"
-    accepts_aux: ClassVar[set[str] | None] = set()
-    contract_scenario: ClassVar[str] = "shapes-2+2"
-    input_channels: ClassVar[int | None] = 3
-
-    def __init__(self, backbone: nn.Module | None, num_classes: int, cfg=None, aux: Sequence[nn.Module] = (), seed: int = 0):
-        pl.LightningModule.__init__(self)  # CLStrategy's own __init__ builds a classification head
-        self.cfg = cfg if cfg is not None else self.Config()
-        self.init_loop_state(num_classes, aux, seed)
-        self.detector = self.build_detector(num_classes)
-
-    def build_detector(self, num_classes: int) -> nn.Module:
-        """The method's detector; it grows or masks its own classifier per task."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor):
-        return self.detector(x)
-
-    # ----------------------------------------------------------- inference
-    def predict_detections(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Per image `{"boxes", "scores", "labels"}` of the method's inference rule."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def detect(self, x: torch.Tensor, seen: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """`predict_detections` with outputs of unseen classes dropped (methods also mask the
-        logits of unseen classes before post-processing; this guarantees it for every method)."""
-        seen_t = torch.as_tensor(list(seen), dtype=torch.long, device=x.device)
-        out = []
-        for p in self.predict_detections(x):
-            keep = torch.isin(p["labels"].long(), seen_t)
-            out.append({k: v[keep] for k, v in p.items()})
-        return out
-
-    def predict(self, x: torch.Tensor):
-        return self.predict_detections(x)
-
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{type(self).__name__} is a detection strategy: use detect(), not predict_logits()")
-
-    def step_losses(self, batch: DetectionBatch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def frozen_copy(self, **more: nn.Module) -> nn.Module:
-        """A teacher snapshot of the detector (and of `more` modules), eval mode, gradients off."""
-        return frozen_snapshot({"detector": self.detector, **more})

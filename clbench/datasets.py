@@ -1,13 +1,11 @@
-"""Datasets and loaders the runner feeds to Lightning; labels are positions in the class order."""
+"""The dataset containers strategies and scenarios exchange: in-memory tensors, relabelled subsets."""
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-from clbench.types import Batch
+from torch.utils.data import Dataset
 
 
 class InMemoryDataset(Dataset):
@@ -93,30 +91,3 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         return torch.cat([dataset_labels(d) for d in dataset.datasets])
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
-
-
-def collate(items) -> Batch:
-    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor):
-        return Batch(items[0], items[1])  # already a whole batch from __getitems__
-    if items and isinstance(items[0][1], dict):  # detection: (image, target dict) pairs
-        from clbench.detection import detection_collate
-
-        return detection_collate(items)
-    xs, ys = zip(*[(it[0], it[1]) for it in items])
-    return Batch(torch.stack(list(xs)), torch.as_tensor(ys).long())
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last: bool = False
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=num_workers,
-        collate_fn=collate,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
-    )

@@ -4,14 +4,13 @@ A run whose result JSON already exists is skipped, so a sweep that was stopped p
 up where it left off (a run stopped mid-way resumes from its last finished experience).
 Runs go to a local process pool (`--jobs N`; a fresh spawned process per run, with
 `cpu_count // N` torch threads), run one by one in this process (`--in-process`), or,
-with `--ray-address`, to a Ray cluster (one task per run).  Each run is the ordinary `clbench.runner.run`; distributed
+with `--ray-address`, to a Ray cluster (one task per run).  Each run is the ordinary `clbench.engine.runner.run`; distributed
 training of one run stays Lightning's (`--set trainer_strategy=ddp devices=N`).
 """
 
 from __future__ import annotations
 
 import functools
-
 import os
 import sys
 import time
@@ -21,12 +20,12 @@ from typing import Any, Callable, Sequence
 
 from clbench import config as C
 from clbench.errors import UsageError
-from clbench.results import add_on_slug
+from clbench.reporting.results import add_on_slug
 
 
 @dataclass
 class Job:
-    spec: Any  # clbench.runner.RunSpec
+    spec: Any  # clbench.engine.runner.RunSpec
     existing: Path | None = None  # a stored result of this exact run
     stale: str | None = None  # why an existing result does not match the requested settings
 
@@ -70,15 +69,19 @@ def plan(
     wandb: str | None = None,
 ) -> list[Job]:
     """Validate the whole grid (names, --set keys, values) before any run starts."""
+    from clbench.engine.runner import RunSpec, resolve
     from clbench.registry import SCENARIOS, STRATEGIES, canonical
-    from clbench.runner import RunSpec, resolve
 
     strategies = [canonical(s, "strategy") for s in strategies]
     for name in strategies:
         STRATEGIES.get(name)
     for name in scenarios:
         SCENARIOS.get(name)
-    from clbench.runner import _check_output_dir, _check_trainer_settings, create_aux
+    from clbench.engine.runner import (
+        _check_output_dir,
+        _check_trainer_settings,
+        create_aux,
+    )
 
     run_values, per_strategy = _route_overrides(overrides or {}, strategies)
     run = replace(C.RunConfig(), **run_values, output_dir=output_dir, progress=False)
@@ -106,9 +109,9 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     scenario whose data is absent (under `run.data_root`) is not filtered (its runs fail
     with the data error).
     """
+    from clbench.engine.runner import aux_problem, create_scenario, task_problem
     from clbench.errors import DataNotFoundError
     from clbench.registry import AUXILIARY, STRATEGIES
-    from clbench.runner import aux_problem, create_scenario, task_problem
 
     try:
         built = create_scenario(scenario, run)
@@ -140,7 +143,7 @@ def _meta_backbone(backbone: str, input_shape: tuple):
     """The backbone built on the meta device (no memory, no weights), for `backbone_problem`."""
     import torch
 
-    from clbench.backbones import build_backbone
+    from clbench.models.backbones import build_backbone
 
     with torch.device("meta"):
         return build_backbone(backbone, in_chans=input_shape[0], img_size=input_shape[-1])
@@ -196,8 +199,8 @@ _IGNORED_RUN_KEYS = {"output_dir", "progress", "data_root", "num_workers", "down
 
 def _find_existing(job: Job) -> Job:
     """A stored result of the same strategy+add-ons, scenario, seed, device and backbone request."""
-    from clbench.results import RunResult, _slug, load, result_path
-    from clbench.runner import device_name, resolve
+    from clbench.engine.runner import device_name, resolve
+    from clbench.reporting.results import RunResult, _slug, load, result_path
 
     spec = job.spec
     run_cfg, cfg = resolve(spec)
@@ -237,8 +240,8 @@ def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
     """Worker body (also used in-process): one run, reduced to a small picklable summary."""
     import torch
 
-    from clbench.results import result_path
-    from clbench.runner import quiet_lightning, run
+    from clbench.engine.runner import quiet_lightning, run
+    from clbench.reporting.results import result_path
 
     if threads:
         torch.set_num_threads(threads)
@@ -351,7 +354,7 @@ def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None,
 
 
 def _stored_status(path: Path) -> str:
-    from clbench.results import load
+    from clbench.reporting.results import load
 
     return load(path).status
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.base import eval_mode
 from clbench.config import StrategyConfig, positive_integers, probabilities_below_one
 from clbench.errors import UsageError
+from clbench.models.freeze import eval_mode
 
 
 class Adapter(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from clbench.metrics import FWT, METRICS
-from clbench.results import RunResult
+from clbench.reporting.metrics import FWT, METRICS
+from clbench.reporting.results import RunResult
 
 
 def format_matrix(R: list[list[float]]) -> str:
@@ -58,7 +58,7 @@ def print_result(r: RunResult, file=None) -> None:
         jetson = totals.get("jetson") or {}
         if jetson.get("label"):  # says "measured" or "estimated ± band" itself
             print(f"Jetson {jetson.get('device')} ({jetson.get('power_mode', '?')}): {jetson['label']}", file=out)
-    from clbench.results import result_path
+    from clbench.reporting.results import result_path
 
     print(f"result: {result_path(r.run_config.get('output_dir', 'results'), r)}", file=out)
 

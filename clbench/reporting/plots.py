@@ -20,9 +20,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from clbench import leaderboard as L
 from clbench.errors import UsageError
-from clbench.results import RunResult
+from clbench.reporting import leaderboard as L
+from clbench.reporting.results import RunResult
 
 # cost column -> (axis label, log scale)
 COSTS: dict[str, tuple[str, bool]] = {

@@ -14,12 +14,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from clbench import checkpoint
 from clbench import config as C
-from clbench.data import make_loader
+from clbench.engine import checkpoint
+from clbench.engine.data import make_loader
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES
-from clbench.results import RunResult, environment, save
+from clbench.reporting.results import RunResult, environment, save
 from clbench.types import Phase
 
 
@@ -163,8 +163,8 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     """
     import pytorch_lightning as pl
 
-    from clbench.backbones import build_backbone
     from clbench.edge.profiler import EdgeProfiler
+    from clbench.models.backbones import build_backbone
 
     run_cfg, cfg = resolve(spec)
     C.check_seed(spec.seed)
@@ -184,7 +184,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                              f"expected no --backbone (each builds its detector from its Config)")
         backbone, backbone_name = None, STRATEGIES.get(spec.strategy).detector_name
     elif forecasting:  # forecasters build their model from their Config, bound to the scenario's window
-        from clbench.forecasting import bind_to_scenario
+        from clbench.tasks.forecasting import bind_to_scenario
 
         if run_cfg.backbone:
             raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to forecasting strategies; "
@@ -230,7 +230,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
     if start == 0 and forecasting:
-        from clbench.forecasting import evaluate_forecast, new_record
+        from clbench.tasks.forecasting import evaluate_forecast, new_record
 
         result.forecasting = new_record(scenario, *evaluate_forecast(strategy, test_loaders, device=device))
     elif start == 0:
@@ -251,13 +251,13 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 _train(strategy, info, data, run_cfg, spec.seed, trainer_callbacks, trainer_loggers)
                 strategy.on_experience_end(info, scenario.train_sets[i])
                 if detection:
-                    from clbench.detection import evaluate_detection
+                    from clbench.tasks.detection import evaluate_detection
 
                     row, detail = evaluate_detection(strategy, test_loaders[0], info, scenario.task_classes,
                                                      scenario.convention, device=device)
                     result.detection["per_task"].append({"task": i, **detail})
                 elif forecasting:  # errors, not accuracies: `accuracy_matrix` stays empty
-                    from clbench.forecasting import evaluate_forecast
+                    from clbench.tasks.forecasting import evaluate_forecast
 
                     mse, mae = evaluate_forecast(strategy, test_loaders, device=device)
                     result.forecasting["mse_matrix"].append(mse)
@@ -287,7 +287,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     finally:
         _finish(result, strategy, profiler, run_cfg)
         if wandb_logger is not None:
-            from clbench.loggers import log_result
+            from clbench.engine.loggers import log_result
 
             log_result(wandb_logger, result)
     if result.status in ("completed", "failed"):  # a diverged run would diverge again: nothing to resume
@@ -311,7 +311,8 @@ def _evaluate_add_ons(strategy, info, test_loaders, device, result: RunResult) -
 
 def _diagnose(strategy, info, test_loaders, device, result: RunResult) -> None:
     """The strategy's own diagnostic, when it has one (see `CLStrategy.diagnose`)."""
-    from clbench.base import CLStrategy, evaluating
+    from clbench.base import CLStrategy
+    from clbench.models.freeze import evaluating
 
     if type(strategy).diagnose is CLStrategy.diagnose:
         return
@@ -401,12 +402,12 @@ def _fit(trainer, strategy, loader) -> None:
 
 
 def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None:
-    from clbench.metrics import summarise
+    from clbench.reporting.metrics import summarise
 
     if result.accuracy_matrix and result.status == "completed":
         result.metrics = summarise(result.accuracy_matrix, result.initial_accuracy)
     if result.forecasting.get("mse_matrix") and result.status == "completed":
-        from clbench.forecasting import finish_record
+        from clbench.tasks.forecasting import finish_record
 
         finish_record(result.forecasting)
     result.edge["totals"] = profiler.totals()
@@ -424,7 +425,7 @@ def _wandb(spec: RunSpec, run_cfg: C.RunConfig, cfg, backbone: str):
     """(logger, callbacks) mirroring this run to wandb, or (None, []) without --wandb."""
     if spec.wandb is None:
         return None, []
-    from clbench.loggers import GlobalStep, wandb_logger
+    from clbench.engine.loggers import GlobalStep, wandb_logger
 
     return wandb_logger(spec.wandb, spec, run_cfg, cfg, backbone), [GlobalStep()]
 
@@ -463,7 +464,7 @@ def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -
     `predict_logits` (default: the strategy's) scores another version of the model, such as
     an add-on's quantized snapshot.
     """
-    from clbench.base import evaluating
+    from clbench.models.freeze import evaluating
 
     predict_logits = predict_logits or strategy.predict_logits
     row = []

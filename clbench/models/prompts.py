@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.adapters import vit_blocks
 from clbench.errors import UsageError
+from clbench.models.adapters import vit_blocks
 
 
 class PrefixRouter:

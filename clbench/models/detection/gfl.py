@@ -49,13 +49,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, generalized_box_iou_loss
+from torchvision.ops import (
+    FeaturePyramidNetwork,
+    batched_nms,
+    box_iou,
+    generalized_box_iou_loss,
+)
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
 from clbench.config import StrategyConfig, positive_integers
-from clbench.detection import DetectionBatch, DetectionStrategy, Target
-from clbench.types import ExperienceInfo
+from clbench.models.detection.targets import DetectionBatch, Target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -479,30 +483,3 @@ def hflip_batch(batch: DetectionBatch, p: float = 0.5, generator: torch.Generato
             t = {**t, "boxes": boxes}
         targets.append(t)
     return DetectionBatch(x, targets)
-
-
-# --------------------------------------------------------------------------- strategy base
-class GFLStrategy(DetectionStrategy):
-    """A detection strategy on TinyGFL: the classifier covers the seen classes and grows at the
-    start of every task (old rows kept); inference masks unseen classes' logits."""
-
-    Config = GFLConfig
-    detector_name = "tiny_gfl"
-
-    def build_detector(self, num_classes: int) -> nn.Module:
-        # the class conv starts empty and grows with the seen classes
-        return TinyGFL(0, self.cfg)
-
-    def on_experience_start(self, exp: ExperienceInfo) -> None:
-        super().on_experience_start(exp)
-        self.detector.grow_classes(len(exp.seen_classes))
-
-    def training_batch(self, batch: DetectionBatch) -> DetectionBatch:
-        return hflip_batch(batch) if self.cfg.flip else batch
-
-    def predict_detections(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        seen = self.experience.seen_classes if self.experience is not None else ()
-        if not seen:
-            empty = x.new_zeros(0)
-            return [{"boxes": x.new_zeros(0, 4), "scores": empty, "labels": empty.long()} for _ in range(len(x))]
-        return self.detector.detect(x, classes=seen)

@@ -1,0 +1,1 @@
+"""The engine: the experience loop, resume state, loaders, sweeps, progress and loggers."""

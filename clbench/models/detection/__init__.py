@@ -1,0 +1,1 @@
+"""Detectors, their targets and their losses (GFL, DETR)."""

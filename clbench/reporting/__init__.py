@@ -1,0 +1,1 @@
+"""Reporting: the result file, metrics, leaderboard tables, rendered pages, figures and terminal reports."""
