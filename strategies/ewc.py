@@ -5,14 +5,25 @@ Loss: CE + lambda * sum_i F_i (theta_i - theta*_i)^2.  At the end of each experi
 F_new = mean_n p(y_n|x_n) * (grad log p(y_n|x_n))^2 from per-sample gradients, then
 F <- gamma * F + F_new and theta* <- the current weights.  Parameters added later (new
 head rows) have no anchor and are unpenalised.
+
+Per-sample gradients are vectorised with `torch.func` (`functional_call` + `vmap(grad(.))`
+over the batch, in chunks that bound the memory of the stacked gradients): the same
+empirical Fisher as one autograd call per sample, in one batched pass.  The estimate runs
+in eval mode (BatchNorm reads its running statistics, dropout is off), which is what lets
+vmap run.  A network that vmap cannot batch (a forward with data-dependent Python control
+flow such as `.item()`, in-place writes to buffers, random ops, or BatchNorm left in
+training mode by a custom `eval`) falls back to the per-sample loop, once per strategy,
+with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_numbers
@@ -50,6 +61,7 @@ class EWC(CLStrategy):
         self.anchor: dict[str, torch.Tensor] = {}
         self._fisher_new: dict[str, torch.Tensor] = {}
         self._fisher_count = 0
+        self.vectorised_fisher = True  # False after vmap failed once on this network: the per-sample loop
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
         return [Phase("train"), Phase("fisher", epochs=1)]
@@ -74,22 +86,33 @@ class EWC(CLStrategy):
         return total
 
     def accumulate_fisher(self, batch: Batch) -> None:
+        """Add p(y|x) * (grad log p(y|x))^2 of each sample of `batch` (up to `fisher_samples` in all)."""
         limit = self.cfg.fisher_samples
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        n = len(batch) if limit is None else max(0, min(len(batch), limit - self._fisher_count))
+        if n == 0:
+            return
+        x, y = batch.x[:n], batch.y[:n]
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         was_training = self.training
         self.eval()
-        for i in range(len(batch)):
-            if limit is not None and self._fisher_count >= limit:
-                break
-            log_p = F.log_softmax(self(batch.x[i : i + 1]).logits, dim=1)[0, batch.y[i]]
-            grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True)
-            weight = log_p.detach().exp()
-            for (name, _), g in zip(params.items(), grads):
-                if g is not None:
-                    acc = self._fisher_new.get(name)
-                    self._fisher_new[name] = weight * g.detach() ** 2 + (0 if acc is None else acc)
-            self._fisher_count += 1
-        self.train(was_training)
+        try:
+            with torch.enable_grad():
+                terms = None
+                if self.vectorised_fisher:
+                    try:
+                        terms = vectorised_fisher_sum(self, params, x, y)
+                    except (RuntimeError, NotImplementedError) as err:
+                        self.vectorised_fisher = False
+                        warnings.warn(f"EWC: per-sample gradients cannot be vectorised on this network ({err}); "
+                                      "falling back to one autograd call per sample", RuntimeWarning, stacklevel=2)
+                if terms is None:
+                    terms = looped_fisher_sum(self, params, x, y)
+        finally:
+            self.train(was_training)
+        for name, term in terms.items():
+            acc = self._fisher_new.get(name)
+            self._fisher_new[name] = term if acc is None else acc + term
+        self._fisher_count += n
 
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:
         for name, f_sum in self._fisher_new.items():
@@ -110,3 +133,45 @@ class EWC(CLStrategy):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.fisher = {k[len("fisher."):]: v for k, v in state.items() if k.startswith("fisher.")}
         self.anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
+
+
+# Stacked per-sample gradients of one vmap chunk hold (chunk x parameters) numbers: this bounds them (512 MiB in float32).
+FISHER_CHUNK_ELEMENTS = 2**27
+
+
+def vectorised_fisher_sum(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                          y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_n p(y_n|x_n) * (grad log p(y_n|x_n))^2 per parameter, the per-sample gradients from
+    `vmap(grad(.))` over `functional_call(model, ...)` (the model in eval mode)."""
+    detached = {name: p.detach() for name, p in params.items()}
+
+    def log_likelihood(p, xi, yi):
+        log_probs = F.log_softmax(functional_call(model, p, (xi[None],)).logits[0], dim=0)
+        log_p = log_probs.gather(0, yi.reshape(1))[0]  # indexing with the batched label would be data-dependent
+        return log_p, log_p
+
+    per_sample = vmap(grad(log_likelihood, has_aux=True), in_dims=(None, 0, 0))
+    numel = max(1, sum(p.numel() for p in params.values()))
+    chunk = max(1, FISHER_CHUNK_ELEMENTS // numel)
+    total = {name: torch.zeros_like(p) for name, p in detached.items()}
+    for start in range(0, len(x), chunk):
+        grads, log_p = per_sample(detached, x[start : start + chunk], y[start : start + chunk])
+        weight = log_p.detach().exp()
+        for name, g in grads.items():
+            total[name] += torch.einsum("n,n...->...", weight, g.detach() ** 2)
+    return total
+
+
+def looped_fisher_sum(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same sum with one autograd call per sample (the fallback, and the reference in tests)."""
+    total: dict[str, torch.Tensor] = {}
+    for i in range(len(x)):
+        log_p = F.log_softmax(model(x[i : i + 1]).logits, dim=1)[0, y[i]]
+        grads = torch.autograd.grad(log_p, list(params.values()), allow_unused=True)
+        weight = log_p.detach().exp()
+        for name, g in zip(params, grads):
+            if g is not None:
+                term = weight * g.detach() ** 2
+                total[name] = term if name not in total else total[name] + term
+    return total

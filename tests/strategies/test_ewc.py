@@ -1,10 +1,13 @@
-"""Online EWC: the quadratic penalty, its zero points, the Fisher estimate and its online accumulation."""
+"""Online EWC: the quadratic penalty, its zero points, the Fisher estimate (vectorised and looped) and its online accumulation."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from clbench.strategies import ewc
 
 from clbench.engine.runner import RunSpec, run
 
@@ -104,3 +107,60 @@ def test_online_accumulation_f_gamma_f_plus_f_new(strategy_factory, synthetic_sc
     assert torch.equal(f[:2], 0.5 * f_first[:2] + 1.0)  # gamma * F_old + F_new on the old rows
     assert torch.equal(f[2:], torch.ones_like(f[2:]))  # only F_new on the rows added this experience
     assert strategy._fisher_new == {} and strategy._fisher_count == 0
+
+
+def test_vectorised_fisher_equals_the_per_sample_loop_through_a_run(tmp_path, fast_config_for, monkeypatch):
+    """The whole wiring (fisher phase -> training_step -> accumulate_fisher -> on_experience_end),
+    once with vmap and once forced onto the loop: the same consolidated Fisher after each experience."""
+    def fishers(name, **patch):
+        for attr, value in patch.items():
+            monkeypatch.setattr(ewc, attr, value)
+        captured = {}
+        run(RunSpec("ewc", "synthetic-2", run=fast_config_for(tmp_path / name), seed=0),
+            on_experience=lambda i, r, s: captured.setdefault(i, ({k: v.clone() for k, v in s.fisher.items()}, s.vectorised_fisher)))
+        return captured
+
+    calls = []
+    vectorised = ewc.vectorised_fisher_sum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback on this network
+        fast = fishers("vmap", vectorised_fisher_sum=lambda *a: calls.append(1) or vectorised(*a))
+    assert calls and all(used for _, used in fast.values())
+
+    def unavailable(*args):
+        raise RuntimeError("vmap cannot run here")
+
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        slow = fishers("loop", vectorised_fisher_sum=unavailable)
+    assert not any(used for _, used in slow.values())
+    assert fast.keys() == slow.keys() == {0, 1}
+    for i in fast:
+        assert fast[i][0].keys() == slow[i][0].keys()
+        for n in fast[i][0]:
+            assert (fast[i][0][n] > 0).any(), n
+            assert torch.allclose(fast[i][0][n], slow[i][0][n], rtol=1e-5, atol=1e-10), (i, n)
+
+
+def test_vectorised_fisher_equals_the_loop_with_batchnorm_in_eval_mode(scenario, build_strategy, batch_of):
+    """A BatchNorm CNN: the estimate runs in eval mode (running statistics, untouched), where vmap runs."""
+    from clbench.models.backbones import build_backbone
+
+    made = []
+    for vectorised in (True, False):
+        torch.manual_seed(0)
+        s = build_strategy("ewc", scenario, backbone=build_backbone("resnet18_cifar_nf8"))
+        s.vectorised_fisher = vectorised
+        s.on_experience_start(scenario.info(0))
+        s.train()
+        stats = {k: v.clone() for k, v in s.state_dict().items() if "running" in k}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            s.accumulate_fisher(batch_of(scenario.train_sets[0], 6))
+        assert s.training and all(torch.equal(v, s.state_dict()[k]) for k, v in stats.items())
+        s.on_experience_end(scenario.info(0), scenario.train_sets[0])
+        made.append(s)
+    fast, slow = made
+    assert fast.vectorised_fisher and fast.fisher.keys() == slow.fisher.keys()
+    for n in fast.fisher:
+        assert torch.allclose(fast.fisher[n], slow.fisher[n], rtol=1e-5, atol=1e-12), n
+    assert all(torch.equal(fast.anchor[n], slow.anchor[n]) for n in fast.anchor)
