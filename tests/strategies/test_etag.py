@@ -1,11 +1,14 @@
-"""eTag: the card's faithfulness checks (nothing but model and generator between tasks, rotation
-labels, parameter counts, frozen batch-norm statistics, the batch L2 term, the anchored generator)."""
+"""eTag (Huang et al., AAAI 2024; official code): faithfulness checks (nothing but model and generator
+between tasks, rotation labels, parameter counts, frozen batch-norm statistics, the batch L2 term, the
+tau^2- and K_old-scaled auxiliary distillation, the anchored generator), several of them through a real run."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from clbench.strategies.etag import embedding_l2, rotations
@@ -192,3 +195,121 @@ def test_paper_settings_are_the_appendix_values_on_etags_b50_splits():
         assert run_values == {"batch_size": 128, "epochs": epochs} and strategy_values == {}
     cfg = cls.Config()  # the rest of the recipe is the default
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.lr_step_epochs) == ("adam", 1e-3, 2e-4, "step", 30)
+
+
+# ---- the live path: a whole run, watched by callbacks in the order the runner calls the hooks
+class _GeneratorAnchor(pl.Callback):
+    """What the generator phase sees once its module hook has run (`on_train_start` follows the
+    module's `on_fit_start`): the previous generator, how it relates to the live one, its weights."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.phase.name != "generator":
+            return
+        previous, live = pl_module.previous_generator, pl_module.generator
+        record = {"exists": previous is not None}
+        if previous is not None:
+            live_storage = {p.data_ptr() for p in live.parameters()}
+            record.update(
+                is_live=previous is live,
+                shares_storage=any(p.data_ptr() in live_storage for p in previous.parameters()),
+                frozen=not any(p.requires_grad for p in previous.parameters()),
+                eval_mode=not any(m.training for m in previous.modules()),
+                weights={k: v.detach().clone() for k, v in previous.state_dict().items()})
+        self.seen[pl_module.experience.index] = record
+
+    def on_fit_end(self, trainer, pl_module):  # before the module's on_fit_end
+        if pl_module.phase.name == "generator" and pl_module.previous_generator is not None:
+            self.seen[pl_module.experience.index]["weights_at_end"] = {
+                k: v.detach().clone() for k, v in pl_module.previous_generator.state_dict().items()}
+
+
+TAU, LOG_23 = 3.0, math.log(23.0)  # student auxiliary logits (tau ln 23, 0, ..., 0): softmax(./tau) = (1/2, 1/46, ...)
+
+
+class _HandSetAuxiliaryLogits(pl.Callback):
+    """At the start of experience 2's feature-extractor fit, before its first step: every distilled
+    auxiliary head of the student outputs the constant logits (tau ln 23, 0, ..., 0)."""
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.experience.index == 2 and pl_module.phase.name == "train":
+            with torch.no_grad():
+                for branch in pl_module.branches[:3]:
+                    branch.fc.weight.zero_()
+                    branch.fc.bias.zero_()
+                    branch.fc.bias[0] = TAU * LOG_23
+
+
+@pytest.fixture(scope="module")
+def etag_run(tmp_path_factory, fast_config_for, fit_snapshots):
+    bn = lambda m: m.backbone.layer2[0].bn1  # noqa: E731
+    snaps = fit_snapshots(lambda m: {"generator": m.generator.state_dict(), "bn_mean": bn(m).running_mean,
+                                     "bn_var": bn(m).running_var, "bn_weight": bn(m).weight,
+                                     "backbone": m.backbone.state_dict()}, by_phase=True)
+    anchor, first_terms = _GeneratorAnchor(), {}
+
+    def between(i, result, strategy):
+        if i != 1:
+            return
+        # the teacher of experience 2 (made when it starts) gets auxiliary heads with all-zero logits
+        with torch.no_grad():
+            for branch in strategy.branches[:3]:
+                branch.fc.weight.zero_()
+                branch.fc.bias.zero_()
+        original = strategy.step_losses
+
+        def recording(batch):
+            terms = original(batch)
+            if strategy.phase.name == "train" and not first_terms:
+                first_terms.update({k: v.detach().clone() for k, v in terms.items()})
+            return terms
+
+        strategy.step_losses = recording
+
+    cfg = fast_config_for(tmp_path_factory.mktemp("etag"), backbone="resnet18_cifar_nf8", epochs=1, limit_train_batches=2)
+    result = run(RunSpec("etag", "synthetic32-3", run=cfg, seed=0, strategy_overrides={**TINY, "generator_lr": 1e-2}),
+                 callbacks=[snaps, anchor, _HandSetAuxiliaryLogits()], on_experience=between)
+    assert result.status == "completed", result.error
+    return snaps.at, anchor.seen, first_terms
+
+
+def test_the_previous_generator_is_a_frozen_copy_of_the_last_tasks_generator(etag_run):
+    at, seen, _ = etag_run
+    assert seen[0] == {"exists": False}  # task 0 has no generator to anchor to
+    record = seen[1]
+    assert record["exists"] and not record["is_live"] and not record["shares_storage"]
+    assert record["frozen"] and record["eval_mode"]
+    end_of_task_0 = at[(0, "generator", "end")]["generator"]
+    # G_{t-1}: the weights the generator had when task 0 ended (task 1's stage A does not train it) ...
+    assert all(torch.equal(record["weights"][k], end_of_task_0[k]) for k in end_of_task_0)
+    # ... kept through task 1's generator training, which did move the live generator
+    assert all(torch.equal(record["weights_at_end"][k], end_of_task_0[k]) for k in end_of_task_0)
+    trained = at[(1, "generator", "end")]["generator"]
+    assert any(not torch.equal(trained[k], end_of_task_0[k]) for k in end_of_task_0)
+    assert (2, "generator", "start") not in at  # no generator after the last task
+
+
+def test_the_auxiliary_distillation_term_of_a_live_step_on_hand_set_logits(etag_run):
+    _, _, terms = etag_run
+    # experience 2 of synthetic32-3 (2 classes per task): K_old = 2 // 2 + 2 - 1 = 2; 4C = 24 joint labels.
+    # Teacher: uniform q = 1/24. Student at temperature 3: p_0 = 23 / 46 = 1/2, p_i = 1/46 otherwise.
+    kl = (1 / 24) * math.log((1 / 24) / (1 / 2)) + (23 / 24) * math.log((1 / 24) / (1 / 46))
+    k_old, heads = 2, 3
+    expected = k_old * heads * TAU**2 * kl  # the same for every one of the 4B rotated rows: batch mean = kl
+    assert expected == pytest.approx(28.077, abs=1e-3)
+    assert terms["embedding_kd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_live_incremental_fit_keeps_batch_norm_statistics_and_the_first_one_updates_them(etag_run):
+    at, _, _ = etag_run
+    first = (at[(0, "train", "start")], at[(0, "train", "end")])
+    assert not torch.equal(first[0]["bn_mean"], first[1]["bn_mean"])  # task 0 trains in train mode
+    for t in (1, 2):
+        start, end = at[(t, "train", "start")], at[(t, "train", "end")]
+        assert torch.equal(start["bn_mean"], end["bn_mean"]) and torch.equal(start["bn_var"], end["bn_var"]), t
+        assert not torch.equal(start["bn_weight"], end["bn_weight"]), t  # the affine parameters still learn
+    for t in (0, 1):  # stage B: the model is frozen, statistics included
+        start, end = at[(t, "generator", "start")]["backbone"], at[(t, "generator", "end")]["backbone"]
+        assert all(torch.equal(start[k], end[k]) for k in start), t
