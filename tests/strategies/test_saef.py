@@ -48,10 +48,33 @@ def test_the_first_parent_joins_the_two_most_similar_leaves():
     assert sorted(first.leaves) == [2, 3]
 
 
+def sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
+    """TUNA's merge written out element by element: the sign of the sum over the adapters wins,
+    then the largest magnitude among the adapters of that sign (0 where the sum is 0)."""
+    merged = []
+    for column in thetas.double().T.tolist():
+        total = sum(column)
+        agreeing = [v for v in column if v != 0 and (v > 0) == (total > 0)]
+        merged.append(max(agreeing, key=abs) if total != 0 else 0.0)
+    return torch.tensor(merged, dtype=thetas.dtype)
+
+
 def test_sign_elected_merge_on_a_hand_example():
-    thetas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -4.0], [-1.0, -0.5, 0.25]])
-    # signs of the sums: +, -, -; largest magnitude among the agreeing entries: 3, 2, 4
-    assert sign_elected_merge(thetas).tolist() == [3.0, -2.0, -4.0]
+    thetas = torch.tensor([[1.0, -2.0, 0.5, 3.0], [3.0, 1.0, -4.0, 2.0], [-1.0, -0.5, 0.25, -4.0]])
+    # signs of the sums: +, -, -, +; largest magnitude among the agreeing entries: 3, 2, 4, 3.
+    # In the last column the sign election matters: 3 + 2 > 4 elects +, so the merge keeps 3, not -4
+    assert sign_elected_merge(thetas).tolist() == [3.0, -2.0, -4.0, 3.0]
+
+
+def test_sign_max_parents_are_the_sign_elected_merge_of_their_leaves():
+    thetas = torch.tensor([[3.0, -1.0, 0.5], [2.0, -1.5, 0.25], [-4.0, 2.0, -0.6]])
+    units = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=torch.float64), dim=1)
+    root = build_tree([Node(thetas[i], units[i], [i]) for i in range(3)], thetas, rule="sign_max")
+    pair = next(n for n in root.nodes() if n.created == 0)
+    assert sorted(pair.leaves) == [0, 1] and pair.theta.tolist() == [3.0, -1.5, 0.5]
+    # the root over all three: + (3 + 2 > 4), - (-1 - 1.5 + 2 < 0), + (0.5 + 0.25 > 0.6); the plain
+    # largest magnitudes would be -4, 2, -0.6
+    assert root.theta.tolist() == [3.0, -1.5, 0.5]
 
 
 def _mock_tree():
@@ -133,6 +156,54 @@ def test_a_run_keeps_the_backbone_and_every_leaf_as_trained(tmp_path, fast_confi
     leaves = sorted(i for tree in strategy.forest for i in tree.leaves)
     assert leaves == [0, 1, 2, 3, 4] and result.strategy_report["trees"]
     assert result.strategy_report["expert_forwards_per_sample"] >= len(strategy.forest)
+    internal = [n for tree in strategy.forest for n in tree.nodes() if not n.is_leaf]
+    assert internal  # the run's forest merges: every internal node is the mean of the adapters trained below it
+    for node in internal:
+        assert torch.allclose(node.theta, torch.stack([trained.thetas[i] for i in node.leaves]).mean(0), atol=1e-7)
+    _predicts_by_descent_and_confidence_weights(strategy)
+
+
+def _predicts_by_descent_and_confidence_weights(strategy):
+    """The run's predictions against the inference rule written out per sample: in every tree, from
+    the root, while the node is inner and its entropy >= tau_e, go to the child of lower entropy;
+    then p = sum_k exp(-H_k) q_k / sum_j exp(-H_j) over the trees."""
+    from clbench.engine.runner import create_scenario
+
+    strategy.eval()
+    x = torch.cat([t.x[:3] for t in create_scenario("digits32-5").test_sets[:3]])
+    tau, expected = strategy.cfg.exit_entropy, []
+    every = {id(n): strategy.expert_prediction(n.theta, x) for tree in strategy.forest for n in tree.nodes()}
+    for i in range(len(x)):
+        qs, hs = [], []
+        for node in strategy.forest:
+            q, h = (v[i] for v in every[id(node)])
+            while not node.is_leaf and float(h) >= tau:
+                (left, right), [(ql, hl), (qr, hr)] = node.children, [(v[i] for v in every[id(c)]) for c in node.children]
+                node, q, h = (left, ql, hl) if float(hl) <= float(hr) else (right, qr, hr)
+            qs.append(q), hs.append(float(h))
+        weights = [math.exp(-h) / sum(math.exp(-g) for g in hs) for h in hs]
+        expected.append(sum(w * q for w, q in zip(weights, qs)))
+    assert torch.allclose(strategy.predict_logits(x).exp(), torch.stack(expected), atol=1e-5)
+
+
+def test_a_sign_max_run_merges_each_parent_by_sign_election(tmp_path, fast_config_for):
+    """`merge="sign_max"`: every internal node of a run's tree is the sign-elected max-magnitude merge
+    of the adapters trained for the tasks below it (merged here element by element)."""
+    trained = _TrainedAdapters()
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=2)
+    overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8, "cluster_threshold": -1.0, "merge": "sign_max"}
+    held = []
+    result = run(RunSpec("saef", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[trained],
+                 on_experience=lambda i, r, s: held.append(s))
+    assert result.status == "completed", result.error
+    (root,) = held[-1].forest  # one cluster of the five tasks: four merged nodes over three levels
+    assert sorted(root.leaves) == [0, 1, 2, 3, 4] and root.depth == 3
+    assert len([n for n in root.nodes() if not n.is_leaf]) == 4
+    for node in (n for n in root.nodes() if not n.is_leaf):
+        below = torch.stack([trained.thetas[i] for i in node.leaves])
+        assert torch.equal(node.theta, sign_elected_by_hand(below))
+    below = torch.stack(trained.thetas)  # the root's adapters disagree in sign where sign election matters
+    assert not torch.equal(below.gather(0, below.abs().argmax(0, keepdim=True))[0], root.theta)
 
 
 def test_each_sample_counts_its_own_expert_forwards():

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from clbench.strategies.saef import sign_elected_merge
 
 from clbench.engine.runner import (
     RunSpec,
@@ -16,6 +15,22 @@ from clbench.engine.runner import (
     strategy_config,
 )
 from clbench.models.backbones import build_backbone
+
+
+def sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
+    """TUNA's merge written out element by element: the sign of the sum over the adapters wins,
+    then the largest magnitude among the adapters of that sign (0 where the sum is 0)."""
+    merged = []
+    for column in thetas.double().T.tolist():
+        total = sum(column)
+        agreeing = [v for v in column if v != 0 and (v > 0) == (total > 0)]
+        merged.append(max(agreeing, key=abs) if total != 0 else 0.0)
+    return torch.tensor(merged, dtype=thetas.dtype)
+
+
+def largest_magnitude(thetas: torch.Tensor) -> torch.Tensor:
+    """Per element the entry of largest magnitude, whatever its sign (what the merge is not)."""
+    return thetas.gather(0, thetas.abs().argmax(0, keepdim=True))[0]
 
 
 def _strategy(**overrides):
@@ -39,7 +54,7 @@ def test_inference_takes_the_minimum_entropy_task_adapter_plus_the_universal_one
         for i in range(3):
             if torch.equal(theta, thetas[i]):
                 return q[i], h[i]
-        assert torch.equal(theta, sign_elected_merge(thetas))  # anything else must be the universal adapter
+        assert torch.equal(theta, sign_elected_by_hand(thetas))  # anything else must be the universal adapter
         return universal_q, torch.zeros(2)
 
     strategy.expert_prediction = mocked
@@ -50,11 +65,15 @@ def test_inference_takes_the_minimum_entropy_task_adapter_plus_the_universal_one
 
 def test_the_universal_adapter_is_the_sign_elected_merge_or_the_latest():
     strategy = _strategy()
-    thetas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -4.0], [-1.0, -0.5, 0.25]])
-    strategy.task_adapter_vectors = torch.zeros(5, 3)
+    # columns: the elected sign is the sign of the sum; the last two columns are where electing the
+    # sign first differs from taking the largest magnitude: 3 + 2 > 4 elects +, so 3 (not -4);
+    # -1 - 1.5 + 2 < 0 elects -, so -1.5 (not 2)
+    thetas = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0], [3.0, 1.0, -4.0, 2.0, -1.5], [-1.0, -0.5, 0.25, -4.0, 2.0]])
+    strategy.task_adapter_vectors = torch.zeros(5, 5)
     strategy.task_adapter_vectors[:3] = thetas
     strategy.task_adapter_count.fill_(3)
-    assert strategy.universal_adapter().tolist() == [3.0, -2.0, -4.0]
+    assert strategy.universal_adapter().tolist() == [3.0, -2.0, -4.0, 3.0, -1.5]
+    assert largest_magnitude(thetas).tolist()[3:] == [-4.0, 2.0]
     latest = _strategy(universal="latest")
     latest.task_adapter_vectors = strategy.task_adapter_vectors.clone()
     latest.task_adapter_count.fill_(3)
@@ -75,7 +94,11 @@ def test_a_run_stores_one_adapter_per_task_and_predicts_by_the_rule(tmp_path, fa
     predictions = [strategy.expert_prediction(theta, x) for theta in strategy.task_adapters]
     best = torch.stack([hh for _, hh in predictions]).argmin(0)
     expected = torch.stack([predictions[b][0][i] for i, b in enumerate(best.tolist())])
-    expected = expected + strategy.expert_prediction(sign_elected_merge(strategy.task_adapters), x)[0]
+    merged = sign_elected_by_hand(strategy.task_adapters)  # the universal adapter, merged here independently
+    assert torch.equal(strategy.universal_adapter(), merged)
+    # the run's adapters disagree in sign on some elements, where a plain largest-magnitude merge differs
+    assert not torch.equal(largest_magnitude(strategy.task_adapters), merged)
+    expected = expected + strategy.expert_prediction(merged, x)[0]
     assert torch.allclose(strategy.predict_logits(x), expected)
 
 
