@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="clbench", description="Continual-learning benchmark: accuracy and edge efficiency.")
-    from clbench import __version__
+    from clbench._version import __version__
 
     p.add_argument("--version", action="version", version=f"clbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -100,7 +100,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", default=None, help="profiler FLOP counting: sample (default) | all (every step) | off")
 
 
-def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """`NAME[:key=value,...]` -> (name, {key: raw string}): the add-on's Config converts each value
+    to its field's type (`clbench.auxiliary.base.create_aux`), as `--set` values are for strategies."""
     out = []
     for item in items:
         name, _, params = item.partition(":")
@@ -109,20 +111,11 @@ def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         kv = {}
         for part in filter(None, params.split(",")):
             k, sep, v = part.partition("=")
-            if not sep or not k:
+            if not sep or not k.strip():
                 raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
-            kv[k.strip()] = _scalar(v.strip())
+            kv[k.strip()] = v.strip()
         out.append((name.replace("-", "_"), kv))
     return out
-
-
-def _scalar(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 _FLAG_TO_FIELD = {
@@ -241,7 +234,7 @@ COMMANDS = {
     "list": cmd_list,
     "profile": _lazy("clbench.edge.cli", "cmd_profile"),
     "sweep": _lazy("clbench.engine.sweep", "cmd_sweep"),
-    "leaderboard": _lazy("clbench.reporting.leaderboard", "cmd_leaderboard"),
+    "leaderboard": _lazy("clbench.reporting.render", "cmd_leaderboard"),
     "plot": _lazy("clbench.reporting.plots", "cmd_plot"),
 }
 

@@ -8,6 +8,7 @@ converted to the field's declared type or rejected naming that type.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -288,3 +289,41 @@ def _type_name(typ) -> str:
     if args and typing.get_origin(typ) in (typing.Union, types.UnionType):
         return " or ".join(names.get(a, str(a)) for a in args)
     return names.get(typ, str(typ))
+
+
+# --------------------------------------------------------------------------- more checks and typed values
+def finite_non_negative_numbers(config, *names: str) -> None:
+    """Loss weights and the like: infinity would swamp every other term."""
+    require(config, names, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def integers_at_least(config, low: int, *names: str) -> None:
+    require(config, names, lambda v: v >= low, f"an integer >= {low}")
+
+
+def open_unit_interval(config, *names: str) -> None:
+    require(config, names, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def one_of(config, name: str, allowed) -> None:
+    """The one-line usage error when field `name` is not one of `allowed` (strings or numbers)."""
+    value = getattr(config, name)
+    if value not in tuple(allowed):
+        raise UsageError(f"{name}={value!r} is invalid; expected one of: {', '.join(map(str, allowed))}")
+
+
+def typed_values(cls, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` converted to the declared types of `cls`'s fields, as `--set` values are (a string
+    from the command line becomes an int, float, bool, ...); an unknown key is an error listing the
+    valid keys."""
+    check_keys(cls, values, source)
+    return {k.replace("-", "_"): coerce(v, _field_type(cls, k.replace("-", "_")), k.replace("-", "_"))
+            for k, v in values.items()}
+
+
+def check_keys(cls, values: Mapping[str, Any], source: str) -> None:
+    """The one-line usage error for the first key of `values` that is not a field of `cls`."""
+    keys = field_names(cls)
+    for key in values:
+        if key.replace("-", "_") not in keys:
+            raise UsageError(f"unknown key {key!r} in {source}; valid keys: {', '.join(sorted(keys))}")

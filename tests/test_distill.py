@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from clbench import config as C
 from clbench.edge.flops import haar_dwt2_flops, measure_flops
 
 from clbench.auxiliary.distill import (
@@ -289,7 +290,7 @@ def test_freq_kd_defaults_to_the_last_convolutional_stage(build_strategy, synthe
     fk = FrequencyKD()
     fk.setup(strategy)
     fk.setup(strategy)  # once more: the first hooks are removed, not doubled
-    assert fk.report() == {"layer": "body"}
+    assert fk.report()["layer"] == "body" and fk.report() == {**C.to_dict(fk.cfg), "layer": "body"}
     assert len(strategy.backbone._forward_pre_hooks) == 1
 
 
@@ -304,8 +305,11 @@ def test_distillation_add_ons_run_end_to_end(tmp_path, fast_config_for):
         saved = json.loads(next((tmp_path / aux[0]).rglob("*.json")).read_text())
         assert saved["aux"] == [{"name": aux[0], **aux[1]}]
         assert len(result.accuracy_matrix) == 5
-    assert records["freq_kd"].strategy_report["add_ons"]["freq_kd"] == {"layer": "body"}
-    assert records["multi_teacher"].strategy_report["add_ons"]["multi_teacher"] == {"teachers": 2, "policy": "task_owner"}
+    # the report is the resolved Config, defaults included, plus what the add-on found out (the layer)
+    assert records["freq_kd"].strategy_report["add_ons"]["freq_kd"] == {**C.to_dict(FrequencyKD.Config()), "layer": "body"}
+    assert records["multi_teacher"].strategy_report["add_ons"]["multi_teacher"] == C.to_dict(
+        MultiTeacher.Config(teachers=2, policy="task_owner"))
+    assert records["feature_kd"].strategy_report["add_ons"]["feature_kd"]["weight"] == 5.0  # resolved from layer=
 
 
 @pytest.mark.parametrize("aux", [("multi_teacher", {"policy": "task_owner", "teachers": 2}), ("logit_kd", {})])
@@ -335,7 +339,8 @@ def test_an_rl_weighted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, res
     assert resumed.status == "completed" and resumed.accuracy_matrix == whole.accuracy_matrix
     report = whole.strategy_report["add_ons"]["multi_teacher"]
     # 4 experiences with teachers x 2 epochs x 3 steps, each learned from once
-    assert report == {"teachers": 2, "policy": "rl", "agent_updates": 24}
+    assert report == {**C.to_dict(MultiTeacher.Config(policy="rl", agent_steps=2)), "agent_updates": 24}
+    assert report["teachers"] == 2 and report["policy"] == "rl"
     assert resumed.strategy_report["add_ons"]["multi_teacher"] == report
 
 

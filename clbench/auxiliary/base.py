@@ -1,18 +1,36 @@
-"""`Aux`: an add-on that contributes one named loss term or wraps modules once in `setup`."""
+"""`Aux`: an add-on that contributes one named loss term or wraps modules once in `setup`.
+
+Like a strategy, every add-on declares its settings as a frozen `Config` dataclass (based on
+`AuxConfig`), range-checked in `__post_init__` with the helpers of `clbench.config`. `create_aux`
+is the one way the runner and the sweep build add-ons from `--aux name:key=value,...`: each value
+is converted to its field's declared type by the code that converts `--set` for strategies, an
+unknown key is an error listing the valid keys, and the add-on is constructed from the Config.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from clbench import config as C
 from clbench.errors import UsageError
 
 if TYPE_CHECKING:
     from clbench.base import CLStrategy
     from clbench.types import Batch, ExperienceInfo, Output
+
+
+@dataclass(frozen=True)
+class AuxConfig:
+    """Settings every add-on has: the weight of its loss term."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        C.finite_non_negative_numbers(self, "weight")
 
 
 class Aux(nn.Module):
@@ -29,11 +47,21 @@ class Aux(nn.Module):
     # add-on that reads convolutional feature maps names a small CNN
     contract_backbone: ClassVar[str | None] = None
 
-    def __init__(self, weight: float = 1.0, **hparams: Any):
+    # the add-on's settings; every registered add-on declares its own (based on AuxConfig)
+    Config: ClassVar[type[AuxConfig]] = AuxConfig
+
+    def __init__(self, cfg: "AuxConfig | None" = None, /, **values: Any):
+        """From a resolved `Config` (what `create_aux` passes), or from keyword settings, which are
+        converted and checked by `aux_config` exactly as `--aux` values are."""
         super().__init__()
-        self.weight = float(checked(self.name, "weight", weight, lambda v: math.isfinite(v) and v >= 0,
-                                    "a finite number >= 0"))
-        self.hparams = hparams
+        if cfg is None:
+            cfg = aux_config(type(self), values)
+        elif values:
+            raise TypeError(f"{type(self).__name__} takes a Config or keyword settings, not both")
+        elif not isinstance(cfg, self.Config):
+            raise TypeError(f"{type(self).__name__} expects a {self.Config.__qualname__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.weight = float(cfg.weight)
 
     def setup(self, strategy: "CLStrategy") -> None:
         pass
@@ -55,34 +83,39 @@ class Aux(nn.Module):
         return None
 
     def report(self) -> dict[str, Any]:
-        return {}
+        """What the run's JSON stores under `strategy_report["add_ons"][name]`: the resolved settings
+        (every field of the Config, defaults included); an add-on adds what it found out."""
+        return C.to_dict(self.cfg)
 
 
-def choice(add_on: str, name: str, value: Any, allowed: Sequence) -> Any:
-    """`value` if it is one of `allowed`, else the one-line usage error naming add-on, setting and value."""
-    if value not in allowed:
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected one of {', '.join(map(str, allowed))}")
-    return value
+def aux_config(cls: type[Aux], values: Mapping[str, Any], source: str | None = None) -> AuxConfig:
+    """`cls.Config` from raw settings (strings from the command line, or Python values): each is
+    converted to its field's declared type as `--set` values are, then range-checked by the Config.
+    An unknown key is an error listing the valid keys; every error is one line naming the add-on."""
+    C.check_keys(cls.Config, values, source or f"add-on {cls.name!r}")
+    try:
+        return C.build(cls.Config, C.typed_values(cls.Config, values, ""))
+    except UsageError as e:
+        raise UsageError(f"{cls.name} {e}") from None
 
 
-def checked(add_on: str, name: str, value: Any, ok: Callable[[Any], bool], expected: str, integer: bool = False) -> Any:
-    """`value` if it is a number (an integer with `integer`; never a bool) for which `ok` holds, else
-    the one-line usage error naming add-on, setting and value and what was `expected`."""
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not ok(value):
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected {expected}")
-    return value
+def create_aux(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Aux]:
+    """The add-ons of a run, from `(name, raw settings)` pairs (`clbench.cli.parse_aux`): each
+    looked up in `clbench.registry.AUXILIARY` and constructed from its resolved Config. Each add-on
+    at most once, and no two whose families exclude each other."""
+    from clbench.registry import AUXILIARY
 
-
-def positive(add_on: str, name: str, value: Any) -> float:
-    return float(checked(add_on, name, value, lambda v: v > 0, "a positive number"))
-
-
-def flag(add_on: str, name: str, value: Any) -> bool:
-    """`value` if it is a boolean (`true`/`false` on the command line), else the one-line usage error."""
-    if not isinstance(value, bool):
-        raise UsageError(f"{add_on} {name}={value!r} is invalid; expected true or false")
-    return value
-
-
-def non_negative(add_on: str, name: str, value: Any) -> float:
-    return float(checked(add_on, name, value, lambda v: v >= 0, "a number >= 0"))
+    out = []
+    for name, params in specs:
+        cls = AUXILIARY.get(name)
+        out.append(cls(aux_config(cls, params, f"--aux {name}")))
+    names = [a.name for a in out]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise UsageError(f"add-on {name!r} given {names.count(name)} times; expected each add-on at most once")
+    families = {a.family for a in out}
+    for a in out:
+        clash = a.incompatible_with & (families - {a.family})
+        if clash:
+            raise UsageError(f"add-on {a.name!r} cannot be combined with {sorted(clash)}")
+    return out

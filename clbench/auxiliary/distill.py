@@ -36,13 +36,15 @@ snapshot. A strategy family with its own forward declares otherwise (forecasters
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, checked, choice, flag, non_negative, positive
+from clbench.auxiliary.base import Aux, AuxConfig
+from clbench.config import integers_at_least, non_negative_numbers, one_of, positive_numbers
 from clbench.models.freeze import teacher_outputs
 from clbench.errors import UsageError
 from clbench.registry import register_aux
@@ -197,6 +199,85 @@ def last_conv_stage(backbone: nn.Module, add_on: str) -> str:
     return stages[-1]
 
 
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DistillConfig(AuxConfig):
+    """Settings of every previous-teacher add-on: which samples are distilled."""
+
+    samples: str = "current"  # current | replay | all
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self, "samples", SAMPLES)
+
+
+@dataclass(frozen=True)
+class LogitKDConfig(DistillConfig):
+    temperature: float = 2.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_numbers(self, "temperature")
+
+
+@dataclass(frozen=True)
+class LogitMSEConfig(DistillConfig):
+    # DER++'s alpha in clbench's der_pp: raw logits are unbounded, and at weight 1 the README's
+    # ER run on digits-5 diverged (NaN) in one seed of three
+    weight: float = 0.1
+
+
+@dataclass(frozen=True)
+class FeatureKDConfig(DistillConfig):
+    """Unset `weight` and `normalize` resolve from `layer`: pooled embeddings are L2-normalised at
+    weight 2000 (CLIP-KD's, for unit embeddings, whose MSE per element is tiny), a named layer's raw
+    map is distilled at weight 5 (MTKD-RL's)."""
+
+    weight: float | None = None
+    layer: str | None = None  # a backbone module path (None: the pooled embedding)
+    normalize: str | None = None  # l2 | none for embeddings, none | channel for a layer's map
+
+    def __post_init__(self):
+        if self.normalize is None:
+            object.__setattr__(self, "normalize", "l2" if self.layer is None else "none")
+        one_of(self, "normalize", ("l2", "none") if self.layer is None else ("none", "channel"))
+        if self.weight is None:
+            object.__setattr__(self, "weight", 2000.0 if self.normalize != "none" and self.layer is None else 5.0)
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class RelationKDConfig(DistillConfig):
+    temperature: float = 0.1
+    relation: str = "kl"  # kl | mse
+    exclude_diagonal: bool = False
+    min_rows: int = 8  # fewest distilled samples a similarity matrix is built from
+    samples: str = "all"
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_numbers(self, "temperature")
+        one_of(self, "relation", ("kl", "mse"))
+        integers_at_least(self, 2, "min_rows")
+
+
+@dataclass(frozen=True)
+class FrequencyKDConfig(DistillConfig):
+    layer: str | None = None  # None: the backbone's last convolutional stage
+    low_weight: float = 1.0
+    high_weight: float = 0.5
+    levels: int = 1
+    domain: str = "haar"  # haar | fft
+    cutoff: float = 0.25
+
+    def __post_init__(self):
+        super().__post_init__()
+        non_negative_numbers(self, "low_weight", "high_weight")
+        one_of(self, "levels", (1, 2))
+        one_of(self, "domain", ("haar", "fft"))
+        positive_numbers(self, "cutoff")
+
+
 # --------------------------------------------------------------------------- the teacher
 class PreviousTeacher(Aux):
     """Shared mechanics: the previous-experience snapshot, the distilled samples and their outputs."""
@@ -206,9 +287,11 @@ class PreviousTeacher(Aux):
     # forward, unless they declare `snapshot_output`
     needs_backbone_head = True
 
-    def __init__(self, weight: float = 1.0, samples: str = "current", **hparams):
-        super().__init__(weight, samples=samples, **hparams)
-        self.samples = choice(self.name, "samples", samples, SAMPLES)
+    Config = DistillConfig
+
+    def __init__(self, cfg: DistillConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        self.samples = self.cfg.samples
         self.teacher = None
         # the teacher's columns to distil: its classes, or None for all (a forecast's horizon steps)
         self.old_classes: int | None = 0
@@ -277,9 +360,11 @@ class LogitKD(_OldLogits):
 
     refuses = {FORECAST: "a softmax over forecast steps is meaningless; use logit_mse to distil the forecast"}
 
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0, samples: str = "current"):
-        super().__init__(weight, samples=samples, temperature=temperature)
-        self.temperature = positive("logit_kd", "temperature", temperature)
+    Config = LogitKDConfig
+
+    def __init__(self, cfg: LogitKDConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        self.temperature = self.cfg.temperature
 
     def compare(self, student, teacher):
         return logit_kd(student, teacher, self.temperature)
@@ -290,10 +375,7 @@ class LogitMSE(_OldLogits):
     """Logit matching: mean squared error to the previous-experience model's past-class logits
     (a forecaster's whole forecast)."""
 
-    # DER++'s alpha in clbench's der_pp: raw logits are unbounded, and at weight 1 the README's
-    # ER run on digits-5 diverged (NaN) in one seed of three
-    def __init__(self, weight: float = 0.1, samples: str = "current"):
-        super().__init__(weight, samples=samples)
+    Config = LogitMSEConfig  # weight 0.1 by default
 
     def compare(self, student, teacher):
         return F.mse_loss(student, teacher)
@@ -303,15 +385,11 @@ class LogitMSE(_OldLogits):
 class FeatureKD(PreviousTeacher):
     """Feature mimicry: MSE between normalised student and previous-experience teacher features."""
 
-    def __init__(self, weight: float | None = None, layer: str | None = None, normalize: str | None = None,
-                 samples: str = "current"):
-        normalize = normalize or ("l2" if layer is None else "none")
-        allowed = ("l2", "none") if layer is None else ("none", "channel")
-        choice("feature_kd", "normalize", normalize, allowed)
-        # CLIP-KD's weight for unit embeddings (their MSE per element is tiny), MTKD-RL's for raw maps
-        default = 2000.0 if normalize != "none" and layer is None else 5.0
-        super().__init__(default if weight is None else weight, samples=samples, layer=layer, normalize=normalize)
-        self.layer, self.normalize = layer, normalize
+    Config = FeatureKDConfig
+
+    def __init__(self, cfg: FeatureKDConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        self.layer, self.normalize = self.cfg.layer, self.cfg.normalize
         self.tap: LayerTap | None = None
 
     def setup(self, strategy) -> None:
@@ -366,15 +444,13 @@ def student_map(tap: LayerTap, add_on: PreviousTeacher, batch, out, strategy):
 class RelationKD(PreviousTeacher):
     """Relation distillation: sample-to-sample similarity matrices of student and teacher (CIRKD-like)."""
 
-    def __init__(self, weight: float = 1.0, temperature: float = 0.1, relation: str = "kl",
-                 exclude_diagonal: bool = False, min_rows: int = 8, samples: str = "all"):
-        super().__init__(weight, samples=samples, temperature=temperature, relation=relation,
-                         exclude_diagonal=exclude_diagonal, min_rows=min_rows)
-        self.temperature = positive("relation_kd", "temperature", temperature)
-        self.relation = choice("relation_kd", "relation", relation, ("kl", "mse"))
-        self.exclude_diagonal = flag("relation_kd", "exclude_diagonal", exclude_diagonal)
-        checked("relation_kd", "min_rows", min_rows, lambda v: v >= 2, "an integer >= 2", integer=True)
-        self.min_rows = min_rows
+    Config = RelationKDConfig
+
+    def __init__(self, cfg: RelationKDConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        c = self.cfg
+        self.temperature, self.relation, self.exclude_diagonal = c.temperature, c.relation, c.exclude_diagonal
+        self.min_rows = c.min_rows
 
     def setup(self, strategy) -> None:
         require_features(self.name, strategy)
@@ -396,21 +472,17 @@ class FrequencyKD(PreviousTeacher):
     refuses = {FORECAST: "it reads a convolutional feature map [N, C, H, W], and a forecaster's features are an "
                          "embedding [N, d]; use feature_kd or relation_kd"}
 
-    def __init__(self, weight: float = 1.0, layer: str | None = None, low_weight: float = 1.0, high_weight: float = 0.5,
-                 levels: int = 1, domain: str = "haar", cutoff: float = 0.25, samples: str = "current"):
-        super().__init__(weight, samples=samples, layer=layer, low_weight=low_weight, high_weight=high_weight,
-                         levels=levels, domain=domain, cutoff=cutoff)
-        self.layer = layer
-        self.low_weight = non_negative("freq_kd", "low_weight", low_weight)
-        self.high_weight = non_negative("freq_kd", "high_weight", high_weight)
-        self.levels = int(choice("freq_kd", "levels", levels, (1, 2)))
-        self.domain = choice("freq_kd", "domain", domain, ("haar", "fft"))
-        self.cutoff = positive("freq_kd", "cutoff", cutoff)
+    Config = FrequencyKDConfig
+
+    def __init__(self, cfg: FrequencyKDConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        c = self.cfg
+        self.layer, self.low_weight, self.high_weight = c.layer, c.low_weight, c.high_weight
+        self.levels, self.domain, self.cutoff = c.levels, c.domain, c.cutoff
         self.tap: LayerTap | None = None
 
     def setup(self, strategy) -> None:
         self.tap = LayerTap.replacing(self.tap, strategy.backbone, self.layer or last_conv_stage(strategy.backbone, self.name))
-        self.hparams["layer"] = self.tap.path
 
     def loss(self, batch, out, strategy):
         student, teacher_in = student_map(self.tap, self, batch, out, strategy)
@@ -428,5 +500,6 @@ class FrequencyKD(PreviousTeacher):
         return frequency_kd(student, teacher, self.low_weight, self.high_weight, self.levels, self.domain, self.cutoff)
 
     def report(self):
-        return {"layer": self.tap.path if self.tap is not None else self.layer}
+        # the layer the default resolved to, once `setup` found it
+        return {**super().report(), "layer": self.tap.path if self.tap is not None else self.layer}
 

@@ -36,13 +36,14 @@ current and replayed samples).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import checked, choice, non_negative, positive
-from clbench.auxiliary.distill import FORECAST, PreviousTeacher, kd_per_sample
+from clbench.auxiliary.distill import FORECAST, DistillConfig, PreviousTeacher, kd_per_sample
+from clbench.config import non_negative_numbers, one_of, positive_integers, positive_numbers
 from clbench.models.freeze import teacher_outputs
 from clbench.registry import register_aux
 from clbench.types import Output
@@ -117,6 +118,25 @@ def teacher_state(student: Output, teacher: Output, known: int, num_classes: int
     return torch.cat([cos[:, None], kd[:, None], ce[:, None], features, padded], dim=1).detach()
 
 
+@dataclass(frozen=True)
+class MultiTeacherConfig(DistillConfig):
+    teachers: int = 2  # the most recent snapshots kept
+    policy: str = "equal"  # equal | confidence | task_owner | rl
+    temperature: float = 4.0
+    feature_weight: float = 5.0  # gamma (0: no feature term)
+    confidence_temperature: float = 1.0  # T_w of the confidence policy
+    samples: str = "all"
+    agent_steps: int = 1000  # rl: steps between agent updates
+    agent_lr: float = 0.1  # rl: the agent's SGD learning rate
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_integers(self, "teachers", "agent_steps")
+        one_of(self, "policy", POLICIES)
+        positive_numbers(self, "temperature", "confidence_temperature", "agent_lr")
+        non_negative_numbers(self, "feature_weight")
+
+
 @register_aux("multi_teacher")
 class MultiTeacher(PreviousTeacher):
     """Distillation from the last K experience snapshots, weighted per sample (equal, confidence, task
@@ -125,21 +145,14 @@ class MultiTeacher(PreviousTeacher):
     refuses = {FORECAST: "it distils class probabilities of the classes each teacher saw, weighted by class "
                          "confidence or ownership, and a forecast has no classes; use logit_mse"}
 
-    def __init__(self, weight: float = 1.0, teachers: int = 2, policy: str = "equal", temperature: float = 4.0,
-                 feature_weight: float = 5.0, confidence_temperature: float = 1.0, samples: str = "all",
-                 agent_steps: int = 1000, agent_lr: float = 0.1):
-        super().__init__(weight, samples=samples, teachers=teachers, policy=policy, temperature=temperature,
-                         feature_weight=feature_weight, confidence_temperature=confidence_temperature,
-                         agent_steps=agent_steps, agent_lr=agent_lr)
-        checked("multi_teacher", "teachers", teachers, lambda v: v >= 1, "a positive integer", integer=True)
-        self.max_teachers = teachers
-        self.policy = choice("multi_teacher", "policy", policy, POLICIES)
-        self.temperature = positive("multi_teacher", "temperature", temperature)
-        self.confidence_temperature = positive("multi_teacher", "confidence_temperature", confidence_temperature)
-        self.feature_weight = non_negative("multi_teacher", "feature_weight", feature_weight)
-        self.agent_steps = checked("multi_teacher", "agent_steps", agent_steps, lambda v: v >= 1, "a positive integer",
-                                   integer=True)
-        self.agent_lr = positive("multi_teacher", "agent_lr", agent_lr)
+    Config = MultiTeacherConfig
+
+    def __init__(self, cfg: MultiTeacherConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        c = self.cfg
+        self.max_teachers, self.policy, self.temperature = c.teachers, c.policy, c.temperature
+        self.confidence_temperature, self.feature_weight = c.confidence_temperature, c.feature_weight
+        self.agent_steps, self.agent_lr = c.agent_steps, c.agent_lr
         # newest first; modules and buffers, so they move with the strategy and survive --resume
         self.teachers = nn.ModuleList()
         self.agent: WeightingAgent | None = None
@@ -251,7 +264,7 @@ class MultiTeacher(PreviousTeacher):
             self.update_agent()
 
     def report(self):
-        out = {"teachers": self.max_teachers, "policy": self.policy}
+        out = super().report()
         if self.policy == "rl":
             out["agent_updates"] = int(self.agent_updates)
         return out

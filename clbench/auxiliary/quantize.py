@@ -102,13 +102,16 @@ import copy
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.auxiliary.base import Aux, checked, choice, flag, positive
+from clbench.auxiliary.base import Aux, AuxConfig
+from clbench.config import (integers_at_least, non_negative_integers, non_negative_numbers, one_of,
+                            open_unit_interval, positive_integers, positive_numbers, require)
 from clbench.errors import UsageError
 from clbench.registry import register_aux
 
@@ -571,9 +574,84 @@ def _macs(fn) -> int:
 
 
 # --------------------------------------------------------------------------- the add-on
-def _bits(name: str, value: Any) -> int:
-    return checked("quantize", name, value, lambda v: MIN_BITS <= v <= MAX_BITS,
-                   f"an integer from {MIN_BITS} to {MAX_BITS}", integer=True)
+def bit_widths(config, *names: str) -> None:
+    require(config, names, lambda v: MIN_BITS <= v <= MAX_BITS, f"an integer from {MIN_BITS} to {MAX_BITS}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(AuxConfig):
+    """The bit-widths resolve from `bits` (weights and activations at b bits), then `preset`
+    (W4A8, ...), then 8; `weight_calib` from the weight bit-width (mse at 4 bits or fewer, else
+    minmax). The resolved Config holds them all."""
+
+    mode: str = "ptq"  # ptq | qat
+    preset: str | None = None  # W8A8 | W4A8 | W4A4 | W2A4
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    bits: int | None = None
+    weight_calib: str | None = None  # minmax | percentile | mse
+    act_calib: str = "percentile"
+    percentile: float = 99.99
+    group_size: int = 0  # 0: one weight scale per output channel
+    quantize_first_last: bool = False
+    calib_samples: int = 512
+    fold_bn: bool = True
+    mixed: str = "none"  # none | kurtosis
+    high_bits: int = 8
+    high_fraction: float = 0.1
+    calib_select: str = "balanced"  # balanced | fisher
+    distill_steps: int = 0
+    distill_lr: float = 0.01
+    distill_temperature: float = 2.0
+    distill_relation: float = 1.0
+    distill_batch: int = 32
+    smooth: str = "none"  # none | hadamard | hadamard_channel
+    smooth_alpha: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self, "mode", ("ptq", "qat"))
+        require(self, ["distill_steps"], lambda v: v >= 0, "0 (off) or a positive integer")
+        if self.distill_steps and self.mode != "ptq":
+            raise UsageError(f"distill_steps={self.distill_steps} needs mode=ptq (it tunes a PTQ snapshot's "
+                             f"scales); got mode={self.mode!r}")
+        one_of(self, "smooth", ("none", "hadamard", "hadamard_channel"))
+        if self.smooth != "none" and self.mode != "ptq":
+            raise UsageError(f"smooth={self.smooth} needs mode=ptq; got mode={self.mode!r}")
+        open_unit_interval(self, "smooth_alpha", "high_fraction")
+        positive_numbers(self, "distill_lr", "distill_temperature")
+        non_negative_numbers(self, "distill_relation")
+        integers_at_least(self, 2, "distill_batch")
+        weight_bits, act_bits = self.weight_bits, self.act_bits
+        if self.bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
+            bit_widths(self, "bits")
+            weight_bits = self.bits if weight_bits is None else weight_bits
+            act_bits = self.bits if act_bits is None else act_bits
+        if self.preset is not None:
+            key = str(self.preset).upper()
+            if key not in PRESETS:
+                raise UsageError(f"preset={self.preset!r} is unknown; expected one of {', '.join(PRESETS)} "
+                                 f"(or weight_bits=..., act_bits=...)")
+            w, a = PRESETS[key]
+            for name, given, implied in (("weight_bits", weight_bits, w), ("act_bits", act_bits, a)):
+                if given is not None and given != implied:
+                    raise UsageError(f"{name}={given!r} contradicts preset={self.preset!r} ({name}={implied}); "
+                                     f"expected one of them")
+            weight_bits, act_bits = w, a
+        object.__setattr__(self, "weight_bits", 8 if weight_bits is None else weight_bits)
+        object.__setattr__(self, "act_bits", 8 if act_bits is None else act_bits)
+        bit_widths(self, "weight_bits", "act_bits", "high_bits")
+        if self.weight_calib is None:
+            object.__setattr__(self, "weight_calib", "mse" if self.weight_bits <= 4 else "minmax")
+        one_of(self, "weight_calib", CALIBRATORS)
+        one_of(self, "act_calib", CALIBRATORS)
+        require(self, ["percentile"], lambda v: 50 < v <= 100, "a number in (50, 100]")
+        require(self, ["group_size"], lambda v: v >= 0, "0 (per channel) or a positive integer")
+        positive_integers(self, "calib_samples")
+        one_of(self, "mixed", ("none", "kurtosis"))
+        one_of(self, "calib_select", ("balanced", "fisher"))
+        non_negative_integers(self, "seed")
 
 
 @register_aux("quantize")
@@ -582,82 +660,26 @@ class Quantize(Aux):
     snapshot after every experience (see the module docstring)."""
 
     family = "quantize"
+    Config = QuantizeConfig
 
-    def __init__(self, weight: float = 1.0, mode: str = "ptq", preset: str | None = None,
-                 weight_bits: int | None = None, act_bits: int | None = None, bits: int | None = None,
-                 weight_calib: str | None = None, act_calib: str = "percentile", percentile: float = 99.99,
-                 group_size: int = 0, quantize_first_last: bool = False, calib_samples: int = 512,
-                 fold_bn: bool = True, mixed: str = "none", high_bits: int = 8, high_fraction: float = 0.1,
-                 calib_select: str = "balanced", distill_steps: int = 0, distill_lr: float = 0.01,
-                 distill_temperature: float = 2.0, distill_relation: float = 1.0, distill_batch: int = 32,
-                 smooth: str = "none", smooth_alpha: float = 0.5, seed: int = 0):
-        mode = choice("quantize", "mode", mode, ("ptq", "qat"))
-        checked("quantize", "distill_steps", distill_steps, lambda v: v >= 0, "0 (off) or a positive integer", integer=True)
-        if distill_steps and mode != "ptq":
-            raise UsageError(f"quantize distill_steps={distill_steps} needs mode=ptq (it tunes a PTQ snapshot's "
-                             f"scales); got mode={mode!r}")
-        smooth = choice("quantize", "smooth", smooth, ("none", "hadamard", "hadamard_channel"))
-        if smooth != "none" and mode != "ptq":
-            raise UsageError(f"quantize smooth={smooth} needs mode=ptq; got mode={mode!r}")
-        checked("quantize", "smooth_alpha", smooth_alpha, lambda v: 0 < v < 1, "a number in (0, 1)")
-        distill_lr = positive("quantize", "distill_lr", distill_lr)
-        distill_temperature = positive("quantize", "distill_temperature", distill_temperature)
-        checked("quantize", "distill_relation", distill_relation, lambda v: v >= 0, "a number >= 0")
-        checked("quantize", "distill_batch", distill_batch, lambda v: v >= 2, "an integer >= 2", integer=True)
-        if bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
-            _bits("bits", bits)
-            weight_bits = bits if weight_bits is None else weight_bits
-            act_bits = bits if act_bits is None else act_bits
-        if preset is not None:
-            key = str(preset).upper()
-            if key not in PRESETS:
-                raise UsageError(f"quantize preset={preset!r} is unknown; expected one of {', '.join(PRESETS)} "
-                                 f"(or weight_bits=..., act_bits=...)")
-            w, a = PRESETS[key]
-            for name, given, implied in (("weight_bits", weight_bits, w), ("act_bits", act_bits, a)):
-                if given is not None and given != implied:
-                    raise UsageError(f"quantize {name}={given!r} contradicts preset={preset!r} ({name}={implied}); "
-                                     f"expected one of them")
-            weight_bits, act_bits = w, a
-        weight_bits = _bits("weight_bits", 8 if weight_bits is None else weight_bits)
-        act_bits = _bits("act_bits", 8 if act_bits is None else act_bits)
-        if weight_calib is None:
-            weight_calib = "mse" if weight_bits <= 4 else "minmax"
-        weight_calib = choice("quantize", "weight_calib", weight_calib, CALIBRATORS)
-        act_calib = choice("quantize", "act_calib", act_calib, CALIBRATORS)
-        checked("quantize", "percentile", percentile, lambda v: 50 < v <= 100, "a number in (50, 100]")
-        checked("quantize", "group_size", group_size, lambda v: v >= 0, "0 (per channel) or a positive integer",
-                integer=True)
-        checked("quantize", "calib_samples", calib_samples, lambda v: v >= 1, "a positive integer", integer=True)
-        mixed = choice("quantize", "mixed", mixed, ("none", "kurtosis"))
-        calib_select = choice("quantize", "calib_select", calib_select, ("balanced", "fisher"))
-        high_bits = _bits("high_bits", high_bits)
-        checked("quantize", "high_fraction", high_fraction, lambda v: 0 < v < 1, "a number in (0, 1)")
-        flag("quantize", "quantize_first_last", quantize_first_last)
-        flag("quantize", "fold_bn", fold_bn)
-        checked("quantize", "seed", seed, lambda v: v >= 0, "an integer >= 0", integer=True)
-        super().__init__(weight, mode=mode, weight_bits=weight_bits, act_bits=act_bits, weight_calib=weight_calib,
-                         act_calib=act_calib, percentile=percentile, group_size=group_size,
-                         quantize_first_last=quantize_first_last, calib_samples=calib_samples, fold_bn=fold_bn,
-                         mixed=mixed, high_bits=high_bits, high_fraction=high_fraction, calib_select=calib_select,
-                         distill_steps=distill_steps, distill_lr=distill_lr, distill_temperature=distill_temperature,
-                         distill_relation=distill_relation, distill_batch=distill_batch, smooth=smooth,
-                         smooth_alpha=smooth_alpha)
-        self.smooth, self.smooth_alpha = smooth, float(smooth_alpha)
-        self.distill_steps, self.distill_lr, self.distill_batch = distill_steps, distill_lr, distill_batch
-        self.distill_temperature, self.distill_relation = distill_temperature, float(distill_relation)
-        self.mixed, self.high_bits, self.high_fraction = mixed, high_bits, float(high_fraction)
-        self.calib_select = calib_select
-        self.mode, self.weight_bits, self.act_bits = mode, weight_bits, act_bits
-        self.weight_calib, self.act_calib, self.percentile = weight_calib, act_calib, float(percentile)
-        self.group_size, self.quantize_first_last = group_size, quantize_first_last
-        self.calib_samples, self.fold_bn, self.seed = calib_samples, fold_bn, int(seed)
-        self.edge_bits = (weight_bits, act_bits) if quantize_first_last else (8, 8)
+    def __init__(self, cfg: QuantizeConfig | None = None, /, **values):
+        super().__init__(cfg, **values)
+        c = self.cfg
+        self.smooth, self.smooth_alpha = c.smooth, c.smooth_alpha
+        self.distill_steps, self.distill_lr, self.distill_batch = c.distill_steps, c.distill_lr, c.distill_batch
+        self.distill_temperature, self.distill_relation = c.distill_temperature, c.distill_relation
+        self.mixed, self.high_bits, self.high_fraction = c.mixed, c.high_bits, c.high_fraction
+        self.calib_select = c.calib_select
+        self.mode, self.weight_bits, self.act_bits = c.mode, c.weight_bits, c.act_bits
+        self.weight_calib, self.act_calib, self.percentile = c.weight_calib, c.act_calib, c.percentile
+        self.group_size, self.quantize_first_last = c.group_size, c.quantize_first_last
+        self.calib_samples, self.fold_bn, self.seed = c.calib_samples, c.fold_bn, c.seed
+        self.edge_bits = (c.weight_bits, c.act_bits) if c.quantize_first_last else (8, 8)
         # calibration reservoir of the current experience: class -> list of inputs (CPU)
         self._reservoir: dict[int, torch.Tensor] = {}  # class -> [per-class capacity, *input shape]
         self._filled: dict[int, int] = {}
         self._seen: dict[int, int] = {}
-        self._per_class = calib_samples
+        self._per_class = c.calib_samples
         self._generator = torch.Generator().manual_seed(self.seed)
         self._rows_q: list[list[float]] = []
         self._rows_fp: list[list[float]] = []
@@ -753,23 +775,9 @@ class Quantize(Aux):
         }
 
     def report(self) -> dict[str, Any]:
-        out = {"mode": self.mode, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
-               "first_last_bits": list(self.edge_bits)}
-        if self.mode == "ptq":
-            out.update(weight_calib=self.weight_calib, act_calib=self.act_calib, percentile=self.percentile,
-                       group_size=self.group_size, calib_samples=self.calib_samples, fold_bn=self.fold_bn,
-                       mixed=self.mixed, calib_select=self.calib_select)
-            if self.mixed != "none":
-                out.update(high_bits=self.high_bits, high_fraction=self.high_fraction)
-            if self.smooth != "none":
-                out.update(smooth=self.smooth)
-                if self.smooth == "hadamard_channel":
-                    out.update(smooth_alpha=self.smooth_alpha)
-            if self.distill_steps:
-                out.update(distill_steps=self.distill_steps, distill_lr=self.distill_lr,
-                           distill_temperature=self.distill_temperature, distill_relation=self.distill_relation,
-                           distill_batch=self.distill_batch)
-        return out
+        """The resolved settings (bit-widths and calibrators as resolved from `bits`, `preset` and the
+        defaults) and the bit-widths the first and last layers ran at."""
+        return {**super().report(), "first_last_bits": list(self.edge_bits)}
 
     # ------------------------------------------------------------------ calibration data
     def _calibration_data(self, strategy, exp) -> tuple[torch.Tensor | None, dict[str, int]]:

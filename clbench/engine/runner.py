@@ -76,27 +76,9 @@ def paper_settings(cls, scenario: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
-    out = []
-    for name, params in specs:
-        cls = AUXILIARY.get(name)
-        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise UsageError(f"add-on {name!r} has no setting {unknown[0]!r}; valid settings: {', '.join(known)}")
-        try:
-            out.append(cls(**params))
-        except TypeError as e:
-            raise UsageError(f"add-on {name!r}: {e}") from None
-    names = [a.name for a in out]
-    for name in set(names):
-        if names.count(name) > 1:
-            raise UsageError(f"add-on {name!r} given {names.count(name)} times; expected each add-on at most once")
-    families = {a.family for a in out}
-    for a in out:
-        clash = a.incompatible_with & (families - {a.family})
-        if clash:
-            raise UsageError(f"add-on {a.name!r} cannot be combined with {sorted(clash)}")
-    return out
+    from clbench.auxiliary.base import create_aux as build_add_ons
+
+    return build_add_ons(specs)
 
 
 def aux_problem(strategy_cls, aux_cls) -> str | None:
