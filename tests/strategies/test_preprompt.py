@@ -1,5 +1,7 @@
-"""PrePrompt: the card's faithfulness checks (frozen backbone, prompt-free routing and slot choice,
-prompt bookkeeping, feature translation, what calibration and training may change, masking)."""
+"""PrePrompt (Huang et al., arXiv 2505.08586; official code): faithfulness checks (frozen backbone,
+prompt-free routing and slot choice, prompt bookkeeping, the in-forward momentum mix, statistics with the
+true task's prompt, feature translation and its use as calibration data, what calibration and training may
+change, masking)."""
 
 from __future__ import annotations
 
@@ -197,3 +199,123 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, resume_pair, fas
     whole, resumed = resume_pair(spec, tmp_path, stop_after=0)
     assert resumed.status == "completed", resumed.error
     assert resumed.accuracy_matrix == whole.accuracy_matrix
+
+
+# ---- the live path: calibration data and the in-forward momentum mix, watched during a real run
+class _PromptsSeenByAttention(pl.Callback):
+    """Task 1, before its first step: slot 0 set to 0 and slot 1 to 1 (hand values); the prefixes
+    the first prompted block's attention receives during that first step are recorded."""
+
+    def __init__(self):
+        self.prefixes, self._handle = [], None
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.phase.name != "train" or pl_module.experience.index != 1:
+            return
+        with torch.no_grad():
+            pl_module.prompts[:, :, 0] = 0.0
+            pl_module.prompts[:, :, 1] = 1.0
+        attention = pl_module.backbone.blocks[0].attn
+        self._handle = attention.register_forward_pre_hook(
+            lambda m, args: self.prefixes.append(None if pl_module.router.prefix is None
+                                                 else pl_module.router.prefix.detach().clone()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class _CalibrationData(pl.Callback):
+    """The calibration phase's data as its fit starts: the feature set D and the per-epoch loader."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.phase.name == "calibrate":
+            x, y = pl_module._calibration_set
+            loader = trainer.train_dataloader
+            self.seen[pl_module.experience.index] = {"x": x.clone(), "y": y.clone(), "positions": len(loader.dataset),
+                                                     "batch": loader.batch_size}
+
+
+@pytest.fixture(scope="module")
+def calibration_run(tmp_path_factory, fast_config_for):
+    """synthetic32-3 (3 tasks x 2 classes of 120 images); one batch holds a whole task, so the
+    statistics see every image."""
+    prompts, calibration, final = _PromptsSeenByAttention(), _CalibrationData(), []
+
+    def keep(i, result, strategy):
+        final.append((strategy.prompts.detach().clone(), strategy.class_means.clone(), strategy.class_variances.clone(),
+                      strategy))
+
+    cfg = fast_config_for(tmp_path_factory.mktemp("preprompt-calibration"), backbone="clbench_vit_tiny", epochs=1,
+                          batch_size=256, limit_train_batches=1)
+    result = run(RunSpec("preprompt", "synthetic32-3", run=cfg, seed=0,
+                         strategy_overrides={**TINY, "calibration_epochs": 1, "calibration_batch": 16}),
+                 callbacks=[prompts, calibration], on_experience=keep)
+    assert result.status == "completed", result.error
+    return prompts.prefixes, calibration.seen, final
+
+
+def _features_with_slot(strategy, prompts, x, slot):
+    """The ViT's [CLS] feature with task `slot`'s prompt as a prefix of every sample (eval mode)."""
+    prefix = prompts[:, :, [slot] * len(x)]
+    was_training = strategy.training
+    strategy.eval()
+    try:
+        with torch.no_grad(), strategy.router.using(prefix):
+            return strategy.backbone(x)
+    finally:
+        strategy.train(was_training)
+
+
+def _same_rows(got, expected):
+    """Equal as multisets of rows (up to float noise)."""
+    if got.shape != expected.shape:
+        return False
+    distances = torch.cdist(got.double(), expected.double())
+    return bool(distances.min(0).values.max() < 1e-4) and bool(distances.min(1).values.max() < 1e-4)
+
+
+@pytest.mark.parametrize("task", [1, 2])
+def test_calibration_trains_on_translated_old_class_features_and_the_current_clouds(calibration_run, task):
+    _, seen, final = calibration_run
+    scenario = create_scenario("synthetic32-3")
+    strategy = final[-1][3]
+    # every class's features, recomputed here: its task's training images through the frozen ViT with the
+    # prompt slot of its task as it was when that task ended (later tasks leave earlier slots alone)
+    clouds = {}
+    for t in range(task + 1):
+        data, prompts = scenario.train_sets[t], final[t][0]
+        for c in scenario.info(t).classes:
+            clouds[c] = _features_with_slot(strategy, prompts, data.x[data.y == c], t)
+    mu = {c: cloud.mean(0) for c, cloud in clouds.items()}
+    old, current = list(scenario.info(task).past_classes), list(scenario.info(task).classes)
+    # statistics: the true task's prompt, every image of the class, mean and (biased) diagonal variance
+    means, variances = final[task][1], final[task][2]
+    for c in current:
+        assert torch.allclose(means[c], mu[c], atol=1e-5), c
+        assert torch.allclose(variances[c], clouds[c].var(0, unbiased=False), atol=1e-5), c
+
+    data = seen[task]
+    assert sorted(data["y"].unique().tolist()) == old + current
+    for j in current:  # the current classes' own features
+        assert _same_rows(data["x"][data["y"] == j], clouds[j]), j
+    for c in old:  # each old class: its cosine-nearest current cloud, moved onto its mean, labelled c
+        cosine = {j: float(torch.dot(mu[c], mu[j]) / (mu[c].norm() * mu[j].norm())) for j in current}
+        nearest = max(current, key=cosine.__getitem__)
+        assert _same_rows(data["x"][data["y"] == c], clouds[nearest] - mu[nearest] + mu[c]), c
+    # each epoch runs n_old minibatches of min(B_ca, |D| / n_old) = 16
+    assert (data["positions"], data["batch"]) == (len(old) * 16, 16)
+
+
+def test_the_training_forward_mixes_the_current_slot_with_the_earlier_slots_mean(calibration_run):
+    prefixes, _, _ = calibration_run
+    # first step of task 1: the route pass runs without prompts, the label pass with
+    # P~_1 = 0.99 P_1 + 0.01 mean(P_0) = 0.99 * 1 + 0.01 * 0 for every sample
+    assert len(prefixes) == 2 and prefixes[0] is None
+    used = prefixes[1]
+    assert used.shape[:3] == (TINY["prompt_blocks"], 2, 120)
+    assert torch.allclose(used, torch.full_like(used, 0.99), atol=1e-7)
