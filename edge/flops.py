@@ -460,9 +460,12 @@ def torch_behaviour() -> dict[str, Any]:
     torch upgrade that changes the formulas is noticed instead of silently mis-counted.
     """
     depthwise_expected = 3 * conv2d_flops(1, 16, 16, 32, 32, 3, 3, groups=16)  # 884,736
-    raw_dw, fixed_dw = _raw_and_corrected(_depthwise_step)
     sdpa_expected = sdpa_flops(1, 2, 4, 4, 8, 8)
-    raw_sdpa, fixed_sdpa = _raw_and_corrected(_cpu_sdpa)
+    # the self-test runs a backward: independent of the caller's no_grad / inference_mode (the first
+    # Counter() may well be created inside an evaluation loop)
+    with torch.inference_mode(False), torch.enable_grad():
+        raw_dw, fixed_dw = _raw_and_corrected(_depthwise_step)
+        raw_sdpa, fixed_sdpa = _raw_and_corrected(_cpu_sdpa)
     if fixed_dw != depthwise_expected or fixed_sdpa != sdpa_expected:
         raise RuntimeError(
             f"clbench FLOP corrections disagree with the analytic counts on torch {torch.__version__}: "

@@ -1,6 +1,10 @@
 """FLOP counts against the analytic formulas and the spec's checked reference values."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -254,3 +258,22 @@ def test_trace_bytes_are_tensors_read_plus_written_and_views_move_nothing():
         a.t()  # a view: no entry
     bytes_and_calls = {k[0]: (k[4], n) for k, n in c.profile.ops.items()}
     assert bytes_and_calls == {"cat": ((24 + 12 + 36) * 4, 1), "sum": ((24 + 6) * 4, 1)}
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_first_count_inside_no_grad_works(context):
+    """The self-test behind the first Counter() runs a backward; it must not inherit the caller's
+    no_grad. A fresh interpreter, so that the cached self-test of earlier tests cannot hide a failure."""
+    script = textwrap.dedent(f"""
+        import torch
+        from clbench.edge import flops
+        assert flops.torch_behaviour.cache_info().currsize == 0  # nothing ran the self-test yet
+        conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        with torch.{context}():
+            print(flops.measure_flops(lambda: conv(torch.randn(1, 3, 32, 32))))
+        assert torch.is_grad_enabled()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "884736"
