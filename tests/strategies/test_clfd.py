@@ -213,3 +213,101 @@ def test_clfd_rejects_unknown_base_and_one_channel_backbones(scenario, build_str
     digits = create_scenario("digits-5")
     with pytest.raises(UsageError, match="3 input channels"):
         build_strategy("er_clfd", digits)
+
+
+# ---------------------------------------------------------------- check 6 through the hooks, at the moment it applies
+class _KeepProbs:
+    """Lightning callback: keep_probs and similarity at the first batch of every epoch (after the
+    module's epoch-start hook) and at every epoch start (before it: what the previous epoch's end left)."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        self.at = {}
+        outer = self
+
+        class Callback(pl.Callback):
+            def on_train_epoch_start(self, trainer, s):
+                outer.at[(s.experience.index, trainer.current_epoch, "start")] = (s.keep_probs.clone(), s.similarity.clone())
+
+            def on_train_batch_start(self, trainer, s, batch, batch_idx):
+                if batch_idx == 0:
+                    outer.at[(s.experience.index, trainer.current_epoch, "batch")] = (s.keep_probs.clone(), s.similarity.clone())
+
+        self.callback = Callback()
+
+
+def _constant_colour_scenario():
+    """2 tasks x 2 classes of 32x32 images of one colour per class: the low-frequency band of a
+    constant image of colour v is 2v on every position of its channel, so the cosine between two
+    classes' summed bands is the cosine of their colours, whatever the number of images."""
+    from clbench.scenarios.base import class_incremental_from_tensors
+
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+
+    def draw(n):
+        y = torch.arange(4).repeat_interleave(n)
+        return colours[y].view(-1, 3, 1, 1).expand(-1, 3, 32, 32).contiguous(), y
+
+    return class_incremental_from_tensors("colours", draw(16), draw(4), increments=[2, 2], class_order=[0, 1, 2, 3],
+                                          default_backbone="resnet18_cifar_nf8")
+
+
+def test_new_class_probs_are_set_from_similarity_at_the_end_of_epoch_one(build_strategy):
+    """Through the hooks in the runner's order (3 epochs per task, warm-up ends after epoch 1.2):
+    task 0 uses the prefix mask; in task 1 the new classes start at 0.6, and the end of epoch 1 sets
+    P[i] = (p- + p+)/2 from their similarity to the old classes; epoch 2's end then applies the
+    post-warm-up rule. The old classes' activation counts are set by hand after task 0."""
+    from clbench.config import RunConfig
+    from clbench.datasets import make_loader
+    from clbench.engine.runner import make_trainer
+    from clbench.models.backbones import build_backbone
+    from clbench.types import Phase
+
+    colours = _constant_colour_scenario()
+    torch.manual_seed(0)
+    s = build_strategy("er_clfd", colours, backbone=build_backbone("resnet18_cifar_nf8"), buffer_size=4, replay_batch_size=8)
+    run_cfg = RunConfig(epochs=3, batch_size=16, accelerator="cpu", limit_train_batches=1, progress=False)
+    seen = _KeepProbs()
+    hand_counts = torch.zeros(2, 64)
+    hand_counts[0, :32] = 2.0  # old class 0 relies on units 0-31 (max 2)
+    hand_counts[1] = 1.0  # old class 1 on every unit equally
+    for i in range(2):
+        info = colours.info(i)
+        s.on_experience_start(info)
+        data = s.training_data(info, colours.train_sets[i])
+        for p_index, phase in enumerate(s.phases(info)):
+            s.phase = phase
+            loader = make_loader(s.phase_data(phase, data), run_cfg.batch_size, shuffle=True, seed=10 * i + p_index)
+            make_trainer(run_cfg, phase.epochs or run_cfg.epochs, [seen.callback], info, phase).fit(s, train_dataloaders=loader)
+        s.phase = Phase()
+        s.on_experience_end(info, colours.train_sets[i])
+        if i == 0:
+            s.activation_counts[:2] = hand_counts
+    prefix = torch.zeros(64)
+    prefix[:42] = 1.0  # floor(64 * 1.1 * 0.6)
+    for epoch in (0, 1):  # task 0 before warm-up ends: the prefix mask
+        assert torch.equal(seen.at[(0, epoch, "batch")][0][:2], prefix.expand(2, -1))
+    assert torch.equal(seen.at[(1, 0, "batch")][0][2:4], torch.full((2, 64), 0.6))  # task 1, epoch 1: 0.6
+    assert torch.equal(seen.at[(1, 0, "batch")][0][:2], seen.at[(1, 0, "start")][0][:2])  # old classes untouched
+
+    keep, similarity = seen.at[(1, 1, "start")]  # what the end of epoch 1 left, before the warm-up rule
+    a, b = 1 / math.sqrt(5), 2 / math.sqrt(5)  # cos((1,2,0), (1,0,0)), cos((1,2,0), (0,1,0))
+    assert torch.allclose(similarity[2:4, :2], torch.tensor([[1.0, 0.0], [a, b]]), atol=1e-6)
+    # class 2 (the colour of class 0): S = (1, 0), sbar = 1.5; least similar old class 1, most similar class 0
+    p_minus = math.exp(-1.0 * (1.5 / 1.0) / 1.0)
+    p_plus = torch.tensor([1 - math.exp(-2.0 * (2.0 / 1.5) / 2.0)] * 32 + [0.0] * 32)
+    assert torch.allclose(keep[2], (p_minus + p_plus) / 2, atol=1e-6)
+    # class 3: S = (a, b), sbar = 1 + (a + b)/2; least similar old class 0, most similar class 1
+    sbar = 1 + (a + b) / 2
+    p_minus = torch.tensor([math.exp(-2.0 * (sbar / (1 + a)) / 2.0)] * 32 + [1.0] * 32)
+    p_plus = 1 - math.exp(-1.0 * ((1 + b) / sbar) / 1.0)
+    assert torch.allclose(keep[3], (p_minus + p_plus) / 2, atol=1e-6)
+    assert torch.equal(seen.at[(1, 1, "batch")][0][2:4], keep[2:4])  # epoch 2 starts with them (no reset)
+    # the end of epoch 2 (> 0.4 x 3) replaced them by the activation rule
+    assert not torch.allclose(s.keep_probs[2:4], keep[2:4])
+    # the low bands were summed over task 0's last epoch and task 1's first only (one batch of 16 each):
+    # a constant image of colour v adds 2 v_c on the 256 positions of channel c, 512 sum(v) in all
+    colour_sums = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    images = s.low_band_sums[:4].sum(1) / (512 * colour_sums)
+    assert images[:2].sum().item() == pytest.approx(16) and images[2:].sum().item() == pytest.approx(16)
