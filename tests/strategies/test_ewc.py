@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from clbench.strategies import ewc
 
 from clbench.engine.runner import RunSpec, run
+from clbench.types import Batch
 
 
 def _params(strategy):
@@ -142,7 +143,8 @@ def test_vectorised_fisher_equals_the_per_sample_loop_through_a_run(tmp_path, fa
 
 
 def test_vectorised_fisher_equals_the_loop_with_batchnorm_in_eval_mode(scenario, build_strategy, batch_of):
-    """A BatchNorm CNN: the estimate runs in eval mode (running statistics, untouched), where vmap runs."""
+    """A BatchNorm CNN: the estimate runs in eval mode (running statistics, untouched), where vmap runs.
+    In float64 the two sums agree to rounding (float32 differs in the 5th digit: batched vs single convolutions)."""
     from clbench.models.backbones import build_backbone
 
     made = []
@@ -151,16 +153,18 @@ def test_vectorised_fisher_equals_the_loop_with_batchnorm_in_eval_mode(scenario,
         s = build_strategy("ewc", scenario, backbone=build_backbone("resnet18_cifar_nf8"))
         s.vectorised_fisher = vectorised
         s.on_experience_start(scenario.info(0))
-        s.train()
+        s.double().train()
         stats = {k: v.clone() for k, v in s.state_dict().items() if "running" in k}
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            s.accumulate_fisher(batch_of(scenario.train_sets[0], 6))
+            batch = batch_of(scenario.train_sets[0], 6)
+            s.accumulate_fisher(Batch(batch.x.double(), batch.y))
         assert s.training and all(torch.equal(v, s.state_dict()[k]) for k, v in stats.items())
         s.on_experience_end(scenario.info(0), scenario.train_sets[0])
         made.append(s)
     fast, slow = made
     assert fast.vectorised_fisher and fast.fisher.keys() == slow.fisher.keys()
+    assert sum(float(f.sum()) for f in fast.fisher.values()) > 0
     for n in fast.fisher:
-        assert torch.allclose(fast.fisher[n], slow.fisher[n], rtol=1e-5, atol=1e-12), n
+        assert torch.allclose(fast.fisher[n], slow.fisher[n], rtol=1e-10, atol=1e-20), n
     assert all(torch.equal(fast.anchor[n], slow.anchor[n]) for n in fast.anchor)
