@@ -1,5 +1,6 @@
-"""DAF: the card's faithfulness checks (closed-form fusion, its limits, robust initialisation,
-accumulated Fisher, one global adapter) and TUNA's classifier mechanics underneath."""
+"""DAF (Liu et al., arXiv 2601.21341, as reconstructed in the strategy's docstring): faithfulness checks
+(closed-form fusion, its limits, the fused adapters of a run against curvatures measured independently,
+robust initialisation, accumulated Fisher, one global adapter) and TUNA's classifier mechanics underneath."""
 
 from __future__ import annotations
 
@@ -59,19 +60,54 @@ def test_beta_minimises_the_quadratic_objective_along_the_segment():
         assert beta == pytest.approx(grid[np.argmin(j)], abs=1e-3)
 
 
+FISHER_SAMPLES = 6
+
+
+def _fisher_by_hand(strategy, t: int) -> torch.Tensor:
+    """The diagonal empirical Fisher of task t's loss at the current adapter, recomputed here: the mean
+    over the task's first FISHER_SAMPLES training samples of the squared per-sample gradient of
+    CE(20 x the cosines of the task's classes), adapters and ViT in eval mode (no dropout)."""
+    data = create_scenario("digits32-5").train_sets[t]
+    classes = list(create_scenario("digits32-5").info(t).classes)
+    params = list(strategy.adapter.parameters())
+    modes = [(m, m.training) for m in strategy.modules()]
+    strategy.eval()
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    try:
+        for i in range(FISHER_SAMPLES):
+            x, y = data.x[i:i + 1], data.y[i:i + 1]
+            with torch.enable_grad():
+                cosines = strategy.head(strategy.features(x))[:, classes]
+                loss = torch.nn.functional.cross_entropy(20.0 * cosines, torch.tensor([classes.index(int(y))]))
+                grads = torch.autograd.grad(loss, params)
+            total += torch.cat([g.reshape(-1) for g in grads]).double() ** 2
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total / FISHER_SAMPLES
+
+
 class _Tap(pl.Callback):
-    """The adapter vector when each task's training starts and ends."""
+    """The adapter vector when each task's training starts and ends, and, before each Fisher pass's
+    own end-of-fit work (the fusion, the F_old update), the adapter there and its Fisher by hand."""
 
     def __init__(self):
         self.train_start, self.train_end = [], []
+        self.task_optimum, self.fisher_task, self.fisher_fused = [], [], []
 
     def on_fit_start(self, trainer, pl_module):
         if pl_module.phase.name == "train":
             self.train_start.append(pl_module.theta().clone())
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_fit_end(self, trainer, pl_module):  # the callbacks' on_fit_end runs before the module's
+        t = pl_module.experience.index
         if pl_module.phase.name == "train":
             self.train_end.append(pl_module.theta().clone())
+        elif pl_module.phase.name == "fisher_task":  # theta_t*, not yet fused
+            self.task_optimum.append(pl_module.theta().clone())
+            self.fisher_task.append(_fisher_by_hand(pl_module, t))
+        elif pl_module.phase.name == "fisher_fused":  # theta_g^t
+            self.fisher_fused.append(_fisher_by_hand(pl_module, t))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +128,8 @@ def daf_run(tmp_path_factory, fast_config_for):
     DAF.take_fisher = recording
     try:
         cfg = fast_config_for(tmp_path_factory.mktemp("daf"), backbone="clbench_vit_tiny", epochs=1, limit_train_batches=None)
-        overrides = {"bottleneck": 4, "fisher_samples": 6, "align_epochs": 2, "align_per_class": 8, "prior_strength": 1e-3}
+        overrides = {"bottleneck": 4, "fisher_samples": FISHER_SAMPLES, "align_epochs": 2, "align_per_class": 8,
+                     "prior_strength": 1e-3}
         result = run(RunSpec("daf", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides),
                      callbacks=[tap], on_experience=keep)
     finally:
@@ -115,6 +152,34 @@ def test_robust_initialisation_and_the_fused_global_adapter(daf_run):
         expected = (prev.double() + beta * (tap.train_end[t].double() - prev.double())).float()
         assert torch.allclose(after[t]["theta"], expected, atol=1e-7)  # nothing after the fusion moved it
     assert any(0.0 < f["beta"] < 1.0 for f in fusion)
+
+
+def test_each_fused_adapter_is_the_closed_form_on_independently_measured_curvatures(daf_run):
+    """theta_g^t recomputed from the method's definitions alone: F_t at theta_t*, F_old = the sum of the
+    earlier tasks' Fishers at their fused adapters (all measured by hand), theta_0, theta_g^{t-1}, lambda."""
+    result, tap, _, after = daf_run
+    strategy, lam = after[-1]["strategy"], 1e-3
+    init = strategy.theta_init.double()
+    fisher_old = torch.zeros_like(init)
+    sensitive = []
+    for t in range(5):
+        prev = init if t == 0 else after[t - 1]["theta"].double()
+        optimum = tap.task_optimum[t].double()
+        assert torch.equal(tap.task_optimum[t], tap.train_end[t])  # nothing between training and fusion moved it
+        d = optimum - prev
+        a_old, a_new = float((fisher_old * d * d).sum()), float((tap.fisher_task[t] * d * d).sum())
+        e, d2 = float(((prev - init) * d).sum()), float((d * d).sum())
+        beta = min(max((a_new - lam * e) / (a_old + a_new + lam * d2), 0.0), 1.0)
+        reported = result.strategy_report["fusion"][t]
+        assert reported["beta"] == pytest.approx(beta, rel=1e-4, abs=1e-9), t
+        assert (reported["a_old"], reported["a_new"], reported["e"]) == pytest.approx((a_old, a_new, e), rel=1e-4, abs=1e-12)
+        assert torch.allclose(after[t]["theta"].double(), prev + beta * d, atol=1e-6), t
+        if a_old > 0:  # how far the fused adapter would be without the old tasks' curvature
+            without_old = min(max((a_new - lam * e) / (a_new + lam * d2), 0.0), 1.0)
+            sensitive.append(float(((without_old - beta) * d).abs().max()))
+        fisher_old = fisher_old + tap.fisher_fused[t]
+        assert torch.allclose(after[t]["fisher_old"], fisher_old, rtol=1e-4, atol=1e-12), t
+    assert max(sensitive) > 1e-4  # this run tells the fusion with F_old from one without it
 
 
 def test_fisher_old_is_the_sum_of_the_fused_adapters_fishers(daf_run):
