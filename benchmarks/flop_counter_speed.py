@@ -15,10 +15,9 @@ import statistics
 import time
 
 import torch
+from clbench.edge.flops import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-
-from clbench.edge.flops import Counter
 
 
 class EmptyDispatchMode(TorchDispatchMode):

@@ -138,7 +138,9 @@ def bare_lightning(seed: int, manual: bool = False):
 
 def avalanche_stream(train, test):
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset as tensor_dataset
+    from avalanche.benchmarks.utils import (
+        _make_taskaware_tensor_classification_dataset as tensor_dataset,
+    )
 
     return class_incremental_benchmark(
         {"train": tensor_dataset(train[0], train[1]), "test": tensor_dataset(test[0], test[1])},

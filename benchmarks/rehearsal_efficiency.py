@@ -68,7 +68,7 @@ def _measure(strategy: str, args, out: str) -> dict:
 
 def saved_for_backward_bytes(strategy, args) -> int:
     """Bytes autograd keeps for backward in one step (each storage once), buffer full, last experience."""
-    from clbench.engine.data import make_loader
+    from clbench.datasets import make_loader
     from clbench.engine.runner import create_scenario
 
     scenario = create_scenario(args.scenario)

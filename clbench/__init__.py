@@ -1,8 +1,7 @@
 """clbench: a continual-learning benchmark over Avalanche streams and Lightning strategies."""
 
-__version__ = "0.1.0"
-
-from clbench.registry import (  # noqa: E402  (cheap: no torch import)
+from clbench._version import __version__
+from clbench.registry import (  # cheap: no torch import
     AUXILIARY,
     SCENARIOS,
     STRATEGIES,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any, Sequence
 
+from clbench.config import parse_aux
 from clbench.errors import UsageError
 
 EXIT_USAGE = 2
@@ -100,24 +102,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flops", default=None, help="profiler FLOP counting: sample (default) | all (every step) | off")
 
 
-def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
-    """`NAME[:key=value,...]` -> (name, {key: raw string}): the add-on's Config converts each value
-    to its field's type (`clbench.auxiliary.base.create_aux`), as `--set` values are for strategies."""
-    out = []
-    for item in items:
-        name, _, params = item.partition(":")
-        if not name:
-            raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
-        kv = {}
-        for part in filter(None, params.split(",")):
-            k, sep, v = part.partition("=")
-            if not sep or not k.strip():
-                raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
-            kv[k.strip()] = v.strip()
-        out.append((name.replace("-", "_"), kv))
-    return out
-
-
 _FLAG_TO_FIELD = {
     "epochs": "epochs",
     "batch_size": "batch_size",
@@ -140,8 +124,8 @@ def spec_from_args(args, seed: int):
     from dataclasses import replace
 
     from clbench import config as C
-    from clbench.registry import SCENARIOS, STRATEGIES
     from clbench.engine.runner import RunSpec
+    from clbench.registry import SCENARIOS, STRATEGIES
 
     strategy_cls = STRATEGIES.get(args.strategy)
     scenario = SCENARIOS.get(args.scenario) and args.scenario.strip()
@@ -181,8 +165,8 @@ def spec_from_args(args, seed: int):
 
 
 def cmd_run(args) -> int:
-    from clbench.reporting.report import print_result
     from clbench.engine.runner import quiet_lightning, run
+    from clbench.reporting.report import print_result
 
     seeds = args.seeds if args.seeds else [args.seed]
     specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
@@ -220,6 +204,40 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """`clbench profile`: one strategy's per-experience cost table (FLOPs, memory, time, Jetson time)."""
+    import tempfile
+
+    from clbench.edge import devices
+    from clbench.edge.profiler import EdgeProfiler
+    from clbench.edge.report import format_profile
+    from clbench.engine.runner import quiet_lightning, run
+
+    devices.load(args.device)  # fail on a bad name before training
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps} is invalid; expected a positive number of steps per experience")
+    spec = spec_from_args(args, args.seed)
+    run_cfg = replace(spec.run, progress=False)
+    tmp = None
+    if args.steps is not None:
+        # a truncated run is not a result: it goes to a scratch folder, never into results/
+        tmp = tempfile.TemporaryDirectory(prefix="clbench-profile-")
+        run_cfg = replace(run_cfg, limit_train_batches=args.steps, epochs=1, output_dir=tmp.name)
+    profiler = EdgeProfiler(flops=spec.run.flops, device=args.device, planned_epochs=spec.run.epochs if args.steps else None)
+    quiet_lightning()
+    try:
+        result = run(replace(spec, run=run_cfg), profiler=profiler)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(format_profile(result.edge, title=f"{spec.strategy} on {spec.scenario} (backbone {result.backbone})",
+                         steps=args.steps, planned_epochs=spec.run.epochs))
+    if result.status != "completed":
+        print(f"clbench: run {result.status}: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _lazy(module: str, func: str):
     def call(args) -> int:
         import importlib
@@ -232,7 +250,7 @@ def _lazy(module: str, func: str):
 COMMANDS = {
     "run": cmd_run,
     "list": cmd_list,
-    "profile": _lazy("clbench.edge.cli", "cmd_profile"),
+    "profile": cmd_profile,
     "sweep": _lazy("clbench.engine.sweep", "cmd_sweep"),
     "leaderboard": _lazy("clbench.reporting.render", "cmd_leaderboard"),
     "plot": _lazy("clbench.reporting.plots", "cmd_plot"),

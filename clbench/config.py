@@ -13,10 +13,9 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from clbench.errors import UsageError
-
 
 NORMALIZATIONS = ("dataset", "imagenet", "inception", "none")
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Lightning's seeding accept
@@ -327,3 +326,21 @@ def check_keys(cls, values: Mapping[str, Any], source: str) -> None:
     for key in values:
         if key.replace("-", "_") not in keys:
             raise UsageError(f"unknown key {key!r} in {source}; valid keys: {', '.join(sorted(keys))}")
+
+
+def parse_aux(items: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """`NAME[:key=value,...]` -> (name, {key: raw string}): the add-on's Config converts each value
+    to its field's type (`clbench.auxiliary.base.create_aux`), as `--set` values are for strategies."""
+    out = []
+    for item in items:
+        name, _, params = item.partition(":")
+        if not name:
+            raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
+        kv = {}
+        for part in filter(None, params.split(",")):
+            k, sep, v = part.partition("=")
+            if not sep or not k.strip():
+                raise UsageError(f"malformed --aux {item!r}; expected NAME[:key=value,...]")
+            kv[k.strip()] = v.strip()
+        out.append((name.replace("-", "_"), kv))
+    return out

@@ -1,11 +1,15 @@
-"""The dataset containers strategies and scenarios exchange: in-memory tensors, relabelled subsets."""
+"""The data strategies and scenarios exchange: in-memory tensors, relabelled subsets, detection
+images with their targets, and the loaders that collate them into batches."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+from clbench.types import Batch
 
 
 class InMemoryDataset(Dataset):
@@ -91,3 +95,111 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         return torch.cat([dataset_labels(d) for d in dataset.datasets])
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+# --------------------------------------------------------------------------- detection
+Target = dict[str, torch.Tensor]  # {"boxes": float [n, 4] xyxy, "labels": long [n], "ignore": bool [n]}
+
+
+def make_target(boxes, labels, ignore=None) -> Target:
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    ignore = torch.zeros(len(labels), dtype=torch.bool) if ignore is None else torch.as_tensor(ignore, dtype=torch.bool)
+    if not (len(boxes) == len(labels) == len(ignore)):
+        raise ValueError(f"target has {len(boxes)} boxes, {len(labels)} labels and {len(ignore)} ignore flags")
+    return {"boxes": boxes, "labels": labels, "ignore": ignore.reshape(-1)}
+
+
+def select(target: Target, keep: torch.Tensor) -> Target:
+    return {k: v[keep] for k, v in target.items()}
+
+
+def restrict(target: Target, classes: Sequence[int] | torch.Tensor) -> Target:
+    """The target's boxes whose label is in `classes`."""
+    allowed = torch.as_tensor(list(classes) if not isinstance(classes, torch.Tensor) else classes, dtype=torch.long)
+    return select(target, torch.isin(target["labels"], allowed))
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DetectionBatch:
+    """Images of one size stacked to `x` (values in [0, 1]; detectors normalise themselves) and
+    one target per image."""
+
+    x: torch.Tensor
+    targets: list[Target]
+    x_raw: None = None  # no per-sample train augmentation outside the strategy
+
+    def to(self, device) -> "DetectionBatch":
+        return DetectionBatch(self.x.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class DetectionDataset(Dataset):
+    """Images and their targets; items are `(image float [3, H, W] in [0, 1], target)`.
+
+    `images` is either a uint8 tensor `[N, 3, H, W]` held in memory or a function `load(row)`
+    returning one such image (files decoded on demand); `rows[i]` is the parent row of item `i`,
+    so task subsets share the parent's images.
+    """
+
+    def __init__(self, images: torch.Tensor | Callable[[int], torch.Tensor], targets: Sequence[Target],
+                 rows: Sequence[int] | None = None):
+        self.images = images
+        self.targets = list(targets)
+        self.rows = list(range(len(self.targets))) if rows is None else [int(r) for r in rows]
+        if len(self.rows) != len(self.targets):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, i: int) -> torch.Tensor:
+        row = self.rows[i]
+        raw = self.images[row] if isinstance(self.images, torch.Tensor) else self.images(row)
+        return raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float()
+
+    def __getitem__(self, i: int):
+        return self.image(i), self.targets[i]
+
+    def subset(self, items: Sequence[int], targets: Sequence[Target] | None = None) -> "DetectionDataset":
+        """Items `items` of this dataset (with replaced targets, if given), sharing its images."""
+        targets = [self.targets[i] for i in items] if targets is None else list(targets)
+        return DetectionDataset(self.images, targets, [self.rows[i] for i in items])
+
+    @property
+    def label_sets(self) -> list[set[int]]:
+        return [set(t["labels"].tolist()) for t in self.targets]
+
+
+def detection_collate(items) -> DetectionBatch:
+    images, targets = zip(*items)
+    return DetectionBatch(torch.stack(list(images)), list(targets))
+
+
+# --------------------------------------------------------------------------- loaders
+def collate(items) -> Batch:
+    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor):
+        return Batch(items[0], items[1])  # already a whole batch from __getitems__
+    if items and isinstance(items[0][1], dict):  # detection: (image, target dict) pairs
+        return detection_collate(items)
+    xs, ys = zip(*[(it[0], it[1]) for it in items])
+    return Batch(torch.stack(list(xs)), torch.as_tensor(ys).long())
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last: bool = False
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from clbench.scenarios.base import Scenario
 
+from clbench.datasets import DetectionDataset
 from clbench.errors import UsageError
-from clbench.models.detection.targets import DetectionDataset
 from clbench.tasks.detection import VOC_AP50, APConvention, task_images
 
 

@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clbench.datasets import DetectionDataset
 from clbench.errors import UsageError
-from clbench.models.detection.targets import DetectionDataset
 
 
 # --------------------------------------------------------------------------- reading

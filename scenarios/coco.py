@@ -31,8 +31,8 @@ from clbench.scenarios._images import image_size
 from clbench.scenarios._iod_files import ResizedImages, fixed_class_order
 from clbench.scenarios.base import ScenarioOptions, data_root
 
+from clbench.datasets import DetectionDataset
 from clbench.errors import UsageError
-from clbench.models.detection.targets import DetectionDataset
 from clbench.registry import register_scenario
 from clbench.tasks.detection import COCO_AP
 

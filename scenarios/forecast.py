@@ -40,7 +40,7 @@ CHANNELS = ("value (scaled)", "series index", "seasonal position of the step (we
 class WindowDataset(Dataset):
     """Forecasting windows held in memory: `x` float [N, 3, L] (channels `CHANNELS`), `y` float
     [N, H] (the next H scaled values), `starts` long [N] (index in the whole series of each
-    window's first lookback step). Batches are fetched whole, so `clbench.engine.data.collate` gives a
+    window's first lookback step). Batches are fetched whole, so `clbench.datasets.collate` gives a
     `Batch(x, y)` with float targets (`InMemoryDataset` would cast them to long)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: torch.Tensor):

@@ -28,7 +28,7 @@ from clbench.scenarios._images import image_size
 from clbench.scenarios._iod_files import fixed_class_order
 from clbench.scenarios.base import ScenarioOptions
 
-from clbench.models.detection.targets import DetectionDataset, make_target
+from clbench.datasets import DetectionDataset, make_target
 from clbench.registry import register_scenario
 from clbench.tasks.detection import VOC_AP50
 

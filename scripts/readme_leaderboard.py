@@ -21,7 +21,7 @@ import argparse
 import contextlib
 import sys
 
-from clbench.reporting import leaderboard
+from clbench.reporting import leaderboard, render
 from clbench.cli import main
 from clbench.errors import UsageError
 
@@ -59,7 +59,7 @@ def cli(argv=None) -> int:
         print(f"### {scenario}\n")
         commands = "; ".join(f"`clbench {' '.join(sweep)}`" for sweep in sweeps)
         print(f"Produced with {commands} then `clbench leaderboard {args.output_dir} --scenario {scenario}`.\n")
-        print(leaderboard.to_markdown(board))
+        print(render.to_markdown(board))
     return status
 
 

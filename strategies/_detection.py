@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from clbench.base import CLStrategy
-from clbench.models.detection.targets import DetectionBatch
+from clbench.datasets import DetectionBatch
 from clbench.models.freeze import frozen_snapshot
 
 

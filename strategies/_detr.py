@@ -59,7 +59,7 @@ def pretrain_shapes_base(settings: dict[str, Any], cache_dir: str | os.PathLike 
         return path
     from clbench.scenarios.shapes import generate_shapes
 
-    from clbench.models.detection.targets import detection_collate
+    from clbench.datasets import detection_collate
 
     pool = generate_shapes(settings["images"], size=settings["size"], num_classes=8, seed=settings["seed"])
     with torch.random.fork_rng():

@@ -6,8 +6,8 @@ import torch
 from clbench.strategies._detection import DetectionStrategy
 from torch import nn
 
+from clbench.datasets import DetectionBatch
 from clbench.models.detection.gfl import GFLConfig, TinyGFL, hflip_batch
-from clbench.models.detection.targets import DetectionBatch
 from clbench.types import ExperienceInfo
 
 

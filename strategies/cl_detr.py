@@ -83,6 +83,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.ops import box_iou
 
 from clbench.config import non_negative_numbers
+from clbench.datasets import DetectionBatch, Target
 from clbench.errors import UsageError
 from clbench.models.detection.detr import (
     DetrOutput,
@@ -91,7 +92,6 @@ from clbench.models.detection.detr import (
     normalised_targets,
     with_pseudo_boxes,
 )
-from clbench.models.detection.targets import DetectionBatch, Target
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo, Phase
 

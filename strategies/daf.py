@@ -52,7 +52,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import Subset
 
 from clbench.config import non_negative_integers, non_negative_numbers
-from clbench.engine.data import make_loader
+from clbench.datasets import make_loader
 from clbench.errors import UsageError
 from clbench.models.freeze import eval_mode
 from clbench.registry import register_strategy

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from clbench.strategies._detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy
 
+from clbench.datasets import DetectionBatch
 from clbench.models.detection.detr import normalised_targets
-from clbench.models.detection.targets import DetectionBatch
 from clbench.registry import register_strategy
 
 

@@ -84,6 +84,7 @@ from typing import Sequence
 import torch
 from clbench.strategies._gfl import GFLStrategy
 
+from clbench.datasets import DetectionBatch, restrict
 from clbench.models.detection.gfl import (
     GFLConfig,
     GFLOutput,
@@ -92,7 +93,6 @@ from clbench.models.detection.gfl import (
     class_confidence,
     squared_logit_gaps,
 )
-from clbench.models.detection.targets import DetectionBatch, restrict
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from clbench.strategies._gfl import GFLStrategy
 
+from clbench.datasets import DetectionBatch, restrict
 from clbench.models.detection.gfl import GFLConfig
-from clbench.models.detection.targets import DetectionBatch, restrict
 from clbench.registry import register_strategy
 
 

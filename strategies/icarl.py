@@ -22,8 +22,7 @@ from torch.utils.data import Dataset
 
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_integers, non_negative_numbers
-from clbench.datasets import InMemoryDataset, concat
-from clbench.engine.data import make_loader
+from clbench.datasets import InMemoryDataset, concat, make_loader
 from clbench.models.buffers import ReservoirBuffer, herding_selection
 from clbench.models.freeze import teacher_logits
 from clbench.registry import register_strategy

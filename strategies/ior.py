@@ -83,6 +83,12 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou, roi_align
 
 from clbench.config import non_negative_integers, positive_integers
+from clbench.datasets import (
+    DetectionBatch,
+    Target,
+    make_target,
+    restrict,
+)
 from clbench.models.detection.gfl import (
     GFLConfig,
     GFLOutput,
@@ -91,12 +97,6 @@ from clbench.models.detection.gfl import (
     box_distillation_at,
     class_confidence,
     squared_logit_gaps,
-)
-from clbench.models.detection.targets import (
-    DetectionBatch,
-    Target,
-    make_target,
-    restrict,
 )
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo

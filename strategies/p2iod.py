@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from clbench.strategies._detr import FrozenBaseDetrConfig, FrozenBaseDetrStrategy
 from torch import nn
 
+from clbench.datasets import DetectionBatch, Target
 from clbench.errors import UsageError
 from clbench.models.detection.detr import (
     DetrOutput,
@@ -79,7 +80,6 @@ from clbench.models.detection.detr import (
     normalised_targets,
     with_pseudo_boxes,
 )
-from clbench.models.detection.targets import DetectionBatch, Target
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 

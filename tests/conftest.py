@@ -100,7 +100,7 @@ def make_strategy(name: str, scenario, backbone=None, seed: int = 0, **cfg_overr
 
 def first_batch(dataset, n: int = 16):
     """The first `n` samples of a dataset as a `Batch`."""
-    from clbench.engine.data import make_loader
+    from clbench.datasets import make_loader
 
     return next(iter(make_loader(dataset, n, shuffle=False)))
 

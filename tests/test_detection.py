@@ -8,12 +8,12 @@ import pytest
 import torch
 from clbench.scenarios._detection import parse_split
 
-from clbench.errors import UsageError
-from clbench.models.detection.targets import (
+from clbench.datasets import (
     DetectionDataset,
     detection_collate,
     make_target,
 )
+from clbench.errors import UsageError
 from clbench.tasks.detection import (
     COCO_AP,
     absent_task_images,
@@ -156,7 +156,7 @@ def test_a_run_stores_per_task_ap_and_the_old_new_all_breakdown(detection_run):
 def test_the_leaderboard_shows_final_ap_columns_for_detection_runs(detection_run):
     import json
 
-    from clbench.reporting import leaderboard
+    from clbench.reporting import leaderboard, render
 
     out, path = detection_run
     last = json.loads(path.read_text())["detection"]["per_task"][-1]
@@ -164,7 +164,7 @@ def test_the_leaderboard_shows_final_ap_columns_for_detection_runs(detection_run
     (row,) = board.rows
     assert row.cells["final_ap_all"].mean == pytest.approx(last["all"])
     assert row.cells["final_ap_new"].mean == pytest.approx(last["new"])
-    assert "Final AP all" in leaderboard.to_markdown(board) and "per-task mean AP" in leaderboard.to_markdown(board)
+    assert "Final AP all" in render.to_markdown(board) and "per-task mean AP" in render.to_markdown(board)
 
 
 def test_a_backbone_is_refused_for_a_detection_strategy(tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import forecasting as F
+from clbench.tasks import forecasting as F
 from clbench.cli import main
 from clbench.engine.runner import RunSpec, create_scenario, run
 from clbench.errors import UsageError
@@ -173,7 +173,7 @@ def _spec(tmp_path, strategy="stella_mlp", **kw):
 
 
 def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_path):
-    from clbench.reporting import leaderboard
+    from clbench.reporting import leaderboard, render
     from clbench.reporting.results import load
 
     result = run(_spec(tmp_path))
@@ -192,7 +192,7 @@ def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_pat
     board = leaderboard.build([load(path)])
     (row,) = board.rows
     assert row.cells["final_mse"].mean == pytest.approx(f["metrics"]["mse"]["final_avg_error"])
-    assert row.cells["final_avg_acc"].mean is None and "Final MSE" in leaderboard.to_markdown(board)
+    assert row.cells["final_avg_acc"].mean is None and "Final MSE" in render.to_markdown(board)
     from clbench.reporting import plots
 
     written = plots.save_all([load(path)], tmp_path / "plots", board)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from clbench.datasets import make_target
 from clbench.models.detection.gfl import (
     GFLConfig,
     TinyGFL,
@@ -15,7 +16,6 @@ from clbench.models.detection.gfl import (
     expected_distance,
     quality_focal_loss,
 )
-from clbench.models.detection.targets import make_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,8 @@ import pytest
 
 from clbench.cli import main
 from clbench.reporting import leaderboard as L
-from clbench.reporting.metrics import METRICS, summarise
+from clbench.reporting import render as R
+from clbench.metrics import METRICS, summarise
 from clbench.reporting.results import RunResult, load, result_path, save
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep"
@@ -89,10 +90,10 @@ def test_failed_and_incomplete_runs_are_listed_apart_never_averaged():
     lb = L.build([good, failed, short])
     (row,) = lb.rows
     assert row.seeds == [0] and row.cells["final_avg_acc"].mean == pytest.approx(0.5)
-    listed = {f["seed"]: f for f in L._incomplete_rows(lb)}
+    listed = {f["seed"]: f for f in L.incomplete_rows(lb)}
     assert listed[1]["status"] == "failed" and listed[1]["experiences"] == "1/2"
     assert listed[2]["status"] == "incomplete" and listed[2]["experiences"] == "1/2"
-    md = L.to_markdown(lb)
+    md = R.to_markdown(lb)
     assert "Failed or incomplete runs (not averaged)" in md and "loss term 'ce' is nan" in md
 
 
@@ -108,7 +109,7 @@ def test_jetson_columns_keep_measured_and_estimated_apart():
     rows = {r.strategy: r for r in lb.rows}
     assert rows["a"].cells["jetson_time_estimated_s"].mean == 10.0 and rows["a"].cells["jetson_time_measured_s"].mean is None
     assert rows["b"].cells["jetson_time_measured_s"].mean == 7.0 and rows["b"].cells["jetson_time_estimated_s"].mean is None
-    md = L.to_markdown(lb)
+    md = R.to_markdown(lb)
     assert "Jetson time (estimated) (s) ↓" in md and "Jetson time (measured) (s) ↓" in md
     assert "±33%" in md and L.MISSING in md
 
@@ -293,10 +294,10 @@ def test_quantized_columns_read_the_last_quantize_record():
     assert qat.cells["quantized_acc"].mean == pytest.approx(0.7)  # its own accuracy matrix: it trained quantized
     assert qat.cells["quantized_delta_acc"].mean is None and qat.cells["quantized_size_bytes"].best
     assert all(plain.cells[k].mean is None for k in ("quantized_acc", "quantized_delta_acc", "quantized_size_bytes"))
-    md = L.to_markdown(lb)
+    md = R.to_markdown(lb)
     assert "Quantized acc (%) ↑" in md and "Acc lost to quantization (pp) ↓" in md and "Quantized size (KiB) ↓" in md
     assert "| 55.0 ± 7.1 |" in md and "| **1.0** |" in md  # 1024 bytes, the smallest
-    assert "Quantized acc" not in L.to_markdown(L.build([make_result("er")]))  # no quantize run, no column
+    assert "Quantized acc" not in R.to_markdown(L.build([make_result("er")]))  # no quantize run, no column
 
 
 def test_each_add_on_setting_gets_its_own_result_file(tmp_path):

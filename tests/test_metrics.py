@@ -1,4 +1,4 @@
-"""clbench.reporting.metrics against hand-computed matrices, and forgetting against Avalanche's own metric."""
+"""clbench.metrics against hand-computed matrices, and forgetting against Avalanche's own metric."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from clbench.reporting import metrics as M
+from clbench import metrics as M
 
 # R[i][j]: accuracy on experience j after training experience i.  Column 0 rises after
 # its own experience and then falls, so "max - last" and "diag - last" differ.

@@ -24,7 +24,7 @@ def test_committed_without_outputs(name):
     assert nb.metadata.kernelspec.name == "python3"
     # thin: the notebooks call clbench, they do not re-implement tables or plots
     source = "\n".join(c.source for c in code)
-    assert "from clbench import" in source and "def " not in source
+    assert "from clbench." in source and "def " not in source
 
 
 def run_notebook(name: str, monkeypatch) -> "nbformat.NotebookNode":
@@ -41,11 +41,11 @@ def outputs(nb, kind: str) -> list:
 
 
 def test_leaderboard_notebook_shows_the_table(monkeypatch):
-    from clbench.reporting import leaderboard
+    from clbench.reporting import leaderboard, render
 
     nb = run_notebook("leaderboard.ipynb", monkeypatch)
     (table,) = outputs(nb, "text/markdown")
-    assert table["data"]["text/markdown"] == leaderboard.to_markdown(leaderboard.from_dir(FIXTURE))
+    assert table["data"]["text/markdown"] == render.to_markdown(leaderboard.from_dir(FIXTURE))
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "final_avg_acc" in printed and "higher is better" in printed and "(best)" in printed
 

@@ -10,7 +10,7 @@ import pytest
 from clbench.cli import main
 from clbench.reporting import leaderboard as L
 from clbench.reporting import plots
-from clbench.reporting.metrics import summarise
+from clbench.metrics import summarise
 from clbench.reporting.results import RunResult
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sweep"

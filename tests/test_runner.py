@@ -6,8 +6,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from clbench.engine.data import make_loader
-from clbench.engine.runner import RunSpec, evaluate, run
+from clbench.datasets import make_loader
+from clbench.engine.runner import RunSpec, run
+from clbench.tasks.classification import evaluate
 
 
 class FitSpy(pl.Callback):

@@ -100,7 +100,7 @@ def aux_config(cls: type[Aux], values: Mapping[str, Any], source: str | None = N
 
 
 def create_aux(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Aux]:
-    """The add-ons of a run, from `(name, raw settings)` pairs (`clbench.cli.parse_aux`): each
+    """The add-ons of a run, from `(name, raw settings)` pairs (`clbench.config.parse_aux`): each
     looked up in `clbench.registry.AUXILIARY` and constructed from its resolved Config. Each add-on
     at most once, and no two whose families exclude each other."""
     from clbench.registry import AUXILIARY

@@ -90,7 +90,7 @@ Modes:
 Each `ptq` record in `aux_results["quantize"]` holds the quantized accuracy row (one
 accuracy per test experience, 0 for unseen ones), the FP32 row recomputed with the same
 evaluation, their seen-experience means and `delta_acc` = FP32 - quantized, average
-forgetting (`clbench.reporting.metrics.forgetting_max`) of the quantized and FP32 rows so far (None
+forgetting (`clbench.metrics.forgetting_max`) of the quantized and FP32 rows so far (None
 after the first experience, or after a resume; it is derivable from the stored rows), the
 analytic model size and BOPs per sample (section 2.5) of the quantized and the FP32 model,
 and the calibration samples, sources and wall time.
@@ -1036,7 +1036,7 @@ def _smoothing_ops(w: _PTQLayer) -> int:
 
 
 def _forgetting(rows: list[list[float]]) -> float | None:
-    from clbench.reporting.metrics import forgetting_max
+    from clbench.metrics import forgetting_max
 
     value = forgetting_max(rows) if len(rows) >= 2 else math.nan
     return None if math.isnan(value) else value

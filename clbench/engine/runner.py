@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import random
@@ -15,11 +14,13 @@ import numpy as np
 import torch
 
 from clbench import config as C
+from clbench._version import __version__
+from clbench.datasets import make_loader
 from clbench.engine import checkpoint
-from clbench.engine.data import make_loader
 from clbench.errors import TrainingDivergedError, UsageError
-from clbench.registry import AUXILIARY, SCENARIOS, STRATEGIES
+from clbench.registry import SCENARIOS, STRATEGIES
 from clbench.reporting.results import RunResult, environment, save
+from clbench.tasks import get_task
 from clbench.types import Phase
 
 
@@ -145,82 +146,21 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     """
     import pytorch_lightning as pl
 
-    from clbench.edge.profiler import EdgeProfiler
-    from clbench.models.backbones import build_backbone
-
-    run_cfg, cfg = resolve(spec)
-    C.check_seed(spec.seed)
-    aux = create_aux(spec.aux)
-    _check_output_dir(run_cfg.output_dir)
-    _check_trainer_settings(run_cfg)
-    seed_everything(spec.seed)
-    scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
-    detection = scenario.task_type == "detection"
-    forecasting = scenario.task_type == "forecasting"
-    problem = task_problem(STRATEGIES.get(spec.strategy), scenario)
-    if problem is not None:
-        raise UsageError(problem)
-    if detection:
-        if run_cfg.backbone:
-            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to detection strategies; "
-                             f"expected no --backbone (each builds its detector from its Config)")
-        backbone, backbone_name = None, STRATEGIES.get(spec.strategy).detector_name
-    elif forecasting:  # forecasters build their model from their Config, bound to the scenario's window
-        from clbench.tasks.forecasting import bind_to_scenario
-
-        if run_cfg.backbone:
-            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to forecasting strategies; "
-                             f"expected no --backbone (each builds its model from its Config)")
-        backbone, backbone_name = None, STRATEGIES.get(spec.strategy).model_name
-        cfg = bind_to_scenario(cfg, scenario)
-    else:
-        backbone_name = run_cfg.backbone or scenario.default_backbone
-        backbone = build_backbone(
-            backbone_name,
-            pretrained=run_cfg.pretrained,
-            weights=run_cfg.weights,
-            in_chans=scenario.input_shape[0],
-            img_size=scenario.input_shape[-1],
-        )
+    run_cfg, cfg, aux, scenario, task = _prepare(spec)
+    backbone, model_name, cfg = task.build_model(STRATEGIES.get(spec.strategy), scenario, run_cfg, cfg)
     strategy = create_strategy(spec.strategy, backbone, scenario.num_classes, cfg, aux, seed=spec.seed)
     strategy.augment = scenario.augment
     _check_strategy_fits(strategy, scenario)
-
-    result = RunResult(
-        strategy=spec.strategy,
-        scenario=spec.scenario,
-        backbone=backbone_name,
-        seed=spec.seed,
-        strategy_config=C.to_dict(cfg),
-        run_config=C.to_dict(run_cfg),
-        aux=[{"name": n, **p} for n, p in spec.aux],
-        pretrained=run_cfg.pretrained,
-        paper_settings=spec.paper_settings,
-        scenario_info=scenario.describe(),
-        device=device_name(run_cfg),
-        environment=environment(),
-        clbench_version=_version(),
-    )
-    if profiler is None:  # `profile=False` runs without it (the profiler-invariance test)
-        from clbench.edge.profiler import NullProfiler
-
-        profiler = EdgeProfiler(flops=run_cfg.flops) if run_cfg.profile else NullProfiler()
+    result = _new_result(spec, run_cfg, cfg, model_name, scenario, aux)
+    profiler = profiler or _default_profiler(run_cfg)
     strategy.cost_meter = profiler  # meters the training work a strategy does outside its fits
-    wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, backbone_name)
+    wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, model_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)
     ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
-    if start == 0 and forecasting:
-        from clbench.tasks.forecasting import evaluate_forecast, new_record
-
-        result.forecasting = new_record(scenario, *evaluate_forecast(strategy, test_loaders, device=device))
-    elif start == 0:
-        result.initial_accuracy = evaluate(strategy, test_loaders, n_seen=0, device=device)
-        if detection:
-            result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score
-            result.detection = {"metric": scenario.convention.metric, "convention": scenario.convention.description,
-                                "class_names": scenario.class_names, "per_task": []}
+    if start == 0:
+        task.start(result, strategy, scenario, test_loaders, device)
     trainer_callbacks = [*([profiler] if isinstance(profiler, pl.Callback) else []), *callbacks, *log_callbacks]
     trainer_loggers = [*([wandb_logger] if wandb_logger is not None else []), *loggers]
     try:
@@ -232,25 +172,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 data = strategy.training_data(info, scenario.train_sets[i])
                 _train(strategy, info, data, run_cfg, spec.seed, trainer_callbacks, trainer_loggers)
                 strategy.on_experience_end(info, scenario.train_sets[i])
-                if detection:
-                    from clbench.tasks.detection import evaluate_detection
-
-                    row, detail = evaluate_detection(strategy, test_loaders[0], info, scenario.task_classes,
-                                                     scenario.convention, device=device)
-                    result.detection["per_task"].append({"task": i, **detail})
-                elif forecasting:  # errors, not accuracies: `accuracy_matrix` stays empty
-                    from clbench.tasks.forecasting import evaluate_forecast
-
-                    mse, mae = evaluate_forecast(strategy, test_loaders, device=device)
-                    result.forecasting["mse_matrix"].append(mse)
-                    result.forecasting["mae_matrix"].append(mae)
-                    row = None
-                else:
-                    row = evaluate(strategy, test_loaders, n_seen=len(info.seen_classes), device=device)
-                    _evaluate_add_ons(strategy, info, test_loaders, device, result)
-                    _diagnose(strategy, info, test_loaders, device, result)
-                if row is not None:
-                    result.accuracy_matrix.append(row)
+                task.after_experience(result, strategy, info, scenario, test_loaders, device)
                 result.edge["per_experience"].append(profiler.end_experience(strategy))
                 if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
                     checkpoint.save(ckpt_dir, strategy, result, i + 1)
@@ -267,7 +189,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
         result.status, result.error = "interrupted", "interrupted by the user"
         raise
     finally:
-        _finish(result, strategy, profiler, run_cfg)
+        _finish(result, strategy, profiler, run_cfg, task)
         if wandb_logger is not None:
             from clbench.engine.loggers import log_result
 
@@ -277,31 +199,47 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     return result
 
 
-def _evaluate_add_ons(strategy, info, test_loaders, device, result: RunResult) -> None:
-    """Each add-on may score its own version of the model after an experience (a quantized
-    snapshot, ...) with the same evaluation; what it returns is kept per experience."""
-    n_seen = len(info.seen_classes)
-    for a in strategy.aux:
-        # an add-on's extra evaluations draw loader seeds from the global generator: forked, so the
-        # training that follows is the one a run without the add-on would do
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-            record = a.after_evaluation(
-                strategy, info, lambda predict_logits: evaluate(strategy, test_loaders, n_seen, device, predict_logits))
-        if record:
-            result.aux_results.setdefault(a.name, []).append(record)
+def _prepare(spec: RunSpec):
+    """Everything checked before a model is built: settings, add-ons, output folder, Trainer
+    settings, the scenario and whether the strategy learns the scenario's task."""
+    run_cfg, cfg = resolve(spec)
+    C.check_seed(spec.seed)
+    aux = create_aux(spec.aux)
+    _check_output_dir(run_cfg.output_dir)
+    _check_trainer_settings(run_cfg)
+    seed_everything(spec.seed)
+    scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
+    problem = task_problem(STRATEGIES.get(spec.strategy), scenario)
+    if problem is not None:
+        raise UsageError(problem)
+    return run_cfg, cfg, aux, scenario, get_task(scenario.task_type)
 
 
-def _diagnose(strategy, info, test_loaders, device, result: RunResult) -> None:
-    """The strategy's own diagnostic, when it has one (see `CLStrategy.diagnose`)."""
-    from clbench.base import CLStrategy
-    from clbench.models.freeze import evaluating
+def _new_result(spec: RunSpec, run_cfg: C.RunConfig, cfg, model_name: str, scenario, aux: Sequence) -> RunResult:
+    # the settings given for each add-on, as its Config typed them (the full Config is in its report)
+    given = [{"name": name, **{k: C.to_dict(a.cfg)[k] for k in params}} for (name, params), a in zip(spec.aux, aux)]
+    return RunResult(
+        strategy=spec.strategy,
+        scenario=spec.scenario,
+        backbone=model_name,
+        seed=spec.seed,
+        strategy_config=C.to_dict(cfg),
+        run_config=C.to_dict(run_cfg),
+        aux=given,
+        pretrained=run_cfg.pretrained,
+        paper_settings=spec.paper_settings,
+        scenario_info=scenario.describe(),
+        device=device_name(run_cfg),
+        environment=environment(),
+        clbench_version=_version(),
+    )
 
-    if type(strategy).diagnose is CLStrategy.diagnose:
-        return
-    with evaluating(strategy, device) as device:
-        record = strategy.diagnose(info, test_loaders, device)
-    if record:
-        result.diagnostics.append({"experience": info.index, **record})
+
+def _default_profiler(run_cfg: C.RunConfig):
+    """The edge profiler, or a stand-in that records nothing (`profile=False`: the profiler-invariance test)."""
+    from clbench.edge.profiler import EdgeProfiler, NullProfiler
+
+    return EdgeProfiler(flops=run_cfg.flops) if run_cfg.profile else NullProfiler()
 
 
 def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Sequence, loggers: Sequence) -> None:
@@ -383,15 +321,9 @@ def _fit(trainer, strategy, loader) -> None:
         raise
 
 
-def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig) -> None:
-    from clbench.reporting.metrics import summarise
-
-    if result.accuracy_matrix and result.status == "completed":
-        result.metrics = summarise(result.accuracy_matrix, result.initial_accuracy)
-    if result.forecasting.get("mse_matrix") and result.status == "completed":
-        from clbench.tasks.forecasting import finish_record
-
-        finish_record(result.forecasting)
+def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig, task) -> None:
+    if result.status == "completed" and task.rows_recorded(result):
+        task.finish(result)
     result.edge["totals"] = profiler.totals()
     result.strategy_report = strategy.report()
     add_ons = {a.name: a.report() for a in getattr(strategy, "aux", ())}
@@ -435,34 +367,6 @@ def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, 
         deterministic="warn" if run.deterministic else None,
         benchmark=False,
     )
-
-
-@torch.no_grad()
-def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -> list[float]:
-    """Class-IL accuracy on each test set, scoring only the `n_seen` classes seen so far.
-
-    Logits of classes not yet seen are masked out (the head may be wider than the
-    classes seen), so samples of unseen experiences score 0 by construction.
-    `predict_logits` (default: the strategy's) scores another version of the model, such as
-    an add-on's quantized snapshot.
-    """
-    from clbench.models.freeze import evaluating
-
-    predict_logits = predict_logits or strategy.predict_logits
-    row = []
-    with evaluating(strategy, device) as device:
-        for loader in loaders:
-            correct = total = 0
-            for batch in loader:
-                batch = batch.to(device)
-                if n_seen == 0:
-                    total += len(batch)
-                    continue
-                logits = predict_logits(batch.x)[:, :n_seen]
-                correct += int((logits.argmax(dim=1) == batch.y).sum())
-                total += len(batch)
-            row.append(correct / total if total else float("nan"))
-    return row
 
 
 def _eval_device(run: C.RunConfig) -> torch.device:
@@ -540,8 +444,6 @@ def _check_strategy_fits(strategy, scenario) -> None:
 
 
 def _version() -> str:
-    from clbench import __version__
-
     return __version__
 
 

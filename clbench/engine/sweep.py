@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from clbench import config as C
 from clbench.errors import UsageError
 from clbench.reporting.results import add_on_slug
+from clbench.tasks import get_task
 
 
 @dataclass
@@ -127,7 +128,7 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
             skipped[name] = f"a {cls.task_type} method, the scenario is a {built.task_type} benchmark"
         elif (problem := next(filter(None, (aux_problem(cls, AUXILIARY.get(a)) for a in aux)), None)) is not None:
             skipped[name] = problem
-        elif built.task_type in ("detection", "forecasting"):  # models built from the method's Config, not a backbone
+        elif get_task(built.task_type).builds_own_model:  # no backbone to check
             kept.append(name)
         elif needs is not None and needs != channels:
             skipped[name] = f"defined for {needs}-channel images, the scenario has {channels}"
@@ -360,7 +361,7 @@ def _stored_status(path: Path) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from clbench.cli import parse_aux
+    from clbench.config import parse_aux
 
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs} is invalid; expected a positive integer")

@@ -23,6 +23,7 @@ import numpy as np
 from clbench.errors import UsageError
 from clbench.reporting import leaderboard as L
 from clbench.reporting.results import RunResult
+from clbench.tasks import task_of
 
 # cost column -> (axis label, log scale)
 COSTS: dict[str, tuple[str, bool]] = {
@@ -59,7 +60,7 @@ def seen_accuracy_curve(matrix: Sequence[Sequence[float]]) -> np.ndarray:
 def _complete_by_label(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     groups: dict[str, list[RunResult]] = {}
     for r in results:
-        if L.is_complete(r) and not L.is_forecasting(r):  # forecasting runs have error, not accuracy, matrices
+        if L.is_complete(r) and task_of(r).plots_accuracy_matrix:
             groups.setdefault(label(r), []).append(r)
     return dict(sorted(groups.items()))
 
@@ -179,20 +180,21 @@ def figures(results: Sequence[RunResult], board: L.Leaderboard | None = None) ->
         runs = [r for r in results if r.scenario == scenario]
         if not any(L.is_complete(r) for r in runs):
             continue
-        forecasting = any(L.is_forecasting(r) for r in runs)
-        if not forecasting:
+        task = task_of(next(r for r in runs if L.is_complete(r)))
+        if task.plots_accuracy_matrix:
             ax = accuracy_curves(runs)
             yield f"{scenario}_curves", f"Accuracy per experience, {scenario}", ax.figure
         for name, group in _complete_by_label(runs).items():
             ax = accuracy_heatmap(mean_matrix(group), title=f"{name} — {scenario} (mean of {len(group)})")
             yield f"{scenario}_heatmap_{_stem(name)}", f"Accuracy matrix of {name}, {scenario}", ax.figure
         sub = L.Leaderboard([r for r in board.rows if r.scenario == scenario], [], [])
+        headline = L.COLUMN_BY_KEY[task.headline]
         for cost in COSTS:
             if sum(r.cells[cost].mean is not None for r in sub.rows) == 0:
                 continue
-            if forecasting:  # lower error is better: pareto_plot reads the column's direction
-                ax = pareto_plot(sub, cost, metric="final_mse", title=f"Final MSE vs {COSTS[cost][0]} — {scenario}")
-                yield f"{scenario}_pareto_{cost}", f"Final MSE vs {COSTS[cost][0]}, {scenario}", ax.figure
+            if headline.key != "final_avg_acc":  # pareto_plot reads the column's direction
+                ax = pareto_plot(sub, cost, metric=headline.key, title=f"{headline.title} vs {COSTS[cost][0]} — {scenario}")
+                yield f"{scenario}_pareto_{cost}", f"{headline.title} vs {COSTS[cost][0]}, {scenario}", ax.figure
                 continue
             ax = pareto_plot(sub, cost)
             yield f"{scenario}_pareto_{cost}", f"Final accuracy vs {COSTS[cost][0]}, {scenario}", ax.figure

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import math
 
-from clbench.reporting.metrics import FWT, METRICS
+from clbench.metrics import FWT, METRICS
 from clbench.reporting.results import RunResult
-
-
-def format_matrix(R: list[list[float]]) -> str:
-    if not R:
-        return "(no experience finished)"
-    n = len(R[0])
-    header = "after \\ on " + " ".join(f"{'e' + str(j + 1):>6s}" for j in range(n))
-    lines = [header]
-    for i, row in enumerate(R):
-        cells = " ".join(f"{100 * v:6.1f}" if j <= i else f"{'·':>6s}" for j, v in enumerate(row))
-        lines.append(f"{'exp ' + str(i + 1):>10s} {cells}")
-    return "\n".join(lines)
+from clbench.tasks import task_of
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -35,12 +24,7 @@ def print_result(r: RunResult, file=None) -> None:
 
     out = file or sys.stdout
     print(f"\n{r.strategy} on {r.scenario} (backbone {r.backbone}, seed {r.seed}): {r.status}", file=out)
-    if r.forecasting:
-        _print_forecasting(r.forecasting, out)
-    else:
-        what = "per-task mean AP" if r.detection else "accuracy"
-        print(f"{what} matrix (%), rows: after training experience i; columns: test experience j", file=out)
-        print(format_matrix(r.accuracy_matrix), file=out)
+    task_of(r).print_matrix(r, out)
     if r.metrics:
         print("metrics (%):", file=out)
         print(format_metrics(r.metrics), file=out)
@@ -61,21 +45,3 @@ def print_result(r: RunResult, file=None) -> None:
     from clbench.reporting.results import result_path
 
     print(f"result: {result_path(r.run_config.get('output_dir', 'results'), r)}", file=out)
-
-
-def _print_forecasting(record: dict, out) -> None:
-    """The MSE matrix (scaled values, lower is better) and the error metrics."""
-    R = record.get("mse_matrix") or []
-    print("MSE matrix (scaled values, lower is better), rows: after training experience i; columns: test experience j",
-          file=out)
-    if not R:
-        print("(no experience finished)", file=out)
-        return
-    print("after \\ on " + " ".join(f"{'e' + str(j + 1):>7s}" for j in range(len(R[0]))), file=out)
-    for i, row in enumerate(R):
-        print(f"{'exp ' + str(i + 1):>10s} " + " ".join(f"{v:7.4f}" for v in row), file=out)
-    metrics = (record.get("metrics") or {}).get("mse") or {}
-    for name in ("final_avg_error", "forgetting", "bwt_err", "plasticity_error"):
-        value = metrics.get(name)
-        shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-        print(f"  {name:22s} {shown} (lower is better)", file=out)

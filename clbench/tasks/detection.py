@@ -1,6 +1,6 @@
 """Incremental object detection (IOD): the protocol every detection strategy and scenario shares.
 
-Terms (see the IOD protocol card): a task (= experience) adds *current* classes; classes of
+Terms: a task (= experience) adds *current* classes; classes of
 earlier tasks are *old*, of later tasks *future*; *seen* = old + current.  Labels are
 positions in the benchmark's class order, boxes are `xyxy` in pixels of the image as fed.
 
@@ -11,8 +11,8 @@ positions in the benchmark's class order, boxes are `xyxy` in pixels of the imag
   restricted to seen classes, predictions restricted to seen classes, per-class AP from
   torchmetrics' `MeanAveragePrecision` (pycocotools backend, COCO-style 101-point
   interpolation), and the old / new / all means over classes that have ground truth.
-- `DetectionStrategy`: the LightningModule contract of a detection method (a detector built
-  from the method's Config instead of a classification backbone and head).
+- `DetectionTask`: what the runner and the reports ask of a detection run (the per-task AP
+  record, the AP columns).
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
-from clbench.models.detection.targets import Target, restrict
+from clbench import metrics as M
+from clbench.datasets import Target, restrict
+from clbench.errors import UsageError
 from clbench.models.freeze import evaluating
+from clbench.tasks.base import Column, Task
+from clbench.tasks.classification import format_matrix
 from clbench.types import ExperienceInfo
 
 
@@ -160,3 +164,60 @@ def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Seq
     detail = {"ap_per_class": {str(c): v for c, v in sorted(ap.items())},
               **breakdown(ap, info.past_classes, info.classes)}
     return row, detail
+
+
+def final_ap(part: str):
+    """A stored detection result's final-task mean AP over `part` (all / old / new) classes."""
+
+    def get(r):
+        per_task = (r.detection or {}).get("per_task") or []
+        value = per_task[-1].get(part) if per_task else None
+        return None if value is None or math.isnan(value) else value
+
+    return get
+
+
+def ap_summary(key: str):
+    return lambda r: r.metrics.get(key)
+
+
+class DetectionTask(Task):
+    """The accuracy matrix of a detection run holds per-task mean AP, so the continual-learning
+    summary metrics apply to it as they are; `result.detection` keeps the per-class detail."""
+
+    name = "detection"
+    matrix_name = "per-task mean AP"
+    headline = "final_ap_all"
+    builds_own_model = True
+
+    def build_model(self, strategy_cls, scenario, run_cfg, cfg):
+        if run_cfg.backbone:
+            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to detection strategies; "
+                             f"expected no --backbone (each builds its detector from its Config)")
+        return None, strategy_cls.detector_name, cfg
+
+    def start(self, result, strategy, scenario, loaders, device) -> None:
+        result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score
+        result.detection = {"metric": scenario.convention.metric, "convention": scenario.convention.description,
+                            "class_names": scenario.class_names, "per_task": []}
+
+    def after_experience(self, result, strategy, info, scenario, loaders, device) -> None:
+        row, detail = evaluate_detection(strategy, loaders[0], info, scenario.task_classes, scenario.convention,
+                                         device=device)
+        result.detection["per_task"].append({"task": info.index, **detail})
+        result.accuracy_matrix.append(row)
+
+    def finish(self, result) -> None:
+        result.metrics = M.summarise(result.accuracy_matrix, result.initial_accuracy)
+
+    def columns(self) -> list[Column]:
+        return [Column("final_ap_all", "Final AP all", True, final_ap("all"), 100.0, ".1f", "%"),
+                Column("final_ap_old", "Final AP old", True, final_ap("old"), 100.0, ".1f", "%"),
+                Column("final_ap_new", "Final AP new", True, final_ap("new"), 100.0, ".1f", "%"),
+                Column("avg_incremental_ap", "Avg inc. AP", True, ap_summary("avg_incremental_acc"), 100.0, ".1f", "%"),
+                Column("forgetting_ap", "Forgetting (AP)", False, ap_summary("forgetting_max"), 100.0, ".1f", "%")]
+
+    def print_matrix(self, result, out) -> None:
+        metric = (result.detection or {}).get("metric", "AP")
+        print(f"{self.matrix_name} ({metric}, %) matrix, rows: after training task i; columns: test task j", file=out)
+        print(format_matrix(result.accuracy_matrix), file=out)

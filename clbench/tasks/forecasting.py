@@ -1,4 +1,4 @@
-"""Continual forecasting: the error metrics and the strategy contract every forecaster shares.
+"""Continual forecasting: the error metrics, the evaluation and the record of a forecasting run.
 
 Terms (see `clbench.scenarios.forecast`): an experience is a set of (lookback L, horizon H)
 windows; `x` is float [N, C, L] (channel 0 the scaled values, then covariates), `y` float
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from clbench.errors import UsageError
+from clbench.metrics import MetricSpec
 from clbench.models.freeze import evaluating
-from clbench.reporting.metrics import MetricSpec
+from clbench.tasks.base import Column, Task
 
 
 # --------------------------------------------------------------------------- metrics (pure)
@@ -151,3 +152,68 @@ def bind_to_scenario(cfg, scenario):
                              f"(or leave it unset: it comes from the scenario)")
         values[name] = wanted
     return dataclasses.replace(cfg, **values)
+
+
+def forecast_metric(key: str):
+    """A stored forecasting result's error metric on the MSE matrix (scaled values)."""
+
+    def get(r):
+        value = ((r.forecasting or {}).get("metrics") or {}).get("mse", {}).get(key)
+        return None if value is None or math.isnan(value) else value
+
+    return get
+
+
+class ForecastingTask(Task):
+    """Errors, not accuracies: `result.forecasting` holds the MSE and MAE matrices and their
+    metrics (lower is better); `result.accuracy_matrix` stays empty."""
+
+    name = "forecasting"
+    matrix_name = "MSE"
+    headline = "final_mse"
+    plots_accuracy_matrix = False
+    builds_own_model = True
+
+    def build_model(self, strategy_cls, scenario, run_cfg, cfg):
+        if run_cfg.backbone:
+            raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to forecasting strategies; "
+                             f"expected no --backbone (each builds its model from its Config)")
+        return None, strategy_cls.model_name, bind_to_scenario(cfg, scenario)
+
+    def start(self, result, strategy, scenario, loaders, device) -> None:
+        result.forecasting = new_record(scenario, *evaluate_forecast(strategy, loaders, device=device))
+
+    def after_experience(self, result, strategy, info, scenario, loaders, device) -> None:
+        mse, mae = evaluate_forecast(strategy, loaders, device=device)
+        result.forecasting["mse_matrix"].append(mse)
+        result.forecasting["mae_matrix"].append(mae)
+
+    def finish(self, result) -> None:
+        finish_record(result.forecasting)
+
+    def rows_recorded(self, result) -> int:
+        return len((result.forecasting or {}).get("mse_matrix") or [])
+
+    def has_summary(self, result) -> bool:
+        return "metrics" in (result.forecasting or {})
+
+    def columns(self) -> list[Column]:
+        return [Column("final_mse", "Final MSE", False, forecast_metric("final_avg_error"), 1.0, ".4f"),
+                Column("forgetting_mse", "Forgetting (MSE)", False, forecast_metric("forgetting"), 1.0, ".4f")]
+
+    def print_matrix(self, result, out) -> None:
+        record = result.forecasting or {}
+        R = record.get("mse_matrix") or []
+        print("MSE matrix (scaled values, lower is better), rows: after training experience i; columns: test "
+              "experience j", file=out)
+        if not R:
+            print("(no experience finished)", file=out)
+            return
+        print("after \\ on " + " ".join(f"{'e' + str(j + 1):>7s}" for j in range(len(R[0]))), file=out)
+        for i, row in enumerate(R):
+            print(f"{'exp ' + str(i + 1):>10s} " + " ".join(f"{v:7.4f}" for v in row), file=out)
+        metrics = (record.get("metrics") or {}).get("mse") or {}
+        for name in ("final_avg_error", "forgetting", "bwt_err", "plasticity_error"):
+            value = metrics.get(name)
+            shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+            print(f"  {name:22s} {shown} (lower is better)", file=out)

@@ -17,8 +17,7 @@ import torch
 from clbench.scenarios import cifar
 from clbench.scenarios.base import ScenarioOptions
 
-from clbench.datasets import dataset_labels
-from clbench.engine.data import make_loader
+from clbench.datasets import dataset_labels, make_loader
 from clbench.engine.runner import create_scenario
 from clbench.errors import DataNotFoundError, UsageError
 

@@ -16,9 +16,9 @@ from clbench.scenarios.coco import COCO_CATEGORIES, COCO_CLASSES, read_coco
 from clbench.scenarios.shapes import generate_shapes
 
 from clbench.config import RunConfig
+from clbench.datasets import DetectionDataset, make_target
 from clbench.engine.runner import create_scenario
 from clbench.errors import DataNotFoundError, UsageError
-from clbench.models.detection.targets import DetectionDataset, make_target
 
 # shape label -> position in the COCO class order: each task of every registered split gets one
 STAND_INS = [0, 39, 40, 49, 50, 59, 60, 79]

@@ -10,8 +10,7 @@ import torch
 from clbench.scenarios import _images
 from clbench.scenarios.base import ScenarioOptions
 
-from clbench.datasets import dataset_labels
-from clbench.engine.data import make_loader
+from clbench.datasets import dataset_labels, make_loader
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 

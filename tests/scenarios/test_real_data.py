@@ -9,7 +9,7 @@ import pytest
 import torch
 from clbench.scenarios.base import ScenarioOptions
 
-from clbench.engine.data import make_loader
+from clbench.datasets import make_loader
 from clbench.errors import DataNotFoundError
 from clbench.registry import SCENARIOS
 

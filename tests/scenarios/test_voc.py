@@ -15,9 +15,9 @@ from clbench.scenarios.shapes import generate_shapes
 from clbench.scenarios.voc import VOC_CLASSES, read_voc
 
 from clbench.config import RunConfig
+from clbench.datasets import DetectionDataset, make_target
 from clbench.engine.runner import create_scenario
 from clbench.errors import DataNotFoundError, UsageError
-from clbench.models.detection.targets import DetectionDataset, make_target
 
 STAND_INS = ["aeroplane", "bus", "dog", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # shape label -> VOC class
 WIDTH, HEIGHT = 96, 64

@@ -20,12 +20,12 @@ from clbench.strategies.cl_detr import (
 )
 from torch.utils.data import DataLoader
 
-from clbench.models.detection.detr import DetrOutput
-from clbench.models.detection.targets import (
+from clbench.datasets import (
     DetectionDataset,
     detection_collate,
     make_target,
 )
+from clbench.models.detection.detr import DetrOutput
 from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 

@@ -12,7 +12,7 @@ from clbench.scenarios.shapes import generate_shapes
 from clbench.strategies.detr_finetune import Config, DetrFinetune
 from torch.utils.data import DataLoader
 
-from clbench.models.detection.targets import detection_collate
+from clbench.datasets import detection_collate
 from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 

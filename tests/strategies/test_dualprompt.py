@@ -169,8 +169,7 @@ def test_a_short_run_trains_task_ts_e_prompt_and_key_only_and_never_the_backbone
 
 
 def test_selection_accuracy_on_hand_set_selections():
-    from clbench.datasets import InMemoryDataset
-    from clbench.engine.data import make_loader
+    from clbench.datasets import InMemoryDataset, make_loader
 
     strategy, scenario = _strategy(experiences=2)
     strategy.on_experience_end(scenario.info(1), scenario.train_sets[1])

@@ -13,8 +13,8 @@ from clbench.strategies.erd import (
     elastic_locations,
 )
 
+from clbench.datasets import DetectionBatch, make_target
 from clbench.models.detection.gfl import GFLOutput
-from clbench.models.detection.targets import DetectionBatch, make_target
 from clbench.registry import STRATEGIES
 from clbench.types import ExperienceInfo
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from clbench.models.detection.targets import make_target
+from clbench.datasets import make_target
 from clbench.registry import STRATEGIES
 from clbench.types import ExperienceInfo
 
@@ -15,7 +15,7 @@ def test_finetune_grows_and_trains_old_channels_as_negatives():
     strategy.on_experience_start(ExperienceInfo(1, (2, 3), (0, 1, 2, 3), 2, 4))
     assert strategy.detector.num_classes == 4
     assert torch.equal(strategy.detector.cls_conv.weight[:2], old_rows)
-    from clbench.models.detection.targets import DetectionBatch
+    from clbench.datasets import DetectionBatch
 
     batch = DetectionBatch(torch.rand(2, 3, 64, 64), [make_target([[10, 10, 30, 30]], [2])] * 2)
     terms = strategy.step_losses(batch)

@@ -25,7 +25,7 @@ from clbench.strategies.ior import (
     top_old_locations,
 )
 
-from clbench.models.detection.targets import (
+from clbench.datasets import (
     DetectionBatch,
     DetectionDataset,
     make_target,

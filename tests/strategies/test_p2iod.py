@@ -13,7 +13,7 @@ from clbench.scenarios.shapes import generate_shapes
 from clbench.strategies.p2iod import P2IOD, Config, fuse_task_vectors, prompt_weights
 from torch.utils.data import DataLoader
 
-from clbench.models.detection.targets import detection_collate
+from clbench.datasets import detection_collate
 from clbench.tasks.detection import standard_task_images
 from clbench.types import ExperienceInfo
 

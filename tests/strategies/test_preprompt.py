@@ -153,7 +153,7 @@ def test_task_prediction_accuracy_on_hand_set_predictions():
         strategy.on_experience_start(scenario.info(i))
     strategy.on_experience_end(scenario.info(1), scenario.train_sets[1])
     from clbench.datasets import InMemoryDataset
-    from clbench.engine.data import make_loader
+    from clbench.datasets import make_loader
 
     classes = [scenario.info(i).classes for i in range(2)]
     x = torch.zeros(4, 3, 32, 32)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from clbench.models.detection.targets import Target
+from clbench.datasets import Target
 
 MASKED_LOGIT = -1e11  # the value P2IOD's code gives logits of classes not to be predicted
 FOCAL_PRIOR = 0.01  # initial foreground probability of the class head (RetinaNet / DETR focal init)

@@ -59,7 +59,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
 from clbench.config import StrategyConfig, positive_integers
-from clbench.models.detection.targets import DetectionBatch, Target
+from clbench.datasets import DetectionBatch, Target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

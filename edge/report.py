@@ -1,45 +1,9 @@
-"""`clbench profile`: a per-experience cost table (FLOPs, memory, time, Jetson time) for one strategy."""
+"""The profiler's cost table for the terminal: per-experience FLOPs, memory, time and Jetson time."""
 
 from __future__ import annotations
 
-import sys
-import tempfile
-from dataclasses import replace
 from typing import Any
 
-from clbench.errors import UsageError
-
-
-def cmd_profile(args) -> int:
-    from clbench.edge import devices
-    from clbench.edge.profiler import EdgeProfiler
-
-    from clbench.cli import spec_from_args
-    from clbench.engine.runner import quiet_lightning, run
-
-    devices.load(args.device)  # fail on a bad name before training
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps {args.steps} is invalid; expected a positive number of steps per experience")
-    spec = spec_from_args(args, args.seed)
-    run_cfg = replace(spec.run, progress=False)
-    tmp = None
-    if args.steps is not None:
-        # a truncated run is not a result: it goes to a scratch folder, never into results/
-        tmp = tempfile.TemporaryDirectory(prefix="clbench-profile-")
-        run_cfg = replace(run_cfg, limit_train_batches=args.steps, epochs=1, output_dir=tmp.name)
-    profiler = EdgeProfiler(flops=spec.run.flops, device=args.device, planned_epochs=spec.run.epochs if args.steps else None)
-    quiet_lightning()
-    try:
-        result = run(replace(spec, run=run_cfg), profiler=profiler)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    print(format_profile(result.edge, title=f"{spec.strategy} on {spec.scenario} (backbone {result.backbone})",
-                         steps=args.steps, planned_epochs=spec.run.epochs))
-    if result.status != "completed":
-        print(f"clbench: run {result.status}: {result.error}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = None, planned_epochs: int | None = None) -> str:
