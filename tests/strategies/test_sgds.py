@@ -1,10 +1,12 @@
-"""SGDS: the card's faithfulness checks (routing, rank, ALLOCATE, REUSE, P(y|c), frozen backbone)."""
+"""SGDS (Liu et al., arXiv 2601.21345, as reconstructed in the strategy's docstring): faithfulness checks
+(routing, rank, ALLOCATE, REUSE, P(y|c), the similarity order of the new classes in a run, frozen backbone)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from clbench.strategies.sgds import semantic_probabilities
 
@@ -140,3 +142,52 @@ def test_a_run_keeps_the_backbone_frozen_infers_dense_and_reports_the_decisions(
         x = scenario.test_sets[0].x[:4]
         dense = strategy.cfg.scale * strategy.head(strategy.features(x))  # no labels, no mask
         assert torch.allclose(strategy.predict_logits(x), dense)
+
+
+class _Stop(Exception):
+    """Ends a run once the experiences a test needs are done."""
+
+
+class _HandSetPrototypes(pl.Callback):
+    """Experience 1, once its prototype pass has measured the new classes and before the module's
+    own end-of-fit (where the units are assigned): the prototypes of classes 0-3 are set by hand."""
+
+    def __init__(self, prototypes):
+        self.prototypes = prototypes
+
+    def on_fit_end(self, trainer, pl_module):  # the callbacks' on_fit_end runs before the module's
+        if pl_module.phase.name == "prototypes" and pl_module.experience.index == 1:
+            for c, proto in self.prototypes.items():
+                pl_module.ptm_means.sums[c], pl_module.ptm_means.counts[c] = proto, 1
+
+
+def test_a_run_decides_the_new_classes_in_order_of_similarity_not_of_labels(tmp_path, fast_config_for):
+    """8 units, 4 per class: task 0's classes 0 and 1 take them all. In task 1 class 3 (the second
+    label) is class 0's twin and class 2 is unlike every old class, so the most similar class comes
+    last in label order. Deciding 3 first reuses S_0 (usage 2 there), and class 2's ALLOCATE then
+    finds exactly S_1 least used; deciding 2 first would face a tie among all 8 units."""
+    eye = torch.eye(64, dtype=torch.float64)
+    hand = _HandSetPrototypes({0: eye[0], 1: eye[1], 2: eye[2], 3: 3 * eye[0]})
+    kept = {}
+
+    def stop_after_task_1(i, result, strategy):
+        kept[i] = (strategy.unit_sets.clone(), strategy.unit_usage.clone(), list(strategy.decisions), strategy)
+        if i == 1:
+            raise _Stop
+
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=1, profile=False)
+    overrides = {"bottleneck": 8, "units_per_class": K, "reuse_epsilon": 0.0, "align_epochs": 1, "align_per_class": 8}
+    with pytest.raises(_Stop):
+        run(RunSpec("sgds", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[hand],
+            on_experience=stop_after_task_1)
+    sets_0, _, _, _ = kept[0]
+    s0, s1 = (set(sets_0[c].nonzero().flatten().tolist()) for c in (0, 1))
+    assert len(s0) == len(s1) == K and not s0 & s1  # task 0: two disjoint sets, every unit used
+    sets, usage, decisions, strategy = kept[1]
+    assert torch.allclose(strategy.prototypes[3], 3 * eye[0])  # the hand-set prototypes were the ones used
+    s2, s3 = (set(sets[c].nonzero().flatten().tolist()) for c in (2, 3))
+    assert s3 == s0  # one neighbour with k units, epsilon 0: its set
+    assert s2 == s1  # after the reuse, S_1's units are the least used
+    assert usage.tolist() == [2] * 8
+    assert torch.equal(sets[:2], sets_0[:2])  # masks never change once assigned
+    assert [(d["class"], d["strategy"]) for d in decisions[2:]] == [(3, "reuse"), (2, "allocate")]
