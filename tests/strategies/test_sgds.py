@@ -191,3 +191,31 @@ def test_a_run_decides_the_new_classes_in_order_of_similarity_not_of_labels(tmp_
     assert usage.tolist() == [2] * 8
     assert torch.equal(sets[:2], sets_0[:2])  # masks never change once assigned
     assert [(d["class"], d["strategy"]) for d in decisions[2:]] == [(3, "reuse"), (2, "allocate")]
+
+
+def test_a_runs_training_fit_leaves_the_units_of_no_class_bit_identical(tmp_path, fast_config_for, fit_snapshots):
+    """16 units, 4 per class: task 0's two classes own 8; the other 8 units get no gradient from
+    the masked steps (with weight decay 0 instead of the recipe's 5e-4, which shrinks every weight),
+    in every block, while the owned units learn."""
+    snaps = fit_snapshots(lambda m: {"adapter": m.adapter.state_dict(), "sets": m.unit_sets}, by_phase=True)
+
+    def stop(i, result, strategy):
+        raise _Stop
+
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=2, profile=False)
+    overrides = {"bottleneck": 16, "units_per_class": K, "align_epochs": 1, "align_per_class": 8, "weight_decay": 0.0}
+    with pytest.raises(_Stop):
+        run(RunSpec("sgds", "digits32-5", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[snaps],
+            on_experience=stop)
+    before, after = snaps.at[(0, "train", "start")], snaps.at[(0, "train", "end")]
+    owned = before["sets"][0] | before["sets"][1]
+    assert int(owned.sum()) == 2 * K
+    free = (~owned).nonzero().flatten().tolist()
+    used = owned.nonzero().flatten().tolist()
+    b, a = before["adapter"], after["adapter"]
+    blocks = {k.split(".")[1] for k in b if k.startswith("adapters.")}
+    for block in blocks:
+        down_w, down_b, up_w = (f"adapters.{block}.down.weight", f"adapters.{block}.down.bias", f"adapters.{block}.up.weight")
+        assert torch.equal(a[down_w][free], b[down_w][free]) and torch.equal(a[down_b][free], b[down_b][free])
+        assert torch.equal(a[up_w][:, free], b[up_w][:, free])
+        assert not torch.equal(a[up_w][:, used], b[up_w][:, used])
