@@ -1,7 +1,7 @@
 """EWC's per-sample Fisher: the vectorised estimate (torch.func vmap over per-sample gradients)
 against the per-sample autograd loop it replaced, timed in one run on the same inputs.
 
-    python benchmarks/ewc_fisher.py [--backbone resnet18_cifar] [--scenario synthetic32-3]
+    python benchmarks/ewc_fisher.py [--backbone resnet18_cifar] [--scenario synthetic32-3]  (--backbone "": the scenario's)
                                     [--samples 256] [--batch 32] [--repeats 5] [--threads 1] [--device cpu]
 
 Both contenders call the method's own `accumulate_fisher` over `--samples` samples in
@@ -27,7 +27,8 @@ def build(args):
 
     scenario = create_scenario(args.scenario)
     torch.manual_seed(args.seed)
-    backbone = build_backbone(args.backbone or scenario.default_backbone, in_chans=scenario.input_shape[0],
+    args.backbone = args.backbone or scenario.default_backbone
+    backbone = build_backbone(args.backbone, in_chans=scenario.input_shape[0],
                               img_size=scenario.input_shape[-1])
     strategy = create_strategy("ewc", backbone, scenario.num_classes, strategy_config("ewc", {}), seed=args.seed)
     strategy.on_experience_start(scenario.info(0))

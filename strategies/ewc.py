@@ -161,7 +161,8 @@ def vectorised_fisher_sum(model: torch.nn.Module, params: dict[str, torch.Tensor
         grads, log_p = per_sample(detached, x[start : start + chunk], y[start : start + chunk])
         weight = log_p.detach().exp()
         for name, g in grads.items():
-            total[name] += torch.einsum("n,n...->...", weight, g.detach() ** 2)
+            g = g.detach().reshape(len(g), -1)
+            total[name] += (weight @ (g * g)).view_as(total[name])  # sum_n w_n g_n^2 as one product
     return total
 
 
