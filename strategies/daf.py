@@ -3,7 +3,7 @@
 Each task trains an adapter on the frozen ViT, then fuses it into a single global adapter,
 so inference is one forward pass with no adapter retrieval. The paper's derivation,
 equations and hyper-parameters were not available; what is marked [recon] is the
-reconstruction of the method card (`methods/daf.md`), implemented as specified there:
+reconstruction implemented here:
 
 Per task t:
 1. Robust Initialization [recon]: the trainable adapter starts from the global adapter
@@ -11,7 +11,7 @@ Per task t:
 2. It is trained with the head's rows of the task's classes, by TUNA's CosFace-form loss on
    the current classes' logits (scale s = 20, margin m). The head is TUNA's: bias-free,
    one row per class, and its logits are cosines (the released code normalises features and
-   weights; the card's "raw logits" are these, before the scale s).
+   weights; the "raw logits" are these, before the scale s).
 3. Curvature of the new task [recon]: the diagonal empirical Fisher F_t at theta_t*, the mean
    of per-sample squared gradients of that loss (batch-1 steps, adapters in eval mode), over
    the task's first `fisher_samples` training samples (0: all of them).
@@ -31,10 +31,10 @@ Inference: logits s cos(W, f(x; theta_g^t)), one adapter forward per image.
 The backbone (a frozen ViT-B/16-IN21K for published runs), the AdaptFormer adapter design
 (bottleneck 16, scale 0.1) and the training values (`PAPER_SETTINGS`) are TUNA's [recon: TUNA].
 
-Also clbench's choices where the card is silent: the alignment loss is cross-entropy over
+Also clbench's choices where the reconstruction is silent: the alignment loss is cross-entropy over
 the seen classes' logits scaled by s, with learning rate `align_lr` (0.01); the prior
-strength lambda defaults to the card's tiny-configuration value 1e-3. With `select_prior`, the
-card's selection for real runs: a seeded `holdout_fraction` (20%) of the first task's training
+strength lambda defaults to the tiny configuration's value 1e-3. With `select_prior`, the
+selection for real runs: a seeded `holdout_fraction` (20%) of the first task's training
 samples is kept out of its training and Fisher passes; after the first task's Fisher, each
 lambda of the log grid 1e-6 ... 1e-1 fuses the adapter, the fused adapter's CosFace-form loss on
 the held-out samples is measured (eval mode), and the lambda of the lowest loss is kept for every
@@ -58,7 +58,7 @@ from clbench.models.freeze import eval_mode
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
-PRIOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the card's log grid for lambda
+PRIOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the log grid for lambda
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class DAF(TunaStrategy):
 
     Config = DAFConfig
     contract_overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8}
-    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
+    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: TUNA's training values
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -3,7 +3,7 @@
 
 Data-free: between tasks only the model (CIFAR ResNet-18, auxiliary branches, classifier) and a
 conditional VAE over penultimate features are kept; no exemplars, no prototypes. The formulas
-follow the official code, as the method card records them (the main paper body was not read).
+follow the official code (the main paper body was not available to this implementation).
 
 Model: after stage k = 1..3 of the ResNet an auxiliary branch (its own copies of the remaining
 stages, pooled, linear to 4C outputs: joint label 4y + rotation) and, as in the code, a 4th

@@ -1,5 +1,5 @@
 """PrePrompt: predictive prompting for class-incremental learning (Huang et al., arXiv 2505.08586;
-code github.com/libo-huang/preprompt, which the method card follows where paper and code differ).
+code github.com/libo-huang/preprompt, which this implementation follows where paper and code differ).
 
 A frozen ViT classifies the image with its own unprompted [CLS] feature and a route head; the
 predicted class gives the task whose prompt is used (no key-query matching); a second pass with
@@ -30,7 +30,7 @@ protocol). Two backbone passes per image, both counted by the profiler.
 Schedules: the prompt/label step follows `lr_schedule`, by default the official scripts' step
 decay (x0.1 every 30 epochs; cosine on ImageNet-R, see PAPER_SETTINGS); the route head keeps its
 rate; calibration is cosine.
-Diagnostic (the card's): after each experience, the share of each seen test experience's samples
+Diagnostic: after each experience, the share of each seen test experience's samples
 whose predicted task is their true one, in the result's `diagnostics`.
 """
 
@@ -201,7 +201,7 @@ class PrePrompt(CLStrategy):
         return self.task_of_class[mask_to(self.route_head(self.unprompted(x)), self._seen()).argmax(1)]
 
     def diagnose(self, exp: ExperienceInfo, loaders, device) -> dict | None:
-        """The card's diagnostic: how often tau_hat (noted by the evaluation's forwards) is the
+        """The task-prediction diagnostic: how often tau_hat (noted by the evaluation's forwards) is the
         sample's true task, per seen test experience."""
         predicted = self.predicted_tasks.of_seen(loaders, exp)
         if predicted is None:

@@ -3,9 +3,8 @@
 Instead of constraining adapter parameters (orthogonality), SGDS sparsifies the adapter's
 activations per class: the bottleneck units a class may use fix the orientation and rank of
 its activation subspace; similar classes share units, dissimilar ones get their own. Only
-the abstract and a third-party review were available: the method card (`methods/sgds.md`)
-reconstructs the rest, with low confidence, and everything marked [recon] below is that
-reconstruction, implemented as the card specifies. It is built on TUNA's pipeline
+the abstract and a third-party review were available: the rest is a reconstruction, with low
+confidence, and everything marked [recon] below is that reconstruction. It is built on TUNA's pipeline
 (`clbench.strategies._ptm.TunaStrategy`; the backbone, a frozen ViT-B/16-IN21K for published runs, is TUNA's
 protocol [recon]): one shared adapter set, continually trained, with no orthogonality term
 (bottleneck r = 64) [recon], cosine head with the CosFace-form loss, class Gaussians and
@@ -28,7 +27,7 @@ columns of W_up. Per task t:
 4. Stage 1 [recon: the review names two stages, not their content]: adapter and head trained
    with each sample's class mask (TUNA's loss and recipe).
 5. Stage 2 [recon]: adapter frozen and dense: Gaussians of the new classes, then alignment of the
-   head (alignment lr 0.005, the card's value).
+   head (alignment lr 0.005, TUNA's ca_lr) [recon].
 Inference [recon]: dense adapter (labels are unknown at test time), one backbone pass per image.
 Training values (`PAPER_SETTINGS`) are TUNA's [recon].
 Every class's decision, its nearest old class, their similarity and the overlap
@@ -73,7 +72,7 @@ class SGDS(TunaStrategy):
 
     Config = SGDSConfig
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
-    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
+    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: TUNA's training values
     measures_ptm_prototypes = True
 
     def __init__(self, *args, **kwargs):
