@@ -215,7 +215,7 @@ def test_clfd_rejects_unknown_base_and_one_channel_backbones(scenario, build_str
         build_strategy("er_clfd", digits)
 
 
-# ---------------------------------------------------------------- check 6 through the hooks, at the moment it applies
+# ---------------------------------------------------------------- new-class probabilities through the hooks, when they apply
 class _KeepProbs:
     """Lightning callback: keep_probs and similarity at the first batch of every epoch (after the
     module's epoch-start hook) and at every epoch start (before it: what the previous epoch's end left)."""

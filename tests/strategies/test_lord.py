@@ -19,7 +19,7 @@ from clbench.strategies.lord import (
 )
 
 from clbench.config import RunConfig
-from clbench.engine.data import make_loader
+from clbench.datasets import make_loader
 from clbench.engine.runner import make_trainer
 from clbench.models.backbones import CifarResNet
 from clbench.types import Phase
@@ -176,3 +176,198 @@ def test_insertion_rate_is_exp_minus_075_rho(five_tasks, build_strategy):
     s.teacher_rho = 0.5
     rate = sum(s.should_store() for _ in range(10_000)) / 10_000
     assert rate == pytest.approx(math.exp(-0.375), abs=0.02)
+
+
+# ---------------------------------------------------------------- a real run: re-ordering, search, distillation, insertion
+def prefix_net(net: CifarResNet, arch: Arch) -> CifarResNet:
+    """A copy of `net` cut to the first channels of `arch` (written here, independently of the method):
+    the stem and each stage's outputs to arch.stages, each block's inner channels to arch.inner."""
+    import copy
+
+    sub = copy.deepcopy(net)
+    def cut(m, out, inp=None):
+        m.weight = torch.nn.Parameter(m.weight[:out] if inp is None else m.weight[:out, :inp])
+
+    def cut_bn(bn, c):
+        cut(bn, c), setattr(bn, "bias", torch.nn.Parameter(bn.bias[:c]))
+        bn.running_mean, bn.running_var = bn.running_mean[:c].clone(), bn.running_var[:c].clone()
+
+    cut(sub.conv1, arch.stages[0]), cut_bn(sub.bn1, arch.stages[0])
+    cin, k = arch.stages[0], 0
+    for s, layer in enumerate([sub.layer1, sub.layer2, sub.layer3, sub.layer4]):
+        for block in layer:
+            mid, cout = arch.inner[k], arch.stages[s]
+            cut(block.conv1, mid, cin), cut_bn(block.bn1, mid), cut(block.conv2, cout, mid), cut_bn(block.bn2, cout)
+            if len(block.shortcut):
+                cut(block.shortcut[0], cout, cin), cut_bn(block.shortcut[1], cout)
+            cin, k = cout, k + 1
+    return sub
+
+
+def prefix_logits(net: CifarResNet, fc: torch.nn.Linear, arch: Arch, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the prefix sub-network with batch statistics in BatchNorm (as the search and the teacher use)."""
+    sub = prefix_net(net, arch).train()
+    with torch.no_grad():
+        h = sub(x)
+        return torch.nn.functional.linear(h, fc.weight[:, : h.shape[1]], fc.bias)
+
+
+def sorted_by_importance(net: CifarResNet) -> bool:
+    """Every block's inner channels in descending L1 norm of the conv2 weights that read them."""
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    return all(bool((b.conv2.weight.abs().sum(dim=(0, 2, 3)).diff() <= 0).all()) for b in blocks)
+
+
+@pytest.fixture(scope="module")
+def lord_run(tmp_path_factory):
+    """synthetic32-3 through the runner: a CIFAR ResNet-18 at nf=16, widths 0.1..1.0 with r = 4, so the
+    stages are 4, 6, 6 (student widths 0.4, 0.6, 0.6) and tasks 1 and 2 search a teacher. Spies on the
+    strategy record what the search scores and what every step returns."""
+    import copy
+
+    from clbench.engine.runner import RunSpec, run
+
+    seen = {"after": {}, "start": {}, "steps": [], "searched": []}
+
+    def spy(strategy):
+        logits_at, step_losses = strategy.logits_at, strategy.step_losses
+
+        def recording_logits_at(arch, x, bn):
+            out = logits_at(arch, x, bn=bn)
+            seen["searched"].append((arch, out.detach().clone()))
+            return out
+
+        def recording_step_losses(batch):
+            losses = step_losses(batch)
+            start = seen["start"].get(strategy.experience.index)
+            if start is not None and start["kappa"] is not None:
+                sub = prefix_logits(strategy.backbone, strategy.head.fc, start["kappa"], batch.x)
+                target = prefix_logits(start["backbone"], start["fc"], start["kappa"], batch.x)
+                expected = 0.05 * float(((sub - target) ** 2).mean())
+                seen["steps"].append((strategy.experience.index, losses.get("distill"), expected))
+            return losses
+
+        strategy.logits_at, strategy.step_losses = recording_logits_at, recording_step_losses
+
+    def after(i, result, strategy):
+        seen["after"][i] = {"student": strategy.student_arch(), "width": strategy.report()["student_width"]}
+        if i == 0:
+            spy(strategy)
+        seen["after"][i]["backbone"] = copy.deepcopy(strategy.backbone)  # as the next task's start finds it
+        seen["searched"].clear()  # what follows, up to the next fit, is the next task's search
+        seen["strategy"] = strategy
+
+    class AtFitStart(pl.Callback):
+        def on_fit_start(self, trainer, s):
+            seen["start"][s.experience.index] = {
+                "backbone": copy.deepcopy(s.backbone), "fc": copy.deepcopy(s.head.fc), "kappa": s.kappa,
+                "kappa_index": s.kappa_index, "teacher": s.teacher, "rho": s.teacher_rho,
+                "searched": list(seen["searched"])}
+
+    cfg = RunConfig(epochs=1, batch_size=16, eval_batch_size=256, accelerator="cpu", limit_train_batches=2, progress=False,
+                    checkpoint=False, output_dir=str(tmp_path_factory.mktemp("lord")))
+    overrides = {"nf": 16, "widths": tuple(round(0.1 * i, 2) for i in range(1, 11)), "schedule_r": 4.0,
+                 "buffer_size": 20, "replay_batch_size": 8, "search_samples": 12, "search_noise": 4}
+    result = run(RunSpec("lord", "synthetic32-3", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[AtFitStart()],
+                 on_experience=after)
+    assert result.status == "completed", result.error
+    return seen
+
+
+def test_a_run_widens_the_student_on_the_schedule(lord_run):
+    # r = 4, T = 3: increments round(2 (1 + cos(pi t / 2))) = 4, 2, 0 -> stages 4, 6, 6
+    assert [lord_run["after"][i]["width"] for i in range(3)] == [0.4, 0.6, 0.6]
+
+
+def test_channels_are_reordered_by_importance_before_the_teacher_search(lord_run, scenario):
+    """Through the run: task 1's start sorts every block's inner channels by L1 importance,
+    the full network computing the same function; the teacher is cut from the re-ordered network."""
+    before, after = lord_run["after"][0]["backbone"], lord_run["start"][1]["backbone"]
+    assert not sorted_by_importance(before) and sorted_by_importance(after)
+    x = scenario.test_sets[0].x[:8]
+    with torch.no_grad():
+        assert (before.eval()(x) - after.eval()(x)).abs().max() < 1e-5
+    start = lord_run["start"][1]
+    expected = prefix_logits(after, start["fc"], start["kappa"], x)
+    assert torch.allclose(teacher_forward(start["teacher"], x), expected, atol=1e-5)
+
+
+def test_the_teacher_minimises_mse_times_exp_minus_rho_among_the_searched(lord_run):
+    """Task 1's search: the first forward is the reference (the task-0 student, stage 4), then every
+    sampled sub-network of the reached stage; the chosen teacher has the lowest MSE x exp(-rho), rho its
+    share of the full network's parameters, among those under 0.95 of the full size (scored here)."""
+    s, start = lord_run["strategy"], lord_run["start"][1]
+    (reference_arch, reference), *candidates = start["searched"]
+    student = lord_run["after"][0]["student"]
+    assert reference_arch == student
+    assert candidates and all(max(a.stages[i] - student.stages[i] for i in range(4)) <= 0
+                              and max(e - f for e, f in zip(a.inner, student.inner)) <= 0 for a, _ in candidates)
+    full = sum(p.numel() for p in s.backbone.parameters()) + sum(p.numel() for p in s.head.parameters())
+    assert full == arch_params(s.backbone, Arch.full(s.backbone), s.head.out_features)
+
+    def score(out, arch, sign):
+        rho = arch_params(s.backbone, arch, s.head.out_features) / full
+        return float(((out - reference) ** 2).mean()) * math.exp(sign * rho)
+
+    best = min(candidates, key=lambda c: score(c[1], c[0], -1))[0]
+    assert start["kappa"] == best
+    assert start["rho"] == pytest.approx(sum(p.numel() for p in start["teacher"].parameters()) / full)
+
+
+def test_among_equally_close_sub_networks_the_search_takes_the_largest(five_tasks, build_strategy, batch_of):
+    """The size factor exp(-rho) on its own: with the network's outputs replaced so that every sampled
+    sub-network is equally far (MSE 1) from the reference, task 1's start must pick the sampled one
+    with the most parameters under the 0.95 cap (exp(+rho) would pick the fewest)."""
+    s = lord(five_tasks, build_strategy, nf=16, search_samples=30)
+    s.on_experience_start(five_tasks.info(0))
+    sum(s.step_losses(batch_of(five_tasks.train_sets[0], 8)).values()).backward()  # a task-0 step
+    s.on_experience_end(five_tasks.info(0), five_tasks.train_sets[0])
+    calls = []
+
+    def equally_far(arch, x, bn):
+        calls.append(arch)
+        return torch.zeros(len(x), s.head.out_features) + (len(calls) > 1)  # the reference, then 1 everywhere
+
+    s.logits_at = equally_far
+    s.on_experience_start(five_tasks.info(1))
+    full = sum(p.numel() for p in s.backbone.parameters()) + sum(p.numel() for p in s.head.parameters())
+    sizes = {a: arch_params(s.backbone, a, s.head.out_features) for a in calls[1:]}
+    eligible = {a: n for a, n in sizes.items() if n < 0.95 * full}
+    assert len(set(eligible.values())) > 1
+    assert s.kappa == max(eligible, key=eligible.get)
+
+
+def test_every_step_distils_the_teacher_shaped_sub_network_towards_the_teacher(lord_run):
+    """0.05 x MSE(student's kappa-prefix(x), teacher(x)), recomputed here at each step of tasks 1 and 2
+    from the network as the step found it and the teacher as cut at the task's start."""
+    steps = lord_run["steps"]
+    assert {t for t, _, _ in steps} == {1, 2}
+    for _, distill, expected in steps:
+        assert distill is not None
+        assert float(distill) == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert max(expected for _, _, expected in steps) > 1e-6  # the student moves away from its teacher
+
+
+def test_from_task_two_on_the_search_never_shrinks_the_teacher(lord_run):
+    previous, start = lord_run["start"][1]["kappa"], lord_run["start"][2]
+    assert start["kappa"] is not None and len(start["searched"]) > 1
+    for arch, _ in start["searched"][1:]:
+        assert all(a >= b for a, b in zip(arch.stages, previous.stages)) and all(a >= b for a, b in zip(arch.inner, previous.inner))
+
+
+def test_the_insertion_hook_stores_a_batch_with_probability_exp_minus_075_rho(lord_run, scenario, batch_of):
+    """Through the strategy's batch-end hook: with the run's teacher (rho of task 2), the
+    fraction of batches the hook writes (the reservoir counts only those) is exp(-0.75 rho)."""
+    s = lord_run["strategy"]
+    rho = sum(p.numel() for p in s.teacher.parameters()) / (
+        sum(p.numel() for p in s.backbone.parameters()) + sum(p.numel() for p in s.head.parameters()))
+    assert rho > 0.05
+    batch = batch_of(scenario.train_sets[2], 2)
+    s.phase = Phase("train")
+    with torch.no_grad():
+        s.step_losses(batch)
+    seen_before, calls = s.buffer.num_seen, 3000
+    for i in range(calls):
+        s.on_train_batch_end(None, batch, i)
+    stored = (s.buffer.num_seen - seen_before) / len(batch)
+    assert stored / calls == pytest.approx(math.exp(-0.75 * rho), abs=0.025)
