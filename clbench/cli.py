@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--scenarios", required=True, help="comma-separated scenario names")
     sw.add_argument("--seeds", default="0", help="comma-separated seeds or a range, e.g. 0,1,2 or 0-4")
     sw.add_argument("--jobs", type=int, default=1, help="runs at a time, each in a fresh worker process")
+    sw.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default 1)")
     sw.add_argument("--ray-address", default=None, help="run on a Ray cluster ('local' starts one here)")
     sw.add_argument("--output-dir", default="results")
     sw.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

@@ -192,7 +192,9 @@ def collate(items) -> Batch:
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last: bool = False
 ) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    # a loader of its own generator: iterating a loader draws a base seed, which from the global
+    # generator would tie training randomness to how many evaluation passes ran before it
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

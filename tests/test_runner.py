@@ -212,3 +212,56 @@ def test_an_unknown_lr_schedule_is_a_usage_error():
             StrategyConfig(lr_schedule="multistep", lr_milestones=milestones)
     with pytest.raises(UsageError, match="lr_step_gamma=0 is invalid"):
         StrategyConfig(lr_step_gamma=0)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """A test set that counts how often it is read."""
+
+    def __init__(self, dataset):
+        self.dataset, self.reads = dataset, 0
+        self.targets = dataset.targets
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.dataset[i]
+
+
+def test_test_sets_of_unseen_experiences_score_zero_without_a_pass(strategy_factory, synthetic_scenario):
+    strategy = strategy_factory("naive")
+    strategy.on_experience_start(synthetic_scenario.info(0))
+    sets = [CountingDataset(d) for d in synthetic_scenario.test_sets]
+    loaders = [make_loader(d, 64, shuffle=False) for d in sets]
+    row = evaluate(strategy, loaders, n_seen=len(synthetic_scenario.info(0).seen_classes))
+    assert row[1] == 0.0 and sets[1].reads == 0  # its classes are all masked: nothing to score
+    assert sets[0].reads == len(sets[0])
+    # a set whose labels are not known without reading it is scored as before
+    unknown = CountingDataset(synthetic_scenario.test_sets[1])
+    del unknown.targets
+    assert evaluate(strategy, [make_loader(unknown, 64, shuffle=False)], n_seen=2) == [0.0]
+    assert unknown.reads == len(unknown)
+    assert evaluate(strategy, loaders, n_seen=0) == [0.0, 0.0] and sets[0].reads == len(sets[0])
+
+
+def test_evaluation_leaves_the_global_random_stream_alone(strategy_factory, synthetic_scenario):
+    strategy = strategy_factory("naive")
+    strategy.on_experience_start(synthetic_scenario.info(1))
+    loaders = [make_loader(d, 16, shuffle=False) for d in synthetic_scenario.test_sets]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    evaluate(strategy, loaders, n_seen=4)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_results_are_bit_identical_without_filling_uninitialised_memory(tmp_path, fast_config_for, monkeypatch):
+    from clbench.engine import runner
+
+    def matrix(fill: bool):
+        monkeypatch.setattr(runner, "FILL_UNINITIALIZED_MEMORY", fill)
+        r = run(RunSpec("er", "synthetic-2", run=fast_config_for(tmp_path / str(fill), epochs=2)))
+        assert torch.utils.deterministic.fill_uninitialized_memory is fill
+        return r.accuracy_matrix, r.metrics
+
+    assert matrix(True) == matrix(False)

@@ -20,26 +20,38 @@ from clbench.types import ExperienceInfo
 def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -> list[float]:
     """Class-IL accuracy on each test set, scoring only the `n_seen` classes seen so far.
 
-    Logits of classes not yet seen are masked out (the head may be wider than the
-    classes seen), so samples of unseen experiences score 0 by construction.
-    `predict_logits` (default: the strategy's) scores another version of the model, such as
-    an add-on's quantized snapshot.
+    Logits of classes not yet seen are masked out (the head may be wider than the classes
+    seen), so a test set whose classes are all unseen scores 0 by construction: it is recorded
+    as 0 without a pass (the classes of experience j are the positions after those of
+    experiences 0..j-1, so the test sets of unseen experiences come last). `predict_logits`
+    (default: the strategy's) scores another version of the model, such as an add-on's
+    quantized snapshot.
     """
     predict_logits = predict_logits or strategy.predict_logits
     row = []
     with evaluating(strategy, device) as device:
         for loader in loaders:
+            if n_seen == 0 or _all_unseen(loader.dataset, n_seen):
+                row.append(0.0 if len(loader.dataset) else float("nan"))
+                continue
             correct = total = 0
             for batch in loader:
                 batch = batch.to(device)
-                if n_seen == 0:
-                    total += len(batch)
-                    continue
                 logits = predict_logits(batch.x)[:, :n_seen]
                 correct += int((logits.argmax(dim=1) == batch.y).sum())
                 total += len(batch)
             row.append(correct / total if total else float("nan"))
     return row
+
+
+def _all_unseen(dataset, n_seen: int) -> bool:
+    """Whether every label of a test set that knows its labels (`targets`) is a class not seen
+    yet (>= `n_seen`); a set that would have to be read to tell is scored."""
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        return False
+    labels = torch.as_tensor(labels)
+    return len(labels) > 0 and int(labels.min()) >= n_seen
 
 
 def accuracy_column(key: str, title: str) -> Column:
