@@ -43,7 +43,7 @@ def test_mean_and_sample_std_over_seeds():
     assert L.format_cell(L.COLUMN_BY_KEY["final_avg_acc"], cell) == "60.0 ± 10.0"
     # forgetting_max per seed = 1.0 - a -> 0.5, 0.4, 0.3
     assert row.cells["forgetting_max"].mean == pytest.approx(0.4)
-    assert L.mean_std([2.0]) == (2.0, 0.0) and L.mean_std([None]) == (None, None)
+    assert L.mean_std([2.0]) == (2.0, None) and L.mean_std([None]) == (None, None)  # one seed: no spread
 
 
 def test_best_follows_higher_is_better_per_scenario():
@@ -71,13 +71,14 @@ def test_rows_split_by_addons_and_device_and_note_mixed_settings():
     distill.aux = [{"name": "distill", "weight": 0.5}]
     gpu = make_result("er", seed=0)
     gpu.device = "NVIDIA H100"
+    plain.strategy_config = {"lr": 0.05}
     other_lr = make_result("er", seed=1)
     other_lr.strategy_config = {"lr": 0.5}
     lb = L.build([plain, distill, gpu, other_lr])
     keys = sorted((r.label, r.device, len(r.seeds)) for r in lb.rows)
     assert keys == [("er", "NVIDIA H100", 1), ("er", "cpu", 2), ("er+distill:weight=0.5", "cpu", 1)]
     (mixed,) = [r for r in lb.rows if r.device == "cpu" and not r.addons]
-    assert mixed.notes == ["seeds were run with different settings"]
+    assert mixed.notes == ["seeds were run with different settings: lr: 0.05 (seed 0) vs 0.5 (seed 1)"]
 
 
 def test_failed_and_incomplete_runs_are_listed_apart_never_averaged():
@@ -110,8 +111,10 @@ def test_jetson_columns_keep_measured_and_estimated_apart():
     assert rows["a"].cells["jetson_time_estimated_s"].mean == 10.0 and rows["a"].cells["jetson_time_measured_s"].mean is None
     assert rows["b"].cells["jetson_time_measured_s"].mean == 7.0 and rows["b"].cells["jetson_time_estimated_s"].mean is None
     md = R.to_markdown(lb)
-    assert "Jetson time (estimated) (s) ↓" in md and "Jetson time (measured) (s) ↓" in md
+    assert "Jetson time (estimated) ↓" in md and "Jetson time (measured) ↓" in md
     assert "±33%" in md and L.MISSING in md
+    # the estimate shows its band, 10 s with e = 0.33: [10/1.33, 10*1.33] = [7.52, 13.30]
+    assert "| 10.00 s [7.52, 13.30] |" in md and "| 7.00 s |" in md
 
 
 # --------------------------------------------------------------------------- the fixture sweep
@@ -128,7 +131,10 @@ def test_fixture_rows_match_the_stored_results():
         accs = [r.metrics["final_avg_acc"] for r in same]
         assert row.seeds == sorted(r.seed for r in same)
         assert row.cells["final_avg_acc"].mean == pytest.approx(statistics.mean(accs))
-        assert row.cells["final_avg_acc"].std == pytest.approx(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        if len(accs) > 1:
+            assert row.cells["final_avg_acc"].std == pytest.approx(statistics.stdev(accs))
+        else:
+            assert row.cells["final_avg_acc"].std is None
         flops = [r.edge["totals"].get("train_flops_total") for r in same]
         if all(f is not None for f in flops):
             assert row.cells["train_flops_total"].mean == pytest.approx(statistics.mean(flops))
@@ -146,15 +152,19 @@ def test_cli_markdown_and_scenario_filter(capsys):
     assert main(["leaderboard", str(FIXTURE), "--scenario", "synthetic-5"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    # one scenario, backbone and device: said once above the table instead of in every row
-    assert lines[0] == "Scenario: synthetic-5 · Backbone: clbench_mlp_tiny · Device: cpu"
+    assert lines[0].startswith("Generated ") and "`clbench leaderboard" in lines[0]
+    # one scenario under its heading; backbone and device shared: said once above the table
+    assert lines[2] == "## synthetic-5 (classification)"
+    assert lines[4] == "Backbone: clbench_mlp_tiny · Device: cpu"
     assert "synthetic-2" not in out
-    header = lines[2]
+    header = lines[6]
     assert header.startswith("| Strategy | Seeds |") and "Final acc (%) ↑" in header and "Forgetting (%) ↓" in header
-    body = [line for line in lines[4:] if line.startswith("| ")]
+    body = [line for line in lines[8:] if line.startswith("| ") and not line.startswith("| Strategy")]
     assert len(body) == len(L.from_dir(FIXTURE, "synthetic-5").rows)
     assert main(["leaderboard", str(FIXTURE)]) == 0
-    assert "| Strategy | Scenario | Seeds |" in capsys.readouterr().out  # two scenarios: a column again
+    out = capsys.readouterr().out  # two scenarios: two tables, sorted, never a Scenario column
+    assert out.index("## synthetic-2 (classification)") < out.index("## synthetic-5 (classification)")
+    assert "| Scenario |" not in out
     assert main(["leaderboard", str(FIXTURE), "--scenario", "nope-3"]) == 2
     err = capsys.readouterr().err
     assert "nope-3" in err and "synthetic-5" in err and len(err.strip().splitlines()) == 1
@@ -243,18 +253,21 @@ def test_html_is_one_self_contained_sortable_page(tmp_path):
     p = PageParser()
     p.feed(page)
     lb = L.from_dir(FIXTURE)
-    table = p.tables["leaderboard"]
-    body = [r for r in table["rows"] if r]  # header row has no td
-    assert "sortable" in table["classes"] and len(body) == len(lb.rows)
-    assert table["th"] == 5 + len(L.shown_columns(lb))
-    for tr in body:
-        for td in tr:
-            if "data-value" in td and td["data-value"]:
-                float(td["data-value"])  # every sort key is a number
-    best_cells = sum(td.get("class") == "best" for tr in body for td in tr)
+    best_cells = 0
+    for t in L.tables(lb):  # one table per scenario, with only its own columns
+        table = p.tables[f"leaderboard-{t.scenario}"]
+        body = [r for r in table["rows"] if r]  # header row has no td
+        assert "sortable" in table["classes"] and len(body) == len(t.rows)
+        assert table["th"] == 2 + len(t.columns)  # strategy, seeds (backbone and device are shared)
+        for tr in body:
+            for td in tr:
+                if "data-value" in td and td["data-value"]:
+                    float(td["data-value"])  # every sort key is a number
+        best_cells += sum(td.get("class") == "best" for tr in body for td in tr)
     shown = {c.key for c in L.shown_columns(lb)}
     assert best_cells == sum(r.cells[k].best for r in lb.rows for k in shown) > 0
-    assert len(p.tables["incomplete"]["rows"]) - 1 == len(lb.incomplete)
+    incomplete = [t for k, t in p.tables.items() if k.startswith("incomplete-")]
+    assert sum(len(t["rows"]) - 1 for t in incomplete) == len(lb.incomplete)
     assert p.scripts == 1 and not p.external and "http" not in page.replace("http-equiv", "")
     assert len(p.images) >= len(lb.scenarios())
     for src in p.images:

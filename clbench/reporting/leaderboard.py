@@ -14,12 +14,14 @@ import csv
 import io
 import json
 import math
+import subprocess
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from clbench.errors import UsageError
-from clbench.reporting.results import RunResult, load
+from clbench.reporting.results import RunResult, load, result_settings, setting_text
 from clbench.tasks import TASKS, task_of
 from clbench.tasks.base import Column
 
@@ -122,6 +124,19 @@ def jetson_facts(results: Iterable[RunResult]) -> dict[str, set]:
     return out
 
 
+def jetson_band(r: RunResult) -> tuple[float, float] | None:
+    """(low, high) seconds of the run's Jetson estimate: the stored band, else [T/(1+e), T(1+e)]."""
+    seconds, kind = jetson_time(r)
+    if kind != "estimated":
+        return None
+    j = r.edge["totals"]["jetson"]
+    if j.get("low_s") is not None and j.get("high_s") is not None:
+        return float(j["low_s"]), float(j["high_s"])
+    if j.get("band") is not None:
+        return seconds / (1 + float(j["band"])), seconds * (1 + float(j["band"]))
+    return None
+
+
 def jetson_of_kind(kind: str) -> Callable[[RunResult], float | None]:
     def get(r: RunResult):
         seconds, k = jetson_time(r)
@@ -178,9 +193,10 @@ COLUMN_BY_KEY = {c.key: c for c in COLUMNS}
 @dataclass
 class Cell:
     mean: float | None
-    std: float | None
+    std: float | None  # None for a single seed
     n: int
     best: bool = False
+    band: tuple[float, float] | None = None  # the Jetson estimate's uncertainty band (means over seeds)
 
 
 @dataclass
@@ -194,6 +210,7 @@ class Row:
     cells: dict[str, Cell]
     notes: list[str] = field(default_factory=list)
     task: str = "classification"
+    settings: dict[str, Any] = field(default_factory=dict)  # how its (first) seed was run: `results.result_settings`
 
     @property
     def label(self) -> str:
@@ -208,19 +225,21 @@ class Leaderboard:
     memory_kinds: set[str] = field(default_factory=set)  # cpu_rss / cuda_allocator: what "peak memory" means
     jetson: dict[str, set] = field(default_factory=dict)  # devices and estimate bands behind the Jetson columns
     columns: list[Column] = field(default_factory=lambda: list(COLUMNS))
+    provenance: dict[str, Any] = field(default_factory=dict)  # version, date, command, git commit (`provenance()`)
 
     def scenarios(self) -> list[str]:
         return sorted({r.scenario for r in self.rows} | {r.scenario for r, _ in self.incomplete})
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n-1); std is 0 for a single seed, None for no value."""
+    """Mean and sample standard deviation (n-1); std is None for a single seed (nothing to spread), both
+    None for no value."""
     vals = [float(v) for v in values if v is not None and not _isnan(v)]
     if not vals:
         return None, None
     m = sum(vals) / len(vals)
     if len(vals) == 1:
-        return m, 0.0
+        return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
@@ -228,13 +247,35 @@ def _isnan(v) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-# Settings that identify how a run was made; the rest (paths, progress bars) do not change results.
-_RUN_KEYS_IGNORED = {"output_dir", "progress", "data_root", "num_workers", "download"}
+def settings(r: RunResult) -> dict[str, Any]:
+    """The settings that identify how a run was made (paths and progress bars do not change results);
+    add-ons are part of a row's identity, so they are not among them."""
+    out = result_settings(r, with_aux=False)
+    out["paper_settings"] = r.paper_settings
+    return out
 
 
-def _recipe(r: RunResult) -> str:
-    run = {k: v for k, v in r.run_config.items() if k not in _RUN_KEYS_IGNORED}
-    return json.dumps([r.strategy_config, run, r.paper_settings, r.pretrained], sort_keys=True, default=str)
+_ABSENT = "(absent)"
+
+
+def varying_settings(groups: dict[str, dict[str, Any]], every_key: bool = False) -> list[str]:
+    """`epochs: 5 (er, naive) vs 20 (ewc)` for each setting not all groups (label -> settings) share, values
+    in order of first appearance. Only keys every group has count (different strategies have different
+    hyper-parameters), or with `every_key` (seeds of one row) every key, a missing one shown `(absent)`."""
+    if len(groups) < 2:
+        return []
+    keys = list(dict.fromkeys(k for g in groups.values() for k in g))
+    if not every_key:
+        keys = [k for k in keys if all(k in g for g in groups.values())]
+    out = []
+    for key in keys:
+        by_value: dict[str, list[str]] = {}
+        for label, g in groups.items():
+            text = setting_text(g[key]) if key in g else _ABSENT
+            by_value.setdefault(text, []).append(label)
+        if len(by_value) > 1:
+            out.append(f"{key}: " + " vs ".join(f"{v} ({', '.join(labels)})" for v, labels in by_value.items()))
+    return out
 
 
 def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, skipped=()) -> Leaderboard:
@@ -258,14 +299,20 @@ def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, ski
                 continue
             by_seed[r.seed] = r
         runs = [by_seed[s] for s in sorted(by_seed)]
-        if len({_recipe(r) for r in runs}) > 1:
-            notes.append("seeds were run with different settings")
+        differing = varying_settings({f"seed {r.seed}": settings(r) for r in runs}, every_key=True)
+        if differing:
+            notes.append("seeds were run with different settings: " + "; ".join(differing))
         cells = {}
         for col in COLUMNS:
             values = [value(col, r) for r in runs]
             m, s = mean_std(values)
             cells[col.key] = Cell(m, s, sum(v is not None and not _isnan(v) for v in values))
-        rows.append(Row(strategy, scenario, backbone, addons, device, sorted(by_seed), cells, notes, task_of(runs[0]).name))
+        bands = [jetson_band(r) for r in runs if jetson_band(r) is not None]
+        if bands:
+            cells["jetson_time_estimated_s"].band = (sum(b[0] for b in bands) / len(bands),
+                                                     sum(b[1] for b in bands) / len(bands))
+        rows.append(Row(strategy, scenario, backbone, addons, device, sorted(by_seed), cells, notes,
+                        task_of(runs[0]).name, settings(runs[0])))
     _mark_best(rows)
     rows.sort(key=lambda row: (row.scenario, _headline_order(row), row.label))
     kinds = {(r.edge.get("totals") or {}).get("peak_memory_kind") for r in results} - {None}
@@ -301,24 +348,147 @@ def from_dir(results_dir: str | Path, scenario: str | None = None) -> Leaderboar
 
 
 # --------------------------------------------------------------------------- formatting
-def format_cell(col: Column, cell: Cell) -> str:
+@dataclass(frozen=True)
+class Unit:
+    """A human unit for a cost column: displayed value = raw value / factor, with its name in the cell."""
+
+    name: str
+    factor: float
+    fmt: str
+
+
+FLOP_UNITS = (Unit("FLOP", 1.0, ",.0f"), Unit("MFLOP", 1e6, ".2f"), Unit("GFLOP", 1e9, ".2f"),
+              Unit("TFLOP", 1e12, ".2f"), Unit("PFLOP", 1e15, ".2f"))
+BYTE_UNITS = (Unit("B", 1.0, ",.0f"), Unit("KiB", 2.0**10, ".1f"), Unit("MiB", 2.0**20, ".1f"),
+              Unit("GiB", 2.0**30, ".2f"))
+TIME_UNITS = (Unit("s", 1.0, ".2f"), Unit("min", 60.0, ".2f"), Unit("h", 3600.0, ".2f"))
+# Columns shown in a human unit chosen per column and table (the largest unit the column's largest value
+# reaches); every other column keeps its fixed scale and the unit in its title.
+HUMAN_UNITS: dict[str, tuple[Unit, ...]] = {
+    "train_flops_total": FLOP_UNITS,
+    "peak_memory_bytes": BYTE_UNITS,
+    "train_time_s": TIME_UNITS,
+    "jetson_time_measured_s": TIME_UNITS,
+    "jetson_time_estimated_s": TIME_UNITS,
+}
+
+
+def choose_unit(col: Column, values: Iterable[float | None]) -> Unit | None:
+    """The unit of a human-unit column for these raw values (None: the column has a fixed scale)."""
+    units = HUMAN_UNITS.get(col.key)
+    if units is None:
+        return None
+    top = max((abs(v) for v in values if v is not None and not _isnan(v)), default=0.0)
+    return next((u for u in reversed(units) if top >= u.factor), units[0])
+
+
+def format_cell(col: Column, cell: Cell, unit: Unit | None = None) -> str:
+    """`60.0 ± 10.0`; a human-unit column `1.36 GFLOP` in `unit` (default: chosen for this cell alone), the
+    Jetson estimate with its band `1.49 s [1.12, 1.98]`; no ± for one seed or for counts all seeds agree on."""
     if cell.mean is None:
         return MISSING
-    m = format(cell.mean * col.scale, col.fmt)
-    if cell.n < 2 or (col.count and cell.std == 0):
-        return m
-    return f"{m} ± {format(cell.std * col.scale, col.fmt)}"
+    unit = unit or choose_unit(col, [cell.mean])
+    scale, fmt = (1 / unit.factor, unit.fmt) if unit else (col.scale, col.fmt)
+    text = format(cell.mean * scale, fmt)
+    if cell.band is None and cell.n >= 2 and cell.std is not None and not (col.count and cell.std == 0):
+        text += f" ± {format(cell.std * scale, fmt)}"
+    if unit:
+        text += f" {unit.name}"
+    if cell.band is not None:
+        text += f" [{format(cell.band[0] * scale, fmt)}, {format(cell.band[1] * scale, fmt)}]"
+    return text
 
 
 def column_title(col: Column) -> str:
+    """`Final acc (%) ↑`; a human-unit column names its unit in every cell instead (`Train FLOPs ↓`)."""
     arrow = "↑" if col.higher_is_better else "↓"
-    unit = f" ({col.unit})" if col.unit else ""
+    unit = f" ({col.unit})" if col.unit and col.key not in HUMAN_UNITS else ""
     return f"{col.title}{unit} {arrow}"
 
 
 def shown_columns(lb: Leaderboard) -> list[Column]:
     """Columns with at least one value (md/html); csv and json keep every column."""
     return [c for c in lb.columns if any(r.cells[c.key].mean is not None for r in lb.rows)]
+
+
+@dataclass
+class Table:
+    """One scenario's table: its rows best-first, only the columns they have values in, the unit of each
+    human-unit column, the settings that differ between its rows, and its failed or incomplete runs."""
+
+    scenario: str
+    task: str
+    rows: list[Row]
+    columns: list[Column]
+    units: dict[str, Unit]
+    differing: list[str]
+    incomplete: list[dict[str, Any]]
+
+
+def tables(lb: Leaderboard) -> list[Table]:
+    """One table per scenario, scenarios sorted (a scenario with only failed runs has no rows)."""
+    out = []
+    failed = incomplete_rows(lb)
+    for scenario in lb.scenarios():
+        rows = [r for r in lb.rows if r.scenario == scenario]
+        cols = [c for c in lb.columns if any(r.cells[c.key].mean is not None for r in rows)]
+        units = {c.key: u for c in cols if (u := choose_unit(c, [r.cells[c.key].mean for r in rows])) is not None}
+        task = rows[0].task if rows else next(task_of(r).name for r, _ in lb.incomplete if r.scenario == scenario)
+        labels = {}
+        for r in rows:
+            label = r.label
+            if sum(o.label == r.label for o in rows) > 1:
+                label += f" ({r.backbone}, {r.device})"
+            labels.setdefault(label, r.settings)
+        out.append(Table(scenario, task, rows, cols, units, varying_settings(labels),
+                         [f for f in failed if f["scenario"] == scenario]))
+    return out
+
+
+# --------------------------------------------------------------------------- provenance
+def provenance(results_dir: str | Path, command: str, now: datetime | None = None) -> dict[str, Any]:
+    """What produced a page: clbench version, UTC date, the command line, and the git commit of the checkout
+    holding the results folder (else the working directory); git's absence or refusal leaves them None."""
+    from clbench._version import __version__
+
+    now = now or datetime.now(timezone.utc)
+    out: dict[str, Any] = {"clbench_version": __version__, "generated": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "command": command, "git_commit": None, "git_checkout": None, "git_dirty": None}
+    for where in (Path(results_dir), Path.cwd()):
+        found = _git_commit(where if where.is_dir() else where.parent)
+        if found is not None:
+            out["git_commit"], out["git_checkout"], out["git_dirty"] = found
+            break
+    return out
+
+
+def _git_commit(folder: Path) -> tuple[str, str, bool] | None:
+    """(commit, checkout root, has uncommitted changes to tracked files) or None (no git, not a checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    root = git("rev-parse", "--show-toplevel")
+    if not commit or root is None:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, root, bool(status)
+
+
+def provenance_text(p: dict[str, Any]) -> str:
+    """One line: `Generated 2025-01-02T03:04:05Z by clbench 0.1.0 with `clbench leaderboard results`; git
+    commit abc... of /repo (uncommitted changes).`"""
+    text = f"Generated {p['generated']} by clbench {p['clbench_version']} with `{p['command']}`"
+    if p.get("git_commit"):
+        dirty = ", with uncommitted changes" if p.get("git_dirty") else ""
+        text += f"; git commit {p['git_commit']} of {p['git_checkout']}{dirty}"
+    else:
+        text += "; not in a git checkout"
+    return text + "."
 
 
 def incomplete_rows(lb: Leaderboard) -> list[dict[str, Any]]:
@@ -329,6 +499,7 @@ def incomplete_rows(lb: Leaderboard) -> list[dict[str, Any]]:
             {
                 "strategy": r.strategy,
                 "scenario": r.scenario,
+                "task": task_of(r).name,
                 "backbone": r.backbone,
                 "addons": addons_label(r),
                 "device": r.device,
@@ -343,8 +514,15 @@ def incomplete_rows(lb: Leaderboard) -> list[dict[str, Any]]:
 
 
 def to_records(lb: Leaderboard) -> dict[str, Any]:
-    """The JSON form: column metadata, rows with mean/std/n/best per column, incomplete runs, skipped files."""
+    """The JSON form: provenance, column metadata, per scenario its task, shown columns, units and differing
+    settings; rows with mean/std/n/best per column; incomplete runs; skipped files."""
     return {
+        "provenance": lb.provenance or None,
+        "scenarios": [
+            {"scenario": t.scenario, "task": t.task, "columns": [c.key for c in t.columns],
+             "units": {k: u.name for k, u in t.units.items()}, "differing_settings": t.differing}
+            for t in tables(lb)
+        ],
         "columns": [
             {"key": c.key, "title": c.title, "higher_is_better": c.higher_is_better, "unit": c.unit, "scale": c.scale}
             for c in lb.columns
@@ -353,13 +531,17 @@ def to_records(lb: Leaderboard) -> dict[str, Any]:
             {
                 "strategy": r.strategy,
                 "scenario": r.scenario,
+                "task": r.task,
                 "backbone": r.backbone,
                 "addons": r.addons,
                 "device": r.device,
                 "seeds": r.seeds,
                 "notes": r.notes,
+                "settings": r.settings,
                 "values": {
-                    k: {"mean": c.mean, "std": c.std, "n": c.n, "best": c.best} for k, c in r.cells.items()
+                    k: {"mean": c.mean, "std": c.std, "n": c.n, "best": c.best,
+                        **({"low": c.band[0], "high": c.band[1]} if c.band else {})}
+                    for k, c in r.cells.items()
                 },
             }
             for r in lb.rows
@@ -374,10 +556,11 @@ def to_json(lb: Leaderboard) -> str:
 
 
 def to_csv(lb: Leaderboard) -> str:
-    """One line per row (status ok) then one per failed/incomplete run; raw units, mean/std/best per column."""
+    """One line per row (status ok) then one per failed/incomplete run, each with its scenario and task; raw
+    units, mean/std/best per column (std empty for a single seed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    keys = ["strategy", "scenario", "backbone", "addons", "device", "status", "seeds"]
+    keys = ["strategy", "scenario", "task", "backbone", "addons", "device", "status", "seeds"]
     w.writerow(keys + [f"{c.key}_{s}" for c in lb.columns for s in ("mean", "std", "best")] + ["notes"])
     for r in lb.rows:
         vals = []
@@ -385,10 +568,11 @@ def to_csv(lb: Leaderboard) -> str:
             cell = r.cells[c.key]
             vals += ["" if cell.mean is None else repr(cell.mean), "" if cell.std is None else repr(cell.std), int(cell.best)]
         seeds = " ".join(map(str, r.seeds))
-        w.writerow([r.strategy, r.scenario, r.backbone, r.addons, r.device, "ok", seeds] + vals + ["; ".join(r.notes)])
+        w.writerow([r.strategy, r.scenario, r.task, r.backbone, r.addons, r.device, "ok", seeds] + vals
+                   + ["; ".join(r.notes)])
     for f in incomplete_rows(lb):
         w.writerow(
-            [f["strategy"], f["scenario"], f["backbone"], f["addons"], f["device"], f["status"], f["seed"]]
+            [f["strategy"], f["scenario"], f["task"], f["backbone"], f["addons"], f["device"], f["status"], f["seed"]]
             + [""] * (3 * len(lb.columns))
             + [f"{f['experiences']} experiences; {f['error']}".strip("; ")]
         )

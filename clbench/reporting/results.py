@@ -171,5 +171,50 @@ def environment() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- settings of a run
+# Run settings that do not change what a run computes (paths, progress bars, data loading workers).
+IGNORED_RUN_KEYS = frozenset({"output_dir", "progress", "data_root", "num_workers", "download"})
+
+
+def json_normal(value: Any) -> Any:
+    """`value` as it reads back from a result JSON: tuples become lists, unknown types strings."""
+    return json.loads(json.dumps(value, default=str, allow_nan=True))
+
+
+def settings_of(strategy_config: dict[str, Any], run_config: dict[str, Any], aux: Any = None) -> dict[str, Any]:
+    """One flat mapping of the settings that make a run (run keys, then the strategy's; a strategy key that a
+    run key already names is `strategy.KEY`), JSON-normalised so a stored result and a fresh request compare."""
+    out = {k: v for k, v in run_config.items() if k not in IGNORED_RUN_KEYS}
+    for k, v in strategy_config.items():
+        out[f"strategy.{k}" if k in out else k] = v
+    if aux is not None:
+        out["aux"] = aux
+    return json_normal(out)
+
+
+def result_settings(r: RunResult, with_aux: bool = True) -> dict[str, Any]:
+    return settings_of(r.strategy_config, r.run_config, list(r.aux) if with_aux else None)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # compared as JSON text: NaN equals NaN, and [] equals () once both are normalised
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def setting_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def differing_settings(stored: dict[str, Any], wanted: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, wanted value) for every key of `wanted` whose value differs (absent: None)."""
+    stored, wanted = json_normal(stored), json_normal(wanted)
+    return [(k, stored.get(k), v) for k, v in wanted.items() if not _same(stored.get(k), v)]
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
+    """`epochs: 5 vs 20, lr: 0.1 vs 0.05` (stored value first)."""
+    return ", ".join(f"{k}: {setting_text(a)} vs {setting_text(b)}" for k, a, b in differences)
+
+
 def to_json_text(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2)
