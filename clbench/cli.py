@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-nodes", type=int, default=None)
     sw.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
     sw.add_argument("--retry-failed", action="store_true", help="rerun runs whose stored result is 'failed'")
+    sw.add_argument("--overwrite", action="store_true",
+                    help="rerun and replace stored results made with other settings (without it they are kept)")
     sw.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped")
     sw.add_argument("--in-process", action="store_true",
                     help="run in this process, one after another (fast start; CPU peak memory is not per run)")
@@ -101,6 +103,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-strategy", default=None, help="Lightning distributed strategy, e.g. ddp")
     p.add_argument("--precision", default=None)
     p.add_argument("--flops", default=None, help="profiler FLOP counting: sample (default) | all (every step) | off")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a stored result made with other settings (without it such a run is refused)")
 
 
 _FLAG_TO_FIELD = {
@@ -162,6 +166,7 @@ def spec_from_args(args, seed: int):
         paper_settings=args.paper_settings,
         resume=getattr(args, "resume", False),
         wandb=getattr(args, "wandb", None),
+        overwrite=getattr(args, "overwrite", False),
     )
 
 

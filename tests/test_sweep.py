@@ -99,10 +99,14 @@ def test_sweep_runs_the_grid_then_skips_what_is_stored(tmp_path, capsys):
     assert all(r["status"] == "completed" and len(r["accuracy_matrix"]) == 2 for r in first.values())
     assert "4 completed" in capsys.readouterr().out
 
-    # everything stored: nothing runs, nothing is rewritten
+    # everything stored: nothing runs, nothing is rewritten, and no spurious warning (lr_milestones is () asked
+    # and [] stored once JSON has read it back: the same setting)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert first["synthetic-2/er/clbench_mlp_tiny-seed0-cpu.json"]["strategy_config"]["lr_milestones"] == []
     assert main(argv) == 0
-    assert "0 completed, 0 failed, 0 errors, 4 skipped" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "0 completed, 0 failed, 0 errors, 4 skipped" in text
+    assert "warning" not in text and "different" not in text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == mtimes
 
     # one result lost: only that run is redone, and it reproduces the same numbers
@@ -113,9 +117,43 @@ def test_sweep_runs_the_grid_then_skips_what_is_stored(tmp_path, capsys):
     assert "1 completed" in text and "3 skipped" in text and "[1/1] er on synthetic-2 seed 1" in text
     assert json.loads(lost.read_text())["accuracy_matrix"] == first[str(lost.relative_to(out))]["accuracy_matrix"]
 
-    # asked with other settings: the stored run is kept and the mismatch is said
-    assert main([*argv[:-len(FAST)], "--epochs", "3", "--accelerator", "cpu", "--seeds", "0"]) == 0
-    assert "stored with different epochs" in capsys.readouterr().out
+    # asked with other settings: the stored run is kept and the mismatch is said, with the way to replace it
+    other = [*argv[:-len(FAST)], "--epochs", "3", "--accelerator", "cpu", "--seeds", "0"]
+    assert main(other) == 0
+    text = capsys.readouterr().out
+    assert (f"skip  er on synthetic-2 seed 0: {out / 'synthetic-2/er/clbench_mlp_tiny-seed0-cpu.json'} (warning: stored "
+            f"with different epochs (epochs: 1 vs 3); rerun with --overwrite to replace it, or use another "
+            f"--output-dir)") in text
+    assert "2 skipped" in text
+    assert json.loads(lost.read_text())["run_config"]["epochs"] == 1
+    # --overwrite: those two runs are redone with the settings asked for and replace the stored ones
+    assert main([*other, "--overwrite", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["run   naive on synthetic-2 seed 0", "run   er on synthetic-2 seed 0"]
+    assert main([*other, "--overwrite"]) == 0
+    assert "2 completed, 0 failed, 0 errors, 0 skipped" in capsys.readouterr().out
+    now = stored(out)
+    assert [now[f"synthetic-2/{s}/clbench_mlp_tiny-seed{k}-cpu.json"]["run_config"]["epochs"]
+            for s in ("er", "naive") for k in (0, 1)] == [3, 1, 3, 1]
+
+
+def test_run_refuses_to_replace_a_result_made_with_other_settings(tmp_path, capsys):
+    argv = ["run", "--strategy", "naive", "--scenario", "synthetic-2", "--quiet", "--output-dir", str(tmp_path),
+            "--accelerator", "cpu", "--epochs", "1"]
+    assert main(argv) == 0
+    (path,) = [tmp_path / p for p in stored(tmp_path)]
+    text, mtime = path.read_text(), path.stat().st_mtime_ns
+    # other settings: refused before training, one line naming them and --overwrite, exit 2, nothing written
+    assert main([*argv, "--epochs", "2", "--set", "lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"clbench: error: {path} holds a result made with other settings (stored vs now: epochs: 1 vs 2, "
+                   f"lr: 0.05 vs 0.1); pass --overwrite to replace it, or use another --output-dir\n")
+    assert path.read_text() == text and path.stat().st_mtime_ns == mtime
+    assert sorted(stored(tmp_path)) == [str(path.relative_to(tmp_path))]  # and nothing else either
+    # the same settings (--quiet, the output folder aside) overwrite as before
+    assert main(argv) == 0 and path.stat().st_mtime_ns != mtime
+    # --overwrite replaces it with the new settings
+    assert main([*argv, "--epochs", "2", "--overwrite"]) == 0
+    assert json.loads(path.read_text())["run_config"]["epochs"] == 2
 
 
 def test_failed_run_is_reported_and_retried_on_request(tmp_path, capsys):

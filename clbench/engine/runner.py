@@ -37,6 +37,7 @@ class RunSpec:
     paper_settings: bool = False
     resume: bool = False
     wandb: str | None = None  # wandb project to mirror the logs to (None: no wandb)
+    overwrite: bool = False  # replace a stored result made with other settings (otherwise refused)
 
 
 # --------------------------------------------------------------------------- factories
@@ -152,6 +153,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     strategy.augment = scenario.augment
     _check_strategy_fits(strategy, scenario)
     result = _new_result(spec, run_cfg, cfg, model_name, scenario, aux)
+    _refuse_to_replace(result, run_cfg.output_dir, spec.overwrite)
     profiler = profiler or _default_profiler(run_cfg)
     strategy.cost_meter = profiler  # meters the training work a strategy does outside its fits
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, model_name)
@@ -233,6 +235,30 @@ def _new_result(spec: RunSpec, run_cfg: C.RunConfig, cfg, model_name: str, scena
         environment=environment(),
         clbench_version=_version(),
     )
+
+
+def _refuse_to_replace(result: RunResult, output_dir: str, overwrite: bool) -> None:
+    """Before training: a result made with other settings already at this run's result path is never silently
+    replaced (UsageError naming the settings and --overwrite); the same settings are replaced as before."""
+    from clbench.reporting.results import (
+        describe_differences,
+        differing_settings,
+        load,
+        result_path,
+        result_settings,
+    )
+
+    path = result_path(output_dir, result)
+    if overwrite or not path.is_file():
+        return
+    try:
+        stored = load(path)
+    except UsageError:
+        return  # not a readable clbench result: nothing to keep
+    differs = differing_settings(result_settings(stored), result_settings(result))
+    if differs:
+        raise UsageError(f"{path} holds a result made with other settings (stored vs now: "
+                         f"{describe_differences(differs)}); pass --overwrite to replace it, or use another --output-dir")
 
 
 def _default_profiler(run_cfg: C.RunConfig):

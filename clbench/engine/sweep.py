@@ -193,8 +193,23 @@ def _route_overrides(overrides: dict[str, Any], strategies: Sequence[str]):
     return run_values, per_strategy
 
 
-# Settings that do not change what a run computes.
-_IGNORED_RUN_KEYS = {"output_dir", "progress", "data_root", "num_workers", "download"}
+def _stale(stored, run_cfg: C.RunConfig, cfg, aux: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """Why a stored result does not match the requested settings (None: it does). Both sides are compared
+    as JSON reads them back (a tuple setting is stored as a list), add-on settings typed by their Config."""
+    from clbench.engine.runner import create_aux
+    from clbench.reporting.results import describe_differences, differing_settings, result_settings, settings_of
+
+    from clbench.tasks.forecasting import SCENARIO_FIELDS
+
+    typed = [{"name": n, **{k: C.to_dict(a.cfg)[k] for k in p}} for (n, p), a in zip(aux, create_aux(aux))]
+    wanted = C.to_dict(cfg)
+    for key in SCENARIO_FIELDS:  # 0: unset, the run fills in its scenario's value (the stored one)
+        if wanted.get(key) == 0 and key in stored.strategy_config:
+            wanted[key] = stored.strategy_config[key]
+    differs = differing_settings(result_settings(stored), settings_of(wanted, C.to_dict(run_cfg), typed))
+    if not differs:
+        return None
+    return f"stored with different {', '.join(k for k, _, _ in differs)} ({describe_differences(differs)})"
 
 
 def _find_existing(job: Job) -> Job:
@@ -217,14 +232,7 @@ def _find_existing(job: Job) -> Job:
         if r.status not in ("completed", "failed"):
             continue
         job.existing = path
-        wanted = {k: v for k, v in C.to_dict(run_cfg).items() if k not in _IGNORED_RUN_KEYS}
-        stored = {k: r.run_config.get(k) for k in wanted}
-        differs = [k for k in wanted if stored[k] != wanted[k]]
-        differs += [k for k, v in C.to_dict(cfg).items() if r.strategy_config.get(k) != v]
-        if [a for a in r.aux] != probe.aux:
-            differs.append("aux")
-        if differs:
-            job.stale = "stored with different " + ", ".join(f"{k}" for k in differs)
+        job.stale = _stale(r, run_cfg, cfg, spec.aux)
         return job
     # No result, but an interrupted run left its resume state: continue from its last experience.
     resume_root = Path(run_cfg.output_dir) / ".resume" / folder.relative_to(run_cfg.output_dir)
@@ -319,17 +327,31 @@ def _gpus_wanted(run) -> int:
         return 1
 
 
+def _will_run(job: Job, retry_failed: bool = False, overwrite: bool = False) -> bool:
+    """No stored result; or one made with other settings and `overwrite`; or a failed one with the same
+    settings and `retry_failed` (a failed one with other settings needs `overwrite`)."""
+    if job.existing is None:
+        return True
+    if job.stale:
+        return overwrite
+    return retry_failed and _stored_status(job.existing) == "failed"
+
+
 def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None, retry_failed: bool = False,
-          out=None, in_process: bool = False, threads: int = 1) -> dict[str, int]:
-    """Run the jobs that have no stored result; returns counts by outcome."""
+          out=None, in_process: bool = False, threads: int = 1, overwrite: bool = False) -> dict[str, int]:
+    """Run the jobs that have no stored result (and, with `overwrite`, those whose stored result was made with
+    other settings, replacing it); returns counts by outcome."""
     out = out or sys.stdout
     todo, counts = [], {"skipped": 0, "completed": 0, "failed": 0, "error": 0}
     for job in jobs:
-        if job.existing is not None and not (retry_failed and _stored_status(job.existing) == "failed"):
+        if not _will_run(job, retry_failed, overwrite):
             counts["skipped"] += 1
-            note = f" (warning: {job.stale}; use another --output-dir to rerun)" if job.stale else ""
+            note = (f" (warning: {job.stale}; rerun with --overwrite to replace it, or use another --output-dir)"
+                    if job.stale else "")
             print(f"skip  {job.name}: {job.existing}{note}", file=out, flush=True)
         else:
+            if job.stale and "overwrite" in getattr(type(job.spec), "__dataclass_fields__", {}):
+                job.spec = replace(job.spec, overwrite=True)
             todo.append(job)
     done = 0
 
@@ -386,11 +408,12 @@ def cmd_sweep(args) -> int:
         jobs = _defined_for_their_scenario(jobs)
     if args.dry_run:
         for job in jobs:
-            print(f"{'skip' if job.existing else 'run '}  {job.name}")
+            print(f"{'run ' if _will_run(job, args.retry_failed, args.overwrite) else 'skip'}  {job.name}")
         return 0
     if args.in_process and args.jobs > 1:
         raise UsageError("--in-process runs one job at a time; drop --jobs or --in-process")
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads} is invalid; expected a positive number of torch threads per run")
-    counts = sweep(jobs, args.jobs, args.ray_address, args.retry_failed, in_process=args.in_process, threads=args.threads)
+    counts = sweep(jobs, args.jobs, args.ray_address, args.retry_failed, in_process=args.in_process, threads=args.threads,
+                   overwrite=args.overwrite)
     return 0 if counts["error"] == 0 and counts["failed"] == 0 else 1

@@ -357,13 +357,14 @@ class Unit:
     fmt: str
 
 
-FLOP_UNITS = (Unit("FLOP", 1.0, ",.0f"), Unit("MFLOP", 1e6, ".2f"), Unit("GFLOP", 1e9, ".2f"),
-              Unit("TFLOP", 1e12, ".2f"), Unit("PFLOP", 1e15, ".2f"))
-BYTE_UNITS = (Unit("B", 1.0, ",.0f"), Unit("KiB", 2.0**10, ".1f"), Unit("MiB", 2.0**20, ".1f"),
-              Unit("GiB", 2.0**30, ".2f"))
-TIME_UNITS = (Unit("s", 1.0, ".2f"), Unit("min", 60.0, ".2f"), Unit("h", 3600.0, ".2f"))
-# Columns shown in a human unit chosen per column and table (the largest unit the column's largest value
-# reaches); every other column keeps its fixed scale and the unit in its title.
+FLOP_UNITS = (Unit("FLOP", 1.0, ",.0f"), Unit("MFLOP", 1e6, ",.2f"), Unit("GFLOP", 1e9, ",.2f"),
+              Unit("TFLOP", 1e12, ",.2f"), Unit("PFLOP", 1e15, ",.2f"))
+BYTE_UNITS = (Unit("B", 1.0, ",.0f"), Unit("KiB", 2.0**10, ",.1f"), Unit("MiB", 2.0**20, ",.1f"),
+              Unit("GiB", 2.0**30, ",.2f"))
+TIME_UNITS = (Unit("s", 1.0, ",.2f"), Unit("min", 60.0, ",.2f"), Unit("h", 3600.0, ",.2f"))
+# Columns shown in a human unit chosen per column and table: the largest unit that the column's (lower)
+# median value reaches, so the typical row reads well; every other column keeps its fixed scale and the
+# unit in its title.
 HUMAN_UNITS: dict[str, tuple[Unit, ...]] = {
     "train_flops_total": FLOP_UNITS,
     "peak_memory_bytes": BYTE_UNITS,
@@ -378,8 +379,9 @@ def choose_unit(col: Column, values: Iterable[float | None]) -> Unit | None:
     units = HUMAN_UNITS.get(col.key)
     if units is None:
         return None
-    top = max((abs(v) for v in values if v is not None and not _isnan(v)), default=0.0)
-    return next((u for u in reversed(units) if top >= u.factor), units[0])
+    vals = sorted(abs(v) for v in values if v is not None and not _isnan(v))
+    typical = vals[(len(vals) - 1) // 2] if vals else 0.0
+    return next((u for u in reversed(units) if typical >= u.factor), units[0])
 
 
 def format_cell(col: Column, cell: Cell, unit: Unit | None = None) -> str:
