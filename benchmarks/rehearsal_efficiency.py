@@ -12,13 +12,14 @@ same bytes).  Read from each run's EdgeProfiler totals:
   - wall time of the training fits;
   - bytes of the tensors autograd saves for backward in one training step of the trained
     strategy (current batch + replay batch; storages counted once): a device-independent
-    proxy of activation memory (the card derives CLFD-ER/ER = 0.35 for batch 32+32 at 32x32).
+    proxy of activation memory (CLFD-ER/ER = 0.35 for batch 32+32 at 32x32, derived from the
+    paper's architecture).
 Each run happens in a fresh process, so the CPU RSS baseline is not shared between methods.
-Ratios CLFD / base are printed next to the papers' (CLFD card): FLOPs 0.25 (derived from
+Ratios CLFD / base are printed next to the CLFD paper's (Liu et al., NeurIPS 2024): FLOPs 0.25 (derived from
 the official modules), GPU peak memory 0.37-0.41 (Table 1: 205/497 MB ER, 241/646 MB
 DER++, ResNet-18 nf=64, S-CIFAR-10), Jetson Orin NX training time 1/2.3 (ER) and 1/2.5
 (DER++).  CPU wall-time ratios are expected to be far from the FLOP ratio on small
-models (per-step Python overhead; the card measured about 1/1.8 on a 2-core CPU).
+models (per-step Python overhead; the official code measured about 1/1.8 on a 2-core CPU).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Eight filled or hollow shapes (`SHAPES_CLASSES`, the class order) on a noisy background with
 a random colour gradient, 1-3 objects per image. One training pool is generated and the
 tasks are cut from it by the same standard / absent filters as VOC and COCO, so both IOD
-settings exist here and the filter code runs in every test (see the IOD protocol card).
+settings exist here and the filter code runs in every test.
 
 Registered as `shapes-<split>` (standard setting) and `shapes-<split>-absent` (IOR's setting)
 for the splits 2+2 (first 4 classes: the tests' setting), 4+4, 6+2, 7+1, 4+2+2 and 2+2+2+2,

@@ -39,36 +39,8 @@ abstract.
   x 4 GPUs, 50 epochs with lr x0.1 at 40. Deformable DETR weighs its focal term 2
   (`focal_weight`); clbench's set loss has it at 1.
 
-Settings. `PAPER_SETTINGS` (coco-70+10, coco-40+40) carry the release's values above. The
-Config defaults are the release's method settings at tiny scale, except:
-
-| item | release (PAPER_SETTINGS) | tiny (Config defaults) | why |
-|---|---|---|---|
-| lr / box head / backbone | 2e-4 / 2e-4 / 2e-5 | 1e-3 / 1e-4 / 1e-4 | 2e-4 from a fresh transformer: AP50 .03 after 10 epochs |
-| taken from `base` | backbone (ImageNet R50) | all but the class head | backbone only: final AP50 .18 after 10 epochs |
-| pseudo_threshold | none (0) | 0.3 | top 10 of 12 queries (not 300) labels most queries with low-score boxes |
-
-The threshold was chosen from two probes (threshold .3, top-3) on shapes-2+2's own test set,
-so the tiny numbers below are optimistic.
-
-Deviations (ours): the detector is TinyDETR (plain DETR, `clbench.models.detection.detr`), not Deformable DETR
-R50, initialised from a TinyDETR pretrained on a separate ShapesIOD pool (`base`, as P2IOD's);
-BatchNorm is frozen (eval mode, affine fixed) like DETR's FrozenBatchNorm2d. The teacher ranks
-old classes only (the release ranks all its logits, whose never-trained new-class outputs stay
-low); future classes' logits are masked (the protocol). Pseudo boxes are compared after clipping
-to the image. No data augmentation. Data: the release gives each phase a disjoint share of COCO's
-images (70+10: 7/8 and 1/8; 40+40: halves); clbench's scenarios keep every image with a
-current-class object (the protocol's standard setting), so its numbers are not the paper's.
-
-Reported: official README, COCO 2017 final AP / AP50: 70+10 40.1 / 57.8, 40+40 37.5 / 55.1
-(Deformable DETR R50); the protocol card quotes 40.4 / 58.0 and 42.0 / 60.1 from the paper via a
-third-party README.
-
-Tiny runs (shapes-2+2, seed 0, `--epochs 10`, batch 32, one CPU thread, about 90 s each), final
-AP50 all (old / new): defaults .899 (.905 / .893); random memory .862 (.872 / .852); no
-calibration .806 (.789 / .823); no pseudo labels .860 (.811 / .909); neither, i.e. full
-fine-tuning, .529 (.135 / .922); the release's pseudo rule (no threshold) .651 (.715 / .588).
-One seed each: differences of a few points are within noise.
+Published settings and numbers, the tiny configuration's values and the runs behind them are on
+this method's page of the documentation site (`make docs`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ official scripts. Inference: groups 0..t mixed the same way, head over all seen 
 PILOT's recipe is the default: Adam lr 0.001, weight decay 0, batch 128, 20 epochs (50 on
 ImageNet-R), cosine schedule, M = 100, 4 + 4 prefix tokens, blocks 0-4.
 
-Details reconstructed from the official code (the card leaves them open):
+Details reconstructed from the official code (the paper leaves them open):
 - T is `ExperienceInfo.num_experiences`; the group size is floor(M / T), as in the code, and the
   M - T * floor(M / T) left-over components are never used. M < T is refused at the first task.
 - q is the frozen backbone's pooled output with no prompt, timm's final-norm [CLS] (the code's

@@ -22,12 +22,12 @@ Where clbench departs from the PILOT code, on purpose:
   to (layers, batch, key/value, ...) with `reshape` rather than a permutation, which pairs
   samples' key and value halves across the batch. Here every sample gets its own prompt's key
   half as key prefix and its value half as value prefix, as the paper describes.
-- the key-query term is reported as 0.1 * (1 - cos) (the card's form); PILOT subtracts
+- the key-query term is reported as 0.1 * (1 - cos) (the papers' form); PILOT subtracts
   0.1 * cos: a constant apart, the same gradients.
 - as in PILOT, a task with no E-prompt of its own (index >= pool_size) trains with the top-1
   key match; the default pool (10) is one prompt per task on 10-task benchmarks; set
   `pool_size` to the scenario's task count otherwise.
-Tiny CPU configuration (the card's): `clbench_vit_tiny` has 4 blocks, so its E-prompts go into
+Tiny CPU configuration: `clbench_vit_tiny` has 4 blocks, so its E-prompts go into
 blocks 2-3 (`e_prompt_layers=2,3`), with pool 5 and prompt length 2 (`contract_overrides`).
 Diagnostic: after each task, the share of each seen test experience's samples whose selected
 E-prompt is their own task's (`diagnostics[t].e_prompt_selection_accuracy`).

@@ -17,7 +17,7 @@
 
 Details reconstructed from the released code (LAMDA-PILOT `models/ease.py`, `utils/inc_net.py`,
 `backbone/linears.py`, `backbone/vit_ease.py`, `exps/ease*.json`; the official repo has the same
-learner), where the card leaves them open:
+learner), where the paper leaves them open:
 - The old subspace is the old class's own task's subspace k (above).
 - `recalc_similarity=True` (the released configs' `recalc_sim`): after every task, each old
   task k's prototypes in every later subspace s (k < s <= t) are recomputed with j over all
@@ -28,7 +28,7 @@ learner), where the card leaves them open:
   synthesised; only subspaces newer than the class are complemented.
 - The reweighting divides alpha by the 0-based index of the latest task, i.e. by the number of
   OTHER subspaces (t - 1 with t tasks so far), not by t: `alpha_divisor="others"` (default).
-  `alpha_divisor="tasks"` divides by t, as the card writes it. After the first task there is
+  `alpha_divisor="tasks"` divides by t, as the paper's formula reads. After the first task there is
   one subspace and no off-diagonal term.
 - The training head is a cosine classifier over the task's classes with a learnable scale
   initialised to 1 (the code's `EaseCosineLinear` proxy head), trained with the adapter (weight

@@ -55,25 +55,8 @@ gaps and the NMS-filtered box KL, also used by IOR, which builds on ERD's code) 
   warm-up, which clbench's per-epoch schedules cannot express); 1333x800 resizing is the
   scenario's business.
 
-**Tiny runs** (seed 0, 5 epochs per task, batch 32, final AP50 old / new / all): shapes-2+2
-(the standard setting ERD is built for): erd 0.70 / 0.73 / 0.71, gfl_finetune 0.00 / 0.97 / 0.48,
-erd without distillation (both weights 0) 0.00 / 0.99 / 0.50. shapes-2+2-absent (no old objects
-in new images): erd 0.10 / 0.15 / 0.13, gfl_finetune 0.00 / 0.29 / 0.15, erd without distillation
-0.45 / 0.46 / 0.46: with no old object in the images, the responses the teacher stands out with
-can only lie on new objects or background, and distilling them costs both old and new AP (the
-setting IOR is made for).
-
-**Published values (code) vs the tiny CPU configuration (Config defaults):**
-
-| item | paper / code | tiny (default) |
-|---|---|---|
-| detector | GFL R50-FPN, 5 levels, 256 ch, 4-conv towers, R = 16 | TinyGFL, 3 levels, 64 ch, 2-conv towers, R = 8 |
-| ERS | alpha 2 (cls and box), NMS 0.005 | same |
-| distillation | cls L2 weight 1, box KD T 10 weight 0.25 | same |
-| schedule | 12 epochs, SGD 0.01 momentum 0.9 wd 1e-4, batch 16 | AdamW 2e-3, RunConfig epochs and batch |
-
-Reference numbers (standard setting, GFL R50, final task, AP/AP50/AP75): COCO 40+40 36.9/54.5/39.6,
-70+10 34.9/51.9/37.4, recalled from the ERD/CL-DETR tables and unverified (IOD protocol card).
+Published settings and numbers, the tiny configuration's values and the runs behind them are on
+this method's page of the documentation site (`make docs`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FDINet: Frequency Decomposition and Integration Network (Liu et al., arXiv 2503.22175), RECONSTRUCTED.
 
 Only the abstract and a third-party summary of the paper were available (no code), so
-the network below is the method card's labelled reconstruction, not the paper's
+the network below is clbench's labelled reconstruction, not the paper's
 specification:
 - a one-level orthonormal Haar transform splits each image into its low band LL
   (C x H/2 x W/2) and its detail bands (3C x H/2 x W/2);
@@ -10,7 +10,7 @@ specification:
   details respectively;
 - late fusion: their pooled features are concatenated (16 nf dims) before one classifier
   ("mutual frequency integration" is reconstructed as this late fusion by default);
-  `integration="mutual"` is the card's optional variant: after each of the four stages,
+  `integration="mutual"` is an optional variant: after each of the four stages,
   x_L <- x_L + P_s(x_H) and x_H <- x_H + Q_s(x_L) with bias-free 1x1 convolutions (both
   updates read the stage's outputs before either is changed), then the same late fusion.
 The rehearsal method around it is unchanged: `fdinet` is ER (CE on current + replay),

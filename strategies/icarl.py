@@ -9,7 +9,7 @@ class-balanced (budget / seen classes each, counts differing by at most one): ol
 keep the first exemplars of their herding order, new classes are chosen by herding on
 penultimate features of their non-augmented images.  Prediction: nearest mean of
 exemplars in feature space.  Class means are exact means (Mammoth's running halving of
-batch means is not an exact mean; see the card's pitfalls).
+batch means is not an exact mean).
 """
 
 from __future__ import annotations

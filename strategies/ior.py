@@ -26,8 +26,7 @@ distils the old detector at those objects. Per task after the first:
 Stored between tasks: the detector (it becomes the next teacher) and, per class, a 50-bin
 histogram of signed aspect ratios computed from the class's boxes during its own task.
 
-**[code] vs reconstructed / deviations.** Everything above follows the official code as described
-in the method card, except:
+**[code] vs reconstructed / deviations.** Everything above follows the official code, except:
 - Multi-step (> 2 tasks) is not in the code [recon]: all previously seen classes are inverted from
   the latest model; the detection loss is on the current classes only.
 - Histograms are computed from each class's own task data (the code reads the full COCO file
@@ -46,27 +45,8 @@ in the method card, except:
   scenario's business.
 - With 64 px images (84 locations) top-k = 1000 covers every location.
 
-**Published values (code defaults) vs the tiny CPU configuration (Config defaults):**
-
-| item | paper / code | tiny (default) |
-|---|---|---|
-| detector | GFL R50-FPN, 5 levels, 256 ch, 4-conv towers, R = 16 | TinyGFL, 3 levels, 64 ch, 2-conv towers, R = 8 |
-| generated images | 10 per old class, 160 x 160 canvas, long side 0.6-0.8 S | 2 per old class, 64 x 64, long side 0.3-0.4 S |
-| inversion | 2000 steps, lr 0.2 cosine, betas (0, 0), batch 40, jitter 20 | 200 steps, lr 0.1, jitter 4 |
-| inversion weights | main 10, BN 0.1, first BN 0.3, TV-L1 1.0 | same |
-| replay | <= 6 pastes, overlap 0.3 / 0.1, Beta(2, 2), 20 + 20 tries, no paste > 0.75 W x 0.75 H | <= 2 pastes |
-| distillation | feat 0.03 (RoIAlign 3x3, finest scale 56), top-k 1000, box KD T 10 weight 0.25, NMS 0.005 | same |
-| schedule | 12 epochs, SGD 0.01 momentum 0.9 wd 1e-4, batch 16 | 10 epochs, AdamW 2e-3, batch 16 (RunConfig) |
-
-Two tiny values differ from the card's tiny configuration, measured on shapes-2+2-absent (task-0
-TinyGFL at AP50 0.99/0.93, 4 task-1 epochs): with 30 inversion steps and boxes of 0.6-0.8 S (38-51
-px) the old detector scores every inverted object 0.0 (noise crops) and old-class AP50 ends at 0.00,
-as with plain fine-tuning; 200 steps alone still score 0.0 at that size (no 64 px ShapesIOD object
-is larger than 28 px); 200 steps at 0.3-0.4 S give inverted objects the old detector scores
-0.9-0.99 and old-class AP50 0.41 (disk 0.78, square 0.03), new 0.62.
-
-No IOR accuracy number is published in a readable form: record runs as "not comparable to a
-published value".
+Published settings and numbers, the tiny configuration's values and the runs behind them are on
+this method's page of the documentation site (`make docs`).
 """
 
 from __future__ import annotations

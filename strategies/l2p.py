@@ -14,13 +14,13 @@ Inference: the same per-sample top-N selection, head over all seen classes.
 Where clbench departs from the PILOT configs, on purpose:
 - selection is per sample in training and at test time. PILOT's JSONs set
   `batchwise_prompt: true`, which gives every sample of a batch the batch's most frequent
-  prompts; at test time that lets the batch decide a sample's prediction (the card's pitfall).
-- the key-query term is reported as lambda * sum(1 - cos) (the card's form); PILOT subtracts
+  prompts; at test time that lets the batch decide a sample's prediction, which clbench avoids.
+- the key-query term is reported as lambda * sum(1 - cos) (the papers' form); PILOT subtracts
   lambda * sum(cos). They differ by the constant lambda * N: the same gradients.
 - the pool's prompts and keys are drawn with the run's torch generator, U(-1, 1) like PILOT's;
   the head is clbench's growing linear head (new rows initialised when their classes arrive;
   PILOT allocates all rows at once; the rows of classes not yet seen get no gradient in either).
-Tiny CPU configuration (the card's): pool 5, length 2, top-2 on `digits32-5` with
+Tiny CPU configuration: pool 5, length 2, top-2 on `digits32-5` with
 `clbench_vit_tiny` (`contract_overrides`).
 """
 

@@ -21,13 +21,13 @@ t >= 2 they are fused, per tensor and element, from `theta_p` (after task t-1, f
 mean where neither mask holds and `tau_p`, `tau_c` agree in sign, `theta_p` elsewhere. The
 fused weights are evaluated and are where the next task starts; heads keep their trained values.
 
-Source: the official code (both implementations), via the method card. **[code]**: everything
+Source: the official code (both implementations). **[code]**: everything
 above, the trainable set (classification head lr 1e-4, box head lr 1e-5, prompts lr 1e-4;
 variant (a)), zero gradient for old-class rows, the -1e11 logit masking, the fusion rule and
 the pseudo-label rule. **Reconstructed / ours**: the paper body was not readable, so the
 equations follow the code; the base is TinyDETR (`clbench.models.detection.detr`, plain DETR, not Deformable
 DETR or Co-DINO) with prompts appended to the self-attention's key/value inputs before its
-in-projection (the card's variant (b) injection, which fits `nn.MultiheadAttention`).
+in-projection (variant (b)'s injection, which fits `nn.MultiheadAttention`).
 Deviations: pseudo-labels keep classes strictly `< n_old` (the released variant (a) keeps
 `<= n_old`, an off-by-one); old-class rows are also kept out of weight decay (the released
 code lets AdamW decay them), so they stay exactly fixed; the image features (backbone and
@@ -36,30 +36,8 @@ nothing but the cost; no gradient accumulation (a batch of 32 is one step), and 
 layer decay and EMA are not built. Variant (a)'s LR x0.1 at epoch 80 is in its `PAPER_SETTINGS`
 (the core's step schedule every 80 epochs, which falls once in 100).
 
-Published settings (card, from the released code and logs):
-
-| item | (a) Deformable DETR, VOC | (b) Co-DINO ViT-L, VOC / COCO | tiny (Config defaults) |
-|---|---|---|---|
-| prompt length L / hidden h | 10 / 64 | 50 / 64 | 4 / 8 |
-| sparsity lambda | 1e-5 | 3e-6 | 1e-5 |
-| fusion rho_p / rho_c | .5/.5 (.1/.5 for 19+1, 5+5+5+5) | .3/.3 (.3/.7 VOC 19+1) | .5/.5 |
-| pseudo-labels | score >= .65, <= 5 / image | same | same |
-| optimiser | AdamW, lr 1e-4 (box head 1e-5), wd 1e-4, clip 0.1, batch 32 | AdamW 5e-5, wd .01, clip .1 | AdamW 1e-3 (box 1e-4), wd 1e-4, clip .1 |
-| epochs per task | 100 (LR x0.1 at 80) | VOC 12, COCO 1 | 10 |
-| 19+1 | focal alpha .5, gamma 3 | QFL beta 3 | - |
-
-Reported (released logs, final task, all classes, COCO-style AP): VOC 10+10 58.4 AP / 81.1 AP50
-with Deformable DETR; COCO 40+40 54.7 / 71.1 with Co-DINO (Objects365). The tiny configuration
-on `shapes-2+2` uses a TinyDETR pre-trained on a separate ShapesIOD pool (`base`, see
-`clbench.strategies._detr.pretrain_shapes_base`); on VOC / COCO give `base=<path of a TinyDETR state_dict>`
-pre-trained on other data (`PAPER_SETTINGS` carry the published optimiser and prompt settings,
-not a published detector: no TinyDETR was published).
-
-Tiny runs (seed 0, `--epochs 10`, batch 32, base: 40 epochs on 300 images, mAP50 0.57 on 8
-shapes; 2 shared CPU cores): `shapes-2+2` final AP50 all .522 (old .542, new .501) in 42 s;
-`shapes-4+4` .315 (old .304, new .325). `detr_finetune` gets .521 and .341: with a frozen base
-pre-trained on every shape, fine-tuning the heads forgets nothing here (old-class AP even rises),
-so these tiny benchmarks do not separate the two methods.
+Published settings and numbers, the tiny configuration's values and the runs behind them are on
+this method's page of the documentation site (`make docs`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ not a reproduction: the STELLA code was not read, and layer sizes here are our c
    month (yearly series have none: that term is skipped, a zero vector).
 2. A 2-layer MLP block with a residual connection, then a Linear d -> H gives the forecast.
 3. Train with MSE on each experience in turn, nothing kept from earlier ones.
-`instance_norm=true` (the aux card's third scaler policy, RevIN-style without affine terms):
+`instance_norm=true` (a third scaler policy, RevIN-style without affine terms):
 each window's lookback is standardised by its own mean and standard deviation before step 1,
 and the forecast is mapped back with them, so shifting a window's values shifts its forecast
 by the same amount.

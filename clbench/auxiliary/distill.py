@@ -1,4 +1,4 @@
-"""Distillation add-ons from a previous-experience teacher (aux-components.md section 1).
+"""Distillation add-ons from a previous-experience teacher.
 
 The teacher is a frozen snapshot of the model taken at the start of every experience after the
 first (so it knows the classes seen before this experience; new head units have no teacher).

@@ -1,4 +1,4 @@
-"""Multi-teacher distillation (aux-components.md section 1.5).
+"""Multi-teacher distillation.
 
 L_mt = mean over samples of sum_k w_k(x) * [tau^2 KL(p_{t_k} || p_s) + gamma * L_feat(f_s, f_{t_k})],
 sum_k w_k(x) = 1.

@@ -9,7 +9,7 @@ residual stream after attention (the input of `norm2`) and its output is added t
 
 with scale 0.1, dropout on the bottleneck, W_down Kaiming-uniform and W_up, b_d, b_u zero,
 so a fresh adapter leaves the network's function unchanged.  The formula follows the TUNA
-card; the released AdaptFormer/PILOT code also multiplies b_u by the scale, which spans the
+paper (Wang, Zhou, Ye, ICCV 2025); the released AdaptFormer/PILOT code also multiplies b_u by the scale, which spans the
 same functions and only changes b_u's effective step size.
 
 The backbone's modules and `state_dict` stay as timm built them (pretrained weights load and

@@ -1,6 +1,6 @@
 """TinyGFL: a small Generalized Focal Loss detector (Li et al., NeurIPS 2020) for incremental detection.
 
-The dense detector the IOD protocol card asks for (IOR and its baselines need per-location sigmoid
+The dense detector the incremental-detection protocol needs (IOR and its baselines need per-location sigmoid
 class logits, a distributional box branch, a cls tower to RoIAlign from and BatchNorm in the backbone):
 
 - **Backbone**: four BatchNorm CNN stages (16-32-64-96 channels at strides 4/8/16/32, each two
