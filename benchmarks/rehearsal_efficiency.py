@@ -33,7 +33,7 @@ import torch
 from clbench import config as C
 from clbench.engine.runner import RunSpec, quiet_lightning, run
 
-PAPER = {  # CLFD / base, from the CLFD card
+PAPER = {  # CLFD / base, from the CLFD paper (Liu et al., NeurIPS 2024)
     "er": {"flops": "0.25", "saved": "0.35 (derived)", "memory": "0.41 (205/497 MB)", "time": "0.43 (2.8/6.5 h, Orin NX)"},
     "der_pp": {"flops": "0.25", "saved": "-", "memory": "0.37 (241/646 MB)", "time": "0.39 (4.1/10.5 h, Orin NX)"},
 }

@@ -61,7 +61,7 @@ def scale_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torc
 
 
 def fixed_class_order(spec: str, benchmark: str) -> None:
-    """IOD benchmarks keep their published class order (card: VOC 15+5 in another order is
+    """IOD benchmarks keep their published class order (VOC 15+5 in another order is
     another benchmark), so only the names that mean that order are accepted."""
     if spec not in ("default", "paper", "natural"):
         raise UsageError(f"{benchmark} has a fixed class order; --class-order {spec!r} is not supported "

@@ -29,9 +29,9 @@ def digits(options: ScenarioOptions, n: int) -> Scenario:
 
 @register_scenario("digits32-{n}")
 def digits32(options: ScenarioOptions, n: int) -> Scenario:
-    """The digits upsampled (bilinear) to 3x32x32, in n experiences: the method cards' tiny image configuration."""
+    """The digits upsampled (bilinear) to 3x32x32, in n experiences: the tiny image configuration of the pre-trained-model methods."""
     x, y = _load_digits()
-    # the cards' tiny configurations for pre-trained-model methods feed a 32x32 RGB ViT; the
+    # the tiny configurations for pre-trained-model methods feed a 32x32 RGB ViT; the
     # three channels are identical copies
     x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     return _split(f"digits32-{n}", x.contiguous(), y, options, n, default_backbone="clbench_convnet",

@@ -51,13 +51,13 @@ MAX_BOX_IOU = 0.1  # a placement overlapping an earlier object more than this is
 PLACEMENT_TRIES = 30  # after that many rejected placements the object is left out
 POOL_SEED, TEST_SEED = 0, 1000
 TEST_IMAGES = 100
-MIN_TASK_IMAGES = 100  # the card: the absent filter must leave at least this many per task
+MIN_TASK_IMAGES = 100  # the absent filter must leave at least this many per task
 
 
 # --------------------------------------------------------------------------- shapes as masks
 # Each function gets offsets (dx, dy) of pixel centres from the object's centre and its half
 # side r, all broadcastable, and says which pixels the shape covers. Bars are at least 0.45 r
-# wide: thin bars were learned badly by a prototype detector at 64 px (card).
+# wide: thin bars were learned badly by a prototype detector at 64 px.
 def _disk(dx, dy, r):
     return dx * dx + dy * dy <= r * r
 

@@ -47,7 +47,7 @@ class CLSER(Replay):
     """CLS-ER: replay with consistency to plastic/stable EMA copies; predicts with the stable copy."""
 
     Config = Config
-    PAPER_SETTINGS = {  # CLFD's Table 1 runs, buffer 125 (card: stable 0.1/0.2, plastic 0.5/0.9 for 50/125)
+    PAPER_SETTINGS = {  # CLFD's Table 1 runs, buffer 125 (stable 0.1/0.2, plastic 0.5/0.9 for buffers 50/125)
         "cifar10-5": {"lr": 0.1, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
                       "buffer_size": 125, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},
         "tinyimagenet-10": {"lr": 0.1, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,

@@ -29,7 +29,7 @@ class CLSERCLFD(CLFDMixin, cls_er.CLSER):
     """CLFD over CLS-ER (EMA copies of the whole CLFD net, stable copy predicts)."""
 
     Config = Config
-    # card Table 1, buffer 125, Class-IL: 59.98 (S-CIFAR-10) / 18.73 (S-Tiny-ImageNet)
+    # CLFD (Liu et al., NeurIPS 2024) Table 1, buffer 125, Class-IL: 59.98 (S-CIFAR-10) / 18.73 (S-Tiny-ImageNet)
     PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "epochs": 50, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},
         "tinyimagenet-10": {**_COMMON, "epochs": 50, "reg_weight": 0.1, "stable_update_freq": 0.1, "plastic_update_freq": 0.16},

@@ -26,7 +26,7 @@ class DERPPCLFD(CLFDMixin, der_pp.DERPP):
     """CLFD over DER++ (codes and masked logits in the buffer)."""
 
     Config = Config
-    # card Table 1, buffer 125, Class-IL: 58.81 (S-CIFAR-10) / 15.42 (S-Tiny-ImageNet)
+    # CLFD (Liu et al., NeurIPS 2024) Table 1, buffer 125, Class-IL: 58.81 (S-CIFAR-10) / 15.42 (S-Tiny-ImageNet)
     PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "alpha": 0.2, "epochs": 50},
         "tinyimagenet-10": {**_COMMON, "alpha": 0.1, "epochs": 100},

@@ -22,7 +22,7 @@ class ERACECLFD(CLFDMixin, er_ace.ERACE):
     """CLFD over ER-ACE (asymmetric CE on masked, k-WTA current logits; replay of codes)."""
 
     Config = Config
-    # card Table 1, buffer 125, Class-IL: 58.68 (S-CIFAR-10) / 15.88 (S-Tiny-ImageNet)
+    # CLFD (Liu et al., NeurIPS 2024) Table 1, buffer 125, Class-IL: 58.68 (S-CIFAR-10) / 15.88 (S-Tiny-ImageNet)
     PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "epochs": 50},
         "tinyimagenet-10": {**_COMMON, "epochs": 50},

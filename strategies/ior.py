@@ -93,7 +93,7 @@ class Config(GFLConfig):
     histogram_bins: int = 50
     histogram_trim: tuple[float, float] = (0.05, 0.95)
     # inversion
-    inversion_steps: int = 200  # paper: 2000; the card's tiny 30 steps leave noise (see the docstring)
+    inversion_steps: int = 200  # paper: 2000; 30 steps leave noise (see the docstring)
     inversion_lr: float = 0.1  # paper: 0.2
     inversion_betas: tuple[float, float] = (0.0, 0.0)
     inversion_batch: int = 40

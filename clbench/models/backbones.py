@@ -153,7 +153,7 @@ def resnet18_cifar_nf20(pretrained: bool = False, **kwargs) -> CifarResNet:
 
 @register_model
 def resnet18_cifar_nf8(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """CIFAR ResNet-18 at nf=8: the cards' tiny CPU configuration."""
+    """CIFAR ResNet-18 at nf=8: the tiny CPU configuration of the tests."""
     return CifarResNet(**{**kwargs, "nf": 8})
 
 
@@ -171,7 +171,7 @@ def clbench_mlp_tiny(pretrained: bool = False, **kwargs) -> MLP:
 
 @register_model
 def clbench_vit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    """timm ViT for 32x32 inputs (patch 8, width 64, depth 4, 4 heads): the method cards' tiny CPU configuration."""
+    """timm ViT for 32x32 inputs (patch 8, width 64, depth 4, 4 heads): the tiny CPU configuration of the pre-trained-model methods."""
     from timm.models.vision_transformer import VisionTransformer
 
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory adds these

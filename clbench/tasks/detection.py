@@ -45,7 +45,7 @@ def absent_task_images(targets: Sequence[Target], current: Sequence[int], earlie
     image whose original annotations hold an object of a class seen before the task; future
     objects may remain. With no earlier classes it is the standard filter. IOR's code defines it
     for two tasks; dropping images of any class seen before the task, for more tasks, is the
-    protocol card's reconstruction."""
+    protocol as clbench reconstructs it."""
     return _task_images(targets, current, earlier)
 
 
