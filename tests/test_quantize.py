@@ -201,6 +201,32 @@ def test_size_and_bops_formulas_on_a_hand_model(strategy_factory, synthetic_scen
     assert info["bops"] == info["macs"] * 8 * 8
 
 
+def test_size_and_bops_of_a_folded_conv_net_by_hand(build_strategy, synthetic_scenario, batch_of):
+    # ConvNet(width=8) on 1x8x8 inputs: 3x3 convs 1->8 (stride 1, 8x8 out), 8->16 and 16->32 (stride 2:
+    # 4x4 and 2x2 out), each with a BatchNorm that folds into it, then the head Linear 32->2
+    from clbench.models.backbones import ConvNet
+
+    torch.manual_seed(0)
+    strategy = build_strategy("naive", synthetic_scenario, ConvNet(in_chans=1, width=8))
+    aux = Quantize(preset="W4A4")
+    _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    data, _ = aux._calibration_data(strategy, synthetic_scenario.info(0))
+    snapshot, info = aux._quantized_snapshot(strategy, data)
+    weights = [8 * 1 * 9, 16 * 8 * 9, 32 * 16 * 9, 2 * 32]  # 72, 1152, 4608, 64
+    macs = [72 * 8 * 8, 1152 * 4 * 4, 4608 * 2 * 2, 64]
+    assert info["quantized_layers"] == 4 and info["bn_folded"] == 3
+    assert info["macs"] == sum(macs) == 41536  # folded BatchNorms, ReLUs and pooling count no MACs
+    # first conv and head at 8 bits, the middle convs at 4; per layer one scale per output channel,
+    # plus the input's scale and 1-byte zero point; the folded biases (8 + 16 + 32) and the head's stay FP32
+    quantized = [72 + 4 * (8 + 1) + 1, 1152 // 2 + 4 * (16 + 1) + 1, 4608 // 2 + 4 * (32 + 1) + 1, 64 + 4 * (2 + 1) + 1]
+    assert info["size_bytes"] == sum(quantized) + 4 * (8 + 16 + 32 + 2) == 3500
+    # FP32: the parameters before folding (the BatchNorms' weight and bias; running statistics are buffers)
+    assert info["size_bytes_fp32"] == 4 * (sum(weights) + 2 * (8 + 16 + 32) + 2)
+    assert info["weight_bits_avg"] == pytest.approx((8 * (72 + 64) + 4 * (1152 + 4608)) / sum(weights))
+    assert info["bops"] == macs[0] * 8 * 8 + (macs[1] + macs[2]) * 4 * 4 + macs[3] * 8 * 8
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in snapshot.modules())
+
+
 def test_loss_hook_adds_nothing_and_draws_no_global_random_numbers(strategy_factory, synthetic_scenario, batch_of):
     strategy = strategy_factory("naive")
     aux = Quantize(calib_samples=4)

@@ -1,4 +1,7 @@
-"""Quantization add-on `quantize` (aux-components.md section 2): simulated low-bit inference.
+"""The `quantize` add-on: how much accuracy, model size and compute (BOPs) a continual learner keeps
+or saves at low bit-widths, so a method's results can be read for edge deployment. After every
+experience it quantizes a copy of the model after training (PTQ) and scores it beside the FP32
+model, or it trains the model through the quantizers (QAT); the FP32 run is never changed by PTQ.
 
 Pure-PyTorch fake quantization (no `torch.ao`, no torchao): a quantized value is computed in
 float as `x_hat = s * (q - z)`, so any bit-width runs on any device.
@@ -624,7 +627,7 @@ class QuantizeConfig(AuxConfig):
         non_negative_numbers(self, "distill_relation")
         integers_at_least(self, 2, "distill_batch")
         weight_bits, act_bits = self.weight_bits, self.act_bits
-        if self.bits is not None:  # `bits=b`: weights and activations at b bits (design.md's CLI example)
+        if self.bits is not None:  # `bits=b`: weights and activations at b bits
             bit_widths(self, "bits")
             weight_bits = self.bits if weight_bits is None else weight_bits
             act_bits = self.bits if act_bits is None else act_bits
@@ -821,13 +824,14 @@ class Quantize(Aux):
             return strategy.predict_logits(x)
 
     def _quantized_snapshot(self, strategy, data: torch.Tensor) -> tuple[nn.ModuleDict, dict[str, Any]]:
+        """Post-training quantization of a frozen copy of the strategy's backbone and head, calibrated on
+        `data`: BN folding, wrapping, one FP32 pass for the execution order, optional smoothing, one
+        observation pass, then every layer the model runs quantized in turn. Returns the snapshot and
+        its record (layer counts, bit-widths, size and BOPs)."""
         from clbench.models.freeze import eval_mode
 
         device = next(strategy.parameters()).device
-        snapshot = copy.deepcopy(nn.ModuleDict({"backbone": strategy.backbone, "head": strategy.head}))
-        snapshot.eval()
-        for p in snapshot.parameters():
-            p.requires_grad_(False)
+        snapshot = _frozen_copy(strategy)
         data = data.to(device)
         fp32_params = sum(p.numel() for p in snapshot.parameters())
         with eval_mode(strategy), torch.no_grad():
@@ -838,100 +842,100 @@ class Quantize(Aux):
                     self._predict(strategy, snapshot, chunk)
 
             folded = fold_batchnorm(snapshot, run_one) if self.fold_bn else 0
-            # wrap every Conv2d / Linear, then one FP32 pass in order finds which run, and their inputs
-            parents = _parents(snapshot)
-            head_ids = {id(m) for m in snapshot["head"].modules()}
-            wrappers: dict[int, _PTQLayer] = {}
-            for name, m in list(snapshot.named_modules()):
-                if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in wrappers and m.weight.numel() > 0:
-                    w = _PTQLayer(m, name)
-                    w.generator = torch.Generator().manual_seed(self.seed + len(wrappers))
-                    w.in_head = id(m) in head_ids
-                    wrappers[id(m)] = w
-                    for parent, attr in parents.get(id(m), []):
-                        parent._modules[attr] = w
-            layers = list(wrappers.values())
-            order: list[_PTQLayer] = []
-            hooks = [w.register_forward_pre_hook(lambda mod, _i: order.append(mod) if mod not in order else None)
-                     for w in layers]
-            for w in layers:
-                w.state = "shape"
-            total_macs = _macs(run_one)
-            for h in hooks:
-                h.remove()
-            used = [w for w in layers if w in order]
-            first = next((w for w in order if not w.in_head), None)
-            smoothed = [w for w in used if isinstance(w.layer, nn.Linear)] if self.smooth != "none" else []
-            for w in smoothed:
-                w.rotate()
-            if self.smooth == "hadamard_channel" and smoothed:
-                for w in smoothed:
-                    w.state = "channels"
-                run_all()
-                for w in smoothed:
-                    w.smooth_channels(self.smooth_alpha)
+            used, first, total_macs = _execution_order(self._wrap_layers(snapshot), run_one)
+            smoothed = self._smooth(used, run_all)
             for w in used:
                 w.state = "observe"
             run_all()
-            layer_sizes, layer_macs = [], []
             # the layers at the chosen bit-width (first and classifier too with quantize_first_last)
             inner = [w for w in used if self.quantize_first_last or not (w is first or w.in_head)]
-            high = {}
-            if self.mixed == "kurtosis" and inner:
-                masks = kurtosis_assignment([channel_kurtosis(w.layer.weight) for w in inner],
-                                            [w.layer.weight[0].numel() for w in inner], self.high_fraction)
-                high = {id(w): m for w, m in zip(inner, masks)}
+            high = self._high_bit_channels(inner)
+            layer_sizes, layer_macs = [], []
             for w in used:
-                edge = w is first or w.in_head
-                w.w_bits, w.a_bits = self.edge_bits if edge else (self.weight_bits, self.act_bits)
-                sample = torch.cat(w.samples) if w.samples else torch.empty(0)
-                lo, hi = activation_range(w.lo, w.hi, sample, w.a_bits, self.act_calib, self.percentile)
-                w.scale, w.zero_point = affine_params(lo, hi, w.a_bits)
-                w.samples = []
-                group = self.group_size if isinstance(w.layer, nn.Linear) else 0
-                scale = weight_row_scales(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
-                qmax = torch.full_like(scale, 2 ** (w.w_bits - 1) - 1)
-                mask = high.get(id(w))
-                share = float(mask.float().mean()) if mask is not None else 0.0  # of this layer's channels
-                if share:  # a promoted channel's rows (its groups) take the high-bit grid
-                    rows = mask.to(scale.device).repeat_interleave(scale.shape[0] // mask.numel()).view(-1, 1)
-                    high_scale = weight_row_scales(w.layer.weight, self.high_bits, self.weight_calib, group, self.percentile)
-                    scale = torch.where(rows, high_scale, scale)
-                    qmax = torch.where(rows, torch.full_like(qmax, 2 ** (self.high_bits - 1) - 1), qmax)
-                w.grid, w.n_scales = (scale, qmax, group), scale.shape[0]
-                w.layer.weight.copy_(quantize_rows(w.layer.weight, scale, qmax, group))
-                zp_bytes = math.ceil(w.a_bits / 8)
-                n_w = w.layer.weight.numel()
-                n_high = round(share * n_w)
-                layer_sizes.append((n_w - n_high, w.w_bits, w.n_scales + 1, 1, zp_bytes))
-                if n_high:
-                    layer_sizes.append((n_high, self.high_bits, 0, 0, 0))
-                shape = w.input_shape
-                macs = _macs(lambda: w.layer(torch.zeros(shape, device=device))) if shape else 0
-                layer_macs.append((round(macs * (1 - share)), w.w_bits, w.a_bits))
-                if n_high:  # a high-precision channel's MACs run at its bit-width
-                    layer_macs.append((macs - round(macs * (1 - share)), self.high_bits, w.a_bits))
-                w.state = "quant"
+                sizes, macs = self._quantize_layer(w, w is first or w.in_head, high.get(id(w)), device)
+                layer_sizes += sizes
+                layer_macs += macs
             quantized_weights = {id(w.layer.weight) for w in used}
             unquantized = sum(p.numel() for p in snapshot.parameters() if id(p) not in quantized_weights)
-        quantized_numel = sum(n_w for n_w, *_ in layer_sizes)
-        info = {
-            "quantized_layers": len(used),
-            # realised mean weight bit-width over the quantized layers (first and last included)
-            "weight_bits_avg": sum(n_w * b_w for n_w, b_w, *_ in layer_sizes) / quantized_numel if quantized_numel else None,
-            "high_bit_channels": int(sum(int(m.sum()) for m in high.values())),
-            "bn_folded": folded,
-            "smoothed_layers": len(smoothed),
-            # what the online transforms cost per sample (a fast Walsh-Hadamard transform: n log2(block)
-            # additions per input row; smoothing: one division per input value); not in the BOPs
-            "smoothing_ops": sum(_smoothing_ops(w) for w in smoothed),
-            "size_bytes": model_size_bytes(layer_sizes, unquantized),
-            "size_bytes_fp32": 4 * fp32_params,
-            "macs": total_macs,
-            "bops": bops(layer_macs, total_macs),
-            "bops_fp32": total_macs * 32 * 32,
-        }
-        return snapshot, info
+        return snapshot, _snapshot_record(
+            used, smoothed, high, layer_sizes, layer_macs, unquantized=unquantized, fp32_params=fp32_params,
+            total_macs=total_macs, folded=folded)
+
+    def _wrap_layers(self, snapshot: nn.ModuleDict) -> list[_PTQLayer]:
+        """Every Conv2d / Linear of the snapshot (with weights) replaced, wherever it is used, by a
+        `_PTQLayer` around it, each with its own sampling generator; in module order."""
+        parents = _parents(snapshot)
+        head_ids = {id(m) for m in snapshot["head"].modules()}
+        wrappers: dict[int, _PTQLayer] = {}
+        for name, m in list(snapshot.named_modules()):
+            if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in wrappers and m.weight.numel() > 0:
+                w = _PTQLayer(m, name)
+                w.generator = torch.Generator().manual_seed(self.seed + len(wrappers))
+                w.in_head = id(m) in head_ids
+                wrappers[id(m)] = w
+                for parent, attr in parents.get(id(m), []):
+                    parent._modules[attr] = w
+        return list(wrappers.values())
+
+    def _smooth(self, used: list[_PTQLayer], run_all) -> list[_PTQLayer]:
+        """Outlier smoothing of the Linear layers the model runs (`smooth`): the Hadamard rotation,
+        then for `hadamard_channel` one pass for the per-channel input maxima and SmoothQuant's
+        per-channel division. Returns the smoothed layers (none when `smooth="none"`)."""
+        smoothed = [w for w in used if isinstance(w.layer, nn.Linear)] if self.smooth != "none" else []
+        for w in smoothed:
+            w.rotate()
+        if self.smooth == "hadamard_channel" and smoothed:
+            for w in smoothed:
+                w.state = "channels"
+            run_all()
+            for w in smoothed:
+                w.smooth_channels(self.smooth_alpha)
+        return smoothed
+
+    def _high_bit_channels(self, inner: list[_PTQLayer]) -> dict[int, torch.Tensor]:
+        """`mixed="kurtosis"`: id(layer) -> bool mask of its output channels promoted to `high_bits`
+        (over the layers at the chosen bit-width); empty otherwise."""
+        if self.mixed != "kurtosis" or not inner:
+            return {}
+        masks = kurtosis_assignment([channel_kurtosis(w.layer.weight) for w in inner],
+                                    [w.layer.weight[0].numel() for w in inner], self.high_fraction)
+        return {id(w): m for w, m in zip(inner, masks)}
+
+    def _quantize_layer(self, w: _PTQLayer, edge: bool, high: torch.Tensor | None,
+                        device: torch.device) -> tuple[list[tuple[int, ...]], list[tuple[int, int, int]]]:
+        """Quantizes one observed layer: its bit-widths (`edge_bits` for the first layer and the
+        classifier), its input grid, its weight written onto its grid (promoted channels `high` at
+        `high_bits`); switches it to "quant". Returns its `model_size_bytes` and `bops` entries."""
+        w.w_bits, w.a_bits = self.edge_bits if edge else (self.weight_bits, self.act_bits)
+        self._calibrate_input(w)
+        share = self._quantize_weight(w, high)
+        entries = _cost_entries(w, share, self.high_bits, device)
+        w.state = "quant"
+        return entries
+
+    def _calibrate_input(self, w: _PTQLayer) -> None:
+        """The input's asymmetric grid (scale, zero point) from its observed range and samples."""
+        sample = torch.cat(w.samples) if w.samples else torch.empty(0)
+        lo, hi = activation_range(w.lo, w.hi, sample, w.a_bits, self.act_calib, self.percentile)
+        w.scale, w.zero_point = affine_params(lo, hi, w.a_bits)
+        w.samples = []
+
+    def _quantize_weight(self, w: _PTQLayer, high: torch.Tensor | None) -> float:
+        """The weight's row scales (per output channel, or per group for Linear), the rows of the
+        promoted channels on the `high_bits` grid, the weight written quantized. Returns the share of
+        the layer's channels that were promoted."""
+        group = self.group_size if isinstance(w.layer, nn.Linear) else 0
+        scale = weight_row_scales(w.layer.weight, w.w_bits, self.weight_calib, group, self.percentile)
+        qmax = torch.full_like(scale, 2 ** (w.w_bits - 1) - 1)
+        share = float(high.float().mean()) if high is not None else 0.0  # of this layer's channels
+        if share:  # a promoted channel's rows (its groups) take the high-bit grid
+            rows = high.to(scale.device).repeat_interleave(scale.shape[0] // high.numel()).view(-1, 1)
+            high_scale = weight_row_scales(w.layer.weight, self.high_bits, self.weight_calib, group, self.percentile)
+            scale = torch.where(rows, high_scale, scale)
+            qmax = torch.where(rows, torch.full_like(qmax, 2 ** (self.high_bits - 1) - 1), qmax)
+        w.grid, w.n_scales = (scale, qmax, group), scale.shape[0]
+        w.layer.weight.copy_(quantize_rows(w.layer.weight, scale, qmax, group))
+        return share
 
     def _distill_scales(self, strategy, snapshot: nn.ModuleDict, data: torch.Tensor) -> dict[str, Any]:
         """Section 2.6's FP32-to-quantized distillation: `distill_steps` Adam steps on the quantized
@@ -1027,6 +1031,74 @@ class Quantize(Aux):
                     h.remove()
             record.update(macs=total, bops=bops(layer_macs, total), bops_fp32=total * 32 * 32)
         return record
+
+
+def _frozen_copy(strategy) -> nn.ModuleDict:
+    """A deep copy of the strategy's backbone and head in eval mode, no parameter requiring grad."""
+    snapshot = copy.deepcopy(nn.ModuleDict({"backbone": strategy.backbone, "head": strategy.head}))
+    snapshot.eval()
+    for p in snapshot.parameters():
+        p.requires_grad_(False)
+    return snapshot
+
+
+def _execution_order(layers: list[_PTQLayer], run_one) -> tuple[list[_PTQLayer], _PTQLayer | None, int]:
+    """One FP32 forward `run_one()` with every layer recording its input shape: (the layers it ran, in
+    module order; the first non-head layer it ran; the forward's MACs)."""
+    order: list[_PTQLayer] = []
+    hooks = [w.register_forward_pre_hook(lambda mod, _i: order.append(mod) if mod not in order else None)
+             for w in layers]
+    for w in layers:
+        w.state = "shape"
+    total_macs = _macs(run_one)
+    for h in hooks:
+        h.remove()
+    used = [w for w in layers if w in order]
+    first = next((w for w in order if not w.in_head), None)
+    return used, first, total_macs
+
+
+def _cost_entries(w: _PTQLayer, share: float, high_bits: int,
+                  device: torch.device) -> tuple[list[tuple[int, ...]], list[tuple[int, int, int]]]:
+    """A quantized layer's `model_size_bytes` entries (its weights at `w_bits` with their scales and
+    the input's scale and zero point; the promoted `share` of them at `high_bits`) and its `bops`
+    entries (its MACs, measured on a zero input of the recorded shape, split the same way)."""
+    zp_bytes = math.ceil(w.a_bits / 8)
+    n_w = w.layer.weight.numel()
+    n_high = round(share * n_w)
+    sizes = [(n_w - n_high, w.w_bits, w.n_scales + 1, 1, zp_bytes)]
+    if n_high:
+        sizes.append((n_high, high_bits, 0, 0, 0))
+    shape = w.input_shape
+    macs = _macs(lambda: w.layer(torch.zeros(shape, device=device))) if shape else 0
+    low = round(macs * (1 - share))
+    layer_macs = [(low, w.w_bits, w.a_bits)]
+    if n_high:  # a high-precision channel's MACs run at its bit-width
+        layer_macs.append((macs - low, high_bits, w.a_bits))
+    return sizes, layer_macs
+
+
+def _snapshot_record(used: list[_PTQLayer], smoothed: list[_PTQLayer], high: dict[int, torch.Tensor],
+                     layer_sizes: list[tuple[int, ...]], layer_macs: list[tuple[int, int, int]], *,
+                     unquantized: int, fp32_params: int, total_macs: int, folded: int) -> dict[str, Any]:
+    """The PTQ snapshot's part of the record: what was quantized, folded and smoothed, size and BOPs."""
+    quantized_numel = sum(n_w for n_w, *_ in layer_sizes)
+    return {
+        "quantized_layers": len(used),
+        # realised mean weight bit-width over the quantized layers (first and last included)
+        "weight_bits_avg": sum(n_w * b_w for n_w, b_w, *_ in layer_sizes) / quantized_numel if quantized_numel else None,
+        "high_bit_channels": int(sum(int(m.sum()) for m in high.values())),
+        "bn_folded": folded,
+        "smoothed_layers": len(smoothed),
+        # what the online transforms cost per sample (a fast Walsh-Hadamard transform: n log2(block)
+        # additions per input row; smoothing: one division per input value); not in the BOPs
+        "smoothing_ops": sum(_smoothing_ops(w) for w in smoothed),
+        "size_bytes": model_size_bytes(layer_sizes, unquantized),
+        "size_bytes_fp32": 4 * fp32_params,
+        "macs": total_macs,
+        "bops": bops(layer_macs, total_macs),
+        "bops_fp32": total_macs * 32 * 32,
+    }
 
 
 def _smoothing_ops(w: _PTQLayer) -> int:
