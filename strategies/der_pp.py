@@ -69,7 +69,7 @@ class DERPP(Replay):
     """DER++: replay with stored logits (MSE) plus replayed labels (CE), two independent draws."""
 
     Config = Config
-    # CLFD's Table 1 setting (buffer 125, the card's published baseline numbers: 53.09 / 11.29 Class-IL)
+    # CLFD's Table 1 setting (buffer 125; the DER++ baseline numbers CLFD reports: 53.09 / 11.29 Class-IL)
     PAPER_SETTINGS = {
         "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
                       "buffer_size": 125, "alpha": 0.2, "beta": 0.5},

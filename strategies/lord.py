@@ -13,10 +13,10 @@ Three redundancies are cut from DER++:
 - samples: DER++ replay terms, but a batch is written to the buffer only with
   probability exp(-0.75 * teacher params fraction).
 
-This implements the card's intended mechanism.  The released code gates the schedule
+This implements the mechanism the paper describes.  The released code gates the schedule
 and the teacher search on the model name `e2n` while the model registers as `lord`, so as
 released it silently trains plain DER++ at full width with no teacher and always inserts.
-clbench choices the card leaves open: the search and the teacher use batch statistics in
+clbench choices the paper leaves open: the search and the teacher use batch statistics in
 BatchNorm (the released training-mode behaviour) without ever writing running statistics
 (the released search overwrote them with noise statistics); the teacher's cost and the
 search's FLOPs are reported (`report()["search_flops"]`), the search runs outside `fit`

@@ -43,7 +43,7 @@ def test_a_block_adds_the_adapter_of_its_post_attention_stream_to_the_mlp_output
     router = AdapterRouter(vit)
     tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
     expected = tokens
-    for i, block in enumerate(vit.blocks):  # by hand, with the card's formula
+    for i, block in enumerate(vit.blocks):  # by hand, with the paper's formula
         h = expected + block.attn(block.norm1(expected))
         a = adapters[i]
         adapter = 0.1 * (torch.relu(h @ a.down.weight.T + a.down.bias) @ a.up.weight.T) + a.up_bias

@@ -1,4 +1,4 @@
-"""The incremental-detection protocol (methods/iod-protocol.md): task filters and seen-class AP."""
+"""The incremental-detection protocol: task filters and seen-class AP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distillation add-ons (aux-components.md section 1): losses against hand-computed values, the
+"""Distillation add-ons: losses against hand-computed values, the
 samples they distil, feature maps caught by hooks, multi-teacher weights, and runs end to end."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distillation add-ons on forecasters (aux-components.md 1.1-1.3, 3.2): what stella_mlp and
+"""Distillation add-ons on forecasters (logit, feature and relation distillation): what stella_mlp and
 stella_er accept and refuse, logit_mse / feature_kd / relation_kd against hand-computed values
 on the forecast and the embedding the output Linear reads, and a stella_er run end to end."""
 

@@ -1,4 +1,4 @@
-"""CLFD's published settings pad the code-domain crop with black on the scenarios they name (card pitfall):
+"""CLFD's published settings pad the code-domain crop with black on the scenarios they name (a zero pad would be mid-grey after normalisation):
 their `pad_pixel` is what a zero intensity becomes under the scenario's own normalisation."""
 
 from __future__ import annotations

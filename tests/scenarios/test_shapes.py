@@ -1,5 +1,5 @@
-"""ShapesIOD: the generator (determinism, tight boxes, co-occurrence knob) and the protocol
-card's filter checks on the registered `shapes-*` scenarios."""
+"""ShapesIOD: the generator (determinism, tight boxes, co-occurrence knob) and the
+protocol's filter checks on the registered `shapes-*` scenarios."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_test_set_is_another_seed_with_every_class_labelled(two_plus_two):
 
 
 def test_pool_is_sized_for_the_absent_setting_and_image_size_is_an_option():
-    assert pool_size([2, 2]) == 600  # the card's 600-image pool for 2+2
+    assert pool_size([2, 2]) == 600  # the 600-image pool for 2+2
     assert pool_size([7, 1]) > pool_size([4, 4])  # one new class of eight is rarely alone
     small = create_scenario("shapes-2+2-absent", RunConfig(image_size=32))
     assert small.input_shape == (3, 32, 32) and small.test_set.images.shape[-1] == 32

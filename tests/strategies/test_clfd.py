@@ -1,4 +1,4 @@
-"""CLFD: the card's faithfulness checks 1-6, the code-domain crop, the schedule and the `clfd` front."""
+"""CLFD: faithfulness checks 1-6, the code-domain crop, the schedule and the `clfd` front."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CODA-Prompt: the card's faithfulness checks (frozen backbone, alpha = cos(q * A, K), prompt =
+"""CODA-Prompt: faithfulness checks (frozen backbone, alpha = cos(q * A, K), prompt =
 sum alpha_m P_m, earlier groups frozen and later ones unused, new groups orthogonal to earlier
 ones, masked training logits, what trains), on hand-computed examples and a short digits32-5 run."""
 

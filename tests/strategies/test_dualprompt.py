@@ -1,4 +1,4 @@
-"""DualPrompt: the card's faithfulness checks (frozen backbone; the G-prompt prefix-tuned into
+"""DualPrompt: faithfulness checks (frozen backbone; the G-prompt prefix-tuned into
 blocks 0-1 and E-prompts into blocks 2-4; task t trains E-prompt t and pulls its key to the
 query; per-sample top-1 key match at inference; masking to the current classes)."""
 

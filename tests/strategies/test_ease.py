@@ -121,7 +121,7 @@ def test_old_classes_are_recomplemented_in_every_newer_subspace(ease_run, digits
     assert not torch.allclose(snapshots[1]["prototypes"][1, old0], p[1, old0])
 
 
-# ---------------------------------------------------------------- the card's formulas by hand
+# ---------------------------------------------------------------- the paper's formulas by hand
 def test_complemented_prototype_is_the_softmax_weighted_sum_on_a_hand_built_two_class_example():
     # old class 0 (task 0); new classes 1, 2 (task 1); the similarity is measured in subspace 0
     p = torch.zeros(2, 3, 2)
@@ -176,8 +176,8 @@ def test_logits_are_the_own_subspace_cosine_plus_alpha_over_the_other_subspaces(
     logits = ensemble_logits(features, p, task, alpha=0.1)  # the released code: alpha / (3 - 1)
     assert torch.allclose(logits[0, :3], torch.tensor([1 + 0.05 * (0.8 + 0.0), 1 + 0.05 * (0.6 + 0.8), 1 + 0.05 * (0.0 + 0.6)]))
     assert torch.all(logits[:, 3:] == 0)  # unseen classes
-    card = ensemble_logits(features, p, task, alpha=0.1, divisor="tasks")  # the card: alpha / 3
-    assert torch.allclose(card[0, :3], torch.tensor([1 + 0.8 / 30, 1 + 1.4 / 30, 1 + 0.6 / 30]))
+    paper = ensemble_logits(features, p, task, alpha=0.1, divisor="tasks")  # the paper: alpha / 3
+    assert torch.allclose(paper[0, :3], torch.tensor([1 + 0.8 / 30, 1 + 1.4 / 30, 1 + 0.6 / 30]))
     # sample 1 (all-ones features): cos(1, P) = sum(P) / (sqrt(3) |P|)
     r3 = math.sqrt(3)
     cos = torch.tensor([[1, 7 / 5, 1], [7 / 5, 1, 7 / 5], [1, 7 / 5, 1]]) / r3  # [s][c]

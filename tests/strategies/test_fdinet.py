@@ -1,4 +1,4 @@
-"""FDINet (reconstruction): the card's five checks."""
+"""FDINet (reconstruction): the method's five defining checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IOR: the method card's faithfulness checks (methods/ior.md) on a tiny TinyGFL.
+"""IOR: faithfulness checks on a tiny TinyGFL.
 
 1 inversion touches only the image and lowers the old detector's loss; 2 sampled labels; 3 replay
 pasting; 4 L_det; 5 L_feat and L_cls. Check 6 (no task-2 training image holds an old-class
@@ -112,7 +112,7 @@ def test_sampled_labels_follow_the_class_histograms(trained):
     assert (boxes >= -1e-4).all() and (boxes <= s + 1e-4).all()
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     long_side, short_side = torch.maximum(w, h), torch.minimum(w, h)
-    low, high = cfg.box_side  # the card's [0.6 S, 0.8 S] at paper scale
+    low, high = cfg.box_side  # the paper's [0.6 S, 0.8 S] at paper scale
     assert ((long_side >= low * s - 1e-4) & (long_side <= high * s + 1e-4)).all()
     r = signed_aspect_ratio(boxes)
     assert torch.allclose(short_side, long_side / r.abs(), atol=1e-4) and (r.abs() >= 1 - 1e-6).all()

@@ -1,4 +1,4 @@
-"""L2P: the card's faithfulness checks (frozen backbone, per-sample top-k cosine selection by the
+"""L2P: faithfulness checks (frozen backbone, per-sample top-k cosine selection by the
 unprompted [CLS] query, the 0.1-weighted key-query term, masking to the current classes) and the
 input-level prompting it runs on."""
 
@@ -130,7 +130,7 @@ def test_query_is_the_frozen_unprompted_cls_and_selection_is_hand_top_k_per_samp
 
 def test_loss_is_ce_masked_to_current_classes_plus_lambda_times_the_key_query_term():
     strategy, scenario = _strategy(experiences=2)  # task 1: classes 2, 3 of seen 0..3
-    assert strategy.cfg.pull_weight == 0.1  # the card's (PILOT's) lambda is the default
+    assert strategy.cfg.pull_weight == 0.1  # PILOT's lambda is the default
     strategy.train()
     data = scenario.train_sets[1]
     x, y = data.x[:8], data.y[:8]

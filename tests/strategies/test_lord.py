@@ -1,4 +1,4 @@
-"""LoRD: the card's six faithfulness checks, on the card's tiny configuration (5 tasks, 32x32, reduced widths)."""
+"""LoRD: six faithfulness checks, on a tiny configuration (5 tasks, 32x32, reduced widths)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_reordering_keeps_the_full_network_and_changes_narrow_ones():
 # ---------------------------------------------------------------- checks 4 and 6 (one stream)
 @pytest.fixture(scope="module")
 def streams(five_tasks, build_strategy):
-    # nf=16 (the card's base widths / 4): at nf=8 rounding to multiples of 8 keeps early students almost full width
+    # nf=16 (the paper's base widths / 4): at nf=8 rounding to multiples of 8 keeps early students almost full width
     s = lord(five_tasks, build_strategy, nf=16, search_samples=10, search_noise=2)
     teachers = []
     original = type(s).choose_teacher

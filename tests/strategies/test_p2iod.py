@@ -1,4 +1,4 @@
-"""P²IOD: the card's six faithfulness checks on a random frozen TinyDETR base (the card allows
+"""P²IOD: six faithfulness checks on a random frozen TinyDETR base (the method's checks allow
 it for mechanics), plus resume state."""
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def test_the_prototype_pass_uses_unaugmented_inputs_in_eval_mode():
 
 
 def test_runs_on_the_cards_tiny_configuration(tmp_path, fast_config_for):
-    """digits at 3x32x32 and the tiny ViT, the pre-trained-model cards' CPU setup."""
+    """digits at 3x32x32 and the tiny ViT, the pre-trained-model methods' CPU setup."""
     cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", limit_train_batches=None)
     result = run(RunSpec("simplecil", "digits32-5", run=cfg, seed=0))
     assert result.status == "completed", result.error
