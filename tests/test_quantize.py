@@ -227,6 +227,22 @@ def test_size_and_bops_of_a_folded_conv_net_by_hand(build_strategy, synthetic_sc
     assert not any(isinstance(m, nn.BatchNorm2d) for m in snapshot.modules())
 
 
+def test_channel_smoothing_leaves_the_conv_layers_macs_alone(build_strategy, synthetic_scenario, batch_of):
+    # the same ConvNet as above with the head Linear smoothed: its extra calibration pass must not
+    # change the conv layers' one-sample input shapes, so the BOPs stay those counted by hand
+    from clbench.models.backbones import ConvNet
+
+    torch.manual_seed(0)
+    strategy = build_strategy("naive", synthetic_scenario, ConvNet(in_chans=1, width=8))
+    aux = Quantize(preset="W4A4", smooth="hadamard_channel")
+    _trained_start(strategy, synthetic_scenario, batch_of, aux)
+    data, _ = aux._calibration_data(strategy, synthetic_scenario.info(0))
+    _, info = aux._quantized_snapshot(strategy, data)
+    macs = [72 * 8 * 8, 1152 * 4 * 4, 4608 * 2 * 2, 64]
+    assert info["smoothed_layers"] == 1 and info["macs"] == sum(macs)
+    assert info["bops"] == macs[0] * 8 * 8 + (macs[1] + macs[2]) * 4 * 4 + macs[3] * 8 * 8 < info["bops_fp32"]
+
+
 def test_loss_hook_adds_nothing_and_draws_no_global_random_numbers(strategy_factory, synthetic_scenario, batch_of):
     strategy = strategy_factory("naive")
     aux = Quantize(calib_samples=4)

@@ -502,8 +502,8 @@ class _PTQLayer(nn.Module):
         elif self.state == "quant" and self.a_bits < 32:
             s, z, levels = self.scale, self.zero_point, 2**self.a_bits - 1
             x = s * (torch.clamp(torch.round(x / s) + z, 0, levels) - z)
-        elif self.state == "shape":
-            self.input_shape = tuple(x.shape)
+        elif self.state == "shape" and self.input_shape is None:  # the one-sample pass; later passes
+            self.input_shape = tuple(x.shape)  # over calibration batches must not overwrite it
         return self.layer(x)
 
 
