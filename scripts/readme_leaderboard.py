@@ -59,7 +59,7 @@ def cli(argv=None) -> int:
         print(f"### {scenario}\n")
         commands = "; ".join(f"`clbench {' '.join(sweep)}`" for sweep in sweeps)
         print(f"Produced with {commands} then `clbench leaderboard {args.output_dir} --scenario {scenario}`.\n")
-        print(render.to_markdown(board))
+        print(render.to_markdown(board, headings=False))
     return status
 
 
