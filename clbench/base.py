@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clbench.config import StrategyConfig
+from clbench.engine import distributed
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.models.freeze import frozen_snapshot
 from clbench.models.heads import IncrementalLinear
@@ -46,6 +47,10 @@ class CLStrategy(pl.LightningModule):
     # False for methods whose fits compute statistics instead of taking gradient steps (SimpleCIL's
     # prototypes): they override `training_step` and have no `step_losses` terms to log
     learns_by_gradient: ClassVar[bool] = True
+    # under DDP: state the training steps accumulate as sums over this rank's samples (dotted attribute
+    # paths to tensors, dicts of tensors or numbers); after each fit what every rank added is summed
+    # over ranks, so every rank holds the sum over all samples (EWC's Fisher, SimpleCIL's class sums)
+    distributed_sums: ClassVar[tuple[str, ...]] = ()
 
     # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
     # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's
@@ -211,7 +216,14 @@ class CLStrategy(pl.LightningModule):
                     terms[f"aux/{a.name}"] = a.weight * term
         values = list(terms.values())
         total = values[0] if len(values) == 1 else torch.stack(values).sum()
-        if not math.isfinite(total.item()):  # one check per step; name the culprit only on failure
+        # one check per step; name the culprit only on failure. Under DDP every rank stops at the
+        # same step (a rank left alone would wait for the others' gradients)
+        finite = math.isfinite(total.item())
+        if distributed.any_rank(not finite):
+            if finite:
+                raise TrainingDivergedError(
+                    f"a loss term is not finite on another DDP rank at experience "
+                    f"{self.experience.index if self.experience else '?'}, step {self.global_step} (phase {self.phase.name!r})")
             name, value = next(((n, v) for n, v in terms.items() if not torch.isfinite(v).all()), ("total", total))
             raise TrainingDivergedError(
                 f"loss term {name!r} is {value.item()} at experience {self.experience.index if self.experience else '?'}, "

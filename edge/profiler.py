@@ -230,6 +230,11 @@ class EdgeProfiler(pl.Callback):
         # its hooks' own time plus what counting added inside the counted steps
         out["profiler_time_s"] = self._own_time + out["flop_count_overhead_time_s"]
         if recs and any("train_flops_exp_planned" in r for r in recs):
+        if recs and "ranks" in recs[-1]:  # DDP: FLOPs and samples are over all ranks, peak memory the largest rank's
+            out["world_size"] = recs[-1]["ranks"]["world_size"]
+            per_rank = [r["ranks"].get("peak_memory_bytes") or [] for r in recs if "ranks" in r]
+            out["peak_memory_bytes_per_rank"] = [max((p[i] or 0 for p in per_rank if i < len(p)), default=0)
+                                                 for i in range(out["world_size"])]
             out["train_flops_total_planned"] = sum(r.get("train_flops_exp_planned") or 0 for r in recs)
         out["samples_per_s"] = out["samples"] / out["train_time_s"] if out["train_time_s"] else None
         if len(recs) > self._traced_records and all("time_s" in (r.get("jetson") or {}) for r in recs):
@@ -531,6 +536,31 @@ def _summed_jetson(parts: list[dict[str, Any]]) -> dict[str, Any]:
 class NullProfiler:
     """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`); not a Callback,
     so Trainers do not even dispatch hooks to it."""
+def combine_rank_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One experience's record of a DDP run from every rank's own (rank 0's first): training FLOPs
+    and samples summed over ranks (the run's total work), peak memory and times the largest rank's
+    (the run waits for its slowest rank), each rank's values kept under `ranks`. Per-step and
+    per-device fields (`train_flops_step`, `steps`, the Jetson estimate: one device's share of the
+    work) stay rank 0's."""
+    out = dict(records[0])
+    ranks: dict[str, Any] = {"world_size": len(records)}
+    for key in ("train_flops_exp", "train_flops_exp_planned", "samples", "peak_memory_bytes", "train_time_s",
+                "train_time_e2e_s", "train_time_raw_s"):
+        values = [r.get(key) for r in records]
+        if all(v is None for v in values):
+            continue
+        ranks[key] = values
+        known = [v for v in values if v is not None]
+        if key in ("train_flops_exp", "train_flops_exp_planned", "samples"):
+            out[key] = sum(known) if len(known) == len(values) else None
+        else:
+            out[key] = max(known)
+    if out.get("train_time_s"):
+        out["samples_per_s"] = (out.get("samples") or 0) / out["train_time_s"]
+    out["ranks"] = ranks
+    return out
+
+
 
     def start_experience(self, index: int) -> None:
         pass

@@ -50,6 +50,7 @@ class EWC(CLStrategy):
     """Online elastic weight consolidation with a per-sample diagonal Fisher."""
 
     Config = Config
+    distributed_sums = ("_fisher_new", "_fisher_count")  # DDP: each rank's Fisher terms, summed over ranks
     PAPER_SETTINGS = {
         "cifar10-5": {"lr": 0.03, "momentum": 0.0, "ewc_lambda": 10.0, "gamma": 1.0, "epochs": 50},
         "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "ewc_lambda": 25.0, "gamma": 1.0, "epochs": 100},

@@ -33,6 +33,7 @@ class SimpleCIL(CLStrategy):
     """Frozen backbone; cosine classifier on per-class mean embeddings (prototypes)."""
 
     learns_by_gradient: ClassVar[bool] = False
+    distributed_sums: ClassVar[tuple[str, ...]] = ("class_means.sums", "class_means.counts")  # DDP: summed over ranks
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -16,7 +16,7 @@ import torch
 from clbench import config as C
 from clbench._version import __version__
 from clbench.datasets import make_loader
-from clbench.engine import checkpoint
+from clbench.engine import checkpoint, distributed
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.registry import SCENARIOS, STRATEGIES
 from clbench.reporting.results import RunResult, environment, save
@@ -154,11 +154,15 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     _check_strategy_fits(strategy, scenario)
     result = _new_result(spec, run_cfg, cfg, model_name, scenario, aux)
     _refuse_to_replace(result, run_cfg.output_dir, spec.overwrite)
+    if distributed.world_size() > 1:  # one run across processes: what is per device is recorded
+        result.environment["distributed"] = distributed.describe(run_cfg.batch_size)
     profiler = profiler or _default_profiler(run_cfg)
     strategy.cost_meter = profiler  # meters the training work a strategy does outside its fits
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, model_name)
     test_loaders = [make_loader(d, run_cfg.eval_batch_size, shuffle=False) for d in scenario.test_sets]
     device = _eval_device(run_cfg)
+    if distributed.world_size() > 1 and device.type == "cuda":  # each rank evaluates on its own GPU
+        device = torch.device("cuda", distributed.local_rank())
     ckpt_dir = checkpoint.checkpoint_dir(run_cfg.output_dir, result)
     start = _restore_or_reset(spec, ckpt_dir, strategy, scenario, result, profiler)
     if start == 0:
@@ -174,9 +178,11 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 data = strategy.training_data(info, scenario.train_sets[i])
                 _train(strategy, info, data, run_cfg, spec.seed, trainer_callbacks, trainer_loggers)
                 strategy.on_experience_end(info, scenario.train_sets[i])
+                _check_ranks_agree(strategy, result, i)
+                # every rank scores the whole test sets (identical models: identical accuracies)
                 task.after_experience(result, strategy, info, scenario, test_loaders, device)
-                result.edge["per_experience"].append(profiler.end_experience(strategy))
-                if run_cfg.checkpoint and i + 1 < scenario.num_experiences:
+                result.edge["per_experience"].append(_over_ranks(profiler.end_experience(strategy)))
+                if run_cfg.checkpoint and i + 1 < scenario.num_experiences and distributed.is_global_zero():
                     checkpoint.save(ckpt_dir, strategy, result, i + 1)
                 if on_experience is not None:
                     on_experience(i, result, strategy)
@@ -184,7 +190,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     except TrainingDivergedError as e:
         result.status, result.error = "failed", str(e)
     except UsageError:  # found only once training began (a layer's output shape): nothing of this run is kept
-        if start == 0:
+        if start == 0 and distributed.is_global_zero():
             checkpoint.remove(ckpt_dir)
         raise
     except KeyboardInterrupt:
@@ -192,13 +198,35 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
         raise
     finally:
         _finish(result, strategy, profiler, run_cfg, task)
-        if wandb_logger is not None:
+        if wandb_logger is not None and distributed.is_global_zero():
             from clbench.engine.loggers import log_result
 
             log_result(wandb_logger, result)
     if result.status in ("completed", "failed"):  # a diverged run would diverge again: nothing to resume
-        checkpoint.remove(ckpt_dir)
+        if distributed.is_global_zero():
+            checkpoint.remove(ckpt_dir)
+        distributed.dump_rank_state(strategy, result)
+        distributed.finish()  # every rank returns once all have finished
     return result
+
+
+def _check_ranks_agree(strategy, result: RunResult, index: int) -> None:
+    """DDP: the strategy state must be the same on every rank after an experience; where it is not
+    (state a strategy derives from its own shard in a way clbench cannot sum or gather), every rank
+    continues with rank 0's and the result names what was taken from rank 0."""
+    differing = distributed.ensure_identical(strategy, f"after experience {index + 1}")
+    if differing:
+        result.environment["distributed"]["resynced"].append({"experience": index, "keys": differing})
+
+
+def _over_ranks(record: dict[str, Any]) -> dict[str, Any]:
+    """DDP: one experience's profile over all ranks (FLOPs and samples summed, peak memory and time the
+    largest, per-rank values under `ranks`; the Jetson estimate stays per device); updated in place."""
+    if record and distributed.active():
+        from clbench.edge.profiler import combine_rank_records
+
+        record.update(combine_rank_records(distributed.all_gather_object(record)))
+    return record
 
 
 def _prepare(spec: RunSpec):
@@ -269,19 +297,32 @@ def _default_profiler(run_cfg: C.RunConfig):
 
 
 def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Sequence, loggers: Sequence) -> None:
-    """Every phase of one experience, each in a fresh Trainer (fresh optimiser, own loader seed)."""
+    """Every phase of one experience, each in a fresh Trainer (fresh optimiser, own loader seed).
+
+    Under DDP each rank trains on its part of every global batch (the batch size is per device) and,
+    after each fit, what the strategy summed over its own samples is summed over ranks and rank 0's
+    BatchNorm statistics are taken (`clbench.engine.distributed`)."""
+    sharded = distributed.world_size() > 1
+    if sharded:
+        callbacks = [*callbacks, distributed.sharded_epochs_callback()]
     for p_index, phase in enumerate(strategy.phases(info)):
         strategy.phase = phase
         phase_data = strategy.phase_data(phase, data)
-        loader = make_loader(
-            phase_data,
-            getattr(phase_data, "batch_size", None) or phase.batch_size or run_cfg.batch_size,
-            shuffle=True,
-            seed=_loader_seed(seed, info.index, p_index),
-            num_workers=run_cfg.num_workers,
-        )
+        batch_size = getattr(phase_data, "batch_size", None) or phase.batch_size or run_cfg.batch_size
+        loader_seed = _loader_seed(seed, info.index, p_index)
+        if sharded:
+            loader = distributed.sharded_loader(phase_data, batch_size, seed=loader_seed, num_workers=run_cfg.num_workers)
+        else:
+            loader = make_loader(phase_data, batch_size, shuffle=True, seed=loader_seed, num_workers=run_cfg.num_workers)
         trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, callbacks, info, phase, loggers=loggers)
-        _fit(trainer, strategy, loader)
+        if sharded:
+            distributed.fit_without_wrapper_if_frozen(trainer, strategy)
+        sums = distributed.snapshot_sums(strategy) if sharded else {}
+        with distributed.rank_streams():
+            _fit(trainer, strategy, loader)
+        if sharded:
+            distributed.sum_over_ranks(strategy, sums)
+            distributed.sync_batchnorm_buffers(strategy)
     strategy.phase = Phase()
 
 
@@ -319,7 +360,8 @@ def _entry_points_scanned_once(scan: Callable | None = None):
 def _restore_or_reset(spec: RunSpec, ckpt_dir, strategy, scenario, result: RunResult, profiler) -> int:
     """With --resume, load the last finished experience's state; otherwise drop any stale checkpoint."""
     if not spec.resume:
-        checkpoint.remove(ckpt_dir)
+        if distributed.is_global_zero():  # the other ranks of a DDP run only read
+            checkpoint.remove(ckpt_dir)
         return 0
     loaded = checkpoint.load(ckpt_dir)
     if loaded is None:
@@ -357,7 +399,9 @@ def _finish(result: RunResult, strategy, profiler, run_cfg: C.RunConfig, task) -
         result.strategy_report["add_ons"] = {name: r for name, r in add_ons.items() if r}
     # an unexpected exception leaves status "running": no result file for a run that neither
     # finished nor failed in a known way (Ctrl-C keeps its resume state instead)
-    if result.status in ("completed", "failed"):
+    if result.status in ("completed", "failed") and distributed.is_global_zero():
+        if "distributed" in result.environment:
+            result.environment["distributed"]["backend"] = distributed.describe(run_cfg.batch_size)["backend"]
         save(result, run_cfg.output_dir)
 
 
@@ -390,6 +434,7 @@ def make_trainer(run: C.RunConfig, epochs: int, callbacks: Sequence, info=None, 
         num_sanity_val_steps=0,
         limit_train_batches=run.limit_train_batches if run.limit_train_batches else 1.0,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # DDP: `_train` shards the training data itself (distributed.ShardedBatchSampler)
         deterministic="warn" if run.deterministic else None,
         benchmark=False,
     )
@@ -452,11 +497,12 @@ def _check_trainer_settings(run: C.RunConfig) -> None:
     _eval_device(run)  # clbench's own message for a GPU that is not there
     try:
         with _entry_points_scanned_once(scan=lambda **selection: ()):  # no callbacks needed to check settings
-            make_trainer(run, 1, ())
+            trainer = make_trainer(run, 1, ())
     except (ValueError, TypeError, MisconfigurationException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"accelerator={run.accelerator!r}, devices={run.devices!r}, precision={run.precision!r}, "
                          f"trainer_strategy={run.trainer_strategy!r}: Lightning refuses them ({first})") from None
+    distributed.configure(trainer)  # world size and ranks as Lightning sees them (its launcher, SLURM, ...)
 
 
 def task_problem(strategy_cls, scenario) -> str | None:

@@ -4,12 +4,18 @@ A buffer holds named fields (`x`, `y`, and any extras such as `logits`) as preal
 tensors, so its whole state is a tensor state dict (resumable with
 `torch.load(weights_only=True)`).  It draws from its own random generator, so replay
 does not perturb, and is not perturbed by, the model's random stream.
+
+Under DDP (`clbench.engine.distributed`), inside a training epoch on sharded data, `add` first
+gathers the batch of every rank (in rank order) so every rank inserts the same rows with the
+same draws, and `sample(n)` returns this rank's part of one draw of `n x world_size` rows
+(the draw a single process with that replay batch would make); elsewhere both act as in one process.
 """
 
 from __future__ import annotations
 
 import torch
 
+from clbench.engine import distributed
 from clbench.errors import UsageError
 
 
@@ -37,6 +43,8 @@ class ReservoirBuffer:
         """Offer every row of the batch (fields of equal first dimension) to the buffer."""
         if self.capacity == 0:
             return
+        if distributed.in_sharded_epoch():
+            batch = distributed.gather_rows(batch)
         n = len(batch["y"])
         batch = {k: v.detach().cpu() for k, v in batch.items()}
         self._allocate(batch)
@@ -79,8 +87,16 @@ class ReservoirBuffer:
     # --- reading ---------------------------------------------------------
     def sample(self, n: int, device=None) -> dict[str, torch.Tensor]:
         """`n` rows drawn uniformly without replacement (all rows if fewer are stored)."""
-        n = min(n, self.size)
-        idx = torch.randperm(self.size, generator=self.generator)[:n]
+        perm = torch.randperm(self.size, generator=self.generator)
+        world = distributed.world_size() if distributed.in_sharded_epoch() else 1
+        total = min(n * world, self.size)
+        if world > 1 and total >= world:  # this rank's part of the global draw
+            base, extra = divmod(total, world)
+            rank = distributed.global_rank()
+            start = rank * base + min(rank, extra)
+            idx = perm[start : start + base + (1 if rank < extra else 0)]
+        else:
+            idx = perm[: min(n, self.size)]
         return {k: v[idx].to(device) if device is not None else v[idx] for k, v in self.fields.items()}
 
     def all(self, device=None) -> dict[str, torch.Tensor]:
