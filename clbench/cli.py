@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from the last finished experience")
     r.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
     r.add_argument("--quiet", action="store_true", help="no progress bars or final table")
+    r.add_argument("--verbose", action="store_true", help="keep Lightning's own messages (GPU/TPU lines, tips)")
 
     ls = sub.add_parser("list", help="list registered strategies, scenarios, add-ons or devices")
     ls.add_argument("what", choices=["strategies", "scenarios", "aux", "devices"])
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped")
     sw.add_argument("--in-process", action="store_true",
                     help="run in this process, one after another (fast start; CPU peak memory is not per run)")
+    sw.add_argument("--verbose", action="store_true", help="keep Lightning's own messages (GPU/TPU lines, tips)")
 
     lb = sub.add_parser("leaderboard", help="mean +- std table over seeds from stored results")
     lb.add_argument("results_dir")
@@ -77,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("results_dir")
     pl.add_argument("--out", default="plots")
     pl.add_argument("--scenario", default=None)
+    pl.add_argument("--format", choices=["png", "pdf", "svg"], default="png",
+                    help="file format (pdf and svg are vector graphics, for papers)")
+    pl.add_argument("--dpi", type=int, default=150, help="pixels per inch of png files (default 150)")
+    pl.add_argument("--x", choices=["experiences", "classes"], default="experiences",
+                    help="x axis of the curves: experience index or number of classes seen")
     return p
 
 
@@ -171,22 +178,29 @@ def spec_from_args(args, seed: int):
 
 
 def cmd_run(args) -> int:
+    if not args.quiet:  # before the imports and checks below (seconds): say what is starting
+        seeds = ", ".join(map(str, args.seeds)) if args.seeds else str(args.seed)
+        print(f"clbench run: {args.strategy} on {args.scenario}, seed {seeds}: loading libraries ...", flush=True)
+    seeds = args.seeds if args.seeds else [args.seed]
+    specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
     from clbench.engine.runner import quiet_lightning, run
     from clbench.reporting.report import print_result
 
-    seeds = args.seeds if args.seeds else [args.seed]
-    specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
-    quiet_lightning()
+    if not getattr(args, "verbose", False):
+        quiet_lightning()
     status = 0
     for spec in specs:
         from clbench.engine.progress import ProgressBar
 
-        callbacks = [ProgressBar(spec)] if spec.run.progress else []
+        progress = ProgressBar(spec) if spec.run.progress else None
+        if progress is not None:
+            progress.announce()
         try:
-            result = run(spec, callbacks=callbacks)
+            result = run(spec, callbacks=[progress] if progress else [],
+                         on_experience=progress.on_experience if progress else None)
         finally:
-            for cb in callbacks:
-                cb.close()
+            if progress is not None:
+                progress.close()
         if not args.quiet:
             print_result(result)
         if result.status != "completed":
