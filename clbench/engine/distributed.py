@@ -126,7 +126,8 @@ class ShardedBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         batches = list(self.batches)
         if len(batches) > 1 and len(batches[-1]) < self.world:
-            batches[-2] = batches[-2] + batches.pop()
+            last = batches.pop()
+            batches[-1] = batches[-1] + last
         for b in batches:
             if len(b) < self.world:  # fewer samples than ranks in the whole dataset
                 b = (b * self.world)[: self.world]
