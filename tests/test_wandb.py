@@ -1,4 +1,5 @@
-"""wandb mirror: an offline run holds the config, per-step metrics on one global step, tables and summary."""
+"""wandb mirror: an offline run holds the config, per-step metrics on one global step, a row per finished
+experience (%, numbered from 1), tables (unseen cells blank), heatmap and curve images and the summary."""
 
 from __future__ import annotations
 
@@ -82,8 +83,55 @@ def test_offline_run_holds_config_and_global_step_metrics(offline_run):
     assert len(losses) == total_steps
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert max(steps) == total_steps - 1
+    # experiences numbered from 1: each fit's start, then each experience's end
     experiences = [h["experience"] for h in history if "experience" in h]
-    assert experiences == [0, 1]
+    assert experiences == [1, 1, 2, 2]
+
+
+def _history(run_dir) -> list[dict]:
+    rows = []
+    for r in read_wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+    return rows
+
+
+def test_each_experience_is_logged_when_it_ends_in_percent(offline_run):
+    run_dir, result = offline_run
+    R = result["accuracy_matrix"]
+    rows = [h for h in _history(run_dir) if "accuracy/seen_avg" in h]
+    assert [h["experience"] for h in rows] == [1, 2]  # 1-based, one row per finished experience
+    for i, h in enumerate(rows):
+        # the seen part of the matrix row, in %; unseen experiences are not logged
+        assert [h.get(f"accuracy/exp_{j + 1}") for j in range(2)] == pytest.approx(
+            [100 * R[i][j] if j <= i else None for j in range(2)])
+        assert h["accuracy/seen_avg"] == pytest.approx(100 * sum(R[i][: i + 1]) / (i + 1))
+        assert h["metrics/final_avg_acc"] == pytest.approx(100 * sum(R[i][: i + 1]) / (i + 1))
+        assert h["edge/train_time_s"] == pytest.approx(result["edge"]["per_experience"][i]["train_time_s"])
+    # on the run's global step: after the experience's last training step
+    assert rows[-1]["trainer/global_step"] == result["edge"]["totals"]["steps"] - 1
+    # the summary so far after the last experience is the run's summary
+    assert rows[-1]["metrics/avg_incremental_acc"] == pytest.approx(100 * result["metrics"]["avg_incremental_acc"])
+
+
+def test_experience_metrics_of_a_run_that_stopped_early():
+    """What `log_experience` sends after the first of three experiences (unit: no wandb needed)."""
+    from clbench.engine.loggers import experience_metrics
+    from clbench.reporting.results import RunResult
+
+    r = RunResult("er", "synthetic-3", "mlp", 0, scenario_info={"task_type": "classification", "num_experiences": 3},
+                  accuracy_matrix=[[0.9, 0.1, 0.0]])
+    m = experience_metrics(r, 0)
+    assert m["experience"] == 1
+    assert m["accuracy/exp_1"] == pytest.approx(90.0) and "accuracy/exp_2" not in m
+    assert m["accuracy/seen_avg"] == pytest.approx(90.0) and m["metrics/final_avg_acc"] == pytest.approx(90.0)
+    assert r.metrics == {}  # the summary so far is computed on a copy
+
+
+def test_matrix_rows_leave_unseen_cells_blank():
+    from clbench.engine.loggers import matrix_rows
+
+    assert matrix_rows([[0.5, 0.25], [0.4, 0.8]]) == [[1, 50.0, None], [2, 40.0, 80.0]]
 
 
 def test_offline_run_holds_tables_and_summary(offline_run):
@@ -91,7 +139,12 @@ def test_offline_run_holds_tables_and_summary(offline_run):
     (matrix_file,) = list(run_dir.glob("files/media/table/accuracy_matrix_*.table.json"))
     table = json.loads(matrix_file.read_text())
     assert table["columns"] == ["after_experience", "exp_1", "exp_2"]
-    assert [row[1:] for row in table["data"]] == result["accuracy_matrix"]
+    R = result["accuracy_matrix"]
+    assert [row[0] for row in table["data"]] == [1, 2]
+    # in %, experiences not yet seen blank (not 0.0)
+    assert table["data"][0][2] is None
+    cells = [c for row in table["data"] for c in row[1:] if c is not None]
+    assert cells == pytest.approx([100 * R[0][0], 100 * R[1][0], 100 * R[1][1]])
     (edge_file,) = list(run_dir.glob("files/media/table/edge_per_experience_*.table.json"))
     edge = json.loads(edge_file.read_text())
     k = edge["columns"].index("samples")
@@ -101,8 +154,18 @@ def test_offline_run_holds_tables_and_summary(offline_run):
     for r in read_wandb_records(next(run_dir.glob("run-*.wandb"))):
         if r.WhichOneof("record_type") == "summary":
             summary.update({item.key: json.loads(item.value_json) for item in r.summary.update})
-    assert summary["metrics/final_avg_acc"] == pytest.approx(result["metrics"]["final_avg_acc"])
+    assert summary["metrics/final_avg_acc"] == pytest.approx(100 * result["metrics"]["final_avg_acc"])
     assert summary["status"] == "completed"
+    assert summary["edge/jetson"] == result["edge"]["totals"]["jetson"]
+    assert summary["strategy_report"] == result["strategy_report"]
+    k = edge["columns"].index("experience")
+    assert [row[k] for row in edge["data"]] == [1, 2]
+
+
+def test_offline_run_holds_heatmap_and_curve_images(offline_run):
+    run_dir, _ = offline_run
+    assert list(run_dir.glob("files/media/images/accuracy_heatmap_*.png"))
+    assert list(run_dir.glob("files/media/images/accuracy_curve_*.png"))
 
 
 def test_wandb_flag_without_wandb_installed_is_a_usage_error(tmp_path, monkeypatch, capsys):

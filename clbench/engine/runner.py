@@ -184,6 +184,10 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
                 result.edge["per_experience"].append(_over_ranks(profiler.end_experience(strategy)))
                 if run_cfg.checkpoint and i + 1 < scenario.num_experiences and distributed.is_global_zero():
                     checkpoint.save(ckpt_dir, strategy, result, i + 1)
+                if wandb_logger is not None:  # charts grow as experiences end; a crash keeps them
+                    from clbench.engine.loggers import log_experience
+
+                    log_experience(wandb_logger, result, i, strategy)
                 if on_experience is not None:
                     on_experience(i, result, strategy)
         result.status = "completed"
