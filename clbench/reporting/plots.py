@@ -145,7 +145,7 @@ def score_of(runs: Sequence[RunResult]) -> Score:
         name = task.matrix_name.replace("AP", ap) if ap else task.matrix_name
         return Score(name, "%", 100.0, True, False)
     metric = _common((r.forecasting or {}).get("metric") for r in runs) or "mse"
-    return Score(metric.upper(), "", 1.0, False, True, "scaled values", ".3f")
+    return Score(metric.upper(), "", 1.0, False, True, "scaled values", ".3g")
 
 
 def score_matrix(r: RunResult) -> np.ndarray | None:
@@ -247,7 +247,7 @@ def accuracy_curves(results: Sequence[RunResult], ax=None, title: str | None = N
         xs, xlabel = _x_values(runs, curves.shape[1], x)
         mean = curves.mean(axis=0)
         style = styles[name]
-        ax.plot(xs, mean, marker=style.marker, color=style.color, label=f"{name} (n={len(runs)})")
+        ax.plot(xs, mean, marker=style.marker, color=style.color, label=f"{name} (n={len(runs)})", clip_on=False)
         if len(runs) > 1:
             std = curves.std(axis=0, ddof=1)
             low, high = _clip(mean - std, mean + std, 0.0, score.upper)
@@ -290,14 +290,23 @@ def accuracy_heatmap(matrix: Sequence[Sequence[float]], ax=None, title: str | No
     else:
         vmin, vmax = 0.0, float(np.nanmax(m)) if np.isfinite(m).any() else 1.0
     cmap = "viridis" if score.higher_is_better else "viridis_r"
-    image = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax or 1.0)
+    positive = m[np.isfinite(m) & (m > 0)]
+    if score.unit != "%" and positive.size and positive.max() / positive.min() > 20:
+        from matplotlib.colors import LogNorm  # errors spanning decades: a log colour scale keeps the small ones apart
+
+        norm = LogNorm(vmin=positive.min(), vmax=positive.max())
+        image = ax.imshow(np.ma.masked_where(shown <= 0, shown), cmap=cmap, norm=norm)
+        shade = lambda v: (math.log(v) - math.log(norm.vmin)) / (math.log(norm.vmax) - math.log(norm.vmin)) if v > 0 else 0.0
+    else:
+        image = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax or 1.0)
+        shade = lambda v: (v - vmin) / ((vmax or 1.0) - vmin)
     ax.figure.colorbar(image, ax=ax, label=score.axis(score.name))
     if rows * cols <= 144:  # numbers stay legible up to 12 x 12
         for i in range(rows):
             for j in range(cols):
                 if shown.mask is not np.ma.nomask and shown.mask[i, j]:
                     continue
-                dark = (m[i, j] - vmin) / ((vmax or 1.0) - vmin) < 0.6
+                dark = shade(m[i, j]) < 0.6
                 dark = dark if score.higher_is_better else not dark
                 ax.text(j, i, format(m[i, j], score.fmt), ha="center", va="center", fontsize=8,
                         color="white" if dark else "black")
@@ -311,7 +320,8 @@ def accuracy_heatmap(matrix: Sequence[Sequence[float]], ax=None, title: str | No
 
 def forgetting_bars(results: Sequence[RunResult], ax=None, title: str | None = None, styles: Palette | None = None):
     """Per experience j < T-1, one bar per strategy: how much of its score was lost by the end (mean over
-    seeds, ± std; forgetting can be negative when the last score is the best, so the bars are not clipped)."""
+    seeds, ± std clipped to what forgetting can be: at most 100 pp, below 0 only where a seed's last score
+    beat all its earlier ones)."""
     ax = ax if ax is not None else new_axes()
     scenario = _one_scenario(results, "forgetting_bars")
     groups = _complete_by_label(results)
@@ -324,8 +334,13 @@ def forgetting_bars(results: Sequence[RunResult], ax=None, title: str | None = N
     for k, (name, runs) in enumerate(groups.items()):
         f = np.stack([forgetting_per_experience(score_matrix(r), score.higher_is_better) for r in runs]) * score.scale
         xs = np.arange(1, f.shape[1] + 1) + (k - (len(groups) - 1) / 2) * width
-        std = f.std(axis=0, ddof=1) if len(runs) > 1 else None
-        ax.bar(xs, f.mean(axis=0), width=width, yerr=std, capsize=2, color=styles[name].color,
+        mean = f.mean(axis=0)
+        yerr = None
+        if len(runs) > 1:  # ± std, clipped at 0 where no seed forgot less than nothing, and at 100 pp
+            std = f.std(axis=0, ddof=1)
+            low, high = _clip(mean - std, mean + std, np.minimum(f.min(axis=0), 0.0), score.upper)
+            yerr = [mean - low, high - mean]
+        ax.bar(xs, mean, width=width, yerr=yerr, capsize=2, color=styles[name].color,
                label=f"{name} (n={len(runs)})", edgecolor="black", linewidth=0.4)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(1, f.shape[1] + 1))
@@ -362,21 +377,27 @@ def old_new_plot(results: Sequence[RunResult], ax=None, title: str | None = None
         new = np.mean(np.stack([p[1] for p in pairs]), axis=0) * score.scale
         xs, xlabel = _x_values(runs, len(new), x)
         style = styles[name]
-        ax.plot(xs, new, color=style.color, marker=style.marker, linestyle="-")
+        ax.plot(xs, new, color=style.color, marker=style.marker, linestyle="-", clip_on=False)
         if old is not None:
-            ax.plot(xs[1:], old, color=style.color, marker=style.marker, linestyle="--", markerfacecolor="none")
+            ax.plot(xs[1:], old, color=style.color, marker=style.marker, linestyle="--", markerfacecolor="none",
+                    clip_on=False)
         handles.append(Line2D([], [], color=style.color, marker=style.marker, label=f"{name} (n={len(runs)})"))
     handles += [Line2D([], [], color="gray", linestyle="-", label="newest experience"),
                 Line2D([], [], color="gray", linestyle="--", label="old experiences")]
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(score.axis(score.name))
+    runs_all = [r for g in groups.values() for r in g]
+    ap = _common((r.detection or {}).get("metric") for r in runs_all)
+    if ap and all((r.detection or {}).get("per_task") for r in runs_all):  # the record's own old / new class AP
+        ax.set_ylabel(score.axis(f"mean {ap} over old / new classes"))
+    else:
+        ax.set_ylabel(score.axis(f"{score.name} on old / newest experiences"))
     if score.unit == "%":
         ax.set_ylim(0, 101)
     else:
         ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize="small")
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.set_title(title or f"Old vs new experiences — {scenario}")
     return ax
 
@@ -431,6 +452,15 @@ def _place_labels(ax, xs, ys, names: Sequence[str]) -> list[str]:
     return left
 
 
+def _tick_text(v: float, _pos=None) -> str:
+    """`0.6`, `20`, `3000`; from 10^4 on `$7\\times10^{7}$`."""
+    if v <= 0 or v < 1e4:
+        return f"{v:g}"
+    exponent = math.floor(math.log10(v))
+    mantissa = v / 10**exponent
+    return f"$10^{{{exponent}}}$" if math.isclose(mantissa, 1) else f"${mantissa:.2g}\\times10^{{{exponent}}}$"
+
+
 def pareto_plot(board: L.Leaderboard, cost: str = "train_flops_total", metric: str = "final_avg_acc", ax=None,
                 title=None, styles: Palette | None = None, results: Sequence[RunResult] = ()):
     """One point per leaderboard row, in its strategy's colour and marker; error bars ± std over seeds,
@@ -483,6 +513,12 @@ def pareto_plot(board: L.Leaderboard, cost: str = "train_flops_total", metric: s
         lo, hi = ends.min(), ends.max()
         span = max(hi / lo, 1.0)
         ax.set_xlim(lo / span**0.08 / 1.15, hi * span**0.08 * 1.15)
+        if span < 100:  # under two decades: plain numbers on the major and minor ticks, not 2x10^0
+            from matplotlib.ticker import FuncFormatter
+
+            plain = FuncFormatter(_tick_text)
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
     else:
         ax.set_xlim(left=0)
     better = "lower is better"
