@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean docs docs-serve leaderboard detection-table forecast-table distill-table quantize-table
+.PHONY: demo test test-fast venv clean docs docs-serve mutation leaderboard detection-table forecast-table distill-table quantize-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ docs: $(STAMP)
 
 docs-serve: $(STAMP)
 	$(MKDOCS) serve
+
+# Mutation testing of the tests (a benchmark, not part of `make test`): mutmut on a scratch copy of the
+# tree, each mutant run against the tests mapped to its file, one at a time with a per-mutant timeout;
+# reports in docs/mutation/<file>.md and the kill-score table in docs/mutation/README.md.
+# `make mutation` runs the default set (buffers, heads, metrics); `make mutation FILE=strategies/lord.py` one file.
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation.py $(FILE)
 
 # Generated result tables: each target runs real sweeps and splices its Markdown between the
 # `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers of the file that shows it.

@@ -1,6 +1,7 @@
 """TUNA-family mechanics: CosFace-form loss, class Gaussians, alignment labels, eval_mode, cosine head."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -80,3 +81,116 @@ def test_tuna_family_paper_settings_follow_tunas_recipe(name):
         assert values["align_per_class"] == 5 * values["batch_size"]  # TUNA: 5 x batch samples per class
         cfg = strategy_config(name, paper_settings_for=scenario)
         assert cfg.align_lr == 0.005 and cfg.lr == {"cifar100-20": 0.01, "imagenet-r-10": 0.02}[scenario]
+
+
+# --------------------------------------------------------------------------- growable heads (clbench.models.heads)
+def _linear_head(bias: bool = True):
+    from clbench.models.heads import IncrementalLinear
+
+    head = IncrementalLinear(3, 2, bias=bias)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]]))
+        if bias:
+            head.fc.bias.copy_(torch.tensor([0.5, -1.0]))
+    return head
+
+
+def test_linear_head_computes_wx_plus_b():
+    head = _linear_head()
+    x = torch.tensor([[1.0, 0.0, 2.0]])
+    # row 0: 1 + 0 + 6 + 0.5 = 7.5; row 1: 0 + 0 + 2 - 1 = 1
+    assert torch.allclose(head(x), torch.tensor([[7.5, 1.0]]))
+    assert head.in_features == 3 and head.out_features == 2 and head.bias is True
+
+
+def test_linear_head_starts_empty_without_warning_and_clamps_negative_widths():
+    from clbench.models.heads import IncrementalLinear
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        empty = IncrementalLinear(3)
+        negative = IncrementalLinear(3, -2)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
+    assert empty.out_features == 0 and negative.out_features == 0
+    assert empty.fc.weight.shape == (0, 3) and empty.fc.bias.shape == (0,)
+    assert IncrementalLinear(3, 2, bias=False).fc.bias is None
+
+
+def test_linear_head_grows_keeping_old_rows_and_adding_new_ones():
+    head = _linear_head()
+    old_weight, old_bias = head.fc.weight.detach().clone(), head.fc.bias.detach().clone()
+    assert head.grow(4) is True
+    assert head.out_features == 4 and head.fc.weight.shape == (4, 3) and head.fc.bias.shape == (4,)
+    assert torch.equal(head.fc.weight[:2].detach(), old_weight) and torch.equal(head.fc.bias[:2].detach(), old_bias)
+    x = torch.tensor([[1.0, 0.0, 2.0]])
+    assert torch.allclose(head(x)[:, :2], torch.tensor([[7.5, 1.0]]))
+    # the new rows are nn.Linear's fresh initialisation, not zeros or copies
+    assert head.fc.weight[2:].abs().sum() > 0 and not torch.equal(head.fc.weight[2], head.fc.weight[3])
+
+
+def test_linear_head_does_not_grow_to_the_same_or_a_smaller_width():
+    head = _linear_head()
+    fc = head.fc
+    assert head.grow(2) is False and head.fc is fc
+    assert head.grow(1) is False and head.fc is fc and head.out_features == 2
+
+
+def test_linear_head_grows_without_bias_and_keeps_dtype_and_device():
+    head = _linear_head(bias=False)
+    assert head.grow(5) is True
+    assert head.fc.bias is None and [n for n, _ in head.named_parameters()] == ["fc.weight"]
+    assert torch.equal(head.fc.weight[:2].detach(), torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]]))
+    double = _linear_head().double()
+    double.grow(3)
+    assert double.fc.weight.dtype == torch.float64 and double.fc.bias.dtype == torch.float64
+    meta = _linear_head().to("meta")
+    meta.grow(3)
+    assert meta.fc.weight.device.type == "meta" and meta.fc.bias.device.type == "meta"
+
+
+def test_linear_head_resizes_to_exactly_the_width_asked():
+    head = _linear_head().double()
+    fc = head.fc
+    head.resize(2)
+    assert head.fc is fc  # same width: the parameters are kept
+    head.resize(5)
+    assert head.fc is not fc and head.out_features == 5
+    assert head.fc.weight.shape == (5, 3) and head.fc.bias.shape == (5,) and head.fc.weight.dtype == torch.float64
+    saved = {"fc.weight": torch.ones(1, 3, dtype=torch.float64), "fc.bias": torch.zeros(1, dtype=torch.float64)}
+    head.resize(1)  # narrower too: e.g. to receive a saved state of that width
+    head.load_state_dict(saved)
+    assert torch.allclose(head(torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)), torch.tensor([[6.0]], dtype=torch.float64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head.resize(0)
+    assert head.out_features == 0 and not [w for w in caught if issubclass(w.category, UserWarning)]
+    unbiased = _linear_head(bias=False)
+    unbiased.resize(4)
+    assert unbiased.fc.bias is None and unbiased.fc.weight.shape == (4, 3)
+    meta = _linear_head().to("meta")
+    meta.resize(3)
+    assert meta.fc.weight.device.type == "meta"
+
+
+def test_cosine_head_scales_the_cosines_by_a_learnable_scale():
+    head = CosineLinear(3, 2, scale=2.5)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+    # neither the features nor the weights are unit vectors, and each row is normalised on its own
+    x = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    out = head(x)
+    # cosines: row 0 (1, 1/sqrt 2), row 1 (0, 1/sqrt 2); times the scale 2.5
+    assert torch.allclose(out, torch.tensor([[2.5, 2.5 / math.sqrt(2)], [0.0, 2.5 / math.sqrt(2)]]))
+    out.sum().backward()  # d(sum)/d(scale) = the sum of the cosines = 1 + 2/sqrt 2
+    assert head.scale.grad is not None and head.scale.grad.item() == pytest.approx(1 + math.sqrt(2), rel=1e-6)
+    assert head.fc.weight.grad is not None
+
+
+def test_cosine_head_defaults():
+    head = CosineLinear(4)
+    assert head.out_features == 0 and head.fc.bias is None and head.bias is False
+    assert isinstance(head.scale, nn.Parameter) and head.scale.item() == 16.0 and head.scale.dtype == torch.float32
+    assert {n for n, _ in head.named_parameters()} == {"fc.weight", "scale"}
+    assert CosineLinear(4, 3, scale=4).scale.item() == 4.0  # an int scale becomes a float parameter
+    head.grow(2)
+    assert head.fc.bias is None and head(torch.ones(1, 4)).shape == (1, 2)

@@ -1,0 +1,466 @@
+"""Mutation testing of clbench's tests with mutmut (a benchmark of the tests, not part of `make test`).
+
+    python scripts/mutation.py                          # the default set (DEFAULT_FILES)
+    python scripts/mutation.py strategies/lord.py       # one file (`make mutation FILE=strategies/lord.py`)
+    python scripts/mutation.py --readme-only            # regenerate docs/mutation/README.md from the reports
+
+For each file it
+  1. copies the working tree (tracked and untracked-but-not-ignored files) to a scratch directory,
+     never touching the repository: mutmut writes its mutants there only;
+  2. lays the copy out the way it is imported: the folders mapped with setuptools' package-dir
+     (`strategies/` is `clbench.strategies`, ...) move under `clbench/`, so a mutant's module name
+     (`clbench.strategies.lord`) is the name the tests import; the scratch copy shadows the editable
+     install because mutmut puts its `mutants/` folder first on sys.path;
+  3. runs `mutmut run` (one worker, fork server: torch is not fork-safe once used) with only the
+     tests mapped to the file in TESTS, and a per-mutant timeout of
+     timeout_multiplier x (the covering tests' measured duration) + timeout_constant seconds;
+  4. checks every `killed_by` annotation in docs/mutation/annotations.toml by running the named
+     test against the mutant (MUTANT_UNDER_TEST, mutmut's switch) in one pytest process;
+  5. writes docs/mutation/<file without .py>.md and .json: killed, survived, timed out, the kill
+     score, and for each survivor (or former survivor) the test that kills it now or the reason
+     it is equivalent; then regenerates the table in docs/mutation/README.md from every .json.
+
+Annotations (docs/mutation/annotations.toml), one table per mutant, keyed by file and mutant name:
+
+    ["clbench/models/heads.py"."xǁIncrementalLinearǁgrow__mutmut_2"]
+    mutant = "if out_features < old.out_features:"      # the mutated line, to notice stale names
+    killed_by = "tests/test_ptm.py::test_growing_to_the_same_width_keeps_the_parameters"
+    # or: equivalent = "one line: why no input can tell the mutant from the original"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "mutation"
+ANNOTATIONS = DOCS / "annotations.toml"
+SCRATCH = Path(os.environ.get("CLBENCH_MUTATION_DIR", "/tmp/clbench-mutation"))
+
+# The tests that exercise each file: a mutant is run against these only.  Files not listed fall
+# back to the naming convention (strategies/x.py -> tests/strategies/test_x.py, clbench/**/x.py ->
+# tests/test_x.py).
+TESTS: dict[str, list[str]] = {
+    "clbench/models/buffers.py": ["tests/test_buffers.py"],
+    "clbench/models/heads.py": ["tests/test_ptm.py"],  # the cosine and linear heads' unit tests live there
+    "clbench/metrics.py": ["tests/test_metrics.py"],
+    "strategies/lord.py": ["tests/strategies/test_lord.py"],
+    "strategies/clfd.py": ["tests/strategies/test_clfd.py"],
+}
+DEFAULT_FILES = ["clbench/models/buffers.py", "clbench/models/heads.py", "clbench/metrics.py"]
+RERUN = "make mutation FILE=<file>   # or: .venv/bin/python scripts/mutation.py <file> ...; `make mutation` runs the default set"
+
+ENV = {"WANDB_MODE": "offline", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+DETECTED = ("killed", "timeout", "segfault")
+UNDETECTED = ("survived", "no tests")
+
+
+# --------------------------------------------------------------------------- layout
+def package_dirs() -> dict[str, str]:
+    """setuptools' package-dir of pyproject.toml: {"clbench.strategies": "strategies", ...}."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return dict(data.get("tool", {}).get("setuptools", {}).get("package-dir", {}))
+
+
+def scratch_path(file: str) -> str:
+    """Where `file` (a repository path) lies in the scratch copy laid out as imported."""
+    for package, folder in package_dirs().items():
+        if file.startswith(folder.rstrip("/") + "/"):
+            return package.replace(".", "/") + file[len(folder.rstrip("/")):]
+    return file
+
+
+def module_of(file: str) -> str:
+    return scratch_path(file)[: -len(".py")].replace("/", ".")
+
+
+def tests_for(file: str) -> list[str]:
+    if file in TESTS:
+        tests = TESTS[file]
+    else:
+        stem = Path(file).stem
+        guess = f"tests/strategies/test_{stem}.py" if file.startswith("strategies/") else f"tests/test_{stem}.py"
+        tests = [guess]
+    missing = [t for t in tests if not (ROOT / t).exists()]
+    if missing:
+        raise SystemExit(f"{file}: no tests at {', '.join(missing)}; add the file to TESTS in scripts/mutation.py")
+    return tests
+
+
+def report_stem(file: str) -> Path:
+    return DOCS / Path(file).with_suffix("")
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree (tracked, plus untracked files git does not ignore) into `dest`, laid out as imported."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith("docs/mutation/"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    for package, folder in package_dirs().items():
+        inside = dest / package.replace(".", "/")
+        if (dest / folder).is_dir() and not inside.exists():
+            shutil.move(str(dest / folder), inside)
+            (dest / folder).symlink_to(inside.relative_to(dest), target_is_directory=True)
+
+
+def write_mutmut_config(tree: Path, file: str, tests: list[str], args) -> None:
+    # -p no:unraisableexception: that plugin runs gc.collect() twice per session, ~3 s of the ~3.5 s
+    # each mutant's pytest.main costs with torch's heap loaded; it only reports unraisable exceptions.
+    pyproject = tree / "pyproject.toml"
+    text = pyproject.read_text(encoding="utf-8")
+    if "[tool.mutmut]" in text:
+        raise SystemExit("pyproject.toml already has [tool.mutmut]; scripts/mutation.py writes its own")
+    top = module_of(file).split(".")[0]
+    config = f"""
+
+[tool.mutmut]
+source_paths = [{json.dumps(top)}]
+only_mutate = [{json.dumps(scratch_path(file))}]
+pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:xdist", "-p", "no:unraisableexception", "-q"]
+pytest_add_cli_args_test_selection = {json.dumps(tests)}
+timeout_multiplier = {float(args.timeout_multiplier)}
+timeout_constant = {float(args.timeout_constant)}
+process_isolation = "forkserver"
+use_git_change_detection = false
+"""
+    pyproject.write_text(text + config, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- running
+def run_mutmut(tree: Path, log: Path) -> int:
+    env = {**os.environ, **ENV}
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", "1"],
+            cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    return proc.returncode
+
+
+def read_results(tree: Path, file: str) -> dict[str, str]:
+    from mutmut.stats import status_by_exit_code
+
+    meta = tree / "mutants" / (scratch_path(file) + ".meta")
+    data = json.loads(meta.read_text(encoding="utf-8"))
+    return {key: status_by_exit_code[code] for key, code in data["exit_code_by_key"].items()}
+
+
+def diffs(tree: Path, file: str, names: list[str]) -> dict[str, str]:
+    from mutmut.configuration import reset_config
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    here = Path.cwd()
+    os.chdir(tree)
+    try:
+        reset_config()
+        return {name: get_diff_for_mutant(name, path=scratch_path(file)) for name in names}
+    finally:
+        os.chdir(here)
+        reset_config()
+
+
+def mutated_line(diff: str) -> str:
+    plus = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return " / ".join(plus) if plus else "(line removed)"
+
+
+VERIFY_PLUGIN = '''
+import json, os
+from _pytest.runner import runtestprotocol
+
+PLAN = json.loads(os.environ["CLBENCH_MUTATION_PLAN"])
+RESULTS = {}
+
+def pytest_runtest_protocol(item, nextitem):
+    mutants = PLAN.get(item.nodeid)
+    if not mutants:
+        return None
+    for mutant in mutants:
+        os.environ["MUTANT_UNDER_TEST"] = mutant
+        try:
+            reports = runtestprotocol(item, nextitem=None, log=False)
+        finally:
+            os.environ.pop("MUTANT_UNDER_TEST", None)
+        RESULTS[mutant] = "fails" if any(r.failed for r in reports) else "passes"
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    RESULTS[item.nodeid + "::original"] = "fails" if any(r.failed for r in reports) else "passes"
+    return True
+
+def pytest_sessionfinish(session):
+    with open(os.environ["CLBENCH_MUTATION_VERIFIED"], "w") as f:
+        json.dump(RESULTS, f)
+'''
+
+
+def verify_kills(tree: Path, plan: dict[str, list[str]]) -> dict[str, str]:
+    """Run each annotated test against its mutants in one pytest process: {mutant: 'fails'|'passes'}."""
+    if not plan:
+        return {}
+    mutants = tree / "mutants"
+    (mutants / "_mutation_verify.py").write_text(VERIFY_PLUGIN, encoding="utf-8")
+    out = tree / "verified.json"
+    env = {
+        **os.environ, **ENV,
+        "CLBENCH_MUTATION_PLAN": json.dumps(plan),
+        "CLBENCH_MUTATION_VERIFIED": str(out),
+        "PYTHONPATH": str(mutants),
+    }
+    env.pop("MUTANT_UNDER_TEST", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:xdist", "-p", "_mutation_verify",
+         *sorted(plan)], cwd=mutants, env=env, capture_output=True, text=True,
+    )
+    if not out.exists():
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        return {}
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- reports
+def load_annotations() -> dict[str, dict[str, dict]]:
+    if not ANNOTATIONS.exists():
+        return {}
+    return tomllib.loads(ANNOTATIONS.read_text(encoding="utf-8"))
+
+
+def short(name: str) -> str:
+    return name.rpartition(".")[2]
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return head or "unknown"
+
+
+def kill_score(detected: int, total: int) -> float | None:
+    return None if total == 0 else detected / total
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def build_report(file: str, tests: list[str], status: dict[str, str], diff_by_name: dict[str, str],
+                 notes: dict[str, dict], verified: dict[str, str], args) -> tuple[str, dict]:
+    counts = {s: 0 for s in ("killed", "timeout", "segfault", "survived", "no tests", "suspicious", "skipped")}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    total = len(status)
+    detected = sum(counts[s] for s in DETECTED)
+    undetected = [n for n, s in status.items() if s in UNDETECTED]
+    equivalent = [n for n in undetected if "equivalent" in notes.get(short(n), {})]
+    unexplained = [n for n in undetected if n not in equivalent]
+    former = [n for n, s in status.items() if s in DETECTED and "killed_by" in notes.get(short(n), {})]
+    stale = [n for n in notes if f"{module_of(file)}.{n}" not in status]
+
+    summary = {
+        "file": file,
+        "tests": tests,
+        "mutants": total,
+        "killed": counts["killed"] + counts["segfault"],
+        "timed_out": counts["timeout"],
+        "survived": counts["survived"],
+        "not_covered": counts["no tests"],
+        "suspicious": counts["suspicious"],
+        "equivalent": len(equivalent),
+        "unexplained": len(unexplained),
+        "kill_score": kill_score(detected, total),
+        "kill_score_without_equivalent": kill_score(detected, total - len(equivalent)),
+        "date": _dt.date.today().isoformat(),
+        "commit": git_commit(),
+        "mutmut": _mutmut_version(),
+        "timeout": f"{args.timeout_multiplier:g} x covering tests' duration + {args.timeout_constant:g} s",
+    }
+
+    def diff_block(name: str) -> str:
+        return "```diff\n" + diff_by_name.get(name, "(no diff)").rstrip() + "\n```\n"
+
+    def line_check(name: str) -> str:
+        want = notes.get(short(name), {}).get("mutant")
+        got = mutated_line(diff_by_name.get(name, ""))
+        return "" if want is None or want == got else f" **(stale annotation: it names `{want}`, the mutant now reads `{got}`)**"
+
+    out = [f"# Mutation testing: `{file}`\n",
+           "Generated by `scripts/mutation.py` (mutmut); do not edit by hand. Rerun with "
+           f"`make mutation FILE={file}`.\n",
+           f"Tests run against each mutant: {', '.join(f'`{t}`' for t in tests)}. "
+           f"Per-mutant timeout: {summary['timeout']}. "
+           f"Commit {summary['commit']}, {summary['date']}, mutmut {summary['mutmut']}.\n",
+           "| mutants | killed | timed out | survived | not covered | of which equivalent | unexplained | kill score | without equivalents |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+           f"| {total} | {summary['killed']} | {summary['timed_out']} | {summary['survived']} | {summary['not_covered']} "
+           f"| {len(equivalent)} | {len(unexplained)} | {pct(summary['kill_score'])} | {pct(summary['kill_score_without_equivalent'])} |\n",
+           "Kill score = (killed + timed out) / mutants. *Not covered*: no selected test calls the mutated "
+           "function (mutmut's \"no tests\"), counted as survivors. *Without equivalents*: equivalent mutants "
+           "(changes no input can observe) left out of the denominator.\n"]
+    if unexplained:
+        out.append(f"## Survivors without a killing test or a reason ({len(unexplained)})\n")
+        for n in unexplained:
+            out.append(f"### `{short(n)}` ({status[n]}){line_check(n)}\n")
+            if "killed_by" in notes.get(short(n), {}):
+                out.append(f"Annotated as killed by `{notes[short(n)]['killed_by']}`, but it survived this run.\n")
+            out.append(diff_block(n))
+    if former:
+        out.append(f"## Former survivors, killed now ({len(former)})\n")
+        out.append("Each named test was run alone against its mutant after the mutmut run: "
+                   "*fails* means it kills the mutant by itself.\n")
+        for n in former:
+            test = notes[short(n)]["killed_by"]
+            check = verified.get(n, "not checked")
+            out.append(f"### `{short(n)}`{line_check(n)}\n")
+            out.append(f"Killed by `{test}` (alone against the mutant: {check}).\n")
+            out.append(diff_block(n))
+    if equivalent:
+        out.append(f"## Equivalent mutants ({len(equivalent)})\n")
+        for n in equivalent:
+            out.append(f"### `{short(n)}` ({status[n]}){line_check(n)}\n")
+            out.append(f"Equivalent: {notes[short(n)]['equivalent']}\n")
+            out.append(diff_block(n))
+    if stale:
+        out.append("## Annotations naming no current mutant\n")
+        out.extend(f"- `{n}`" for n in stale)
+        out.append("")
+    summary["verified_failures"] = sum(1 for n in former if verified.get(n) == "fails")
+    summary["former_survivors"] = len(former)
+    return "\n".join(out), summary
+
+
+def _mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+README_BEGIN, README_END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
+
+
+def write_readme() -> None:
+    rows = []
+    for path in sorted(DOCS.rglob("*.json")):
+        s = json.loads(path.read_text(encoding="utf-8"))
+        link = path.relative_to(DOCS).with_suffix(".md").as_posix()
+        rows.append(
+            f"| [`{s['file']}`]({link}) | {s['mutants']} | {s['killed']} | {s['timed_out']} | "
+            f"{s['survived'] + s['not_covered']} | {s['equivalent']} | {s['unexplained']} | "
+            f"{pct(s['kill_score'])} | {pct(s['kill_score_without_equivalent'])} | {s['commit']}, {s['date']} |"
+        )
+    table = "\n".join([
+        "| file | mutants | killed | timed out | survived | of which equivalent | unexplained | kill score | without equivalents | run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *rows,
+    ])
+    readme = DOCS / "README.md"
+    if readme.exists() and README_BEGIN in readme.read_text(encoding="utf-8"):
+        text = readme.read_text(encoding="utf-8")
+        head, rest = text.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+    else:
+        head = textwrap.dedent(f"""\
+            # Mutation testing
+
+            How well clbench's tests catch broken code: [mutmut](https://pypi.org/project/mutmut/) changes one
+            thing at a time in a source file (an operator, a constant, a call's argument) and runs the tests
+            mapped to that file against each change (a *mutant*). A mutant the tests catch is *killed*; one
+            they pass is a *survivor*: either the tests miss a behaviour (each such survivor gets a killing
+            test) or the change cannot alter behaviour (it is marked *equivalent*, with the reason).
+
+            A benchmark of the tests, not part of `make test`. Rerun:
+
+                {RERUN}
+
+            The script works on a scratch copy of the tree (`$CLBENCH_MUTATION_DIR`, default
+            `/tmp/clbench-mutation`), one mutant at a time, and writes one report per file beside this page,
+            then this table from the reports' `.json` files. Survivors are explained in
+            `docs/mutation/annotations.toml`.
+
+            """)
+        tail = "\n"
+    readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- main
+def mutate(file: str, args) -> dict:
+    tests = tests_for(file)
+    slug = file.replace("/", "_").removesuffix(".py")
+    tree = SCRATCH / slug
+    print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
+    copy_tree(tree)
+    write_mutmut_config(tree, file, tests, args)
+    log = tree / "mutmut.log"
+    print(f"[mutation] {file}: mutmut run against {' '.join(tests)} (log: {log})", flush=True)
+    rc = run_mutmut(tree, log)
+    meta = tree / "mutants" / (scratch_path(file) + ".meta")
+    if not meta.exists():
+        raise SystemExit(f"mutmut produced no results for {file} (exit {rc}); see {log}")
+    status = read_results(tree, file)
+    notes = load_annotations().get(file, {})
+    interesting = [n for n, s in status.items() if s in UNDETECTED or short(n) in notes]
+    diff_by_name = diffs(tree, file, interesting)
+    plan: dict[str, list[str]] = {}
+    for name, s in status.items():
+        test = notes.get(short(name), {}).get("killed_by")
+        if test and s in DETECTED:
+            plan.setdefault(test, []).append(name)
+    verified = verify_kills(tree, plan) if not args.no_verify else {}
+    for test in plan:
+        if verified.get(test + "::original") == "fails":
+            print(f"[mutation] warning: {test} fails on the unmutated code", file=sys.stderr)
+    text, summary = build_report(file, tests, status, diff_by_name, notes, verified, args)
+    stem = report_stem(file)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text, encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"[mutation] {file}: {summary['mutants']} mutants, {summary['killed']} killed, "
+          f"{summary['timed_out']} timed out, {summary['survived'] + summary['not_covered']} survived "
+          f"({summary['equivalent']} equivalent, {summary['unexplained']} unexplained); "
+          f"kill score {pct(summary['kill_score'])} -> {stem.with_suffix('.md').relative_to(ROOT)}", flush=True)
+    if not args.keep:
+        shutil.rmtree(tree, ignore_errors=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help=f"repository paths of source files (default: {' '.join(DEFAULT_FILES)})")
+    parser.add_argument("--timeout-multiplier", type=float, default=10.0,
+                        help="per-mutant timeout: this x the covering tests' measured duration ...")
+    parser.add_argument("--timeout-constant", type=float, default=10.0, help="... + this many seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show`/`browse` there)")
+    parser.add_argument("--no-verify", action="store_true", help="skip running the annotated killing tests")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate docs/mutation/README.md")
+    args = parser.parse_args(argv)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    if not args.readme_only:
+        for file in args.files or DEFAULT_FILES:
+            file = Path(file).as_posix().removeprefix("./")
+            if not (ROOT / file).is_file():
+                raise SystemExit(f"no such file: {file}")
+            mutate(file, args)
+    write_readme()
+    print(f"[mutation] table: {(DOCS / 'README.md').relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
