@@ -51,6 +51,9 @@ class CLStrategy(pl.LightningModule):
     # paths to tensors, dicts of tensors or numbers); after each fit what every rank added is summed
     # over ranks, so every rank holds the sum over all samples (EWC's Fisher, SimpleCIL's class sums)
     distributed_sums: ClassVar[tuple[str, ...]] = ()
+    # False for a method whose evaluation scores every class of the stream, seen or not (eTag's
+    # `mask_unseen=False`, as its official code); the protocol masks classes not yet seen
+    masks_unseen_classes: bool = True
 
     # Lightning sets `_current_fx_name` around every hook it calls (about 30 times a step) and the
     # step keeps its output: such names never hold parameters, buffers or modules, so nn.Module's
@@ -318,6 +321,12 @@ class CLStrategy(pl.LightningModule):
         counted into the experience's training cost."""
         meter = self.__dict__.get("cost_meter")
         return meter.work_steps(label, n) if meter is not None else iter(range(n))
+
+    def stored_state(self) -> list[torch.Tensor]:
+        """Model values the method keeps besides its parameters and uses at inference (TUNA's and
+        SAEF's stored task adapters): the profiler counts them into `total_params` and their bytes
+        into `stored_state_bytes`. Replay data is not model state (`report()["buffer_bytes"]`)."""
+        return []
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensor state outside `state_dict` (buffers' contents, statistics) for resume."""

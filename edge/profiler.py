@@ -194,7 +194,10 @@ class EdgeProfiler(pl.Callback):
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
         rec["train_time_source"] = f"measured:{_host_name()}"
         rec.setdefault("trainable_params", _trainable_params(strategy.parameters()))
-        rec["total_params"] = sum(p.numel() for p in strategy.parameters())
+        stored = strategy.stored_state() if hasattr(strategy, "stored_state") else []  # e.g. stored task adapters
+        rec["total_params"] = sum(p.numel() for p in strategy.parameters()) + sum(t.numel() for t in stored)
+        if stored:
+            rec["stored_state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
         rec["fwd_flops_per_sample"] = self._inference_flops(strategy)
         report = strategy.report() if hasattr(strategy, "report") else {}
         if isinstance(report, dict) and "buffer_bytes" in report:
@@ -227,14 +230,14 @@ class EdgeProfiler(pl.Callback):
             "trainable_params": recs[-1].get("trainable_params") if recs else None,
             "total_params": recs[-1].get("total_params") if recs else None,
         }
-        # its hooks' own time plus what counting added inside the counted steps
-        out["profiler_time_s"] = self._own_time + out["flop_count_overhead_time_s"]
-        if recs and any("train_flops_exp_planned" in r for r in recs):
         if recs and "ranks" in recs[-1]:  # DDP: FLOPs and samples are over all ranks, peak memory the largest rank's
             out["world_size"] = recs[-1]["ranks"]["world_size"]
             per_rank = [r["ranks"].get("peak_memory_bytes") or [] for r in recs if "ranks" in r]
             out["peak_memory_bytes_per_rank"] = [max((p[i] or 0 for p in per_rank if i < len(p)), default=0)
                                                  for i in range(out["world_size"])]
+        # its hooks' own time plus what counting added inside the counted steps
+        out["profiler_time_s"] = self._own_time + out["flop_count_overhead_time_s"]
+        if recs and any("train_flops_exp_planned" in r for r in recs):
             out["train_flops_total_planned"] = sum(r.get("train_flops_exp_planned") or 0 for r in recs)
         out["samples_per_s"] = out["samples"] / out["train_time_s"] if out["train_time_s"] else None
         if len(recs) > self._traced_records and all("time_s" in (r.get("jetson") or {}) for r in recs):
@@ -533,9 +536,6 @@ def _summed_jetson(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class NullProfiler:
-    """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`); not a Callback,
-    so Trainers do not even dispatch hooks to it."""
 def combine_rank_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One experience's record of a DDP run from every rank's own (rank 0's first): training FLOPs
     and samples summed over ranks (the run's total work), peak memory and times the largest rank's
@@ -561,6 +561,9 @@ def combine_rank_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class NullProfiler:
+    """Records nothing and hooks nothing (runs with `RunConfig(profile=False)`); not a Callback,
+    so Trainers do not even dispatch hooks to it."""
 
     def start_experience(self, index: int) -> None:
         pass

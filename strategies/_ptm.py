@@ -144,6 +144,11 @@ class TunaStrategy(CLStrategy):
             return torch.zeros(0)
         return self.task_adapter_vectors[: int(self.task_adapter_count)]
 
+    def stored_state(self) -> list[torch.Tensor]:
+        """The stored task adapters (one adapter's values per finished task), counted by the profiler."""
+        adapters = self.task_adapters
+        return [*super().stored_state(), *([adapters] if len(adapters) else [])]
+
     def load_expert(self, theta: torch.Tensor) -> None:
         """Put the adapter vector `theta` (a stored or merged adapter) into the evaluation adapter set."""
         vector_to_parameters(theta.to(self.expert.adapters[0].up_bias.dtype), list(self.expert.parameters()))

@@ -1,9 +1,10 @@
 """eTag: class-incremental learning via embedding distillation and task-oriented generation
 (Huang, Zeng, Yang, An, Diao, Xu; AAAI 2024, arXiv 2304.10103; code github.com/libo-huang/eTag).
 
-Data-free: between tasks only the model (CIFAR ResNet-18, auxiliary branches, classifier) and a
-conditional VAE over penultimate features are kept; no exemplars, no prototypes. The formulas
-follow the official code (the main paper body was not available to this implementation).
+Data-free: between tasks only the model (ResNet-18: the CIFAR variant, or timm's for ImageNet-size
+images; auxiliary branches, classifier) and a conditional VAE over penultimate features are kept;
+no exemplars, no prototypes. The formulas follow the official code (the main paper body was not
+available to this implementation).
 
 Model: after stage k = 1..3 of the ResNet an auxiliary branch (its own copies of the remaining
 stages, pooled, linear to 4C outputs: joint label 4y + rotation) and, as in the code, a 4th
@@ -27,7 +28,11 @@ B. Generator (skipped after the last task; the model frozen, in eval mode), on t
    G_{t-1}, which is kept frozen: the same z and B old labels give
    + CE(C(f_hat), y)/(K_old+1) + K_old CE(C(G_t(z, y_old)), y_old)/(K_old+1)
    + 1e-3 K_old SSE(G_t(z, y_old), G_{t-1}(z, y_old)).
-Inference: backbone and classifier only.
+Inference: backbone and classifier only. The stage outputs the training reads pass through the
+backbone's own stem (timm ResNets: with their max-pool), so the pooled last stage is exactly the
+embedding `backbone(x)` inference uses; backbones where that is not known are refused.
+`mask_unseen` (default True, clbench's protocol for every method, so rows compare): only the seen
+classes are scored; False scores all C logits as the official evaluation does.
 
 The learning rate decays x0.1 every 30 epochs (`lr_schedule="step"`, `lr_step_epochs`, `lr_step_gamma`).
 The released script does not run as published (an undefined generator-lr name, an unparsed
@@ -71,6 +76,9 @@ class ETagConfig(StrategyConfig):
     latent: int = 200
     hidden: int = 512
     lr_schedule: str = "step"  # x0.1 every 30 epochs (backbone, branches and classifier)
+    # score only the classes seen so far, as clbench does for every method (comparable rows); False:
+    # every class of the stream, as the official evaluation (its classifier is allocated for all of them)
+    mask_unseen: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,6 +98,34 @@ def rotations(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def embedding_l2(student: torch.Tensor, teacher: torch.Tensor, k_old: int) -> torch.Tensor:
     """K_old times one Frobenius norm of the whole batch's embedding difference (not squared, not averaged)."""
     return k_old * torch.linalg.norm(student - teacher)
+
+
+def _stem_kind(backbone: nn.Module) -> str | None:
+    """"cifar" (clbench's CIFAR ResNet: 3x3 stem, no max-pool), "timm" (timm's ResNet: its stem and
+    max-pool, average pooling) or None for a backbone whose pooled last stage is not known to be its
+    embedding. Both kinds must be made of basic blocks (the 4th branch builds more of them)."""
+    from timm.models.resnet import BasicBlock as TimmBasicBlock
+    from timm.models.resnet import ResNet
+
+    from clbench.models.backbones import BasicBlock, CifarResNet
+
+    def blocks_are(block_type) -> bool:
+        return all(isinstance(block, block_type) for s in STAGES for block in getattr(backbone, s))
+
+    if isinstance(backbone, CifarResNet) and blocks_are(BasicBlock):
+        return "cifar"
+    if (isinstance(backbone, ResNet) and blocks_are(TimmBasicBlock) and isinstance(backbone.maxpool, nn.MaxPool2d)
+            and getattr(backbone.global_pool, "pool_type", None) == "avg"):
+        return "timm"
+    return None
+
+
+def stem(backbone: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the backbone's forward does before its first stage (`kind`: `_stem_kind`), so that the
+    last stage's output, averaged over space, is `backbone(x)` (the embedding inference uses)."""
+    if kind == "timm":
+        return backbone.maxpool(backbone.act1(backbone.bn1(backbone.conv1(x))))
+    return torch.relu(backbone.bn1(backbone.conv1(x)))
 
 
 def _fresh_copy(stage: nn.Module) -> nn.Module:
@@ -155,6 +191,7 @@ class ETag(CLStrategy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         b, c, d = self.backbone, self.num_classes, self.backbone.num_features
+        self.stem_kind = _stem_kind(b)
         widths = [s[-1].conv2.out_channels for s in (b.layer1, b.layer2, b.layer3, b.layer4)]
         self.branches = nn.ModuleList(
             AuxiliaryBranch([_fresh_copy(getattr(b, s)) for s in STAGES[k + 1:]], d, c) for k in range(3))
@@ -169,10 +206,16 @@ class ETag(CLStrategy):
 
     @classmethod
     def backbone_problem(cls, backbone: nn.Module) -> str | None:
-        if all(hasattr(backbone, s) for s in STAGES):
+        if _stem_kind(backbone) is not None:
             return None
-        return (f"etag needs a CIFAR ResNet backbone with stages layer1..layer4 (--backbone resnet18_cifar, "
-                f"resnet18_cifar_nf8), not {type(backbone).__name__}")
+        name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+        return (f"etag needs a CIFAR ResNet backbone (resnet18_cifar, resnet18_cifar_nf20, resnet18_cifar_nf8) or a "
+                f"timm ResNet of basic blocks with a max-pool stem and average pooling (resnet18, resnet34, resnet18d, "
+                f"resnet34d): its pooled last stage must be the embedding, not {name}")
+
+    @property
+    def masks_unseen_classes(self) -> bool:  # read by the evaluation
+        return self.cfg.mask_unseen
 
     def make_head(self, in_features: int) -> nn.Module:
         return nn.Identity()  # replaced by the all-classes classifier once the class count is known
@@ -180,7 +223,7 @@ class ETag(CLStrategy):
     # ---- the network: stage outputs, embedding, auxiliary logits
     def stage_outputs(self, x: torch.Tensor, backbone: nn.Module | None = None) -> list[torch.Tensor]:
         b = backbone if backbone is not None else self.backbone
-        out, h = [], torch.relu(b.bn1(b.conv1(x)))
+        out, h = [], stem(b, x, self.stem_kind)
         for s in STAGES:
             h = getattr(b, s)(h)
             out.append(h)

@@ -38,6 +38,8 @@ per sample, inference cost is a distribution (the card's pitfall): after each ta
 `diagnostics` hold, over the seen test sets of that evaluation, the histogram of expert forwards
 per sample and the per-sample inference FLOPs it implies (forwards x the counted FLOPs of one
 expert forward).
+The stored leaf adapters and the forest's merged parents (held for inference) are counted by the
+profiler in `total_params` and `stored_state_bytes` (`stored_state`).
 """
 
 from __future__ import annotations
@@ -225,6 +227,13 @@ class SAEF(TunaStrategy):
             clusters = cluster_tasks(prototypes, self.cfg.cluster_threshold)
             self._forest = [build_tree([leaves[i] for i in c], thetas, self.cfg.merge) for c in clusters]
         return self._forest
+
+    def stored_state(self) -> list[torch.Tensor]:
+        """The stored leaf adapters and the forest's merged parent adapters (held for inference)."""
+        if len(self.task_adapters) == 0:
+            return super().stored_state()
+        parents = [n.theta for tree in self.forest for n in tree.nodes() if not n.is_leaf]
+        return [*super().stored_state(), *parents]
 
     # ---- inference
     @torch.no_grad()

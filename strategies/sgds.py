@@ -29,6 +29,10 @@ columns of W_up. Per task t:
 5. Stage 2 [recon]: adapter frozen and dense: Gaussians of the new classes, then alignment of the
    head (alignment lr 0.005, TUNA's ca_lr) [recon].
 Inference [recon]: dense adapter (labels are unknown at test time), one backbone pass per image.
+`inference_units="union"` is the card's other option: every label-free forward (inference and the
+stage-2 Gaussians, so the head is aligned on the features it is tested on) keeps only the union of
+the assigned sets; it equals dense once every unit is used. Dense is the default: the paper's
+inference rule was not available, and the reconstruction makes dense the rule.
 Training values (`PAPER_SETTINGS`) are TUNA's [recon].
 Every class's decision, its nearest old class, their similarity and the overlap
 |S_c & S_y*| are in the result JSON (`strategy_report.units`), and so is the first task in
@@ -45,9 +49,10 @@ import torch.nn.functional as F
 from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 
 from clbench.errors import UsageError
+from clbench.models.freeze import eval_mode
 from clbench.models.prototypes import cosface_loss
 from clbench.registry import register_strategy
-from clbench.types import Batch
+from clbench.types import Batch, Output
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,14 @@ class SGDSConfig(TunaConfig):
     reuse_threshold: float = 0.7  # gamma_r
     reuse_epsilon: float = 1e-6
     align_lr: float = 0.005
+    # the adapter's units when labels are unknown (inference, and the class Gaussians the head is
+    # aligned on): "dense" (all r, the reconstruction's default) or "union" (of every class's set)
+    inference_units: str = "dense"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.inference_units not in ("dense", "union"):
+            raise UsageError(f"inference_units={self.inference_units!r} is invalid; expected one of: dense, union")
 
 
 def semantic_probabilities(prototype: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,7 +145,21 @@ class SGDS(TunaStrategy):
         logits = self.head(self.features(batch.x, unit_mask=mask))
         return cosface_loss(logits, batch.y, self.experience.classes, self.cfg.scale, self.cfg.margin)
 
-    # ---- 5. stage 2 (dense statistics, alignment) and inference: TunaStrategy's, with the adapter dense
+    # ---- 5. stage 2 (statistics, alignment) and inference: TunaStrategy's, with the adapter dense or
+    # restricted to the union of the assigned sets
+    def label_free_mask(self, n: int) -> torch.Tensor | None:
+        """The units of a forward without labels, for `n` samples: None (all) or the union of every assigned set."""
+        if self.cfg.inference_units == "dense":
+            return None
+        return self.unit_sets.any(0).float().expand(n, -1)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        f = self.features(x, unit_mask=self.label_free_mask(len(x)))
+        return Output(self.cfg.scale * self.head(f), f)
+
+    def eval_features(self, x: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.backbone, self.adapter), torch.no_grad():
+            return self.features(x, unit_mask=self.label_free_mask(len(x)))
 
     # ---- resume and report
     def extra_state(self) -> dict[str, torch.Tensor]:

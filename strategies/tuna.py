@@ -13,6 +13,8 @@ minimum entropy is chosen; the score is its softmax plus the universal adapter's
 `universal="latest"` reproduces the released code, whose universal branch runs the latest,
 continually trained adapter instead of the merged one (its logged numbers come from that);
 the paper's merged adapter is the default.
+The stored task adapters (304,320 values each at ViT-B/16) are model state outside the parameters:
+`stored_state` hands them to the profiler, which counts them in `total_params` and `stored_state_bytes`.
 
 Optional orthogonality term (the released code's, used there on ImageNet-R/A and ObjectNet; off
 by default): for t > 0, orthogonality x exp(-(t+1)) x sum over earlier tasks i of

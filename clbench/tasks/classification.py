@@ -25,19 +25,23 @@ def evaluate(strategy, loaders, n_seen: int, device=None, predict_logits=None) -
     as 0 without a pass (the classes of experience j are the positions after those of
     experiences 0..j-1, so the test sets of unseen experiences come last). `predict_logits`
     (default: the strategy's) scores another version of the model, such as an add-on's
-    quantized snapshot.
+    quantized snapshot. A strategy with `masks_unseen_classes = False` (eTag's `mask_unseen=False`)
+    is scored over all its logits, on every test set: a seen class's sample whose top logit is a
+    class not seen yet is an error.
     """
     predict_logits = predict_logits or strategy.predict_logits
+    masked = getattr(strategy, "masks_unseen_classes", True)
     row = []
     with evaluating(strategy, device) as device:
         for loader in loaders:
-            if n_seen == 0 or _all_unseen(loader.dataset, n_seen):
+            if masked and (n_seen == 0 or _all_unseen(loader.dataset, n_seen)):
                 row.append(0.0 if len(loader.dataset) else float("nan"))
                 continue
             correct = total = 0
             for batch in loader:
                 batch = batch.to(device)
-                logits = predict_logits(batch.x)[:, :n_seen]
+                logits = predict_logits(batch.x)
+                logits = logits[:, :n_seen] if masked else logits
                 correct += int((logits.argmax(dim=1) == batch.y).sum())
                 total += len(batch)
             row.append(correct / total if total else float("nan"))

@@ -313,3 +313,61 @@ def test_a_live_incremental_fit_keeps_batch_norm_statistics_and_the_first_one_up
     for t in (0, 1):  # stage B: the model is frozen, statistics included
         start, end = at[(t, "generator", "start")]["backbone"], at[(t, "generator", "end")]["backbone"]
         assert all(torch.equal(start[k], end[k]) for k in start), t
+
+
+# ---- the backbones eTag accepts: the pooled last stage the training reads is the inference embedding
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18_cifar_nf8", 32)])
+def test_the_pooled_last_stage_is_the_embedding_inference_uses(name, size):
+    strategy = _strategy(backbone=name).eval()
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stages = strategy.stage_outputs(x)
+        embedding = strategy.backbone(x)
+        assert torch.allclose(stages[-1].mean(dim=(2, 3)), embedding, atol=1e-6)
+        assert torch.allclose(strategy(x).features, embedding)
+        if name == "resnet18":  # the ImageNet stem: stride-2 conv and max-pool, then 4 stages to a 2x2 map
+            assert [tuple(s.shape[2:]) for s in stages] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+        teacher = strategy.frozen_copy()["backbone"]  # a teacher's stages take the same path
+        assert torch.allclose(strategy.stage_outputs(x, teacher)[-1].mean(dim=(2, 3)), teacher(x), atol=1e-6)
+
+
+def test_a_first_task_step_on_a_timm_resnet18():
+    strategy = _strategy(backbone="resnet18")
+    strategy.on_experience_start(create_scenario("synthetic32-3").info(0))
+    strategy.phase = strategy.phases(strategy.experience)[0]
+    strategy.on_train_epoch_start()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    terms = strategy.step_losses(Batch(x, y))
+    assert set(terms) == {"ce", "rotation"} and all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.parametrize("name, called", [("resnet50", "resnet50"), ("clbench_convnet", "ConvNet"),
+                                          ("clbench_vit_tiny", "VisionTransformer")])
+def test_a_backbone_whose_stages_etag_cannot_read_is_refused_before_training(name, called):
+    from clbench.errors import UsageError
+    from clbench.registry import STRATEGIES
+
+    with torch.device("meta"):
+        backbone = build_backbone(name, in_chans=3, img_size=32)
+    problem = STRATEGIES.get("etag").backbone_problem(backbone)
+    assert problem is not None and "\n" not in problem
+    assert "resnet18_cifar_nf8" in problem and "(resnet18, resnet34" in problem and problem.endswith(f"not {called}")
+    with pytest.raises(UsageError, match="etag needs a CIFAR ResNet backbone"):
+        _strategy(backbone=name)
+
+
+# ---- evaluation: masked as clbench's protocol by default, all C classes scored with mask_unseen=False
+@pytest.mark.parametrize("mask_unseen, row", [(True, [0.5, 0.0, 0.0]), (False, [0.0, 0.0, 0.5])])
+def test_mask_unseen_decides_whether_a_class_not_seen_yet_may_win(mask_unseen, row):
+    from clbench.datasets import make_loader
+    from clbench.tasks.classification import evaluate
+
+    strategy = _strategy(mask_unseen=mask_unseen)
+    scenario = create_scenario("synthetic32-3")  # classes 0-1, 2-3, 4-5; 20 test images each
+    strategy.on_experience_start(scenario.info(0))
+    with torch.no_grad():  # seen class 0 beats seen class 1 everywhere; unseen class 5 beats them all
+        strategy.head.weight.zero_()
+        strategy.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 10.0]))
+    loaders = [make_loader(d, 64, shuffle=False) for d in scenario.test_sets]
+    assert all(torch.bincount(d.y).tolist() == c for d, c in zip(scenario.test_sets, ([20, 20], [0, 0, 20, 20], [0] * 4 + [20, 20])))
+    assert evaluate(strategy, loaders, n_seen=len(scenario.info(0).seen_classes)) == row

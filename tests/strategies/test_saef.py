@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -230,3 +231,28 @@ def test_inference_cost_is_recorded_as_a_distribution(tmp_path, fast_config_for)
     assert second["expert_forwards_histogram"] == {3: tests[0] + tests[1]}
     flops = second["inference_flops_per_sample"]
     assert flops["min"] == flops["max"] == 3 * second["flops_per_expert_forward"] > 0
+
+
+@pytest.mark.parametrize("threshold, trees, parents", [(2.0, 2, 0), (-1.0, 1, 1)])
+def test_the_profiler_counts_the_stored_leaf_and_parent_adapters(tmp_path, fast_config_for, threshold, trees, parents):
+    """After 2 tasks: 2 leaves; one tree of both also holds their merged parent for inference."""
+    counted, model, forests = [], [], []
+
+    def keep(i, result, s):
+        counted.append(sum(p.numel() for p in s.parameters()))
+        model.append(sum(p.numel() for m in (s.backbone, s.head) for p in m.parameters()))
+        forests.append(len(s.forest))
+
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=1, flops="off")
+    overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8, "cluster_threshold": threshold}
+    result = run(RunSpec("saef", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides), on_experience=keep)
+    assert result.status == "completed", result.error
+    assert forests[-1] == trees
+    # one adapter set from its shapes (clbench_vit_tiny: 4 blocks of width 64, bottleneck 4):
+    # per block W_down 4 x 64, b_d 4, W_up 64 x 4, b_u 64
+    one = 4 * (4 * 64 + 4 + 64 * 4 + 64)
+    assert counted[-1] == model[-1] + 2 * one  # backbone, head, the adapter in training, the evaluation slot
+    record = result.edge["per_experience"][-1]
+    assert record["total_params"] == counted[-1] + (2 + parents) * one
+    assert record["stored_state_bytes"] == (2 + parents) * one * 4
+    assert result.edge["per_experience"][0]["total_params"] == counted[0] + one

@@ -219,3 +219,44 @@ def test_a_runs_training_fit_leaves_the_units_of_no_class_bit_identical(tmp_path
         assert torch.equal(a[down_w][free], b[down_w][free]) and torch.equal(a[down_b][free], b[down_b][free])
         assert torch.equal(a[up_w][:, free], b[up_w][:, free])
         assert not torch.equal(a[up_w][:, used], b[up_w][:, used])
+
+
+def test_union_inference_keeps_only_the_units_of_the_assigned_sets():
+    """Classes 0 and 1 own units 0-3 and 4-7 of 16: with inference_units="union" every label-free
+    forward equals the dense forward of an adapter whose units 8-15 are cut out by hand (their rows
+    of W_down and entries of b_d zeroed: ReLU(0) = 0, so they add nothing)."""
+    import copy
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    predictions = {}
+    for units in ("dense", "union"):
+        strategy = _strategy(inference_units=units)
+        strategy.on_experience_start(create_scenario("digits32-5").info(0))
+        strategy.unit_sets[0, 0:4] = strategy.unit_sets[1, 4:8] = True
+        _randomise(strategy.adapter)
+        strategy.eval()
+        predictions[units] = strategy.predict_logits(x)
+        features = strategy.eval_features(x)  # what the stage-2 Gaussians are measured on
+    assert strategy.cfg.inference_units == "union" and _strategy().cfg.inference_units == "dense"  # the default
+    cut = copy.deepcopy(strategy.adapter)
+    with torch.no_grad():
+        for adapter in cut.adapters:
+            adapter.down.weight[8:] = 0
+            adapter.down.bias[8:] = 0
+        with strategy.router.using(cut):
+            by_hand = strategy.backbone(x)
+        with strategy.router.using(strategy.adapter):
+            dense = strategy.backbone(x)
+    assert torch.allclose(features, by_hand, atol=1e-6)
+    assert torch.allclose(predictions["union"], strategy.cfg.scale * strategy.head(by_hand), atol=1e-5)
+    assert torch.allclose(predictions["dense"], strategy.cfg.scale * strategy.head(dense), atol=1e-5)
+    assert (predictions["union"] - predictions["dense"]).abs().max() > 1e-3  # units 8-15 mattered
+    strategy.unit_sets[2, 8:12] = strategy.unit_sets[3, 12:16] = True  # every unit used: union is dense
+    assert torch.allclose(strategy.predict_logits(x), predictions["dense"], atol=1e-6)
+
+
+def test_inference_units_must_be_dense_or_union():
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="inference_units"):
+        _strategy(inference_units="masked")

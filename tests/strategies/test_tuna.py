@@ -155,3 +155,29 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, name, resume_pai
     whole, resumed = resume_pair(spec, tmp_path, stop_after=0)
     assert resumed.status == "completed", resumed.error
     assert resumed.accuracy_matrix == whole.accuracy_matrix
+
+
+def adapter_values(blocks: int, dim: int, bottleneck: int) -> int:
+    """One adapter set's values from its shapes: per block W_down (r x d) + b_d (r) + W_up (d x r) + b_u (d)."""
+    return blocks * (bottleneck * dim + bottleneck + dim * bottleneck + dim)
+
+
+def test_the_profiler_counts_the_stored_task_adapters_in_the_parameters_and_memory(tmp_path, fast_config_for):
+    assert adapter_values(12, 768, 16) == 304_320  # one stored adapter at ViT-B/16
+    counted, model = [], []  # the strategy's parameters after each task; its backbone and head
+
+    def keep(i, result, s):
+        counted.append(sum(p.numel() for p in s.parameters()))
+        model.append(sum(p.numel() for m in (s.backbone, s.head) for p in m.parameters()))
+
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=1, flops="off")
+    result = run(RunSpec("tuna", "digits32-2", run=cfg, seed=0,
+                         strategy_overrides={"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}), on_experience=keep)
+    assert result.status == "completed", result.error
+    one = adapter_values(4, 64, 4)  # clbench_vit_tiny: 4 blocks of width 64
+    for t, record in enumerate(result.edge["per_experience"]):
+        # the parameters: backbone, head, the adapter in training and the evaluation slot; no stored adapter
+        assert counted[t] == model[t] + 2 * one
+        assert record["total_params"] == counted[t] + (t + 1) * one
+        assert record["stored_state_bytes"] == (t + 1) * one * 4  # float32
+    assert result.edge["totals"]["total_params"] == counted[1] + 2 * one
