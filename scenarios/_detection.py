@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from clbench.scenarios.base import Scenario
 
 from clbench.datasets import DetectionDataset
@@ -41,6 +42,7 @@ class DetectionScenario(Scenario):
             "class_names": self.class_names,
             "setting": self.setting,
             "metric": self.convention.metric,
+            "convention": self.convention.name,
             "ap_convention": self.convention.description,
             "evaluation": "full test set; ground truth and predictions restricted to seen classes",
         }
@@ -58,6 +60,13 @@ def parse_split(split: str) -> list[int]:
     return increments
 
 
+def _unignored_boxes_per_class(data: DetectionDataset, num_classes: int) -> list[int]:
+    if not len(data.targets):
+        return [0] * num_classes
+    labels = torch.cat([t["labels"][~t["ignore"]] for t in data.targets])
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
 def detection_scenario(name: str, train: DetectionDataset, test: DetectionDataset, *, increments: list[int],
                        class_names: list[str], setting: str, input_shape: tuple[int, int, int],
                        convention: APConvention = VOC_AP50, meta: dict | None = None) -> DetectionScenario:
@@ -66,6 +75,9 @@ def detection_scenario(name: str, train: DetectionDataset, test: DetectionDatase
         raise UsageError(f"{name}: split {increments} covers {sum(increments)} classes, but the benchmark has {num_classes}")
     if setting not in ("standard", "absent"):
         raise UsageError(f"{name}: IOD setting {setting!r} is unknown; expected standard or absent")
+    if len(test) == 0:
+        raise UsageError(f"{name}: the test set has no image; expected at least one test image with boxes of every task")
+    test_boxes = _unignored_boxes_per_class(test, num_classes)
     train_sets = []
     for t in range(len(increments)):
         start = sum(increments[:t])
@@ -73,6 +85,9 @@ def detection_scenario(name: str, train: DetectionDataset, test: DetectionDatase
         rows, targets = task_images(setting, train.targets, current, list(range(start)))
         if not rows:
             raise UsageError(f"{name}: task {t} (classes {current}) has no training image in the {setting} setting")
+        if not sum(test_boxes[c] for c in current):
+            raise UsageError(f"{name}: task {t} (classes {current}) has no test box; expected at least one "
+                             f"non-ignored test box of its classes (its AP would be undefined)")
         train_sets.append(train.subset(rows, targets))
     return DetectionScenario(
         name=name,

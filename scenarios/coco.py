@@ -10,6 +10,10 @@ keeps them) and in the test set.
 Images are decoded on demand and resized to a *square* `image_size` x `image_size` (default
 800; not aspect-preserving), and boxes are scaled by the same per-axis factors.
 
+AP convention `coco` (`clbench.tasks.detection.COCO_AP`): per-class COCOeval AP averaged over
+IoU .50:.05:.95, 101 recall points, 100 detections per image, crowd boxes under COCO's crowd
+rule, from one faster-coco-eval pass (pycocotools' numbers).
+
 Names: `coco-<split>` (standard setting) and `coco-<split>-absent` (IOR's absent setting), for
 40+40, 50+30, 60+20, 70+10, 40+20+20 and 40+10+10+10+10.
 """
@@ -54,6 +58,7 @@ COCO_CATEGORIES = (
 )
 COCO_CLASSES = tuple(name for _, name in COCO_CATEGORIES)
 DEFAULT_SIZE = 800
+OFFICIAL_COUNTS = {"train2017": "118,287", "val2017": "5,000"}
 HOW_TO_GET = ("download 2017 Train images, 2017 Val images and 2017 Train/Val annotations from "
               "https://cocodataset.org/#download and extract them into {folder} "
               "(giving annotations/, train2017/ and val2017/)")
@@ -81,6 +86,9 @@ def read_coco(folder: Path, split: str, size: int) -> DetectionDataset:
         ids = [c for c, _ in categories]
         raise UsageError(f"{path} has {len(categories)} categories (ids {ids[:5]}...), expected the 80 COCO 2017 "
                          f"categories with their standard ids and names; {how}")
+    if not images:
+        raise UsageError(f"{path} has no image; expected the {split} images ({OFFICIAL_COUNTS.get(split, 'thousands')} "
+                         f"in the official file) in its 'images' list")
     try:
         targets = _targets(images, annotations, size)
     except (KeyError, TypeError, ValueError) as e:

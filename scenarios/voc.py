@@ -12,6 +12,13 @@ Names: `voc-<split>` (standard setting) and `voc-<split>-absent` (IOR's absent s
 split lists the classes per task joined by `+`; `MxN` stands for N tasks of M classes (the
 IOD papers' notation, `parse_split`). So the literature's 15-1 (15 + five 1-class tasks) is
 `voc-15+1x5`, 10-2 (10 + five 2-class tasks) is `voc-10+2x5` and 10-1 is `voc-10+1x10`.
+
+AP convention (`clbench.tasks.detection.APConvention`): the plain names report `coco101`,
+COCO-style 101-point AP50 with difficult boxes ignored (what P2IOD and the DETR-based codebases
+report on VOC); the names ending in `-voc07` (`voc-10+10-voc07`, `voc-10+10-absent-voc07`, ...)
+report `voc07`, the VOC 2007 11-point AP50 of the Faster R-CNN lineage (ILOD, Faster ILOD).
+The two are different numbers for the same detections: compare a result only with results of
+the same convention (`result.detection["convention"]`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from clbench.scenarios.base import ScenarioOptions, data_root
 from clbench.datasets import DetectionDataset, make_target
 from clbench.errors import UsageError
 from clbench.registry import register_scenario
-from clbench.tasks.detection import VOC_AP50
+from clbench.tasks.detection import CONVENTIONS
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -43,6 +50,7 @@ DEFAULT_SIZE = 512
 HOW_TO_GET = ("download VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar from the PASCAL VOC 2007 page "
               "(http://host.robots.ox.ac.uk/pascal/VOC/voc2007/) and extract both into {root} "
               "(they create VOCdevkit/VOC2007)")
+OFFICIAL_COUNTS = {"trainval": "5,011", "test": "4,952"}
 EXPECTED = ("Annotations", "JPEGImages", "ImageSets/Main/trainval.txt", "ImageSets/Main/test.txt")
 
 
@@ -57,7 +65,11 @@ def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
     with targets in the alphabetical class order (difficult -> ignore)."""
     how = HOW_TO_GET.format(root=folder.parent.parent if folder.parent.name == "VOCdevkit" else folder.parent)
     _files.require(folder, EXPECTED, dataset="PASCAL VOC 2007", how=how)
-    ids = _files.read_names(folder / "ImageSets" / "Main" / f"{image_set}.txt")
+    list_file = folder / "ImageSets" / "Main" / f"{image_set}.txt"
+    ids = _files.read_names(list_file)
+    if not ids:
+        raise UsageError(f"{list_file} lists no image; expected one image id per line "
+                         f"(the official {image_set}.txt lists {OFFICIAL_COUNTS.get(image_set, 'thousands of')} ids)")
     position = {name: i for i, name in enumerate(VOC_CLASSES)}
     paths, sizes, targets = [], [], []
     for image_id in ids:
@@ -89,15 +101,17 @@ def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
     return DetectionDataset(ResizedImages(paths, sizes, size), targets)
 
 
-def voc_scenario(split: str, setting: str, options: ScenarioOptions) -> DetectionScenario:
+def voc_scenario(split: str, setting: str, options: ScenarioOptions, convention: str = "coco101") -> DetectionScenario:
     fixed_class_order(options.class_order, "PASCAL VOC")
+    ap = CONVENTIONS[convention]
     increments = parse_split(split)
     size = image_size(options.image_size, DEFAULT_SIZE)
     folder = voc_folder(data_root(options))
     train, test = read_voc(folder, "trainval", size), read_voc(folder, "test", size)
     return detection_scenario(
-        f"voc-{split}" + ("-absent" if setting == "absent" else ""), train, test, increments=increments,
-        class_names=list(VOC_CLASSES), setting=setting, input_shape=(3, size, size), convention=VOC_AP50,
+        f"voc-{split}" + ("-absent" if setting == "absent" else "") + ("-voc07" if convention == "voc07" else ""),
+        train, test, increments=increments,
+        class_names=list(VOC_CLASSES), setting=setting, input_shape=(3, size, size), convention=ap,
         meta={"source": f"PASCAL VOC 2007 ({folder}): trainval for training, test for evaluation",
               "image_size": size, "resize": "square, not aspect-preserving; boxes scaled per axis",
               "difficult": "ignored boxes (neither true nor false positives)"},
@@ -210,3 +224,113 @@ def voc_10_1x10(options: ScenarioOptions) -> DetectionScenario:
 def voc_10_1x10_absent(options: ScenarioOptions) -> DetectionScenario:
     """PASCAL VOC 2007 10-1 (10 + 10 tasks of 1 class), absent setting."""
     return voc_scenario("10+1x10", "absent", options)
+
+# ------------------------------------------------------------------ the VOC 2007 metric (11-point AP50)
+
+
+@register_scenario("voc-19+1-voc07")
+def voc_19_1_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 19+1 (new: tvmonitor), standard setting, VOC07 11-point AP50."""
+    return voc_scenario("19+1", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-19+1-absent-voc07")
+def voc_19_1_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 19+1 (new: tvmonitor), absent setting, VOC07 11-point AP50."""
+    return voc_scenario("19+1", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-15+5-voc07")
+def voc_15_5_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15+5, standard setting, VOC07 11-point AP50."""
+    return voc_scenario("15+5", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-15+5-absent-voc07")
+def voc_15_5_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15+5, absent setting, VOC07 11-point AP50."""
+    return voc_scenario("15+5", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-10+10-voc07")
+def voc_10_10_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+10, standard setting, VOC07 11-point AP50."""
+    return voc_scenario("10+10", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-10+10-absent-voc07")
+def voc_10_10_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+10, absent setting, VOC07 11-point AP50."""
+    return voc_scenario("10+10", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-5+15-voc07")
+def voc_5_15_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+15, standard setting, VOC07 11-point AP50."""
+    return voc_scenario("5+15", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-5+15-absent-voc07")
+def voc_5_15_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+15, absent setting, VOC07 11-point AP50."""
+    return voc_scenario("5+15", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-10+5+5-voc07")
+def voc_10_5_5_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+5+5, standard setting, VOC07 11-point AP50."""
+    return voc_scenario("10+5+5", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-10+5+5-absent-voc07")
+def voc_10_5_5_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10+5+5, absent setting, VOC07 11-point AP50."""
+    return voc_scenario("10+5+5", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-5+5+5+5-voc07")
+def voc_5_5_5_5_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+5+5+5, standard setting, VOC07 11-point AP50."""
+    return voc_scenario("5+5+5+5", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-5+5+5+5-absent-voc07")
+def voc_5_5_5_5_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 5+5+5+5, absent setting, VOC07 11-point AP50."""
+    return voc_scenario("5+5+5+5", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-15+1x5-voc07")
+def voc_15_1x5_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15-1 (15+1+1+1+1+1), standard setting, VOC07 11-point AP50."""
+    return voc_scenario("15+1x5", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-15+1x5-absent-voc07")
+def voc_15_1x5_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 15-1 (15+1+1+1+1+1), absent setting, VOC07 11-point AP50."""
+    return voc_scenario("15+1x5", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-10+2x5-voc07")
+def voc_10_2x5_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-2 (10 + 5 tasks of 2 classes), standard setting, VOC07 11-point AP50."""
+    return voc_scenario("10+2x5", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-10+2x5-absent-voc07")
+def voc_10_2x5_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-2 (10 + 5 tasks of 2 classes), absent setting, VOC07 11-point AP50."""
+    return voc_scenario("10+2x5", "absent", options, convention="voc07")
+
+
+@register_scenario("voc-10+1x10-voc07")
+def voc_10_1x10_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-1 (10 + 10 tasks of 1 class), standard setting, VOC07 11-point AP50."""
+    return voc_scenario("10+1x10", "standard", options, convention="voc07")
+
+
+@register_scenario("voc-10+1x10-absent-voc07")
+def voc_10_1x10_absent_voc07(options: ScenarioOptions) -> DetectionScenario:
+    """PASCAL VOC 2007 10-1 (10 + 10 tasks of 1 class), absent setting, VOC07 11-point AP50."""
+    return voc_scenario("10+1x10", "absent", options, convention="voc07")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from clbench.scenarios._detection import parse_split
@@ -16,6 +14,7 @@ from clbench.datasets import (
 from clbench.errors import UsageError
 from clbench.tasks.detection import (
     COCO_AP,
+    CONVENTIONS,
     absent_task_images,
     breakdown,
     class_ap,
@@ -77,11 +76,12 @@ def test_dataset_items_are_unit_range_images_with_their_targets_and_collate_into
 # --------------------------------------------------------------------------- evaluation
 def test_hand_built_case_gives_the_hand_computed_ap50():
     # class 0: one correct box -> AP 1; class 2: ground truth, no prediction -> AP 0;
-    # class 1: a prediction without ground truth -> no AP at all; mean over classes = 0.5
+    # class 1: a prediction without ground truth -> no AP (None, never 0); mean over classes = 0.5
     targets = [make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 2])]
     preds = [pred([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.8], [0, 1])]
-    ap = class_ap(preds, targets, seen=[0, 1, 2])
-    assert ap == {0: pytest.approx(1.0), 2: pytest.approx(0.0)}
+    for convention in CONVENTIONS.values():
+        ap = class_ap(preds, targets, seen=[0, 1, 2], convention=convention)
+        assert ap == {0: pytest.approx(1.0), 1: None, 2: 0.0}
     assert breakdown(ap, old=[0, 1], new=[2]) == {"old": 1.0, "new": 0.0, "all": 0.5}
 
 
@@ -100,7 +100,8 @@ def test_unseen_class_predictions_and_ground_truth_leave_every_number_unchanged(
 def test_ignored_boxes_are_neither_true_nor_false_positives():
     targets = [make_target([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0], ignore=[False, True])]
     with_hit_on_ignored = [pred([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.95], [0, 0])]
-    assert class_ap(with_hit_on_ignored, targets, seen=[0]) == {0: pytest.approx(1.0)}
+    for convention in CONVENTIONS.values():
+        assert class_ap(with_hit_on_ignored, targets, seen=[0], convention=convention) == {0: pytest.approx(1.0)}
     unmatched = [pred([[0, 0, 10, 10], [60, 60, 70, 70]], [0.9, 0.95], [0, 0])]
     assert class_ap(unmatched, targets, seen=[0])[0] < 1.0  # a real false positive does count
 
@@ -109,7 +110,7 @@ def test_all_is_the_class_count_weighted_mean_of_old_and_new():
     ap = {0: 0.9, 1: 0.6, 2: 0.3, 3: 0.2, 4: 0.5}
     b = breakdown(ap, old=[0, 1, 2], new=[3, 4])
     assert b["all"] == pytest.approx((3 * b["old"] + 2 * b["new"]) / 5)
-    assert breakdown(ap, old=[], new=[3])["old"] != breakdown(ap, old=[], new=[3])["old"]  # NaN: no old class
+    assert breakdown(ap, old=[], new=[3])["old"] is None  # no old class: no mean, not 0
 
 
 def test_coco_convention_averages_over_iou_thresholds():
@@ -140,10 +141,11 @@ def test_a_run_stores_per_task_ap_and_the_old_new_all_breakdown(detection_run):
     det, matrix = data["detection"], data["accuracy_matrix"]
     assert data["scenario_info"]["task_type"] == "detection" and data["backbone"] == "tiny_gfl"
     assert det["metric"] == "AP50" and det["class_names"] == ["disk", "square", "triangle", "cross"]
+    assert det["convention"] == "coco101" and det["engine"].startswith("faster-coco-eval")
     assert [t["task"] for t in det["per_task"]] == [0, 1]
     first, last = det["per_task"]
     assert set(first["ap_per_class"]) == {"0", "1"} and set(last["ap_per_class"]) == {"0", "1", "2", "3"}
-    assert math.isnan(first["old"]) and first["all"] == pytest.approx(first["new"])
+    assert first["old"] is None and first["all"] == pytest.approx(first["new"])
     ap = {int(c): v for c, v in last["ap_per_class"].items()}
     assert last["all"] == pytest.approx(sum(ap.values()) / 4)
     assert last["old"] == pytest.approx((ap[0] + ap[1]) / 2) and last["new"] == pytest.approx((ap[2] + ap[3]) / 2)

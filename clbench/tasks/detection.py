@@ -8,9 +8,11 @@ positions in the benchmark's class order, boxes are `xyxy` in pixels of the imag
   current-class boxes) and `absent_task_images` (also drop images holding any earlier class).
   Crowd (COCO) and difficult (VOC) boxes travel as `ignore` flags, never as targets.
 - Evaluation after every task (`evaluate_detection`): the full test set with ground truth
-  restricted to seen classes, predictions restricted to seen classes, per-class AP from
-  torchmetrics' `MeanAveragePrecision` (pycocotools backend, COCO-style 101-point
-  interpolation), and the old / new / all means over classes that have ground truth.
+  restricted to seen classes, predictions restricted to seen classes, per-class AP under the
+  scenario's `APConvention` (`voc07`: VOC 2007 11-point AP50, computed here; `coco101`:
+  COCO-style 101-point AP50; `coco`: AP at IoU .50:.95; the last two from one COCOeval pass of
+  faster-coco-eval, pycocotools' float64 thresholds), and the old / new / all means over the
+  classes that have a test box (a class without one has AP None, never 0).
 - `DetectionTask`: what the runner and the reports ask of a detection run (the per-task AP
   record, the AP columns).
 """
@@ -21,10 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from clbench import metrics as M
-from clbench.datasets import Target, restrict
+from clbench.datasets import Target
 from clbench.errors import UsageError
 from clbench.models.freeze import evaluating
 from clbench.tasks.base import Column, Task
@@ -82,75 +85,305 @@ def task_images(setting: str, targets: Sequence[Target], current: Sequence[int],
 
 
 # --------------------------------------------------------------------------- evaluation
+# pycocotools' own grids (cocoeval.Params): float64, so an IoU exactly on a threshold (0.55,
+# 0.6, ...) is a match as in pycocotools; torchmetrics' float32 linspaces put 0.55 at 0.55000001
+COCO_IOU_THRESHOLDS = tuple(np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist())
+RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+# voc_eval's 11 recall points, np.arange(0., 1.1, 0.1), kept bit for bit: its 0.3 is
+# 0.30000000000000004, so a recall of exactly 3/10 does not reach that point, as in the reference
+VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
+MAX_DETECTIONS = 100  # COCOeval's per image and class cap (maxDets[-1]); the VOC07 rule has none
+
+
 @dataclass(frozen=True)
 class APConvention:
-    """Which AP a detection scenario reports (stored with every number)."""
+    """Which AP a detection scenario reports (its name is stored with every number).
 
-    metric: str  # "AP50" (VOC) or "AP" (COCO, IoU .50:.95)
-    iou_thresholds: tuple[float, ...] | None  # None: torchmetrics' default .50:.05:.95
+    - `voc07`: PASCAL VOC 2007 11-point interpolated AP at IoU > 0.5 (py-faster-rcnn /
+      Detectron `voc_eval`, `use_07_metric=True`); a detection whose best-overlapping box of its
+      class is difficult (ignored) is neither a true nor a false positive.
+    - `coco101`: COCO-style 101-point AP at IoU >= 0.5 (COCOeval on VOC converted to COCO
+      format, as DETR-based codebases evaluate VOC); ignored boxes are ignored ground truth
+      matched by plain IoU, not crowd boxes.
+    - `coco`: COCOeval AP averaged over IoU .50:.05:.95; ignored boxes are COCO crowd boxes
+      (intersection over the detection's area, any number of detections absorbed).
+    """
+
+    name: str
+    metric: str  # "AP50" (VOC-style) or "AP" (COCO, IoU .50:.95)
+    iou_thresholds: tuple[float, ...]
+    ignored: str  # what an ignore flag means: "difficult" (VOC) or "crowd" (COCO)
 
     @property
     def description(self) -> str:
-        ious = "IoU 0.5" if self.iou_thresholds == (0.5,) else "IoU .50:.95"
-        return f"{self.metric}: COCO-style 101-point AP at {ious} (torchmetrics MeanAveragePrecision, pycocotools backend)"
+        if self.name == "voc07":
+            return ("AP50: PASCAL VOC 2007 11-point interpolated AP at IoU > 0.5, greedy by score, each box matched "
+                    "once, detections best-overlapping a difficult box ignored (voc_eval, use_07_metric)")
+        ious = "IoU >= 0.5" if self.iou_thresholds == (0.5,) else "IoU .50:.05:.95"
+        ignored = ("difficult boxes ignored, matched by IoU" if self.ignored == "difficult"
+                   else "crowd boxes ignored (COCO crowd rule)")
+        return (f"{self.metric}: COCO-style 101-point interpolated AP at {ious}, at most {MAX_DETECTIONS} detections "
+                f"per image and class, {ignored} (COCOeval)")
 
 
-VOC_AP50 = APConvention("AP50", (0.5,))
-COCO_AP = APConvention("AP", None)
+VOC07 = APConvention("voc07", "AP50", (0.5,), "difficult")
+COCO101_AP50 = APConvention("coco101", "AP50", (0.5,), "difficult")
+COCO_AP = APConvention("coco", "AP", COCO_IOU_THRESHOLDS, "crowd")
+VOC_AP50 = COCO101_AP50  # clbench's default for VOC-style scenarios
+CONVENTIONS = {c.name: c for c in (VOC07, COCO101_AP50, COCO_AP)}
+
+
+def coco_engine() -> str:
+    """The COCOeval implementation `class_ap` uses: faster-coco-eval (C++), else pycocotools
+    (the same numbers, slower)."""
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        try:
+            import pycocotools  # noqa: F401
+        except ImportError as e:
+            raise ImportError("detection evaluation needs faster-coco-eval (pip install faster-coco-eval) "
+                              "or pycocotools") from e
+        return f"pycocotools {_version('pycocotools')}"
+    return f"faster-coco-eval {_version('faster-coco-eval')}"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:  # pragma: no cover - imported but not installed as a distribution
+        return "unknown"
+
+
+def _as_arrays(predictions: Sequence[dict], targets: Sequence[Target], seen: Sequence[int]):
+    """Per image numpy arrays restricted to the seen classes: (pred boxes, scores, labels),
+    (gt boxes, labels, ignore). Boxes go to float64 from their stored dtype without rounding."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} images; expected one per image")
+    seen_a = np.asarray(sorted(set(int(c) for c in seen)), dtype=np.int64)
+    preds, gts = [], []
+    for p, t in zip(predictions, targets):
+        labels = _numpy(p["labels"]).astype(np.int64).reshape(-1)
+        keep = np.isin(labels, seen_a)
+        preds.append((_numpy(p["boxes"]).astype(np.float64).reshape(-1, 4)[keep],
+                      _numpy(p["scores"]).astype(np.float64).reshape(-1)[keep], labels[keep]))
+        g_labels = _numpy(t["labels"]).astype(np.int64).reshape(-1)
+        g_keep = np.isin(g_labels, seen_a)
+        ignore = _numpy(t["ignore"]).astype(bool).reshape(-1) if "ignore" in t else np.zeros(len(g_labels), bool)
+        gts.append((_numpy(t["boxes"]).astype(np.float64).reshape(-1, 4)[g_keep], g_labels[g_keep], ignore[g_keep]))
+    return seen_a, preds, gts
+
+
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def class_ap(predictions: Sequence[dict], targets: Sequence[Target], seen: Sequence[int],
-             convention: APConvention = VOC_AP50) -> dict[int, float]:
-    """Per-class AP of `predictions` against `targets`, both restricted to the `seen` classes;
-    classes without ground truth are left out (torchmetrics reports them as -1).
+             convention: APConvention = VOC_AP50) -> dict[int, float | None]:
+    """Per-class AP of `predictions` against `targets`, both restricted to the `seen` classes,
+    for every seen class: None ("no AP") for a class without a non-ignored test box.
 
-    Ignored boxes go to torchmetrics as `iscrowd`, so matching one is neither a true nor a
-    false positive (the VOC "difficult" rule and COCO's crowd rule).
+    `voc07` is computed here (`voc07_ap`); `coco101` and `coco` by one COCOeval pass
+    (`cocoeval_ap`), per-class AP read from its accumulated precision array.
     """
+    seen_a, preds, gts = _as_arrays(predictions, targets, seen)
+    if convention.name == "voc07":
+        return voc07_ap(preds, gts, seen_a)
+    return cocoeval_ap(preds, gts, seen_a, convention)
+
+
+def _positives(gts, seen_a: np.ndarray) -> dict[int, int]:
+    counts = dict.fromkeys(seen_a.tolist(), 0)
+    for _, labels, ignore in gts:
+        for c in labels[~ignore].tolist():
+            counts[c] += 1
+    return counts
+
+
+def voc07_ap(preds, gts, seen_a: np.ndarray) -> dict[int, float | None]:
+    """PASCAL VOC 2007 AP50 (py-faster-rcnn's `voc_eval` with `use_07_metric=True`).
+
+    Detections of a class are taken in descending score (ties: image order, then the order
+    within the image); each is compared with every box of its class in its image, difficult
+    ones included, and its best overlap `ovmax` (first box on a tie) decides: `ovmax > 0.5`
+    on a difficult box -> ignored; on a box not yet matched -> true positive (the box is now
+    matched); on a matched box, or `ovmax <= 0.5` -> false positive. AP = mean over the 11
+    recall points t of the best precision at recall >= t. Boxes are pixel edges, so the
+    overlap needs no VOC "+1" (`read_voc` turns 1-based inclusive pixels into edges).
+    """
+    positives = _positives(gts, seen_a)
+    n_gt = np.array([len(g[1]) for g in gts], dtype=np.int64)
+    gt_offset = np.concatenate([[0], np.cumsum(n_gt)])
+    difficult = np.concatenate([g[2] for g in gts]) if len(gts) else np.zeros(0, bool)
+    labels, scores, best, overlap = [], [], [], []
+    for i, ((boxes, score, label), (g_boxes, g_labels, _)) in enumerate(zip(preds, gts)):
+        if not len(label):
+            continue
+        iou = _iou(boxes, g_boxes)
+        iou[label[:, None] != g_labels[None, :]] = -np.inf  # only boxes of the detection's class
+        if g_boxes.shape[0]:
+            j = iou.argmax(1)
+            ov = iou[np.arange(len(label)), j]
+        else:
+            j, ov = np.zeros(len(label), np.int64), np.full(len(label), -np.inf)
+        labels.append(label)
+        scores.append(score)
+        best.append(gt_offset[i] + j)
+        overlap.append(ov)
+    out: dict[int, float | None] = {}
+    if labels:
+        labels, scores, best, overlap = (np.concatenate(v) for v in (labels, scores, best, overlap))
+    for c in seen_a.tolist():
+        if positives[c] == 0:
+            out[c] = None
+            continue
+        if not len(labels) or not (labels == c).any():
+            out[c] = 0.0
+            continue
+        mine = np.flatnonzero(labels == c)
+        order = mine[np.argsort(-scores[mine], kind="stable")]
+        hit = overlap[order] > 0.5
+        on_difficult = np.zeros(len(order), bool)
+        on_difficult[hit] = difficult[best[order][hit]]
+        candidate = hit & ~on_difficult
+        tp = np.zeros(len(order), bool)
+        rows = np.flatnonzero(candidate)
+        _, first = np.unique(best[order][rows], return_index=True)  # the first detection on each box
+        tp[rows[first]] = True
+        fp = ~tp & ~on_difficult
+        keep = ~on_difficult
+        tp_c, fp_c = np.cumsum(tp[keep]), np.cumsum(fp[keep])
+        out[c] = _voc07_from_counts(tp_c, fp_c, positives[c])
+    return out
+
+
+def _voc07_from_counts(tp: np.ndarray, fp: np.ndarray, positives: int) -> float:
+    recall = tp / float(positives)
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    ap = 0.0
+    for t in VOC07_RECALL_POINTS:
+        reached = recall >= t
+        ap += (precision[reached].max() if reached.any() else 0.0) / 11.0
+    return float(ap)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` with every box of `b` (xyxy pixel edges); 0 where the union is empty."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def cocoeval_ap(preds, gts, seen_a: np.ndarray, convention: APConvention) -> dict[int, float | None]:
+    """Per-class COCO-style AP from ONE COCOeval pass (faster-coco-eval, else pycocotools):
+    pycocotools' float64 IoU and 101 recall thresholds, at most 100 detections per image and
+    class, area range "all"; a class's AP is the mean of its accumulated precision over the
+    IoU thresholds and recall points, as `COCOeval.summarize` averages over all classes.
+
+    Ignored boxes: `crowd` -> `iscrowd: 1` (COCO's rule). `difficult` -> an ignored box matched
+    by plain IoU: COCOeval's only other per-box ignore input is the area range, so such a box
+    gets area -1, outside every range, and stays `iscrowd: 0` (its overlap is plain IoU; the box
+    area is used for nothing else here).
+    """
+    positives = _positives(gts, seen_a)
+    out: dict[int, float | None] = {c: (None if n == 0 else 0.0) for c, n in positives.items()}
+    with_gt = [c for c, n in positives.items() if n]
+    if not with_gt or not any(len(p[2]) for p in preds):
+        return out  # no ground truth: nothing to score; no detection: AP 0 for each class with ground truth
+    crowd = convention.ignored == "crowd"
+    images = [{"id": i + 1} for i in range(len(gts))]
+    categories = [{"id": c + 1} for c in seen_a.tolist()]
+    annotations = []
+    for i, (boxes, labels, ignore) in enumerate(gts):
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        for box, label, ign in zip(xywh.tolist(), labels.tolist(), ignore.tolist()):
+            area = box[2] * box[3]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1, "bbox": box,
+                                "area": area if (crowd or not ign) else -1.0, "iscrowd": int(ign and crowd)})
+    results = []
+    for i, (boxes, scores, labels) in enumerate(preds):
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        results.extend({"image_id": i + 1, "category_id": label + 1, "bbox": box, "score": score}
+                       for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()))
+    precision = _run_cocoeval({"images": images, "categories": categories, "annotations": annotations}, results,
+                              convention.iou_thresholds, [c + 1 for c in seen_a.tolist()])
+    for k, c in enumerate(seen_a.tolist()):
+        p = precision[:, :, k, 0, -1]
+        valid = p[p > -1]
+        out[c] = float(valid.mean()) if valid.size else None
+    return out
+
+
+def _run_cocoeval(gt: dict, results: list[dict], iou_thresholds, cat_ids: list[int]) -> np.ndarray:
+    """The accumulated precision array [IoU, recall, class, area, maxDets] of one COCOeval pass."""
     try:
-        from torchmetrics.detection import MeanAveragePrecision
-    except ImportError as e:  # pragma: no cover - torchmetrics ships with Lightning
-        raise ImportError("detection evaluation needs torchmetrics: pip install torchmetrics pycocotools") from e
-    metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
-        iou_thresholds=list(convention.iou_thresholds) if convention.iou_thresholds else None,
-    )
-    seen_t = torch.as_tensor(list(seen), dtype=torch.long)
-    preds, gts = [], []
-    for p, t in zip(predictions, targets):
-        keep = torch.isin(p["labels"].long().cpu(), seen_t)
-        preds.append({"boxes": p["boxes"].detach().float().cpu()[keep], "scores": p["scores"].detach().float().cpu()[keep],
-                      "labels": p["labels"].long().cpu()[keep]})
-        g = restrict({k: v.cpu() for k, v in t.items()}, seen_t)
-        gts.append({"boxes": g["boxes"].float(), "labels": g["labels"], "iscrowd": g["ignore"].long()})
-    if not any(len(g["labels"]) for g in gts):
-        return {}
-    metric.update(preds, gts)
-    out = metric.compute()
-    classes = out["classes"].reshape(-1).tolist()
-    values = out["map_per_class"].reshape(-1).tolist()
-    return {int(c): float(v) for c, v in zip(classes, values) if v >= 0 and c in set(seen_t.tolist())}
+        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+
+        quiet = {"print_function": lambda *a, **k: None}
+        coco_gt = COCO(gt, **quiet)
+    except ImportError:
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        quiet = {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox", **quiet)
+        params = evaluator.params
+        params.imgIds = sorted(coco_gt.getImgIds())
+        params.catIds = list(cat_ids)
+        params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
+        params.recThrs = RECALL_THRESHOLDS.copy()
+        params.maxDets = [MAX_DETECTIONS]
+        params.areaRng, params.areaRngLbl = [[0.0, 1e5**2]], ["all"]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return np.asarray(evaluator.eval["precision"])
 
 
-def mean_over(ap: dict[int, float], classes: Sequence[int]) -> float:
-    """Mean AP over the `classes` that have an AP (ground truth in the test set); NaN if none."""
-    values = [ap[c] for c in classes if c in ap]
+def mean_over(ap: dict[int, float | None], classes: Sequence[int]) -> float:
+    """Mean AP over the `classes` that have an AP (a non-ignored test box); NaN if none."""
+    values = [ap[c] for c in classes if ap.get(c) is not None]
     return sum(values) / len(values) if values else math.nan
 
 
-def breakdown(ap: dict[int, float], old: Sequence[int], new: Sequence[int]) -> dict[str, float]:
-    """Old / new / all mean AP (all = over every seen class with ground truth)."""
-    return {"old": mean_over(ap, old), "new": mean_over(ap, new), "all": mean_over(ap, [*old, *new])}
+def breakdown(ap: dict[int, float | None], old: Sequence[int], new: Sequence[int]) -> dict[str, float | None]:
+    """Old / new / all mean AP (all = over every seen class with an AP); None where no class has one."""
+    out = {"old": mean_over(ap, old), "new": mean_over(ap, new), "all": mean_over(ap, [*old, *new])}
+    return {k: None if math.isnan(v) else v for k, v in out.items()}
 
 
 @torch.no_grad()
 def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Sequence[Sequence[int]],
-                       convention: APConvention = VOC_AP50, device=None) -> tuple[list[float], dict[str, Any]]:
+                       convention: APConvention = VOC_AP50, device=None,
+                       class_names: Sequence[str] | None = None) -> tuple[list[float], dict[str, Any]]:
     """After task `info.index`: (row of the accuracy matrix, detail).
 
-    The row holds, per task j, the mean AP over task j's classes (0 for tasks not yet trained,
-    like a classifier's masked logits), so the continual-learning summary metrics apply as they
-    are; the detail holds per-class AP and the old / new / all breakdown.
+    The row holds, per task j, the mean AP over task j's classes that have an AP (0 for tasks
+    not yet trained, like a classifier's masked logits; NaN for a trained task none of whose
+    classes has a test box, which the detection scenarios refuse before training), so the
+    continual-learning summary metrics apply as they are; the detail holds per-class AP (None:
+    no test box, with a note) and the old / new / all breakdown over classes with an AP.
     """
     predictions, targets = [], []
     with evaluating(strategy, device) as device:
@@ -158,11 +391,17 @@ def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Seq
             batch = batch.to(device)
             predictions.extend(strategy.detect(batch.x, info.seen_classes))
             targets.extend(batch.targets)
+    if not targets:
+        raise UsageError("detection evaluation got an empty test set; expected at least one test image")
     ap = class_ap(predictions, targets, info.seen_classes, convention)
     row = [mean_over(ap, classes) if j <= info.index else 0.0 for j, classes in enumerate(task_classes)]
-    row = [0.0 if (j <= info.index and math.isnan(v)) else v for j, v in enumerate(row)]
-    detail = {"ap_per_class": {str(c): v for c, v in sorted(ap.items())},
-              **breakdown(ap, info.past_classes, info.classes)}
+    missing = [c for c, v in sorted(ap.items()) if v is None]
+    detail: dict[str, Any] = {"ap_per_class": {str(c): v for c, v in sorted(ap.items())},
+                              **breakdown(ap, info.past_classes, info.classes)}
+    if missing:
+        names = [f"{c} ({class_names[c]})" if class_names else str(c) for c in missing]
+        detail["notes"] = [f"no AP for class {', '.join(names)}: the test set has no non-ignored box of "
+                           f"{'it' if len(missing) == 1 else 'them'}; left out of every mean"]
     return row, detail
 
 
@@ -198,12 +437,15 @@ class DetectionTask(Task):
 
     def start(self, result, strategy, scenario, loaders, device) -> None:
         result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score
-        result.detection = {"metric": scenario.convention.metric, "convention": scenario.convention.description,
+        convention = scenario.convention
+        result.detection = {"metric": convention.metric, "convention": convention.name,
+                            "convention_description": convention.description,
+                            "engine": "clbench voc07_ap (numpy)" if convention.name == "voc07" else coco_engine(),
                             "class_names": scenario.class_names, "per_task": []}
 
     def after_experience(self, result, strategy, info, scenario, loaders, device) -> None:
         row, detail = evaluate_detection(strategy, loaders[0], info, scenario.task_classes, scenario.convention,
-                                         device=device)
+                                         device=device, class_names=scenario.class_names)
         result.detection["per_task"].append({"task": info.index, **detail})
         result.accuracy_matrix.append(row)
 
