@@ -139,6 +139,9 @@ class IOR(GFLStrategy):
     """Inversed Objects Replay: old objects inverted from the old detector, pasted and distilled."""
 
     Config = Config
+    # AP convention: the settings are COCO only (coco-* keys), so --paper-settings runs convention
+    # coco (COCOeval AP .50:.95, the metric of the mmdetection COCO configs IOR's code builds on);
+    # IOR has no VOC setting, hence no voc07/coco101 choice to make.
     PAPER_SETTINGS = {
         setting: {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12, "batch_size": 16,
                   "lr_schedule": "multistep", "lr_milestones": (8, 11),  # x0.1 at epochs 8 and 11

@@ -107,6 +107,10 @@ class P2IOD(FrozenBaseDetrStrategy):
     magnitude-and-sign fusion of the prompts' task vectors after every task."""
 
     Config = Config
+    # AP convention: the keys are the scenarios of the paper's metric, so --paper-settings picks it.
+    # Its released logs report COCO-API AP (COCOeval) also on VOC (VOC 2007 test converted to COCO
+    # format): the plain voc-* names, convention coco101 (101-point AP50), not the voc-*-voc07 ones;
+    # COCO: convention coco (AP .50:.95).
     PAPER_SETTINGS = {
         "voc-10+10": _VOC_A, "voc-15+5": _VOC_A, "voc-10+5+5": _VOC_A,
         "voc-19+1": {**_VOC_A, "rho_prev": 0.1, "focal_alpha": 0.5, "focal_gamma": 3.0},

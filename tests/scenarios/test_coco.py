@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from clbench.scenarios._iod_files import write_coco
@@ -103,3 +104,31 @@ def test_missing_data_and_a_foreign_category_list_are_clear_errors(tmp_path):
         read_coco(tmp_path / "coco", "train2017", size=64)
     with pytest.raises(UsageError, match="fixed class order"):
         create_scenario("coco-70+10", RunConfig(data_root=str(tmp_path), class_order="seed:1"))
+
+
+def test_a_val_file_without_images_is_refused_before_training_naming_the_file(coco_root, tmp_path, capsys):
+    import shutil
+
+    from clbench.cli import main
+
+    root, _, _ = coco_root
+    shutil.copytree(root / "coco" / "annotations", tmp_path / "coco" / "annotations")
+    (tmp_path / "coco" / "train2017").symlink_to(root / "coco" / "train2017")
+    (tmp_path / "coco" / "val2017").mkdir()
+    val = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(val.read_text())
+    val.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    code = main(["run", "--strategy", "gfl_finetune", "--scenario", "coco-40+40", "--data-root", str(tmp_path),
+                 "--set", "image_size=32", "epochs=1", "--accelerator", "cpu", "--quiet",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(val) in err[0] and "has no image" in err[0] and "5,000" in err[0]
+    assert not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_the_coco_scenarios_report_cocoeval_ap_over_ten_iou_thresholds(coco_root):
+    root, _, _ = coco_root
+    s = create_scenario("coco-70+10", RunConfig(data_root=str(root), image_size=64))
+    assert s.convention.name == "coco" and s.convention.ignored == "crowd"
+    assert list(s.convention.iou_thresholds) == np.linspace(0.5, 0.95, 10).tolist()  # pycocotools' float64 grid

@@ -103,3 +103,38 @@ def test_missing_data_names_the_path_and_how_to_get_it(tmp_path):
     message = str(e.value)
     assert str(tmp_path / "VOCdevkit" / "VOC2007") in message
     assert "VOCtrainval_06-Nov-2007.tar" in message and "ImageSets/Main/test.txt" in message
+
+
+def test_each_name_carries_its_ap_convention_and_paper_settings_pick_the_papers(voc_root):
+    from clbench.engine.runner import paper_settings
+    from clbench.registry import STRATEGIES
+
+    root, _, _ = voc_root
+    run = RunConfig(data_root=str(root), image_size=48)
+    default, voc07 = create_scenario("voc-10+10", run), create_scenario("voc-10+10-absent-voc07", run)
+    assert default.convention.name == "coco101" and default.describe()["convention"] == "coco101"
+    assert voc07.convention.name == "voc07" and voc07.name == "voc-10+10-absent-voc07" and voc07.setting == "absent"
+    assert voc07.convention.metric == default.convention.metric == "AP50"
+    # P2IOD reports COCO-API AP50 on VOC: its settings exist for the coco101 names only
+    p2iod = STRATEGIES.get("p2iod")
+    voc_keys = [k for k in p2iod.PAPER_SETTINGS if k.startswith("voc-")]
+    assert voc_keys and not any(k.endswith("-voc07") for k in voc_keys)
+    with pytest.raises(UsageError, match=r"voc-10\+10-voc07"):
+        paper_settings(p2iod, "voc-10+10-voc07")
+    assert all(k.startswith("coco-") for k in STRATEGIES.get("ior").PAPER_SETTINGS)  # IOR: COCO only
+
+
+def test_an_empty_test_list_is_refused_before_training_naming_the_file(tmp_path, capsys):
+    from clbench.cli import main
+
+    write_voc(_padded_with_difficult(24, seed=2), tmp_path, "trainval", STAND_INS)
+    write_voc(_padded_with_difficult(4, seed=5), tmp_path, "test", STAND_INS, first_id=500)
+    test_list = tmp_path / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    test_list.write_text("")
+    code = main(["run", "--strategy", "gfl_finetune", "--scenario", "voc-19+1", "--data-root", str(tmp_path),
+                 "--set", "image_size=32", "epochs=1", "--accelerator", "cpu", "--quiet",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(test_list) in err[0] and "lists no image" in err[0] and "4,952" in err[0]
+    assert not list((tmp_path / "out").rglob("*.json"))
