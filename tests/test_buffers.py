@@ -146,3 +146,53 @@ def test_zero_capacity_stores_nothing_and_bad_arguments_fail():
         ReservoirBuffer(-1)
     with pytest.raises(UsageError, match="buffer_policy='fifo'.*reservoir, class_balanced"):
         make_buffer(10, "fifo")
+
+
+def test_replace_sets_the_whole_contents_and_refuses_too_many_rows():
+    buf = ReservoirBuffer(4, seed=0)
+    buf.add(x=torch.zeros(6, 2), y=torch.zeros(6, dtype=torch.long), logits=torch.zeros(6, 3))
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+    buf.replace(x=x, y=torch.tensor([5, 6, 7]))
+    stored = buf.all()
+    assert len(buf) == 3 and set(buf.fields) == {"x", "y"}  # the old fields (logits) are gone
+    assert torch.equal(stored["y"], torch.tensor([5, 6, 7])) and torch.equal(stored["x"], x.detach())
+    assert not stored["x"].requires_grad and buf.fields["x"].shape == (4, 2)  # detached, capacity rows
+    buf.replace(x=torch.ones(4, 2), y=torch.arange(4))  # exactly the capacity fits
+    assert len(buf) == 4 and buf.class_counts() == {0: 1, 1: 1, 2: 1, 3: 1}
+    with pytest.raises(ValueError, match="5 items do not fit a buffer of capacity 4"):
+        buf.replace(x=torch.zeros(5, 2), y=torch.zeros(5, dtype=torch.long))
+
+
+def test_clear_empties_and_restarts_the_count_keeping_the_allocation():
+    buf = ReservoirBuffer(4, seed=0)
+    x, y = stream([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    offer(buf, x, y)
+    assert not buf.is_empty and buf.nbytes() > 0
+    buf.clear()
+    assert len(buf) == 0 and buf.is_empty and buf.num_seen == 0 and buf.nbytes() == 0 and buf.class_counts() == {}
+    assert buf.fields["x"].shape == (4, 3)
+    buf.add(x=x[7:9], y=y[7:9])  # not full again: the two rows go to slots 0 and 1 in order
+    assert buf.num_seen == 2 and torch.equal(buf.all()["x"][:, 0], torch.tensor([7.0, 8.0]))
+
+
+def test_reading_to_a_device():
+    buf = ReservoirBuffer(3, seed=0)
+    buf.add(x=torch.ones(2, 2), y=torch.tensor([0, 1]))
+    assert all(v.device.type == "meta" for v in buf.sample(2, device="meta").values())
+    assert all(v.device.type == "meta" and len(v) == 2 for v in buf.all(device="meta").values())
+    assert torch.equal(buf.all()["y"], torch.tensor([0, 1]))  # only the stored rows, not the capacity
+
+
+def test_herding_selection_by_hand():
+    from clbench.models.buffers import herding_selection
+
+    # mean 3.25.  Step 1: |3.25 - f| is least for f = 2.  Step 2: |3.25 - (2 + f)/2| is least for
+    # f = 1 (1.75).  Step 3: |3.25 - (3 + f)/3| is least for f = 10 (1.083).  Then the last row.
+    features = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    assert herding_selection(features, 4).tolist() == [2, 1, 3, 0]
+    assert herding_selection(features, 2).tolist() == [2, 1]  # a prefix of the full order
+    assert herding_selection(features, 9).tolist() == [2, 1, 3, 0]  # at most every row, each once
+    assert herding_selection(features, 0).dtype == torch.long and len(herding_selection(features, 0)) == 0
+    # 2-D: the distance is Euclidean over the feature vector (mean (1, 1); (1, 1) itself comes first)
+    square = torch.tensor([[0.0, 0.0], [2.0, 2.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    assert herding_selection(square, 1).tolist() == [2]
