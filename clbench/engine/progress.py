@@ -78,6 +78,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def format_count(n: int) -> str:
+    """12345 -> '12.3k', 11689512 -> '11.7M'."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
+
+
 def _is_tty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -127,12 +135,12 @@ class ProgressBar(pl.Callback):
     def _rank_zero(trainer) -> bool:
         return getattr(trainer, "is_global_zero", True)
 
-    def _where(self, pl_module) -> str:
+    def _where(self, pl_module, trainer=None) -> str:
+        """`exp 2/5 fisher` (and `epoch 1/3` when `trainer` is given)."""
         exp = pl_module.experience
         phase = getattr(pl_module.phase, "name", None) or "train"
-        if exp is None:
-            return phase
-        return f"exp {exp.index + 1}/{exp.num_experiences} {phase}"
+        where = phase if exp is None else f"exp {exp.index + 1}/{exp.num_experiences} {phase}"
+        return where if trainer is None else f"{where} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer, pl_module) -> None:
@@ -147,7 +155,7 @@ class ProgressBar(pl.Callback):
             resumed = f", resuming at experience {first}" if first > 1 else ""
             params = sum(p.numel() for p in pl_module.parameters())
             self._say(f"ready in {format_duration(now - self.created)}: {n} experiences{resumed}, "
-                      f"model of {params / 1e6:.2f}M parameters")
+                      f"model of {format_count(params)} parameters")
         if exp is not None and exp.index != self.experience_index:
             self.experience_index, self.num_experiences = exp.index, exp.num_experiences
             self.experience_started = now
@@ -158,15 +166,16 @@ class ProgressBar(pl.Callback):
         if self.tty:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=self._where(pl_module), file=self.file, leave=False,
+            self.bar = tqdm(total=total, desc=self._where(pl_module, trainer), file=self.file, leave=False,
                             dynamic_ncols=True, unit="batch")
-            self._postfix(trainer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_t0 = time.perf_counter()
         self._loss_sum, self._loss_n = 0.0, 0
-        if self.bar is not None:
+        if self.bar is not None:  # once per epoch: the bar's label names the new epoch at once
+            self.bar.set_description(self._where(pl_module, trainer), refresh=False)
             self._postfix(trainer)
+            self.bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -186,14 +195,13 @@ class ProgressBar(pl.Callback):
             return
         batches = trainer.num_training_batches
         loss = f", loss {self._loss_sum / self._loss_n:.4f}" if self._loss_n else ""
-        self._say(f"{self._where(pl_module)} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
-                  f"{batches} batches in {format_duration(time.perf_counter() - self._epoch_t0)}{loss}")
+        self._say(f"{self._where(pl_module, trainer)}: {batches} batches in {format_duration(time.perf_counter() - self._epoch_t0)}{loss}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close_bar()
 
     def _postfix(self, trainer) -> None:
-        post = {"epoch": f"{trainer.current_epoch + 1}/{trainer.max_epochs}"}
+        post = {}
         if self._loss_n:
             post["loss"] = f"{self._loss_sum / self._loss_n:.3f}"
         eta = self.run_eta()

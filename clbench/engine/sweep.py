@@ -244,7 +244,7 @@ def _find_existing(job: Job) -> Job:
 
 
 # --------------------------------------------------------------------------- execution
-def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
+def _run_job(spec, threads: int | None = None, verbose: bool = False) -> dict[str, Any]:
     """Worker body (also used in-process): one run, reduced to a small picklable summary."""
     import torch
 
@@ -253,7 +253,8 @@ def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
-    quiet_lightning()
+    if not verbose:
+        quiet_lightning()
     t0 = time.perf_counter()
     try:
         r = run(spec)
@@ -267,34 +268,56 @@ def _run_job(spec, threads: int | None = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - t0,
         "path": str(result_path(spec.run.output_dir, r)),
         "final_avg_acc": r.metrics.get("final_avg_acc"),
+        "headline": _headline(r),
     }
 
 
+def _headline(result) -> str | None:
+    """The run's headline metric as the leaderboard shows it ('Final acc 55.0%', 'Final MSE 0.4120')."""
+    from clbench.engine.progress import summary_so_far
+
+    summary = summary_so_far(result) if result.status == "completed" else []
+    if not summary:
+        return None
+    column, value = summary[0]
+    return f"{column.title} {value:{column.fmt}}{column.unit}"
+
+
 def run_local(jobs: Sequence[Job], workers: int, report: Callable[[Job, dict], None], in_process: bool = False,
-              threads: int = 1) -> None:
+              threads: int = 1, started: Callable[[Job], None] | None = None, verbose: bool = False) -> None:
     """Each run in a fresh worker process (`workers` at a time), or all in this process.
 
     A fresh process per run keeps runs independent: the CPU peak-memory figure is an
     RSS high-water mark above the process baseline, which a previous run in the same
     process would already have raised, and no global state (RNG, torch threads) leaks.
     Each worker gets `threads` torch threads (default one: on a loaded machine more threads than
-    cores per run cost far more in contention than they gain).
+    cores per run cost far more in contention than they gain). `started(job)` is called as a run
+    starts (the pool takes its jobs in order: the first `workers` at once, then one per run ended).
     """
+    started = started or (lambda job: None)
     if in_process:
         for job in jobs:
-            report(job, _run_job(job.spec))
+            started(job)
+            report(job, _run_job(job.spec, verbose=verbose))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # spawn, not fork: forking a process that already holds torch's thread pools can hang
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_run_job, job.spec, threads): job for job in jobs}
+        futures = {pool.submit(_run_job, job.spec, threads, verbose): job for job in jobs}
+        waiting = list(jobs)
+        for job in waiting[:workers]:
+            started(job)
+        del waiting[:workers]
         for future in as_completed(futures):
             report(futures[future], future.result())
+            if waiting:
+                started(waiting.pop(0))
 
 
-def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], None]) -> None:
+def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], None],
+            started: Callable[[Job], None] | None = None) -> None:
     try:
         import ray
     except ImportError:
@@ -309,6 +332,8 @@ def run_ray(jobs: Sequence[Job], address: str, report: Callable[[Job, dict], Non
             # a run that asks for GPUs gets them reserved; Ray then sets CUDA_VISIBLE_DEVICES for it
             gpus = _gpus_wanted(job.spec.run)
             pending[remote.options(num_cpus=1, num_gpus=gpus).remote(job.spec, 1)] = job
+            if started is not None:
+                started(job)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -338,9 +363,13 @@ def _will_run(job: Job, retry_failed: bool = False, overwrite: bool = False) -> 
 
 
 def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None, retry_failed: bool = False,
-          out=None, in_process: bool = False, threads: int = 1, overwrite: bool = False) -> dict[str, int]:
+          out=None, in_process: bool = False, threads: int = 1, overwrite: bool = False,
+          verbose: bool = False) -> dict[str, int]:
     """Run the jobs that have no stored result (and, with `overwrite`, those whose stored result was made with
-    other settings, replacing it); returns counts by outcome."""
+    other settings, replacing it); returns counts by outcome.
+
+    Prints a line per skipped run, a header (grid size, runs to do, how they run), a line as each run starts
+    and one as it ends with the grid's ETA (the sweep's wall time per finished run times the runs left)."""
     out = out or sys.stdout
     todo, counts = [], {"skipped": 0, "completed": 0, "failed": 0, "error": 0}
     for job in jobs:
@@ -353,7 +382,15 @@ def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None,
             if job.stale and "overwrite" in getattr(type(job.spec), "__dataclass_fields__", {}):
                 job.spec = replace(job.spec, overwrite=True)
             todo.append(job)
-    done = 0
+    done, begun, t0 = 0, 0, time.perf_counter()
+    print(f"sweep: {len(jobs)} run{'s' if len(jobs) != 1 else ''} in the grid, {len(todo)} to run, "
+          f"{counts['skipped']} stored; {_how(len(todo), workers, ray_address, in_process, threads)}", file=out, flush=True)
+
+    def started(job: Job) -> None:
+        nonlocal begun
+        begun += 1
+        verb = "queue" if ray_address else "start"
+        print(f"{verb} [{begun}/{len(todo)}] {job.name}", file=out, flush=True)
 
     def report(job: Job, summary: dict) -> None:
         nonlocal done
@@ -361,20 +398,39 @@ def sweep(jobs: Sequence[Job], workers: int = 1, ray_address: str | None = None,
         status = summary["status"]
         counts[status if status in counts else "error"] += 1
         acc = summary.get("final_avg_acc")
-        detail = f"final acc {100 * acc:.1f}%" if acc is not None else (summary.get("error") or "")
-        print(f"[{done}/{len(todo)}] {job.name}: {status} in {summary['seconds']:.1f} s; {detail}", file=out, flush=True)
+        detail = summary.get("headline") or (f"final acc {100 * acc:.1f}%" if acc is not None else "")
+        detail = detail if status == "completed" else (summary.get("error") or detail)
+        elapsed = time.perf_counter() - t0
+        eta = f"; sweep ETA {format_duration(elapsed / done * (len(todo) - done))}" if done < len(todo) else ""
+        print(f"[{done}/{len(todo)}] {job.name}: {status} in {summary['seconds']:.1f} s; {detail}{eta}", file=out, flush=True)
 
     if todo:
         if ray_address:
-            run_ray(todo, ray_address, report)
+            run_ray(todo, ray_address, report, started)
         else:
-            run_local(todo, workers, report, in_process, threads)
+            run_local(todo, workers, report, in_process, threads, started, verbose)
+    took = f" in {format_duration(time.perf_counter() - t0)}" if todo else ""
     print(
         f"sweep: {counts['completed']} completed, {counts['failed']} failed, {counts['error']} errors, "
-        f"{counts['skipped']} skipped (already stored)",
+        f"{counts['skipped']} skipped (already stored){took}",
         file=out,
     )
     return counts
+
+
+def _how(runs: int, workers: int, ray_address: str | None, in_process: bool, threads: int) -> str:
+    if ray_address:
+        return f"on Ray ({ray_address})"
+    if in_process:
+        return "one at a time in this process"
+    at_once = min(workers, runs) or 1
+    return (f"{at_once} at a time, each in a fresh process with {threads} torch thread{'s' if threads != 1 else ''}")
+
+
+def format_duration(seconds: float) -> str:
+    from clbench.engine.progress import format_duration as fmt  # Lightning-free callers keep their fast import
+
+    return fmt(seconds)
 
 
 def _stored_status(path: Path) -> str:
@@ -395,10 +451,19 @@ def cmd_sweep(args) -> int:
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
     strategies = STRATEGIES.names() if args.strategies == "all" else split_list(args.strategies, "strategies")
+    scenarios, seeds = split_list(args.scenarios, "scenarios"), parse_seeds(args.seeds)
+    if not args.dry_run:  # checking the grid takes seconds (imports, settings, stored results): say so first
+        print(f"sweep: {len(strategies)} strateg{'ies' if len(strategies) != 1 else 'y'} x {len(scenarios)} "
+              f"scenario{'s' if len(scenarios) != 1 else ''} x {len(seeds)} seed{'s' if len(seeds) != 1 else ''}: "
+              f"checking settings and stored results ...", flush=True)
+    if not getattr(args, "verbose", False):  # Lightning's GPU/TPU lines and tips (the settings check builds a Trainer)
+        from clbench.engine.runner import quiet_lightning
+
+        quiet_lightning()
     jobs = plan(
         strategies,
-        split_list(args.scenarios, "scenarios"),
-        parse_seeds(args.seeds),
+        scenarios,
+        seeds,
         overrides=overrides,
         aux=parse_aux(args.aux),
         output_dir=args.output_dir,
@@ -415,5 +480,5 @@ def cmd_sweep(args) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads} is invalid; expected a positive number of torch threads per run")
     counts = sweep(jobs, args.jobs, args.ray_address, args.retry_failed, in_process=args.in_process, threads=args.threads,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, verbose=getattr(args, "verbose", False))
     return 0 if counts["error"] == 0 and counts["failed"] == 0 else 1
