@@ -58,7 +58,8 @@ TESTS: dict[str, list[str]] = {
     "strategies/clfd.py": ["tests/strategies/test_clfd.py"],
 }
 DEFAULT_FILES = ["clbench/models/buffers.py", "clbench/models/heads.py", "clbench/metrics.py"]
-RERUN = "make mutation FILE=<file>   # or: .venv/bin/python scripts/mutation.py <file> ...; `make mutation` runs the default set"
+RERUN = ("make mutation                          # the default set: " + ", ".join(DEFAULT_FILES) + "\n"
+         "    make mutation FILE=strategies/lord.py  # one file (scripts/mutation.py takes several)")
 
 ENV = {"WANDB_MODE": "offline", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DETECTED = ("killed", "timeout", "segfault")
@@ -142,12 +143,39 @@ pytest_add_cli_args_test_selection = {json.dumps(tests)}
 timeout_multiplier = {float(args.timeout_multiplier)}
 timeout_constant = {float(args.timeout_constant)}
 process_isolation = "forkserver"
+forkserver_warmup = "import"
+preload_modules_file = "preload_modules.txt"
 use_git_change_detection = false
 """
     pyproject.write_text(text + config, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- running
+MODULES_PLUGIN = '''
+import os, sys
+
+def pytest_sessionfinish(session):
+    skip = ("tests", "conftest", "_pytest", "pytest", "__main__", "_mutation")
+    names = [n for n in list(sys.modules) if not n.startswith(skip)]
+    with open(os.environ["CLBENCH_MUTATION_MODULES"], "w") as f:
+        f.write("\\n".join(names) + "\\n")
+'''
+
+
+def write_preload_list(tree: Path, tests: list[str]) -> None:
+    """Run the tests once on the unmutated copy and list every module they import: mutmut's fork
+    server imports these before forking each mutant's run, so modules the tests import lazily
+    (Avalanche inside a test body, ~4 s) are not imported again for every mutant."""
+    (tree / "_mutation_modules.py").write_text(MODULES_PLUGIN, encoding="utf-8")
+    env = {**os.environ, **ENV, "CLBENCH_MUTATION_MODULES": str(tree / "preload_modules.txt"), "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:xdist", "-p", "_mutation_modules", *tests],
+        cwd=tree, env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"the tests fail on the unmutated copy:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+
+
 def run_mutmut(tree: Path, log: Path) -> int:
     env = {**os.environ, **ENV}
     with open(log, "w", encoding="utf-8") as out:
@@ -376,7 +404,7 @@ def write_readme() -> None:
         head, rest = text.split(README_BEGIN, 1)
         _, tail = rest.split(README_END, 1)
     else:
-        head = textwrap.dedent(f"""\
+        head = textwrap.dedent("""\
             # Mutation testing
 
             How well clbench's tests catch broken code: [mutmut](https://pypi.org/project/mutmut/) changes one
@@ -387,14 +415,14 @@ def write_readme() -> None:
 
             A benchmark of the tests, not part of `make test`. Rerun:
 
-                {RERUN}
+                RERUN
 
             The script works on a scratch copy of the tree (`$CLBENCH_MUTATION_DIR`, default
             `/tmp/clbench-mutation`), one mutant at a time, and writes one report per file beside this page,
             then this table from the reports' `.json` files. Survivors are explained in
             `docs/mutation/annotations.toml`.
 
-            """)
+            """).replace("RERUN", RERUN)
         tail = "\n"
     readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}", encoding="utf-8")
 
@@ -407,6 +435,8 @@ def mutate(file: str, args) -> dict:
     print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
     copy_tree(tree)
     write_mutmut_config(tree, file, tests, args)
+    print(f"[mutation] {file}: running {' '.join(tests)} once unmutated (modules to preload)", flush=True)
+    write_preload_list(tree, tests)
     log = tree / "mutmut.log"
     print(f"[mutation] {file}: mutmut run against {' '.join(tests)} (log: {log})", flush=True)
     rc = run_mutmut(tree, log)
