@@ -34,7 +34,7 @@ def test_piped_run_prints_setup_then_a_plain_line_per_epoch_and_per_experience(t
     progress = out.split("\n\n")[0].splitlines()  # the final table follows a blank line
     _match(progress, [
         r"clbench run: naive on synthetic-2, seed 0: loading libraries \.\.\.",
-        r"naive on synthetic-2, seed 0: loading the scenario's data and building the model \(backbone: the scenario's default\) \.\.\.",
+        r"naive on synthetic-2, seed 0: loading the scenario's data and building the model \.\.\.",
         rf"ready in {T}: 2 experiences, model of [0-9.]+[kMG]? parameters",
         rf"exp 1/2 train epoch 1/2: 2 batches in {T}, loss [0-9.]+",
         rf"exp 1/2 train epoch 2/2: 2 batches in {T}, loss [0-9.]+",

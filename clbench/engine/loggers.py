@@ -161,6 +161,10 @@ def log_result(logger, result) -> None:
     percent = task_of(result).plots_accuracy_matrix  # the summary metrics are of an accuracy matrix: in %
     summary.update({f"metrics/{k}": 100.0 * v if percent and isinstance(v, (int, float)) else v
                     for k, v in result.metrics.items()})
+    from clbench.engine.progress import summary_so_far
+
+    # the task's leaderboard columns as shown there (forecasting keeps its errors in its own record)
+    summary.update({f"metrics/{column.key}": value for column, value in summary_so_far(result)})
     totals = result.edge.get("totals") or {}
     summary.update({f"edge/{k}": v for k, v in totals.items() if _scalar(v)})
     if isinstance(totals.get("jetson"), dict):

@@ -126,10 +126,10 @@ class ProgressBar(pl.Callback):
     def announce(self) -> None:
         """Before `run`: what is being set up (the scenario's data and the model take a while)."""
         s = self.spec
-        backbone = s.run.backbone or "the scenario's default"
+        backbone = f" (backbone {s.run.backbone})" if s.run.backbone else ""
         aux = "".join(f"+{n}" for n, _ in s.aux)
-        self._say(f"{s.strategy}{aux} on {s.scenario}, seed {s.seed}: loading the scenario's data and building the model "
-                  f"(backbone: {backbone}) ...")
+        self._say(f"{s.strategy}{aux} on {s.scenario}, seed {s.seed}: loading the scenario's data and building the "
+                  f"model{backbone} ...")
 
     @staticmethod
     def _rank_zero(trainer) -> bool:
