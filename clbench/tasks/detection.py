@@ -157,23 +157,35 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def _as_arrays(predictions: Sequence[dict], targets: Sequence[Target], seen: Sequence[int]):
-    """Per image numpy arrays restricted to the seen classes: (pred boxes, scores, labels),
-    (gt boxes, labels, ignore). Boxes go to float64 from their stored dtype without rounding."""
-    if len(predictions) != len(targets):
-        raise ValueError(f"{len(predictions)} predictions for {len(targets)} images; expected one per image")
-    seen_a = np.asarray(sorted(set(int(c) for c in seen)), dtype=np.int64)
-    preds, gts = [], []
-    for p, t in zip(predictions, targets):
-        labels = _numpy(p["labels"]).astype(np.int64).reshape(-1)
-        keep = np.isin(labels, seen_a)
-        preds.append((_numpy(p["boxes"]).astype(np.float64).reshape(-1, 4)[keep],
-                      _numpy(p["scores"]).astype(np.float64).reshape(-1)[keep], labels[keep]))
-        g_labels = _numpy(t["labels"]).astype(np.int64).reshape(-1)
-        g_keep = np.isin(g_labels, seen_a)
-        ignore = _numpy(t["ignore"]).astype(bool).reshape(-1) if "ignore" in t else np.zeros(len(g_labels), bool)
-        gts.append((_numpy(t["boxes"]).astype(np.float64).reshape(-1, 4)[g_keep], g_labels[g_keep], ignore[g_keep]))
-    return seen_a, preds, gts
+@dataclass
+class _Boxes:
+    """Boxes of every image in one array, in image order: `image[i]` is box i's image."""
+
+    image: np.ndarray  # int64
+    boxes: np.ndarray  # float64 (n, 4), xyxy pixel edges
+    labels: np.ndarray  # int64
+    extra: np.ndarray  # detections: scores (float64); ground truth: ignore flags (bool)
+
+    def per_image(self, n_images: int) -> list[slice]:
+        bounds = np.searchsorted(self.image, np.arange(n_images + 1))
+        return [slice(a, b) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def _flatten(items: Sequence[dict], seen_a: np.ndarray, extra: str) -> _Boxes:
+    """The `seen_a`-class boxes of every image, stored dtypes widened to float64 without rounding."""
+    counts = [len(item["labels"]) for item in items]
+    image = np.repeat(np.arange(len(items), dtype=np.int64), counts)
+    if not sum(counts):
+        return _Boxes(image, np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool if extra == "ignore" else float))
+    boxes = np.concatenate([_numpy(item["boxes"]).reshape(-1, 4) for item in items]).astype(np.float64)
+    labels = np.concatenate([_numpy(item["labels"]).reshape(-1) for item in items]).astype(np.int64)
+    if extra == "ignore":
+        values = np.concatenate([_numpy(item["ignore"]).reshape(-1) if "ignore" in item else np.zeros(n, bool)
+                                 for item, n in zip(items, counts)]).astype(bool)
+    else:
+        values = np.concatenate([_numpy(item["scores"]).reshape(-1) for item in items]).astype(np.float64)
+    keep = np.isin(labels, seen_a)
+    return _Boxes(image[keep], boxes[keep], labels[keep], values[keep])
 
 
 def _numpy(value) -> np.ndarray:
@@ -190,21 +202,21 @@ def class_ap(predictions: Sequence[dict], targets: Sequence[Target], seen: Seque
     `voc07` is computed here (`voc07_ap`); `coco101` and `coco` by one COCOeval pass
     (`cocoeval_ap`), per-class AP read from its accumulated precision array.
     """
-    seen_a, preds, gts = _as_arrays(predictions, targets, seen)
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} images; expected one per image")
+    seen_a = np.asarray(sorted(set(int(c) for c in seen)), dtype=np.int64)
+    dets, gts = _flatten(predictions, seen_a, "scores"), _flatten(targets, seen_a, "ignore")
     if convention.name == "voc07":
-        return voc07_ap(preds, gts, seen_a)
-    return cocoeval_ap(preds, gts, seen_a, convention)
+        return voc07_ap(dets, gts, seen_a, len(targets))
+    return cocoeval_ap(dets, gts, seen_a, convention, len(targets))
 
 
-def _positives(gts, seen_a: np.ndarray) -> dict[int, int]:
-    counts = dict.fromkeys(seen_a.tolist(), 0)
-    for _, labels, ignore in gts:
-        for c in labels[~ignore].tolist():
-            counts[c] += 1
-    return counts
+def _positives(gts: _Boxes, seen_a: np.ndarray) -> dict[int, int]:
+    counted = np.bincount(gts.labels[~gts.extra], minlength=int(seen_a.max()) + 1 if len(seen_a) else 0)
+    return {c: int(counted[c]) for c in seen_a.tolist()}
 
 
-def voc07_ap(preds, gts, seen_a: np.ndarray) -> dict[int, float | None]:
+def voc07_ap(dets: _Boxes, gts: _Boxes, seen_a: np.ndarray, n_images: int) -> dict[int, float | None]:
     """PASCAL VOC 2007 AP50 (py-faster-rcnn's `voc_eval` with `use_07_metric=True`).
 
     Detections of a class are taken in descending score (ties: image order, then the order
@@ -214,50 +226,37 @@ def voc07_ap(preds, gts, seen_a: np.ndarray) -> dict[int, float | None]:
     matched); on a matched box, or `ovmax <= 0.5` -> false positive. AP = mean over the 11
     recall points t of the best precision at recall >= t. Boxes are pixel edges, so the
     overlap needs no VOC "+1" (`read_voc` turns 1-based inclusive pixels into edges).
+    No cap on detections per image.
     """
     positives = _positives(gts, seen_a)
-    n_gt = np.array([len(g[1]) for g in gts], dtype=np.int64)
-    gt_offset = np.concatenate([[0], np.cumsum(n_gt)])
-    difficult = np.concatenate([g[2] for g in gts]) if len(gts) else np.zeros(0, bool)
-    labels, scores, best, overlap = [], [], [], []
-    for i, ((boxes, score, label), (g_boxes, g_labels, _)) in enumerate(zip(preds, gts)):
-        if not len(label):
+    best = np.zeros(len(dets.labels), np.int64)  # index into gts of each detection's best-overlapping box
+    overlap = np.full(len(dets.labels), -np.inf)
+    for d, g in zip(dets.per_image(n_images), gts.per_image(n_images)):
+        if d.start == d.stop or g.start == g.stop:
             continue
-        iou = _iou(boxes, g_boxes)
-        iou[label[:, None] != g_labels[None, :]] = -np.inf  # only boxes of the detection's class
-        if g_boxes.shape[0]:
-            j = iou.argmax(1)
-            ov = iou[np.arange(len(label)), j]
-        else:
-            j, ov = np.zeros(len(label), np.int64), np.full(len(label), -np.inf)
-        labels.append(label)
-        scores.append(score)
-        best.append(gt_offset[i] + j)
-        overlap.append(ov)
+        iou = _iou(dets.boxes[d], gts.boxes[g])
+        iou[dets.labels[d][:, None] != gts.labels[g][None, :]] = -np.inf  # only boxes of the detection's class
+        j = iou.argmax(1)
+        best[d], overlap[d] = g.start + j, iou[np.arange(len(j)), j]
     out: dict[int, float | None] = {}
-    if labels:
-        labels, scores, best, overlap = (np.concatenate(v) for v in (labels, scores, best, overlap))
     for c in seen_a.tolist():
         if positives[c] == 0:
             out[c] = None
             continue
-        if not len(labels) or not (labels == c).any():
+        mine = np.flatnonzero(dets.labels == c)
+        if not len(mine):
             out[c] = 0.0
             continue
-        mine = np.flatnonzero(labels == c)
-        order = mine[np.argsort(-scores[mine], kind="stable")]
+        order = mine[np.argsort(-dets.extra[mine], kind="stable")]
         hit = overlap[order] > 0.5
         on_difficult = np.zeros(len(order), bool)
-        on_difficult[hit] = difficult[best[order][hit]]
-        candidate = hit & ~on_difficult
-        tp = np.zeros(len(order), bool)
-        rows = np.flatnonzero(candidate)
+        on_difficult[hit] = gts.extra[best[order][hit]]
+        rows = np.flatnonzero(hit & ~on_difficult)
         _, first = np.unique(best[order][rows], return_index=True)  # the first detection on each box
+        tp = np.zeros(len(order), bool)
         tp[rows[first]] = True
-        fp = ~tp & ~on_difficult
-        keep = ~on_difficult
-        tp_c, fp_c = np.cumsum(tp[keep]), np.cumsum(fp[keep])
-        out[c] = _voc07_from_counts(tp_c, fp_c, positives[c])
+        counted = ~on_difficult  # an ignored detection is neither: it adds nothing to either count
+        out[c] = _voc07_from_counts(np.cumsum(tp[counted]), np.cumsum(~tp[counted]), positives[c])
     return out
 
 
@@ -284,7 +283,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(union > 0, inter / union, 0.0)
 
 
-def cocoeval_ap(preds, gts, seen_a: np.ndarray, convention: APConvention) -> dict[int, float | None]:
+def cocoeval_ap(dets: _Boxes, gts: _Boxes, seen_a: np.ndarray, convention: APConvention,
+                n_images: int) -> dict[int, float | None]:
     """Per-class COCO-style AP from ONE COCOeval pass (faster-coco-eval, else pycocotools):
     pycocotools' float64 IoU and 101 recall thresholds, at most 100 detections per image and
     class, area range "all"; a class's AP is the mean of its accumulated precision over the
@@ -297,25 +297,26 @@ def cocoeval_ap(preds, gts, seen_a: np.ndarray, convention: APConvention) -> dic
     """
     positives = _positives(gts, seen_a)
     out: dict[int, float | None] = {c: (None if n == 0 else 0.0) for c, n in positives.items()}
-    with_gt = [c for c, n in positives.items() if n]
-    if not with_gt or not any(len(p[2]) for p in preds):
+    if not any(positives.values()) or not len(dets.labels):
         return out  # no ground truth: nothing to score; no detection: AP 0 for each class with ground truth
     crowd = convention.ignored == "crowd"
-    images = [{"id": i + 1} for i in range(len(gts))]
+    g_xywh = np.concatenate([gts.boxes[:, :2], gts.boxes[:, 2:] - gts.boxes[:, :2]], 1)
+    g_area = np.where(gts.extra & ~crowd, -1.0, g_xywh[:, 2] * g_xywh[:, 3])
+    g_crowd = (gts.extra & crowd).astype(np.int64)
+    annotations = [{"id": k + 1, "image_id": i + 1, "category_id": c + 1, "bbox": box, "area": area, "iscrowd": cr}
+                   for k, (i, c, box, area, cr) in enumerate(zip(gts.image.tolist(), gts.labels.tolist(), g_xywh.tolist(),
+                                                                 g_area.tolist(), g_crowd.tolist()))]
+    # what `COCO.loadRes` makes of a bbox result list (area w*h, id, iscrowd 0), without the
+    # segmentation polygons it also builds and bbox evaluation never reads
+    d_xywh = np.concatenate([dets.boxes[:, :2], dets.boxes[:, 2:] - dets.boxes[:, :2]], 1)
+    results = [{"id": k + 1, "image_id": i + 1, "category_id": c + 1, "bbox": box, "score": s, "area": box[2] * box[3],
+                "iscrowd": 0}
+               for k, (i, c, box, s) in enumerate(zip(dets.image.tolist(), dets.labels.tolist(), d_xywh.tolist(),
+                                                      dets.extra.tolist()))]
+    images = [{"id": i + 1} for i in range(n_images)]
     categories = [{"id": c + 1} for c in seen_a.tolist()]
-    annotations = []
-    for i, (boxes, labels, ignore) in enumerate(gts):
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
-        for box, label, ign in zip(xywh.tolist(), labels.tolist(), ignore.tolist()):
-            area = box[2] * box[3]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1, "bbox": box,
-                                "area": area if (crowd or not ign) else -1.0, "iscrowd": int(ign and crowd)})
-    results = []
-    for i, (boxes, scores, labels) in enumerate(preds):
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
-        results.extend({"image_id": i + 1, "category_id": label + 1, "bbox": box, "score": score}
-                       for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()))
-    precision = _run_cocoeval({"images": images, "categories": categories, "annotations": annotations}, results,
+    precision = _run_cocoeval({"images": images, "categories": categories, "annotations": annotations},
+                              {"images": images, "categories": categories, "annotations": results},
                               convention.iou_thresholds, [c + 1 for c in seen_a.tolist()])
     for k, c in enumerate(seen_a.tolist()):
         p = precision[:, :, k, 0, -1]
@@ -324,33 +325,33 @@ def cocoeval_ap(preds, gts, seen_a: np.ndarray, convention: APConvention) -> dic
     return out
 
 
-def _run_cocoeval(gt: dict, results: list[dict], iou_thresholds, cat_ids: list[int]) -> np.ndarray:
+def _run_cocoeval(gt: dict, dt: dict, iou_thresholds, cat_ids: list[int]) -> np.ndarray:
     """The accumulated precision array [IoU, recall, class, area, maxDets] of one COCOeval pass."""
-    try:
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
-
-        quiet = {"print_function": lambda *a, **k: None}
-        coco_gt = COCO(gt, **quiet)
-    except ImportError:
-        import contextlib
-        import io
-
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
-        quiet = {}
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO()
-            coco_gt.dataset = gt
-            coco_gt.createIndex()
     import contextlib
     import io
 
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+
+        def coco(dataset):
+            return COCO(dataset, print_function=_quiet)
+
+        quiet = {"print_function": _quiet}
+    except ImportError:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        def coco(dataset):
+            api = COCO()
+            api.dataset = dataset
+            api.createIndex()
+            return api
+
+        quiet = {}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox", **quiet)
+        evaluator = COCOeval(coco(gt), coco(dt), iouType="bbox", **quiet)
         params = evaluator.params
-        params.imgIds = sorted(coco_gt.getImgIds())
+        params.imgIds = [image["id"] for image in gt["images"]]
         params.catIds = list(cat_ids)
         params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
         params.recThrs = RECALL_THRESHOLDS.copy()
@@ -359,6 +360,10 @@ def _run_cocoeval(gt: dict, results: list[dict], iou_thresholds, cat_ids: list[i
         evaluator.evaluate()
         evaluator.accumulate()
     return np.asarray(evaluator.eval["precision"])
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def mean_over(ap: dict[int, float | None], classes: Sequence[int]) -> float:
