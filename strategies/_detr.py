@@ -1,4 +1,22 @@
-"""The frozen-base DETR family (P2IOD, CL-DETR, fine-tuning): the trainer and its cached base."""
+"""The frozen-base DETR family (P2IOD, CL-DETR, fine-tuning): the trainer, its detector and base.
+
+The detector is a Config choice: `detector="tiny"` (`TinyDETR`, CPU-test size, the default) or
+`detector="deformable_detr"` (Deformable DETR R50 through Hugging Face transformers, the papers'
+detector: `clbench.models.detection.deformable_detr`; the `--paper-settings` of voc-*/coco-*
+select it). The base (`base`) is where its pretrained weights come from:
+
+| base | tiny | deformable_detr |
+|---|---|---|
+| `shapes-pretrain` (default) | pre-trained on a separate ShapesIOD pool, cached | refused |
+| `coco` | refused | COCO-pretrained `SenseTime/deformable-detr` from the hub cache (`base_download=true` fetches it) |
+| `imagenet` | refused | only the ResNet-50 (torchvision's ImageNet weights via timm's local cache) |
+| `random` | random (mechanics tests) | random |
+| a path | a TinyDETR state_dict | a weight file or `save_pretrained` folder |
+
+`shapes-pretrain` (8 synthetic 64-px shapes) is refused on a stream of more than 8 classes
+(voc-*, coco-*), and `coco` on an 80-class stream (a COCO-pretrained base has already learnt
+every COCO class). The class head is never loaded: the stream's classes get a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -89,9 +107,15 @@ def pretrain_shapes_base(settings: dict[str, Any], cache_dir: str | os.PathLike 
     return path
 
 
-def load_base(model: TinyDETR, path: str | os.PathLike) -> None:
-    """Load a TinyDETR state_dict from `path` into `model`, except its class head (the stream's
-    classes get a fresh head, as a COCO-pretrained DETR gets one for VOC)."""
+def load_base(model: nn.Module, path: str | os.PathLike, download: bool = False) -> None:
+    """Load pretrained weights into `model`, except its class head (the stream's classes get a
+    fresh head, as a COCO-pretrained DETR gets one for VOC). A TinyDETR reads a TinyDETR
+    state_dict from `path`; a Deformable DETR reads "coco", "imagenet" or a path
+    (`load_deformable_detr_weights`)."""
+    if not isinstance(model, TinyDETR):
+        from clbench.models.detection.deformable_detr import load_deformable_detr_weights
+
+        return load_deformable_detr_weights(model, str(path), download=download)
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"base detector weights not found: {str(p)!r} (expected a TinyDETR state_dict saved with torch.save)")
@@ -103,19 +127,56 @@ def load_base(model: TinyDETR, path: str | os.PathLike) -> None:
         raise UsageError(f"{str(p)!r} is not a TinyDETR of this size: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+DETECTORS = ("tiny", "deformable_detr")
+SHAPES_CLASSES = 8  # ShapesIOD's classes: what a shapes-pretrain base has learnt
+COCO_CLASSES = 80
+
+
+def base_problem(detector: str, base: str, num_classes: int) -> str | None:
+    """Why `base` cannot be the pretrained base of `detector` on a stream of `num_classes` classes
+    (None: it can)."""
+    if base == "shapes-pretrain" and detector != "tiny":
+        return (f"base='shapes-pretrain' is a TinyDETR base; detector={detector!r} expects base=coco, base=imagenet, "
+                f"base=random or a weights path")
+    if base == "shapes-pretrain" and num_classes > SHAPES_CLASSES:
+        return (f"base='shapes-pretrain' (a 64-px TinyDETR pre-trained on {SHAPES_CLASSES} synthetic shapes) cannot "
+                f"be the base of a {num_classes}-class stream (voc-*, coco-*); expected --paper-settings "
+                f"(Deformable DETR) or detector=deformable_detr with base=coco, base=imagenet or a weights path")
+    if base in ("coco", "imagenet") and detector == "tiny":
+        return f"base={base!r} names Deformable DETR weights; expected detector=deformable_detr"
+    if base == "coco" and num_classes == COCO_CLASSES:
+        return ("base='coco' (the COCO-pretrained Deformable DETR) has learnt all 80 COCO classes, so it cannot be the "
+                "base of an incremental COCO stream; pass base=FILE (a detector pretrained on other data: the P2IOD "
+                "paper's COCO base is an Objects365-pretrained Co-DINO) or base=imagenet")
+    return None
+
+
+def make_detector(detector: str, num_classes: int, num_queries: int = 0) -> nn.Module:
+    """A randomly initialised detector of the family (`num_queries` 0: its own default)."""
+    if detector == "deformable_detr":
+        from clbench.models.detection.deformable_detr import DeformableDETR
+
+        return DeformableDETR(num_classes, num_queries=num_queries or 300)
+    return TinyDETR(num_classes, **({"num_queries": num_queries} if num_queries else {}))
+
+
 # --------------------------------------------------------------------------- strategies on a frozen base
 @dataclass(frozen=True)
 class FrozenBaseDetrConfig(StrategyConfig):
-    """A frozen pretrained TinyDETR with trained class (and box) heads."""
+    """A frozen pretrained DETR (TinyDETR or Deformable DETR) with trained class (and box) heads."""
 
     optimizer: str = "adamw"
     lr: float = 1e-3  # class head (and prompts)
     box_lr: float = 1e-4  # box head
     weight_decay: float = 1e-4
     clip_grad: float = 0.1  # max gradient norm (0: off)
-    # "shapes-pretrain" (pre-trained on a separate ShapesIOD pool, cached), "random" (a random frozen
-    # base: mechanics tests only), or the path of a TinyDETR state_dict
+    detector: str = "tiny"  # "tiny" (TinyDETR) or "deformable_detr" (Deformable DETR R50, transformers)
+    num_queries: int = 0  # object queries (0: the detector's own, 12 tiny, 300 Deformable DETR)
+    # where the base's weights come from (see the module docstring): "shapes-pretrain" (tiny: pre-trained
+    # on a separate ShapesIOD pool, cached), "coco" / "imagenet" (deformable_detr), "random" (a random
+    # frozen base: mechanics tests only), or a path of the detector's weights
     base: str = "shapes-pretrain"
+    base_download: bool = False  # base=coco: fetch the checkpoint from the Hugging Face hub if not cached
     base_images: int = 300
     base_epochs: int = 40
     base_seed: int = 10_000
@@ -127,11 +188,13 @@ class FrozenBaseDetrConfig(StrategyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        non_negative_numbers(self, "box_lr", "clip_grad")
+        non_negative_numbers(self, "box_lr", "clip_grad", "num_queries")
+        if self.detector not in DETECTORS:
+            raise UsageError(f"detector={self.detector!r} is invalid; expected one of: {', '.join(DETECTORS)}")
 
 
 class FrozenBaseDetrStrategy(DetectionStrategy):
-    """A frozen pretrained TinyDETR whose class head rows of the current classes (and of old
+    """A frozen pretrained DETR (`cfg.detector`) whose class head rows of the current classes (and of old
     classes unless `freeze_old_rows`) and whose box head (at `box_lr`) are trained.
 
     Rows of classes not trained in an experience have `requires_grad` off, so they get no
@@ -147,16 +210,23 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
         super().__init__(*args, **kwargs)
         self.trained_rows = torch.zeros(self.num_classes, dtype=torch.bool)  # class-head rows trained now
 
-    def build_detector(self, num_classes: int) -> TinyDETR:
-        cfg = self.cfg
+    def fresh_detector(self, num_classes: int) -> nn.Module:
+        """The configured detector at its seeded random init."""
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            detector = TinyDETR(num_classes)
+            return make_detector(self.cfg.detector, num_classes, self.cfg.num_queries)
+
+    def build_detector(self, num_classes: int) -> nn.Module:
+        cfg = self.cfg
+        problem = base_problem(cfg.detector, cfg.base, num_classes)
+        if problem is not None:
+            raise UsageError(problem)
+        detector = self.fresh_detector(num_classes)
         if cfg.base == "shapes-pretrain":
             load_base(detector, pretrain_shapes_base({"images": cfg.base_images, "epochs": cfg.base_epochs, "size": cfg.base_size,
                                                       "seed": cfg.base_seed, "batch_size": cfg.base_batch_size}))
         elif cfg.base != "random":
-            load_base(detector, cfg.base)
+            load_base(detector, cfg.base, download=cfg.base_download)
         detector.requires_grad_(False)
         detector.eval()
         return detector

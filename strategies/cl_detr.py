@@ -39,6 +39,13 @@ abstract.
   x 4 GPUs, 50 epochs with lr x0.1 at 40. Deformable DETR weighs its focal term 2
   (`focal_weight`); clbench's set loss has it at 1.
 
+Detector. CL-DETR is built on Deformable DETR R50 from an ImageNet ResNet-50: `--paper-settings`
+select `detector="deformable_detr"`, `base="imagenet"` (the backbone through the classification
+weights path, the transformer and heads random), ResNet stages 2-4 trained (stem and stage 1
+frozen, as Deformable DETR does) and the reference-point and sampling-offset projections at
+lr x 0.1. Deviation: the detector stays in eval mode during training (as every member of the
+family), so Deformable DETR's dropout 0.1 is off. The default is TinyDETR (CPU-test size).
+
 Published settings and numbers, the tiny configuration's values and the runs behind them are on
 this method's page of the documentation site (`make docs`).
 """
@@ -57,9 +64,9 @@ from torchvision.ops import box_iou
 from clbench.config import non_negative_numbers
 from clbench.datasets import DetectionBatch, Target
 from clbench.errors import UsageError
+from clbench.models.detection.deformable_detr import DeformableDETR
 from clbench.models.detection.detr import (
     DetrOutput,
-    TinyDETR,
     detections,
     normalised_targets,
     with_pseudo_boxes,
@@ -68,7 +75,7 @@ from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo, Phase
 
 # the release's recipe (Deformable DETR's): everything at 2e-4 but the backbone, 2 images x 4 GPUs
-_COCO = {"optimizer": "adamw", "lr": 2e-4, "box_lr": 2e-4, "backbone_lr": 2e-5, "weight_decay": 1e-4, "clip_grad": 0.1,
+_COCO = {"detector": "deformable_detr", "base": "imagenet", "optimizer": "adamw", "lr": 2e-4, "box_lr": 2e-4, "backbone_lr": 2e-5, "weight_decay": 1e-4, "clip_grad": 0.1,
          "lr_schedule": "step", "lr_step_epochs": 40, "lr_step_gamma": 0.1, "epochs": 50, "batch_size": 8,
          "base_parts": "backbone", "focal_weight": 2.0, "pseudo_threshold": 0.0, "pseudo_max_iou": 0.7,
          "memory_fraction": 0.1, "memory_selection": "distribution", "calibration_epochs": 20,
@@ -126,15 +133,13 @@ class CLDETR(FrozenBaseDetrStrategy):
         self.memory_rows: list[torch.Tensor] = []  # per task: its exemplars' positions in its training set
         self.memory_sets: list[Dataset] = []  # the same exemplars as datasets (sharing the task's images)
 
-    def build_detector(self, num_classes: int) -> TinyDETR:
+    def build_detector(self, num_classes: int) -> nn.Module:
         detector = super().build_detector(num_classes)  # the base loaded into all but the class head
-        if self.cfg.base_parts == "backbone" and self.cfg.base != "random":
+        if self.cfg.base_parts == "backbone" and self.cfg.base not in ("random", "imagenet"):
             # only the backbone is pretrained (as an ImageNet ResNet-50 is): the rest starts fresh
-            with torch.random.fork_rng():
-                torch.manual_seed(self.seed)
-                fresh = TinyDETR(num_classes)
-            detector.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("backbone.")},
-                                     strict=False)
+            fresh = self.fresh_detector(num_classes)
+            detector.load_state_dict({k: v for k, v in fresh.state_dict().items()
+                                      if not k.startswith(detector.backbone_prefix)}, strict=False)
         return detector
 
     # ----------------------------------------------------------- experience level
@@ -144,6 +149,10 @@ class CLDETR(FrozenBaseDetrStrategy):
         super().on_experience_start(exp)
         self.detector.requires_grad_(True)  # the whole detector learns, not only the heads
         self.detector.backbone.requires_grad_(self.cfg.backbone_lr > 0)
+        if isinstance(self.detector, DeformableDETR):  # Deformable DETR trains ResNet stages 2-4 only
+            for name, p in self.detector.backbone.named_parameters():
+                if not any(stage in name for stage in ("layer2", "layer3", "layer4")):
+                    p.requires_grad_(False)
         self.detector.box_head.requires_grad_(self.cfg.box_lr > 0)
         for module in self.detector.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -197,9 +206,15 @@ class CLDETR(FrozenBaseDetrStrategy):
         backbone = [p for p in d.backbone.parameters() if p.requires_grad]
         box = list(d.box_head.parameters())
         taken = {id(p) for p in backbone + box}
+        # Deformable DETR's reference-point and sampling-offset projections learn at lr x 0.1 (its
+        # lr_linear_proj_mult, kept by CL-DETR's release)
+        offsets = [p for n, p in d.named_parameters() if p.requires_grad and id(p) not in taken
+                   and isinstance(d, DeformableDETR) and ("reference_points" in n or "sampling_offsets" in n)]
+        taken |= {id(p) for p in offsets}
         rest = [p for p in d.parameters() if p.requires_grad and id(p) not in taken]
-        return [{"params": rest, "lr": self.cfg.lr}, {"params": box, "lr": self.cfg.box_lr},
-                {"params": backbone, "lr": self.cfg.backbone_lr}]
+        groups = [{"params": rest, "lr": self.cfg.lr}, {"params": box, "lr": self.cfg.box_lr},
+                  {"params": backbone, "lr": self.cfg.backbone_lr}]
+        return groups + ([{"params": offsets, "lr": self.cfg.lr * 0.1}] if offsets else [])
 
     def lr_schedule(self, optimizer, name: str | None = None):
         if self.phase.name == "calibrate" and (name or self.cfg.lr_schedule) == "step":

@@ -1,6 +1,7 @@
 """Fine-tuning baseline for query-based incremental detection: P²IOD's lower bound.
 
-The same frozen pretrained TinyDETR as P²IOD (`clbench.models.detection.detr`), with its class head (all classes
+The same frozen pretrained DETR as P²IOD (TinyDETR, `clbench.models.detection.detr`, or with
+`detector="deformable_detr"` the papers' Deformable DETR R50), with its class head (all classes
 of the stream from the start, unseen-class logits masked) and box head (lower learning rate)
 trained on each task's own annotations by the set loss: no prompts, no pseudo-labels, no
 fusion. By default every seen class's row is trained (old objects in new images are
@@ -33,6 +34,6 @@ class DetrFinetune(FrozenBaseDetrStrategy):
 
     def step_losses(self, batch: DetectionBatch) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            memory, pos = self.detector.encode(batch.x)
-        out = self.detector.decode(memory, pos)
+            encoded = self.detector.encode(batch.x)  # the frozen base's image features
+        out = self.detector.decode(*encoded)
         return self.seen_loss(out, normalised_targets(batch.targets, batch.x.shape[-2:]))

@@ -25,9 +25,15 @@ Source: the official code (both implementations). **[code]**: everything
 above, the trainable set (classification head lr 1e-4, box head lr 1e-5, prompts lr 1e-4;
 variant (a)), zero gradient for old-class rows, the -1e11 logit masking, the fusion rule and
 the pseudo-label rule. **Reconstructed / ours**: the paper body was not readable, so the
-equations follow the code; the base is TinyDETR (`clbench.models.detection.detr`, plain DETR, not Deformable
-DETR or Co-DINO) with prompts appended to the self-attention's key/value inputs before its
-in-projection (variant (b)'s injection, which fits `nn.MultiheadAttention`).
+equations follow the code; the detector is a Config choice (`detector`, see
+`clbench.strategies._detr`): `deformable_detr`, the paper's COCO-pretrained Deformable DETR R50
+(`clbench.models.detection.deformable_detr`, Hugging Face transformers; selected by
+`--paper-settings` on voc-*), whose prompts are prepended to the decoder self-attention's
+projected keys and values (variant (a)'s injection, through transformers' attention-function
+registry); or `tiny` (the default, `clbench.models.detection.detr`, plain DETR at CPU-test size)
+with prompts appended to the self-attention's key/value inputs before its in-projection
+(variant (b)'s injection, which fits `nn.MultiheadAttention`). Co-DINO is not built: on coco-*
+the paper settings run Deformable DETR and need a base pretrained without COCO (`base=FILE`).
 Deviations: pseudo-labels keep classes strictly `< n_old` (the released variant (a) keeps
 `<= n_old`, an off-by-one); old-class rows are also kept out of weight decay (the released
 code lets AdamW decay them), so they stay exactly fixed; the image features (backbone and
@@ -61,10 +67,13 @@ from clbench.models.detection.detr import (
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
-_VOC_A = {"lr": 1e-4, "box_lr": 1e-5, "weight_decay": 1e-4, "clip_grad": 0.1, "prompt_length": 10,
+# variant (a): COCO-pretrained Deformable DETR R50, 300 queries; batch 2 x 16 accumulation = 32 (one step here)
+_VOC_A = {"detector": "deformable_detr", "base": "coco", "num_queries": 300, "lr": 1e-4, "box_lr": 1e-5, "weight_decay": 1e-4, "clip_grad": 0.1, "prompt_length": 10,
           "prompt_hidden": 64, "sparsity": 1e-5, "rho_prev": 0.5, "rho_cur": 0.5, "epochs": 100, "batch_size": 32,
           "lr_schedule": "step", "lr_step_epochs": 80, "lr_step_gamma": 0.1}  # x0.1 at epoch 80 (once in 100)
-_COCO_B = {"lr": 5e-5, "box_lr": 0.0, "weight_decay": 0.01, "clip_grad": 0.1, "prompt_length": 50, "prompt_hidden": 64,
+# variant (b) is Co-DINO ViT-L (Objects365): not built; Deformable DETR stands in, and base=coco is refused on
+# COCO streams (it knows every COCO class): such runs need base=FILE
+_COCO_B = {"detector": "deformable_detr", "base": "coco", "num_queries": 300, "lr": 5e-5, "box_lr": 0.0, "weight_decay": 0.01, "clip_grad": 0.1, "prompt_length": 50, "prompt_hidden": 64,
            "sparsity": 3e-6, "rho_prev": 0.3, "rho_cur": 0.3, "epochs": 1}
 
 

@@ -18,9 +18,13 @@
   CL-DETR).
 - `pretrain_shapes_base`: the offline stand-in for a COCO-pretrained DETR (see its docstring),
   cached on disk by its settings; `load_base` reads such a file or any TinyDETR state_dict.
-- `FrozenBaseDetrStrategy`: a detection strategy around a frozen pretrained TinyDETR whose class
-  head (fresh, sized for all classes) and box head are trained; P2IOD and the fine-tuning
-  baseline build on it, and CL-DETR, which unfreezes the whole detector (BatchNorm aside).
+- `FrozenBaseDetrStrategy` (`clbench.strategies._detr`): a detection strategy around a frozen
+  pretrained DETR whose class head (fresh, sized for all classes) and box head are trained;
+  P2IOD and the fine-tuning baseline build on it, and CL-DETR, which unfreezes the whole
+  detector (BatchNorm aside). Its detector is TinyDETR or, with `detector="deformable_detr"`,
+  the papers' Deformable DETR R50 (`clbench.models.detection.deformable_detr`), which has the
+  same `encode`/`decode`/heads interface and returns the same `DetrOutput`; matching, loss,
+  masking and `detections` below serve both.
 
 Deviations from DETR, for size: the encoder adds the sine positional embedding to its input
 tokens once (an `nn.TransformerEncoderLayer` cannot add it to queries and keys per layer); no
@@ -98,6 +102,8 @@ def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 class TinyDETR(nn.Module):
     """Plain DETR at CPU-test size (about 0.3 M parameters)."""
+
+    backbone_prefix = "backbone."  # state_dict keys of the backbone (CL-DETR's base_parts="backbone")
 
     def __init__(self, num_classes: int, d_model: int = 64, heads: int = 4, encoder_layers: int = 1,
                  decoder_layers: int = 3, ffn: int = 128, num_queries: int = 12, width: int = 32):
