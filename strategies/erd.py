@@ -69,6 +69,7 @@ from clbench.strategies._gfl import GFLStrategy
 
 from clbench.datasets import DetectionBatch, restrict
 from clbench.models.detection.gfl import (
+    GFL_R50_FPN_1X,
     GFLConfig,
     GFLOutput,
     box_confidence,
@@ -106,9 +107,7 @@ class ERD(GFLStrategy):
 
     Config = Config
     PAPER_SETTINGS = {  # the official GFL R50-FPN 1x schedule (12 epochs, steps at 8 and 11, SGD, batch 16)
-        setting: {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12, "batch_size": 16,
-                  "lr_schedule": "multistep", "lr_milestones": (8, 11),  # x0.1 at epochs 8 and 11
-                  "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5}
+        setting: dict(GFL_R50_FPN_1X)
         for setting in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10")
     }
 

@@ -14,7 +14,7 @@ import torch
 from clbench.strategies._gfl import GFLStrategy
 
 from clbench.datasets import DetectionBatch, restrict
-from clbench.models.detection.gfl import GFLConfig
+from clbench.models.detection.gfl import GFL_R50_FPN_1X, GFLConfig
 from clbench.registry import register_strategy
 
 
@@ -28,9 +28,10 @@ class GFLFinetune(GFLStrategy):
     """TinyGFL fine-tuned on each task's data (lower bound)."""
 
     Config = Config
-    PAPER_SETTINGS = {  # the IOR code's GFL R50-FPN 1x schedule (12 epochs, SGD, batch 16)
-        "coco-40+40": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12,
-                       "batch_size": 16, "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5},
+    PAPER_SETTINGS = {  # the IOR and ERD codes' GFL R50-FPN 1x recipe (12 epochs, SGD, 16 images per step)
+        setting: dict(GFL_R50_FPN_1X)
+        for split in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10")
+        for setting in (split, f"{split}-absent")
     }
 
     def step_losses(self, batch: DetectionBatch) -> dict[str, torch.Tensor]:

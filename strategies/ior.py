@@ -60,7 +60,7 @@ import torch
 from clbench.strategies._gfl import GFLStrategy
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 
 from clbench.config import non_negative_integers, positive_integers
 from clbench.datasets import (
@@ -70,9 +70,10 @@ from clbench.datasets import (
     restrict,
 )
 from clbench.models.detection.gfl import (
+    GFL_R50_FPN_1X,
+    GFL,
     GFLConfig,
     GFLOutput,
-    TinyGFL,
     box_confidence,
     box_distillation_at,
     class_confidence,
@@ -143,9 +144,7 @@ class IOR(GFLStrategy):
     # coco (COCOeval AP .50:.95, the metric of the mmdetection COCO configs IOR's code builds on);
     # IOR has no VOC setting, hence no voc07/coco101 choice to make.
     PAPER_SETTINGS = {
-        setting: {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 12, "batch_size": 16,
-                  "lr_schedule": "multistep", "lr_milestones": (8, 11),  # x0.1 at epochs 8 and 11
-                  "reg_max": 16, "fpn_channels": 256, "tower_convs": 4, "num_levels": 5,
+        setting: {**GFL_R50_FPN_1X,  # GFL R50-FPN, SGD 0.01, 12 epochs (x0.1 at 8 and 11), 16 images per step
                   "images_per_class": 10, "canvas_size": 160, "box_side": (0.6, 0.8), "inversion_steps": 2000,
                   "inversion_lr": 0.2, "jitter": 20, "max_pastes": 6}
         for split in ("coco-40+40", "coco-50+30", "coco-60+20", "coco-70+10")
@@ -273,10 +272,15 @@ def sample_labels(edges: torch.Tensor, counts: torch.Tensor, classes: Sequence[i
 
 
 # --------------------------------------------------------------------------- 2. inversion
+BATCHNORM_LAYERS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
 @contextlib.contextmanager
 def batchnorm_prior(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects, per BatchNorm2d layer in forward order, ‖μ(x) - μ̂‖₂ + ‖σ²(x) - σ̂²‖₂ between the
-    batch statistics of the layer's input and its running statistics."""
+    """Collects, per BatchNorm layer in forward order, ‖μ(x) - μ̂‖₂ + ‖σ²(x) - σ̂²‖₂ between the
+    batch statistics of the layer's input and its running statistics. BatchNorm layers are
+    `nn.BatchNorm2d` (TinyGFL) and torchvision's `FrozenBatchNorm2d` (GFL R50-FPN's frozen
+    ResNet-50, which is no `nn.BatchNorm2d`): both keep `running_mean` / `running_var`."""
     terms: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
@@ -285,7 +289,7 @@ def batchnorm_prior(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         var = x.var(dim=(0, 2, 3), unbiased=False)
         terms.append(torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, BATCHNORM_LAYERS)]
     try:
         yield terms
     finally:
@@ -324,7 +328,7 @@ def augment_for_inversion(x: torch.Tensor, boxes: torch.Tensor, cfg: Config) -> 
     return x * keep.to(x.device), boxes
 
 
-def inversion_loss(detector: TinyGFL, x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
+def inversion_loss(detector: GFL, x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
                    ) -> dict[str, torch.Tensor]:
     """The weighted inversion terms for normalised images `x` with one box each."""
     targets = [make_target(b[None], l[None]) for b, l in zip(boxes, labels)]
@@ -335,7 +339,7 @@ def inversion_loss(detector: TinyGFL, x: torch.Tensor, boxes: torch.Tensor, labe
             "first_bn": cfg.first_bn_weight * bn_terms[0], "tv": cfg.tv_weight * total_variation_l1(x)}
 
 
-def invert(detector: TinyGFL, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
+def invert(detector: GFL, boxes: torch.Tensor, labels: torch.Tensor, cfg: Config,
            start: torch.Tensor | None = None, work_steps=lambda label, n: range(n)) -> torch.Tensor:
     """Images [N, 3, S, S] in the detector's normalised space that the frozen, eval-mode
     `detector` sees as holding `labels` at `boxes`, optimised in batches of `inversion_batch`
@@ -367,7 +371,7 @@ def invert(detector: TinyGFL, boxes: torch.Tensor, labels: torch.Tensor, cfg: Co
 
 
 # --------------------------------------------------------------------------- 3. object bank
-def object_bank(images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, detector: TinyGFL,
+def object_bank(images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, detector: GFL,
                 ) -> list[tuple[torch.Tensor, int]]:
     """Per image: mapped back to pixel space, min-max rescaled to [0, 1] and quantised to 8 bits
     (the exported PNG); its box cropped. [(crop [3, h, w], label)]"""

@@ -58,12 +58,26 @@ from torchvision.ops import (
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
-from clbench.config import StrategyConfig, positive_integers
+from clbench.config import StrategyConfig, non_negative_integers, positive_integers
 from clbench.datasets import DetectionBatch, Target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRIOR_PROBABILITY = 0.01  # initial class score, as RetinaNet/GFL initialise the class-conv bias
+DETECTORS = ("tiny", "r50_fpn")
+# The papers' detector and its mmdetection 1x recipe (configs/gfl/gfl_r50_fpn_1x_coco.py, which the
+# IOR and ERD codes start from), the shared part of ior / erd / gfl_finetune PAPER_SETTINGS: GFL
+# R50-FPN (ImageNet ResNet-50, 256-channel FPN P3-P7, 4-conv towers, R = 16), SGD 0.01 momentum 0.9
+# wd 1e-4, 12 epochs with x0.1 at epochs 8 and 11, a 500-step linear warm-up from 0.001 x lr,
+# random horizontal flip, 16 images per step as 2 per batch x 8 accumulated batches (the papers'
+# 8 GPUs x 2; under DDP on N devices set accumulate_grad_batches=8/N).
+GFL_R50_FPN_1X = {
+    "detector": "r50_fpn", "backbone_weights": "imagenet", "frozen_stages": 1,
+    "fpn_channels": 256, "tower_convs": 4, "num_levels": 5, "reg_max": 16,
+    "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+    "epochs": 12, "lr_schedule": "multistep", "lr_milestones": (8, 11), "warmup_iters": 500, "warmup_ratio": 0.001,
+    "batch_size": 2, "accumulate_grad_batches": 8, "flip": True, "inference_batch": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -92,11 +106,37 @@ class GFLConfig(StrategyConfig):
     max_detections: int = 100
     candidates_per_level: int = 1000
     flip: bool = True  # random horizontal flip of training images (p 0.5)
+    # the detector: "tiny" (TinyGFL, the CPU default) or "r50_fpn" (GFLResNet50FPN, the papers'
+    # ResNet-50 + FPN; set fpn_channels=256, tower_convs=4, num_levels=5, reg_max=16 for the
+    # published head, as --paper-settings does); backbone_channels is TinyGFL's only
+    detector: str = "tiny"
+    # r50_fpn: "imagenet" (torch.hub's cache: $TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth),
+    # "none" (random init, tests) or a torchvision ResNet-50 state_dict file
+    backbone_weights: str = "imagenet"
+    download_weights: bool = False  # r50_fpn: fetch the ImageNet file into torch.hub's cache when missing
+    frozen_stages: int = 1  # r50_fpn: stem + this many ResNet stages get no gradient (mmdetection's)
+    bn_affine_trainable: bool = True  # r50_fpn: BN scale/shift of unfrozen stages train (mmdetection's requires_grad=True)
+    # gradient accumulation: one optimiser step per this many batches (losses / k), so batch_size 2 x 8
+    # reproduces the papers' 8 GPUs x 2 images; under DDP on N devices use 8 / N
+    accumulate_grad_batches: int = 1
+    # linear warm-up over the first warmup_iters optimiser steps of every task, from warmup_ratio x lr
+    # (mmdetection's 1x schedule: 500 iterations from 0.001 x lr)
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    inference_batch: int = 0  # detect at most this many images per forward (0: the whole batch; R50 at 800 px: 8)
 
     def __post_init__(self):
         super().__post_init__()
         from clbench.errors import UsageError
 
+        if self.detector not in DETECTORS:
+            raise UsageError(f"detector={self.detector!r} is invalid; expected one of: {', '.join(DETECTORS)}")
+        positive_integers(self, "accumulate_grad_batches")
+        non_negative_integers(self, "warmup_iters", "inference_batch")
+        if not 0 < self.warmup_ratio <= 1:
+            raise UsageError(f"warmup_ratio={self.warmup_ratio} is invalid; expected a number in (0, 1]")
+        if not -1 <= self.frozen_stages <= 4:
+            raise UsageError(f"frozen_stages={self.frozen_stages} is invalid; expected -1 (nothing frozen) to 4")
         if self.num_levels not in (3, 5):
             raise UsageError(f"num_levels={self.num_levels} is invalid; expected 3 or 5")
         if len(self.backbone_channels) != 4:
@@ -127,24 +167,24 @@ class GFLOutput:
         return distances_to_boxes(expected_distance(reg) * self.strides[None, :, None], self.centers)
 
 
-class TinyGFL(nn.Module):
-    def __init__(self, num_classes: int, cfg: GFLConfig = GFLConfig()):
-        super().__init__()
-        self.cfg = cfg
+class GFL(nn.Module):
+    """The GFL head, its losses and inference on top of a feature body a subclass builds.
+
+    A subclass builds its backbone and neck, then calls `_build_head()`, and implements
+    `features(z)`: normalised images -> the FPN levels (stride 8 first, each `fpn_channels` wide).
+    `TinyGFL` (the tiny BatchNorm CNN) and `GFLResNet50FPN` (the papers' R50-FPN) share everything else."""
+
+    cfg: GFLConfig
+
+    def _build_head(self) -> None:
+        """Towers, class conv (no classes yet), reg conv, per-level scales and the normalisation."""
+        cfg = self.cfg
         self.reg_max = cfg.reg_max
-        widths = cfg.backbone_channels
-        bn_block = lambda i, o, s: Conv2dNormActivation(i, o, 3, stride=s, norm_layer=nn.BatchNorm2d)  # noqa: E731
-        # the first stage reaches stride 4 (a stride-2 stem), the others halve the resolution once
-        self.stages = nn.ModuleList(
-            nn.Sequential(bn_block(i, o, 2), bn_block(o, o, 2 if i == 3 else 1)) for i, o in zip((3, *widths[:-1]), widths)
-        )
         c = cfg.fpn_channels
-        extra = LastLevelP6P7(c, c) if cfg.num_levels == 5 else None
-        self.fpn = FeaturePyramidNetwork(list(widths[1:]), c, extra_blocks=extra)
         gn_block = lambda: Conv2dNormActivation(c, c, 3, norm_layer=lambda ch: nn.GroupNorm(min(32, ch), ch))  # noqa: E731
         self.cls_tower = nn.Sequential(*[gn_block() for _ in range(cfg.tower_convs)])
         self.reg_tower = nn.Sequential(*[gn_block() for _ in range(cfg.tower_convs)])
-        self.cls_conv = self._class_conv(num_classes)
+        self.cls_conv = self._class_conv(self._initial_classes)
         self.reg_conv = nn.Conv2d(c, 4 * (cfg.reg_max + 1), 3, padding=1)
         self.level_scales = nn.Parameter(torch.ones(cfg.num_levels))
         for tower in (self.cls_tower, self.reg_tower):
@@ -156,6 +196,10 @@ class TinyGFL(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._grid_cache: dict = {}
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
 
     def _class_conv(self, n: int) -> nn.Conv2d:
         with warnings.catch_warnings():  # the classifier starts with no classes
@@ -195,12 +239,7 @@ class TinyGFL(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor, normalized: bool = False) -> GFLOutput:
-        z = x if normalized else self.normalize(x)
-        stage_outputs = []
-        for stage in self.stages:
-            z = stage(z)
-            stage_outputs.append(z)
-        feats = list(self.fpn({str(i): f for i, f in enumerate(stage_outputs[1:])}).values())
+        feats = self.features(x if normalized else self.normalize(x))
         cls_feats = [self.cls_tower(f) for f in feats]
         cls, reg = [], []
         for level, f in enumerate(feats):
@@ -244,6 +283,62 @@ class TinyGFL(nn.Module):
     @torch.no_grad()
     def detect(self, x: torch.Tensor, classes: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
         return postprocess(self(x), classes, self.cfg)
+
+
+class TinyGFL(GFL):
+    def __init__(self, num_classes: int, cfg: GFLConfig = GFLConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self._initial_classes = num_classes
+        widths = cfg.backbone_channels
+        bn_block = lambda i, o, s: Conv2dNormActivation(i, o, 3, stride=s, norm_layer=nn.BatchNorm2d)  # noqa: E731
+        # the first stage reaches stride 4 (a stride-2 stem), the others halve the resolution once
+        self.stages = nn.ModuleList(
+            nn.Sequential(bn_block(i, o, 2), bn_block(o, o, 2 if i == 3 else 1)) for i, o in zip((3, *widths[:-1]), widths)
+        )
+        c = cfg.fpn_channels
+        extra = LastLevelP6P7(c, c) if cfg.num_levels == 5 else None
+        self.fpn = FeaturePyramidNetwork(list(widths[1:]), c, extra_blocks=extra)
+        self._build_head()
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        stage_outputs = []
+        for stage in self.stages:
+            z = stage(z)
+            stage_outputs.append(z)
+        return list(self.fpn({str(i): f for i, f in enumerate(stage_outputs[1:])}).values())
+
+
+class GFLResNet50FPN(GFL):
+    """GFL R50-FPN (the IOR and ERD papers' detector, mmdetection's `gfl_r50_fpn_1x_coco`): the
+    ResNet-50 + FPN P3-P7 body of `clbench.models.detection.resnet_fpn` (frozen stem and first
+    stage, frozen BatchNorm statistics, ImageNet weights from a local file) under the same GFL head,
+    ATSS assignment, losses and inference as TinyGFL. With `fpn_channels=256, tower_convs=4,
+    num_levels=5, reg_max=16` and 80 classes it has 32,440,537 parameters, mmdetection's count
+    (`resnet_fpn.gfl_r50_fpn_parameter_count`)."""
+
+    def __init__(self, num_classes: int, cfg: GFLConfig = GFLConfig(detector="r50_fpn"), weights: str | None = None,
+                 download: bool | None = None):
+        super().__init__()
+        from clbench.models.detection.resnet_fpn import ResNet50FPN, read_backbone_weights
+
+        self.cfg = cfg
+        self._initial_classes = num_classes
+        self.body = ResNet50FPN(cfg.fpn_channels, cfg.num_levels, cfg.frozen_stages, cfg.bn_affine_trainable)
+        spec = cfg.backbone_weights if weights is None else weights
+        state, source = read_backbone_weights(spec, cfg.download_weights if download is None else download)
+        if state is not None:
+            self.body.load_backbone(state, source)
+        self.weights_source = source
+        self._build_head()
+
+    def features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(z)
+
+
+def build_gfl(num_classes: int, cfg: GFLConfig) -> GFL:
+    """The detector `cfg.detector` names: TinyGFL or GFLResNet50FPN."""
+    return GFLResNet50FPN(num_classes, cfg) if cfg.detector == "r50_fpn" else TinyGFL(num_classes, cfg)
 
 
 # --------------------------------------------------------------------------- box coding
