@@ -143,3 +143,59 @@ def test_training_reduces_the_loss():
         losses.append(total.item())
     assert loss.num_positives > 0
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_gradient_accumulation_and_warm_up():
+    """accumulate_grad_batches=2 over 3 batches: one SGD step on the mean gradient of batches 0 and 1,
+    one on batch 2's alone (a shorter last group); warm-up scales the rate by r + (1 - r) i / n."""
+    from types import SimpleNamespace
+
+    from clbench.datasets import DetectionBatch
+    from clbench.registry import STRATEGIES
+    from clbench.types import ExperienceInfo
+
+    torch.manual_seed(0)
+    cls = STRATEGIES.get("gfl_finetune")
+    cfg = cls.Config(flip=False, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, accumulate_grad_batches=2,
+                     warmup_iters=2, warmup_ratio=0.5)
+    strategy = cls(None, 2, cfg=cfg)
+    strategy.on_experience_start(ExperienceInfo(0, (0, 1), (0, 1), 1, 2))
+    batches = [DetectionBatch(torch.rand(1, 3, 64, 64), [make_target([[8.0, 8.0, 40.0, 30.0 + 4 * i]], [i % 2])])
+               for i in range(3)]
+    params = [p for p in strategy.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+
+    def gradient(batch):
+        for p in params:
+            p.grad = None
+        strategy.total_loss(batch, 0).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    g0, g1 = gradient(batches[0]), gradient(batches[1])
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.0)
+    trainer = SimpleNamespace(num_training_batches=3, global_step=0, current_epoch=0, loggers=[])
+    strategy._trainer = trainer
+    strategy.optimizers = lambda: optimizer
+    strategy.manual_backward = lambda loss: loss.backward()
+    try:
+        for p in params:
+            p.grad = None
+        strategy.training_step(batches[0], 0)
+        assert all(torch.equal(p, s) for p, s in zip(params, start))  # no step after the first batch
+        strategy.training_step(batches[1], 1)
+        # warm-up step 0: lr 0.1 x 0.5
+        for p, s, a, b in zip(params, start, g0, g1):
+            assert torch.allclose(p, s - 0.05 * (a + b) / 2, atol=1e-6)
+        trainer.global_step = 1
+        middle = [p.detach().clone() for p in params]
+        g2 = gradient(batches[2])
+        for p in params:
+            p.grad = None
+        strategy.training_step(batches[2], 2)  # a group of one; warm-up step 1: lr 0.1 x 0.75
+        for p, m, c in zip(params, middle, g2):
+            assert torch.allclose(p, m - 0.075 * c, atol=1e-6)
+        trainer.global_step = 2
+        strategy._warm_up(optimizer)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    finally:
+        strategy._trainer = None
