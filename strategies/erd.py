@@ -1,5 +1,6 @@
 """ERD — Elastic Response Distillation for incremental object detection (Feng, Wang, Yuan, CVPR 2022,
-arXiv 2204.02136), on TinyGFL.
+arXiv 2204.02136), on a GFL detector: TinyGFL by default, GFL R50-FPN (the paper's) with
+`--paper-settings` on the COCO splits or `--set detector=r50_fpn`.
 
 Per task after the first, the detector trained so far becomes a frozen teacher and the new
 detector learns the new classes while distilling the teacher's *responses* (its head outputs),
@@ -41,7 +42,7 @@ gaps and the NMS-filtered box KL, also used by IOR, which builds on ERD's code) 
 - The official `top_k=100` argument is unused in its code and absent here. The box confidence is
   the code's (largest raw logit over the whole 4 x (R + 1) vector, not a per-side probability);
   the paper's own wording of it could not be read.
-- BatchNorm [deviation, TinyGFL-wide]: the code's ImageNet-pretrained R50 keeps BatchNorm in eval
+- BatchNorm [deviation, TinyGFL only; GFL R50-FPN freezes its BatchNorm statistics as the code]: the code's ImageNet-pretrained R50 keeps BatchNorm in eval
   mode (`norm_eval=True`), so at the first step of a task student and teacher give the same
   responses; TinyGFL is trained from scratch and its BatchNorm layers use batch statistics in
   every task (as for `gfl_finetune` and `ior`), so they differ from the start (cls_kd about 0.65
@@ -49,11 +50,13 @@ gaps and the NMS-filtered box KL, also used by IOR, which builds on ERD's code) 
   second task on raised final AP50 all from 0.71 to 0.80 (shapes-2+2) and old AP50 from 0.10 to
   0.28 (shapes-2+2-absent) in single seed-0 runs; not done here, since it would change the
   detector relative to the other TinyGFL strategies.
-- Tiny detector (TinyGFL, `clbench.models.detection.gfl`) instead of GFL R50-FPN; optimiser AdamW with a constant
-  lr (code: SGD 0.01 at batch 16, 500-iteration linear warm-up, steps at epochs 8 and 11;
-  `--paper-settings` gives SGD 0.01 with the steps, `lr_schedule="multistep"`, without the
-  warm-up, which clbench's per-epoch schedules cannot express); 1333x800 resizing is the
-  scenario's business.
+- Detector: TinyGFL by default (a tiny CNN, AdamW at a constant lr). `--paper-settings` on the COCO
+  splits gives the code's: GFL R50-FPN (`detector="r50_fpn"`: ImageNet ResNet-50 from a local file,
+  frozen stem and first stage, frozen BatchNorm statistics, FPN P3-P7, 4-conv GroupNorm towers,
+  R = 16) and its 1x recipe (SGD 0.01, momentum 0.9, wd 1e-4, 12 epochs, x0.1 at epochs 8 and 11,
+  500-step linear warm-up, flip, 16 images per step as 2 x 8 accumulated batches). Not the code's:
+  the images are resized by the scenario to a square (800 x 800 on COCO), not to 1333 x 800
+  keeping their aspect ratio.
 
 Published settings and numbers, the tiny configuration's values and the runs behind them are on
 this method's page of the documentation site (`make docs`).

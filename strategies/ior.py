@@ -39,10 +39,13 @@ histogram of signed aspect ratios computed from the class's boxes during its own
   FLOPs and time into the task's training cost (itemised as `outside_fit` in the run JSON).
 - The paste overlap rule is tested on the clipped pasted box; pixel coordinates are integers.
 - Augmentation draws (inversion, replay, flip) use torch's global RNG, seeded by the runner.
-- Tiny detector (TinyGFL, `clbench.models.detection.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's GFL head) instead of
-  GFL R50-FPN; optimiser AdamW with a constant lr (paper: SGD 0.01, steps at epochs 8 and 11:
-  `--paper-settings` gives that, with `lr_schedule="multistep"`); 1333x800 resizing is the
-  scenario's business.
+- Detector: TinyGFL by default (`clbench.models.detection.gfl`: ATSS, QFL/DFL/GIoU as mmdetection's
+  GFL head, on a tiny BatchNorm CNN; AdamW at a constant lr). `--paper-settings` on the COCO splits
+  gives the code's GFL R50-FPN (`detector="r50_fpn"`: ImageNet ResNet-50 from a local file, frozen
+  stem and first stage, frozen BatchNorm statistics, whose `FrozenBatchNorm2d` layers the
+  BatchNorm prior reads) and its 1x recipe (SGD 0.01, x0.1 at epochs 8 and 11, 500-step warm-up,
+  16 images per step as 2 x 8 accumulated batches). Not the code's: the scenario resizes images to
+  a square (800 x 800 on COCO), not to 1333 x 800 keeping their aspect ratio.
 - With 64 px images (84 locations) top-k = 1000 covers every location.
 
 Published settings and numbers, the tiny configuration's values and the runs behind them are on

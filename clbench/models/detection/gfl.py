@@ -1,12 +1,22 @@
-"""TinyGFL: a small Generalized Focal Loss detector (Li et al., NeurIPS 2020) for incremental detection.
+"""GFL detectors (Generalized Focal Loss, Li et al., NeurIPS 2020) for incremental detection: TinyGFL
+and GFL R50-FPN, one head, assignment, loss and inference (`GFL`), two feature bodies.
+
+`GFLConfig.detector` picks the body: "tiny" (TinyGFL, below; the CPU default and the `shapes-*`
+detector) or "r50_fpn" (`GFLResNet50FPN`, the IOR and ERD papers' detector, mmdetection's
+`gfl_r50_fpn_1x_coco`: torchvision's ResNet-50 with ImageNet weights from a local file, frozen stem
+and first stage, frozen BatchNorm statistics, FPN P3-P7 at 256 channels; see
+`clbench.models.detection.resnet_fpn`). With the published head (`fpn_channels=256,
+tower_convs=4, num_levels=5, reg_max=16`, `GFL_R50_FPN_1X`) and 80 classes it has 32,440,537
+parameters, the count of mmdetection's model (ResNet-50 without fc 23,508,032 + FPN 3,868,672 +
+head 5,063,833), tested.
 
 The dense detector the incremental-detection protocol needs (IOR and its baselines need per-location sigmoid
 class logits, a distributional box branch, a cls tower to RoIAlign from and BatchNorm in the backbone):
 
-- **Backbone**: four BatchNorm CNN stages (16-32-64-96 channels at strides 4/8/16/32, each two
+- **TinyGFL's backbone**: four BatchNorm CNN stages (16-32-64-96 channels at strides 4/8/16/32, each two
   `Conv2dNormActivation`s), the last three feeding torchvision's `FeaturePyramidNetwork` (strides
-  8/16/32, 64 channels); `num_levels=5` adds torchvision's `LastLevelP6P7` (strides 64/128, as the
-  paper's R50-FPN). Images in [0, 1] are normalised inside (ImageNet mean/std); `forward(...,
+  8/16/32, 64 channels); `num_levels=5` adds torchvision's `LastLevelP6P7` (strides 64/128; a ReLU
+  before P7, which GFL R50-FPN's extra levels do not have). Images in [0, 1] are normalised inside (ImageNet mean/std); `forward(...,
   normalized=True)` takes inputs already in that space (what IOR's inversion optimises).
 - **Head**: two towers of `tower_convs` conv3x3 + GroupNorm(32) + ReLU shared over levels; the cls
   tower feeds a conv with one sigmoid logit per class (joint class / IoU-quality score, trained by
