@@ -1,4 +1,4 @@
-"""Command line: `clbench run | list | profile | sweep | leaderboard | plot`.
+"""Command line: `clbench run | download | list | profile | sweep | leaderboard | plot`.
 
 Imports stay lazy so `clbench --help` and `clbench list` never load torch or avalanche.
 Every user error is one line on stderr and exit code 2.
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wandb", nargs="?", const="clbench", default=None, metavar="PROJECT", help="mirror logs to wandb")
     r.add_argument("--quiet", action="store_true", help="no progress bars or final table")
     r.add_argument("--verbose", action="store_true", help="keep Lightning's own messages (GPU/TPU lines, tips)")
+
+    dl = sub.add_parser("download", help="fetch the data and pretrained weights a run will need (for offline nodes)")
+    add_run_arguments(dl)
 
     ls = sub.add_parser("list", help="list registered strategies, scenarios, add-ons or devices")
     ls.add_argument("what", choices=["strategies", "scenarios", "aux", "devices"])
@@ -91,8 +94,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", required=True, help="registered strategy name (clbench list strategies)")
     p.add_argument("--scenario", default="digits-5", help="registered scenario name (clbench list scenarios)")
     p.add_argument("--backbone", default=None, help="timm model name (default: the scenario's)")
-    p.add_argument("--pretrained", action="store_true", help="use pretrained weights present locally")
-    p.add_argument("--weights", default=None, help="local pretrained weight file for --pretrained")
+    p.add_argument("--pretrained", action="store_true",
+                   help="pretrained weights of the backbone's timm tag, from the local hub cache (--download fetches them)")
+    p.add_argument("--weights", default=None, help="local pretrained weight file (implies --pretrained)")
     p.add_argument("--aux", action="append", default=[], metavar="NAME[:k=v,...]", help="add-on, repeatable")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--config", default=None, help="YAML file of key: value overrides")
@@ -101,7 +105,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-root", default=None, help="dataset folder (default $CLBENCH_DATA or ~/.cache/clbench/data)")
-    p.add_argument("--download", action="store_true", help="let the dataset library download missing files")
+    p.add_argument("--download", action="store_true",
+                   help="download missing dataset files and pretrained weights (default: offline, local files only)")
     p.add_argument("--class-order", default=None, help="natural | paper | seed:N")
     p.add_argument("--output-dir", default=None, help="where result JSONs go (default results/)")
     p.add_argument("--accelerator", default=None, help="cpu | gpu | auto")
@@ -142,23 +147,29 @@ def spec_from_args(args, seed: int):
     strategy_cls = STRATEGIES.get(args.strategy)
     scenario = SCENARIOS.get(args.scenario) and args.scenario.strip()
     overrides: dict[str, Any] = {}
+    source: dict[str, str] = {}  # key -> where it was given (precedence: config < set < flag)
     if args.config:
         data = C.load_yaml(args.config)
         for key in ("strategy", "scenario"):
             data.pop(key, None)
         overrides.update(data)
-    overrides.update(C.parse_set(args.overrides))
+        source.update({k.replace("-", "_"): "config" for k in data})
+    given_set = C.parse_set(args.overrides)
+    overrides.update(given_set)
+    source.update({k.replace("-", "_"): "set" for k in given_set})
     run_values, strat_values = C.split_overrides(overrides, strategy_cls.Config, "--set/--config")
     for flag, fld in _FLAG_TO_FIELD.items():
         value = getattr(args, flag, None)
         if value is not None:
-            run_values[fld] = value
+            run_values[fld], source[fld] = value, "flag"
+    if run_values.get("weights") is not None and "pretrained" not in run_values:  # a weight file implies --pretrained
+        run_values["pretrained"], source["pretrained"] = True, source["weights"]
     if args.pretrained:
-        run_values["pretrained"] = True
+        run_values["pretrained"], source["pretrained"] = True, "flag"
     if args.download:
-        run_values["download"] = True
+        run_values["download"], source["download"] = True, "flag"
     if getattr(args, "quiet", False):
-        run_values["progress"] = False
+        run_values["progress"], source["progress"] = False, "flag"
     run = replace(C.RunConfig(), **run_values) if run_values else C.RunConfig()
     C.build(strategy_cls.Config, strat_values)  # validate types and ranges now
     from clbench.registry import canonical
@@ -174,6 +185,8 @@ def spec_from_args(args, seed: int):
         resume=getattr(args, "resume", False),
         wandb=getattr(args, "wandb", None),
         overwrite=getattr(args, "overwrite", False),
+        run_given={k: source[k] for k in run_values},
+        strategy_given={k: source[k] for k in strat_values},
     )
 
 
@@ -183,7 +196,9 @@ def cmd_run(args) -> int:
         print(f"clbench run: {args.strategy} on {args.scenario}, seed {seeds}: loading libraries ...", flush=True)
     seeds = args.seeds if args.seeds else [args.seed]
     specs = [spec_from_args(args, s) for s in seeds]  # validate all before training any
-    from clbench.engine.runner import quiet_lightning, run
+    from clbench.engine.runner import check_weights, quiet_lightning, resolve, run
+
+    check_weights(resolve(specs[0])[0])  # missing pretrained weights: one line now, before data or Lightning
     from clbench.reporting.report import print_result
 
     if not getattr(args, "verbose", False):
@@ -258,6 +273,16 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    """`clbench download`: fetch the pretrained weights and the data a run with these arguments will read."""
+    args.download = True
+    spec = spec_from_args(args, args.seed)
+    from clbench.engine.runner import download
+
+    download(spec)
+    return 0
+
+
 def _lazy(module: str, func: str):
     def call(args) -> int:
         import importlib
@@ -271,6 +296,7 @@ COMMANDS = {
     "run": cmd_run,
     "list": cmd_list,
     "profile": cmd_profile,
+    "download": cmd_download,
     "sweep": _lazy("clbench.engine.sweep", "cmd_sweep"),
     "leaderboard": _lazy("clbench.reporting.render", "cmd_leaderboard"),
     "plot": _lazy("clbench.reporting.plots", "cmd_plot"),

@@ -25,6 +25,7 @@ from clbench.strategies.simplecil import SimpleCIL
 
 from clbench.base import CLStrategy
 from clbench.models.adapters import AdapterTuningConfig, FirstTaskAdaptation
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
@@ -34,6 +35,7 @@ class APER(SimpleCIL):
     """Adapter tuned on the first task, then frozen; cosine prototypes over [pre-trained; adapted] features."""
 
     Config = AdapterTuningConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     learns_by_gradient: ClassVar[bool] = True
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"

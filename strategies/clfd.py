@@ -35,6 +35,7 @@ from clbench.strategies._replay import Replay
 from torch import nn
 
 from clbench.errors import UsageError
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.models.buffers import make_buffer
 from clbench.models.wavelets import haar_dwt
 from clbench.registry import STRATEGIES, register_strategy
@@ -292,6 +293,8 @@ class CLFD(CLFDMixin, Replay):
     """CLFD (frequency-domain encoder + class-aware feature selection); over ER, or base=der_pp|er_ace|cls_er."""
 
     Config = Config
+    # Mammoth's ResNet-18 (3x3 stem, nf=64) on every benchmark of the paper, ImageNet-R at 224 px included
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18, "imagenet-r-*": CIFAR_RESNET18}
     PAPER_SETTINGS = ER_SETTINGS  # CLFD-ER's: use `<base>_clfd --paper-settings` for the other bases
 
     def __new__(cls, backbone=None, num_classes=None, cfg=None, **kwargs):

@@ -24,6 +24,7 @@ from clbench.strategies._replay import Replay
 from torch import nn
 
 from clbench.config import non_negative_numbers, unit_interval
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo
 
@@ -47,6 +48,7 @@ class CLSER(Replay):
     """CLS-ER: replay with consistency to plastic/stable EMA copies; predicts with the stable copy."""
 
     Config = Config
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     PAPER_SETTINGS = {  # CLFD's Table 1 runs, buffer 125 (stable 0.1/0.2, plastic 0.5/0.9 for buffers 50/125)
         "cifar10-5": {"lr": 0.1, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
                       "buffer_size": 125, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},

@@ -14,6 +14,7 @@ from clbench.strategies import cls_er
 from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta, paper_settings
 from torch import nn
 
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.1}
@@ -29,6 +30,8 @@ class CLSERCLFD(CLFDMixin, cls_er.CLSER):
     """CLFD over CLS-ER (EMA copies of the whole CLFD net, stable copy predicts)."""
 
     Config = Config
+    # Mammoth's ResNet-18 (3x3 stem, nf=64) on every benchmark of the paper, ImageNet-R at 224 px included
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18, "imagenet-r-*": CIFAR_RESNET18}
     # CLFD (Liu et al., NeurIPS 2024) Table 1, buffer 125, Class-IL: 59.98 (S-CIFAR-10) / 18.73 (S-Tiny-ImageNet)
     PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "epochs": 50, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},

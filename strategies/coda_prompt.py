@@ -68,6 +68,7 @@ from torch import nn
 from clbench.base import CLStrategy
 from clbench.config import LR_SCHEDULES, StrategyConfig
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output
@@ -145,6 +146,7 @@ class CodaPrompt(CLStrategy):
     """Frozen ViT prefix-tuned by an attention-weighted sum of prompt components; one new orthogonal group per task."""
 
     Config = CodaPromptConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     contract_overrides = {"pool_size": 10, "prompt_length": 2, "prompt_blocks": 4}  # M = 2 T

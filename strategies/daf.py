@@ -54,6 +54,7 @@ from torch.utils.data import Subset
 from clbench.config import non_negative_integers, non_negative_numbers
 from clbench.datasets import make_loader
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
@@ -94,6 +95,7 @@ class DAF(TunaStrategy):
     """One global adapter: each task's adapter is fused into it by a curvature-weighted coefficient."""
 
     Config = DAFConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8}
     PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: TUNA's training values
 

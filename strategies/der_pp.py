@@ -44,6 +44,7 @@ from clbench.strategies._replay import Replay, pad_logits, width_mask
 
 from clbench.config import non_negative_numbers
 from clbench.errors import UsageError
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
@@ -69,6 +70,7 @@ class DERPP(Replay):
     """DER++: replay with stored logits (MSE) plus replayed labels (CE), two independent draws."""
 
     Config = Config
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     # CLFD's Table 1 setting (buffer 125; the DER++ baseline numbers CLFD reports: 53.09 / 11.29 Class-IL)
     PAPER_SETTINGS = {
         "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,

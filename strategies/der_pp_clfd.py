@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from clbench.strategies import der_pp
 from clbench.strategies.clfd import CLFDMixin, CLFDOptions, paper_settings
 
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 
 _COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03, "beta": 0.5}
@@ -26,6 +27,8 @@ class DERPPCLFD(CLFDMixin, der_pp.DERPP):
     """CLFD over DER++ (codes and masked logits in the buffer)."""
 
     Config = Config
+    # Mammoth's ResNet-18 (3x3 stem, nf=64) on every benchmark of the paper, ImageNet-R at 224 px included
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18, "imagenet-r-*": CIFAR_RESNET18}
     # CLFD (Liu et al., NeurIPS 2024) Table 1, buffer 125, Class-IL: 58.81 (S-CIFAR-10) / 15.42 (S-Tiny-ImageNet)
     PAPER_SETTINGS = paper_settings({
         "cifar10-5": {**_COMMON, "alpha": 0.2, "epochs": 50},

@@ -45,6 +45,7 @@ from clbench.base import CLStrategy, EvaluationNotes
 from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
 from clbench.models.adapters import vit_blocks
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prompts import PrefixRouter, PromptPool, mask_to
 from clbench.registry import register_strategy
@@ -84,6 +85,7 @@ class DualPrompt(CLStrategy):
     """Shared G-prompt (blocks 0-1), per-task keyed E-prompts (blocks 2-4), prefix-tuned into a frozen ViT."""
 
     Config = DualPromptConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     contract_overrides = {"pool_size": 5, "g_prompt_length": 2, "e_prompt_length": 2, "e_prompt_layers": (2, 3)}

@@ -60,6 +60,7 @@ from clbench.base import CLStrategy
 from clbench.config import non_negative_numbers
 from clbench.errors import UsageError
 from clbench.models.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.heads import CosineLinear
 from clbench.models.prototypes import ClassMeans
@@ -126,6 +127,7 @@ class EASE(CLStrategy):
     """A new adapter (subspace) per task; prototypes in every subspace, old classes' complemented by similarity; weighted cosine ensemble."""
 
     Config = EASEConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     needs_vit_backbone = True

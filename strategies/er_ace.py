@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from clbench.strategies import er
 from clbench.strategies._replay import Replay
 
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 from clbench.types import Batch
 
@@ -30,6 +31,7 @@ class ERACE(Replay):
     """ER-ACE: asymmetric cross-entropy (incoming batch masks absent old classes) plus replay CE."""
 
     Config = Config
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     PAPER_SETTINGS = {
         "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125},
         "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125},

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from clbench.strategies import er
 from clbench.strategies.clfd import CLFD, CLFDOptions
 
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 
 
@@ -26,3 +27,5 @@ class ERCLFD(CLFD):
     """CLFD over ER: frequency-domain codes in, class-aware k-WTA feature selection out."""
 
     Config = Config
+    # Mammoth's ResNet-18 (3x3 stem, nf=64) on every benchmark of the paper, ImageNet-R at 224 px included
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18, "imagenet-r-*": CIFAR_RESNET18}

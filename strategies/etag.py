@@ -56,6 +56,7 @@ from clbench.config import (
     positive_integers,
     positive_numbers,
 )
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -177,6 +178,9 @@ class ETag(CLStrategy):
     classifier-guided feature generator replaying old classes; no exemplars."""
 
     Config = ETagConfig
+    # CIFAR ResNet-18 on CIFAR-100 and Tiny-ImageNet, the standard (timm) ResNet-18 on ImageNet subsets
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18,
+                "imagenet-subset-*": {"backbone": "resnet18", "pretrained": False}}
     input_channels = 3
     contract_scenario = "synthetic32-3"
     contract_backbone = "resnet18_cifar_nf8"

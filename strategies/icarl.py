@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_integers, non_negative_numbers
 from clbench.datasets import InMemoryDataset, concat, make_loader
+from clbench.models.backbones import CIFAR_RESNET18
 from clbench.models.buffers import ReservoirBuffer, herding_selection
 from clbench.models.freeze import teacher_logits
 from clbench.registry import register_strategy
@@ -45,6 +46,7 @@ class ICaRL(CLStrategy):
     """iCaRL: BCE distillation from the previous model, herding exemplars, nearest-mean-of-exemplars prediction."""
 
     Config = Config
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     PAPER_SETTINGS = {  # DER paper's Mammoth runs, buffer 200 (49.02 / 7.53 Class-IL)
         "cifar10-5": {"lr": 0.1, "momentum": 0.0, "epochs": 50, "batch_size": 32, "buffer_size": 200, "wd_reg": 1e-5},
         "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "epochs": 100, "batch_size": 32, "buffer_size": 200, "wd_reg": 1e-5},

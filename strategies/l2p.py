@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from clbench.base import CLStrategy
 from clbench.config import StrategyConfig, non_negative_numbers, positive_integers
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prompts import PromptPool, TokenPrompter, mask_to
 from clbench.registry import register_strategy
@@ -65,6 +66,7 @@ class L2P(CLStrategy):
     """Prompt pool with keys; per-sample top-N cosine selection of input-level prompts for a frozen ViT."""
 
     Config = L2PConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     contract_overrides = {"pool_size": 5, "prompt_length": 2, "top_k": 2}

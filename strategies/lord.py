@@ -41,7 +41,7 @@ from clbench.config import (
     positive_integers,
     unit_interval,
 )
-from clbench.models.backbones import CifarResNet
+from clbench.models.backbones import CIFAR_RESNET18, CifarResNet
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output
 
@@ -73,6 +73,7 @@ class LoRD(der_pp.DERPP):
     """LoRD: widening prefix student, pruned-teacher distillation, DER++ replay with sparse insertion."""
 
     Config = Config
+    DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     contract_scenario = "synthetic32-3"
     PAPER_SETTINGS = {  # official best args, buffer 200 (no accuracy table could be read)
         "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,

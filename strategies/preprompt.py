@@ -52,6 +52,7 @@ from clbench.config import (
 )
 from clbench.datasets import InMemoryDataset
 from clbench.errors import UsageError
+from clbench.models.backbones import ORIG_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prompts import PrefixRouter, mask_to
 from clbench.registry import register_strategy
@@ -111,6 +112,8 @@ class PrePrompt(CLStrategy):
     """Route head on the unprompted feature picks the task prompt; label head on the prompted feature; feature-translation calibration."""
 
     Config = PrePromptConfig
+    # the original ViT-B/16-IN21K (ViT-B_16.npz), 224 px, mean = std = 0.5, natural class order
+    DEFAULTS = ptm_defaults({**ORIG_VIT_B16_IN21K, "class_order": "natural"})
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     contract_overrides = {"prompt_length": 2, "prompt_blocks": 2, "calibration_epochs": 1, "calibration_batch": 16}

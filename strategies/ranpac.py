@@ -29,6 +29,7 @@ from torch import nn
 
 from clbench.base import CLStrategy
 from clbench.models.adapters import AdapterTuningConfig, FirstTaskAdaptation
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Output, Phase
 
@@ -59,6 +60,7 @@ class RanPAC(CLStrategy):
     """First-task adapter; ReLU random projection; ridge-regression classifier from streamed G and Q."""
 
     Config = RanPACConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_scenario = "digits32-5"
     contract_backbone = "clbench_vit_tiny"
     needs_vit_backbone = True

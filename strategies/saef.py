@@ -53,6 +53,7 @@ from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrateg
 
 from clbench.base import EvaluationNotes
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.registry import register_strategy
 from clbench.types import ExperienceInfo
 
@@ -192,6 +193,7 @@ class SAEF(TunaStrategy):
     """Task adapters grouped into semantic trees of merged experts, descended by entropy at test time."""
 
     Config = SAEFConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: the card takes TUNA's training values
     measures_ptm_prototypes = True

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
 
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prototypes import cosface_loss
 from clbench.registry import register_strategy
@@ -84,6 +85,7 @@ class SGDS(TunaStrategy):
     """Per-class bottleneck-unit masks chosen from prototype similarity: reuse a neighbour's units or allocate free ones."""
 
     Config = SGDSConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
     PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: TUNA's training values
     measures_ptm_prototypes = True

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prototypes import ClassMeans
 from clbench.registry import register_strategy
@@ -32,6 +33,7 @@ from clbench.types import Batch, ExperienceInfo, Output, Phase
 class SimpleCIL(CLStrategy):
     """Frozen backbone; cosine classifier on per-class mean embeddings (prototypes)."""
 
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     learns_by_gradient: ClassVar[bool] = False
     distributed_sums: ClassVar[tuple[str, ...]] = ("class_means.sums", "class_means.counts")  # DDP: summed over ranks
 

@@ -35,6 +35,7 @@ from clbench.strategies.saef import sign_elected_merge
 
 from clbench.config import non_negative_numbers
 from clbench.errors import UsageError
+from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo
 
@@ -65,6 +66,7 @@ class TUNA(TunaStrategy):
     """Task adapters chosen by minimum entropy at test time, plus a universal adapter merged from all of them."""
 
     Config = TUNAConfig
+    DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     keeps_task_adapters = True
     # the card's configurations (TUNA's scripts): CIFAR B0Inc5, ImageNet-R B0Inc20 with the orthogonality term

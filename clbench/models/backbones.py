@@ -7,6 +7,7 @@ gives pooled features of width `model.num_features`; the classifier is a clbench
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -185,6 +186,72 @@ def clbench_convnet(pretrained: bool = False, **kwargs) -> ConvNet:
     return ConvNet(**kwargs)
 
 
+# --------------------------------------------------------------------------- strategies' backbone defaults
+# What a method's paper fixes, for its `DEFAULTS` (clbench.engine.runner.strategy_defaults): a backbone with
+# its timm weights tag, and the input it was trained for. Keys are RunConfig fields.
+
+# ViT-B/16 pre-trained on ImageNet-21k as the PILOT code family loads it: timm 0.6's
+# `vit_base_patch16_224_in21k`, which timm 1.x names `vit_base_patch16_224.augreg_in21k` (the AugReg
+# checkpoint); 224 px, images fed as ToTensor() output (no normalisation)
+PILOT_VIT_B16_IN21K = {"backbone": "vit_base_patch16_224.augreg_in21k", "pretrained": True, "image_size": 224,
+                       "normalization": "none"}
+# PrePrompt's code points ViT-B/16 at the original `ViT-B_16.npz` ImageNet-21k checkpoint (timm 1.x:
+# `.orig_in21k`), 224 px, mean = std = 0.5 (timm's "inception" statistics)
+ORIG_VIT_B16_IN21K = {"backbone": "vit_base_patch16_224.orig_in21k", "pretrained": True, "image_size": 224,
+                      "normalization": "inception"}
+# the cards' tiny CPU configuration of the pre-trained-model methods (random init, 32 px)
+TINY_VIT = {"backbone": "clbench_vit_tiny", "pretrained": False}
+# Mammoth's ResNet-18 (3x3 stride-1 stem, no max-pool, nf=64), trained from scratch
+CIFAR_RESNET18 = {"backbone": "resnet18_cifar", "pretrained": False}
+
+# values that belong to the backbone they were declared with: a backbone of another architecture given at a
+# higher level (paper settings, --config, --set, --backbone) takes them away with it
+BACKBONE_BOUND_KEYS = ("pretrained", "weights", "image_size", "normalization")
+
+
+def ptm_defaults(paper: dict) -> dict[str, dict]:
+    """`DEFAULTS` of a pre-trained-model method: its paper's ViT on every scenario, the tiny CPU ViT on the
+    small test scenarios (8/32 px digits, synthetic data)."""
+    return {"*": dict(paper), "digits*": dict(TINY_VIT), "synthetic*": dict(TINY_VIT)}
+
+
+def architecture(name: str) -> str:
+    """The timm architecture of a backbone name, without its weights tag (`vit_base_patch16_224.augreg_in21k`
+    -> `vit_base_patch16_224`)."""
+    return name.split(".", 1)[0]
+
+
+# --------------------------------------------------------------------------- building
+def check_backbone_name(name: str) -> None:
+    """A timm model name, optionally with a pretrained tag (`arch.tag`); otherwise a one-line UsageError
+    listing the closest names (difflib over timm's models, or over its pretrained tags for a tag)."""
+    import difflib
+
+    arch, _, tag = name.partition(".")
+    if tag:
+        known = timm.list_pretrained()
+        if name in known:
+            return
+        if arch not in timm.list_models():
+            close = difflib.get_close_matches(name, known, n=6, cutoff=0.6)
+            raise UsageError(f"unknown backbone {name!r}; expected a timm model name (e.g. resnet18, vit_base_patch16_224)"
+                             f" or model.tag{_similar(close)}")
+        tags = [m for m in known if m.split(".", 1)[0] == arch]
+        close = difflib.get_close_matches(name, known, n=6, cutoff=0.6)
+        close = list(dict.fromkeys([*close, *tags]))[:8]
+        raise UsageError(f"{tag!r} is not a timm weights tag of {arch!r}; expected one of timm's pretrained tags"
+                         f"{_similar(close) if close else ' (timm has no pretrained weights for it)'}")
+    if name in timm.list_models():
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+    raise UsageError(f"unknown backbone {name!r}; expected a timm model name, e.g. clbench_mlp, clbench_convnet, "
+                     f"resnet18{_similar(close)}")
+
+
+def _similar(names) -> str:
+    return f" (similar: {', '.join(names)})" if names else ""
+
+
 def build_backbone(
     name: str,
     *,
@@ -192,15 +259,18 @@ def build_backbone(
     weights: str | None = None,
     in_chans: int = 3,
     img_size: int | None = None,
+    download: bool = False,
 ) -> nn.Module:
-    """A timm model without classifier (`num_classes=0`), exposing `num_features`."""
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        close = [m for m in timm.list_models() if m.startswith(name.split("_")[0])][:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise UsageError(f"unknown backbone {name!r}; expected a timm model name, e.g. clbench_mlp, clbench_convnet, resnet18{hint}")
+    """A timm model without classifier (`num_classes=0`), exposing `num_features`.
+
+    `pretrained`: the weights of `weights` (a file), else of the name's timm tag (`arch.tag`; the
+    architecture's default tag without one) from the Hugging Face hub cache or torch.hub's folder. Nothing
+    is downloaded unless `download`; missing weights are a UsageError, never a random init.
+    """
+    check_backbone_name(name)
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
-    if img_size is not None and name.startswith(("clbench_mlp", "clbench_vit")):
-        kwargs["img_size"] = img_size
+    if img_size is not None and (name.startswith(("clbench_mlp", "clbench_vit")) or _vit_at_other_size(name, img_size)):
+        kwargs["img_size"] = img_size  # timm ViTs: position embeddings resampled to the grid when weights load
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     if name.startswith("clbench_"):
@@ -214,7 +284,20 @@ def build_backbone(
             raise UsageError(f"pretrained weights file {weights!r} holds no weights of {name!r} (none of its "
                              f"{len(found)} keys names a parameter of the model); expected a checkpoint of that model")
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
-    return _from_local_cache(name, kwargs)
+    path = pretrained_file(name, download=download)
+    # the file holds timm's state_dict (hub) or the original checkpoint (torch.hub url); timm's filter
+    # converts it either way. custom_load is timm's .npz reader, for url downloads only
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path, "custom_load": False}, **kwargs)
+
+
+def _vit_at_other_size(name: str, img_size: int) -> bool:
+    """A timm Vision Transformer whose default input side is not `img_size`."""
+    from timm.models import get_pretrained_cfg, is_model_in_modules
+
+    if not is_model_in_modules(architecture(name), ["vision_transformer"]):
+        return False
+    cfg = get_pretrained_cfg(name)
+    return cfg is None or cfg.input_size[-1] != img_size
 
 
 def _checkpoint_keys(path: str) -> set[str]:
@@ -239,33 +322,180 @@ def _checkpoint_keys(path: str) -> set[str]:
     return {k.removeprefix("module.") for k in keys}
 
 
-def _from_local_cache(name: str, kwargs: dict) -> nn.Module:
-    """Load weights that timm/Hugging Face already cached locally; never touch the network.
+# --------------------------------------------------------------------------- pretrained weights
+HUB_TIMEOUT_S = 10  # seconds a --download waits for the hub to answer (connect, metadata) before it gives up
 
-    Looks for the model's default pretrained tag in the Hugging Face hub cache and in
-    torch.hub's checkpoint folder; a missing file is an error, never a random init.
-    """
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where timm keeps the pretrained weights of `model` (`arch.tag`): a Hugging Face hub repo, or a url."""
+
+    model: str
+    hub_repo: str | None = None
+    hub_revision: str | None = None
+    hub_filenames: tuple[str, ...] = ()
+    url: str | None = None
+
+    def describe(self) -> str:
+        if self.hub_repo:
+            return f"hf-hub {self.hub_repo} ({' or '.join(self.hub_filenames)})"
+        return str(self.url)
+
+    def download_url(self) -> str:
+        if self.hub_repo:
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+            return f"{endpoint}/{self.hub_repo}/resolve/{self.hub_revision or 'main'}/{self.hub_filenames[0]}"
+        return str(self.url)
+
+
+def weights_source(name: str) -> WeightsSource:
+    """The pretrained weights timm names for `name` (its default tag when the name has none)."""
     from timm.models import get_pretrained_cfg
 
+    check_backbone_name(name)
+    if name.startswith("clbench_"):
+        raise UsageError(f"backbone {name!r} has no pretrained weights; drop --pretrained")
     cfg = get_pretrained_cfg(name)
-    looked: list[str] = []
-    if cfg is not None and cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_CACHE
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        tags = [m for m in timm.list_pretrained() if architecture(m) == architecture(name)]
+        raise UsageError(f"timm knows no pretrained weights for {name!r}; expected a pretrained tag"
+                         f"{_similar(tags[:8]) if tags else ' (none for this architecture): drop --pretrained'}")
+    tag = cfg.tag if "." not in name and getattr(cfg, "tag", None) else None
+    model = f"{name}.{tag}" if tag else name
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        if cfg.hf_hub_filename:
+            files = (cfg.hf_hub_filename,)
+        else:  # timm reads model.safetensors where the repo has it, else pytorch_model.bin
+            files = ("model.safetensors", "pytorch_model.bin")
+        return WeightsSource(model, repo, revision or None, files)
+    return WeightsSource(model, url=cfg.url)
 
-        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in filenames:
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment now ($HF_HUB_CACHE, else $HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def cached_weights(src: WeightsSource) -> str | None:
+    """The local file of `src`, if the hub cache or torch.hub's checkpoint folder holds it."""
+    if src.hub_repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in src.hub_filenames:
+            found = try_to_load_from_cache(src.hub_repo, filename, cache_dir=hub_cache_dir(), revision=src.hub_revision)
             if isinstance(found, str):
-                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found}, **kwargs)
-        looked.append(f"{HF_HUB_CACHE} ({cfg.hf_hub_id})")
-    if cfg is not None and cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if path.is_file():
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        looked.append(str(path))
-    where = "; ".join(looked) or "no pretrained tag is known to timm"
-    raise UsageError(
-        f"pretrained weights for {name!r} are not available locally (looked in {where}); "
-        f"download them once with timm on a machine with network, or pass --weights FILE"
-    )
+                return found
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(src.url))
+    return str(path) if path.is_file() else None
+
+
+def missing_weights_message(src: WeightsSource) -> str:
+    if src.hub_repo:
+        where = f"{src.hub_repo} ({src.hub_filenames[0]}) in the hub cache {hub_cache_dir()}"
+    else:
+        where = f"{os.path.basename(str(src.url))} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    return (f"pretrained weights {src.model} not found locally: expected {where}; fetch them with --download "
+            f"(or `clbench download` ahead of time), pass --weights FILE, or place the file there")
+
+
+def pretrained_file(name: str, *, download: bool = False) -> str:
+    """The local weight file of `name`'s timm tag; fetched into the hub cache (or torch.hub's folder) only
+    with `download`, with a short timeout. Offline-first: without `download` nothing touches the network."""
+    src = weights_source(name)
+    found = cached_weights(src)
+    if found is not None:
+        return found
+    if not download:
+        raise UsageError(missing_weights_message(src))
+    if src.hub_repo:
+        return _hub_download(src)
+    return _url_download(src)
+
+
+def _hub_download(src: WeightsSource) -> str:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UsageError(f"--download: HF_HUB_OFFLINE is set, so {src.download_url()} cannot be fetched; unset it, "
+                         f"or place {src.model}'s weights in the hub cache {hub_cache_dir()}")
+    _probe(src.download_url(), src)  # one short request: no network fails now, not after the hub's retries
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    saved = constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_ETAG_TIMEOUT = min(saved[0], HUB_TIMEOUT_S)  # the hub reads these at call time
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = min(saved[1], HUB_TIMEOUT_S)
+    last: Exception | None = None
+    try:
+        for filename in src.hub_filenames:
+            try:
+                return hf_hub_download(src.hub_repo, filename, revision=src.hub_revision, cache_dir=hub_cache_dir(),
+                                       endpoint=endpoint, etag_timeout=HUB_TIMEOUT_S)
+            except EntryNotFoundError as e:
+                if isinstance(e, LocalEntryNotFoundError):  # the hub could not be reached after all
+                    raise UsageError(f"--download: could not fetch {src.download_url()} ({_reason(e)})") from None
+                last = e  # the repo has the other format
+            except Exception as e:  # no network, refused, timed out, 401/404 from the hub
+                raise UsageError(f"--download: could not fetch {src.download_url()} ({_reason(e)}); check the "
+                                 f"network (or HF_ENDPOINT), or place {src.model}'s weights in the hub cache "
+                                 f"{hub_cache_dir()}, or pass --weights FILE") from None
+    finally:
+        constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT = saved
+    raise UsageError(f"--download: {src.hub_repo} holds none of {', '.join(src.hub_filenames)} ({_reason(last)})")
+
+
+def _probe(url: str, src: WeightsSource) -> None:
+    """One HEAD request with a short timeout (proxies from the environment honoured): any HTTP answer
+    means the server is reachable; no answer is a one-line UsageError naming the url."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list = []
+
+    def head():  # in a thread: name resolution ignores socket timeouts
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # reachable (401/404 are the hub's to explain)
+        except Exception as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=head, daemon=True)
+    worker.start()
+    worker.join(HUB_TIMEOUT_S + 1)
+    e = outcome[0] if outcome else TimeoutError(f"no answer in {HUB_TIMEOUT_S} s")
+    if e is not None:
+        reason = getattr(e, "reason", None) or e
+        raise UsageError(f"--download: could not reach {url} ({type(e).__name__}: {reason}); check the network "
+                         f"(or HF_ENDPOINT), or place {src.model}'s weights in the hub cache {hub_cache_dir()}, "
+                         f"or pass --weights FILE") from None
+
+
+def _url_download(src: WeightsSource) -> str:
+    import socket
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(src.url))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(HUB_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(str(src.url), str(target), progress=False)
+    except Exception as e:
+        raise UsageError(f"--download: could not fetch {src.url} ({_reason(e)}); check the network, or place the "
+                         f"file at {target}, or pass --weights FILE") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return str(target)
+
+
+def _reason(e: Exception | None) -> str:
+    if e is None:
+        return "no file"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__

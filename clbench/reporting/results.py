@@ -26,6 +26,9 @@ class RunResult:
     status: str = "running"  # running | completed | failed | interrupted
     strategy_config: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
+    # where each value of run_config and strategy_config came from: "default", "strategy defaults (<pattern>)",
+    # "paper settings", "config", "set", "flag", "run spec" or "scenario default (<backbone>)"
+    settings_source: dict[str, dict[str, str]] = field(default_factory=dict)
     aux: list[dict[str, Any]] = field(default_factory=list)
     pretrained: bool = False
     paper_settings: bool = False

@@ -84,8 +84,10 @@ class ClassificationTask(Task):
         )
 
         name = run_cfg.backbone or scenario.default_backbone
+        # the strategy's own backbone (its DEFAULTS, resolved into run_cfg) wins over the scenario's
         backbone = build_backbone(name, pretrained=run_cfg.pretrained, weights=run_cfg.weights,
-                                  in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1])
+                                  in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1],
+                                  download=run_cfg.download)
         return backbone, name, cfg
 
     def start(self, result, strategy, scenario, loaders, device) -> None:
