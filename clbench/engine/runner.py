@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import random
@@ -38,6 +39,11 @@ class RunSpec:
     resume: bool = False
     wandb: str | None = None  # wandb project to mirror the logs to (None: no wandb)
     overwrite: bool = False  # replace a stored result made with other settings (otherwise refused)
+    # where each given value came from ("flag", "set", "config"): RunConfig fields of `run` and keys of
+    # `strategy_overrides`. None (a RunSpec built in code): the fields of `run` that differ from
+    # RunConfig's defaults are the given ones ("run spec"), and so are all strategy_overrides
+    run_given: dict[str, str] | None = None
+    strategy_given: dict[str, str] | None = None
 
 
 # --------------------------------------------------------------------------- factories
@@ -126,16 +132,119 @@ def device_name(run: C.RunConfig) -> str:
 
 
 def resolve(spec: RunSpec) -> tuple[C.RunConfig, Any]:
-    """Apply paper settings to the run config and build the strategy Config; validates everything."""
+    """The run config and strategy Config of `spec`; validates everything (see `resolve_sources`)."""
+    run_cfg, cfg, _ = resolve_sources(spec)
+    return run_cfg, cfg
+
+
+def strategy_defaults(cls, scenario: str) -> list[tuple[str, dict[str, Any]]]:
+    """(pattern, values) of the strategy's `DEFAULTS` that match `scenario`, least specific first: "*",
+    then glob patterns by the length of their literal part, then the scenario's own name."""
+    table = getattr(cls, "DEFAULTS", None) or {}
+    if callable(getattr(cls, "defaults_for", None)):
+        table = {**table, scenario: {**table.get(scenario, {}), **cls.defaults_for(scenario)}}
+    matching = [(p, v) for p, v in table.items() if fnmatch.fnmatchcase(scenario, p)]
+    return sorted(matching, key=lambda pv: (pv[0] == scenario, len(pv[0].replace("*", "").replace("?", ""))))
+
+
+def resolve_sources(spec: RunSpec) -> tuple[C.RunConfig, Any, dict[str, dict[str, str]]]:
+    """(run config, strategy Config, where each value came from), lowest precedence first: the fields'
+    defaults < the strategy's `DEFAULTS` for the scenario < its `PAPER_SETTINGS` (--paper-settings) <
+    --config < --set < flags. The scenario's default backbone applies only where the result names none.
+    Values bound to a backbone (pretrained, weights, image_size, normalization; `BACKBONE_BOUND_KEYS`)
+    stay with the strategy default's backbone: one of another architecture given above takes them away."""
+    from clbench.models.backbones import BACKBONE_BOUND_KEYS, architecture
+
     cls = STRATEGIES.get(spec.strategy)
     SCENARIOS.get(spec.scenario)
-    run = spec.run
-    values: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # (source, run values, strategy values)
+    for pattern, values in strategy_defaults(cls, spec.scenario):
+        run_values, strat_values = C.split_overrides(values, cls.Config, f"{cls.registry_name}.DEFAULTS[{pattern!r}]")
+        layers.append((f"strategy defaults ({pattern})", run_values, strat_values))
     if spec.paper_settings:
-        run_values, values = paper_settings(cls, spec.scenario)
-        run = replace(run, **{k: v for k, v in run_values.items()})
-    values.update(spec.strategy_overrides)
-    return run, C.build(cls.Config, values)
+        layers.append(("paper settings", *paper_settings(cls, spec.scenario)))
+    layers.extend(_given_layers(spec))
+
+    # a backbone given above the strategy defaults takes the defaults' backbone-bound values with it
+    default_backbone = next((r["backbone"] for src, r, _ in reversed(layers)
+                             if src.startswith("strategy defaults") and r.get("backbone")), None)
+    chosen = next((r["backbone"] for src, r, _ in reversed(layers)
+                   if not src.startswith("strategy defaults") and "backbone" in r), None)
+    other_backbone = (default_backbone is not None and chosen is not None
+                      and architecture(str(chosen)) != architecture(default_backbone))
+    run_values: dict[str, Any] = {}
+    strat_values: dict[str, Any] = {}
+    sources: dict[str, dict[str, str]] = {"run_config": {}, "strategy_config": {}}
+    for source, run_layer, strat_layer in layers:
+        for key, value in run_layer.items():
+            if other_backbone and source.startswith("strategy defaults") and key in BACKBONE_BOUND_KEYS:
+                continue
+            run_values[key], sources["run_config"][key] = value, source
+        for key, value in strat_layer.items():
+            strat_values[key], sources["strategy_config"][key] = value, source
+    if run_values.get("weights") and "pretrained" not in run_values:
+        run_values["pretrained"] = True  # a weight file is a pretrained backbone
+    run_cfg = C.build(C.RunConfig, run_values)
+    cfg = C.build(cls.Config, strat_values)
+    for section, values in (("run_config", C.to_dict(run_cfg)), ("strategy_config", C.to_dict(cfg))):
+        for key in values:
+            sources[section].setdefault(key, "default")
+    return run_cfg, cfg, sources
+
+
+def _given_layers(spec: RunSpec) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The values given in `spec`, one layer per source in precedence order (config < set < flag)."""
+    if spec.run_given is None:
+        base = C.RunConfig()
+        given = {f: "run spec" for f in C.field_names(C.RunConfig) if getattr(spec.run, f) != getattr(base, f)}
+    else:
+        given = dict(spec.run_given)
+    strat_given = spec.strategy_given or {}
+    order = ["config", "set", "run spec", "flag"]
+    names = sorted(set(given.values()) | {strat_given.get(k, "run spec") for k in spec.strategy_overrides},
+                   key=lambda n: order.index(n) if n in order else len(order))
+    return [(name,
+             {k: getattr(spec.run, k) for k, src in given.items() if src == name},
+             {k: v for k, v in spec.strategy_overrides.items() if strat_given.get(k, "run spec") == name})
+            for name in names]
+
+
+def check_weights(run_cfg: C.RunConfig) -> str | None:
+    """Before any data is read or model built: the pretrained weights a run needs are at hand (the local
+    file of its backbone's timm tag; fetched now with `download`), or a one-line UsageError naming them.
+    Returns the file (None: no pretrained weights needed, or the backbone is the scenario's default)."""
+    if not run_cfg.pretrained:
+        return None
+    if run_cfg.weights is not None:
+        if not os.path.isfile(run_cfg.weights):
+            raise UsageError(f"pretrained weights file {run_cfg.weights!r} not found")
+        return run_cfg.weights
+    if run_cfg.backbone is None:
+        return None  # the scenario's default backbone: checked when it is built
+    from clbench.models.backbones import pretrained_file
+
+    return pretrained_file(run_cfg.backbone, download=run_cfg.download)
+
+
+def download(spec: RunSpec, say: Callable[[str], None] = print) -> None:
+    """Fetch everything `spec`'s run will read (pretrained weights, then the scenario's data) into the hub
+    cache and the data root, for machines that train without network."""
+    run_cfg, _cfg = resolve(spec)
+    run_cfg = replace(run_cfg, download=True)
+    path = check_weights(run_cfg)
+    if path is not None:
+        say(f"weights: {run_cfg.backbone if run_cfg.weights is None else 'file'} -> {path}")
+    elif not run_cfg.pretrained:
+        say(f"weights: none needed ({run_cfg.backbone or 'the scenario default backbone'}, random init)")
+    scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
+    if run_cfg.pretrained and run_cfg.backbone is None and run_cfg.weights is None:
+        from clbench.models.backbones import pretrained_file
+
+        say(f"weights: {scenario.default_backbone} -> {pretrained_file(scenario.default_backbone, download=True)}")
+    from clbench.scenarios.base import ScenarioOptions, data_root
+
+    root = data_root(ScenarioOptions(data_root=run_cfg.data_root))
+    say(f"data: {spec.scenario} ready ({scenario.num_experiences} experiences) under {root}")
 
 
 def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_experience: Callable | None = None,
@@ -237,6 +346,7 @@ def _prepare(spec: RunSpec):
     """Everything checked before a model is built: settings, add-ons, output folder, Trainer
     settings, the scenario and whether the strategy learns the scenario's task."""
     run_cfg, cfg = resolve(spec)
+    check_weights(run_cfg)  # missing weights fail now, before data, Lightning or a model is touched
     C.check_seed(spec.seed)
     aux = create_aux(spec.aux)
     _check_output_dir(run_cfg.output_dir)
@@ -252,6 +362,9 @@ def _prepare(spec: RunSpec):
 def _new_result(spec: RunSpec, run_cfg: C.RunConfig, cfg, model_name: str, scenario, aux: Sequence) -> RunResult:
     # the settings given for each add-on, as its Config typed them (the full Config is in its report)
     given = [{"name": name, **{k: C.to_dict(a.cfg)[k] for k in params}} for (name, params), a in zip(spec.aux, aux)]
+    sources = resolve_sources(spec)[2]
+    if run_cfg.backbone is None:  # the run built the scenario's default backbone
+        sources["run_config"]["backbone"] = f"scenario default ({model_name})"
     return RunResult(
         strategy=spec.strategy,
         scenario=spec.scenario,
@@ -259,6 +372,7 @@ def _new_result(spec: RunSpec, run_cfg: C.RunConfig, cfg, model_name: str, scena
         seed=spec.seed,
         strategy_config=C.to_dict(cfg),
         run_config=C.to_dict(run_cfg),
+        settings_source=sources,
         aux=given,
         pretrained=run_cfg.pretrained,
         paper_settings=spec.paper_settings,
