@@ -370,7 +370,8 @@ def test_a_seen_class_without_test_boxes_is_none_with_a_note_and_the_means_skip_
     row, detail = evaluate_detection(strategy, make_loader(data, 2, shuffle=False), info, [(0,), (1, 2)],
                                      COCO101_AP50, class_names=["a", "b", "c"])
     assert detail["ap_per_class"] == {"0": pytest.approx(1.0), "1": None, "2": None}
-    assert detail["old"] == pytest.approx(1.0) and detail["new"] is None and detail["all"] == pytest.approx(1.0)
+    assert detail["old"] == pytest.approx(1.0) and math.isnan(detail["new"]) and detail["all"] == pytest.approx(1.0)
     assert "1 (b), 2 (c)" in detail["notes"][0]
     assert row[0] == pytest.approx(1.0) and math.isnan(row[1])  # never 0.0 for "no AP"
-    assert breakdown({0: 0.5, 1: None}, old=[0], new=[1]) == {"old": 0.5, "new": None, "all": 0.5}
+    means = breakdown({0: 0.5, 1: None}, old=[0], new=[1])
+    assert means["old"] == means["all"] == 0.5 and math.isnan(means["new"])

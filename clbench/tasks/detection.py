@@ -372,10 +372,10 @@ def mean_over(ap: dict[int, float | None], classes: Sequence[int]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def breakdown(ap: dict[int, float | None], old: Sequence[int], new: Sequence[int]) -> dict[str, float | None]:
-    """Old / new / all mean AP (all = over every seen class with an AP); None where no class has one."""
-    out = {"old": mean_over(ap, old), "new": mean_over(ap, new), "all": mean_over(ap, [*old, *new])}
-    return {k: None if math.isnan(v) else v for k, v in out.items()}
+def breakdown(ap: dict[int, float | None], old: Sequence[int], new: Sequence[int]) -> dict[str, float]:
+    """Old / new / all mean AP (all = over every seen class with an AP); NaN where no class of the
+    group has one (no old class in the first task), never 0."""
+    return {"old": mean_over(ap, old), "new": mean_over(ap, new), "all": mean_over(ap, [*old, *new])}
 
 
 @torch.no_grad()
