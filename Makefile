@@ -20,7 +20,7 @@ demo: $(STAMP)
 # One pytest-xdist worker per core (JOBS=0: all in one process), each with one intra-op thread
 # (tests/conftest.py): twice as many threads as cores thrash on the 2-core CI machine.
 TEST_JOBS = $(or $(JOBS),$(shell nproc 2>/dev/null || echo 2))
-PYTEST = WANDB_MODE=offline MPLBACKEND=Agg OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_JOBS)
+PYTEST = WANDB_MODE=offline MPLBACKEND=Agg OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) --dist loadgroup
 
 test: $(STAMP)
 	$(PYTEST)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clbench.config import StrategyConfig
-from clbench.engine import distributed
+from clbench import distributed
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.models.freeze import frozen_snapshot
 from clbench.models.heads import IncrementalLinear

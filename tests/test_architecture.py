@@ -19,7 +19,7 @@ FOLDERS = {"clbench": "clbench", "strategies": "clbench.strategies", "scenarios"
 # Layers from the bottom; a module may import only modules of its own layer or below.
 LAYERS = [
     ("foundation", ["clbench._version", "clbench._discovery", "clbench.errors", "clbench.types", "clbench.config",
-                    "clbench.registry", "clbench.metrics", "clbench.datasets"]),
+                    "clbench.registry", "clbench.metrics", "clbench.datasets", "clbench.distributed"]),
     ("models", ["clbench.models"]),
     ("strategy contract", ["clbench.base"]),
     ("tasks", ["clbench.tasks"]),

@@ -27,6 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# one xdist worker runs every test of this file (`--dist loadgroup`): the two-process driver then runs
+# once, and never beside another DDP launch whose ranks could meet its own
+pytestmark = pytest.mark.xdist_group("ddp")
 STRATEGIES = ["naive", "er", "der_pp", "icarl", "ewc", "lwf", "simplecil"]
 PER_DEVICE_BATCH, WORLD, BATCHES = 8, 2, 3
 REPLAY_PER_DEVICE = 4  # er, der_pp: the replay batch is per device too
@@ -184,7 +187,7 @@ def test_sharded_batches_are_the_single_process_batches_cut_per_rank(n, per_devi
     per_device x world on the same seed (two epochs: the generator advances the same way); a last
     global batch with fewer samples than ranks joins the one before; parts differ by at most one."""
     from clbench.datasets import make_loader
-    from clbench.engine.distributed import ShardedBatchSampler
+    from clbench.distributed import ShardedBatchSampler
     from torch.utils.data import DataLoader
 
     data = torch.utils.data.TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))

@@ -109,7 +109,7 @@ def load_strategy_state(strategy, model: dict[str, torch.Tensor], extra: dict[st
     """Load a saved `state_dict` (`model`) and `extra_state` into a strategy built afresh, in a process
     where no experience has started (what --resume does)."""
     strategy.prepare_for_state(model)
-    _prepare_modules(strategy, model)
+    prepare_modules(strategy, model)
     strategy.load_state_dict(model, strict=True)
     strategy.load_extra_state(extra)
 
@@ -150,7 +150,7 @@ def remove(folder: Path) -> None:
             break
 
 
-def _prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def prepare_modules(strategy: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give the module tree the shapes of the saved state: teacher snapshots, grown heads, buffers
     a strategy registers once an experience tells it their size (TUNA's stored task adapters), and
     buffers that grow by a row per task (EASE's adapters and prototypes) at their saved size."""

@@ -17,7 +17,8 @@ import torch
 from clbench import config as C
 from clbench._version import __version__
 from clbench.datasets import make_loader
-from clbench.engine import checkpoint, distributed
+from clbench import distributed
+from clbench.engine import checkpoint
 from clbench.errors import TrainingDivergedError, UsageError
 from clbench.registry import SCENARIOS, STRATEGIES
 from clbench.reporting.results import RunResult, environment, save
@@ -327,7 +328,7 @@ def _check_ranks_agree(strategy, result: RunResult, index: int) -> None:
     """DDP: the strategy state must be the same on every rank after an experience; where it is not
     (state a strategy derives from its own shard in a way clbench cannot sum or gather), every rank
     continues with rank 0's and the result names what was taken from rank 0."""
-    differing = distributed.ensure_identical(strategy, f"after experience {index + 1}")
+    differing = distributed.ensure_identical(strategy, f"after experience {index + 1}", checkpoint.prepare_modules)
     if differing:
         result.environment["distributed"]["resynced"].append({"experience": index, "keys": differing})
 
@@ -419,7 +420,7 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
 
     Under DDP each rank trains on its part of every global batch (the batch size is per device) and,
     after each fit, what the strategy summed over its own samples is summed over ranks and rank 0's
-    BatchNorm statistics are taken (`clbench.engine.distributed`)."""
+    BatchNorm statistics are taken (`clbench.distributed`)."""
     sharded = distributed.world_size() > 1
     if sharded:
         callbacks = [*callbacks, distributed.sharded_epochs_callback()]

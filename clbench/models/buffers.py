@@ -5,7 +5,7 @@ tensors, so its whole state is a tensor state dict (resumable with
 `torch.load(weights_only=True)`).  It draws from its own random generator, so replay
 does not perturb, and is not perturbed by, the model's random stream.
 
-Under DDP (`clbench.engine.distributed`), inside a training epoch on sharded data, `add` first
+Under DDP (`clbench.distributed`), inside a training epoch on sharded data, `add` first
 gathers the batch of every rank (in rank order) so every rank inserts the same rows with the
 same draws, and `sample(n)` returns this rank's part of one draw of `n x world_size` rows
 (the draw a single process with that replay batch would make); elsewhere both act as in one process.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench.engine import distributed
+from clbench import distributed
 from clbench.errors import UsageError
 
 

@@ -357,7 +357,7 @@ def fingerprints(strategy) -> dict[str, str]:
     return out
 
 
-def ensure_identical(strategy, where: str) -> list[str]:
+def ensure_identical(strategy, where: str, prepare_modules) -> list[str]:
     """Compare the strategy state across ranks; where it differs, load rank 0's state everywhere and
     warn. Returns the keys that differed (empty: identical, the exact case)."""
     if not active():
@@ -373,9 +373,7 @@ def ensure_identical(strategy, where: str) -> list[str]:
     state = broadcast_object(({k: v.detach().cpu() for k, v in strategy.state_dict().items()},
                               {k: v.detach().cpu() for k, v in strategy.extra_state().items()}) if is_global_zero() else None)
     if not is_global_zero():
-        from clbench.engine.checkpoint import _prepare_modules
-
-        _prepare_modules(strategy, state[0])
+        prepare_modules(strategy, state[0])  # grown heads, snapshots, buffers at rank 0's shapes
         strategy.load_state_dict(state[0], strict=True)
         strategy.load_extra_state(state[1])
     return differing
