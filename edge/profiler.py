@@ -32,15 +32,33 @@ the rest extrapolated). Such work is part of the experience's `train_flops_exp`,
 `train_time_s`, peak memory and Jetson estimate, and is itemised under `outside_fit`.
 
 Counting slows the counted steps down (torch dispatches every op through Python), so
-`train_time_s` leaves that out: each counted step is timed as the mean uncounted step
-of its shape, and what was removed is `flop_count_overhead_time_s` (the measured fit
-time is `train_time_raw_s`). A shape whose every step was counted (`flops="all"`) keeps
-its measured time.
+`train_time_s` is the measured fit time (`train_time_raw_s`) minus the counter's own
+overhead (`flop_count_overhead_time_s`, not clamped), measured this way:
+
+* a counted step that is not the first of its shape in the experience is "warm": the
+  work it shares with the unprofiled run costs what the shape's uncounted steps cost, so
+  its overhead is its time minus the median uncounted step time of its shape;
+* the counter's overhead grows with the ops it dispatches, so it is expressed per op
+  (the step's traced op count; per step where the counter keeps no trace):
+  `flop_count_overhead_unit_s` is the median over the experience's warm counted steps
+  (of the same phase where it has some), or the run's last value for the phase when
+  this experience has none (a phase known constant is counted once per shape);
+* every counted step, first ones included, loses unit x its op count. The first step
+  of a shape keeps its warm-up (first optimizer step, new kernel shapes, fresh
+  pages), which an unprofiled run pays too: replacing first steps by an uncounted step
+  time, as an earlier version did, dropped that warm-up and read 2.6-3.4% low.
+
+`train_time_source` names the derivation: `measured:<host>:minus-counter-overhead`;
+`...:counted-steps-as-median-uncounted` where no warm counted step exists in the run yet
+(each counted step replaced by its shape's median uncounted step: warm-up dropped, a
+slight underestimate); `...:as-measured` where nothing was counted or no estimate
+exists (`flops="all"`: every step counted, none to compare with).
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -53,6 +71,11 @@ from clbench.edge.flops import CONVENTION, Counter, StepProfile, torch_behaviour
 WARMUP_STEPS = 20  # CUDA-event step timings start after this many steps of a fit
 
 
+def _clock() -> float:
+    """The profiler's time source for training time (a function, so tests can replace it)."""
+    return time.perf_counter()
+
+
 @dataclass
 class _Shape:
     """Steps of one shape signature in the current experience."""
@@ -63,6 +86,29 @@ class _Shape:
     phase_stable: bool = False  # its first count came after another shape of its phase agreed with itself
     counted_time: float = 0.0  # wall seconds of its counted steps
     plain_time: float = 0.0  # wall seconds of its other steps
+    counted_times: list[float] = field(default_factory=list)  # each counted step's wall seconds
+    counted_ops: list[int] = field(default_factory=list)  # each counted step's op count (1 without a trace)
+    plain_times: list[float] = field(default_factory=list)
+    overhead: float = 0.0  # counter overhead removed from its time (set at the experience's end)
+
+    def add_counted(self, elapsed: float, total: int, profile) -> None:
+        self.counted.append(total)
+        self.profile = profile
+        self.counted_time += elapsed
+        self.counted_times.append(elapsed)
+        self.counted_ops.append(max(profile.n_ops, 1) if profile is not None else 1)
+
+    def add_plain(self, elapsed: float) -> None:
+        self.plain_time += elapsed
+        self.plain_times.append(elapsed)
+
+    def warm_overheads(self) -> list[float]:
+        """Counter overhead per op of its warm counted steps (all but its first), measured against
+        the median of its uncounted steps."""
+        if not self.plain_times or len(self.counted_times) < 2:
+            return []
+        base = statistics.median(self.plain_times)
+        return [(t - base) / n for t, n in zip(self.counted_times[1:], self.counted_ops[1:])]
 
     @property
     def agreed(self) -> bool:
@@ -91,14 +137,6 @@ class _Shape:
     @property
     def total(self) -> int:
         return int(round(sum(self.counted) + (self.steps - len(self.counted)) * self.per_step))
-
-    @property
-    def counting_overhead(self) -> float:
-        """Extra seconds its counted steps took over the mean of its uncounted ones (0 when all were counted)."""
-        plain_steps = self.steps - len(self.counted)
-        if not self.counted or plain_steps <= 0:
-            return 0.0
-        return max(self.counted_time - len(self.counted) * self.plain_time / plain_steps, 0.0)
 
 
 def _phases_constant_from_first_step(shapes: dict[tuple, _Shape]) -> set[str]:
@@ -167,12 +205,14 @@ class EdgeProfiler(pl.Callback):
         self._own_time = 0.0
         self._timing = False
         self._trainable_numel: int | None = None  # of the current epoch
+        self._overhead_unit: dict[str, float] = {}  # the run's last counter overhead per op, per phase
 
     # ------------------------------------------------------------------ experience bracket (runner)
     @_timed
     def start_experience(self, index: int) -> None:
+        self._rss.reset()  # first: it collects garbage and trims the heap before reading the baseline
         self._current = {"experience": index, "train_time_s": 0.0, "samples": 0, "steps": 0,
-                         "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": time.perf_counter()}
+                         "flop_count_time_s": 0.0, "planned_steps": 0, "_t0": _clock()}
         self._outside: dict[str, _Shape] = {}
         # a phase whose steps all cost the same in the previous experience, its first one included,
         # starts this one as stable: each of its shapes is counted once
@@ -181,18 +221,17 @@ class EdgeProfiler(pl.Callback):
         self._cuda = torch.cuda.is_initialized()  # cheap; is_available() probes the driver
         if self._cuda:
             memory.cuda_reset()
-        self._rss.reset()
         self._start_tegrastats()
 
     @_timed
     def end_experience(self, strategy) -> dict[str, Any]:
         rec = self._current if self._current is not None else {"experience": len(self.records)}
         self._stop_counter()
-        rec["train_time_e2e_s"] = time.perf_counter() - rec.pop("_t0", time.perf_counter())
+        rec["train_time_e2e_s"] = _clock() - rec.pop("_t0", _clock())
         rec["train_time_s"] = rec.get("train_time_s", 0.0) + sum(w.counted_time + w.plain_time for w in self._outside.values())
         self._remove_counting_time(rec)
         rec["samples_per_s"] = rec["samples"] / rec["train_time_s"] if rec.get("train_time_s") else None
-        rec["train_time_source"] = f"measured:{_host_name()}"
+        rec["train_time_source"] = f"measured:{_host_name()}:{rec['train_time_derivation']}"
         rec.setdefault("trainable_params", _trainable_params(strategy.parameters()))
         stored = strategy.stored_state() if hasattr(strategy, "stored_state") else []  # e.g. stored task adapters
         rec["total_params"] = sum(p.numel() for p in strategy.parameters()) + sum(t.numel() for t in stored)
@@ -220,7 +259,8 @@ class EdgeProfiler(pl.Callback):
             "train_time_raw_s": sum(r.get("train_time_raw_s", r["train_time_s"]) for r in recs),
             "flop_count_overhead_time_s": sum(r.get("flop_count_overhead_time_s", 0.0) for r in recs),
             "train_time_e2e_s": sum(r.get("train_time_e2e_s", 0.0) for r in recs),
-            "train_time_source": f"measured:{_host_name()}",
+            "train_time_derivation": "+".join(sorted({d for r in recs for d in
+                                                       str(r.get("train_time_derivation", "as-measured")).split("+")})),
             "samples": sum(r["samples"] for r in recs),
             "steps": sum(r["steps"] for r in recs),
             "train_flops_total": sum(r.get("train_flops_exp") or 0 for r in recs) if self.flops_mode != "off" else None,
@@ -230,6 +270,8 @@ class EdgeProfiler(pl.Callback):
             "trainable_params": recs[-1].get("trainable_params") if recs else None,
             "total_params": recs[-1].get("total_params") if recs else None,
         }
+        out["train_time_source"] = f"measured:{_host_name()}:{out['train_time_derivation'] or 'as-measured'}"
+        self._memory_totals(out)
         if recs and "ranks" in recs[-1]:  # DDP: FLOPs and samples are over all ranks, peak memory the largest rank's
             out["world_size"] = recs[-1]["ranks"]["world_size"]
             per_rank = [r["ranks"].get("peak_memory_bytes") or [] for r in recs if "ranks" in r]
@@ -268,7 +310,7 @@ class EdgeProfiler(pl.Callback):
         self._fit_steps = 0
         self._events: list[tuple] = []
         self._rss.start()
-        self._fit_t0 = time.perf_counter()
+        self._fit_t0 = _clock()
 
     @_timed
     def on_train_start(self, trainer, pl_module) -> None:
@@ -314,22 +356,20 @@ class EdgeProfiler(pl.Callback):
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events.append((start, None))
-        self._step_t0 = time.perf_counter()  # the step itself: this hook's own time is counted apart
+        self._step_t0 = _clock()  # the step itself: this hook's own time is counted apart
 
     @_timed
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        shape, elapsed = self._step_shape, time.perf_counter() - self._step_t0
+        shape, elapsed = self._step_shape, _clock() - self._step_t0
         if self._counter is not None:
             self._counter.stop()
-            shape.counted.append(self._counter.total)
-            shape.profile = self._counter.profile
-            shape.counted_time += elapsed
+            shape.add_counted(elapsed, self._counter.total, self._counter.profile)
             if shape.agreed:
                 self._stable_phases.add(self._counter_phase)
             self._counter = None
             self._current["flop_count_time_s"] += elapsed
         else:
-            shape.plain_time += elapsed
+            shape.add_plain(elapsed)
             if self._events and self._events[-1][1] is None:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
@@ -344,7 +384,7 @@ class EdgeProfiler(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._cuda:
             torch.cuda.synchronize()
-        self._current["train_time_s"] += time.perf_counter() - self._fit_t0
+        self._current["train_time_s"] += _clock() - self._fit_t0
         self._rss.stop()
         times = [s.elapsed_time(e) / 1e3 for s, e in self._events if e is not None]
         if times:
@@ -364,19 +404,17 @@ class EdgeProfiler(pl.Callback):
                 count = self.flops_mode == "all" or (
                     self.flops_mode == "sample" and not work.agreed and len(work.counted) < self.max_counted_per_shape)
                 counter = self._counter_for_steps().start() if count else None
-                t0 = time.perf_counter()
+                t0 = _clock()
                 try:
                     yield i
                 finally:
-                    elapsed = time.perf_counter() - t0
+                    elapsed = _clock() - t0
                     work.steps += 1
                     if counter is not None:
                         counter.stop()
-                        work.counted.append(counter.total)
-                        work.profile = counter.profile
-                        work.counted_time += elapsed
+                        work.add_counted(elapsed, counter.total, counter.profile)
                     else:
-                        work.plain_time += elapsed
+                        work.add_plain(elapsed)
         finally:
             self._rss.stop()
 
@@ -386,13 +424,56 @@ class EdgeProfiler(pl.Callback):
 
     # ------------------------------------------------------------------ record parts
     def _remove_counting_time(self, rec: dict[str, Any]) -> None:
-        """`train_time_s` without what FLOP counting added: each counted step is timed as the mean
-        uncounted step of its shape, so the reported time is what an unprofiled run takes."""
-        work = [*self._shapes.values(), *self._outside.values()]
-        overhead = min(sum(s.counting_overhead for s in work), rec.get("train_time_s", 0.0))
+        """`train_time_s` = measured time minus the FLOP counter's own overhead, measured on the
+        warm counted steps (see the module docstring); nothing is clamped."""
+        groups = [(k[0], s) for k, s in self._shapes.items()] + [(f"outside:{k}", w) for k, w in self._outside.items()]
+        per_group: dict[str, list[float]] = {}
+        for group, shape in groups:
+            per_group.setdefault(group, []).extend(shape.warm_overheads())
+        here = {g: statistics.median(v) for g, v in per_group.items() if v}
+        everything_here = [x for v in per_group.values() for x in v]
+        overhead, how, units = 0.0, set(), []
+        for group, shape in groups:
+            shape.overhead = 0.0
+            if not shape.counted:
+                continue
+            unit = here.get(group)
+            if unit is None and everything_here:
+                unit = statistics.median(everything_here)
+            if unit is None:
+                unit = self._overhead_unit.get(group)
+            if unit is None and self._overhead_unit:
+                unit = statistics.median(self._overhead_unit.values())
+            if unit is not None:
+                shape.overhead, how = unit * sum(shape.counted_ops), how | {"minus-counter-overhead"}
+                units.append(unit)
+            elif shape.plain_times:  # no warm counted step anywhere yet: replace by the median uncounted step
+                shape.overhead = shape.counted_time - len(shape.counted_times) * statistics.median(shape.plain_times)
+                how.add("counted-steps-as-median-uncounted")
+            else:  # every step of the shape counted and nothing to compare with: as measured
+                how.add("as-measured")
+            overhead += shape.overhead
+        self._overhead_unit.update(here)
         rec["train_time_raw_s"] = rec.get("train_time_s", 0.0)
         rec["flop_count_overhead_time_s"] = overhead
+        if units:
+            rec["flop_count_overhead_unit_s"] = statistics.median(units)
         rec["train_time_s"] = rec["train_time_raw_s"] - overhead
+        rec["train_time_derivation"] = "+".join(sorted(how)) or "as-measured"
+
+    def _memory_totals(self, out: dict[str, Any]) -> None:
+        """The run's peak memory: the largest per-experience value, the process's peak RSS over the
+        run and the RSS before the first experience (libraries, data and model loaded)."""
+        recs = self.records
+        if not recs:
+            return
+        peaks = [r["process_peak_rss_bytes"] for r in recs if r.get("process_peak_rss_bytes") is not None]
+        if peaks:
+            out["process_peak_rss_bytes"] = max(peaks)
+        if recs[0].get("rss_baseline_bytes") is not None:
+            out["rss_baseline_bytes"] = recs[0]["rss_baseline_bytes"]
+        if out.get("peak_memory_kind"):
+            out["peak_memory_definition"] = memory.describe_kind(out["peak_memory_kind"])
 
     def _counter_for_steps(self) -> Counter:
         if self._step_counter is None:  # one per run: building a FlopCounterMode has a cost
@@ -414,7 +495,7 @@ class EdgeProfiler(pl.Callback):
         if self._outside:
             rec["outside_fit"] = {
                 label: {"steps": w.steps, "counted": len(w.counted), "flops": w.total, "flops_step": int(round(w.per_step)),
-                        "time_s": max(w.counted_time + w.plain_time - w.counting_overhead, 0.0), "basis": w.basis}
+                        "time_s": w.counted_time + w.plain_time - w.overhead, "basis": w.basis}
                 for label, w in self._outside.items()
             }
         main = max(shapes.values(), key=lambda s: s.steps, default=None)
@@ -440,7 +521,13 @@ class EdgeProfiler(pl.Callback):
         else:
             rec["peak_rss_bytes"] = self._rss.peak_above_baseline
             rec["peak_memory_bytes"], rec["peak_memory_kind"] = rec["peak_rss_bytes"], "cpu_rss"
-            rec["peak_rss_method"] = self._rss.method
+        # the host process on every device: its peak RSS during the experience and the RSS before it
+        # (after garbage collection and a heap trim); on the CPU the rise is peak_rss_bytes
+        rec["process_peak_rss_bytes"] = self._rss.peak
+        rec["rss_baseline_bytes"] = self._rss.baseline
+        rec["peak_rss_method"] = self._rss.method
+        rec["rss_release_time_s"] = self._rss.release_s  # part of profiler_time_s
+        rec["peak_memory_definition"] = memory.describe_kind(rec["peak_memory_kind"])
         times = rec.pop("_step_times", None)
         if times:
             t = torch.tensor(times)
@@ -545,7 +632,7 @@ def combine_rank_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(records[0])
     ranks: dict[str, Any] = {"world_size": len(records)}
     for key in ("train_flops_exp", "train_flops_exp_planned", "samples", "peak_memory_bytes", "train_time_s",
-                "train_time_e2e_s", "train_time_raw_s"):
+                "train_time_e2e_s", "train_time_raw_s", "process_peak_rss_bytes"):
         values = [r.get(key) for r in records]
         if all(v is None for v in values):
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import logging
 import os
 import random
@@ -439,6 +440,10 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
         sums = distributed.snapshot_sums(strategy) if sharded else {}
         with distributed.rank_streams():
             _fit(trainer, strategy, loader)
+        # the previous fit's Trainer (its loader, persistent workers, fit-loop state) is cyclic garbage now
+        # that the strategy points at this one; collected here, not whenever a full collection runs
+        del trainer, loader
+        gc.collect()
         if sharded:
             distributed.sum_over_ranks(strategy, sums)
             distributed.sync_batchnorm_buffers(strategy)

@@ -234,8 +234,66 @@ def test_reported_training_time_leaves_out_what_counting_added():
     assert totals["flop_count_overhead_time_s"] == pytest.approx(rec["flop_count_overhead_time_s"])
     # the profiler's own time: the counting overhead plus its hooks, which started the counter
     # three times for steps and once for the inference count
-    own = totals["profiler_time_s"] - totals["flop_count_overhead_time_s"]
+    # (and released freed memory before reading the RSS baseline: garbage collection and a heap trim)
+    own = totals["profiler_time_s"] - totals["flop_count_overhead_time_s"] - rec["rss_release_time_s"]
     assert 4 * start_delay * 0.9 < own < 4 * start_delay + 0.1
+
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+class _CostsKnownTime(_TwoLayer):
+    """Each step advances the fake clock by a known cost: 10 ms per batch of 8, 6 ms per batch of 4,
+    30 ms more for the first step of the fit (a warm-up an unprofiled run pays too) and 50 ms more
+    while the FLOP counter runs (the counter's overhead)."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.first = clock, True
+
+    def training_step(self, batch, batch_idx):
+        cost = 0.010 if len(batch[0]) == 8 else 0.006
+        if self.first:
+            cost, self.first = cost + 0.030, False
+        if self.trainer.callbacks[0]._counter is not None:
+            cost += 0.050
+        self.clock.t += cost
+        return super().training_step(batch, batch_idx)
+
+
+def test_training_time_is_the_unprofiled_time_on_a_fake_clock(monkeypatch):
+    """The counter's overhead is measured on the warm counted steps (the second count of a shape) and
+    removed from every counted step; the first step's warm-up stays, as in a run without the profiler."""
+    import clbench.edge.profiler as profiler_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(profiler_module, "_clock", clock)
+    prof = EdgeProfiler()
+    prof._step_counter = _StubCounter()  # no op trace: the overhead is per step
+    hand = 8 * 0.010 + 4 * 0.006 + 0.030  # 4 epochs of batches 8, 8, 4 without the counter
+    records = []
+    for i in range(2):
+        prof.start_experience(i)
+        _fit(_CostsKnownTime(clock), prof, n=20, epochs=4)
+        records.append(prof.end_experience(_TwoLayer()))
+    first, second = records
+    # experience 1 counts the 8-batch twice (the second is warm) and the 4-batch once; experience 2
+    # counts each once (its phase is known constant) and uses the run's overhead from experience 1
+    assert [first["flops_counted_steps"], second["flops_counted_steps"]] == [3, 2]
+    assert first["flop_count_overhead_unit_s"] == pytest.approx(0.050)
+    for rec, counted in ((first, 3), (second, 2)):
+        assert rec["train_time_raw_s"] == pytest.approx(hand + counted * 0.050)
+        assert rec["flop_count_overhead_time_s"] == pytest.approx(counted * 0.050)
+        assert rec["train_time_s"] == pytest.approx(hand)
+        assert rec["train_time_source"].endswith(":minus-counter-overhead")
+    totals = prof.totals()
+    assert totals["train_time_s"] == pytest.approx(2 * hand)
+    assert totals["train_time_source"].endswith(":minus-counter-overhead")
 
 
 def test_training_time_is_left_as_measured_when_every_step_is_counted():
@@ -247,6 +305,7 @@ def test_training_time_is_left_as_measured_when_every_step_is_counted():
     assert rec["flops_counted_steps"] == rec["steps"] == 3
     assert rec["flop_count_overhead_time_s"] == 0.0  # no uncounted step to compare with
     assert rec["train_time_s"] == rec["train_time_raw_s"] > 3 * _SlowWhenCounted.delay
+    assert rec["train_time_source"].endswith(":as-measured")
 
 
 def test_peak_rss_sees_a_step_allocation_and_resets_per_experience():
