@@ -301,6 +301,7 @@ def build_report(file: str, tests: list[str], status: dict[str, str], diff_by_na
     unexplained = [n for n in undetected if n not in equivalent]
     former = [n for n, s in status.items() if s in DETECTED and "killed_by" in notes.get(short(n), {})]
     stale = [n for n in notes if f"{module_of(file)}.{n}" not in status]
+    contradicted = [n for n, s in status.items() if s in DETECTED and "equivalent" in notes.get(short(n), {})]
 
     summary = {
         "file": file,
@@ -365,6 +366,10 @@ def build_report(file: str, tests: list[str], status: dict[str, str], diff_by_na
             out.append(f"### `{short(n)}` ({status[n]}){line_check(n)}\n")
             out.append(f"Equivalent: {notes[short(n)]['equivalent']}\n")
             out.append(diff_block(n))
+    if contradicted:
+        out.append("## Annotated as equivalent, but killed: the annotation is wrong\n")
+        out.extend(f"- `{short(n)}`: {notes[short(n)]['equivalent']}" for n in contradicted)
+        out.append("")
     if stale:
         out.append("## Annotations naming no current mutant\n")
         out.extend(f"- `{n}`" for n in stale)
