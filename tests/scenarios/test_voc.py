@@ -138,3 +138,25 @@ def test_an_empty_test_list_is_refused_before_training_naming_the_file(tmp_path,
     assert code == 2 and len(err) == 1, err
     assert str(test_list) in err[0] and "lists no image" in err[0] and "4,952" in err[0]
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+def test_a_voc07_run_records_its_convention(tmp_path):
+    import json
+
+    from clbench.cli import main
+
+    write_voc(_padded_with_difficult(24, seed=2), tmp_path, "trainval", STAND_INS)
+    write_voc(_padded_with_difficult(4, seed=5), tmp_path, "test", STAND_INS, first_id=500)
+    out = tmp_path / "out"
+    code = main(["run", "--strategy", "gfl_finetune", "--scenario", "voc-19+1-voc07", "--data-root", str(tmp_path),
+                 "--set", "image_size=32", "epochs=1", "limit_train_batches=1", "--accelerator", "cpu", "--quiet",
+                 "--output-dir", str(out)])
+    assert code == 0
+    (path,) = out.rglob("*.json")
+    det = json.loads(path.read_text())["detection"]
+    assert det["convention"] == "voc07" and "11-point" in det["convention_description"] and det["metric"] == "AP50"
+    last = det["per_task"][-1]
+    # the 8 stand-in classes have test boxes, the other 12 VOC classes none: None with a note, never 0
+    missing = {c for c, v in last["ap_per_class"].items() if v is None}
+    assert len(last["ap_per_class"]) == 20 and len(missing) >= 12 and "left out of every mean" in last["notes"][0]
+    assert all(0.0 <= v <= 1.0 for v in last["ap_per_class"].values() if v is not None)
