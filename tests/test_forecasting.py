@@ -196,7 +196,10 @@ def test_co2_run_stores_an_mse_matrix_edge_figures_and_a_leaderboard_row(tmp_pat
     from clbench.reporting import plots
 
     written = plots.save_all([load(path)], tmp_path / "plots", board)
-    assert written and all("_pareto_" in p.name for p in written)  # no accuracy curves or heatmaps
+    names = {p.name for p in written}
+    # errors, not accuracies: MSE curves, matrices, forgetting and old-vs-new, and the Pareto plots
+    assert not any("_curves" in n and "_mse_" not in n for n in names)
+    assert {"co2-4_mse_curves.png", "co2-4_pareto_train_flops_total.png"} <= names
 
 
 @pytest.mark.parametrize("strategy, key, value", [("stella_mlp", "d_model", 0), ("stella_er", "replay_batch_size", 0)])
