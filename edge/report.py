@@ -15,7 +15,7 @@ def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = No
     if steps is not None:
         lines.append(f"profiled {steps} step(s) per experience; 'planned' columns extrapolate to {planned_epochs} epoch(s)")
     header = ["exp", "steps", "samples", "train FLOPs", "counted", "fwd FLOPs/sample", "params train/total",
-              "peak mem", "time s", "samples/s", "Jetson time"]
+              "peak mem", "process RSS", "time s", "samples/s", "Jetson time"]
     table = [header]
     for r in rows:
         table.append([
@@ -27,6 +27,7 @@ def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = No
             _e(r.get("fwd_flops_per_sample")),
             f"{_si(r.get('trainable_params'))}/{_si(r.get('total_params'))}",
             _mem(r.get("peak_memory_bytes"), r.get("peak_memory_kind")),
+            _mib(r.get("process_peak_rss_bytes")),
             f"{r.get('train_time_s', 0):.2f}",
             f"{r['samples_per_s']:.0f}" if r.get("samples_per_s") else "-",
             _jetson(r.get("jetson")),
@@ -40,6 +41,7 @@ def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = No
         f"peak memory {_mem(totals.get('peak_memory_bytes'), totals.get('peak_memory_kind'))}, "
         f"host time {totals.get('train_time_s', 0):.2f} s ({totals.get('train_time_source', '')})"
     )
+    lines.append(memory_line(totals))
     if "train_flops_total_planned" in totals:
         lines.append(f"planned full run: train FLOPs {_e(totals['train_flops_total_planned'])}")
     j = totals.get("jetson")
@@ -52,6 +54,18 @@ def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = No
     if totals.get("flops_convention"):
         lines.append(totals["flops_convention"])
     return "\n".join(lines)
+
+
+def memory_line(totals: dict[str, Any]) -> str:
+    """What the peak-memory figure means, with the process peak RSS and the baseline beside the rise."""
+    from clbench.edge.memory import describe_kind
+
+    parts = [f"peak memory: {describe_kind(totals.get('peak_memory_kind'))}"]
+    if totals.get("process_peak_rss_bytes") is not None:
+        parts.append(f"process peak RSS {totals['process_peak_rss_bytes'] / 2**20:.1f} MiB")
+    if totals.get("rss_baseline_bytes") is not None:
+        parts.append(f"RSS before the first experience {totals['rss_baseline_bytes'] / 2**20:.1f} MiB")
+    return "; ".join(parts)
 
 
 def _e(v) -> str:
@@ -70,7 +84,12 @@ def _si(v) -> str:
 def _mem(b, kind) -> str:
     if b is None:
         return "-"
-    return f"{b / 2**20:.1f} MiB ({kind})"
+    label = "cpu_rss rise" if kind == "cpu_rss" else kind
+    return f"{b / 2**20:.1f} MiB ({label})"
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
 def _jetson(j) -> str:

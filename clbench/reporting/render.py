@@ -125,13 +125,15 @@ def _has(lb: Leaderboard, key: str) -> bool:
 
 def legend_items(lb: Leaderboard) -> list[str]:
     """The legend: what the cells mean, then one item per time column shown."""
+    from clbench.edge.memory import describe_kind  # what each kind's peak memory is
+
     items = [
         "Mean ± sample std over seeds (no ± for a single seed). ↑ higher is better, ↓ lower is better; "
         "**bold**: best in its scenario. Accuracy metrics in %, forgetting = max-minus-last (Mammoth/PILOT). "
         + (DETECTION_LEGEND if _has(lb, "final_ap_all") else "")
         + (FORECAST_LEGEND if _has(lb, "final_mse") else "")
         + "FLOPs, memory and times are in a unit chosen per column of each table. "
-        + f"Peak memory kind: {', '.join(sorted(lb.memory_kinds)) or MISSING}."
+        + f"Peak memory kind: {'; '.join(describe_kind(k) for k in sorted(lb.memory_kinds)) or MISSING}."
         + _jetson_legend(lb)
     ]
     for key, text in (("train_time_s", WALL_TIME_LEGEND), ("jetson_time_measured_s", JETSON_MEASURED_LEGEND),

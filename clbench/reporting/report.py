@@ -37,7 +37,15 @@ def print_result(r: RunResult, file=None) -> None:
         if flops:
             parts.append(f"train FLOPs {flops:.3e}")
         if mem:
-            parts.append(f"peak memory {mem / 2**20:.1f} MiB ({totals.get('peak_memory_kind')})")
+            kind = totals.get("peak_memory_kind")
+            if kind == "cpu_rss":  # a rise above each experience's starting RSS, not the process's size
+                parts.append(f"peak memory {mem / 2**20:.1f} MiB (cpu_rss: rise above the RSS at experience start)")
+            else:
+                parts.append(f"peak memory {mem / 2**20:.1f} MiB ({kind})")
+        if totals.get("process_peak_rss_bytes") is not None:
+            parts.append(f"process peak RSS {totals['process_peak_rss_bytes'] / 2**20:.1f} MiB")
+        if totals.get("rss_baseline_bytes") is not None:
+            parts.append(f"RSS baseline {totals['rss_baseline_bytes'] / 2**20:.1f} MiB")
         print("efficiency: " + ", ".join(p for p in parts if p), file=out)
         jetson = totals.get("jetson") or {}
         if jetson.get("label"):  # says "measured" or "estimated ± band" itself
