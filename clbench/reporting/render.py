@@ -95,9 +95,9 @@ def _markdown_table(table: Table) -> list[str]:
 
 
 DETECTION_LEGEND = (
-    "On detection scenarios the accuracy metrics are computed from per-task mean AP, and the AP columns give "
-    "the final AP over all / old / new classes (VOC-style scenarios: AP50; COCO: AP at IoU .50:.95; "
-    "COCO-style 101-point interpolation). "
+    "On detection scenarios the AP columns give the final per-task mean AP over all / old / new classes, under "
+    "each scenario's convention (recorded in every result): VOC-style scenarios AP50, 11-point VOC07 on "
+    "`-voc07` names and COCO-style 101-point otherwise; COCO scenarios AP at IoU .50:.95, 101-point. "
 )
 
 
