@@ -40,7 +40,7 @@ overhead (`flop_count_overhead_time_s`, not clamped), measured this way:
   its overhead is its time minus the median uncounted step time of its shape;
 * the counter's overhead grows with the ops it dispatches, so it is expressed per op
   (the step's traced op count; per step where the counter keeps no trace):
-  `flop_count_overhead_unit_s` is the median over the experience's warm counted steps
+  `flop_count_overhead_time_per_op_s` is the median over the experience's warm counted steps
   (of the same phase where it has some), or the run's last value for the phase when
   this experience has none (a phase known constant is counted once per shape);
 * every counted step, first ones included, loses unit x its op count. The first step
@@ -457,7 +457,7 @@ class EdgeProfiler(pl.Callback):
         rec["train_time_raw_s"] = rec.get("train_time_s", 0.0)
         rec["flop_count_overhead_time_s"] = overhead
         if units:
-            rec["flop_count_overhead_unit_s"] = statistics.median(units)
+            rec["flop_count_overhead_time_per_op_s"] = statistics.median(units)
         rec["train_time_s"] = rec["train_time_raw_s"] - overhead
         rec["train_time_derivation"] = "+".join(sorted(how)) or "as-measured"
 

@@ -285,7 +285,7 @@ def test_training_time_is_the_unprofiled_time_on_a_fake_clock(monkeypatch):
     # experience 1 counts the 8-batch twice (the second is warm) and the 4-batch once; experience 2
     # counts each once (its phase is known constant) and uses the run's overhead from experience 1
     assert [first["flops_counted_steps"], second["flops_counted_steps"]] == [3, 2]
-    assert first["flop_count_overhead_unit_s"] == pytest.approx(0.050)
+    assert first["flop_count_overhead_time_per_op_s"] == pytest.approx(0.050)
     for rec, counted in ((first, 3), (second, 2)):
         assert rec["train_time_raw_s"] == pytest.approx(hand + counted * 0.050)
         assert rec["flop_count_overhead_time_s"] == pytest.approx(counted * 0.050)

@@ -10,7 +10,7 @@ from clbench.config import RunConfig
 from clbench.engine.runner import RunSpec, run
 
 TIMING_KEYS = {"train_time_s", "samples_per_s", "train_time_e2e_s", "peak_memory_bytes", "peak_rss_bytes",
-               "peak_alloc_bytes", "peak_reserved_bytes"}
+               "peak_alloc_bytes", "peak_reserved_bytes", "process_peak_rss_bytes", "rss_baseline_bytes"}
 
 
 def _strip_timings(obj):
