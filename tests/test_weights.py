@@ -171,3 +171,21 @@ def test_a_run_with_hub_weights_completes_offline_and_records_them(tmp_path, hub
     assert result.run_config["backbone"] == TAGGED
     assert result.settings_source["run_config"]["backbone"] == "run spec"
     assert result.settings_source["run_config"]["pretrained"] == "run spec"
+
+
+def test_clbench_download_fetches_what_the_run_needs_and_says_where(hub_cache, no_network, capsys):
+    write_hub_checkpoint(hub_cache)
+    code = main(["download", "--strategy", "simplecil", "--scenario", "digits32-5", "--backbone", TAGGED, "--pretrained"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"weights: {TAGGED} -> {hub_cache}" in out and "model.safetensors" in out
+    assert "data: digits32-5 ready (5 experiences)" in out
+
+
+def test_clbench_download_of_missing_weights_without_network_is_one_line(hub_cache, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code = main(["download", "--strategy", "preprompt", "--scenario", "cifar100-10"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "http://127.0.0.1:9/timm/vit_base_patch16_224.orig_in21k/resolve/main/model.safetensors" in err[0]

@@ -274,7 +274,7 @@ def build_backbone(
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     if name.startswith("clbench_"):
-        raise UsageError(f"backbone {name!r} has no pretrained weights; drop --pretrained")
+        raise UsageError(f"backbone {name!r} has no pretrained weights; drop --pretrained (and --weights)")
     if weights is not None:
         if not Path(weights).is_file():
             raise UsageError(f"pretrained weights file {weights!r} not found")
@@ -354,7 +354,7 @@ def weights_source(name: str) -> WeightsSource:
 
     check_backbone_name(name)
     if name.startswith("clbench_"):
-        raise UsageError(f"backbone {name!r} has no pretrained weights; drop --pretrained")
+        raise UsageError(f"backbone {name!r} has no pretrained weights; drop --pretrained (and --weights)")
     cfg = get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [m for m in timm.list_pretrained() if architecture(m) == architecture(name)]
