@@ -121,17 +121,42 @@ def restrict(target: Target, classes: Sequence[int] | torch.Tensor) -> Target:
 
 
 # --------------------------------------------------------------------------- data
+SIZE_DIVISOR = 32  # a padded batch's height and width are multiples of this (the FPN's largest stride of P5)
+# what padding holds in [0, 1] pixel space: the ImageNet mean every clbench detector normalises with,
+# so after its normalisation ((x - mean) / std) padding is exactly 0, as mmdetection and DETR pad
+# normalised images with zeros
+PAD_VALUE = (0.485, 0.456, 0.406)
+
+
 @dataclass
 class DetectionBatch:
-    """Images of one size stacked to `x` (values in [0, 1]; detectors normalise themselves) and
-    one target per image."""
+    """Images stacked to `x` (values in [0, 1]; detectors normalise themselves) and one target per
+    image.
+
+    Images of different sizes are padded at the bottom and right to the batch's largest
+    height and width, each rounded up to a multiple of `SIZE_DIVISOR` (`detection_collate`);
+    `image_sizes` (long `[B, 2]`, `(height, width)`) is each image's valid area, its top-left
+    corner. None: every image fills `x` (`sizes()` says so).
+    """
 
     x: torch.Tensor
     targets: list[Target]
     x_raw: None = None  # no per-sample train augmentation outside the strategy
+    image_sizes: torch.Tensor | None = None
+
+    def sizes(self) -> torch.Tensor:
+        """`[B, 2]` (height, width) of every image's valid area (the whole `x` when unpadded)."""
+        if self.image_sizes is not None:
+            return self.image_sizes
+        return torch.tensor([list(self.x.shape[-2:])] * len(self.x), dtype=torch.long)
+
+    @property
+    def padded(self) -> bool:
+        return self.image_sizes is not None and bool((self.image_sizes != self.image_sizes.new_tensor(self.x.shape[-2:])).any())
 
     def to(self, device) -> "DetectionBatch":
-        return DetectionBatch(self.x.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets])
+        return DetectionBatch(self.x.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets],
+                              image_sizes=self.image_sizes)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -141,17 +166,29 @@ class DetectionDataset(Dataset):
     """Images and their targets; items are `(image float [3, H, W] in [0, 1], target)`.
 
     `images` is either a uint8 tensor `[N, 3, H, W]` held in memory or a function `load(row)`
-    returning one such image (files decoded on demand); `rows[i]` is the parent row of item `i`,
-    so task subsets share the parent's images.
+    returning one such image (files decoded on demand; images may differ in size); `rows[i]` is
+    the parent row of item `i`, so task subsets share the parent's images.
+
+    Targets' boxes are in pixels of the image as loaded. `scales` (float64 `[N, 2]`, per parent
+    row, optional) is `(x, y)` factor from the original image (the file) to the loaded one: boxes
+    divided by it are in the original image's pixels (`original_scales`), what evaluation compares.
     """
 
     def __init__(self, images: torch.Tensor | Callable[[int], torch.Tensor], targets: Sequence[Target],
-                 rows: Sequence[int] | None = None):
+                 rows: Sequence[int] | None = None, scales: torch.Tensor | None = None):
         self.images = images
         self.targets = list(targets)
         self.rows = list(range(len(self.targets))) if rows is None else [int(r) for r in rows]
         if len(self.rows) != len(self.targets):
             raise ValueError(f"{len(self.rows)} rows but {len(self.targets)} targets")
+        self.scales = None if scales is None else torch.as_tensor(scales, dtype=torch.float64).reshape(-1, 2)
+
+    def original_scales(self) -> torch.Tensor:
+        """float64 `[len(self), 2]`: each item's `(x, y)` factor from its original image to the
+        loaded one (ones when the images are loaded at their own size)."""
+        if self.scales is None:
+            return torch.ones(len(self), 2, dtype=torch.float64)
+        return self.scales[torch.as_tensor(self.rows, dtype=torch.long)]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -167,16 +204,34 @@ class DetectionDataset(Dataset):
     def subset(self, items: Sequence[int], targets: Sequence[Target] | None = None) -> "DetectionDataset":
         """Items `items` of this dataset (with replaced targets, if given), sharing its images."""
         targets = [self.targets[i] for i in items] if targets is None else list(targets)
-        return DetectionDataset(self.images, targets, [self.rows[i] for i in items])
+        return DetectionDataset(self.images, targets, [self.rows[i] for i in items], self.scales)
 
     @property
     def label_sets(self) -> list[set[int]]:
         return [set(t["labels"].tolist()) for t in self.targets]
 
 
+def pad_images(images: Sequence[torch.Tensor], size_divisor: int = SIZE_DIVISOR,
+               value: Sequence[float] = PAD_VALUE) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x, image_sizes)`: images `[C, H_i, W_i]` in [0, 1] stacked into one tensor `[B, C, H, W]`,
+    each at the top left, the rest filled with the per-channel `value` (`PAD_VALUE`: 0 once a
+    detector normalises); `H`, `W` are the largest height and width rounded up to a multiple of
+    `size_divisor`. Images that all have one size are stacked as they are (no padding)."""
+    sizes = torch.tensor([list(im.shape[-2:]) for im in images], dtype=torch.long).reshape(-1, 2)
+    if len(images) and bool((sizes == sizes[0]).all()):
+        return torch.stack(list(images)), sizes
+    h, w = (int(-(-int(v) // size_divisor) * size_divisor) for v in sizes.max(0).values)
+    fill = torch.tensor(list(value), dtype=images[0].dtype) if images[0].shape[0] == len(value) else torch.zeros(1)
+    x = fill.to(images[0].dtype).view(1, -1, 1, 1).expand(len(images), images[0].shape[0], h, w).clone()
+    for b, im in enumerate(images):
+        x[b, :, :im.shape[-2], :im.shape[-1]] = im
+    return x, sizes
+
+
 def detection_collate(items) -> DetectionBatch:
     images, targets = zip(*items)
-    return DetectionBatch(torch.stack(list(images)), list(targets))
+    x, sizes = pad_images(images)
+    return DetectionBatch(x, list(targets), image_sizes=sizes)
 
 
 # --------------------------------------------------------------------------- loaders

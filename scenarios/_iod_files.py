@@ -24,11 +24,35 @@ from clbench.errors import UsageError
 
 
 # --------------------------------------------------------------------------- reading
+# The papers' test scale (mmdetection's `img_scale=(1333, 800)` with `keep_ratio=True`, DETR's
+# and Deformable DETR's evaluation resize): the shorter side 800, the longer at most 1333.
+# `image_size=N` scales both: shorter side N, longer at most round(N * 1333 / 800).
+PAPER_SHORT_SIDE, PAPER_LONG_SIDE = 800, 1333
+
+
+def long_side_cap(short: int) -> int:
+    """The longest side allowed with shorter side `short`: 1333 at 800, in proportion otherwise."""
+    return int(round(short * PAPER_LONG_SIDE / PAPER_SHORT_SIDE))
+
+
+def aspect_size(width: int, height: int, short: int, long: int) -> tuple[int, int]:
+    """`(width, height)` of a `width` x `height` image resized keeping its aspect ratio so that its
+    shorter side is `short` unless its longer side would exceed `long` (then the longer is `long`):
+    mmcv's `rescale_size` (factor `min(short / min(w, h), long / max(w, h))`, each side
+    `int(side * factor + 0.5)`), what mmdetection's `Resize(img_scale=(1333, 800), keep_ratio=True)` does."""
+    factor = min(short / min(width, height), long / max(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
 @dataclass
 class ResizedImages:
     """`load(row)` for `DetectionDataset`: decodes image file `paths[row]` with PIL, checks it has
-    the size its annotation gave, and resizes it to `size` x `size` (bilinear, not
-    aspect-preserving: boxes are scaled by `scale_boxes` with the same factors per axis).
+    the size its annotation gave, and resizes it (bilinear).
+
+    `long` given: keeping the aspect ratio, shorter side `size`, longer side at most `long`
+    (`aspect_size`; the papers' 800 / 1333). `long` None: to a `size` x `size` square (not
+    aspect-preserving). Boxes follow with `scale_boxes` and the per-axis factors `scales()`
+    (new width / width, new height / height, as mmdetection scales them).
 
     A plain object (not a closure), so DataLoader workers can pickle it.
     """
@@ -36,6 +60,17 @@ class ResizedImages:
     paths: list[str]
     sizes: list[tuple[int, int]]  # (width, height) from the annotation
     size: int
+    long: int | None = None
+
+    def output_size(self, row: int) -> tuple[int, int]:
+        """(width, height) of image `row` as loaded."""
+        width, height = self.sizes[row]
+        return aspect_size(width, height, self.size, self.long) if self.long is not None else (self.size, self.size)
+
+    def scales(self) -> torch.Tensor:
+        """float64 `[N, 2]`: per image `(new width / width, new height / height)`."""
+        return torch.tensor([[nw / w, nh / h] for (w, h), (nw, nh) in
+                             zip(self.sizes, (self.output_size(r) for r in range(len(self.sizes))))], dtype=torch.float64)
 
     def __call__(self, row: int) -> torch.Tensor:
         from PIL import Image
@@ -49,15 +84,18 @@ class ResizedImages:
         if rgb.size != tuple(self.sizes[row]):
             raise UsageError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} but its annotation says "
                              f"{self.sizes[row][0]}x{self.sizes[row][1]}; the annotations do not belong to these images")
-        if rgb.size != (self.size, self.size):
-            rgb = rgb.resize((self.size, self.size), Image.BILINEAR)
+        size = self.output_size(row)
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.BILINEAR)
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
-def scale_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:
-    """Boxes of a `width` x `height` image in pixels of the same image resized to `size` x `size`."""
-    factor = torch.tensor([size / width, size / height, size / width, size / height], dtype=torch.float32)
-    return boxes * factor
+def scale_boxes(boxes: torch.Tensor, width: int, height: int, new_width: int, new_height: int | None = None) -> torch.Tensor:
+    """Boxes of a `width` x `height` image in pixels of the same image resized to `new_width` x
+    `new_height` (default: a `new_width` square); factors computed in float64."""
+    new_height = new_width if new_height is None else new_height
+    factor = torch.tensor([new_width / width, new_height / height] * 2, dtype=torch.float64)
+    return (boxes.double() * factor).float()
 
 
 def fixed_class_order(spec: str, benchmark: str) -> None:

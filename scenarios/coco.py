@@ -7,8 +7,12 @@ zips. The class order is ascending category id (person, bicycle, car, ..., tooth
 (`iscrowd: 1`) travel as ignored boxes; images without annotations stay in the pool (no task
 keeps them) and in the test set.
 
-Images are decoded on demand and resized to a *square* `image_size` x `image_size` (default
-800; not aspect-preserving), and boxes are scaled by the same per-axis factors.
+Images are decoded on demand and resized keeping their aspect ratio: shorter side 800, longer
+side at most 1333 (mmdetection's `Resize(img_scale=(1333, 800), keep_ratio=True)` of the GFL /
+IOR / ERD configs, and Deformable DETR's test scale); `--set image_size=N` makes the shorter side N
+and the cap `round(N * 1333 / 800)`. Boxes are scaled by the same per-axis factors; evaluation
+scales predictions and ground truth back to the original image's pixels. Batches of images of
+different sizes are padded (`detection_collate`).
 
 AP convention `coco` (`clbench.tasks.detection.COCO_AP`): per-class COCOeval AP averaged over
 IoU .50:.05:.95, 101 recall points, 100 detections per image, crowd boxes under COCO's crowd
@@ -32,7 +36,7 @@ from clbench.scenarios._detection import (
     parse_split,
 )
 from clbench.scenarios._images import image_size
-from clbench.scenarios._iod_files import ResizedImages, fixed_class_order
+from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, long_side_cap
 from clbench.scenarios.base import ScenarioOptions, data_root
 
 from clbench.datasets import DetectionDataset
@@ -57,7 +61,7 @@ COCO_CATEGORIES = (
     (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
 )
 COCO_CLASSES = tuple(name for _, name in COCO_CATEGORIES)
-DEFAULT_SIZE = 800
+DEFAULT_SIZE = 800  # the shorter side; the longer at most long_side_cap(800) = 1333
 OFFICIAL_COUNTS = {"train2017": "118,287", "val2017": "5,000"}
 HOW_TO_GET = ("download 2017 Train images, 2017 Val images and 2017 Train/Val annotations from "
               "https://cocodataset.org/#download and extract them into {folder} "
@@ -68,9 +72,10 @@ def coco_folder(root: Path) -> Path:
     return root / "coco"
 
 
-def read_coco(folder: Path, split: str, size: int) -> DetectionDataset:
+def read_coco(folder: Path, split: str, size: int, long: int | None = None) -> DetectionDataset:
     """The images of `annotations/instances_<split>.json` in ascending image id, decoded lazily
-    at `size` x `size`, with labels in ascending category-id order (crowd -> ignore)."""
+    with shorter side `size` and longer side at most `long` (aspect kept; `long` None: a `size` x
+    `size` square), with labels in ascending category-id order (crowd -> ignore)."""
     how = HOW_TO_GET.format(folder=folder)
     _files.require(folder, [f"annotations/instances_{split}.json", split], dataset="MS COCO 2017", how=how)
     path = folder / "annotations" / f"instances_{split}.json"
@@ -90,19 +95,22 @@ def read_coco(folder: Path, split: str, size: int) -> DetectionDataset:
         raise UsageError(f"{path} has no image; expected the {split} images ({OFFICIAL_COUNTS.get(split, 'thousands')} "
                          f"in the official file) in its 'images' list")
     try:
-        targets = _targets(images, annotations, size)
-    except (KeyError, TypeError, ValueError) as e:
+        paths = [str(folder / split / image["file_name"]) for image in images]
+        sizes = [(int(image["width"]), int(image["height"])) for image in images]
+        loader = ResizedImages(paths, sizes, size, long)
+        scales = loader.scales()
+        targets = _targets(images, annotations, scales.numpy())
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise UsageError(f"{path} has malformed annotations ({type(e).__name__}: {e}); {how}") from None
-    paths = [str(folder / split / image["file_name"]) for image in images]
-    sizes = [(int(image["width"]), int(image["height"])) for image in images]
-    return DetectionDataset(ResizedImages(paths, sizes, size), targets)
+    return DetectionDataset(loader, targets, scales=scales)
 
 
-def _targets(images: list[dict], annotations: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
-    """One target per image (in the order of `images`), built with whole-array operations:
-    the 860k annotations of train2017 take a few seconds this way, minutes one by one."""
+def _targets(images: list[dict], annotations: list[dict], scale: np.ndarray) -> list[dict[str, torch.Tensor]]:
+    """One target per image (in the order of `images`), boxes times the image's `(x, y)` factor
+    `scale[i]`, built with whole-array operations: the 860k annotations of train2017 take a few
+    seconds this way, minutes one by one."""
     image_ids = np.array([int(im["id"]) for im in images], dtype=np.int64)  # ascending
-    scale = np.array([(size / im["width"], size / im["height"]) for im in images], dtype=np.float64).reshape(-1, 2)
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1, 2)
     n = len(annotations)
     owner = np.fromiter((a["image_id"] for a in annotations), dtype=np.int64, count=n)
     category = np.fromiter((a["category_id"] for a in annotations), dtype=np.int64, count=n)
@@ -134,12 +142,15 @@ def coco_scenario(split: str, setting: str, options: ScenarioOptions) -> Detecti
     increments = parse_split(split)
     size = image_size(options.image_size, DEFAULT_SIZE)
     folder = coco_folder(data_root(options))
-    train, test = read_coco(folder, "train2017", size), read_coco(folder, "val2017", size)
+    long = long_side_cap(size)
+    train, test = read_coco(folder, "train2017", size, long), read_coco(folder, "val2017", size, long)
     return detection_scenario(
         f"coco-{split}" + ("-absent" if setting == "absent" else ""), train, test, increments=increments,
-        class_names=list(COCO_CLASSES), setting=setting, input_shape=(3, size, size), convention=COCO_AP,
+        class_names=list(COCO_CLASSES), setting=setting, input_shape=(3, size, long), convention=COCO_AP,
         meta={"source": f"MS COCO 2017 ({folder}): train2017 for training, val2017 for evaluation",
-              "image_size": size, "resize": "square, not aspect-preserving; boxes scaled per axis",
+              "image_size": size, "max_size": long,
+              "resize": f"aspect-preserving: shorter side {size}, longer at most {long} (mmdetection's keep_ratio "
+                        f"rule); boxes scaled per axis; batches padded to a multiple of 32; AP in original pixels",
               "class_order_rule": "ascending COCO category id", "crowd": "ignored boxes"},
     )
 

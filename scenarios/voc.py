@@ -5,8 +5,13 @@ official trainval and test tarballs: `Annotations/*.xml`, `JPEGImages/*.jpg` and
 `ImageSets/Main/{trainval,test}.txt`. Classes are in the standard alphabetical order
 (`VOC_CLASSES`, aeroplane ... tvmonitor); "difficult" objects travel as ignored boxes.
 
-Images are decoded on demand and resized to a *square* `image_size` x `image_size` (default
-512; not aspect-preserving), and boxes are scaled by the same per-axis factors.
+Images are decoded on demand and resized keeping their aspect ratio: shorter side 800, longer
+side at most 1333 (mmdetection's `Resize(img_scale=(1333, 800), keep_ratio=True)`, the test scale of
+DETR / Deformable DETR, used on VOC by the DETR-based codebases P2IOD variant (a) and CL-DETR
+build on, and the 800 / 1333 default of maskrcnn-benchmark, which the Faster ILOD lineage uses);
+`--set image_size=N` makes the shorter side N and the cap `round(N * 1333 / 800)`. Boxes are
+scaled by the same per-axis factors; evaluation scales predictions and ground truth back to the
+original image's pixels. Batches of images of different sizes are padded (`detection_collate`).
 
 Names: `voc-<split>` (standard setting) and `voc-<split>-absent` (IOR's absent setting). A
 split lists the classes per task joined by `+`; `MxN` stands for N tasks of M classes (the
@@ -34,7 +39,7 @@ from clbench.scenarios._detection import (
     parse_split,
 )
 from clbench.scenarios._images import image_size
-from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, scale_boxes
+from clbench.scenarios._iod_files import ResizedImages, fixed_class_order, long_side_cap, scale_boxes
 from clbench.scenarios.base import ScenarioOptions, data_root
 
 from clbench.datasets import DetectionDataset, make_target
@@ -46,7 +51,7 @@ VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-DEFAULT_SIZE = 512
+DEFAULT_SIZE = 800  # the shorter side; the longer at most long_side_cap(800) = 1333
 HOW_TO_GET = ("download VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar from the PASCAL VOC 2007 page "
               "(http://host.robots.ox.ac.uk/pascal/VOC/voc2007/) and extract both into {root} "
               "(they create VOCdevkit/VOC2007)")
@@ -60,9 +65,10 @@ def voc_folder(root: Path) -> Path:
     return bare if bare.is_dir() and not devkit.is_dir() else devkit
 
 
-def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
-    """The images listed in `ImageSets/Main/<image_set>.txt`, decoded lazily at `size` x `size`,
-    with targets in the alphabetical class order (difficult -> ignore)."""
+def read_voc(folder: Path, image_set: str, size: int, long: int | None = None) -> DetectionDataset:
+    """The images listed in `ImageSets/Main/<image_set>.txt`, decoded lazily with shorter side
+    `size` and longer side at most `long` (aspect kept; `long` None: a `size` x `size` square),
+    with targets in the alphabetical class order (difficult -> ignore) in the resized pixels."""
     how = HOW_TO_GET.format(root=folder.parent.parent if folder.parent.name == "VOCdevkit" else folder.parent)
     _files.require(folder, EXPECTED, dataset="PASCAL VOC 2007", how=how)
     list_file = folder / "ImageSets" / "Main" / f"{image_set}.txt"
@@ -71,7 +77,7 @@ def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
         raise UsageError(f"{list_file} lists no image; expected one image id per line "
                          f"(the official {image_set}.txt lists {OFFICIAL_COUNTS.get(image_set, 'thousands of')} ids)")
     position = {name: i for i, name in enumerate(VOC_CLASSES)}
-    paths, sizes, targets = [], [], []
+    paths, sizes, targets, boxes_read = [], [], [], []
     for image_id in ids:
         xml_path = folder / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
@@ -96,9 +102,11 @@ def read_voc(folder: Path, image_set: str, size: int) -> DetectionDataset:
         file_name = annotation.findtext("filename") or f"{image_id}.jpg"
         paths.append(str(folder / "JPEGImages" / file_name.strip()))
         sizes.append((width, height))
-        pixels = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        targets.append(make_target(scale_boxes(pixels, width, height, size), labels, ignore))
-    return DetectionDataset(ResizedImages(paths, sizes, size), targets)
+        boxes_read.append((torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels, ignore))
+    images = ResizedImages(paths, sizes, size, long)
+    for row, (pixels, labels, ignore) in enumerate(boxes_read):
+        targets.append(make_target(scale_boxes(pixels, *sizes[row], *images.output_size(row)), labels, ignore))
+    return DetectionDataset(images, targets, scales=images.scales())
 
 
 def voc_scenario(split: str, setting: str, options: ScenarioOptions, convention: str = "coco101") -> DetectionScenario:
@@ -107,13 +115,16 @@ def voc_scenario(split: str, setting: str, options: ScenarioOptions, convention:
     increments = parse_split(split)
     size = image_size(options.image_size, DEFAULT_SIZE)
     folder = voc_folder(data_root(options))
-    train, test = read_voc(folder, "trainval", size), read_voc(folder, "test", size)
+    long = long_side_cap(size)
+    train, test = read_voc(folder, "trainval", size, long), read_voc(folder, "test", size, long)
     return detection_scenario(
         f"voc-{split}" + ("-absent" if setting == "absent" else "") + ("-voc07" if convention == "voc07" else ""),
         train, test, increments=increments,
-        class_names=list(VOC_CLASSES), setting=setting, input_shape=(3, size, size), convention=ap,
+        class_names=list(VOC_CLASSES), setting=setting, input_shape=(3, size, long), convention=ap,
         meta={"source": f"PASCAL VOC 2007 ({folder}): trainval for training, test for evaluation",
-              "image_size": size, "resize": "square, not aspect-preserving; boxes scaled per axis",
+              "image_size": size, "max_size": long,
+              "resize": f"aspect-preserving: shorter side {size}, longer at most {long} (mmdetection's keep_ratio "
+                        f"rule); boxes scaled per axis; batches padded to a multiple of 32; AP in original pixels",
               "difficult": "ignored boxes (neither true nor false positives)"},
     )
 

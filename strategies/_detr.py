@@ -43,6 +43,7 @@ from clbench.models.detection.detr import (
     normalised_targets,
     set_loss,
 )
+from clbench.models.detection.padding import valid_sizes_for
 from clbench.types import ExperienceInfo
 
 
@@ -203,7 +204,30 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     """
 
     Config: ClassVar[type] = FrozenBaseDetrConfig
-    detector_name: ClassVar[str] = "tiny_detr"
+    detector_name: ClassVar[str] = "tiny_detr"  # the default detector's name; results record `model_name(cfg)`
+    MODEL_NAMES: ClassVar[dict[str, str]] = {"tiny": "tiny_detr", "deformable_detr": "deformable_detr_r50"}
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return cls.MODEL_NAMES.get(getattr(cfg, "detector", "tiny"), cls.detector_name)
+
+    @classmethod
+    def run_flag_settings(cls, cfg, pretrained: bool, weights: str | None, download: bool) -> dict:
+        """`--weights FILE` -> `base=FILE` (a TinyDETR state_dict, or a Deformable DETR weight file /
+        `save_pretrained` folder); `--pretrained` -> a pretrained base where the Config's is
+        `random` (`shapes-pretrain` for TinyDETR, `coco` for Deformable DETR; a pretrained base
+        already named stays); `--download` -> `base_download=true` (the `coco` checkpoint is
+        fetched into the hub cache only then)."""
+        out: dict = {}
+        if weights:
+            out["base"] = weights
+        elif pretrained and cfg.base == "random":
+            out["base"] = "shapes-pretrain" if cfg.detector == "tiny" else "coco"
+        elif pretrained and cfg.base == "shapes-pretrain" and cfg.detector != "tiny":
+            out["base"] = "coco"
+        if download:
+            out["base_download"] = True
+        return out
     contract_overrides: ClassVar[dict[str, Any]] = {"base": "random"}
 
     def __init__(self, *args, **kwargs):
@@ -310,4 +334,8 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     def predict_detections(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         out = self.inference_outputs(x)
         seen = self.seen()
-        return detections(mask_classes(out.logits[-1], seen) if seen else out.logits[-1], out.boxes[-1], x.shape[-2:], seen)
+        # boxes are normalised by each image's valid size: scaled back by it (a padded batch's
+        # sizes are active while `detect` runs; unpadded: x's own size)
+        sizes = valid_sizes_for(x)
+        size = x.shape[-2:] if sizes is None else sizes
+        return detections(mask_classes(out.logits[-1], seen) if seen else out.logits[-1], out.boxes[-1], size, seen)

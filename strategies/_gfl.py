@@ -16,6 +16,7 @@ from torch import nn
 
 from clbench.datasets import DetectionBatch
 from clbench.models.detection.gfl import GFLConfig, build_gfl, hflip_batch
+from clbench.models.detection.padding import valid_sizes_for
 from clbench.types import ExperienceInfo
 
 
@@ -26,7 +27,38 @@ class GFLStrategy(DetectionStrategy):
     classes' logits."""
 
     Config = GFLConfig
-    detector_name = "tiny_gfl"  # the results' model name; `cfg.detector` says which GFL ran
+    detector_name = "tiny_gfl"  # the default detector's name; results record `model_name(cfg)`
+    MODEL_NAMES = {"tiny": "tiny_gfl", "r50_fpn": "r50_fpn_gfl"}
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return cls.MODEL_NAMES.get(getattr(cfg, "detector", "tiny"), cls.detector_name)
+
+    @classmethod
+    def run_flag_settings(cls, cfg, pretrained: bool, weights: str | None, download: bool) -> dict:
+        """`--weights FILE` -> `backbone_weights=FILE` (a torchvision ResNet-50 state_dict);
+        `--pretrained` -> `backbone_weights=imagenet` where the Config says `none` (a file or
+        imagenet already named stays); `--download` -> `download_weights=true` (the ImageNet file
+        is fetched into torch.hub's cache only then). Only GFL R50-FPN has pretrained weights:
+        with the tiny detector the flags are refused."""
+        if not (pretrained or weights or download):
+            return {}
+        if cfg.detector != "r50_fpn":
+            if pretrained or weights:
+                from clbench.errors import UsageError
+
+                raise UsageError(f"--pretrained/--weights apply to the GFL R50-FPN detector; detector={cfg.detector!r} "
+                                 f"(TinyGFL) has no pretrained weights; expected --set detector=r50_fpn (or --paper-settings "
+                                 f"on a COCO split)")
+            return {}
+        out: dict = {}
+        if weights:
+            out["backbone_weights"] = weights
+        elif pretrained and cfg.backbone_weights == "none":
+            out["backbone_weights"] = "imagenet"
+        if download:
+            out["download_weights"] = True
+        return out
 
     def build_detector(self, num_classes: int) -> nn.Module:
         # the class conv starts empty and grows with the seen classes
@@ -45,7 +77,9 @@ class GFLStrategy(DetectionStrategy):
             empty = x.new_zeros(0)
             return [{"boxes": x.new_zeros(0, 4), "scores": empty, "labels": empty.long()} for _ in range(len(x))]
         n = self.cfg.inference_batch or len(x)
-        return [d for i in range(0, len(x), n) for d in self.detector.detect(x[i:i + n], classes=seen)]
+        sizes = valid_sizes_for(x)  # a padded batch's valid sizes (set by `detect`), None if unpadded
+        return [d for i in range(0, len(x), n)
+                for d in self.detector.detect(x[i:i + n], classes=seen, image_sizes=None if sizes is None else sizes[i:i + n])]
 
     # ----------------------------------------------------------- optimisation
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> torch.Tensor:

@@ -378,11 +378,39 @@ def breakdown(ap: dict[int, float | None], old: Sequence[int], new: Sequence[int
     return {"old": mean_over(ap, old), "new": mean_over(ap, new), "all": mean_over(ap, [*old, *new])}
 
 
+def in_original_pixels(items: Sequence[dict], scales: torch.Tensor) -> list[dict]:
+    """Detections or targets with their boxes divided by their image's `(x, y)` resize factor
+    `scales[i]` (float64 `[N, 2]`), so they are in the original image's pixels (float64). Predictions
+    and ground truth of one image always go through the same factor, so AP compares them in one frame."""
+    out = []
+    for item, (sx, sy) in zip(items, scales.tolist()):
+        factor = torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+        out.append({**item, "boxes": item["boxes"].detach().cpu().double().reshape(-1, 4) / factor})
+    return out
+
+
+def _original_scales(loader, n: int) -> torch.Tensor | None:
+    """The test images' resize factors, in the order the (unshuffled) loader yields them; None
+    when its dataset does not record them or is not read in order (then boxes stay as fed)."""
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    if not hasattr(dataset, "original_scales") or not isinstance(sampler, torch.utils.data.SequentialSampler):
+        return None
+    scales = dataset.original_scales()
+    if len(scales) != n or bool((scales == 1).all()):
+        return None
+    return scales
+
+
 @torch.no_grad()
 def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Sequence[Sequence[int]],
                        convention: APConvention = VOC_AP50, device=None,
                        class_names: Sequence[str] | None = None) -> tuple[list[float], dict[str, Any]]:
     """After task `info.index`: (row of the accuracy matrix, detail).
+
+    Boxes are compared in the original images' pixels: predictions (in the pixels of the image as
+    fed, each inside its valid area of a padded batch) and ground truth are both divided by the
+    image's resize factor (`DetectionDataset.original_scales`) before AP is computed.
 
     The row holds, per task j, the mean AP over task j's classes that have an AP (0 for tasks
     not yet trained, like a classifier's masked logits; NaN for a trained task none of whose
@@ -394,10 +422,14 @@ def evaluate_detection(strategy, loader, info: ExperienceInfo, task_classes: Seq
     with evaluating(strategy, device) as device:
         for batch in loader:
             batch = batch.to(device)
-            predictions.extend(strategy.detect(batch.x, info.seen_classes))
+            padded = {"image_sizes": batch.image_sizes} if getattr(batch, "padded", False) else {}
+            predictions.extend(strategy.detect(batch.x, info.seen_classes, **padded))
             targets.extend(batch.targets)
     if not targets:
         raise UsageError("detection evaluation got an empty test set; expected at least one test image")
+    scales = _original_scales(loader, len(targets))
+    if scales is not None:
+        predictions, targets = in_original_pixels(predictions, scales), in_original_pixels(targets, scales)
     ap = class_ap(predictions, targets, info.seen_classes, convention)
     row = [mean_over(ap, classes) if j <= info.index else 0.0 for j, classes in enumerate(task_classes)]
     missing = [c for c, v in sorted(ap.items()) if v is None]
@@ -435,10 +467,25 @@ class DetectionTask(Task):
     builds_own_model = True
 
     def build_model(self, strategy_cls, scenario, run_cfg, cfg):
+        """No classification backbone: the strategy builds its detector from its Config. The run
+        flags `--pretrained`, `--weights FILE` and `--download` become Config fields of the
+        detector (`strategy_cls.run_flag_settings`: GFL's `backbone_weights` / `download_weights`,
+        the DETR family's `base` / `base_download`), with classification's offline-first rule:
+        nothing is fetched without `--download`, a missing file stops the run naming it. The model
+        name recorded is the built detector's (`strategy_cls.model_name(cfg)`: `tiny_gfl`,
+        `r50_fpn_gfl`, `tiny_detr`, `deformable_detr_r50`)."""
         if run_cfg.backbone:
             raise UsageError(f"backbone={run_cfg.backbone!r} does not apply to detection strategies; "
                              f"expected no --backbone (each builds its detector from its Config)")
-        return None, strategy_cls.detector_name, cfg
+        flags = getattr(strategy_cls, "run_flag_settings", None)
+        if cfg is not None and flags is not None:
+            settings = flags(cfg, bool(run_cfg.pretrained), run_cfg.weights, bool(run_cfg.download))
+            if settings:
+                from dataclasses import replace
+
+                cfg = replace(cfg, **settings)
+        name = strategy_cls.model_name(cfg) if hasattr(strategy_cls, "model_name") else strategy_cls.detector_name
+        return None, name, cfg
 
     def start(self, result, strategy, scenario, loaders, device) -> None:
         result.initial_accuracy = [0.0] * scenario.num_experiences  # nothing seen: no class can score

@@ -1,7 +1,8 @@
 """The PASCAL VOC 2007 loader on a ShapesIOD fixture written in VOC's exact on-disk layout.
 
 The eight shapes stand in for eight real VOC classes (by name in the XML); images are padded
-to 96x64 so the square resize scales x and y differently.
+to 96x64 so the square resize scales x and y differently (and the aspect-preserving resize,
+the scenarios' own, keeps their ratio).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def test_boxes_labels_and_difficult_round_trip_through_the_xml(voc_root):
     assert image.shape == (3, 48, 48) and 0 <= image.min() and image.max() <= 1
 
 
+def test_aspect_preserving_read_scales_boxes_by_the_images_own_factor(voc_root):
+    root, train, _ = voc_root
+    loaded = read_voc(root / "VOCdevkit" / "VOC2007", "trainval", size=32, long=40)
+    # 96x64: min(32 / 64, 40 / 96) = 5/12 -> int(96 * 5/12 + .5) = 40 x int(64 * 5/12 + .5) = 27
+    assert loaded.image(0).shape == (3, 27, 40)
+    factor = torch.tensor([40 / 96, 27 / 64] * 2, dtype=torch.float64)
+    for written, read in zip(train.targets, loaded.targets):
+        assert torch.equal(read["boxes"], (written["boxes"].double() * factor).float())
+    assert torch.equal(loaded.original_scales()[0], torch.tensor([40 / 96, 27 / 64], dtype=torch.float64))
+
+
 def test_xml_uses_one_based_inclusive_pixel_coordinates(voc_root):
     import xml.etree.ElementTree as ET
 
@@ -73,7 +85,10 @@ def test_registered_scenario_reads_trainval_and_test_in_alphabetical_order(voc_r
     root, train, test = voc_root
     s = create_scenario("voc-10+10", RunConfig(data_root=str(root), image_size=48))
     assert s.class_names == list(VOC_CLASSES) and s.class_names[10] == "diningtable" and s.increments == [10, 10]
-    assert s.input_shape == (3, 48, 48) and s.convention.metric == "AP50"
+    # aspect-preserving: shorter side 48, longer at most round(48 * 1333 / 800) = 80
+    assert s.input_shape == (3, 48, 80) and s.convention.metric == "AP50"
+    assert s.test_set.image(0).shape == (3, 48, 72)  # 96x64 -> factor 0.75 -> 72x48
+    assert torch.allclose(s.test_set.original_scales(), torch.tensor([[0.75, 0.75]], dtype=torch.float64))
     assert len(s.test_set) == len(test)  # the full test set, every class kept
     for t, task in enumerate(s.train_sets):
         current = set(s.experience_classes(t))

@@ -13,7 +13,8 @@ normalised `cx, cy, w, h` boxes, decoder states); `class_head`, `box_head`, `bac
   feature levels, 6 encoder and 6 decoder layers, d = 256, 8 heads, 4 sampling points, FFN 1024,
   300 queries, a class head and a 3-layer box MLP shared by all decoder layers. Images in [0, 1]
   are normalised with the ImageNet mean and std inside `encode` (as TinyDETR does); the pixel
-  mask is all ones (clbench feeds fixed-size images). Multi-scale deformable attention runs in
+  mask (`pixel_mask`) marks each image's valid area of a padded batch (`image_sizes`, or the
+  active padded batch's: `clbench.models.detection.padding`), all ones when nothing is padded. Multi-scale deformable attention runs in
   transformers' pure-PyTorch path on CPU.
 - Outputs of every decoder layer: the model's own per-layer states and reference points, read
   through the class and box heads with Deformable DETR's box parametrisation
@@ -131,8 +132,9 @@ def deformable_detr_config(num_classes: int, num_queries: int = 300, **overrides
 class _Encoded:
     """One batch's backbone features and (after the first decode) encoder output."""
 
-    def __init__(self, features):
+    def __init__(self, features, pixel_mask: torch.Tensor):
         self.features = features
+        self.pixel_mask = pixel_mask
         self.encoder_outputs = None
 
 
@@ -184,18 +186,26 @@ class DeformableDETR(nn.Module):
         nn.init.constant_(self.class_head.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
 
     # ----------------------------------------------------------- passes
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, _Encoded]:
-        """Images in [0, 1] -> (normalised pixels, the batch's backbone features): `decode`'s arguments."""
+    def encode(self, x: torch.Tensor, image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, _Encoded]:
+        """Images in [0, 1] -> (normalised pixels, the batch's backbone features): `decode`'s arguments.
+        `image_sizes` (`[B, 2]`): each image's valid area of a padded batch, Deformable DETR's
+        `pixel_mask` (1 on valid pixels); default the active padded batch's, else all valid."""
+        from clbench.models.detection.padding import padding_mask, valid_sizes_for
+
         pixels = (x - self.mean) / self.std
-        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=pixels.device)
-        return pixels, _Encoded(self.backbone(pixels, mask))
+        sizes = valid_sizes_for(x, image_sizes)
+        if sizes is None:
+            mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=pixels.device)
+        else:
+            mask = padding_mask(sizes, pixels.shape[-2:], pixels.device).long()
+        return pixels, _Encoded(self.backbone(pixels, mask), mask)
 
     def decode(self, pixels: torch.Tensor, encoded: _Encoded,
                prompts: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DetrOutput:
         """Encoder (once per batch), decoder and heads; `prompts[l]` (keys, values) enters decoder
         layer `l`'s self-attention."""
         with self._reusing(encoded), self._prompting(prompts):
-            out = self.hf.model(pixel_values=pixels, encoder_outputs=encoded.encoder_outputs)
+            out = self.hf.model(pixel_values=pixels, pixel_mask=encoded.pixel_mask, encoder_outputs=encoded.encoder_outputs)
         states = out.intermediate_hidden_states.transpose(0, 1)  # [L, B, Q, d]
         references = torch.cat([out.init_reference_points[:, None], out.intermediate_reference_points[:, :-1]], 1)
         references = torch.logit(references.transpose(0, 1), eps=1e-5)  # [L, B, Q, 2], the reference of each layer
@@ -204,8 +214,8 @@ class DeformableDETR(nn.Module):
         boxes = torch.cat([delta[..., :2] + references, delta[..., 2:]], -1).sigmoid()
         return DetrOutput(logits, boxes, states)
 
-    def forward(self, x: torch.Tensor, prompts=None) -> DetrOutput:
-        return self.decode(*self.encode(x), prompts=prompts)
+    def forward(self, x: torch.Tensor, prompts=None, image_sizes: torch.Tensor | None = None) -> DetrOutput:
+        return self.decode(*self.encode(x, image_sizes), prompts=prompts)
 
     @contextlib.contextmanager
     def _reusing(self, encoded: _Encoded):

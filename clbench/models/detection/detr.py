@@ -43,6 +43,7 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from clbench.datasets import Target
+from clbench.models.detection.padding import padding_mask, per_image_sizes, valid_sizes_for
 
 MASKED_LOGIT = -1e11  # the value P2IOD's code gives logits of classes not to be predicted
 FOCAL_PRIOR = 0.01  # initial foreground probability of the class head (RetinaNet / DETR focal init)
@@ -61,12 +62,20 @@ class DetrOutput:
     states: torch.Tensor
 
 
-def sine_positions(height: int, width: int, dim: int, device=None) -> torch.Tensor:
-    """DETR's normalised 2-D sine embedding, `[H*W, dim]` (half for y, half for x)."""
+def sine_positions(height: int, width: int, dim: int, device=None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DETR's normalised 2-D sine embedding, `[H*W, dim]` (half for y, half for x); with `valid`
+    (`[B, 2]` valid rows and columns of each image's feature map) `[B, H*W, dim]`, each image's
+    coordinates normalised by its own valid extent (DETR's `PositionEmbeddingSine` on a padding mask)."""
     quarter = dim // 4
+    if valid is not None:
+        return torch.stack([_sine_positions(height, width, quarter, device, int(h), int(w)) for h, w in valid.tolist()])
+    return _sine_positions(height, width, quarter, device, height, width)
+
+
+def _sine_positions(height: int, width: int, quarter: int, device, valid_h: int, valid_w: int) -> torch.Tensor:
     freq = 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / valid_h * 2 * math.pi
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / valid_w * 2 * math.pi
     y = ys[:, None] / freq
     x = xs[:, None] / freq
     y = torch.cat([y.sin(), y.cos()], 1)[:, None, :].expand(height, width, 2 * quarter)
@@ -85,14 +94,16 @@ class DecoderLayer(nn.Module):
         self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, tgt, query_pos, memory, memory_pos, prompt: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, tgt, query_pos, memory, memory_pos, prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
+                memory_padding: torch.Tensor | None = None):
         q = k = tgt + query_pos
         v = tgt
         if prompt is not None:
             k = torch.cat([k, prompt[0]], 1)
             v = torch.cat([v, prompt[1]], 1)
         tgt = self.norm1(tgt + self.self_attn(q, k, v, need_weights=False)[0])
-        tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, memory + memory_pos, memory, need_weights=False)[0])
+        tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, memory + memory_pos, memory, need_weights=False,
+                                               key_padding_mask=memory_padding)[0])
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
@@ -133,26 +144,42 @@ class TinyDETR(nn.Module):
         self.class_head.reset_parameters()
         nn.init.constant_(self.class_head.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [0, 1] -> (encoder memory `[B, HW, d]`, its positional embedding `[1, HW, d]`)."""
+    def encode(self, x: torch.Tensor, image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] -> (encoder memory `[B, HW, d]`, its positional embedding `[1, HW, d]`).
+
+        A padded batch (`image_sizes` `[B, 2]`, or the active padded batch's): feature cells
+        outside an image's valid area are masked as keys in the encoder and the decoder's
+        cross-attention, and positions are normalised by each image's valid extent (then `pos`
+        is `[B, HW, d]`); the padding mask travels with the memory (`memory_padding`)."""
+        sizes = valid_sizes_for(x, image_sizes)
         f = self.input_proj(self.backbone((x - self.mean) / self.std))
-        pos = sine_positions(f.shape[-2], f.shape[-1], self.d_model, f.device).unsqueeze(0)
-        return self.encoder(f.flatten(2).transpose(1, 2) + pos), pos
+        if sizes is None:
+            pos = sine_positions(f.shape[-2], f.shape[-1], self.d_model, f.device).unsqueeze(0)
+            return self.encoder(f.flatten(2).transpose(1, 2) + pos), pos
+        stride = x.shape[-1] / f.shape[-1]
+        valid = torch.stack([(sizes[:, 0] / stride).ceil(), (sizes[:, 1] / stride).ceil()], 1).long()
+        valid = torch.minimum(valid, valid.new_tensor([f.shape[-2], f.shape[-1]]))
+        padding = ~padding_mask(valid, f.shape[-2:], f.device).flatten(1)  # [B, HW] True on padding
+        pos = sine_positions(f.shape[-2], f.shape[-1], self.d_model, f.device, valid)
+        memory = self.encoder(f.flatten(2).transpose(1, 2) + pos, src_key_padding_mask=padding)
+        memory.memory_padding = padding  # read by `decode` (cross-attention keys)
+        return memory, pos
 
     def decode(self, memory: torch.Tensor, pos: torch.Tensor,
                prompts: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DetrOutput:
         """Decoder and heads; `prompts[l]` (keys, values) enters decoder layer `l`'s self-attention."""
         query_pos = self.query_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
+        padding = getattr(memory, "memory_padding", None)
         states = []
         for l, layer in enumerate(self.decoder):
-            tgt = layer(tgt, query_pos, memory, pos, None if prompts is None else prompts[l])
+            tgt = layer(tgt, query_pos, memory, pos, None if prompts is None else prompts[l], padding)
             states.append(self.decoder_norm(tgt))
         h = torch.stack(states)
         return DetrOutput(self.class_head(h), self.box_head(h).sigmoid(), h)
 
-    def forward(self, x: torch.Tensor, prompts=None) -> DetrOutput:
-        return self.decode(*self.encode(x), prompts=prompts)
+    def forward(self, x: torch.Tensor, prompts=None, image_sizes: torch.Tensor | None = None) -> DetrOutput:
+        return self.decode(*self.encode(x, image_sizes), prompts=prompts)
 
 
 # --------------------------------------------------------------------------- matching and loss
@@ -169,11 +196,15 @@ class SetLossWeights:
     gamma: float = 2.0
 
 
-def normalised_targets(targets: Sequence[Target], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-    """Non-ignored boxes as normalised `cx, cy, w, h` with their labels."""
-    h, w = image_size
+def normalised_targets(targets: Sequence[Target], image_size) -> list[dict[str, torch.Tensor]]:
+    """Non-ignored boxes as normalised `cx, cy, w, h` with their labels, each image's boxes divided
+    by its own valid size: `image_size` is one `(H, W)` for all or per-image sizes `[B, 2]`
+    (`DetectionBatch.image_sizes`; DETR normalises by the image before padding). A single `(H, W)`
+    equal to the active padded batch's shape means that batch's valid sizes
+    (`clbench.models.detection.padding`)."""
+    sizes = per_image_sizes(image_size, len(targets))
     out = []
-    for t in targets:
+    for t, (h, w) in zip(targets, sizes.tolist()):
         keep = ~t["ignore"]
         boxes = t["boxes"][keep].float()
         scale = boxes.new_tensor([w, h, w, h])
@@ -250,14 +281,17 @@ def mask_classes(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- inference
-def detections(logits: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], classes: Sequence[int],
+def detections(logits: torch.Tensor, boxes: torch.Tensor, image_size, classes: Sequence[int],
                top_k: int = 100) -> list[dict[str, torch.Tensor]]:
     """Per image the `top_k` highest (query, class) sigmoid scores over `classes` with their boxes
-    (xyxy pixels) and labels; no NMS. `logits` `[B, Q, C]`, `boxes` `[B, Q, 4]`."""
-    h, w = image_size
+    (xyxy pixels of the image, clipped to it) and labels; no NMS. `logits` `[B, Q, C]`, `boxes`
+    `[B, Q, 4]`; `image_size` is one `(H, W)` or per-image valid sizes `[B, 2]`, as in
+    `normalised_targets` (DETR's PostProcess scales each image by its own size)."""
+    sizes = per_image_sizes(image_size, logits.shape[0])
     classes_t = torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)
     out = []
     for b in range(logits.shape[0]):
+        h, w = sizes[b].tolist()
         if len(classes_t) == 0:
             out.append({"boxes": boxes.new_zeros(0, 4), "scores": boxes.new_zeros(0),
                         "labels": torch.zeros(0, dtype=torch.long, device=logits.device)})

@@ -70,6 +70,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from clbench.config import StrategyConfig, non_negative_integers, positive_integers
 from clbench.datasets import DetectionBatch, Target
+from clbench.models.detection.padding import valid_sizes_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,7 +166,25 @@ class GFLOutput:
     centers: torch.Tensor  # [L, 2] anchor centres (x, y) in pixels
     strides: torch.Tensor  # [L]
     levels: torch.Tensor  # [L] FPN level of each location
-    image_size: tuple[int, int]  # (H, W)
+    image_size: tuple[int, int]  # (H, W) of the (padded) input
+    # long [B, 2] (height, width) of each image's valid area in a padded batch; None: every image fills the input
+    image_sizes: torch.Tensor | None = None
+
+    def sizes(self) -> torch.Tensor:
+        """`[B, 2]` (height, width) of every image's valid area."""
+        if self.image_sizes is not None:
+            return self.image_sizes.to(self.centers.device)
+        return torch.tensor([list(self.image_size)], device=self.centers.device).expand(self.cls_logits.shape[0], 2)
+
+    def valid_locations(self) -> torch.Tensor | None:
+        """bool `[B, L]`: locations whose cell starts inside the image's valid area (mmdetection's
+        anchor valid flags: column j of stride s is valid while j < ceil(width / s)); None when
+        unpadded (all valid)."""
+        if self.image_sizes is None:
+            return None
+        sizes = self.sizes().to(self.centers.dtype)
+        start = self.centers - self.strides[:, None] / 2  # [L, 2] (x, y) of each cell's top-left corner
+        return (start[None, :, 0] < sizes[:, None, 1]) & (start[None, :, 1] < sizes[:, None, 0])
 
     @property
     def level_strides(self) -> list[int]:
@@ -248,7 +267,11 @@ class GFL(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor, normalized: bool = False) -> GFLOutput:
+    def forward(self, x: torch.Tensor, normalized: bool = False, image_sizes: torch.Tensor | None = None) -> GFLOutput:
+        """`image_sizes` (`[B, 2]` height, width): the valid area of each image of a padded batch
+        (default: the active padded batch's, if `x` is it; else the whole input). Padding is
+        expected to be 0 after normalisation (`clbench.datasets.PAD_VALUE`)."""
+        sizes = valid_sizes_for(x, image_sizes)
         feats = self.features(x if normalized else self.normalize(x))
         cls_feats = [self.cls_tower(f) for f in feats]
         cls, reg = [], []
@@ -260,7 +283,8 @@ class GFL(nn.Module):
         centers, strides, levels = self._grid([tuple(f.shape[-2:]) for f in feats], x.device)
         reg_logits = torch.cat(reg, 1)
         return GFLOutput(cls_feats, torch.cat(cls, 1), reg_logits.view(*reg_logits.shape[:2], 4, self.reg_max + 1),
-                         centers, strides, levels, tuple(x.shape[-2:]))
+                         centers, strides, levels, tuple(x.shape[-2:]),
+                         None if sizes is None else sizes.to(x.device))
 
     def _grid(self, shapes: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (tuple(shapes), str(device))
@@ -291,8 +315,9 @@ class GFL(nn.Module):
 
     # ----------------------------------------------------------- inference
     @torch.no_grad()
-    def detect(self, x: torch.Tensor, classes: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
-        return postprocess(self(x), classes, self.cfg)
+    def detect(self, x: torch.Tensor, classes: Sequence[int] | None = None,
+               image_sizes: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        return postprocess(self(x, image_sizes=image_sizes), classes, self.cfg)
 
 
 class TinyGFL(GFL):
@@ -376,8 +401,12 @@ def atss_assign(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: torch.Ten
 
 
 def atss_assign_batch(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor,
-                      topk: int = 9) -> torch.Tensor:
-    """ATSS over a batch of GT boxes padded to [B, M, 4] (`valid` [B, M] marks real ones). [B, L]"""
+                      topk: int = 9, anchor_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ATSS over a batch of GT boxes padded to [B, M, 4] (`valid` [B, M] marks real ones). [B, L]
+
+    `anchor_valid` (bool [B, L]): anchors of each image that take part (a padded batch's anchors
+    outside an image's valid area are neither candidates nor positives, as mmdetection filters
+    anchors by their valid flags before assigning); None: all."""
     batch, num_gt = valid.shape
     num = anchors.shape[0]
     if num_gt == 0:
@@ -386,6 +415,8 @@ def atss_assign_batch(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: tor
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
     gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
     distances = torch.cdist(anchor_centers.expand(batch, -1, -1), gt_centers)  # [B, L, M]
+    if anchor_valid is not None:
+        distances = distances.masked_fill(~anchor_valid[:, :, None], float("inf"))
     candidates = []
     for level in levels.unique():
         at_level = torch.nonzero(levels == level).squeeze(1)
@@ -400,6 +431,8 @@ def atss_assign_batch(anchors: torch.Tensor, levels: torch.Tensor, gt_boxes: tor
     rb = gt_boxes[:, None, :, 2:] - anchor_centers[None, :, None, :]
     inside = torch.cat([lt, rb], -1).min(-1).values > 0.01
     positive = is_candidate & inside & (ious >= threshold[:, None, :]) & valid[:, None, :]
+    if anchor_valid is not None:
+        positive &= anchor_valid[:, :, None]
     best_iou, best_gt = torch.where(positive, ious, torch.full_like(ious, -1.0)).max(2)
     return torch.where(best_iou > -1, best_gt, torch.full_like(best_gt, -1))
 
@@ -457,7 +490,8 @@ def gfl_loss(out: GFLOutput, anchors: torch.Tensor, targets: Sequence[Target], c
         raise ValueError(f"targets hold classes {sorted(unknown)} outside the trained channels {channels}")
     position = torch.full((max(channels + gt_labels.flatten().tolist() + [0]) + 1,), -1, dtype=torch.long, device=device)
     position[channel_index] = torch.arange(len(channels), device=device)
-    assigned = atss_assign_batch(anchors, out.levels, gt, valid, cfg.atss_topk)  # [B, L]
+    inside = out.valid_locations()  # [B, L] or None: locations in a padded batch's padding take no part
+    assigned = atss_assign_batch(anchors, out.levels, gt, valid, cfg.atss_topk, inside)  # [B, L]
     matched = assigned.clamp(min=0)
     hit = assigned >= 0
     to_ignore = hit & gt_ignore.gather(1, matched)  # ignored boxes: neither positive nor negative
@@ -472,7 +506,8 @@ def gfl_loss(out: GFLOutput, anchors: torch.Tensor, targets: Sequence[Target], c
                                      for b in bi.unique()]).clamp(min=0)
     num_pos = len(bi)
     qfl = quality_focal_loss(logits, labels, quality, cfg.qfl_beta).sum(-1)
-    qfl = (qfl * ~to_ignore).sum() / max(num_pos, 1)
+    counted = ~to_ignore if inside is None else ~to_ignore & inside
+    qfl = (qfl * counted).sum() / max(num_pos, 1)
     if num_pos:
         weight = logits[bi, li].detach().sigmoid().max(-1).values
         norm = weight.sum().clamp(min=1e-6)
@@ -549,9 +584,10 @@ def postprocess(out: GFLOutput, classes: Sequence[int] | None, cfg: GFLConfig) -
     num_classes = out.cls_logits.shape[-1]
     scores = out.cls_logits.sigmoid().masked_fill(~class_mask(num_classes, classes, out.cls_logits.device), 0.0)
     boxes = out.boxes()
-    h, w = out.image_size
-    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
-    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+    # clipped to each image's own valid area (the whole input when unpadded), as mmdetection clips
+    # to img_shape, the resized image before padding
+    sizes = out.sizes().to(boxes.dtype)
+    boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None, [1, 0, 1, 0]])
     results = []
     for b in range(scores.shape[0]):
         kept_boxes, kept_scores, kept_labels = [], [], []
@@ -573,18 +609,25 @@ def postprocess(out: GFLOutput, classes: Sequence[int] | None, cfg: GFLConfig) -
 
 # --------------------------------------------------------------------------- augmentation
 def hflip_batch(batch: DetectionBatch, p: float = 0.5, generator: torch.Generator | None = None) -> DetectionBatch:
-    """Each image (and its boxes) flipped horizontally with probability `p`."""
+    """Each image (and its boxes) flipped horizontally with probability `p`; in a padded batch
+    only the image's valid area is flipped (its padding stays at the right)."""
     flip = torch.rand(len(batch), generator=generator) < p
     if not bool(flip.any()):
         return batch
-    width = batch.x.shape[-1]
+    sizes = getattr(batch, "image_sizes", None)
     x = batch.x.clone()
-    x[flip.to(x.device)] = x[flip.to(x.device)].flip(-1)
+    if sizes is None or bool((sizes[:, 1] == x.shape[-1]).all()):
+        x[flip.to(x.device)] = x[flip.to(x.device)].flip(-1)
+        widths = [x.shape[-1]] * len(batch)
+    else:
+        widths = sizes[:, 1].tolist()
+        for b in torch.nonzero(flip).flatten().tolist():
+            x[b, :, :, :widths[b]] = x[b, :, :, :widths[b]].flip(-1)
     targets = []
-    for t, f in zip(batch.targets, flip.tolist()):
+    for t, f, width in zip(batch.targets, flip.tolist(), widths):
         if f:
             boxes = t["boxes"].clone()
             boxes[:, 0], boxes[:, 2] = width - t["boxes"][:, 2], width - t["boxes"][:, 0]
             t = {**t, "boxes": boxes}
         targets.append(t)
-    return DetectionBatch(x, targets)
+    return DetectionBatch(x, targets, image_sizes=sizes)
