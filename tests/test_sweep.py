@@ -46,9 +46,18 @@ def test_all_strategies_means_those_defined_for_each_scenarios_images(tmp_path, 
     assert {"clfd", "er_clfd", "der_pp_clfd"} <= needs_rgb
     needs_vit = {n for n in STRATEGIES.names() if STRATEGIES.get(n).needs_vit_backbone}
     assert {"aper", "ranpac", "tuna", "daf", "sgds", "saef", "preprompt"} <= needs_vit
+    from clbench.engine.runner import strategy_defaults
+
+    # a strategy with a backbone of its own for the scenario (the PTM family's tiny ViT on synthetic-*)
+    # is judged on that backbone, as a run would build it
+    own_backbone = {n for n in STRATEGIES.names() if any(v.get("backbone") for _, v in strategy_defaults(STRATEGIES.get(n), "synthetic-2"))}
+    assert {"daf", "simplecil", "preprompt"} <= own_backbone
     kept, skipped = S.compatible_strategies(STRATEGIES.names(), "synthetic-2")  # 1-channel images, an MLP
-    assert set(skipped) == needs_rgb | needs_vit and set(kept) == set(STRATEGIES.names()) - needs_rgb - needs_vit
+    assert set(skipped) == needs_rgb | (needs_vit - own_backbone)
+    assert set(kept) == set(STRATEGIES.names()) - set(skipped)
     assert skipped["clfd"] == "defined for 3-channel images, the scenario has 1"
+    kept, skipped = S.compatible_strategies(["naive", "daf"], "synthetic-2", C.RunConfig(backbone="clbench_mlp_tiny"))
+    assert kept == ["naive"]
     assert skipped["daf"].startswith("backbone MLP has no ViT blocks (norm2 + mlp); adapters need a timm Vision Transformer")
     assert S.compatible_strategies(["naive", "clfd"], "synthetic32-3") == (["naive", "clfd"], {})
     kept, skipped = S.compatible_strategies(["naive", "etag"], "synthetic32-3")  # the default backbone is a ConvNet

@@ -109,7 +109,7 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     scenario whose data is absent (under `run.data_root`) is not filtered (its runs fail
     with the data error).
     """
-    from clbench.engine.runner import aux_problem, create_scenario, task_problem
+    from clbench.engine.runner import aux_problem, create_scenario, strategy_defaults, task_problem
     from clbench.errors import DataNotFoundError
     from clbench.registry import AUXILIARY, STRATEGIES
 
@@ -118,11 +118,14 @@ def compatible_strategies(names: Sequence[str], scenario: str, run: C.RunConfig 
     except (DataNotFoundError, UsageError):
         return list(names), {}
     channels = built.input_shape[0]
-    backbone = (run.backbone if run is not None else None) or built.default_backbone
     kept, skipped = [], {}
     for name in names:
         cls = STRATEGIES.get(name)
         needs = cls.input_channels
+        # the backbone a run would build: the one asked for, else the strategy's own default for
+        # this scenario, else the scenario's
+        own = [values["backbone"] for _, values in strategy_defaults(cls, scenario) if values.get("backbone")]
+        backbone = (run.backbone if run is not None else None) or (own[-1] if own else built.default_backbone)
         if task_problem(cls, built) is not None:
             skipped[name] = f"a {cls.task_type} method, the scenario is a {built.task_type} benchmark"
         elif (problem := next(filter(None, (aux_problem(cls, AUXILIARY.get(a)) for a in aux)), None)) is not None:
