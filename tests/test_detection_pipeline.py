@@ -272,3 +272,21 @@ def test_a_run_records_the_detector_it_built(tmp_path):
     (path,) = out.rglob("*.json")
     result = json.loads(path.read_text())
     assert result["backbone"] == "tiny_gfl" and result["detection"]["per_task"]
+
+
+def test_deformable_detr_gets_the_pixel_mask_of_a_padded_batch(voc_two):
+    pytest.importorskip("transformers")
+    from clbench.models.detection.deformable_detr import DeformableDETR
+
+    torch.manual_seed(0)
+    model = DeformableDETR(20, num_queries=20).eval()
+    batch = detection_collate([voc_two[0], voc_two[1]])
+    with torch.no_grad():
+        pixels, encoded = model.encode(batch.x, batch.image_sizes)
+        mask = encoded.pixel_mask
+        assert mask.shape == (2, 64, 64) and int(mask[0].sum()) == 27 * 53 and int(mask[1].sum()) == 48 * 32
+        assert mask[0, :27, :53].all() and not mask[0, 27:].any() and not mask[1, :, 32:].any()
+        out = model.decode(pixels, encoded)
+    assert out.boxes.shape[1:3] == (2, 20) and torch.isfinite(out.logits).all()
+    with padded_batch(batch.x, batch.image_sizes), torch.no_grad():  # what a method passing batch.x gets in a step
+        assert torch.equal(model.encode(batch.x)[1].pixel_mask, mask)
