@@ -110,36 +110,117 @@ def test_online_accumulation_f_gamma_f_plus_f_new(strategy_factory, synthetic_sc
     assert strategy._fisher_new == {} and strategy._fisher_count == 0
 
 
-def test_vectorised_fisher_equals_the_per_sample_loop_through_a_run(tmp_path, fast_config_for, monkeypatch):
+def test_linear_and_vectorised_fisher_equal_the_per_sample_loop_through_a_run(tmp_path, fast_config_for, monkeypatch):
     """The whole wiring (fisher phase -> training_step -> accumulate_fisher -> on_experience_end),
-    once with vmap and once forced onto the loop: the same consolidated Fisher after each experience."""
+    once on each path: the linear-layer product (this MLP's default), vmap (the linear path made
+    unavailable) and the per-sample loop (vmap made unavailable too): the same consolidated Fisher
+    after each experience."""
     def fishers(name, **patch):
-        for attr, value in patch.items():
-            monkeypatch.setattr(ewc, attr, value)
-        captured = {}
-        run(RunSpec("ewc", "synthetic-2", run=fast_config_for(tmp_path / name), seed=0),
-            on_experience=lambda i, r, s: captured.setdefault(i, ({k: v.clone() for k, v in s.fisher.items()}, s.vectorised_fisher)))
+        with monkeypatch.context() as m:
+            for attr, value in patch.items():
+                m.setattr(ewc, attr, value)
+            captured = {}
+            run(RunSpec("ewc", "synthetic-2", run=fast_config_for(tmp_path / name), seed=0),
+                on_experience=lambda i, r, s: captured.setdefault(i, ({k: v.clone() for k, v in s.fisher.items()}, s.fisher_path)))
         return captured
 
     calls = []
     vectorised = ewc.vectorised_fisher_sum
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback on this network
-        fast = fishers("vmap", vectorised_fisher_sum=lambda *a: calls.append(1) or vectorised(*a))
-    assert calls and all(used for _, used in fast.values())
+        linear = fishers("linear")
+        fast = fishers("vmap", linear_layers=lambda *a: None,
+                       vectorised_fisher_sum=lambda *a: calls.append(1) or vectorised(*a))
+    assert all(path == "linear" for _, path in linear.values())
+    assert calls and all(path == "vmap" for _, path in fast.values())
 
     def unavailable(*args):
         raise RuntimeError("vmap cannot run here")
 
     with pytest.warns(RuntimeWarning, match="falling back"):
-        slow = fishers("loop", vectorised_fisher_sum=unavailable)
-    assert not any(used for _, used in slow.values())
-    assert fast.keys() == slow.keys() == {0, 1}
+        slow = fishers("loop", linear_layers=lambda *a: None, vectorised_fisher_sum=unavailable)
+    assert all(path == "loop" for _, path in slow.values())
+    assert linear.keys() == fast.keys() == slow.keys() == {0, 1}
     for i in fast:
-        assert fast[i][0].keys() == slow[i][0].keys()
+        assert linear[i][0].keys() == fast[i][0].keys() == slow[i][0].keys()
         for n in fast[i][0]:
             assert (fast[i][0][n] > 0).any(), n
             assert torch.allclose(fast[i][0][n], slow[i][0][n], rtol=1e-5, atol=1e-10), (i, n)
+            assert torch.allclose(linear[i][0][n], slow[i][0][n], rtol=1e-5, atol=1e-10), (i, n)
+
+
+def test_linear_fisher_equals_the_loop_in_float64_through_accumulate_fisher(strategy_factory, synthetic_scenario, batch_of):
+    """The linear-layer path through the method's own hook, float64: the per-sample loop's sum to
+    rounding, on an MLP whose ReLUs are in place (the output gradients are those of the Linear
+    outputs, taken before the in-place op)."""
+    made = []
+    for linear in (True, False):
+        torch.manual_seed(0)
+        s = strategy_factory("ewc")
+        s.on_experience_start(synthetic_scenario.info(0))
+        s.double()
+        if not linear:
+            s.linear_fisher, s.vectorised_fisher = False, False  # the loop
+        batch = batch_of(synthetic_scenario.train_sets[0], 7)
+        s.accumulate_fisher(Batch(batch.x.double(), batch.y))
+        made.append(s)
+    fast, slow = made
+    assert fast.fisher_path == "linear" and slow.fisher_path == "loop"
+    assert fast._fisher_new.keys() == slow._fisher_new.keys() and fast._fisher_count == slow._fisher_count == 7
+    for n in slow._fisher_new:
+        assert torch.allclose(fast._fisher_new[n], slow._fisher_new[n], rtol=1e-12, atol=1e-300), n
+
+
+def test_linear_fisher_handles_token_inputs_and_refuses_what_it_cannot_split():
+    """Linear layers applied to (batch, tokens, features) inputs: per-sample gradients summed over
+    tokens (float64, equal to the loop). A layer called twice, or a parameter outside a Linear,
+    leaves the linear path (None)."""
+    from types import SimpleNamespace
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, twice=False):
+            super().__init__()
+            self.mix, self.out, self.twice = torch.nn.Linear(3, 5), torch.nn.Linear(5, 4), twice
+
+        def forward(self, x):
+            h = torch.tanh(self.mix(x.reshape(len(x), 2, 3)))
+            if self.twice:
+                h = torch.tanh(self.out.weight.T[None] @ self.out(h).transpose(1, 2)).transpose(1, 2)
+            return SimpleNamespace(logits=self.out(h).mean(1))
+
+    torch.manual_seed(0)
+    model = Tokens().double()
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    params = dict(model.named_parameters())
+    fast, slow = ewc.linear_fisher_sum(model, params, x, y), ewc.looped_fisher_sum(model, params, x, y)
+    for n in slow:
+        assert torch.allclose(fast[n], slow[n], rtol=1e-12, atol=1e-300), n
+    assert ewc.linear_fisher_agrees(model, params, x, y)
+    twice = Tokens(twice=True).double()
+    assert ewc.linear_fisher_sum(twice, dict(twice.named_parameters()), x, y) is None
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    assert ewc.linear_layers(model, dict(model.named_parameters())) is None
+
+
+def test_a_network_mixing_its_batch_fails_the_check_and_uses_vmap(strategy_factory, synthetic_scenario, batch_of):
+    """Samples that interact in eval mode (a layer subtracting the batch mean) make the one-backward
+    product differ from per-sample gradients: the first-batch check catches it and vmap runs."""
+    s = strategy_factory("ewc")
+    s.on_experience_start(synthetic_scenario.info(0))
+    body = s.backbone
+
+    class BatchCentred(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            h = self.inner(x)
+            return h - h.mean(0, keepdim=True) if len(h) > 1 else h
+
+    s.backbone = BatchCentred(body)
+    s.accumulate_fisher(batch_of(synthetic_scenario.train_sets[0], 6))
+    assert s.linear_fisher is False and s.fisher_path == "vmap"
 
 
 def test_vectorised_fisher_equals_the_loop_with_batchnorm_in_eval_mode(scenario, build_strategy, batch_of):
