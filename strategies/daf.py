@@ -13,8 +13,12 @@ Per task t:
    one row per class, and its logits are cosines (the released code normalises features and
    weights; the "raw logits" are these, before the scale s).
 3. Curvature of the new task [recon]: the diagonal empirical Fisher F_t at theta_t*, the mean
-   of per-sample squared gradients of that loss (batch-1 steps, adapters in eval mode), over
-   the task's first `fisher_samples` training samples (0: all of them).
+   of per-sample squared gradients of that loss (adapters in eval mode), over the task's first
+   `fisher_samples` training samples (0: all of them). The Fisher phases run at the run's batch
+   size: each sample's gradient comes from `torch.func` (`vmap(grad(.))` of the sample's
+   CosFace-form loss through `functional_call`, in chunks that bound the stacked gradients), the
+   same numbers as one batch-1 autograd call per sample (the fallback, with a warning, for a
+   network that vmap cannot batch).
 4. Fusion [recon of "PAC-Bayes + Taylor"]: along theta(beta) = theta_g^{t-1} + beta d,
    d = theta_t* - theta_g^{t-1}, the minimiser of
    J = 1/2 (theta - theta_g^{t-1})' F_old (.) + 1/2 (theta - theta_t*)' F_t (.) + lambda/2 |theta - theta_0|^2
@@ -44,10 +48,13 @@ JSON (`strategy_report.fusion`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from clbench.strategies._ptm import TUNA_PAPER_SETTINGS, TunaConfig, TunaStrategy
+from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import Subset
 
@@ -60,6 +67,23 @@ from clbench.registry import register_strategy
 from clbench.types import Batch, ExperienceInfo, Phase
 
 PRIOR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the log grid for lambda
+# Stacked per-sample gradients of one vmap chunk hold (chunk x adapter parameters) numbers: this bounds them
+# (float32: 128 MiB on CPU, 512 MiB elsewhere), as EWC's Fisher does.
+FISHER_CHUNK_ELEMENTS = {"cpu": 2**25}
+FISHER_CHUNK_ELEMENTS_DEFAULT = 2**27
+
+
+class _Logits(torch.nn.Module):
+    """The head's cosines over the adapted features, as a module `functional_call` can swap the adapter's
+    parameters in (the adapter runs inside the ViT through the router's hooks)."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.adapter = strategy.adapter
+        object.__setattr__(self, "strategy", strategy)  # not a submodule: only the adapter's names are swapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.strategy.head(self.strategy.features(x))
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,7 @@ class DAF(TunaStrategy):
         self._theta_prev: torch.Tensor | None = None
         self._fisher_sum: torch.Tensor | None = None
         self._fisher_count = 0
+        self.vectorised_fisher = True  # False after vmap failed once on this network: batch-1 autograd calls
 
     def theta(self) -> torch.Tensor:
         return parameters_to_vector(self.adapter.parameters()).detach()
@@ -118,9 +143,9 @@ class DAF(TunaStrategy):
     def set_theta(self, theta: torch.Tensor) -> None:
         vector_to_parameters(theta, list(self.adapter.parameters()))
 
-    # ---- after training: the two Fisher passes (batch-1 steps) before TUNA's statistics and alignment
+    # ---- after training: the two Fisher passes (per-sample gradients of real batches) before TUNA's statistics and alignment
     def method_phases(self, exp: ExperienceInfo) -> list[Phase]:
-        return [Phase("fisher_task", epochs=1, batch_size=1), Phase("fisher_fused", epochs=1, batch_size=1)]
+        return [Phase("fisher_task", epochs=1), Phase("fisher_fused", epochs=1)]
 
     def phase_data(self, phase: Phase, data):
         if self.cfg.select_prior and self.experience.is_first and phase.name in ("train", "fisher_task", "fisher_fused"):
@@ -147,14 +172,64 @@ class DAF(TunaStrategy):
             return self.accumulate_fisher(batch)
         return super().training_step(batch, batch_idx)  # 2. train; 6. statistics, alignment
 
-    # ---- 3. and 5. diagonal empirical Fisher from per-sample (batch-1) gradients
+    # ---- 3. and 5. diagonal empirical Fisher from per-sample gradients
     def accumulate_fisher(self, batch: Batch) -> None:
-        params = list(self.adapter.parameters())
+        """Add sum_n g_n^2 (float64, the adapter's parameters as one vector), g_n the gradient of sample
+        n's own CosFace-form loss, for every sample of `batch`."""
+        squared = None
         with torch.enable_grad(), eval_mode(self.backbone, self.adapter):  # the loss itself, without dropout noise
-            grads = torch.autograd.grad(self.train_loss(batch), params)
-        squared = torch.cat([g.reshape(-1) for g in grads]).double() ** 2
+            if self.vectorised_fisher:
+                try:
+                    squared = self.vectorised_squared_gradients(batch)
+                except (RuntimeError, NotImplementedError) as err:
+                    self.vectorised_fisher = False
+                    warnings.warn(f"DAF: per-sample gradients cannot be vectorised on this network ({err}); "
+                                  "falling back to one autograd call per sample", RuntimeWarning, stacklevel=2)
+            if squared is None:
+                squared = self.looped_squared_gradients(batch)
         self._fisher_sum = squared if self._fisher_sum is None else self._fisher_sum + squared
         self._fisher_count += len(batch)
+
+    def looped_squared_gradients(self, batch: Batch) -> torch.Tensor:
+        """sum_n g_n^2 with one autograd call of `train_loss` per sample (a batch of one)."""
+        params = list(self.adapter.parameters())
+        total = None
+        for i in range(len(batch)):
+            grads = torch.autograd.grad(self.train_loss(Batch(batch.x[i : i + 1], batch.y[i : i + 1])), params)
+            squared = torch.cat([g.reshape(-1) for g in grads]).double() ** 2
+            total = squared if total is None else total + squared
+        return total
+
+    def vectorised_squared_gradients(self, batch: Batch) -> torch.Tensor:
+        """sum_n g_n^2 from `vmap(grad(.))` over the samples: each sample's loss is `train_loss` of a
+        batch of one, -log softmax(s (z - m onehot))[target] over the current classes' cosines z (written
+        without `one_hot`, whose range check vmap cannot run)."""
+        names = [name for name, _ in self.adapter.named_parameters()]
+        params = {f"adapter.{name}": p.detach() for name, p in self.adapter.named_parameters()}
+        classes = torch.as_tensor(list(self.experience.classes), device=batch.x.device)
+        position = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=batch.x.device)
+        position[classes] = torch.arange(len(classes), device=batch.x.device)
+        targets = position[batch.y]
+        caller = _Logits(self)
+        scale, margin = self.cfg.scale, self.cfg.margin
+
+        def sample_loss(p, xi, ti):
+            z = functional_call(caller, p, (xi[None],))[0, classes]
+            z = z - margin * (torch.arange(len(classes), device=z.device) == ti).to(z.dtype)
+            return -F.log_softmax(scale * z, dim=0).gather(0, ti.reshape(1))[0]
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        numel = max(1, sum(p.numel() for p in params.values()))
+        chunk = max(1, FISHER_CHUNK_ELEMENTS.get(batch.x.device.type, FISHER_CHUNK_ELEMENTS_DEFAULT) // numel)
+        total = torch.zeros(numel, dtype=torch.float64, device=batch.x.device)
+        for start in range(0, len(batch), chunk):
+            with warnings.catch_warnings():  # ops without a batching rule (CPU attention's backward) loop inside vmap
+                warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+                grads = per_sample(params, batch.x[start : start + chunk], targets[start : start + chunk])
+            flat = torch.cat([grads[f"adapter.{name}"].detach().reshape(len(grads[f"adapter.{name}"]), -1)
+                              for name in names], dim=1).double()
+            total += (flat * flat).sum(0)
+        return total
 
     def take_fisher(self) -> torch.Tensor:
         fisher = self._fisher_sum / max(self._fisher_count, 1) if self._fisher_sum is not None else torch.zeros_like(self.fisher_old)

@@ -254,11 +254,55 @@ def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
     assert strategy.adapter.training and strategy.backbone.training
 
 
+def test_vectorised_fisher_equals_the_per_sample_loop_through_accumulate_fisher():
+    """A batch of 5 through the method's own hook, float64, with a CosFace margin: the torch.func
+    per-sample gradients give the batch-1 autograd loop's sum to rounding; a network vmap cannot
+    batch falls back to that loop with a warning, and the count is the batch's either way."""
+    import warnings
+
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    scenario = create_scenario("digits32-5")
+    made = []
+    for vectorised in (True, False):
+        torch.manual_seed(0)
+        s = create_strategy("daf", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                            strategy_config("daf", {"bottleneck": 4, "margin": 0.2}), seed=0)
+        s.on_experience_start(scenario.info(1))  # classes 2 and 3: labels mapped to positions
+        with torch.no_grad():
+            for p in s.adapter.parameters():
+                p.normal_(0, 0.1)
+        s.double().train()
+        s.vectorised_fisher = vectorised
+        x, y = scenario.train_sets[1].x[:5].double(), scenario.train_sets[1].y[:5]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            s.accumulate_fisher(Batch(x, y))
+        assert s.adapter.training and s._fisher_count == 5
+        made.append(s._fisher_sum)
+    fast, slow = made
+    assert fast.dtype == torch.float64 and float(slow.sum()) > 0
+    assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-20)
+
+    s.vectorised_fisher = True
+    s._fisher_sum, s._fisher_count = None, 0
+    original = s.vectorised_squared_gradients
+    s.vectorised_squared_gradients = lambda batch: (_ for _ in ()).throw(RuntimeError("vmap cannot run here"))
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        s.accumulate_fisher(Batch(x, y))
+    assert not s.vectorised_fisher and s._fisher_count == 5
+    assert torch.allclose(s._fisher_sum, slow, rtol=1e-10, atol=1e-20)
+    del s.vectorised_squared_gradients
+    assert s.vectorised_squared_gradients.__func__ is original.__func__
+
+
 def test_phases_run_on_their_own_data_and_batch_sizes(daf_run):
     result, *_ = daf_run
     shapes = {s["phase"]: s for r in result.edge["per_experience"][1:2] for s in r["flops_step_shapes"]}
     assert set(shapes) == {"train", "fisher_task", "fisher_fused", "statistics", "align"}
-    assert shapes["fisher_task"]["input_shape"] == [1, 3, 32, 32] and shapes["fisher_task"]["steps"] == 6
+    # the Fisher phases run real batches (the run's 16, here all of the 6 Fisher samples in one step)
+    assert shapes["fisher_task"]["input_shape"] == [6, 3, 32, 32] and shapes["fisher_task"]["steps"] == 1
     assert shapes["align"]["input_shape"] == [8, 1]  # label placeholders; the step draws the features
     # experience 2 aligns on 4 seen classes x 8 samples = 4 steps per epoch, 2 epochs
     assert sum(s["steps"] for s in result.edge["per_experience"][1]["flops_step_shapes"] if s["phase"] == "align") == 8
