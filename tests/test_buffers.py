@@ -196,3 +196,30 @@ def test_herding_selection_by_hand():
     # 2-D: the distance is Euclidean over the feature vector (mean (1, 1); (1, 1) itself comes first)
     square = torch.tensor([[0.0, 0.0], [2.0, 2.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
     assert herding_selection(square, 1).tolist() == [2]
+
+
+def test_herding_selection_equals_the_per_sample_python_loop():
+    """The batched herding (one vectorised cost over all candidates per pick) against the textbook loop
+    that scores every candidate one at a time in Python, float64: the same order on random features."""
+    from clbench.models.buffers import herding_selection
+
+    def by_loop(features, m):
+        rows = [r for r in features.double()]
+        target = sum(rows) / len(rows)
+        chosen, running = [], torch.zeros_like(target)
+        for k in range(min(m, len(rows))):
+            best, best_cost = None, float("inf")
+            for i, r in enumerate(rows):
+                if i in chosen:
+                    continue
+                cost = float((target - (running + r) / (k + 1)).norm())
+                if cost < best_cost:
+                    best, best_cost = i, cost
+            chosen.append(best)
+            running = running + rows[best]
+        return chosen
+
+    g = torch.Generator().manual_seed(0)
+    for n, d, m in ((30, 5, 10), (17, 3, 17), (40, 8, 25)):
+        features = torch.randn(n, d, generator=g)
+        assert herding_selection(features, m).tolist() == by_loop(features, m)
