@@ -66,7 +66,10 @@ class RunConfig:
     """Engineering settings of a run: nothing here changes what a method is."""
 
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 32  # per device
+    # the batch one optimiser step sees, summed over devices and accumulated batches (a paper's "8 GPUs x 24
+    # = 192"); the runner accumulates global / (batch_size x devices) batches per step. None: batch_size x devices
+    global_batch_size: int | None = None
     eval_batch_size: int = 256
     num_workers: int = 0
     accelerator: str = "auto"
@@ -99,6 +102,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"{name}={value} is invalid; expected a positive integer (or unset)")
+        if self.global_batch_size is not None and (self.global_batch_size < 1 or self.global_batch_size % self.batch_size):
+            raise UsageError(f"global_batch_size={self.global_batch_size} is not a multiple of batch_size={self.batch_size}; "
+                             f"expected batch_size x devices x accumulated batches (e.g. {self.batch_size * 8})")
         if self.weights is not None and not self.pretrained:
             raise UsageError(f"weights={self.weights!r} is given without pretrained; expected --pretrained --weights FILE")
         if self.normalization not in NORMALIZATIONS:

@@ -265,3 +265,13 @@ def test_results_are_bit_identical_without_filling_uninitialised_memory(tmp_path
         return r.accuracy_matrix, r.metrics
 
     assert matrix(True) == matrix(False)
+
+
+def test_download_of_a_detection_run_names_no_backbone(capsys):
+    from clbench.cli import main
+
+    assert main(["download", "--strategy", "gfl_finetune", "--scenario", "shapes-2+2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("weights: gfl_finetune builds its own model; its pretrained weights are fetched when a run "
+                      "starts with --download")
+    assert out[1].startswith("data: shapes-2+2 ready (2 experiences)")

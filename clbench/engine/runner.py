@@ -236,10 +236,13 @@ def download(spec: RunSpec, say: Callable[[str], None] = print) -> None:
     path = check_weights(run_cfg)
     if path is not None:
         say(f"weights: {run_cfg.backbone if run_cfg.weights is None else 'file'} -> {path}")
-    elif not run_cfg.pretrained:
-        say(f"weights: none needed ({run_cfg.backbone or 'the scenario default backbone'}, random init)")
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
-    if run_cfg.pretrained and run_cfg.backbone is None and run_cfg.weights is None:
+    if get_task(scenario.task_type).builds_own_model:  # detectors and forecasters: no backbone to fetch here
+        say(f"weights: {spec.strategy} builds its own model; its pretrained weights are fetched when a run "
+            f"starts with --download")
+    elif path is None and not run_cfg.pretrained:
+        say(f"weights: none needed ({run_cfg.backbone or scenario.default_backbone}, random init)")
+    elif path is None:
         from clbench.models.backbones import pretrained_file
 
         say(f"weights: {scenario.default_backbone} -> {pretrained_file(scenario.default_backbone, download=True)}")
