@@ -30,6 +30,10 @@ class CLStrategy(pl.LightningModule):
     # what the method learns: "classification" or "detection" (`clbench.strategies._detection.DetectionStrategy`)
     task_type: ClassVar[str] = "classification"
     PAPER_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # per scenario of PAPER_SETTINGS, the number the paper reports for it, which a --paper-settings run
+    # should reproduce: {"metric": a clbench metric (final_avg_acc, ...), "value": a fraction, "source":
+    # where in the paper (table / figure)[, "note": how its protocol or convention differs]}
+    PUBLISHED: ClassVar[dict[str, dict[str, Any]]] = {}
     # add-on names this strategy accepts (None: any); checked before training starts
     accepts_aux: ClassVar[set[str] | None] = None
     # what the output is, for add-ons that read it: class logits, or "forecast" (`Aux.refuses`)
@@ -85,6 +89,7 @@ class CLStrategy(pl.LightningModule):
         self.step_output: Output | None = None
         self.step_view: StepView | None = None
         self.automatic_optimization = False  # see `training_step`
+        self.accumulate_grad_batches = 1  # batches per optimiser step (the runner's global batch; `accumulation`)
 
     def __getstate__(self):
         # the runner's profiler (threads, open counters) stays with the process that runs it
@@ -197,10 +202,30 @@ class CLStrategy(pl.LightningModule):
         """
         total = self.total_loss(batch, batch_idx)
         optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(total)
-        optimizer.step()
+        zero, step, k = self.accumulation(batch_idx)
+        if zero:
+            optimizer.zero_grad()
+        self.manual_backward(total if k == 1 else total / k)
+        if step:
+            optimizer.step()
         return total.detach()
+
+    def accumulation(self, batch_idx: int) -> tuple[bool, bool, int]:
+        """(zero the gradients before this batch, step after it, k) under `accumulate_grad_batches` k, as
+        Lightning's accumulation does it: the gradients of k batches, each loss divided by k, are summed into
+        one step; the epoch's last batch steps whatever it has. k = 1: (True, True, 1)."""
+        k = self.accumulate_grad_batches
+        if k == 1:
+            return True, True, 1
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        return batch_idx % k == 0, (batch_idx + 1) % k == 0 or last, k
+
+    @classmethod
+    def accumulates_gradients(cls) -> bool:
+        """Whether the class's `training_step` follows `accumulation` (CLStrategy's does; a class that
+        overrides it says so with `ACCUMULATES_GRADIENTS = True`)."""
+        owner = next(k for k in cls.__mro__ if "training_step" in vars(k))
+        return owner is CLStrategy or bool(vars(owner).get("ACCUMULATES_GRADIENTS", False))
 
     def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The method's named `step_losses` plus the add-ons' terms, checked finite and logged."""

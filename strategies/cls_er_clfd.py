@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import torch
 from clbench.strategies import cls_er
+from clbench.strategies import clfd
 from clbench.strategies.clfd import CLFDMixin, CLFDOptions, kwta, paper_settings
 from torch import nn
 
 from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 
-_COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.1}
+_COMMON = {**clfd._COMMON, "lr": 0.1, "stable_alpha": 0.999, "plastic_alpha": 0.999}
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class CLSERCLFD(CLFDMixin, cls_er.CLSER):
         "cifar10-5": {**_COMMON, "epochs": 50, "reg_weight": 0.15, "stable_update_freq": 0.2, "plastic_update_freq": 0.9},
         "tinyimagenet-10": {**_COMMON, "epochs": 50, "reg_weight": 0.1, "stable_update_freq": 0.1, "plastic_update_freq": 0.16},
     })
+    PUBLISHED = clfd.published("CLFD-CLS-ER", 0.5998, 0.1873)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

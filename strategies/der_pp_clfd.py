@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clbench.strategies import der_pp
+from clbench.strategies import clfd
 from clbench.strategies.clfd import CLFDMixin, CLFDOptions, paper_settings
 
 from clbench.models.backbones import CIFAR_RESNET18
 from clbench.registry import register_strategy
 
-_COMMON = {"momentum": 0.0, "batch_size": 32, "replay_batch_size": 32, "buffer_size": 125, "lr": 0.03, "beta": 0.5}
+_COMMON = {**clfd._COMMON, "lr": 0.03, "beta": 0.5}
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,4 @@ class DERPPCLFD(CLFDMixin, der_pp.DERPP):
         "cifar10-5": {**_COMMON, "alpha": 0.2, "epochs": 50},
         "tinyimagenet-10": {**_COMMON, "alpha": 0.1, "epochs": 100},
     })
+    PUBLISHED = clfd.published("CLFD-DER++", 0.5881, 0.1542)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clbench.strategies import der_pp
+from clbench.strategies.er import MAMMOTH_PROTOCOL
 from clbench.strategies.fdinet import FDINetMixin, FDINetOptions
 
 from clbench.registry import register_strategy
@@ -21,8 +22,9 @@ class DERPPFDINet(FDINetMixin, der_pp.DERPP):
 
     Config = Config
     PAPER_SETTINGS = {  # reconstruction: CLFD-DER++'s Mammoth settings (buffer 125)
-        "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
+        "cifar10-5": {**MAMMOTH_PROTOCOL, "lr": 0.03, "epochs": 50, "replay_batch_size": 32,
                       "buffer_size": 125, "alpha": 0.2, "beta": 0.5},
-        "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "epochs": 100, "batch_size": 32, "replay_batch_size": 32,
+        "tinyimagenet-10": {**MAMMOTH_PROTOCOL, "lr": 0.03, "epochs": 100, "replay_batch_size": 32,
                             "buffer_size": 125, "alpha": 0.1, "beta": 0.5},
     }
+    PUBLISHED: dict = {}  # no accuracy table of the FDINet paper could be read

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from clbench.base import CLStrategy
+from clbench.strategies._ptm import EASE_TABLE, MOS_TABLE
 from clbench.config import non_negative_numbers
 from clbench.errors import UsageError
 from clbench.models.adapters import AdapterRouter, AdapterSet, AdapterTuningConfig
@@ -69,7 +70,7 @@ from clbench.types import Batch, ExperienceInfo, Output, Phase
 
 ALPHA_DIVISORS = ("others", "tasks")
 # the released configs: CIFAR B0Inc5 (exps/ease.json) and ImageNet-R B0Inc20 (exps/ease_inr.json)
-_CIFAR = {"epochs": 20, "batch_size": 48, "lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine",
+_CIFAR = {"class_order": "paper", "epochs": 20, "batch_size": 48, "global_batch_size": 48, "optimizer": "sgd", "lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine",
           "bottleneck": 64, "alpha": 0.1}
 
 
@@ -134,7 +135,11 @@ class EASE(CLStrategy):
     contract_overrides = {"bottleneck": 8}
     PAPER_SETTINGS = {
         "cifar100-20": dict(_CIFAR),  # CIFAR B0Inc5, the paper's Table 1 split
-        "imagenet-r-10": {**_CIFAR, "lr": 0.05, "batch_size": 16, "weight_decay": 0.005},  # IN-R B0Inc20
+        "imagenet-r-10": {**_CIFAR, "lr": 0.05, "batch_size": 16, "global_batch_size": 16, "weight_decay": 0.005},  # IN-R B0Inc20
+    }
+    PUBLISHED = {
+        "cifar100-20": {"metric": "final_avg_acc", "value": 0.8580, "source": EASE_TABLE},
+        "imagenet-r-10": {"metric": "final_avg_acc", "value": 0.7617, "source": MOS_TABLE},
     }
 
     def __init__(self, *args, **kwargs):

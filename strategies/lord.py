@@ -75,12 +75,13 @@ class LoRD(der_pp.DERPP):
     Config = Config
     DEFAULTS = {"cifar*": CIFAR_RESNET18, "tinyimagenet-*": CIFAR_RESNET18}  # Mammoth's ResNet-18 (3x3 stem)
     contract_scenario = "synthetic32-3"
-    PAPER_SETTINGS = {  # official best args, buffer 200 (no accuracy table could be read)
-        "cifar10-5": {"lr": 0.03, "momentum": 0.0, "epochs": 50, "batch_size": 32, "replay_batch_size": 32,
+    PAPER_SETTINGS = {  # official best args, buffer 200 (Mammoth protocol, no lr schedule; no accuracy table could be read)
+        "cifar10-5": {**der_pp.er.MAMMOTH_PROTOCOL, "lr": 0.03, "epochs": 50, "replay_batch_size": 32,
                       "buffer_size": 200, "alpha": 0.1, "beta": 0.5},
-        "tinyimagenet-10": {"lr": 0.03, "momentum": 0.0, "epochs": 100, "batch_size": 32, "replay_batch_size": 32,
+        "tinyimagenet-10": {**der_pp.er.MAMMOTH_PROTOCOL, "lr": 0.03, "epochs": 100, "replay_batch_size": 32,
                             "buffer_size": 200, "alpha": 0.1, "beta": 1.0},
     }
+    PUBLISHED: dict = {}  # the paper's result tables could not be read
 
     def __init__(self, backbone: nn.Module, num_classes: int, cfg=None, **kwargs):
         cfg = cfg if cfg is not None else self.Config()

@@ -87,7 +87,10 @@ class SGDS(TunaStrategy):
     Config = SGDSConfig
     DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
-    PAPER_SETTINGS = TUNA_PAPER_SETTINGS  # reconstructed: TUNA's training values
+    # reconstructed: TUNA's training values, the card's r = 64, k = 8
+    PAPER_SETTINGS = {name: {**values, "bottleneck": 64, "units_per_class": 8}
+                      for name, values in TUNA_PAPER_SETTINGS.items()}
+    PUBLISHED: dict = {}  # no number of the paper was found
     measures_ptm_prototypes = True
 
     def __init__(self, *args, **kwargs):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.base import CLStrategy
+from clbench.strategies._ptm import EASE_TABLE, MOS_TABLE
 from clbench.models.backbones import PILOT_VIT_B16_IN21K, ptm_defaults
 from clbench.models.freeze import eval_mode
 from clbench.models.prototypes import ClassMeans
@@ -34,6 +35,12 @@ class SimpleCIL(CLStrategy):
     """Frozen backbone; cosine classifier on per-class mean embeddings (prototypes)."""
 
     DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
+    # nothing is trained: the protocol is the backbone (DEFAULTS) and PILOT's class order (numpy seed 1993)
+    PAPER_SETTINGS = {name: {"class_order": "paper"} for name in ("cifar100-20", "imagenet-r-10")}
+    PUBLISHED = {
+        "cifar100-20": {"metric": "final_avg_acc", "value": 0.8126, "source": EASE_TABLE},
+        "imagenet-r-10": {"metric": "final_avg_acc", "value": 0.5455, "source": MOS_TABLE},
+    }
     learns_by_gradient: ClassVar[bool] = False
     distributed_sums: ClassVar[tuple[str, ...]] = ("class_means.sums", "class_means.counts")  # DDP: summed over ranks
 

@@ -85,6 +85,12 @@ def paper_settings(cls, scenario: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return C.split_overrides(cls.PAPER_SETTINGS[scenario], cls.Config, f"PAPER_SETTINGS[{scenario!r}]")
 
 
+def published_number(cls, scenario: str) -> dict[str, Any] | None:
+    """The number the method's paper reports for `scenario` (its `PUBLISHED` entry), or None."""
+    entry = (vars(cls).get("PUBLISHED") or {}).get(scenario)  # declared by the class itself, never inherited
+    return dict(entry) if entry else None
+
+
 def create_aux(specs: Sequence[tuple[str, dict[str, Any]]]) -> list:
     from clbench.auxiliary.base import create_aux as build_add_ons
 
@@ -270,6 +276,8 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     _refuse_to_replace(result, run_cfg.output_dir, spec.overwrite)
     if distributed.world_size() > 1:  # one run across processes: what is per device is recorded
         result.environment["distributed"] = distributed.describe(run_cfg.batch_size)
+    if run_cfg.global_batch_size is not None:
+        result.environment["gradient_accumulation"] = describe_accumulation(run_cfg, distributed.world_size())
     profiler = profiler or _default_profiler(run_cfg)
     strategy.cost_meter = profiler  # meters the training work a strategy does outside its fits
     wandb_logger, log_callbacks = _wandb(spec, run_cfg, cfg, model_name)
@@ -356,6 +364,7 @@ def _prepare(spec: RunSpec):
     aux = create_aux(spec.aux)
     _check_output_dir(run_cfg.output_dir)
     _check_trainer_settings(run_cfg)
+    _check_accumulation(STRATEGIES.get(spec.strategy), run_cfg)  # needs the world size Lightning sees
     seed_everything(spec.seed)
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
     problem = task_problem(STRATEGIES.get(spec.strategy), scenario)
@@ -381,6 +390,7 @@ def _new_result(spec: RunSpec, run_cfg: C.RunConfig, cfg, model_name: str, scena
         aux=given,
         pretrained=run_cfg.pretrained,
         paper_settings=spec.paper_settings,
+        published=published_number(STRATEGIES.get(spec.strategy), spec.scenario) if spec.paper_settings else None,
         scenario_info=scenario.describe(),
         device=device_name(run_cfg),
         environment=environment(),
@@ -431,7 +441,10 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
     for p_index, phase in enumerate(strategy.phases(info)):
         strategy.phase = phase
         phase_data = strategy.phase_data(phase, data)
-        batch_size = getattr(phase_data, "batch_size", None) or phase.batch_size or run_cfg.batch_size
+        own_batch = getattr(phase_data, "batch_size", None) or phase.batch_size
+        batch_size = own_batch or run_cfg.batch_size
+        # the global batch is a multiple of the run's batch: phases with their own batch step every batch
+        strategy.accumulate_grad_batches = 1 if own_batch else accumulate_grad_batches(run_cfg, distributed.world_size())
         loader_seed = _loader_seed(seed, info.index, p_index)
         if sharded:
             loader = distributed.sharded_loader(phase_data, batch_size, seed=loader_seed, num_workers=run_cfg.num_workers)
@@ -451,6 +464,37 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
             distributed.sum_over_ranks(strategy, sums)
             distributed.sync_batchnorm_buffers(strategy)
     strategy.phase = Phase()
+    strategy.accumulate_grad_batches = 1
+
+
+def accumulate_grad_batches(run: C.RunConfig, world_size: int = 1) -> int:
+    """Batches summed per optimiser step so that one step sees `global_batch_size` samples:
+    global / (batch_size x devices), Lightning's `accumulate_grad_batches` (1 without a global batch).
+    A global batch that is not a multiple of batch_size x devices is a one-line UsageError."""
+    if run.global_batch_size is None:
+        return 1
+    per_step = run.batch_size * world_size
+    if run.global_batch_size % per_step:
+        raise UsageError(f"global_batch_size={run.global_batch_size} is not divisible by batch_size x devices "
+                         f"({run.batch_size} x {world_size} = {per_step}); expected a multiple of {per_step}")
+    return run.global_batch_size // per_step
+
+
+def describe_accumulation(run: C.RunConfig, world_size: int = 1) -> dict[str, int]:
+    """What a result records of a run with a global batch: how its global batch was made."""
+    return {"global_batch_size": run.global_batch_size, "batch_size": run.batch_size, "devices": world_size,
+            "accumulate_grad_batches": accumulate_grad_batches(run, world_size)}
+
+
+def _check_accumulation(strategy_cls, run: C.RunConfig) -> None:
+    """Before training: the global batch divides into batch_size x devices, and a strategy asked to
+    accumulate steps its optimisers through `CLStrategy.accumulation` (Lightning's own
+    `accumulate_grad_batches` does not apply: every strategy optimises manually)."""
+    k = accumulate_grad_batches(run, distributed.world_size())
+    if k > 1 and not strategy_cls.accumulates_gradients():
+        raise UsageError(f"global_batch_size={run.global_batch_size} needs {k} accumulated batches per step and strategy "
+                         f"{strategy_cls.registry_name!r} steps its optimisers its own way; expected global_batch_size="
+                         f"{run.batch_size * distributed.world_size()} (batch_size x devices) or unset")
 
 
 @contextlib.contextmanager

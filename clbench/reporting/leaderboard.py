@@ -211,6 +211,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     task: str = "classification"
     settings: dict[str, Any] = field(default_factory=dict)  # how its (first) seed was run: `results.result_settings`
+    published: dict[str, Any] | None = None  # run with --paper-settings: the paper's number (`RunResult.published`)
 
     @property
     def label(self) -> str:
@@ -311,8 +312,9 @@ def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, ski
         if bands:
             cells["jetson_time_estimated_s"].band = (sum(b[0] for b in bands) / len(bands),
                                                      sum(b[1] for b in bands) / len(bands))
+        published = next((r.published for r in runs if r.paper_settings and r.published), None)
         rows.append(Row(strategy, scenario, backbone, addons, device, sorted(by_seed), cells, notes,
-                        task_of(runs[0]).name, settings(runs[0])))
+                        task_of(runs[0]).name, settings(runs[0]), published))
     _mark_best(rows)
     rows.sort(key=lambda row: (row.scenario, _headline_order(row), row.label))
     kinds = {(r.edge.get("totals") or {}).get("peak_memory_kind") for r in results} - {None}
@@ -399,6 +401,21 @@ def format_cell(col: Column, cell: Cell, unit: Unit | None = None) -> str:
     if cell.band is not None:
         text += f" [{format(cell.band[0] * scale, fmt)}, {format(cell.band[1] * scale, fmt)}]"
     return text
+
+
+def published_text(row: Row) -> str | None:
+    """`preprompt: published final acc 93.74% (official README table, A_last); measured 93.1 ± 0.2%` for a
+    row run with --paper-settings whose method declares the paper's number (None otherwise)."""
+    p = row.published
+    if not p or p.get("value") is None:
+        return None
+    col = COLUMN_BY_KEY.get(p.get("metric", ""))
+    title = col.title.lower() if col else str(p.get("metric"))
+    value = f"{100 * float(p['value']):.2f}%" if col is None or col.unit == "%" else f"{p['value']}"
+    measured = format_cell(col, row.cells[col.key]) if col is not None else MISSING
+    if col is not None and col.unit == "%" and measured != MISSING:
+        measured += "%"
+    return f"{row.label}: published {title} {value} ({p.get('source', 'source not given')}); measured {measured}"
 
 
 def column_title(col: Column) -> str:
@@ -540,6 +557,7 @@ def to_records(lb: Leaderboard) -> dict[str, Any]:
                 "seeds": r.seeds,
                 "notes": r.notes,
                 "settings": r.settings,
+                "published": r.published,
                 "values": {
                     k: {"mean": c.mean, "std": c.std, "n": c.n, "best": c.best,
                         **({"low": c.band[0], "high": c.band[1]} if c.band else {})}

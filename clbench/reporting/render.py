@@ -17,6 +17,7 @@ from clbench.reporting.leaderboard import (
     format_cell,
     load_results,
     provenance,
+    published_text,
     provenance_text,
     tables,
     to_csv,
@@ -81,6 +82,9 @@ def _markdown_table(table: Table) -> list[str]:
         notes = [f"- † {row.label}: {note}" for row in table.rows for note in row.notes]
         if notes:
             out += notes + [""]
+        published = [text for row in table.rows if (text := published_text(row))]
+        if published:
+            out += [PUBLISHED_NOTE, ""] + [f"- {text}" for text in published] + [""]
     if table.incomplete:
         keys = ["strategy", "seed", "status", "experiences", "error"]
         out += ["Failed or incomplete runs (not averaged):", ""]
@@ -92,6 +96,9 @@ def _markdown_table(table: Table) -> list[str]:
             out.append("| " + " | ".join(vals) + " |")
         out.append("")
     return out
+
+
+PUBLISHED_NOTE = "Published numbers (rows run with --paper-settings, beside the measured mean):"
 
 
 DETECTION_LEGEND = (
@@ -207,6 +214,9 @@ def to_html(lb: Leaderboard, results: Sequence[RunResult] | None = None, title: 
             notes = "".join(f"<li>† {escape(row.label)}: {escape(note)}</li>" for row in table.rows for note in row.notes)
             if notes:
                 parts.append(f'<ul class="notes">{notes}</ul>')
+            published = "".join(f"<li>{escape(text)}</li>" for row in table.rows if (text := published_text(row)))
+            if published:
+                parts.append(f'<p class="published">{escape(PUBLISHED_NOTE)}</p><ul class="published">{published}</ul>')
         if table.incomplete:
             keys = ["strategy", "backbone", "seed", "status", "experiences", "error", "file"]
             rows = "".join("<tr>" + "".join(f"<td>{escape(str(f[k]))}</td>" for k in keys) + "</tr>"

@@ -32,6 +32,9 @@ class RunResult:
     aux: list[dict[str, Any]] = field(default_factory=list)
     pretrained: bool = False
     paper_settings: bool = False
+    # a --paper-settings run: the number its method's paper reports for the scenario (the strategy's
+    # `PUBLISHED`: metric, value as a fraction, source in the paper), for the leaderboard to set beside it
+    published: dict[str, Any] | None = None
     scenario_info: dict[str, Any] = field(default_factory=dict)
     accuracy_matrix: list[list[float]] = field(default_factory=list)
     initial_accuracy: list[float] = field(default_factory=list)

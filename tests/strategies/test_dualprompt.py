@@ -206,5 +206,5 @@ def test_defaults_and_paper_settings_are_pilots():
     cfg = DualPrompt.Config()
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule) == ("adam", 0.001, 0.0, "constant")
     assert (cfg.g_prompt_length, cfg.e_prompt_length, cfg.pool_size, cfg.pull_weight) == (5, 5, 10, 0.1)
-    assert paper_settings(DualPrompt, "cifar100-10")[0] == {"epochs": 5, "batch_size": 24}
-    assert paper_settings(DualPrompt, "imagenet-r-10")[0] == {"epochs": 10, "batch_size": 24}
+    assert paper_settings(DualPrompt, "cifar100-10")[0] == {"class_order": "paper", "epochs": 5, "batch_size": 24, "global_batch_size": 24}
+    assert paper_settings(DualPrompt, "imagenet-r-10")[0] == {"class_order": "paper", "epochs": 10, "batch_size": 24, "global_batch_size": 24}

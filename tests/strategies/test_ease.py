@@ -284,8 +284,8 @@ def test_paper_settings_are_the_released_configs():
     from clbench.engine.runner import paper_settings
 
     run_values, values = paper_settings(EASE, "cifar100-20")
-    assert run_values == {"epochs": 20, "batch_size": 48}
-    assert values == {"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "bottleneck": 64, "alpha": 0.1}
+    assert run_values == {"class_order": "paper", "epochs": 20, "batch_size": 48, "global_batch_size": 48}
+    assert values == {"optimizer": "sgd", "lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "bottleneck": 64, "alpha": 0.1}
     default = strategy_config("ease", {})
     assert (default.lr, default.weight_decay, default.lr_schedule, default.bottleneck, default.alpha) == (0.025, 5e-4, "cosine", 64, 0.1)
-    assert paper_settings(EASE, "imagenet-r-10")[0] == {"epochs": 20, "batch_size": 16}
+    assert paper_settings(EASE, "imagenet-r-10")[0] == {"class_order": "paper", "epochs": 20, "batch_size": 16, "global_batch_size": 16}

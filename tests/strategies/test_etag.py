@@ -192,7 +192,8 @@ def test_paper_settings_are_the_appendix_values_on_etags_b50_splits():
     for name, epochs in (("cifar100-b50-5", 100), ("cifar100-b50-10", 100), ("imagenet-subset-b50-5", 70),
                          ("imagenet-subset-b50-10", 70)):
         run_values, strategy_values = paper_settings(cls, name)
-        assert run_values == {"batch_size": 128, "epochs": epochs} and strategy_values == {}
+        assert run_values == {"class_order": "paper", "batch_size": 128, "global_batch_size": 128, "epochs": epochs}
+        assert (strategy_values["optimizer"], strategy_values["lr"], strategy_values["weight_decay"]) == ("adam", 1e-3, 2e-4)
     cfg = cls.Config()  # the rest of the recipe is the default
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.lr_step_epochs) == ("adam", 1e-3, 2e-4, "step", 30)
 

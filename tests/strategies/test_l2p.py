@@ -199,5 +199,5 @@ def test_config_checks_and_paper_settings():
     assert (defaults.pool_size, defaults.prompt_length, defaults.top_k, defaults.optimizer) == (10, 5, 5, "adam")
     assert defaults.lr == pytest.approx(0.001875) and defaults.lr_schedule == "constant"
     run_cfg, cfg = paper_settings(L2P, "cifar100-10")
-    assert run_cfg == {"epochs": 5, "batch_size": 16} and cfg["lr"] == pytest.approx(0.001875)
-    assert paper_settings(L2P, "imagenet-r-10")[0] == {"epochs": 10, "batch_size": 32}
+    assert run_cfg == {"class_order": "paper", "epochs": 5, "batch_size": 16, "global_batch_size": 16} and cfg["lr"] == pytest.approx(0.001875)
+    assert paper_settings(L2P, "imagenet-r-10")[0] == {"class_order": "paper", "epochs": 10, "batch_size": 32, "global_batch_size": 32}
