@@ -142,14 +142,34 @@ def options_markdown(name: str) -> str:
     if settings:
         out += [f"Generated from `{cls.__module__}.{cls.__qualname__}.PAPER_SETTINGS`. "
                 "`clbench run --strategy " + name + " --scenario SCENARIO --paper-settings` applies them "
-                "(a strategy `Config`'s defaults < `--paper-settings` < `--config` < `--set`).", "",
+                "(a strategy `Config`'s defaults < its `DEFAULTS` < `--paper-settings` < `--config` < `--set` < "
+                "flags; see [protocols](../protocols.md)).", "",
                 "| scenario | settings |", "|---|---|"]
         for scenario, values in settings.items():
             cells = ", ".join(f"`{k}={_value(v)}`" for k, v in values.items())
             out.append(f"| `{scenario}` | {_cell(cells)} |")
     else:
         out += ["None: this method has no published settings in clbench, so `--paper-settings` is a usage error."]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + published_markdown(cls)) + "\n"
+
+
+def published_markdown(cls) -> list[str]:
+    """The section on the numbers the method's paper reports (its own `PUBLISHED`, never a base class's)."""
+    if not getattr(cls, "PAPER_SETTINGS", None):
+        return []
+    published = vars(cls).get("PUBLISHED") or {}
+    out = ["", "## Published numbers", ""]
+    if not published:
+        return out + ["None declared: no result table of the paper could be read, so a `--paper-settings` run of "
+                      "this method has no number to reproduce."]
+    out += [f"Generated from `{cls.__module__}.{cls.__qualname__}.PUBLISHED`: what a `--paper-settings` run "
+            "should reproduce; the run stores it in its result (`published`) and the leaderboard lists it under "
+            "the scenario's table beside the measured mean.", "",
+            "| scenario | metric | published | source | note |", "|---|---|---|---|---|"]
+    for scenario, p in published.items():
+        out.append(f"| `{scenario}` | `{p['metric']}` | {100 * p['value']:.2f}% | {_cell(p['source'])} | "
+                   f"{_cell(p.get('note', ''))} |")
+    return out
 
 
 def methods_table() -> str:

@@ -273,3 +273,14 @@ def test_the_leaderboard_shows_the_published_number_beside_the_measured_one():
     assert "- preprompt: published final acc 93.74% (README table); measured 90.0%" in md
     assert "published final acc 93.74%" in R.to_html(L.build([result(0, True)]), results=[])
     assert "published" not in R.to_markdown(L.build([result(0, False)]))  # a run without --paper-settings
+
+
+def test_preprompt_on_a_vit_shallower_than_its_prompt_blocks_suggests_the_depth():
+    from clbench.engine.runner import create_strategy
+    from clbench.models.backbones import build_backbone
+
+    vit = build_backbone("clbench_vit_tiny", in_chans=3, img_size=32)
+    with pytest.raises(UsageError) as e:
+        create_strategy("preprompt", vit, 10)
+    assert "\n" not in str(e.value) and "--set prompt_blocks=4" in str(e.value)
+    assert str(e.value).startswith("prompt_blocks=5 is invalid")
