@@ -87,6 +87,8 @@ class RunConfig:
     download: bool = False
     output_dir: str = "results"
     limit_train_batches: int | None = None  # cap batches per epoch (tests, smoke runs)
+    # classification: score each test experience on its first N samples only (tests, smoke runs; None: all)
+    limit_eval_samples: int | None = None
     deterministic: bool = True
     checkpoint: bool = True  # save resume state after every experience
     progress: bool = True
@@ -98,7 +100,7 @@ class RunConfig:
         non_negative_integers(self, "num_workers")
         if self.flops not in ("sample", "all", "off"):
             raise UsageError(f"flops={self.flops!r} is invalid; expected sample, all or off")
-        for name in ("limit_train_batches", "image_size"):
+        for name in ("limit_train_batches", "limit_eval_samples", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"{name}={value} is invalid; expected a positive integer (or unset)")

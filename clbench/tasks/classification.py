@@ -58,6 +58,23 @@ def _all_unseen(dataset, n_seen: int) -> bool:
     return len(labels) > 0 and int(labels.min()) >= n_seen
 
 
+def limit_test_sets(scenario, limit: int | None) -> None:
+    """`limit_eval_samples`: each test experience becomes its first `limit` samples (smoke runs and
+    tests; the accuracies are then those of the subset). The loaders the run scores are built from
+    `scenario.test_sets` after the model, so every evaluation (initial, per experience, add-ons,
+    diagnostics) sees the same subset."""
+    if limit is None:
+        return
+    from clbench.datasets import LabelledSubset
+
+    def first(d):
+        labels = getattr(d, "targets", None)
+        labels = torch.as_tensor([int(d[i][1]) for i in range(limit)]) if labels is None else torch.as_tensor(labels)[:limit]
+        return LabelledSubset(d, torch.arange(limit), labels)
+
+    scenario.test_sets = [d if len(d) <= limit else first(d) for d in scenario.test_sets]
+
+
 def accuracy_column(key: str, title: str) -> Column:
     spec = M.METRICS[key]
     return Column(key, title, spec.higher_is_better, lambda r: r.metrics.get(key), 100.0, ".1f", "%")
@@ -88,6 +105,7 @@ class ClassificationTask(Task):
         backbone = build_backbone(name, pretrained=run_cfg.pretrained, weights=run_cfg.weights,
                                   in_chans=scenario.input_shape[0], img_size=scenario.input_shape[-1],
                                   download=run_cfg.download)
+        limit_test_sets(scenario, run_cfg.limit_eval_samples)
         return backbone, name, cfg
 
     def start(self, result, strategy, scenario, loaders, device) -> None:
