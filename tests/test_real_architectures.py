@@ -323,8 +323,8 @@ def test_limit_eval_samples_scores_the_first_samples_only(tmp_path):
 
 
 # --------------------------------------------------------------------------- CIFAR ResNet-18 methods
-@pytest.mark.parametrize("strategy", ["der_pp", "er_ace", "icarl"])
+@pytest.mark.parametrize("strategy", ["der_pp", "er_ace"])
 def test_rehearsal_baselines_at_cifar_resnet18(env, strategy):
-    """Mammoth's CIFAR ResNet-18 from scratch with one linear head over the 100 classes."""
-    check(run_cli(env, strategy, "cifar100-2", False), [resnet18_cifar_params() + linear(512, 100)] * 2,
-          [resnet18_cifar_flops() + 2 * 512 * 100] * 2)
+    """Mammoth's CIFAR ResNet-18 from scratch with a linear head over the classes seen."""
+    check(run_cli(env, strategy, "cifar100-2", False), [resnet18_cifar_params() + linear(512, n) for n in SEEN],
+          [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
