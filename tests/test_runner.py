@@ -275,3 +275,22 @@ def test_download_of_a_detection_run_names_no_backbone(capsys):
     assert out[0] == ("weights: gfl_finetune builds its own model; its pretrained weights are fetched when a run "
                       "starts with --download")
     assert out[1].startswith("data: shapes-2+2 ready (2 experiences)")
+
+
+def test_a_run_freezes_older_objects_for_its_collections_and_thaws_them(tmp_path, fast_config_for, monkeypatch):
+    import gc
+
+    from clbench.engine import runner
+
+    frozen_during = []
+    real_train = runner._train
+
+    def spy(*args, **kwargs):
+        frozen_during.append(gc.get_freeze_count())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_train", spy)
+    assert gc.get_freeze_count() == 0
+    run(RunSpec("naive", "synthetic-2", run=fast_config_for(tmp_path)))
+    assert len(frozen_during) == 2 and all(n > 0 for n in frozen_during)  # the libraries' objects, frozen
+    assert gc.get_freeze_count() == 0  # thawed after the run

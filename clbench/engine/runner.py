@@ -292,7 +292,7 @@ def run(spec: RunSpec, *, callbacks: Sequence = (), loggers: Sequence = (), on_e
     trainer_callbacks = [*([profiler] if isinstance(profiler, pl.Callback) else []), *callbacks, *log_callbacks]
     trainer_loggers = [*([wandb_logger] if wandb_logger is not None else []), *loggers]
     try:
-        with _entry_points_scanned_once():
+        with _entry_points_scanned_once(), _collections_scan_only_this_run():
             for i in range(start, scenario.num_experiences):
                 info = scenario.info(i)
                 profiler.start_experience(i)
@@ -495,6 +495,19 @@ def _check_accumulation(strategy_cls, run: C.RunConfig) -> None:
         raise UsageError(f"global_batch_size={run.global_batch_size} needs {k} accumulated batches per step and strategy "
                          f"{strategy_cls.registry_name!r} steps its optimisers its own way; expected global_batch_size="
                          f"{run.batch_size * distributed.world_size()} (batch_size x devices) or unset")
+
+
+@contextlib.contextmanager
+def _collections_scan_only_this_run():
+    """The collection after every fit (which frees that fit's Trainer) scans only the objects made
+    during this run: everything that existed before (the imported libraries: some 600k objects with
+    Avalanche, 0.3 s a full scan) is frozen for the run's duration, after one full collection."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
