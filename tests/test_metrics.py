@@ -159,3 +159,34 @@ def test_forgetting_diag_matches_avalanche_on_a_random_matrix():
     m = np.round(rng.integers(0, N_SAMPLES + 1, size=(t, t)) / N_SAMPLES, 4)
     m[np.triu_indices(t, 1)] = 0.0
     assert avalanche_stream_forgetting(m.tolist()) == pytest.approx(M.forgetting_diag(m), abs=1e-9)
+
+
+# ------------------------------------------------------------------ a run stopped early: fewer rows than experiences
+# After 2 of 3 experiences the matrix has 2 rows; every metric reads the rows it has, never a column count.
+PARTIAL = [
+    [0.60, 0.10, 0.20],
+    [0.40, 0.80, 0.30],
+]
+
+
+def test_metrics_of_a_partial_matrix_read_its_rows():
+    assert M.average_incremental_accuracy(PARTIAL) == pytest.approx((0.60 + (0.40 + 0.80) / 2) / 2)
+    assert M.backward_transfer(PARTIAL) == pytest.approx(0.40 - 0.60)
+    assert M.plasticity(PARTIAL) == pytest.approx((0.60 + 0.80) / 2)
+    # FWT over experience 1 only: R[0][1] - b_1 (experience 2 is not reached yet)
+    assert M.forward_transfer(PARTIAL, [0.05, 0.25, 0.15]) == pytest.approx(0.10 - 0.25)
+
+
+def test_forward_transfer_is_defined_from_two_experiences():
+    assert M.forward_transfer([[0.5, 0.2], [0.4, 0.9]], [0.1, 0.05]) == pytest.approx(0.2 - 0.05)
+    assert math.isnan(M.forward_transfer([[0.5, 0.2]], [0.1, 0.05]))
+
+
+def test_a_boolean_matrix_is_read_as_numbers():
+    # correct/incorrect per experience (a one-sample test set) is a matrix of booleans
+    assert M.forgetting_max([[True, False], [False, True]]) == pytest.approx(1.0)
+
+
+def test_a_malformed_matrix_says_what_it_expected():
+    with pytest.raises(ValueError, match=r"accuracy matrix must be \(rows <= experiences\) x experiences, got shape \(3, 2\)"):
+        M.final_average_accuracy([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
