@@ -40,8 +40,7 @@ def alignment_labels(classes: Sequence[int], per_class: int) -> InMemoryDataset:
     return InMemoryDataset(torch.zeros(len(y), 1), y)
 
 
-# TUNA's released training values, which DAF, SAEF and SGDS take as their reconstructed settings (their
-# cards): CIFAR-100 B0Inc5 and ImageNet-R B0Inc20; classifier alignment draws 5 x batch samples per class
+# TUNA's released training values, which DAF, SAEF and SGDS take as their reconstructed settings: CIFAR-100 B0Inc5 and ImageNet-R B0Inc20; classifier alignment draws 5 x batch samples per class
 # and trains at ca_lr 0.005
 # where the PILOT-family baselines' published numbers are (the method notes' sources)
 EASE_TABLE = "EASE paper (Zhou et al., CVPR 2024), Table 1, CIFAR-100 B0Inc5, ViT-B/16-IN21K"

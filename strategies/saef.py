@@ -5,8 +5,8 @@ and inside each cluster a balanced binary tree is built whose internal nodes are
 merged from their children, so upper nodes hold shared knowledge. At test time each tree is
 descended from its root toward the child of lower predictive entropy, stopping early when
 confident, and the trees' predictions are combined with confidence weights. The equations,
-merge operator, clustering rule, weights and hyper-parameters were not available: the method
-card (`methods/saef.md`) reconstructs them on TUNA, and [recon] marks that reconstruction.
+merge operator, clustering rule, weights and hyper-parameters are not published: clbench
+reconstructs them on TUNA, and [recon] marks that reconstruction.
 
 Per task t (TUNA's pipeline, `clbench.strategies._ptm.TunaStrategy`):
 1. Visual prototype p_t: the mean frozen-PTM [CLS] feature of the task's images, L2-normalised
@@ -30,11 +30,11 @@ Inference, per sample: in every tree, from the root, while the node is not a lea
 entropy H >= tau_e (1.0 nats, the paper's operating point), evaluate both children and move
 to the one of lower entropy; the stopping node is the tree's expert (q_k, H_k). Then
 p(x) = sum_k softmax(-H)_k q_k [recon: the weights]. q is the softmax of s times the head's
-cosines over all seen classes, the same classes and scale for every node. `flat=True` is the
-card's flat reference: every leaf is evaluated and the one of minimum entropy kept.
+cosines over all seen classes, the same classes and scale for every node. `flat=True` is a
+flat reference: every leaf is evaluated and the one of minimum entropy kept.
 The run's report holds the trees (their leaves) and the mean number of expert forwards per
 sample of the last `predict_logits` call (all trees together). Because the depth reached varies
-per sample, inference cost is a distribution (the card's pitfall): after each task the result's
+per sample, inference cost is a distribution, not one number: after each task the result's
 `diagnostics` hold, over the seen test sets of that evaluation, the histogram of expert forwards
 per sample and the per-sample inference FLOPs it implies (forwards x the counted FLOPs of one
 expert forward).
@@ -195,7 +195,7 @@ class SAEF(TunaStrategy):
     Config = SAEFConfig
     DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
-    # reconstructed: TUNA's training values; tau_e = 1.0 is the paper's operating point, delta_c the card's
+    # reconstructed: TUNA's training values; tau_e = 1.0 is the paper's operating point, delta_c clbench's choice
     PAPER_SETTINGS = {name: {**values, "bottleneck": 16, "exit_entropy": 1.0, "cluster_threshold": 0.5}
                       for name, values in TUNA_PAPER_SETTINGS.items()}
     PUBLISHED = {  # only A-bar was found, in wizwand.com's index of the paper; the split is assumed to be TUNA's

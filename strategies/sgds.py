@@ -29,7 +29,7 @@ columns of W_up. Per task t:
 5. Stage 2 [recon]: adapter frozen and dense: Gaussians of the new classes, then alignment of the
    head (alignment lr 0.005, TUNA's ca_lr) [recon].
 Inference [recon]: dense adapter (labels are unknown at test time), one backbone pass per image.
-`inference_units="union"` is the card's other option: every label-free forward (inference and the
+`inference_units="union"` is the other reading of the description: every label-free forward (inference and the
 stage-2 Gaussians, so the head is aligned on the features it is tested on) keeps only the union of
 the assigned sets; it equals dense once every unit is used. Dense is the default: the paper's
 inference rule was not available, and the reconstruction makes dense the rule.
@@ -87,7 +87,7 @@ class SGDS(TunaStrategy):
     Config = SGDSConfig
     DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 16, "units_per_class": 4, "align_epochs": 1, "align_per_class": 8}
-    # reconstructed: TUNA's training values, the card's r = 64, k = 8
+    # reconstructed: TUNA's training values, r = 64, k = 8 (clbench's choice)
     PAPER_SETTINGS = {name: {**values, "bottleneck": 64, "units_per_class": 8}
                       for name, values in TUNA_PAPER_SETTINGS.items()}
     PUBLISHED: dict = {}  # no number of the paper was found

@@ -69,7 +69,7 @@ class TUNA(TunaStrategy):
     DEFAULTS = ptm_defaults(PILOT_VIT_B16_IN21K)  # PILOT's ViT-B/16-IN21K, 224 px, no normalisation; tiny ViT on tiny data
     contract_overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
     keeps_task_adapters = True
-    # the card's configurations (TUNA's scripts): CIFAR B0Inc5, ImageNet-R B0Inc20 with the orthogonality term
+    # TUNA's released configurations (its scripts): CIFAR B0Inc5, ImageNet-R B0Inc20 with the orthogonality term
     PAPER_SETTINGS = {"cifar100-20": {**TUNA_PAPER_SETTINGS["cifar100-20"], "bottleneck": 16},
                       "imagenet-r-10": {**TUNA_PAPER_SETTINGS["imagenet-r-10"], "bottleneck": 16, "orthogonality": 0.001}}
     PUBLISHED = {  # the paper's values as indexed by wizwand.com (TUNA's official logs, seed 1993: 94.86 / 84.09)

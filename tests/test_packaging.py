@@ -1,4 +1,4 @@
-"""Packaging guardrails of design.md 3.1: the mapped folders live only under the clbench namespace."""
+"""Packaging guardrails: the mapped folders live only under the clbench namespace."""
 
 from __future__ import annotations
 

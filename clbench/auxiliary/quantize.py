@@ -51,7 +51,7 @@ straight through, so a scale's gradient is LSQ's (q - w/s inside the grid, +-qma
 Only scales move: weights stay on their grid, the bit-widths, size and BOPs are unchanged. The
 record's `distill` holds the accuracy row before the tuning, the first and last loss and its wall
 time; the tuning is not training of the run (the profiler does not meter it), and the optional
-low-rank adapter of the card is not built.
+low-rank adapter some variants add is not built.
 
 Outlier smoothing (section 2.6, QuantVGGT-style, PTQ only): `smooth="hadamard"` rotates the input
 space of every Linear layer the model runs: W <- W H^T and x <- x H^T with H an orthonormal
@@ -62,7 +62,7 @@ pass: s_c = max|x_c|^alpha / max|W_:,c|^(1-alpha), alpha = `smooth_alpha`; x <- 
 W <- W diag(s)). The FP32 product is unchanged; the record counts the online transforms' work
 (`smoothing_ops` per sample: n log2(block) additions per input row for a fast transform, one
 division per input value for smoothing) apart from the BOPs. Conv2d layers are left as they are.
-The card names it for timm ViT backbones; it applies to any Linear layer.
+It is described for timm ViT backbones; it applies to any Linear layer.
 
 Modes:
 

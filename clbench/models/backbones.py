@@ -199,7 +199,7 @@ PILOT_VIT_B16_IN21K = {"backbone": "vit_base_patch16_224.augreg_in21k", "pretrai
 # `.orig_in21k`), 224 px, mean = std = 0.5 (timm's "inception" statistics)
 ORIG_VIT_B16_IN21K = {"backbone": "vit_base_patch16_224.orig_in21k", "pretrained": True, "image_size": 224,
                       "normalization": "inception"}
-# the cards' tiny CPU configuration of the pre-trained-model methods (random init, the data's own size)
+# the tiny CPU configuration of the pre-trained-model methods (random init, the data's own size)
 TINY_VIT = {"backbone": "clbench_vit_tiny", "pretrained": False, "image_size": None, "normalization": "dataset"}
 # Mammoth's ResNet-18 (3x3 stride-1 stem, no max-pool, nf=64), trained from scratch
 CIFAR_RESNET18 = {"backbone": "resnet18_cifar", "pretrained": False}

@@ -1,4 +1,4 @@
-"""SAEF: the card's faithfulness checks (forest shape, pairing, merge, entropy-guided descent,
+"""SAEF: faithfulness checks (forest shape, pairing, merge, entropy-guided descent,
 confidence-weighted combination, clustering, frozen backbone and untouched leaves)."""
 
 from __future__ import annotations
