@@ -261,7 +261,11 @@ def cmd_profile(args) -> int:
     profiler = EdgeProfiler(flops=spec.run.flops, device=args.device, planned_epochs=spec.run.epochs if args.steps else None)
     quiet_lightning()
     try:
-        result = run(replace(spec, run=run_cfg), profiler=profiler)
+        # what the profile sets is given on top of the flags (the run resolves only given values)
+        changed = {f: "flag" for f in ("progress", "limit_train_batches", "epochs", "output_dir")
+                   if getattr(run_cfg, f) != getattr(spec.run, f)}
+        given = None if spec.run_given is None else {**spec.run_given, **changed}
+        result = run(replace(spec, run=run_cfg, run_given=given), profiler=profiler)
     finally:
         if tmp is not None:
             tmp.cleanup()

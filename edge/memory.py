@@ -90,18 +90,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-# what `peak_memory_bytes` means for each `peak_memory_kind` (report lines, JSON, leaderboard legend)
-KIND_DESCRIPTIONS = {
-    "cpu_rss": "cpu_rss = rise of the process RSS above its value at the start of each experience "
-               "(largest over experiences; the process peak RSS is process_peak_rss_bytes)",
-    "cuda_allocator": "cuda_allocator = torch.cuda.max_memory_allocated(), reset at the start of each experience",
-}
-
-
-def describe_kind(kind: str | None) -> str:
-    return KIND_DESCRIPTIONS.get(kind or "", str(kind))
-
-
 class RssPeak:
     """Peak RSS above a baseline: the kernel's resettable high-water mark, or a sampling thread."""
 

@@ -66,6 +66,7 @@ from typing import Any, Iterator
 import pytorch_lightning as pl
 import torch
 from clbench.edge import memory
+from clbench.reporting.results import describe_kind
 from clbench.edge.flops import CONVENTION, Counter, StepProfile, torch_behaviour
 
 WARMUP_STEPS = 20  # CUDA-event step timings start after this many steps of a fit
@@ -473,7 +474,7 @@ class EdgeProfiler(pl.Callback):
         if recs[0].get("rss_baseline_bytes") is not None:
             out["rss_baseline_bytes"] = recs[0]["rss_baseline_bytes"]
         if out.get("peak_memory_kind"):
-            out["peak_memory_definition"] = memory.describe_kind(out["peak_memory_kind"])
+            out["peak_memory_definition"] = describe_kind(out["peak_memory_kind"])
 
     def _counter_for_steps(self) -> Counter:
         if self._step_counter is None:  # one per run: building a FlopCounterMode has a cost
@@ -527,7 +528,7 @@ class EdgeProfiler(pl.Callback):
         rec["rss_baseline_bytes"] = self._rss.baseline
         rec["peak_rss_method"] = self._rss.method
         rec["rss_release_time_s"] = self._rss.release_s  # part of profiler_time_s
-        rec["peak_memory_definition"] = memory.describe_kind(rec["peak_memory_kind"])
+        rec["peak_memory_definition"] = describe_kind(rec["peak_memory_kind"])
         times = rec.pop("_step_times", None)
         if times:
             t = torch.tensor(times)

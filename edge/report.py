@@ -58,7 +58,7 @@ def format_profile(edge: dict[str, Any], title: str = "", steps: int | None = No
 
 def memory_line(totals: dict[str, Any]) -> str:
     """What the peak-memory figure means, with the process peak RSS and the baseline beside the rise."""
-    from clbench.edge.memory import describe_kind
+    from clbench.reporting.results import describe_kind
 
     parts = [f"peak memory: {describe_kind(totals.get('peak_memory_kind'))}"]
     if totals.get("process_peak_rss_bytes") is not None:

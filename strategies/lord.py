@@ -59,6 +59,9 @@ class Config(der_pp.Config):
     widths: tuple[float, ...] = ()  # empty: 10 ratios for 5 tasks, else 19 (the released lists)
     schedule_r: float = 0.0  # 0: 4 for 5 tasks, 3.5 for 10, else 1 (the released rule)
     nf: int = 64  # width of the CIFAR ResNet-18 built when the run's backbone is not one
+    # the released code is Mammoth's DER++: the current batch and the two replay draws in three passes,
+    # each with its own BatchNorm statistics (the student is a width-sliced ResNet)
+    joint_forward: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -166,7 +166,9 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     if forecasting:  # forecasters build their model from their Config bound to the scenario
         fresh = _build_forecaster(name, scenario, seed=123, **overrides)
     else:
-        fresh = build_strategy(name, scenario, backbone=cls.contract_backbone, seed=123, **overrides)
+        # the backbone the run built (a strategy's own default for the scenario when the contract names none)
+        backbone = cls.contract_backbone or (result.backbone if cls.task_type == "classification" else None)
+        fresh = build_strategy(name, scenario, backbone=backbone, seed=123, **overrides)
     # as --resume does: no experience starts in the new process before the state is loaded
     load_strategy_state(fresh, saved["model"], saved["extra"])
     fresh.on_resume(scenario.info(t - 1), scenario.train_sets[:t])

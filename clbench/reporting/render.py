@@ -132,7 +132,7 @@ def _has(lb: Leaderboard, key: str) -> bool:
 
 def legend_items(lb: Leaderboard) -> list[str]:
     """The legend: what the cells mean, then one item per time column shown."""
-    from clbench.edge.memory import describe_kind  # what each kind's peak memory is
+    from clbench.reporting.results import describe_kind  # what each kind's peak memory is
 
     items = [
         "Mean ± sample std over seeds (no ± for a single seed). ↑ higher is better, ↓ lower is better; "

@@ -224,3 +224,15 @@ def describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
 
 def to_json_text(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2)
+
+
+# what `peak_memory_bytes` means for each `peak_memory_kind` (report lines, JSON, leaderboard legend)
+KIND_DESCRIPTIONS = {
+    "cpu_rss": "cpu_rss = rise of the process RSS above its value at the start of each experience "
+               "(largest over experiences; the process peak RSS is process_peak_rss_bytes)",
+    "cuda_allocator": "cuda_allocator = torch.cuda.max_memory_allocated(), reset at the start of each experience",
+}
+
+
+def describe_kind(kind: str | None) -> str:
+    return KIND_DESCRIPTIONS.get(kind or "", str(kind))

@@ -66,4 +66,4 @@ def test_prototypes_are_means_of_the_2d_concatenated_embedding(aper_run):
 
 def test_aper_without_a_vit_backbone_is_a_usage_error(tmp_path, fast_config_for):
     with pytest.raises(UsageError, match="no ViT blocks"):
-        run(RunSpec("aper", "digits-5", run=fast_config_for(tmp_path), seed=0))
+        run(RunSpec("aper", "digits-5", run=fast_config_for(tmp_path, backbone="clbench_mlp"), seed=0))

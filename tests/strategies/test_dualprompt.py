@@ -189,8 +189,8 @@ def test_selection_accuracy_on_hand_set_selections():
 def test_usage_errors_non_vit_exit_2_layers_that_do_not_fit_and_overlap(tmp_path, capsys):
     from clbench.cli import main
 
-    code = main(["run", "--strategy", "dualprompt", "--scenario", "digits-5", "--accelerator", "cpu", "--quiet",
-                 "--output-dir", str(tmp_path)])
+    code = main(["run", "--strategy", "dualprompt", "--scenario", "digits-5", "--backbone", "clbench_mlp",
+                 "--accelerator", "cpu", "--quiet", "--output-dir", str(tmp_path)])
     assert code == 2 and "no ViT blocks" in capsys.readouterr().err
     expected = r"do not fit a ViT of depth 4; expected block indices 0 to 3 \(e.g. --set e_prompt_layers=2,3\)"
     with pytest.raises(UsageError, match=expected):

@@ -257,7 +257,7 @@ def test_the_prototype_pass_runs_every_subspace_unaugmented_in_eval_mode(digits)
 # ---------------------------------------------------------------- usage
 def test_ease_without_a_vit_backbone_is_a_usage_error(tmp_path, fast_config_for):
     with pytest.raises(UsageError, match="no ViT blocks"):
-        run(RunSpec("ease", "digits-5", run=fast_config_for(tmp_path), seed=0))
+        run(RunSpec("ease", "digits-5", run=fast_config_for(tmp_path, backbone="clbench_mlp"), seed=0))
 
 
 @pytest.mark.parametrize("bad", [{"alpha_divisor": "steps"}, {"alpha": -0.1}, {"bottleneck": 0}])

@@ -187,8 +187,9 @@ def test_a_short_run_trains_prompts_keys_and_head_and_never_the_backbone(l2p_run
 def test_a_non_vit_backbone_is_a_usage_error_exit_2(tmp_path, capsys):
     from clbench.cli import main
 
-    code = main(["run", "--strategy", "l2p", "--scenario", "digits-5", "--accelerator", "cpu", "--quiet",
-                 "--output-dir", str(tmp_path)])
+    # digits-5's own default for l2p is a tiny ViT: an MLP asked for by name is refused
+    code = main(["run", "--strategy", "l2p", "--scenario", "digits-5", "--backbone", "clbench_mlp", "--accelerator", "cpu",
+                 "--quiet", "--output-dir", str(tmp_path)])
     assert code == 2 and "no ViT blocks" in capsys.readouterr().err
 
 
