@@ -139,10 +139,11 @@ def test_fixture_rows_match_the_stored_results():
         if all(f is not None for f in flops):
             assert row.cells["train_flops_total"].mean == pytest.approx(statistics.mean(flops))
     for scenario in lb.scenarios():
-        rows = [r for r in lb.rows if r.scenario == scenario]
+        rows = [r for r in lb.rows if r.scenario == scenario and r.reference is None]  # joint bounds, not competes
         if len(rows) > 1:
             top = max(r.cells["final_avg_acc"].mean for r in rows)
             assert all(r.cells["final_avg_acc"].best == (r.cells["final_avg_acc"].mean == top) for r in rows)
+        assert not any(r.cells["final_avg_acc"].best for r in lb.rows if r.scenario == scenario and r.reference)
     failed = [r for r in runs.values() if r.status == "failed"]
     assert failed and len(lb.incomplete) == len(failed)
     assert not any(r.strategy == failed[0].strategy and r.scenario == failed[0].scenario for r in lb.rows)
@@ -327,3 +328,16 @@ def test_each_add_on_setting_gets_its_own_result_file(tmp_path):
     assert both == "digits-5/er+logit_kd-temperature-4+quantize-bits-8"
     long = path({"name": "quantize", **{f"setting_{i}": "x" * 10 for i in range(8)}})
     assert len(long.split("/")[-1]) == len("er+quantize-") + 12  # a hash past 60 characters of settings
+
+
+def test_joint_is_a_reference_row_listed_last_and_never_best():
+    joint = make_result("joint", R=((1.0, 0.0), (0.99, 0.99)))
+    er = make_result("er", R=((1.0, 0.0), (0.80, 0.90)))
+    naive = make_result("naive", R=((1.0, 0.0), (0.0, 1.0)))
+    board = L.build([joint, er, naive])
+    assert [row.strategy for row in board.rows] == ["er", "naive", "joint"]
+    by_name = {row.strategy: row for row in board.rows}
+    assert by_name["er"].cells["final_avg_acc"].best and not by_name["joint"].cells["final_avg_acc"].best
+    md = R.to_markdown(board)
+    assert "| joint (reference) |" in md
+    assert "joint (reference): upper bound: retrains on all data seen so far; listed last and never marked best." in md

@@ -217,6 +217,15 @@ class Row:
     def label(self) -> str:
         return self.strategy + (f"+{self.addons}" if self.addons else "")
 
+    @property
+    def reference(self) -> str | None:
+        """What the row is a reference for (it bounds the methods instead of competing with them)."""
+        return REFERENCE_ROWS.get(self.strategy) if not self.addons else None
+
+
+# Rows that bound the others rather than compete: listed last in their table, labelled, never bold.
+REFERENCE_ROWS = {"joint": "upper bound: retrains on all data seen so far"}
+
 
 @dataclass
 class Leaderboard:
@@ -316,7 +325,7 @@ def build(results: Iterable[RunResult], paths: Iterable[Path] | None = None, ski
         rows.append(Row(strategy, scenario, backbone, addons, device, sorted(by_seed), cells, notes,
                         task_of(runs[0]).name, settings(runs[0]), published))
     _mark_best(rows)
-    rows.sort(key=lambda row: (row.scenario, _headline_order(row), row.label))
+    rows.sort(key=lambda row: (row.scenario, row.reference is not None, _headline_order(row), row.label))
     kinds = {(r.edge.get("totals") or {}).get("peak_memory_kind") for r in results} - {None}
     return Leaderboard(rows, incomplete, list(skipped), kinds, jetson_facts(results))
 
@@ -333,7 +342,7 @@ def _headline_order(row: Row) -> float:
 def _mark_best(rows: list[Row]) -> None:
     """Per scenario and column: the best mean (ties all marked); a column with one value marks nothing."""
     for scenario in {r.scenario for r in rows}:
-        same = [r for r in rows if r.scenario == scenario]
+        same = [r for r in rows if r.scenario == scenario and r.reference is None]
         for col in COLUMNS:
             means = [r.cells[col.key].mean for r in same if r.cells[col.key].mean is not None]
             if len(means) < 2 or math.isclose(min(means), max(means), rel_tol=1e-12, abs_tol=1e-15):

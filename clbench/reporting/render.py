@@ -73,7 +73,7 @@ def _markdown_table(table: Table) -> list[str]:
             for c in cols:
                 text = format_cell(c, row.cells[c.key], table.units.get(c.key))
                 cells.append(f"**{text}**" if row.cells[c.key].best else text)
-            label = row.label + (" †" if row.notes else "")
+            label = row.label + (" (reference)" if row.reference else "") + (" †" if row.notes else "")
             ids = [getattr(row, _IDS[k]) for k in varying]
             out.append("| " + " | ".join([label, *ids, str(len(row.seeds))] + cells) + " |")
         out.append("")
@@ -147,6 +147,8 @@ def legend_items(lb: Leaderboard) -> list[str]:
                       ("jetson_time_estimated_s", JETSON_ESTIMATED_LEGEND)):
         if _has(lb, key):
             items.append(text)
+    for name, what in sorted({(row.label, row.reference) for row in lb.rows if row.reference}):
+        items.append(f"{name} (reference): {what}; listed last and never marked best.")
     return items
 
 
@@ -193,7 +195,7 @@ def to_html(lb: Leaderboard, results: Sequence[RunResult] | None = None, title: 
                 f"{escape(column_title(c))}</th>" for c in table.columns)
             body = []
             for row in table.rows:
-                label = row.label + (" †" if row.notes else "")
+                label = row.label + (" (reference)" if row.reference else "") + (" †" if row.notes else "")
                 tds = [f'<td class="id">{escape(v)}</td>' for v in (label, *(getattr(row, _IDS[k]) for k in varying))]
                 tds.append(f'<td class="id" data-value="{len(row.seeds)}">{len(row.seeds)}</td>')
                 for c in table.columns:
