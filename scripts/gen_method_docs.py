@@ -1,6 +1,6 @@
 """The generated parts of the method pages: options from each strategy's `Config`, `PAPER_SETTINGS`.
 
-The method pages under `docs/methods/` are written by hand except for what the code already
+The method pages under `docs/strategies/` are written by hand except for what the code already
 says. A page holds the line `<!-- clbench:options NAME -->`; at build time MkDocs runs this file
 as a hook (`hooks:` in `mkdocs.yml`) and replaces the line with tables generated from strategy
 NAME's `Config` dataclass (field, type, default, the comment beside the field) and its
@@ -183,10 +183,10 @@ def methods_table() -> str:
 
 
 def missing_pages(docs: Path = DOCS) -> list[str]:
-    """Registered strategies without `docs/methods/<name>.md` holding their options marker."""
+    """Registered strategies without `docs/strategies/<name>.md` holding their options marker."""
     out = []
     for name in strategies():
-        page = docs / "methods" / f"{name}.md"
+        page = docs / "strategies" / f"{name}.md"
         if not page.exists() or f"<!-- clbench:options {name} -->" not in page.read_text(encoding="utf-8"):
             out.append(name)
     return out
@@ -199,7 +199,7 @@ def on_config(config, **kwargs):
         from mkdocs.exceptions import PluginError
 
         raise PluginError(f"no method page with its options marker for: {', '.join(missing)} "
-                          f"(add docs/methods/<name>.md holding '<!-- clbench:options <name> -->')")
+                          f"(add docs/strategies/<name>.md holding '<!-- clbench:options <name> -->')")
     return config
 
 

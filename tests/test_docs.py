@@ -36,7 +36,7 @@ def test_docs_build_strict(tmp_path):
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     for name in STRATEGIES.names():
-        page = tmp_path / "site" / "methods" / name / "index.html"
+        page = tmp_path / "site" / "strategies" / name / "index.html"
         assert page.exists(), f"no built page for strategy {name!r}"
         text = page.read_text(encoding="utf-8")
         assert 'id="options"' in text and "clbench:options" not in text, f"{name}: options were not generated"
@@ -46,11 +46,11 @@ def test_docs_build_strict(tmp_path):
 def test_every_strategy_has_a_page_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for name in STRATEGIES.names():
-        page = ROOT / "docs" / "methods" / f"{name}.md"
-        assert page.exists(), f"strategy {name!r} has no docs/methods/{name}.md"
+        page = ROOT / "docs" / "strategies" / f"{name}.md"
+        assert page.exists(), f"strategy {name!r} has no docs/strategies/{name}.md"
         assert f"<!-- clbench:options {name} -->" in page.read_text(encoding="utf-8"), \
-            f"docs/methods/{name}.md lacks its generated-options marker"
-        assert f"methods/{name}.md" in nav, f"docs/methods/{name}.md is not in mkdocs.yml's nav"
+            f"docs/strategies/{name}.md lacks its generated-options marker"
+        assert f"strategies/{name}.md" in nav, f"docs/strategies/{name}.md is not in mkdocs.yml's nav"
 
 
 def test_splice_targets_write_into_files_holding_their_markers():
