@@ -231,15 +231,21 @@ def _clip(low, high, lo_bound=0.0, hi_bound=math.inf):
 
 
 # --------------------------------------------------------------------------- curves, matrices, forgetting
+def _matrix_groups(results: Sequence[RunResult], what: str) -> tuple[str, dict[str, list[RunResult]]]:
+    """(the one scenario of `results`, its completed runs with a per-experience matrix by label)."""
+    scenario = _one_scenario(results, what)
+    groups = _complete_by_label(results)
+    if not groups:
+        raise ValueError(f"no completed run of {scenario} has a per-experience matrix")
+    return scenario, groups
+
+
 def accuracy_curves(results: Sequence[RunResult], ax=None, title: str | None = None, x: str = "experiences",
                     styles: Palette | None = None):
     """One line per strategy (mean over seeds, shaded ± std, clipped to the score's range) of the task's
     score on the experiences seen so far; `x="classes"` puts the number of classes seen on the x axis."""
     ax = ax if ax is not None else new_axes()
-    scenario = _one_scenario(results, "accuracy_curves")
-    groups = _complete_by_label(results)
-    if not groups:
-        raise ValueError(f"no completed run of {scenario} has a per-experience matrix")
+    scenario, groups = _matrix_groups(results, "accuracy_curves")
     score = score_of([r for g in groups.values() for r in g])
     styles = styles or Palette(groups)
     for name, runs in groups.items():
@@ -361,10 +367,7 @@ def old_new_plot(results: Sequence[RunResult], ax=None, title: str | None = None
     from matplotlib.lines import Line2D
 
     ax = ax if ax is not None else new_axes()
-    scenario = _one_scenario(results, "old_new_plot")
-    groups = _complete_by_label(results)
-    if not groups:
-        raise ValueError(f"no completed run of {scenario} has a per-experience matrix")
+    scenario, groups = _matrix_groups(results, "old_new_plot")
     score = score_of([r for g in groups.values() for r in g])
     styles = styles or Palette(groups)
     handles = []
