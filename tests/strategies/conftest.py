@@ -2,6 +2,7 @@
 
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from clbench.engine.runner import create_scenario
 
@@ -48,3 +49,20 @@ def _copied(value):
 def fit_snapshots():
     """`fit_snapshots(parts, by_phase=False)`: a `FitSnapshots` callback (tests is not a package)."""
     return FitSnapshots
+
+
+def _sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
+    """TUNA's merge written out element by element: the sign of the sum over the adapters wins,
+    then the largest magnitude among the adapters of that sign (0 where the sum is 0)."""
+    merged = []
+    for column in thetas.double().T.tolist():
+        total = sum(column)
+        agreeing = [v for v in column if v != 0 and (v > 0) == (total > 0)]
+        merged.append(max(agreeing, key=abs) if total != 0 else 0.0)
+    return torch.tensor(merged, dtype=thetas.dtype)
+
+
+@pytest.fixture(scope="session")
+def sign_elected_by_hand():
+    """The sign-elected merge of TUNA and SAEF, re-implemented independently of the code under test."""
+    return _sign_elected_by_hand

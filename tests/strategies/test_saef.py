@@ -49,16 +49,6 @@ def test_the_first_parent_joins_the_two_most_similar_leaves():
     assert sorted(first.leaves) == [2, 3]
 
 
-def sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
-    """TUNA's merge written out element by element: the sign of the sum over the adapters wins,
-    then the largest magnitude among the adapters of that sign (0 where the sum is 0)."""
-    merged = []
-    for column in thetas.double().T.tolist():
-        total = sum(column)
-        agreeing = [v for v in column if v != 0 and (v > 0) == (total > 0)]
-        merged.append(max(agreeing, key=abs) if total != 0 else 0.0)
-    return torch.tensor(merged, dtype=thetas.dtype)
-
 
 def test_sign_elected_merge_on_a_hand_example():
     thetas = torch.tensor([[1.0, -2.0, 0.5, 3.0], [3.0, 1.0, -4.0, 2.0], [-1.0, -0.5, 0.25, -4.0]])
@@ -187,7 +177,7 @@ def _predicts_by_descent_and_confidence_weights(strategy):
     assert torch.allclose(strategy.predict_logits(x).exp(), torch.stack(expected), atol=1e-5)
 
 
-def test_a_sign_max_run_merges_each_parent_by_sign_election(tmp_path, fast_config_for):
+def test_a_sign_max_run_merges_each_parent_by_sign_election(tmp_path, fast_config_for, sign_elected_by_hand):
     """`merge="sign_max"`: every internal node of a run's tree is the sign-elected max-magnitude merge
     of the adapters trained for the tasks below it (merged here element by element)."""
     trained = _TrainedAdapters()

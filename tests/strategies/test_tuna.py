@@ -17,16 +17,6 @@ from clbench.engine.runner import (
 from clbench.models.backbones import build_backbone
 
 
-def sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
-    """TUNA's merge written out element by element: the sign of the sum over the adapters wins,
-    then the largest magnitude among the adapters of that sign (0 where the sum is 0)."""
-    merged = []
-    for column in thetas.double().T.tolist():
-        total = sum(column)
-        agreeing = [v for v in column if v != 0 and (v > 0) == (total > 0)]
-        merged.append(max(agreeing, key=abs) if total != 0 else 0.0)
-    return torch.tensor(merged, dtype=thetas.dtype)
-
 
 def largest_magnitude(thetas: torch.Tensor) -> torch.Tensor:
     """Per element the entry of largest magnitude, whatever its sign (what the merge is not)."""
@@ -41,7 +31,7 @@ def _strategy(**overrides):
     return strategy
 
 
-def test_inference_takes_the_minimum_entropy_task_adapter_plus_the_universal_one():
+def test_inference_takes_the_minimum_entropy_task_adapter_plus_the_universal_one(sign_elected_by_hand):
     strategy = _strategy()
     thetas = torch.randn(3, strategy.task_adapter_vectors.shape[1])
     strategy.task_adapter_vectors[:3] = thetas
@@ -80,7 +70,7 @@ def test_the_universal_adapter_is_the_sign_elected_merge_or_the_latest():
     assert torch.equal(latest.universal_adapter(), thetas[2])
 
 
-def test_a_run_stores_one_adapter_per_task_and_predicts_by_the_rule(tmp_path, fast_config_for):
+def test_a_run_stores_one_adapter_per_task_and_predicts_by_the_rule(tmp_path, fast_config_for, sign_elected_by_hand):
     held = []
     cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=3)
     overrides = {"bottleneck": 4, "align_epochs": 1, "align_per_class": 8}
