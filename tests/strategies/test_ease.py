@@ -87,6 +87,18 @@ def test_backbone_frozen_and_one_new_adapter_per_task_older_ones_bit_identical(e
     assert result.metrics["final_avg_acc"] > 0.2  # well above chance (0.1) after one epoch from random weights
 
 
+def test_the_profiler_counts_the_stored_task_adapters_in_the_parameters_and_memory(ease_run):
+    """Inference runs every finished task's adapter, so each counts like a parameter: after task t the
+    backbone, the adapter in training, the evaluation slot and t + 1 stored adapters."""
+    result, snapshots = ease_run
+    strategy = snapshots[-1]["strategy"]
+    backbone = sum(p.numel() for p in strategy.backbone.parameters())
+    one = 4 * (8 * 64 + 8 + 64 * 8 + 64)  # clbench_vit_tiny: 4 blocks of width 64; per block W_down, b_down, W_up, b_up
+    for t, record in enumerate(result.edge["per_experience"]):
+        assert record["total_params"] == backbone + 2 * one + (t + 1) * one
+        assert record["stored_state_bytes"] == (t + 1) * one * 4  # float32
+
+
 def test_new_class_prototypes_are_mean_embeddings_in_every_subspace(ease_run, digits):
     _, snapshots = ease_run
     strategy = snapshots[-1]["strategy"]
