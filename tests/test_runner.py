@@ -272,8 +272,7 @@ def test_download_of_a_detection_run_names_no_backbone(capsys):
 
     assert main(["download", "--strategy", "gfl_finetune", "--scenario", "shapes-2+2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == ("weights: gfl_finetune builds its own model; its pretrained weights are fetched when a run "
-                      "starts with --download")
+    assert out[0] == "weights: none needed (gfl_finetune builds its own model from its settings)"
     assert out[1].startswith("data: shapes-2+2 ready (2 experiences)")
 
 

@@ -192,12 +192,35 @@ def resolve_sources(spec: RunSpec) -> tuple[C.RunConfig, Any, dict[str, dict[str
             strat_values[key], sources["strategy_config"][key] = value, source
     if run_values.get("weights") and "pretrained" not in run_values:
         run_values["pretrained"] = True  # a weight file is a pretrained backbone
+        sources["run_config"]["pretrained"] = sources["run_config"]["weights"]
     run_cfg = C.build(C.RunConfig, run_values)
     cfg = C.build(cls.Config, strat_values)
+    cfg = _apply_run_flags(cls, run_cfg, cfg, sources)
     for section, values in (("run_config", C.to_dict(run_cfg)), ("strategy_config", C.to_dict(cfg))):
         for key in values:
             sources[section].setdefault(key, "default")
     return run_cfg, cfg, sources
+
+
+def _apply_run_flags(cls, run_cfg: C.RunConfig, cfg, sources: dict[str, dict[str, str]]):
+    """Strategies that build their own model (detectors) say which Config fields the run flags
+    --pretrained, --weights and --download stand for (`run_flag_settings`); those fields take the
+    flags' values and their source, one flag at a time so each field names the flag it came from
+    (a weight file set after --pretrained wins, as in the combined call)."""
+    flags = getattr(cls, "run_flag_settings", None)
+    if flags is None or cfg is None:
+        return cfg
+    from dataclasses import replace as replace_fields
+
+    for flag, args in (("pretrained", (True, None, False)), ("weights", (True, run_cfg.weights, False)),
+                       ("download", (False, None, True))):
+        if getattr(run_cfg, flag):
+            mapped = flags(cfg, *args)
+            if mapped:
+                cfg = replace_fields(cfg, **mapped)
+                for key in mapped:
+                    sources["strategy_config"][key] = sources["run_config"].get(flag, "default")
+    return cfg
 
 
 def _given_layers(spec: RunSpec) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -237,15 +260,19 @@ def check_weights(run_cfg: C.RunConfig) -> str | None:
 def download(spec: RunSpec, say: Callable[[str], None] = print) -> None:
     """Fetch everything `spec`'s run will read (pretrained weights, then the scenario's data) into the hub
     cache and the data root, for machines that train without network."""
-    run_cfg, _cfg = resolve(spec)
-    run_cfg = replace(run_cfg, download=True)
+    given = None if spec.run_given is None else {**spec.run_given, "download": "flag"}
+    run_cfg, cfg = resolve(replace(spec, run=replace(spec.run, download=True), run_given=given))
     path = check_weights(run_cfg)
     if path is not None:
         say(f"weights: {run_cfg.backbone if run_cfg.weights is None else 'file'} -> {path}")
+    model_weights = getattr(STRATEGIES.get(spec.strategy), "model_weights", None)
+    own_files = model_weights(cfg) if model_weights is not None else []
+    for own in own_files:
+        say(f"weights: {spec.strategy}'s model -> {own}")
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
     if get_task(scenario.task_type).builds_own_model:  # detectors and forecasters: no backbone to fetch here
-        say(f"weights: {spec.strategy} builds its own model; its pretrained weights are fetched when a run "
-            f"starts with --download")
+        if not own_files:
+            say(f"weights: none needed ({spec.strategy} builds its own model from its settings)")
     elif path is None and not run_cfg.pretrained:
         say(f"weights: none needed ({run_cfg.backbone or scenario.default_backbone}, random init)")
     elif path is None:
@@ -360,6 +387,9 @@ def _prepare(spec: RunSpec):
     settings, the scenario and whether the strategy learns the scenario's task."""
     run_cfg, cfg = resolve(spec)
     check_weights(run_cfg)  # missing weights fail now, before data, Lightning or a model is touched
+    model_weights = getattr(STRATEGIES.get(spec.strategy), "model_weights", None)
+    if model_weights is not None:  # a detector's own pretrained files: checked as early
+        model_weights(cfg)
     C.check_seed(spec.seed)
     aux = create_aux(spec.aux)
     _check_output_dir(run_cfg.output_dir)
