@@ -56,6 +56,14 @@ class DetectionStrategy(CLStrategy):
         for with this family's detector (empty: the flags do not apply); see `DetectionTask.build_model`."""
         return {}
 
+    @classmethod
+    def model_weights(cls, cfg) -> list[str]:
+        """The local pretrained-weight files the detector `cfg` builds will read, fetched first where
+        `cfg` allows a download (`--download`, `clbench download`). The runner calls it before any
+        data is read, so a missing file stops the run at once with one line naming it; the family
+        bases override it (none here: a detector without pretrained weights)."""
+        return []
+
     def build_detector(self, num_classes: int) -> nn.Module:
         """The method's detector; it grows or masks its own classifier per task."""
         raise NotImplementedError

@@ -230,6 +230,24 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
         return out
     contract_overrides: ClassVar[dict[str, Any]] = {"base": "random"}
 
+    @classmethod
+    def model_weights(cls, cfg) -> list[str]:
+        """The base's file or folder (Deformable DETR's `coco` / `imagenet` / path, a TinyDETR
+        state_dict path); none for `random` and for `shapes-pretrain`, which is trained on demand."""
+        if cfg.base in ("random", "shapes-pretrain"):
+            return []
+        if cfg.detector == "deformable_detr":
+            from clbench.models.detection.deformable_detr import base_weights_file
+
+            return [str(base_weights_file(cfg.base, cfg.base_download))]
+        if cfg.base in ("coco", "imagenet"):
+            return []  # refused with its reason when the detector is built (`base_problem`)
+        path = Path(cfg.base).expanduser()
+        if not path.is_file():
+            raise UsageError(f"base detector weights not found: {str(path)!r} (expected a TinyDETR state_dict saved "
+                             f"with torch.save)")
+        return [str(path)]
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_rows = torch.zeros(self.num_classes, dtype=torch.bool)  # class-head rows trained now

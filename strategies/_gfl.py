@@ -60,6 +60,17 @@ class GFLStrategy(DetectionStrategy):
             out["download_weights"] = True
         return out
 
+    @classmethod
+    def model_weights(cls, cfg) -> list[str]:
+        """GFL R50-FPN's backbone file (`backbone_weights`: torch.hub's ImageNet copy or a given file);
+        TinyGFL reads none."""
+        if cfg.detector != "r50_fpn":
+            return []
+        from clbench.models.detection.resnet_fpn import backbone_weights_file
+
+        path = backbone_weights_file(cfg.backbone_weights, cfg.download_weights)
+        return [] if path is None else [str(path)]
+
     def build_detector(self, num_classes: int) -> nn.Module:
         # the class conv starts empty and grows with the seen classes
         return build_gfl(0, self.cfg)

@@ -119,7 +119,7 @@ def test_missing_weights_are_one_clear_error_naming_the_file(small, monkeypatch,
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    with pytest.raises(UsageError, match=r"SenseTime/deformable-detr model\.safetensors.*base_download"):
+    with pytest.raises(UsageError, match=r"SenseTime/deformable-detr model\.safetensors.*--download.*clbench download"):
         dd.load_deformable_detr_weights(small, "coco")
 
 

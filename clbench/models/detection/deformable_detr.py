@@ -255,22 +255,46 @@ def parameter_count(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- weights
 def _hub_snapshot(download: bool) -> Path:
-    """The cached `SenseTime/deformable-detr` snapshot folder (downloaded first only if `download`)."""
+    """The cached `SenseTime/deformable-detr` snapshot folder (downloaded first only if `download`),
+    in the hub cache the classification backbones read (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, read now)."""
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_CACHE
 
+    from clbench.models.backbones import hub_cache_dir
+
+    cache = hub_cache_dir()
+    config = try_to_load_from_cache(HUB_ID, "config.json", cache_dir=cache)
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(HUB_ID, filename)
-        if isinstance(found, str) and isinstance(try_to_load_from_cache(HUB_ID, "config.json"), str):
+        found = try_to_load_from_cache(HUB_ID, filename, cache_dir=cache)
+        if isinstance(found, str) and isinstance(config, str):
             return Path(found).parent
     if not download:
-        where = Path(HF_HUB_CACHE) / ("models--" + HUB_ID.replace("/", "--"))
+        where = Path(cache) / ("models--" + HUB_ID.replace("/", "--"))
         raise UsageError(f"COCO-pretrained Deformable DETR weights not found: no {HUB_ID} model.safetensors under "
-                         f"{str(where)!r}; pass base=FILE (a DeformableDetrForObjectDetection state_dict or "
-                         f"save_pretrained folder) or allow the download with base_download=true")
+                         f"{str(where)!r}; fetch them with --download (or `clbench download` ahead of time), or pass "
+                         f"--weights FILE (a DeformableDetrForObjectDetection state_dict or save_pretrained folder)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(HUB_ID, allow_patterns=["config.json", "*.safetensors"]))
+    return Path(snapshot_download(HUB_ID, allow_patterns=["config.json", "*.safetensors"], cache_dir=cache))
+
+
+def base_weights_file(base: str, download: bool = False) -> Path | None:
+    """The local file or folder `base` reads (None: "random"): "coco" the hub snapshot, "imagenet" the
+    classification backbones' cached `resnet50.tv_in1k`, else the path itself. Fetched first only
+    with `download`; a missing one is a one-line `UsageError` naming it and how to get it, raised
+    before any data is read (the runner asks through `FrozenBaseDetrStrategy.model_weights`)."""
+    if base == "random":
+        return None
+    if base == "coco":
+        return _hub_snapshot(download)
+    if base == "imagenet":
+        from clbench.models.backbones import pretrained_file
+
+        return Path(pretrained_file(IMAGENET_BACKBONE, download=download))
+    source = Path(base).expanduser()
+    if not source.exists():
+        raise UsageError(f"base detector weights not found: {str(source)!r} (expected base=coco, base=imagenet, "
+                         f"a DeformableDetrForObjectDetection weight file or a save_pretrained folder)")
+    return source
 
 
 def _pretrained_folder(source: Path, config, stack: contextlib.ExitStack) -> Path:
@@ -294,14 +318,8 @@ def load_deformable_detr_weights(model: DeformableDETR, base: str, download: boo
 
     config = model.hf.config
     with contextlib.ExitStack() as stack:
-        if base == "coco":
-            folder = _hub_snapshot(download)
-        else:
-            source = Path(base).expanduser()
-            if not source.exists():
-                raise UsageError(f"base detector weights not found: {str(source)!r} (expected base=coco, base=imagenet, "
-                                 f"a DeformableDetrForObjectDetection weight file or a save_pretrained folder)")
-            folder = _pretrained_folder(source, config, stack)
+        source = base_weights_file(base, download)
+        folder = source if base == "coco" else _pretrained_folder(source, config, stack)
         try:
             loaded, info = DeformableDetrForObjectDetection.from_pretrained(
                 folder, config=config, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True)

@@ -127,24 +127,35 @@ def imagenet_weights_path() -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
-def read_backbone_weights(spec: str, download: bool = False) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """(state dict or None, where it came from) for `backbone_weights`: "none" (random init),
-    "imagenet" (torch.hub's cache, downloaded only with `download`) or a file path."""
+def backbone_weights_file(spec: str, download: bool = False) -> Path | None:
+    """The local file `backbone_weights` names (None for "none"): "imagenet" is torch.hub's cached
+    copy, fetched first only with `download`; a path must exist. A missing file is a one-line
+    `UsageError` naming it and how to get it, raised before any data is read (the runner asks
+    through `GFLStrategy.model_weights`)."""
     if spec == "none":
-        return None, "none"
+        return None
     if spec == "imagenet":
         path, url = imagenet_weights_path()
         if not path.is_file():
             if not download:
-                raise UsageError(f"ImageNet ResNet-50 weights not found: {path} (torchvision's {url}); put the file "
-                                 f"there, pass --set backbone_weights=FILE, or let clbench fetch it with "
-                                 f"--set download_weights=true")
+                raise UsageError(f"ImageNet ResNet-50 weights for GFL R50-FPN not found: {path} (torchvision's {url}); "
+                                 f"fetch them with --download (or `clbench download` ahead of time), put the file "
+                                 f"there, or pass --weights FILE")
             torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
-        spec = str(path)
+        return path
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UsageError(f"backbone weights file not found: {path}; expected a torchvision ResNet-50 state_dict "
                          f"(or backbone_weights=imagenet / none)")
+    return path
+
+
+def read_backbone_weights(spec: str, download: bool = False) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(state dict or None, where it came from) for `backbone_weights`: "none" (random init),
+    "imagenet" (torch.hub's cache, downloaded only with `download`) or a file path."""
+    path = backbone_weights_file(spec, download)
+    if path is None:
+        return None, "none"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a text file, a truncated download
