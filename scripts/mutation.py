@@ -2,7 +2,7 @@
 
     python scripts/mutation.py                          # the default set (DEFAULT_FILES)
     python scripts/mutation.py strategies/lord.py       # one file (`make mutation FILE=strategies/lord.py`)
-    python scripts/mutation.py --readme-only            # regenerate docs/mutation/README.md from the reports
+    python scripts/mutation.py --readme-only            # regenerate the tables (docs/mutation/README.md, README.md)
 
 For each file it
   1. copies the working tree (tracked and untracked-but-not-ignored files) to a scratch directory,
@@ -18,7 +18,8 @@ For each file it
      test against the mutant (MUTANT_UNDER_TEST, mutmut's switch) in one pytest process;
   5. writes docs/mutation/<file without .py>.md and .json: killed, survived, timed out, the kill
      score, and for each survivor (or former survivor) the test that kills it now or the reason
-     it is equivalent; then regenerates the table in docs/mutation/README.md from every .json.
+     it is equivalent; then regenerates the table in docs/mutation/README.md from every .json and
+     splices the same table between the mutation-table markers of the project's README.md.
 
 Annotations (docs/mutation/annotations.toml), one table per mutant, keyed by file and mutant name:
 
@@ -386,30 +387,45 @@ def _mutmut_version() -> str:
 
 
 README_BEGIN, README_END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
+TOP_README = ROOT / "README.md"  # the project's README shows the same table, linking into docs/mutation/
 
 
-def write_readme() -> None:
+def mutation_table(docs: Path = DOCS, link_prefix: str = "") -> str:
+    """The kill-score table of every report (.json) under `docs`; links are `link_prefix` + the
+    report's path relative to `docs` ("" from docs/mutation/README.md, "docs/mutation/" from README.md)."""
     rows = []
-    for path in sorted(DOCS.rglob("*.json")):
+    for path in sorted(docs.rglob("*.json")):
         s = json.loads(path.read_text(encoding="utf-8"))
-        link = path.relative_to(DOCS).with_suffix(".md").as_posix()
+        link = link_prefix + path.relative_to(docs).with_suffix(".md").as_posix()
         rows.append(
             f"| [`{s['file']}`]({link}) | {s['mutants']} | {s['killed']} | {s['timed_out']} | "
             f"{s['survived'] + s['not_covered']} | {s['equivalent']} | {s['unexplained']} | "
             f"{pct(s['kill_score'])} | {pct(s['kill_score_without_equivalent'])} | {s['commit']}, {s['date']} |"
         )
-    table = "\n".join([
+    return "\n".join([
         "| file | mutants | killed | timed out | survived | of which equivalent | unexplained | kill score | without equivalents | run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *rows,
     ])
-    readme = DOCS / "README.md"
+
+
+def splice_table(text: str, table: str) -> str:
+    """`text` with whatever lies between the mutation-table markers replaced by `table`."""
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise ValueError(f"expected one {README_BEGIN} followed by one {README_END}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}"
+
+
+def write_readme(docs: Path = DOCS, top_readme: Path = TOP_README) -> None:
+    """Regenerate docs/mutation/README.md's table (the whole page if it has no markers) and splice
+    the same table, links prefixed with docs/mutation/, into the project's README.md."""
+    readme = docs / "README.md"
     if readme.exists() and README_BEGIN in readme.read_text(encoding="utf-8"):
         text = readme.read_text(encoding="utf-8")
-        head, rest = text.split(README_BEGIN, 1)
-        _, tail = rest.split(README_END, 1)
     else:
-        head = textwrap.dedent("""\
+        text = textwrap.dedent("""\
             # Mutation testing
 
             How well clbench's tests catch broken code: [mutmut](https://pypi.org/project/mutmut/) changes one
@@ -427,9 +443,11 @@ def write_readme() -> None:
             then this table from the reports' `.json` files. Survivors are explained in
             `docs/mutation/annotations.toml`.
 
-            """).replace("RERUN", RERUN)
-        tail = "\n"
-    readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}", encoding="utf-8")
+            """).replace("RERUN", RERUN) + f"{README_BEGIN}\n{README_END}\n"
+    readme.write_text(splice_table(text, mutation_table(docs)), encoding="utf-8")
+    if top_readme.exists() and README_BEGIN in (top := top_readme.read_text(encoding="utf-8")):
+        prefix = os.path.relpath(docs, top_readme.parent).replace(os.sep, "/") + "/"
+        top_readme.write_text(splice_table(top, mutation_table(docs, prefix)), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- main
@@ -483,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-constant", type=float, default=10.0, help="... + this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show`/`browse` there)")
     parser.add_argument("--no-verify", action="store_true", help="skip running the annotated killing tests")
-    parser.add_argument("--readme-only", action="store_true", help="only regenerate docs/mutation/README.md")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate the tables (docs/mutation/README.md, README.md)")
     args = parser.parse_args(argv)
     DOCS.mkdir(parents=True, exist_ok=True)
     if not args.readme_only:
@@ -493,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"no such file: {file}")
             mutate(file, args)
     write_readme()
-    print(f"[mutation] table: {(DOCS / 'README.md').relative_to(ROOT)}")
+    print(f"[mutation] table: {(DOCS / 'README.md').relative_to(ROOT)} and {TOP_README.relative_to(ROOT)}")
     return 0
 
 

@@ -1,0 +1,91 @@
+"""scripts/mutation.py's tables: the kill-score table of docs/mutation/README.md and the same table
+spliced into the project's README.md between its markers, links pointing into docs/mutation/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mutation():
+    spec = importlib.util.spec_from_file_location("_mutation_script", ROOT / "scripts" / "mutation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(docs: Path, stem: str, **values) -> None:
+    summary = {"file": stem + ".py", "mutants": 10, "killed": 7, "timed_out": 1, "survived": 1, "not_covered": 1,
+               "equivalent": 1, "unexplained": 1, "kill_score": 0.8, "kill_score_without_equivalent": 8 / 9,
+               "commit": "abc1234", "date": "2026-01-02", **values}
+    path = docs / (stem + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary), encoding="utf-8")
+
+
+def test_both_tables_are_regenerated_and_the_top_readme_links_into_docs_mutation(tmp_path, mutation):
+    docs = tmp_path / "docs" / "mutation"
+    _report(docs, "strategies/tuna")
+    _report(docs, "clbench/metrics", mutants=4, killed=4, timed_out=0, survived=0, not_covered=0, equivalent=0,
+            unexplained=0, kill_score=1.0, kill_score_without_equivalent=1.0)
+    top = tmp_path / "README.md"
+    top.write_text("# proj\n\n## Tests\n\nBefore.\n\n<!-- mutation-table:begin -->\nold table\n"
+                   "<!-- mutation-table:end -->\n\nAfter.\n\n## License\n", encoding="utf-8")
+
+    mutation.write_readme(docs, top)
+
+    text = top.read_text(encoding="utf-8")
+    # everything outside the markers is kept as it was
+    assert text.startswith("# proj\n\n## Tests\n\nBefore.\n\n<!-- mutation-table:begin -->\n| file |")
+    assert text.endswith("|\n<!-- mutation-table:end -->\n\nAfter.\n\n## License\n")
+    assert "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    # sorted by report path; survived = survived + not covered; percentages to one decimal
+    assert rows == [
+        "| [`clbench/metrics.py`](docs/mutation/clbench/metrics.md) | 4 | 4 | 0 | 0 | 0 | 0 | 100.0% | 100.0% | abc1234, 2026-01-02 |",
+        "| [`strategies/tuna.py`](docs/mutation/strategies/tuna.md) | 10 | 7 | 1 | 2 | 1 | 1 | 80.0% | 88.9% | abc1234, 2026-01-02 |",
+    ]
+    # docs/mutation/README.md: a whole page written from scratch, the same rows linking beside it
+    page = (docs / "README.md").read_text(encoding="utf-8")
+    assert page.startswith("# Mutation testing\n") and "make mutation FILE=" in page
+    assert "| [`strategies/tuna.py`](strategies/tuna.md) | 10 | 7 | 1 | 2 | 1 | 1 | 80.0% | 88.9% |" in page
+    assert "docs/mutation/strategies" not in page
+
+    # a second run replaces the tables instead of adding another, on both pages
+    _report(docs, "strategies/tuna", killed=8, survived=0, unexplained=0, kill_score=0.9)
+    mutation.write_readme(docs, top)
+    again = top.read_text(encoding="utf-8")
+    assert again.count("mutation-table:begin") == 1 and again.count("strategies/tuna.md") == 1
+    assert "| 10 | 8 | 1 | 1 | 1 | 0 | 90.0% |" in again
+    kept = (docs / "README.md").read_text(encoding="utf-8")
+    assert kept.count("mutation-table:begin") == 1 and "| 10 | 8 | 1 | 1 | 1 | 0 | 90.0% |" in kept
+    assert kept.split("<!-- mutation-table:begin -->")[0] == page.split("<!-- mutation-table:begin -->")[0]
+
+
+def test_a_top_readme_without_markers_is_left_alone_and_broken_markers_are_refused(tmp_path, mutation):
+    docs = tmp_path / "docs" / "mutation"
+    _report(docs, "strategies/tuna")
+    top = tmp_path / "README.md"
+    top.write_text("# proj\n", encoding="utf-8")
+    mutation.write_readme(docs, top)
+    assert top.read_text(encoding="utf-8") == "# proj\n"
+    with pytest.raises(ValueError):
+        mutation.splice_table("<!-- mutation-table:end -->\n<!-- mutation-table:begin -->\n", "t")
+    with pytest.raises(ValueError):
+        mutation.splice_table("<!-- mutation-table:begin -->\n", "t")
+
+
+def test_the_project_readme_carries_the_table_between_markers_and_the_rerun_command(mutation):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "make mutation" in text and "--readme-only" in text
+    # splicing works on it (one pair of markers, in order), and its rows link to reports that exist
+    assert mutation.splice_table(text, "T").count("<!-- mutation-table:begin -->\nT\n<!-- mutation-table:end -->") == 1
+    table = text.split("<!-- mutation-table:begin -->")[1].split("<!-- mutation-table:end -->")[0]
+    links = [line.split("](")[1].split(")")[0] for line in table.splitlines() if line.startswith("| [")]
+    assert links and all(link.startswith("docs/mutation/") and (ROOT / link).is_file() for link in links)
