@@ -235,7 +235,12 @@ class EdgeProfiler(pl.Callback):
         rec["train_time_source"] = f"measured:{_host_name()}:{rec['train_time_derivation']}"
         rec.setdefault("trainable_params", _trainable_params(strategy.parameters()))
         stored = strategy.stored_state() if hasattr(strategy, "stored_state") else []  # e.g. stored task adapters
-        rec["total_params"] = sum(p.numel() for p in strategy.parameters()) + sum(t.numel() for t in stored)
+        # a frozen teacher snapshot (LwF's, iCaRL's old model) serves training only: not part of the model
+        teacher = {id(p): p.numel() for m in strategy.modules() if getattr(m, "frozen_snapshot", False) for p in m.parameters()}
+        rec["total_params"] = (sum(p.numel() for p in strategy.parameters() if id(p) not in teacher)
+                               + sum(t.numel() for t in stored))
+        if teacher:
+            rec["teacher_params"] = sum(teacher.values())
         if stored:
             rec["stored_state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
         rec["fwd_flops_per_sample"] = self._inference_flops(strategy)

@@ -1,0 +1,30 @@
+"""Regressions found by the real-architecture smoke runs (tests/test_real_architectures.py), kept small and fast."""
+
+from __future__ import annotations
+
+import pytest
+
+from clbench.engine.runner import RunSpec, run
+
+
+def _numel(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("strategy, teacher_attr", [("lwf", "teacher"), ("icarl", "old_model")])
+def test_a_frozen_teacher_snapshot_is_not_counted_in_total_params(tmp_path, fast_config_for, strategy, teacher_attr):
+    """The teacher copy serves training only: `total_params` is the model (backbone and head), and the
+    snapshot's size is reported beside it as `teacher_params` (before the fix it was added to the count)."""
+    model, teacher = [], []
+
+    def keep(i, result, s):
+        model.append(_numel(s.backbone, s.head))
+        snapshot = getattr(s, teacher_attr)
+        teacher.append(None if snapshot is None else _numel(snapshot))
+
+    result = run(RunSpec(strategy, "synthetic-2", run=fast_config_for(tmp_path, flops="off"), seed=0), on_experience=keep)
+    assert result.status == "completed", result.error
+    records = result.edge["per_experience"]
+    assert teacher[0] is None and teacher[1] > 0  # the second experience trains against a teacher
+    assert [r["total_params"] for r in records] == model
+    assert [r.get("teacher_params") for r in records] == teacher
