@@ -223,3 +223,111 @@ def test_herding_selection_equals_the_per_sample_python_loop():
     for n, d, m in ((30, 5, 10), (17, 3, 17), (40, 8, 25)):
         features = torch.randn(n, d, generator=g)
         assert herding_selection(features, m).tolist() == by_loop(features, m)
+
+
+class RowByRowReservoir:
+    """Algorithm R one row at a time, as the buffer inserted before its insertion was batched:
+    one `randint(0, t + 1)` per row t once the buffer is full, each row written as it comes."""
+
+    def __init__(self, capacity, seed):
+        self.capacity, self.num_seen, self.size = capacity, 0, 0
+        self.fields = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, **batch):
+        for k, v in batch.items():
+            if k not in self.fields:
+                self.fields[k] = torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
+        for i in range(len(batch["y"])):
+            if self.num_seen < self.capacity:
+                slot = self.num_seen
+            else:
+                j = int(torch.randint(0, self.num_seen + 1, (1,), generator=self.generator))
+                slot = j if j < self.capacity else None
+            self.num_seen += 1
+            if slot is not None:
+                for k, v in batch.items():
+                    self.fields[k][slot] = v[i]
+                self.size = max(self.size, slot + 1)
+
+
+def assert_same_state(buf, ref):
+    assert (buf.num_seen, buf.size) == (ref.num_seen, ref.size)
+    assert set(buf.fields) == set(ref.fields)
+    for k in ref.fields:
+        assert buf.fields[k].dtype == ref.fields[k].dtype and torch.equal(buf.fields[k], ref.fields[k]), k
+    assert torch.equal(buf.generator.get_state(), ref.generator.get_state())  # the same draws, no more
+
+
+@pytest.mark.parametrize("capacity,sizes", [
+    (10, [3, 4, 5, 2, 32, 32, 1, 64]),  # 3 + 4 + 5 crosses the fill-up boundary inside a batch
+    (5, [5, 5, 40, 40]),  # filled exactly by one batch, then many rows per slot (same-slot draws in a batch)
+    (200, [32] * 40),  # DER++'s digits setting
+])
+def test_batched_insertion_equals_the_row_by_row_reservoir(capacity, sizes):
+    """Bit-identical contents, counters and generator state after every batch, with four fields
+    (one of them a logits row, one stored with the dtype of the first batch)."""
+    buf, ref = ReservoirBuffer(capacity, seed=7), RowByRowReservoir(capacity, seed=7)
+    g = torch.Generator().manual_seed(1)
+    for n in sizes:
+        batch = {"x": torch.randn(n, 3, generator=g), "y": torch.randint(0, 10, (n,), generator=g),
+                 "logits": torch.randn(n, 4, generator=g), "width": torch.full((n,), 4)}
+        buf.add(**batch)
+        ref.add(**batch)
+        assert_same_state(buf, ref)
+    assert buf.num_seen == sum(sizes) and buf.size == min(capacity, sum(sizes))
+
+
+def test_batched_insertion_keeps_the_later_of_two_rows_drawing_one_slot():
+    """Capacity 1, seed 0: after the first row fills slot 0, row t replaces it when its draw in
+    [0, t] is 0.  The draws are computed here with the generator directly: the kept row is the
+    last one whose draw was 0."""
+    g = torch.Generator().manual_seed(0)
+    draws = [int(torch.randint(0, t + 1, (1,), generator=g)) for t in range(1, 12)]
+    assert draws.count(0) >= 2, draws  # the case under test: several rows of one batch take slot 0
+    kept = max([0] + [t for t, j in zip(range(1, 12), draws) if j == 0])
+    buf = ReservoirBuffer(1, seed=0)
+    x, y = stream([0] * 12)
+    buf.add(x=x, y=y)
+    assert buf.all()["x"][:, 0].tolist() == [float(kept)]
+
+
+def test_batched_insertion_after_replace_grows_the_size_to_the_highest_drawn_slot():
+    """A buffer rebuilt by `replace` with fewer rows than its capacity, after the count has passed
+    the capacity: drawn slots beyond the stored rows extend the contents (as row by row)."""
+    buf, ref = ReservoirBuffer(8, seed=2), RowByRowReservoir(8, seed=2)
+    x, y = stream(range(40))
+    buf.add(x=x[:20], y=y[:20])
+    ref.add(x=x[:20], y=y[:20])
+    buf.replace(x=x[:2], y=y[:2])
+    ref.size = 2
+    for k in ref.fields:
+        ref.fields[k][:2] = buf.fields[k][:2]  # replace keeps only rows 0..1; the rest is zero
+        ref.fields[k][2:] = 0
+    assert torch.equal(buf.fields["x"], ref.fields["x"])
+    buf.add(x=x[20:], y=y[20:])
+    ref.add(x=x[20:], y=y[20:])
+    assert_same_state(buf, ref)
+    assert 2 < buf.size <= 8
+
+
+def test_batched_insertion_on_the_gathered_rows_under_ddp(monkeypatch):
+    """Inside a sharded epoch `add` inserts the rows of every rank (gathered in rank order): with a
+    faked two-rank gather, the contents equal a single process offered the concatenated batches."""
+    from clbench import distributed
+
+    g = torch.Generator().manual_seed(3)
+    other_rank = {"x": torch.randn(6, 2, generator=g), "y": torch.randint(0, 5, (6,), generator=g)}
+
+    def gather(fields):
+        return {k: torch.cat([v, other_rank[k]]) for k, v in fields.items()}
+
+    buf, ref = ReservoirBuffer(9, seed=4), RowByRowReservoir(9, seed=4)
+    monkeypatch.setattr(distributed, "in_sharded_epoch", lambda: True)
+    monkeypatch.setattr(distributed, "gather_rows", gather)
+    for _ in range(4):
+        mine = {"x": torch.randn(6, 2, generator=g), "y": torch.randint(0, 5, (6,), generator=g)}
+        buf.add(**mine)
+        ref.add(**gather(mine))
+        assert_same_state(buf, ref)
+    assert buf.num_seen == 48

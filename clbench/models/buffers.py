@@ -45,22 +45,32 @@ class ReservoirBuffer:
             return
         if distributed.in_sharded_epoch():
             batch = distributed.gather_rows(batch)
-        n = len(batch["y"])
         batch = {k: v.detach().cpu() for k, v in batch.items()}
         self._allocate(batch)
-        for i in range(n):
-            slot = self._slot_for(int(batch["y"][i]))
-            self.num_seen += 1
-            if slot is not None:
-                for k, v in batch.items():
-                    self.fields[k][slot] = v[i]
-                self.size = max(self.size, slot + 1) if self.size < self.capacity else self.size
+        self._insert(batch)
 
-    def _slot_for(self, label: int) -> int | None:
-        if self.num_seen < self.capacity:
-            return self.num_seen
-        j = int(torch.randint(0, self.num_seen + 1, (1,), generator=self.generator))
-        return j if j < self.capacity else None
+    def _insert(self, batch: dict[str, torch.Tensor]) -> None:
+        """Algorithm R over the batch's rows in order: the first rows fill the free slots, each later
+        row t (counting every row ever offered) draws j in [0, t] and replaces slot j if j < capacity.
+        The draws are the per-row `randint` calls of a row-by-row insertion (so the contents are those
+        of one), but the rows are written with one indexed copy per field: per-row writes of every
+        field were a visible share of a small network's replay step.  When two rows of a batch draw
+        the same slot the later one wins, as it would have overwritten the earlier."""
+        n = len(batch["y"])
+        fill = max(0, min(n, self.capacity - self.num_seen))
+        row_of_slot = {self.num_seen + i: i for i in range(fill)}
+        for i in range(fill, n):
+            j = int(torch.randint(0, self.num_seen + i + 1, (1,), generator=self.generator))
+            if j < self.capacity:
+                row_of_slot[j] = i
+        self.num_seen += n
+        if not row_of_slot:
+            return
+        slots = torch.tensor(list(row_of_slot), dtype=torch.long)
+        rows = torch.tensor(list(row_of_slot.values()), dtype=torch.long)
+        for k, v in batch.items():
+            self.fields[k][slots] = v[rows].to(self.fields[k].dtype)
+        self.size = max(self.size, max(row_of_slot) + 1)
 
     def _allocate(self, batch: dict[str, torch.Tensor]) -> None:
         for k, v in batch.items():
@@ -139,6 +149,16 @@ class ClassBalancedBuffer(ReservoirBuffer):
     def __init__(self, capacity: int, seed: int = 0):
         super().__init__(capacity, seed)
         self.seen_per_class: dict[int, int] = {}
+
+    def _insert(self, batch: dict[str, torch.Tensor]) -> None:
+        """Row by row: each decision reads the class counts the previous row left."""
+        for i in range(len(batch["y"])):
+            slot = self._slot_for(int(batch["y"][i]))
+            self.num_seen += 1
+            if slot is not None:
+                for k, v in batch.items():
+                    self.fields[k][slot] = v[i]
+                self.size = max(self.size, slot + 1)
 
     def _slot_for(self, label: int) -> int | None:
         self.seen_per_class[label] = self.seen_per_class.get(label, 0) + 1
