@@ -1,6 +1,7 @@
 """GFL R50-FPN (clbench/models/detection/resnet_fpn.py + gfl.py): the papers' detector at its real
 size with random weights, its frozen parts, the weight files, the 1x recipe in PAPER_SETTINGS,
-IOR's BatchNorm prior on frozen BatchNorm, and IOR / gfl_finetune runs on a VOC-format fixture."""
+and IOR's BatchNorm prior on frozen BatchNorm. Whole runs through the CLI at this size (IOR, ERD,
+gfl_finetune on VOC and COCO fixtures) are in tests/test_real_detectors.py."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ import dataclasses
 
 import pytest
 import torch
-from clbench.scenarios._iod_files import write_voc
-from clbench.scenarios.shapes import generate_shapes
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from clbench.config import RunConfig
 from clbench.errors import UsageError
 from clbench.models.detection.gfl import GFL_R50_FPN_1X, GFLConfig, GFLResNet50FPN, build_gfl
 from clbench.models.detection.resnet_fpn import ResNet50FPN, gfl_r50_fpn_parameter_count, read_backbone_weights
@@ -23,9 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PUBLISHED = {k: v for k, v in GFL_R50_FPN_1X.items() if k in GFLConfig.__dataclass_fields__}
 R50 = GFLConfig(**{**PUBLISHED, "backbone_weights": "none"})
-# shape label -> VOC class: the first eight VOC classes, so voc-5+15's old classes all have boxes (IOR
-# inverts every old class from its aspect-ratio histogram)
-STAND_INS = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat"]
 
 
 def count(module: nn.Module, trainable: bool = False) -> int:
@@ -138,33 +133,3 @@ def test_paper_settings_give_the_r50_detector_and_the_1x_recipe():
     assert STRATEGIES.get("gfl_finetune").PAPER_SETTINGS["coco-40+40-absent"] == STRATEGIES.get("gfl_finetune").PAPER_SETTINGS["coco-40+40"]
     with pytest.raises(UsageError, match="detector"):
         GFLConfig(detector="r101")
-
-
-# --------------------------------------------------------------------------- runs
-def _voc_fixture(root):
-    """24 trainval / 8 test ShapesIOD images written as VOC 2007 (8 shapes stand in for 8 VOC classes)."""
-    for split, n, seed, first in (("trainval", 24, 0, 1), ("test", 8, 1, 1000)):
-        write_voc(generate_shapes(n, size=64, seed=seed), root / "VOCdevkit", split, STAND_INS, first_id=first)
-    return root
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy, scenario", [("gfl_finetune", "voc-5+15"), ("ior", "voc-5+15-absent")])
-def test_r50_fpn_runs_two_tasks_on_voc_files(tmp_path, strategy, scenario):
-    from clbench.engine.runner import RunSpec, run
-
-    root = _voc_fixture(tmp_path / "data")
-    overrides = {**PUBLISHED, "backbone_weights": "none", "warmup_iters": 2}
-    if strategy == "ior":
-        overrides.update(inversion_steps=2, images_per_class=1, canvas_size=64, max_pastes=1)
-    counts = []
-    spec = RunSpec(strategy, scenario, RunConfig(data_root=str(root), image_size=128, epochs=1, batch_size=2,
-                                                 eval_batch_size=8, limit_train_batches=2, accelerator="cpu",
-                                                 output_dir=str(tmp_path / "out"), progress=False, flops="off",
-                                                 checkpoint=False),
-                   strategy_overrides=overrides)
-    result = run(spec, on_experience=lambda i, r, s: counts.append((count(s.detector), s.detector.num_classes)))
-    assert result.status == "completed" and len(result.accuracy_matrix) == 2
-    # 5 then 20 seen classes: the R50-FPN and head of the published size, the class conv grown
-    assert counts == [(gfl_r50_fpn_parameter_count(5), 5), (gfl_r50_fpn_parameter_count(20), 20)]
-    assert result.strategy_config["detector"] == "r50_fpn"
