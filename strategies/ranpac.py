@@ -16,7 +16,8 @@ M = 10,000; the paper's code uses float32); the 80/20 split follows the order in
 statistics pass met the samples (the seeded, shuffled training loader; the released code
 splits its unshuffled feature matrix the same way, first 80% against the rest). The ridge
 selection and the solve run at the end of the task, outside the Lightning steps, so the
-profiler's training FLOPs leave them out (the pass that builds G and Q is counted).
+profiler's training FLOPs leave them out (the pass that builds G and Q is counted). W and W_o, buffers
+used at inference, are counted in the profiler's `total_params` (`stored_state`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ class RanPAC(CLStrategy):
     def forward(self, x: torch.Tensor) -> Output:
         h = self.random_features(x)
         return Output(h @ self.readout, h)
+
+    def stored_state(self) -> list[torch.Tensor]:
+        """The random projection W and the ridge readout W_o: layers of the inference network kept as
+        buffers (neither is trained by gradient), counted by the profiler in `total_params`. G and Q
+        are training statistics, not counted."""
+        return [*super().stored_state(), self.projection, self.readout]
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {**super().extra_state(), "ridge": torch.tensor(self.ridge, dtype=torch.float64)}

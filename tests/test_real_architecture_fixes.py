@@ -28,3 +28,17 @@ def test_a_frozen_teacher_snapshot_is_not_counted_in_total_params(tmp_path, fast
     assert teacher[0] is None and teacher[1] > 0  # the second experience trains against a teacher
     assert [r["total_params"] for r in records] == model
     assert [r.get("teacher_params") for r in records] == teacher
+
+
+def test_ranpac_counts_its_random_projection_and_readout_in_total_params(tmp_path, fast_config_for):
+    """W (d x M) and the ridge readout (M x classes) are layers of RanPAC's inference network held as
+    buffers; before the fix `total_params` left both out."""
+    counted = []
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", flops="off")
+    spec = RunSpec("ranpac", "synthetic-2", run=cfg, seed=0, strategy_overrides={"bottleneck": 4, "projection_dim": 32})
+    result = run(spec, on_experience=lambda i, r, s: counted.append(sum(p.numel() for p in s.parameters())))
+    assert result.status == "completed", result.error
+    classes = 4  # synthetic-2: two experiences of two classes
+    for record, parameters in zip(result.edge["per_experience"], counted):
+        assert record["total_params"] == parameters + 64 * 32 + 32 * classes  # clbench_vit_tiny: width 64
+        assert record["stored_state_bytes"] == (64 * 32 + 32 * classes) * 4
