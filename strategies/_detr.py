@@ -184,6 +184,10 @@ class FrozenBaseDetrConfig(StrategyConfig):
     base_size: int = 64
     base_batch_size: int = 8  # 38 steps an epoch: DETR needs steps more than epochs
     freeze_old_rows: bool = True  # old classes' class-head rows are not trained
+    # training-batch augmentation (`clbench.models.detection.augment.TRAIN_AUGMENTS`): "none", or
+    # "detr_multiscale" (DETR's / Deformable DETR's flip, multi-scale resize and random crop; the
+    # Deformable-DETR `PAPER_SETTINGS` turn it on)
+    train_augment: str = "none"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
@@ -192,6 +196,11 @@ class FrozenBaseDetrConfig(StrategyConfig):
         non_negative_numbers(self, "box_lr", "clip_grad", "num_queries")
         if self.detector not in DETECTORS:
             raise UsageError(f"detector={self.detector!r} is invalid; expected one of: {', '.join(DETECTORS)}")
+        from clbench.models.detection.augment import TRAIN_AUGMENTS
+
+        if self.train_augment not in TRAIN_AUGMENTS:
+            raise UsageError(f"train_augment={self.train_augment!r} is invalid; expected one of: "
+                             f"{', '.join(TRAIN_AUGMENTS)}")
 
 
 class FrozenBaseDetrStrategy(DetectionStrategy):
@@ -318,6 +327,17 @@ class FrozenBaseDetrStrategy(DetectionStrategy):
     def training_step(self, batch, batch_idx: int):
         with self.untrained_rows_fixed():
             return super().training_step(batch, batch_idx)
+
+    def total_loss(self, batch, batch_idx: int) -> torch.Tensor:
+        # the training augmentation reshapes and re-pads the batch before any forward, so every loss
+        # term, pseudo-label and teacher of the step sees the same augmented images
+        return super().total_loss(self.training_batch(batch), batch_idx)
+
+    def training_batch(self, batch):
+        """The batch after the Config's `train_augment` (one fresh draw per image and step)."""
+        from clbench.models.detection.augment import TRAIN_AUGMENTS, augment_batch
+
+        return augment_batch(batch, TRAIN_AUGMENTS[self.cfg.train_augment])
 
     @contextlib.contextmanager
     def untrained_rows_fixed(self):

@@ -79,7 +79,7 @@ _COCO = {"detector": "deformable_detr", "base": "imagenet", "optimizer": "adamw"
          "lr_schedule": "step", "lr_step_epochs": 40, "lr_step_gamma": 0.1, "epochs": 50, "batch_size": 8,
          "base_parts": "backbone", "focal_weight": 2.0, "pseudo_threshold": 0.0, "pseudo_max_iou": 0.7,
          "memory_fraction": 0.1, "memory_selection": "distribution", "calibration_epochs": 20,
-         "calibration_lr_step_epochs": 10}
+         "calibration_lr_step_epochs": 10, "train_augment": "detr_multiscale"}
 
 
 @dataclass(frozen=True)
