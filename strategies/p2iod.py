@@ -70,7 +70,8 @@ from clbench.types import ExperienceInfo
 # variant (a): COCO-pretrained Deformable DETR R50, 300 queries; batch 2 x 16 accumulation = 32 (one step here)
 _VOC_A = {"detector": "deformable_detr", "base": "coco", "num_queries": 300, "lr": 1e-4, "box_lr": 1e-5, "weight_decay": 1e-4, "clip_grad": 0.1, "prompt_length": 10,
           "prompt_hidden": 64, "sparsity": 1e-5, "rho_prev": 0.5, "rho_cur": 0.5, "epochs": 100, "batch_size": 32,
-          "lr_schedule": "step", "lr_step_epochs": 80, "lr_step_gamma": 0.1}  # x0.1 at epoch 80 (once in 100)
+          "lr_schedule": "step", "lr_step_epochs": 80, "lr_step_gamma": 0.1,  # x0.1 at epoch 80 (once in 100)
+          "train_augment": "detr_multiscale"}  # Deformable DETR's training flip, multi-scale resize and crop
 # variant (b) is Co-DINO ViT-L (Objects365): not built; Deformable DETR stands in, and base=coco is refused on
 # COCO streams (it knows every COCO class): such runs need base=FILE
 _COCO_B = {"detector": "deformable_detr", "base": "coco", "num_queries": 300, "lr": 5e-5, "box_lr": 0.0, "weight_decay": 0.01, "clip_grad": 0.1, "prompt_length": 50, "prompt_hidden": 64,
