@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from clbench.errors import UsageError
-from clbench.models.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
+from clbench.models.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer, randint_each
 
 
 def stream(labels, dim: int = 3):
@@ -331,3 +331,32 @@ def test_batched_insertion_on_the_gathered_rows_under_ddp(monkeypatch):
         ref.add(**gather(mine))
         assert_same_state(buf, ref)
     assert buf.num_seen == 48
+
+
+@pytest.mark.parametrize("bounds", [
+    [1, 2, 3, 257, 2**24, 2**24 + 1, 2**28 - 1],  # every value below 2**28: two calls for all
+    list(range(201, 1201)),  # a long run of consecutive bounds, as a large batch draws
+    [5, 2**28, 7, 2**31 + 3, 2**40],  # from 2**28 on torch draws two words a number
+    [3, 2**28],  # the first such bound
+    [],
+])
+def test_randint_each_equals_one_randint_call_per_bound(bounds):
+    g, ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    expected = [int(torch.randint(0, b, (1,), generator=ref)) for b in bounds]
+    got = randint_each(torch.tensor(bounds, dtype=torch.long), g)
+    assert got.dtype == torch.long and got.tolist() == expected
+    assert torch.equal(g.get_state(), ref.get_state())  # and the generator continues as after those calls
+    assert torch.equal(torch.randint(0, 100, (3,), generator=g), torch.randint(0, 100, (3,), generator=ref))
+
+
+def test_batched_insertion_equals_the_row_by_row_reservoir_past_two_to_the_28_rows():
+    """A count crossing 2**28 inside a batch (where torch's draws take two words each)."""
+    buf, ref = ReservoirBuffer(6, seed=5), RowByRowReservoir(6, seed=5)
+    x, y = stream(range(30))
+    buf.add(x=x[:6], y=y[:6])
+    ref.add(x=x[:6], y=y[:6])
+    buf.num_seen = ref.num_seen = 2**28 - 10
+    for i in (6, 18):
+        buf.add(x=x[i : i + 12], y=y[i : i + 12])
+        ref.add(x=x[i : i + 12], y=y[i : i + 12])
+        assert_same_state(buf, ref)

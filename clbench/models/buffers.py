@@ -52,15 +52,15 @@ class ReservoirBuffer:
     def _insert(self, batch: dict[str, torch.Tensor]) -> None:
         """Algorithm R over the batch's rows in order: the first rows fill the free slots, each later
         row t (counting every row ever offered) draws j in [0, t] and replaces slot j if j < capacity.
-        The draws are the per-row `randint` calls of a row-by-row insertion (so the contents are those
-        of one), but the rows are written with one indexed copy per field: per-row writes of every
-        field were a visible share of a small network's replay step.  When two rows of a batch draw
-        the same slot the later one wins, as it would have overwritten the earlier."""
+        The draws and the contents are those of a row-by-row insertion (one `randint(0, t + 1)` per
+        row, each row written as it comes), computed for the whole batch at once: per-row calls and
+        writes were most of the buffer's share of a small network's replay step.  When two rows of
+        a batch draw the same slot the later one wins, as it would have overwritten the earlier."""
         n = len(batch["y"])
         fill = max(0, min(n, self.capacity - self.num_seen))
         row_of_slot = {self.num_seen + i: i for i in range(fill)}
-        for i in range(fill, n):
-            j = int(torch.randint(0, self.num_seen + i + 1, (1,), generator=self.generator))
+        bounds = torch.arange(self.num_seen + fill + 1, self.num_seen + n + 1)
+        for i, j in enumerate(randint_each(bounds, self.generator).tolist(), start=fill):
             if j < self.capacity:
                 row_of_slot[j] = i
         self.num_seen += n
@@ -192,6 +192,30 @@ class ClassBalancedBuffer(ReservoirBuffer):
         self.seen_per_class = {
             int(c): int(n) for c, n in zip(state["seen_classes"].tolist(), state["seen_counts"].tolist())
         }
+
+
+# Below this bound torch's CPU `randint(0, b)` is one 32-bit Mersenne-Twister word modulo b
+# (from it on, two words make a 64-bit number).
+ONE_WORD_BOUND = 2**28
+
+
+def randint_each(bounds: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One integer in [0, b) per bound b, in order: the values `torch.randint(0, b, (1,))` called once
+    per bound would give, leaving `generator` where those calls would, in two calls instead of len(bounds).
+
+    Each call reads one 32-bit word w = h * 2**24 + low and returns w mod b.  Two draws of all the
+    words from the same generator state give low = w mod 2**24 and w mod 257 = (low - h) mod 257
+    (as 2**24 = -1 mod 257), so h = (low - w mod 257) mod 257, unique since 0 <= h < 256."""
+    if len(bounds) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if int(bounds.max()) >= ONE_WORD_BOUND:  # two words a number: one call per bound
+        return torch.tensor([int(torch.randint(0, b, (1,), generator=generator)) for b in bounds.tolist()])
+    start = generator.get_state()
+    low = torch.randint(0, 2**24, (len(bounds),), generator=generator)
+    generator.set_state(start)
+    mod_257 = torch.randint(0, 257, (len(bounds),), generator=generator)
+    words = (low - mod_257) % 257 * 2**24 + low
+    return words % bounds
 
 
 def herding_selection(features: torch.Tensor, m: int) -> torch.Tensor:
