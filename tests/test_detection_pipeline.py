@@ -290,3 +290,129 @@ def test_deformable_detr_gets_the_pixel_mask_of_a_padded_batch(voc_two):
     assert out.boxes.shape[1:3] == (2, 20) and torch.isfinite(out.logits).all()
     with padded_batch(batch.x, batch.image_sizes), torch.no_grad():  # what a method passing batch.x gets in a step
         assert torch.equal(model.encode(batch.x)[1].pixel_mask, mask)
+
+
+# --------------------------------------------------------------------------- Deformable DETR's training augmentation
+def _augment():
+    from clbench.models.detection import augment
+
+    return augment
+
+
+def test_detr_resize_rule_by_hand():
+    A = _augment()
+    # 500 x 375 (VOC landscape) to shorter side 480: 480 x int(480 * 500 / 375) = 480 x 640
+    assert A.shorter_side_size(375, 500, 480, 1333) == (480, 640)
+    # 375 x 500 portrait to 800: the width (shorter) -> 800, the height int(800 * 500 / 375) = 1066
+    assert A.shorter_side_size(500, 375, 800, 1333) == (1066, 800)
+    # 200 x 1000 panorama: 1000 / 200 * 800 = 4000 > 1333 -> shorter round(1333 * 200 / 1000) = 267,
+    # longer int(267 * 1000 / 200) = 1335 (DETR truncates the longer side, so it may pass the cap by rounding)
+    assert A.shorter_side_size(200, 1000, 800, 1333) == (267, 1335)
+    assert A.shorter_side_size(480, 640, 480, 1333) == (480, 640)  # already there: unchanged
+    assert A.shorter_side_size(375, 500, 600) == (600, 800)  # the pre-crop resize has no cap
+    # the loaded shorter side read back: plain, and with the longer side capped (N = 64: cap 107)
+    assert A.loaded_short_side(64, 85) == 64 and A.loaded_short_side(21, 107) == 64
+
+
+def test_flip_resize_and_crop_move_boxes_as_computed_by_hand():
+    A = _augment()
+    image = torch.rand(3, 30, 40)
+    target = make_target([[4.0, 6.0, 10.0, 20.0], [30.0, 2.0, 40.0, 8.0]], [1, 2], [False, True])
+    flipped, t = A.hflip(image, target)
+    assert torch.equal(flipped[..., 0], image[..., 39])
+    assert t["boxes"].tolist() == [[30.0, 6.0, 36.0, 20.0], [0.0, 2.0, 10.0, 8.0]]  # x -> 40 - x, swapped
+    resized, t = A.resize_shorter(image, target, 15)  # 30 x 40 -> 15 x 20: every coordinate halved
+    assert resized.shape == (3, 15, 20)
+    assert t["boxes"].tolist() == [[2.0, 3.0, 5.0, 10.0], [15.0, 1.0, 20.0, 4.0]]
+    # a 16 x 20 crop at (top 4, left 8): box 1 moves by (-8, -4) and is clipped at x = 0;
+    # box 2 (x 30..40) ends at 22..32 -> clipped to 20..20: no width left, dropped with its label and flag
+    cropped, t = A.crop(image, target, 4, 8, 16, 20)
+    assert torch.equal(cropped, image[:, 4:20, 8:28])
+    assert t["boxes"].tolist() == [[0.0, 2.0, 2.0, 16.0]]
+    assert t["labels"].tolist() == [1] and t["ignore"].tolist() == [False]
+
+
+def test_the_augmented_boxes_frame_the_augmented_pixels():
+    """Independent of the box arithmetic: a bright rectangle drawn at the box is found, after any draw
+    of flip / resize / crop / resize, inside the transformed box (to within the bilinear blur)."""
+    A = _augment()
+    image = torch.zeros(3, 375, 500)
+    image[:, 100:260, 150:330] = 1.0  # the box 150, 100, 330, 260 in pixel edges
+    target = make_target([[150.0, 100.0, 330.0, 260.0]], [4])
+    generator = torch.Generator().manual_seed(0)
+    shapes = set()
+    for _ in range(40):
+        out, t = A.augment_image(image, target, A.DETR_MULTISCALE, reference=800, generator=generator)
+        mask = out[0] > 0.5
+        if not len(t["boxes"]):
+            assert not mask.any()  # the object was cropped away, and its box with it
+            continue
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert torch.allclose(found, t["boxes"][0], atol=1.5), (found, t["boxes"][0])
+        shapes.add(tuple(out.shape[-2:]))
+    assert len(shapes) > 10  # many different draws were checked
+
+
+def test_detr_multiscale_draws_the_papers_sizes_and_is_seeded():
+    A = _augment()
+    image = torch.rand(3, 375, 500)  # a VOC image at its own size; reference 800 = the paper's scale
+    target = make_target([[10.0, 10.0, 490.0, 365.0]], [0])
+    generator = torch.Generator().manual_seed(1)
+    shorter, longer = set(), set()
+    for _ in range(200):
+        out, _ = A.augment_image(image, target, A.DETR_MULTISCALE, reference=800, generator=generator)
+        shorter.add(min(out.shape[-2:]))
+        longer.add(max(out.shape[-2:]))
+    assert shorter <= set(range(480, 801, 32)) and len(shorter) >= 9  # after a crop the aspect varies
+    assert max(longer) <= 1333 + 2  # the cap (DETR's truncation may overshoot by rounding)
+    # image_size=64: the same draws at 64/800 of the size
+    small, _ = A.augment_image(torch.rand(3, 64, 85), target, A.DETR_MULTISCALE, generator=torch.Generator().manual_seed(2))
+    assert min(small.shape[-2:]) in {round(s * 64 / 800) for s in range(480, 801, 32)}
+
+    def draw(seed):
+        torch.manual_seed(seed)  # the global generator, as a run seeds it
+        return A.augment_image(image, target, A.DETR_MULTISCALE)
+
+    (a, ta), (b, tb), (c, _) = draw(5), draw(5), draw(6)
+    assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    assert a.shape != c.shape or not torch.equal(a, c)
+
+
+def test_a_padded_batch_is_augmented_per_valid_area_and_padded_again(voc_two):
+    A = _augment()
+    batch = detection_collate([voc_two[0], voc_two[1]])
+    torch.manual_seed(0)
+    out = A.augment_batch(batch, A.DETR_MULTISCALE)
+    assert A.augment_batch(batch, None) is batch
+    for b, (h, w) in enumerate(out.image_sizes.tolist()):
+        assert out.x.shape[-2] % 32 == 0 and out.x.shape[-1] % 32 == 0
+        assert torch.allclose(out.x[b, :, h:, :], MEAN.expand(3, out.x.shape[-2] - h, out.x.shape[-1]))
+        boxes = out.targets[b]["boxes"]
+        assert bool((boxes[:, 2] <= w + 1e-4).all() and (boxes[:, 3] <= h + 1e-4).all())
+
+
+def test_paper_settings_turn_the_augmentation_on_for_deformable_detr_only():
+    from clbench.engine.runner import RunSpec, resolve
+
+    assert resolve(RunSpec("p2iod", "voc-10+10", paper_settings=True))[1].train_augment == "detr_multiscale"
+    assert resolve(RunSpec("cl_detr", "coco-40+40", paper_settings=True))[1].train_augment == "detr_multiscale"
+    assert resolve(RunSpec("cl_detr", "shapes-2+2"))[1].train_augment == "none"
+    with pytest.raises(UsageError, match="train_augment='flip'"):
+        resolve(RunSpec("detr_finetune", "shapes-2+2", strategy_overrides={"train_augment": "flip"}))
+
+
+def test_a_detr_step_trains_on_the_augmented_batch(voc_two, monkeypatch):
+    from clbench.strategies.detr_finetune import DetrFinetune
+
+    strategy = DetrFinetune(None, 20, DetrFinetune.Config(base="random", train_augment="detr_multiscale"), seed=0)
+    strategy.on_experience_start(ExperienceInfo(0, tuple(range(20)), tuple(range(20)), 20, 20))
+    seen = []
+    original = strategy.step_losses
+    monkeypatch.setattr(strategy, "step_losses", lambda batch: seen.append(batch) or original(batch))
+    batch = detection_collate([voc_two[0], voc_two[1]])
+    torch.manual_seed(3)
+    strategy.total_loss(batch, 0)
+    torch.manual_seed(3)
+    expected = _augment().augment_batch(batch, _augment().DETR_MULTISCALE)
+    assert torch.equal(seen[0].x, expected.x) and torch.equal(seen[0].image_sizes, expected.image_sizes)
