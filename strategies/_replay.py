@@ -11,6 +11,7 @@ reuses their losses unchanged:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from clbench.strategies.er import ER
 
 from clbench.types import Batch, Output
@@ -41,9 +42,7 @@ class Replay(ER):
 
 def pad_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Logits of a head that has grown to `logits.shape[1]` classes, zero-padded to the final `num_classes`."""
-    out = logits.new_zeros((len(logits), num_classes))
-    out[:, : logits.shape[1]] = logits
-    return out
+    return F.pad(logits, (0, num_classes - logits.shape[1]))
 
 
 def width_mask(widths: torch.Tensor, num_columns: int) -> torch.Tensor:

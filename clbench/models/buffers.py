@@ -107,7 +107,9 @@ class ReservoirBuffer:
             idx = perm[start : start + base + (1 if rank < extra else 0)]
         else:
             idx = perm[: min(n, self.size)]
-        return {k: v[idx].to(device) if device is not None else v[idx] for k, v in self.fields.items()}
+        # index_select: the rows advanced indexing would give, in about half its time on small tensors
+        rows = {k: v.index_select(0, idx) for k, v in self.fields.items()}
+        return rows if device is None else {k: v.to(device) for k, v in rows.items()}
 
     def all(self, device=None) -> dict[str, torch.Tensor]:
         return {k: v[: self.size].to(device) if device is not None else v[: self.size] for k, v in self.fields.items()}

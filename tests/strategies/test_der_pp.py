@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from clbench.edge.flops import measure_flops
+from clbench.strategies._replay import pad_logits
 from clbench.strategies.der_pp import stored_logit_mse
 
 from clbench.errors import UsageError
@@ -30,6 +31,12 @@ def test_stored_logit_mse_uses_only_the_stored_columns():
               "width": torch.tensor([2, 4])}
     # row 0: (1-0)^2 + 0 over 2 columns; row 1: 4 ones over 4 columns -> 5 / 6
     assert stored_logit_mse(logits, replay).item() == pytest.approx(5 / 6)
+
+
+def test_pad_logits_appends_zero_columns_up_to_the_class_count():
+    logits = torch.tensor([[1.5, -2.0], [0.25, 3.0]])
+    assert pad_logits(logits, 5).tolist() == [[1.5, -2.0, 0.0, 0.0, 0.0], [0.25, 3.0, 0.0, 0.0, 0.0]]
+    assert pad_logits(logits, 2).tolist() == logits.tolist()  # a head that has every class already
 
 
 def test_stored_logits_never_change(scenario, build_strategy, batch_of):
