@@ -17,7 +17,8 @@ writes its result JSON, and each experience's `total_params` is the published mo
 stream's classes (GFL R50-FPN: 32,440,537 with COCO's 80 classes, mmdetection's count; Deformable DETR
 R50: 40,069,665 with the 91 label ids of the released head, `transformers`' configuration) plus the
 method's own parameters (P2IOD's prompt generators), each counted here by hand; frozen teachers are
-reported apart (`teacher_params`). Also here: a missing detector weight file stops the run before any
+reported apart (`teacher_params`). P2IOD's and CL-DETR's `--paper-settings` runs train with Deformable
+DETR's flip / multi-scale resize / crop (`train_augment=detr_multiscale`). Also here: a missing detector weight file stops the run before any
 data is read, and `settings_source` names the flag for the detector fields run flags map onto.
 
 The smoke runs are marked slow.
@@ -248,6 +249,7 @@ def test_p2iod_paper_settings_on_voc(env):
     assert result["backbone"] == "deformable_detr_r50"
     assert params(result) == [ddetr_params(20) + p2iod_prompt_params(10, 64)] * 2
     assert result["settings_source"]["strategy_config"]["base"] == "paper settings"
+    assert result["strategy_config"]["train_augment"] == "detr_multiscale"  # Deformable DETR's training pipeline
 
 
 @pytest.mark.slow
@@ -266,6 +268,7 @@ def test_cl_detr_paper_settings_on_coco(env):
     assert params(result) == [ddetr_params(80)] * 2
     assert teachers(result) == [None, ddetr_params(80)]
     assert result["strategy_config"]["base"] == "imagenet"
+    assert result["strategy_config"]["train_augment"] == "detr_multiscale"
 
 
 # ---------------------------------------------------------------------------- weights first
