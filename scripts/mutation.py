@@ -3,6 +3,8 @@
     python scripts/mutation.py                          # the default set (DEFAULT_FILES)
     python scripts/mutation.py strategies/lord.py       # one file (`make mutation FILE=strategies/lord.py`)
     python scripts/mutation.py --readme-only            # regenerate the tables (docs/mutation/README.md, README.md)
+    python scripts/mutation.py --keep FILE; (add tests); python scripts/mutation.py --rerun-survivors FILE
+                                                        # reruns only the first run's survivors against the new tests
 
 For each file it
   1. copies the working tree (tracked and untracked-but-not-ignored files) to a scratch directory,
@@ -177,14 +179,30 @@ def write_preload_list(tree: Path, tests: list[str]) -> None:
         raise SystemExit(f"the tests fail on the unmutated copy:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
 
 
-def run_mutmut(tree: Path, log: Path) -> int:
+def run_mutmut(tree: Path, log: Path, names: list[str] | None = None) -> int:
+    """`mutmut run` in `tree`: every mutant, or only `names` (mutmut reruns the mutants it is given)."""
     env = {**os.environ, **ENV}
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", "1"],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *(names or [])],
             cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     return proc.returncode
+
+
+def refresh_tests(tree: Path) -> None:
+    """Copy the working tree's tests/ over a kept scratch copy's (its own and mutmut's mutants/tests),
+    and drop mutmut's test statistics so that the next run maps the new tests to the functions."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "tests"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            for base in (tree, tree / "mutants"):
+                (base / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, base / rel)
+    (tree / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
 def read_results(tree: Path, file: str) -> dict[str, str]:
@@ -455,15 +473,24 @@ def mutate(file: str, args) -> dict:
     tests = tests_for(file)
     slug = file.replace("/", "_").removesuffix(".py")
     tree = SCRATCH / slug
-    print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
-    copy_tree(tree)
-    write_mutmut_config(tree, file, tests, args)
-    print(f"[mutation] {file}: running {' '.join(tests)} once unmutated (modules to preload)", flush=True)
-    write_preload_list(tree, tests)
-    log = tree / "mutmut.log"
-    print(f"[mutation] {file}: mutmut run against {' '.join(tests)} (log: {log})", flush=True)
-    rc = run_mutmut(tree, log)
     meta = tree / "mutants" / (scratch_path(file) + ".meta")
+    log = tree / "mutmut.log"
+    if args.rerun_survivors:
+        if not meta.exists():
+            raise SystemExit(f"{file}: no kept run in {tree} (run it once with --keep)")
+        survivors = [n for n, s in read_results(tree, file).items() if s in UNDETECTED]
+        print(f"[mutation] {file}: the tests refreshed in {tree}; mutmut reruns its {len(survivors)} survivors "
+              f"(log: {log})", flush=True)
+        refresh_tests(tree)
+        rc = run_mutmut(tree, log, survivors) if survivors else 0
+    else:
+        print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
+        copy_tree(tree)
+        write_mutmut_config(tree, file, tests, args)
+        print(f"[mutation] {file}: running {' '.join(tests)} once unmutated (modules to preload)", flush=True)
+        write_preload_list(tree, tests)
+        print(f"[mutation] {file}: mutmut run against {' '.join(tests)} (log: {log})", flush=True)
+        rc = run_mutmut(tree, log)
     if not meta.exists():
         raise SystemExit(f"mutmut produced no results for {file} (exit {rc}); see {log}")
     status = read_results(tree, file)
@@ -500,9 +527,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="per-mutant timeout: this x the covering tests' measured duration ...")
     parser.add_argument("--timeout-constant", type=float, default=10.0, help="... + this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show`/`browse` there)")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="in the copy a --keep run left, refresh tests/ and rerun only its survivors (the "
+                             "mutated file must be unchanged since, and tests only added to); implies --keep")
     parser.add_argument("--no-verify", action="store_true", help="skip running the annotated killing tests")
     parser.add_argument("--readme-only", action="store_true", help="only regenerate the tables (docs/mutation/README.md, README.md)")
     args = parser.parse_args(argv)
+    args.keep = args.keep or args.rerun_survivors
     DOCS.mkdir(parents=True, exist_ok=True)
     if not args.readme_only:
         for file in args.files or DEFAULT_FILES:
