@@ -320,7 +320,8 @@ class PrePrompt(CLStrategy):
     def phase_data(self, phase: Phase, data):
         if phase.name != "calibrate":
             return data
-        current = list(self.experience.classes)
+        # the classes the statistics pass met: all of them, unless a run limits its batches
+        current = [c for c in self.experience.classes if c in self._clouds]
         old = list(self.experience.past_classes)
         clouds = [torch.cat(self._clouds[c]) for c in current]
         shifted = translated_features(self.class_means[old], self.class_means[current], clouds)

@@ -42,3 +42,14 @@ def test_ranpac_counts_its_random_projection_and_readout_in_total_params(tmp_pat
     for record, parameters in zip(result.edge["per_experience"], counted):
         assert record["total_params"] == parameters + 64 * 32 + 32 * classes  # clbench_vit_tiny: width 64
         assert record["stored_state_bytes"] == (64 * 32 + 32 * classes) * 4
+
+
+def test_preprompt_calibrates_when_the_statistics_pass_missed_some_classes(tmp_path, fast_config_for):
+    """With `limit_train_batches` the statistics pass may meet only some of the task's classes; the
+    calibration set is built from the classes it met (before the fix: KeyError on the first class missed)."""
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", batch_size=2, limit_train_batches=1, flops="off")
+    spec = RunSpec("preprompt", "digits32-2", run=cfg, seed=0, strategy_overrides={
+        "prompt_length": 2, "prompt_blocks": 2, "calibration_epochs": 1, "calibration_batch": 16})
+    result = run(spec)
+    assert result.status == "completed", result.error  # 2 of 5 classes measured per task at most
+    assert len(result.accuracy_matrix) == 2
