@@ -27,6 +27,8 @@ def test_branches_receive_the_low_and_detail_bands():
 def test_backbone_parameters_are_a_fifth_of_resnet18():
     ratio = sum(p.numel() for p in FrequencyBranches(21).parameters()) / sum(p.numel() for p in CifarResNet(64).parameters())
     assert ratio == pytest.approx(0.22, abs=0.02)
+    default = FrequencyBranches()  # the reconstruction's width is the default
+    assert default.low.nf == 21 and default.high.nf == 21 and default.to_low is None
 
 
 def test_no_parameter_is_shared_between_branches():
@@ -91,3 +93,66 @@ def test_changing_the_base_changes_only_the_losses(scenario, build_strategy):
     assert shapes(a) == shapes(b)
     assert type(a.buffer) is type(b.buffer) and a.buffer.capacity == b.buffer.capacity
     assert isinstance(a.backbone, FrequencyBranches) and isinstance(b.backbone, FrequencyBranches)
+
+
+def test_mutual_links_add_each_branch_to_the_other_from_the_stage_outputs(scenario, build_strategy, batch_of):
+    """x_L <- x_L + P_s(x_H), x_H <- x_H + Q_s(x_L), both from stage s's outputs, written out by hand."""
+    s = build_strategy("fdinet", scenario, integration="mutual", nf=4)
+    net = s.backbone
+    torch.manual_seed(1)
+    for conv in [*net.to_low, *net.to_high]:
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    s.eval()
+    x = batch_of(scenario.train_sets[0], 4).x
+    ll, details = haar_dwt(x)
+    with torch.no_grad():
+        low = torch.relu(net.low.bn1(net.low.conv1(ll)))
+        high = torch.relu(net.high.bn1(net.high.conv1(details)))
+        for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+            out_low, out_high = getattr(net.low, name)(low), getattr(net.high, name)(high)
+            low = out_low + torch.nn.functional.conv2d(out_high, net.to_low[i].weight)
+            high = out_high + torch.nn.functional.conv2d(out_low, net.to_high[i].weight)
+        expected = torch.cat([low.mean(dim=(2, 3)), high.mean(dim=(2, 3))], dim=1)
+        features = s(x).features
+    assert features.shape == expected.shape
+    assert torch.allclose(features, expected, atol=1e-5)
+
+
+def test_a_branch_width_below_one_is_refused(scenario, build_strategy):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="nf=0 is invalid"):
+        build_strategy("fdinet", scenario, nf=0)
+
+
+def test_the_run_s_width_classes_and_seed_reach_the_strategy(scenario, build_strategy, batch_of):
+    s = build_strategy("fdinet", scenario, nf=5, seed=7)
+    assert s.backbone.low.nf == 5 and s.backbone.high.nf == 5 and s.backbone.num_features == 2 * 8 * 5
+    assert s.num_classes == scenario.num_classes and s.seed == 7
+    s.on_experience_start(scenario.info(0))
+    assert s(batch_of(scenario.train_sets[0], 2).x).features.shape == (2, 80)
+
+
+def test_without_a_config_the_defaults_are_used():
+    from clbench.strategies.fdinet import FDINet
+
+    s = FDINet(CifarResNet(4), 6)
+    assert s.backbone.low.nf == 21 and s.backbone.to_low is None
+
+
+def test_the_branches_read_as_many_channels_as_the_images_have(scenario, build_strategy):
+    """The channel count comes from the run's backbone: its first convolution, else its in_chans."""
+    grey = build_strategy("fdinet", scenario, backbone=CifarResNet(4, in_chans=1), nf=4)
+    assert grey.backbone.low.conv1.in_channels == 1 and grey.backbone.high.conv1.in_channels == 3
+    assert grey(torch.rand(2, 1, 32, 32)).logits.shape[0] == 2
+    # a convolutional backbone without an in_chans attribute: its first convolution decides
+    conv = build_strategy("fdinet", scenario, backbone=torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), nf=4)
+    assert conv.backbone.low.conv1.in_channels == 1
+    # no convolution at all (an MLP): its in_chans decides
+    from clbench.models.backbones import build_backbone
+
+    mlp = build_strategy("fdinet", scenario, backbone=build_backbone("clbench_mlp_tiny", in_chans=2, img_size=8), nf=4)
+    assert mlp.backbone.low.conv1.in_channels == 2 and mlp.backbone.high.conv1.in_channels == 6
+    # neither (a bare linear model): RGB
+    linear = build_strategy("fdinet", scenario, backbone=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)), nf=4)
+    assert linear.backbone.low.conv1.in_channels == 3 and linear.backbone.high.conv1.in_channels == 9
