@@ -1,9 +1,11 @@
 """Smoke runs of the lab's and the baseline methods at their papers' architectures, through `clbench run`.
 
 Each test runs one method end to end through the command line (`clbench.cli.main(["run", ...])`) at the
-network its paper uses -- ViT-B/16 (depth 12, width 768, 12 heads, MLP 3072, timm's weights layout) for the
-pre-trained-model methods, Mammoth's CIFAR ResNet-18 (3x3 stride-1 stem, nf 64) for the others -- on
-data written by the test in the real on-disk formats:
+network its defaults pick -- ViT-B/16 (depth 12, width 768, 12 heads, MLP 3072, timm's weights layout) for the
+pre-trained-model methods (SimpleCIL, L2P, DualPrompt, CODA-Prompt, APER, EASE, RanPAC, PrePrompt, TUNA, DAF,
+SGDS, SAEF), Mammoth's CIFAR ResNet-18 (3x3 stride-1 stem, nf 64) for the others (DER++, ER-ACE, iCaRL, LwF,
+EWC, CLS-ER, CLFD, eTag, LoRD; FDINet: its own two ResNet-18 branches of width 21) -- on data written by
+the test in the real on-disk formats:
 
 - a CIFAR-100 python-pickle fixture (`cifar-100-python/{train,test,meta}`, 32x32 random images, three train and
   one test image per class), split into two experiences of 50 classes (`cifar100-2`, the PyCIL/PILOT
@@ -22,10 +24,13 @@ Each test checks that the run completes, that its parameter count (`total_params
 record) is the published architecture's -- ViT-B/16: 85,798,656 without head at 224 px (86,567,656 with
 the 1000-class head), here less the position embeddings of the 192 patches a 32 px input does not have;
 CIFAR ResNet-18: 11,168,832 without head (11,173,962 with the 10-class head) -- plus the method's own
-parameters computed by hand from its Config, and that its inference FLOPs per image
-(`fwd_flops_per_sample`) match the count derived here from the layer shapes within 1%, under the
-profiler's convention (one multiply-accumulate = 2 FLOPs; matmuls, convolutions and attention counted;
-bias, normalisation, elementwise ops not).
+parameters computed by hand from its Config (values a method keeps outside its parameters and runs at
+inference, `stored_state()`, count; a frozen teacher copy, training only, does not), and that its inference
+FLOPs per image (`fwd_flops_per_sample`) match the count derived here from the layer shapes within 1%, under
+the profiler's convention (one multiply-accumulate = 2 FLOPs; matmuls, convolutions and attention counted;
+bias, normalisation, elementwise ops not). Where a method's training has long phases that do not change the
+network (classifier alignment, Fisher passes, generator epochs), a test shortens them with `--set` and
+says so; RanPAC runs at a smaller projection (see its test).
 
 All tests are marked slow; run them with
 `pytest -q -n 0 -p no:randomly tests/test_real_architectures.py`.
@@ -86,27 +91,53 @@ def vit_flops(tokens: int | None = None, image: int = IMAGE, prefix: dict[int, i
 
 
 # CIFAR ResNet-18 (Mammoth): (in, out, kernel, output side) of every convolution at 32x32 input
-def resnet18_cifar_convs(nf: int = 64, side: int = 32) -> list[tuple[int, int, int, int]]:
-    convs = [(3, nf, 3, side)]
-    cin = nf
-    for stage, stride in enumerate((1, 2, 2, 2)):
-        cout = nf * 2 ** stage
-        side //= stride
-        for block in range(2):
-            convs += [(cin, cout, 3, side), (cout, cout, 3, side)]
-            if block == 0 and (stride != 1 or cin != cout):
-                convs.append((cin, cout, 1, side))  # 1x1 projection shortcut
-            cin = cout
+def basic_stage(cin: int, cout: int, stride: int, side: int, blocks: int = 2,
+                inner: int | None = None) -> list[tuple[int, int, int, int]]:
+    """A stage of basic blocks (two 3x3 convolutions each, the first to `inner` channels, default cout; a
+    1x1 projection shortcut in the first block when it changes the stride or the width); `side` is the
+    stage's input side."""
+    side //= stride
+    mid = inner or cout
+    convs = []
+    for block in range(blocks):
+        convs += [(cin, mid, 3, side), (mid, cout, 3, side)]
+        if block == 0 and (stride != 1 or cin != cout):
+            convs.append((cin, cout, 1, side))
+        cin = cout
     return convs
 
 
-def resnet18_cifar_params(nf: int = 64) -> int:
+def resnet18_cifar_convs(nf: int = 64, side: int = 32, in_chans: int = 3, widths: tuple[int, ...] | None = None,
+                         inner: int | None = None) -> list[tuple[int, int, int, int]]:
+    """3x3 stride-1 stem, four stages of two blocks (strides 1, 2, 2, 2); `widths`: the stages' channels
+    (default nf, 2nf, 4nf, 8nf; the stem has the first stage's); `inner`: every block's inner width
+    (default its stage's)."""
+    widths = widths or tuple(nf * 2**stage for stage in range(4))
+    convs = [(in_chans, widths[0], 3, side)]
+    cin = widths[0]
+    for cout, stride in zip(widths, (1, 2, 2, 2)):
+        convs += basic_stage(cin, cout, stride, side, inner=inner)
+        side //= stride
+        cin = cout
+    return convs
+
+
+def conv_params(convs) -> int:
+    """Convolutions (no bias) and their batch norms (weight, bias)."""
+    return sum(i * o * k * k + 2 * o for i, o, k, _ in convs)
+
+
+def conv_flops(convs) -> int:
+    return sum(2 * i * o * k * k * s * s for i, o, k, s in convs)
+
+
+def resnet18_cifar_params(nf: int = 64, in_chans: int = 3) -> int:
     """Convolutions (no bias) and batch norms (weight, bias), no head."""
-    return sum(i * o * k * k + 2 * o for i, o, k, _ in resnet18_cifar_convs(nf))
+    return conv_params(resnet18_cifar_convs(nf, in_chans=in_chans))
 
 
-def resnet18_cifar_flops(nf: int = 64) -> int:
-    return sum(2 * i * o * k * k * s * s for i, o, k, s in resnet18_cifar_convs(nf))
+def resnet18_cifar_flops(nf: int = 64, side: int = 32, in_chans: int = 3) -> int:
+    return conv_flops(resnet18_cifar_convs(nf, side, in_chans))
 
 
 def test_cifar_resnet18_parameter_count_is_the_published_one():
@@ -301,11 +332,89 @@ def test_aper(env):
 
 
 def test_ease(env):
-    """One adapter in training plus the expert module that runs finished tasks' adapters (stored as vectors,
-    not counted in `total_params`); inference: one adapted pass per task seen, cosine over the t*D concatenation."""
+    """One adapter in training, the expert module that runs finished tasks' adapters, and the t finished
+    adapters themselves (stored as vectors, counted through `stored_state`); inference: one adapted pass per
+    task seen, cosine over the t*D concatenation."""
     c = config("ease")
-    check(run_cli(env, "ease"), [vit_params() + 2 * adapter_params(c.bottleneck)] * 2,
+    check(run_cli(env, "ease"), [vit_params() + (2 + t) * adapter_params(c.bottleneck) for t in (1, 2)],
           [t * vit_flops(adapter=c.bottleneck) + 2 * t * D * 100 for t in (1, 2)])
+
+
+def test_ranpac(env):
+    """First-task adapter, then h = ReLU(f W) with a fixed random W (D x M) and the ridge readout (M x C, all
+    classes), both counted through `stored_state`. M = 1,000 instead of the published 10,000: the ridge
+    selection solves 17 M x M systems per task (about 11 TFLOPs at M = 10,000, minutes on a CPU) and M only
+    scales W and the readout, so the architecture check is the same at the smaller M."""
+    c, m = config("ranpac"), 1000
+    assert vit_params(224) + adapter_params(64) + D * 10_000 + 10_000 * 100 == 95_668_288  # published M, CIFAR-100
+    own = adapter_params(c.bottleneck) + D * m + m * 100
+    check(run_cli(env, "ranpac", "cifar100-2", True, "--set", f"projection_dim={m}"), [vit_params() + own] * 2,
+          [vit_flops(adapter=c.bottleneck) + 2 * D * m + 2 * m * 100] * 2)
+
+
+def test_preprompt(env):
+    """Route head on the unprompted [CLS], then a second pass with the predicted task's prefix prompt (L key and
+    L value tokens in each of the first `prompt_blocks` blocks, one prompt per task) and the label head; both
+    heads cover all 100 classes. Its own checkpoint tag (the original ViT-B/16-IN21K) through the hub cache."""
+    c = config("preprompt")
+    prompts = c.prompt_blocks * 2 * 2 * c.prompt_length * D  # blocks x (key, value) x tasks x L x D
+    prefix = {b: c.prompt_length for b in range(c.prompt_blocks)}
+    check(run_cli(env, "preprompt"), [vit_params() + prompts + 2 * linear(D, 100)] * 2,
+          [vit_flops() + vit_flops(prefix=prefix) + 2 * 2 * D * 100] * 2)
+
+
+def cosine_head(n: int) -> int:
+    """TUNA's bias-free cosine head without a scale parameter."""
+    return D * n
+
+
+# TUNA's family: alignment trains the head alone on sampled features; one epoch of it instead of 30 (the
+# architecture and the inference path are the same)
+ONE_ALIGNMENT = ("--set", "align_epochs=1")
+
+
+def test_tuna(env):
+    """Adapter in training, the evaluation slot, t stored task adapters; inference: one pass per stored
+    adapter (minimum entropy) plus one with the merged universal adapter, each with the cosine head."""
+    c = config("tuna")
+    a, expert = adapter_params(c.bottleneck), vit_flops(adapter=c.bottleneck)
+    check(run_cli(env, "tuna", "cifar100-2", True, *ONE_ALIGNMENT),
+          [vit_params() + (2 + t) * a + cosine_head(n) for t, n in zip((1, 2), SEEN)],
+          [(t + 1) * (expert + 2 * D * n) for t, n in zip((1, 2), SEEN)])
+
+
+def test_daf(env):
+    """One global adapter (fused after every task), the cosine head; one adapted pass per image. The two
+    Fisher passes use 4 samples (training cost only)."""
+    c = config("daf")
+    check(run_cli(env, "daf", "cifar100-2", True, "--set", "align_epochs=1", "fisher_samples=4"),
+          [vit_params() + adapter_params(c.bottleneck) + cosine_head(n) for n in SEEN],
+          [vit_flops(adapter=c.bottleneck) + 2 * D * n for n in SEEN])
+
+
+def test_sgds(env):
+    """One shared adapter of bottleneck 64 (class unit masks are buffers), dense at inference: one pass."""
+    c = config("sgds")
+    assert c.bottleneck == 64
+    check(run_cli(env, "sgds", "cifar100-2", True, *ONE_ALIGNMENT),
+          [vit_params() + adapter_params(c.bottleneck) + cosine_head(n) for n in SEEN],
+          [vit_flops(adapter=c.bottleneck) + 2 * D * n for n in SEEN])
+
+
+def test_saef(env):
+    """Like TUNA's parameters, plus the forest's merged parents (stored, counted). `exit_entropy=0`: every
+    descent goes down to a leaf, so the inference cost is fixed by the trees (with tau_e = 1.0 the depth
+    reached depends on the random weights' entropies): a one-leaf tree costs one expert pass, a two-leaf
+    tree three (root, then both children)."""
+    c = config("saef")
+    result = run_cli(env, "saef", "cifar100-2", True, "--set", "align_epochs=1", "exit_entropy=0")
+    trees = result["strategy_report"]["trees"]  # which tasks the clustering put together (data-dependent)
+    assert sorted(leaf for tree in trees for leaf in tree) == [0, 1]
+    parents = sum(len(tree) - 1 for tree in trees)
+    passes = sum(1 if len(tree) == 1 else 3 for tree in trees)
+    a, expert = adapter_params(c.bottleneck), vit_flops(adapter=c.bottleneck)
+    check(result, [vit_params() + 3 * a + cosine_head(50), vit_params() + (4 + parents) * a + cosine_head(100)],
+          [expert + 2 * D * 50, passes * (expert + 2 * D * 100)])
 
 
 def test_limit_eval_samples_scores_the_first_samples_only(tmp_path):
@@ -328,3 +437,80 @@ def test_rehearsal_baselines_at_cifar_resnet18(env, strategy):
     """Mammoth's CIFAR ResNet-18 from scratch with a linear head over the classes seen."""
     check(run_cli(env, strategy, "cifar100-2", False), [resnet18_cifar_params() + linear(512, n) for n in SEEN],
           [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
+
+
+def test_icarl(env):
+    """The model only: the frozen copy of the previous model it distils from serves training and is reported
+    as `teacher_params`, not in `total_params`. Inference: nearest class mean of the exemplars' features."""
+    result = run_cli(env, "icarl", "cifar100-2", False)
+    check(result, [resnet18_cifar_params() + linear(512, n) for n in SEEN],
+          [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
+    assert result["edge"]["per_experience"][1]["teacher_params"] == resnet18_cifar_params() + linear(512, 50)
+
+
+def test_lwf(env):
+    """As iCaRL: the teacher (the model as the first task left it, 50-class head) is not in `total_params`."""
+    result = run_cli(env, "lwf", "cifar100-2", False, "--backbone", "resnet18_cifar")
+    check(result, [resnet18_cifar_params() + linear(512, n) for n in SEEN],
+          [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
+    assert result["edge"]["per_experience"][1]["teacher_params"] == resnet18_cifar_params() + linear(512, 50)
+
+
+def test_ewc(env):
+    """Online EWC: the Fisher and the anchor are buffers (training only); the model is the network and head.
+    The Fisher is estimated on 4 samples instead of the task's 150 (training cost only)."""
+    check(run_cli(env, "ewc", "cifar100-2", False, "--backbone", "resnet18_cifar", "--set", "fisher_samples=4"),
+          [resnet18_cifar_params() + linear(512, n) for n in SEEN], [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
+
+
+def test_cls_er(env):
+    """The working model and its two EMA copies (plastic, stable); inference runs the stable one."""
+    check(run_cli(env, "cls_er", "cifar100-2", False), [3 * (resnet18_cifar_params() + linear(512, n)) for n in SEEN],
+          [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
+
+
+def test_clfd(env):
+    """CLFD-ER: a Haar transform and three bias-free 1x1 convolutions (3 + 12 + 9 weights) make a 3-channel
+    16x16 code; the ResNet-18 runs on the code (a quarter of the pixels). The Haar transform itself is a
+    fixed elementwise op (not counted)."""
+    encoder = 3 + 4 * 3 + 3 * 3
+    check(run_cli(env, "clfd", "cifar100-2", False), [resnet18_cifar_params() + encoder + linear(512, n) for n in SEEN],
+          [2 * encoder * 16 * 16 + resnet18_cifar_flops(side=16) + 2 * 512 * n for n in SEEN])
+
+
+def test_fdinet(env):
+    """Two CIFAR ResNet-18 branches of width nf on the 16x16 Haar bands (LL: 3 channels, details: 9), pooled
+    features concatenated (2 x 8nf) before one head."""
+    nf = config("fdinet").nf
+    branches = resnet18_cifar_params(nf, 3) + resnet18_cifar_params(nf, 9)
+    assert branches / resnet18_cifar_params() == pytest.approx(0.22, abs=0.01)  # "-78% parameters"
+    check(run_cli(env, "fdinet", "cifar100-2", False), [branches + linear(16 * nf, n) for n in SEEN],
+          [resnet18_cifar_flops(nf, 16, 3) + resnet18_cifar_flops(nf, 16, 9) + 2 * 16 * nf * n for n in SEEN])
+
+
+def test_etag(env):
+    """The ResNet-18 and all-class classifier, three auxiliary branches (fresh copies of the stages after
+    stages 1, 2, 3, each with a 4C rotation head), the 4th branch (two stride-1 512-wide blocks, 4C head) and
+    the conditional VAE over features (encoder, mean / log-variance, decoder); inference: network and
+    classifier. One generator epoch instead of 100 (training time only)."""
+    c, C = config("etag"), 100
+    widths = (64, 128, 256, 512)
+    stages = [conv_params(basic_stage(cin, cout, 2, 32)) for cin, cout in zip(widths, widths[1:])]  # stages 2, 3, 4
+    branches = sum(sum(stages[k:]) + linear(512, 4 * C) for k in range(3))
+    branches += conv_params(basic_stage(512, 512, 1, 4)) + linear(512, 4 * C)
+    h, z = c.hidden, c.latent
+    vae = (linear(512 + C, h) + linear(h, h) + 2 * linear(h, z)
+           + linear(z + C, h) + linear(h, h) + linear(h, 512))
+    check(run_cli(env, "etag", "cifar100-2", False, "--set", "generator_epochs=1"),
+          [resnet18_cifar_params() + linear(512, C) + branches + vae] * 2, [resnet18_cifar_flops() + 2 * 512 * C] * 2)
+
+
+def test_lord(env):
+    """The full ResNet-18 and an all-class head hold every student; inference runs the student, a prefix
+    sub-network. With two tasks the released cosine schedule (r = 1, 19 widths) reaches stage 1 in the
+    first task and adds nothing in the last: width 0.05 for the stages and for the blocks' inner
+    expansion, i.e. stage channels 3.2, 6.4, 12.8, 25.6 rounded to multiples of 8 (at least 8, never
+    more than 10% below): 8, 8, 16, 24, and inner widths 0.05 x those: 8 in every block; the pooled
+    24 features are zero-padded to the head's 512 inputs."""
+    check(run_cli(env, "lord", "cifar100-2", False), [resnet18_cifar_params() + linear(512, 100)] * 2,
+          [conv_flops(resnet18_cifar_convs(widths=(8, 8, 16, 24), inner=8)) + 2 * 512 * 100] * 2)
