@@ -324,3 +324,15 @@ def test_settings_source_of_flag_mapped_detector_fields():
     cfg, src = sources("--strategy", "p2iod", "--scenario", "voc-10+10", "--paper-settings", "--download")
     assert cfg.base == "coco" and src["strategy_config"]["base"] == "paper settings"
     assert src["strategy_config"]["base_download"] == "flag"
+
+
+@pytest.mark.slow
+def test_clbench_download_names_the_detector_weights_it_has(env, capsys):
+    from clbench.cli import main
+
+    assert main(["download", "--strategy", "p2iod", "--scenario", "voc-10+10", "--paper-settings",
+                 "--data-root", str(env / "data")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    snapshot = env / "hub" / "models--SenseTime--deformable-detr" / "snapshots" / REVISION
+    assert out[0] == f"weights: p2iod's model -> {snapshot}"
+    assert out[1].startswith("data: voc-10+10 ready (2 experiences)")
