@@ -66,6 +66,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 
 from clbench.config import non_negative_integers, positive_integers
+from clbench.errors import UsageError
 from clbench.datasets import (
     DetectionBatch,
     Target,
@@ -262,7 +263,10 @@ def sample_labels(edges: torch.Tensor, counts: torch.Tensor, classes: Sequence[i
     boxes, labels = [], []
     for c in classes:
         if counts[c].sum() <= 0:
-            raise RuntimeError(f"class {c} has no stored aspect-ratio histogram: it was never trained")
+            # a data problem, not a bug: the class's task had no usable box to learn its shapes from
+            raise UsageError(f"IOR: class {c} had no training box (other than difficult/crowd ones) in its task, so "
+                             f"its box shapes cannot be sampled for replay; expected every class of a task to have "
+                             f"at least one training box")
         for _ in range(cfg.images_per_class):
             r = sample_aspect_ratio(edges[c], counts[c])
             long_side = size * (cfg.box_side[0] + (cfg.box_side[1] - cfg.box_side[0]) * float(torch.rand(())))

@@ -125,6 +125,13 @@ def test_sampled_labels_follow_the_class_histograms(trained):
     assert (r[labels == 0] > 0).all() and (r[labels == 1] < 0).all()
 
 
+def test_a_class_without_training_boxes_is_a_usage_error_naming_it(trained):
+    # a task whose split holds no box of one of its classes: a one-line error (exit 2), not a traceback
+    from clbench.errors import UsageError
+    with pytest.raises(UsageError, match=r"IOR: class 2 had no training box"):
+        sample_labels(trained.aspect_edges, trained.aspect_counts, [0, 2], trained.cfg)
+
+
 def test_histogram_folds_bins_no_ratio_can_fall_in():
     boxes = torch.tensor([[0, 0, 21, 20], [0, 0, 20, 21], [0, 0, 22, 20], [0, 0, 20, 22], [0, 0, 20, 20]] * 4, dtype=torch.float)
     edges, counts = aspect_histogram(boxes, 50, (0.05, 0.95))
