@@ -171,3 +171,23 @@ def test_the_profiler_counts_the_stored_task_adapters_in_the_parameters_and_memo
         assert record["total_params"] == counted[t] + (t + 1) * one
         assert record["stored_state_bytes"] == (t + 1) * one * 4  # float32
     assert result.edge["totals"]["total_params"] == counted[1] + 2 * one
+
+
+def test_the_universal_choice_and_the_orthogonality_weight_are_checked_with_a_message_naming_the_field():
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"universal='mixed' is invalid; expected one of: merged, latest"):
+        strategy_config("tuna", {"universal": "mixed"})
+    with pytest.raises(UsageError, match=r"orthogonality=-0.1 is invalid"):
+        strategy_config("tuna", {"orthogonality": -0.1})
+    assert strategy_config("tuna", {"universal": "latest", "orthogonality": 0.0}).universal == "latest"
+
+
+def test_the_runs_seed_and_add_ons_reach_the_strategy():
+    """create_strategy passes the seed (and the add-ons) as keywords: the classifier alignment's
+    Gaussian samples are drawn from a generator seeded with the run's seed (+ 29)."""
+    torch.manual_seed(0)
+    strategy = create_strategy("tuna", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("tuna", {"bottleneck": 4}), seed=5)
+    assert strategy.seed == 5
+    assert torch.equal(strategy.alignment_generator.get_state(), torch.Generator().manual_seed(5 + 29).get_state())
