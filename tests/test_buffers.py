@@ -360,3 +360,139 @@ def test_batched_insertion_equals_the_row_by_row_reservoir_past_two_to_the_28_ro
         buf.add(x=x[i : i + 12], y=y[i : i + 12])
         ref.add(x=x[i : i + 12], y=y[i : i + 12])
         assert_same_state(buf, ref)
+
+
+# --------------------------------------------------------------------------- defaults, seeds, small cases
+def test_the_default_seed_is_zero_and_every_constructor_passes_its_seed_on():
+    zero, three = torch.Generator().manual_seed(0).get_state(), torch.Generator().manual_seed(3).get_state()
+    assert torch.equal(ReservoirBuffer(5).generator.get_state(), zero)
+    assert torch.equal(ClassBalancedBuffer(5).generator.get_state(), zero)
+    assert torch.equal(ClassBalancedBuffer(5, seed=3).generator.get_state(), three)
+    default = make_buffer(5)
+    assert type(default) is ReservoirBuffer and torch.equal(default.generator.get_state(), zero)
+    assert torch.equal(make_buffer(5, "class_balanced", seed=3).generator.get_state(), three)
+    assert torch.equal(make_buffer(5, seed=3).generator.get_state(), three)
+
+
+def test_a_buffer_of_one_slot_stores_its_first_row_and_counts_it():
+    buf = ReservoirBuffer(1, seed=0)
+    buf.add(x=torch.tensor([[4.0]]), y=torch.tensor([7]))
+    assert len(buf) == 1 and buf.all()["x"].tolist() == [[4.0]]
+    assert buf.class_counts() == {7: 1}
+
+
+# --------------------------------------------------------------------------- sample under DDP (faked ranks)
+def fake_ranks(monkeypatch, world, rank, sharded=True):
+    from clbench import distributed
+
+    monkeypatch.setattr(distributed, "in_sharded_epoch", lambda: sharded)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(distributed, "global_rank", lambda: rank)
+
+
+def filled(size, seed=5):
+    buf = ReservoirBuffer(size, seed=seed)
+    x, y = stream(range(size))
+    buf.add(x=x, y=y)
+    return buf
+
+
+def expected_perm(buf):
+    """The permutation `sample` draws next, from a copy of the buffer's generator."""
+    g = torch.Generator()
+    g.set_state(buf.generator.get_state())
+    return torch.randperm(buf.size, generator=g).tolist()
+
+
+@pytest.mark.parametrize("world,n,size,parts", [
+    # 3 ranks x 4 = 12 rows wanted, 10 stored: 10 = 4 + 3 + 3, the first rank takes the extra row
+    (3, 4, 10, [(0, 4), (4, 7), (7, 10)]),
+    # 9 of 10 rows: 3 each, no remainder
+    (3, 3, 10, [(0, 3), (3, 6), (6, 9)]),
+    # exactly one row per rank (total == world)
+    (3, 1, 3, [(0, 1), (1, 2), (2, 3)]),
+    # 2 ranks x 2 = 4 rows of 5 stored: 2 + 2
+    (2, 2, 5, [(0, 2), (2, 4)]),
+])
+def test_sample_in_a_sharded_epoch_gives_each_rank_its_part_of_one_global_draw(monkeypatch, world, n, size, parts):
+    buffers = [filled(size) for _ in parts]  # filled before the ranks are faked (add would gather)
+    for rank, ((lo, hi), buf) in enumerate(zip(parts, buffers)):
+        perm = expected_perm(buf)
+        fake_ranks(monkeypatch, world, rank)
+        got = buf.sample(n)["x"][:, 0].long().tolist()  # x[:, 0] is the row's stream position = its slot here
+        assert got == perm[lo:hi], (rank, got, perm)
+
+
+def test_sample_with_fewer_stored_rows_than_ranks_gives_every_rank_the_single_process_draw(monkeypatch):
+    # 1 row stored, 2 ranks: too few to split, each rank gets perm[:min(n, size)] (the one row)
+    for rank, buf in enumerate([filled(1), filled(1)]):
+        fake_ranks(monkeypatch, 2, rank)
+        assert buf.sample(3)["x"][:, 0].tolist() == [0.0]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sample_outside_a_sharded_epoch_ignores_the_ranks(monkeypatch, rank):
+    """A DDP process outside a training epoch (evaluation, experience ends) draws as one process:
+    the first n rows of the permutation, whatever its rank and the world size."""
+    buf = filled(6)
+    perm = expected_perm(buf)
+    fake_ranks(monkeypatch, 2, rank, sharded=False)
+    assert buf.sample(2)["x"][:, 0].long().tolist() == perm[:2]
+
+
+# --------------------------------------------------------------------------- class-balanced, by hand
+def test_class_balanced_counts_what_it_has_seen_per_class():
+    buf = ClassBalancedBuffer(2, seed=0)
+    x, y = stream([0, 0, 1, 0, 2, 1])
+    offer(buf, x, y, batch=4)
+    assert buf.seen_per_class == {0: 3, 1: 2, 2: 1}
+    state = buf.state_dict()
+    assert state["seen_classes"].tolist() == [0, 1, 2] and state["seen_counts"].tolist() == [3, 2, 1]
+
+
+def test_class_balanced_state_of_a_fresh_buffer_holds_long_tensors():
+    state = ClassBalancedBuffer(3).state_dict()
+    assert state["seen_classes"].dtype == torch.long and state["seen_counts"].dtype == torch.long
+    assert state["seen_classes"].numel() == 0
+
+
+def test_class_balanced_new_class_evicts_a_single_item_of_a_largest_class():
+    """Capacity 2 holding one 0 and one 1: a 2 is not among the largest (counts 0 < 1), so it replaces
+    the only item of a largest class (0 or 1, drawn among the tie)."""
+    buf = ClassBalancedBuffer(2, seed=0)
+    x, y = stream([0, 1, 2])
+    buf.add(x=x, y=y)
+    assert sorted(buf.all()["y"].tolist()) in ([0, 2], [1, 2])
+
+
+def test_class_balanced_draws_only_from_its_own_generator():
+    """The same seed gives the same contents whatever the global random state (ties and candidates
+    drawn from the buffer's generator, not torch's global one)."""
+    labels = [0] * 6 + [1] * 6 + [2] * 9 + [3] * 5
+    x, y = stream(labels)
+    contents = []
+    for global_seed in range(4):
+        torch.manual_seed(global_seed)
+        buf = ClassBalancedBuffer(6, seed=1)
+        offer(buf, x, y, batch=5)
+        contents.append(buf.all()["x"][:, 0].tolist())
+    assert all(c == contents[0] for c in contents), contents
+
+
+def test_class_balanced_largest_class_item_replaces_slot_j_drawn_in_zero_to_seen():
+    """Capacity 2 holding two 0s: a third 0 is of the largest class; it draws j in [0, 3) (3 seen) and
+    replaces the j-th stored 0 if j < 2.  Seeds chosen (with the generator directly) so that j is 0,
+    1 and 2: row 2 lands in slot 0, in slot 1, or nowhere."""
+    def first_draw(seed):
+        return int(torch.randint(0, 3, (1,), generator=torch.Generator().manual_seed(seed)))
+
+    seeds = {}
+    for seed in range(50):
+        seeds.setdefault(first_draw(seed), seed)
+    assert set(seeds) == {0, 1, 2}
+    expected = {0: [2.0, 1.0], 1: [0.0, 2.0], 2: [0.0, 1.0]}
+    for j, seed in seeds.items():
+        buf = ClassBalancedBuffer(2, seed=seed)
+        x, y = stream([0, 0, 0])
+        buf.add(x=x, y=y)
+        assert buf.all()["x"][:, 0].tolist() == expected[j], (j, seed)
