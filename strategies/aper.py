@@ -9,7 +9,8 @@
    phi(x) = [f_PTM(x); f_adapted(x)], 2d wide.
 4. The classifier is SimpleCIL's over phi: cosine similarity to per-class prototypes, each the
    mean embedding of its class's training images (evaluation preprocessing, eval mode),
-   computed once, in the class's own task.
+   computed once, in the class's own task. The prototypes (classes x 2d) are counted by the
+   profiler in `total_params` (SimpleCIL's `stored_state`).
 
 Only the adapter variant is implemented (the paper's VPT, SSF and full fine-tuning variants are
 not). The run needs a timm ViT backbone (`clbench_vit_tiny` on `digits32-*`;

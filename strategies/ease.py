@@ -41,8 +41,8 @@ subspace of the plain PTM; off in the released configs), `use_diagonal`, `use_ol
 `moni_adam`.
 
 clbench mechanics: finished adapters are kept as flat vectors (`task_adapter_vectors`, one row
-per task, never written again, counted by the profiler through `stored_state`) and run through an
-evaluation adapter set; prototypes are a `subspaces x classes x d` buffer. Both grow by one row per
+per task, never written again) and run through an evaluation adapter set; prototypes are a
+`subspaces x classes x d` buffer. The profiler counts both through `stored_state`. Both grow by one row per
 task and take the saved shape when a checkpoint is loaded, so `--resume` works. The prototype pass runs as Lightning steps (profiled
 as training cost); inference costs one ViT forward per subspace.
 """
@@ -167,10 +167,11 @@ class EASE(CLStrategy):
         return len(self.task_adapter_vectors)
 
     def stored_state(self) -> list[torch.Tensor]:
-        """The finished tasks' adapters: inference runs every one of them, so the profiler counts them
-        in `total_params` and `stored_state_bytes` like the model's parameters."""
-        stored = self.task_adapter_vectors
-        return [*super().stored_state(), *([stored] if len(stored) else [])]
+        """The finished tasks' adapters and the prototypes (subspaces x classes x d), the classifier:
+        inference runs every one of them, so the profiler counts them in `total_params` and
+        `stored_state_bytes` like the model's parameters."""
+        stored = [self.task_adapter_vectors, self.prototypes] if self.num_subspaces else []
+        return [*super().stored_state(), *stored]
 
     # ---- subspaces: the frozen ViT with one task's adapter
     @torch.no_grad()

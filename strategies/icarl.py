@@ -9,7 +9,9 @@ class-balanced (budget / seen classes each, counts differing by at most one): ol
 keep the first exemplars of their herding order, new classes are chosen by herding on
 penultimate features of their non-augmented images.  Prediction: nearest mean of
 exemplars in feature space.  Class means are exact means (Mammoth's running halving of
-batch means is not an exact mean).
+batch means is not an exact mean). The class means (seen classes x feature width) are counted by
+the profiler in `total_params` and `stored_state_bytes` (`stored_state`); the head, trained but not
+used for prediction once the means exist, stays counted as a parameter.
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ class ICaRL(CLStrategy):
             return self(x).logits
         feats = self.backbone(x)
         return -torch.cdist(feats, self.class_means.to(feats.device)) ** 2
+
+    def stored_state(self) -> list[torch.Tensor]:
+        """The class means: the nearest-mean classifier, a plain tensor rather than a parameter."""
+        return [*super().stored_state(), *([self.class_means] if self.class_means is not None else [])]
 
     # ---- state
     def extra_state(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ vit_base_patch16_224.augreg_in21k --pretrained`); on a randomly initialised back
 a nearest-class-mean classifier on random features.
 
 The prototype pass runs as one epoch of Lightning steps over the experience's data, so the
-EdgeProfiler measures it as the method's training cost (forward passes only, no backward).
+EdgeProfiler measures it as the method's training cost (forward passes only, no backward). The
+prototypes (classes x embedding width, float64 buffers) are the classifier: the profiler counts them
+in `total_params` and `stored_state_bytes` (`stored_state`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class SimpleCIL(CLStrategy):
     def prototypes(self) -> torch.Tensor:
         """Mean embedding of each class seen so far (rows of unseen classes are zero)."""
         return self.class_means.means.float()
+
+    def stored_state(self) -> list[torch.Tensor]:
+        """The prototypes: the classifier, held as buffers rather than parameters."""
+        return [*super().stored_state(), *self.class_means.stored_state()]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's embedding, in eval mode (no dropout; BatchNorm statistics untouched)."""

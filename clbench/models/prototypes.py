@@ -40,6 +40,12 @@ class ClassMeans(nn.Module):
         """Each class's mean (float64; zero rows for classes not seen yet)."""
         return self.sums / self.counts.clamp(min=1).unsqueeze(1)
 
+    def stored_state(self) -> list[torch.Tensor]:
+        """What a classifier over these means keeps for inference (a strategy's `stored_state`, which the
+        profiler counts in `total_params`): one mean per class, unseen classes' rows included as a linear
+        head's are, in the float64 they are accumulated in; the counts are folded into the means."""
+        return [self.means]
+
     def pooled_mean(self, classes: Sequence[int]) -> torch.Tensor:
         """The mean over all samples of `classes` together."""
         classes = list(classes)

@@ -89,14 +89,16 @@ def test_backbone_frozen_and_one_new_adapter_per_task_older_ones_bit_identical(e
 
 def test_the_profiler_counts_the_stored_task_adapters_in_the_parameters_and_memory(ease_run):
     """Inference runs every finished task's adapter, so each counts like a parameter: after task t the
-    backbone, the adapter in training, the evaluation slot and t + 1 stored adapters."""
+    backbone, the adapter in training, the evaluation slot, t + 1 stored adapters and the prototypes of
+    all 10 classes in each of the t + 1 subspaces."""
     result, snapshots = ease_run
     strategy = snapshots[-1]["strategy"]
     backbone = sum(p.numel() for p in strategy.backbone.parameters())
     one = 4 * (8 * 64 + 8 + 64 * 8 + 64)  # clbench_vit_tiny: 4 blocks of width 64; per block W_down, b_down, W_up, b_up
     for t, record in enumerate(result.edge["per_experience"]):
-        assert record["total_params"] == backbone + 2 * one + (t + 1) * one
-        assert record["stored_state_bytes"] == (t + 1) * one * 4  # float32
+        stored = (t + 1) * one + (t + 1) * 10 * 64
+        assert record["total_params"] == backbone + 2 * one + stored
+        assert record["stored_state_bytes"] == stored * 4  # float32
 
 
 def test_new_class_prototypes_are_mean_embeddings_in_every_subspace(ease_run, digits):
