@@ -279,14 +279,15 @@ D = WIDTH
 
 # --------------------------------------------------------------------------- ViT-B/16 methods
 def test_simplecil(env):
-    """Frozen ViT; cosine classifier over class-mean prototypes (buffers, not parameters)."""
-    check(run_cli(env, "simplecil"), [vit_params()] * 2, [vit_flops() + 2 * D * 100] * 2)
+    """Frozen ViT; cosine classifier over class-mean prototypes (buffers of all 100 classes x D, counted
+    through `stored_state`)."""
+    check(run_cli(env, "simplecil"), [vit_params() + 100 * D] * 2, [vit_flops() + 2 * D * 100] * 2)
 
 
 def test_simplecil_on_imagenet_r(env):
     """The ImageNet-R fixture (64-100 px JPEGs, resized by the loader to 32 px): 200 prototypes."""
     result = run_cli(env, "simplecil", "imagenet-r-2")
-    check(result, [vit_params()] * 2, [vit_flops() + 2 * D * 200] * 2)
+    check(result, [vit_params() + 200 * D] * 2, [vit_flops() + 2 * D * 200] * 2)
 
 
 def test_l2p(env):
@@ -325,18 +326,20 @@ def adapter_params(bottleneck: int) -> int:
 
 
 def test_aper(env):
-    """Adapter tuned on the first task; features [pre-trained; adapted] (2 passes) against 100 prototypes of 2D."""
+    """Adapter tuned on the first task; features [pre-trained; adapted] (2 passes) against 100 prototypes of 2D
+    (counted through `stored_state`)."""
     c = config("aper")
-    check(run_cli(env, "aper"), [vit_params() + adapter_params(c.bottleneck)] * 2,
+    check(run_cli(env, "aper"), [vit_params() + adapter_params(c.bottleneck) + 100 * 2 * D] * 2,
           [vit_flops() + vit_flops(adapter=c.bottleneck) + 2 * 2 * D * 100] * 2)
 
 
 def test_ease(env):
     """One adapter in training, the expert module that runs finished tasks' adapters, and the t finished
-    adapters themselves (stored as vectors, counted through `stored_state`); inference: one adapted pass per
-    task seen, cosine over the t*D concatenation."""
+    adapters themselves and the prototypes of all 100 classes in each of the t subspaces (stored as vectors
+    and a t x 100 x D buffer, counted through `stored_state`); inference: one adapted pass per task seen,
+    cosine over the t*D concatenation."""
     c = config("ease")
-    check(run_cli(env, "ease"), [vit_params() + (2 + t) * adapter_params(c.bottleneck) for t in (1, 2)],
+    check(run_cli(env, "ease"), [vit_params() + (2 + t) * adapter_params(c.bottleneck) + t * 100 * D for t in (1, 2)],
           [t * vit_flops(adapter=c.bottleneck) + 2 * t * D * 100 for t in (1, 2)])
 
 
@@ -440,10 +443,11 @@ def test_rehearsal_baselines_at_cifar_resnet18(env, strategy):
 
 
 def test_icarl(env):
-    """The model only: the frozen copy of the previous model it distils from serves training and is reported
-    as `teacher_params`, not in `total_params`. Inference: nearest class mean of the exemplars' features."""
+    """The model and its class means: the frozen copy of the previous model it distils from serves training
+    and is reported as `teacher_params`, not in `total_params`. Inference: nearest class mean of the
+    exemplars' features (one 512-wide mean per seen class, counted through `stored_state`)."""
     result = run_cli(env, "icarl", "cifar100-2", False)
-    check(result, [resnet18_cifar_params() + linear(512, n) for n in SEEN],
+    check(result, [resnet18_cifar_params() + linear(512, n) + 512 * n for n in SEEN],
           [resnet18_cifar_flops() + 2 * 512 * n for n in SEEN])
     assert result["edge"]["per_experience"][1]["teacher_params"] == resnet18_cifar_params() + linear(512, 50)
 
