@@ -141,7 +141,7 @@ def write_mutmut_config(tree: Path, file: str, tests: list[str], args) -> None:
 [tool.mutmut]
 source_paths = [{json.dumps(top)}]
 only_mutate = [{json.dumps(scratch_path(file))}]
-pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:xdist", "-p", "no:unraisableexception", "-q"]
+pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:xdist", "-p", "no:unraisableexception", "-p", "_mutation_order", "-q"]
 pytest_add_cli_args_test_selection = {json.dumps(tests)}
 timeout_multiplier = {float(args.timeout_multiplier)}
 timeout_constant = {float(args.timeout_constant)}
@@ -151,6 +151,24 @@ preload_modules_file = "preload_modules.txt"
 use_git_change_detection = false
 """
     pyproject.write_text(text + config, encoding="utf-8")
+    # in mutants/: mutmut puts that folder on sys.path (and takes the tree itself off it)
+    (tree / "mutants").mkdir(exist_ok=True)
+    (tree / "mutants" / "_mutation_order.py").write_text(ORDER_PLUGIN, encoding="utf-8")
+
+
+# mutmut hands pytest a mutant's covering tests as a set (in no useful order) and stops at the first
+# failure (-x): running them fastest first, by the durations mutmut measured, makes a killed mutant
+# cost its fastest killing test rather than whichever slow run happens to come first.
+ORDER_PLUGIN = '''
+import json, os
+
+def pytest_collection_modifyitems(session, config, items):
+    if not os.path.exists("mutmut-stats.json"):
+        return
+    with open("mutmut-stats.json") as f:
+        durations = json.load(f).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+'''
 
 
 # --------------------------------------------------------------------------- running
@@ -494,6 +512,10 @@ def mutate(file: str, args) -> dict:
     if not meta.exists():
         raise SystemExit(f"mutmut produced no results for {file} (exit {rc}); see {log}")
     status = read_results(tree, file)
+    unfinished = [n for n, st in status.items() if st == "not checked"]
+    if unfinished:
+        raise SystemExit(f"mutmut left {len(unfinished)} of {len(status)} mutants of {file} unchecked (exit {rc}); "
+                         f"see {log}: no report written")
     notes = load_annotations().get(file, {})
     interesting = [n for n, s in status.items() if s in UNDETECTED or short(n) in notes]
     diff_by_name = diffs(tree, file, interesting)
