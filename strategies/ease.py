@@ -42,9 +42,10 @@ subspace of the plain PTM; off in the released configs), `use_diagonal`, `use_ol
 
 clbench mechanics: finished adapters are kept as flat vectors (`task_adapter_vectors`, one row
 per task, never written again) and run through an evaluation adapter set; prototypes are a
-`subspaces x classes x d` buffer. The profiler counts both through `stored_state`. Both grow by one row per
-task and take the saved shape when a checkpoint is loaded, so `--resume` works. The prototype pass runs as Lightning steps (profiled
-as training cost); inference costs one ViT forward per subspace.
+`subspaces x classes x d` buffer. Both grow by one row per task and take the saved shape when a
+checkpoint is loaded, so `--resume` works; the profiler counts both in `total_params`
+(`stored_state`). The prototype pass runs as Lightning steps (profiled as training cost);
+inference costs one ViT forward per subspace.
 """
 
 from __future__ import annotations
