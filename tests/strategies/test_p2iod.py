@@ -4,6 +4,7 @@ it for mechanics), plus resume state."""
 from __future__ import annotations
 
 import copy
+import math
 
 import clbench.models.detection.detr as detr
 import clbench.strategies._detr as detr_family
@@ -282,3 +283,137 @@ def test_voc_paper_setting_divides_the_rate_by_ten_once_at_epoch_80():
         schedule.step()
     assert rates[:80] == [1e-4] * 80
     assert rates[80:] == pytest.approx([1e-5] * 20)
+
+
+def test_prompt_length_and_fusion_fractions_are_validated():
+    from clbench.engine.runner import strategy_config
+    from clbench.errors import UsageError
+
+    for length in (0, 1, 3, 5):  # keys and values take half each: an even number of at least 2
+        with pytest.raises(UsageError, match=f"prompt_length={length} is invalid; expected an even number >= 2"):
+            strategy_config("p2iod", {"prompt_length": length})
+    for name in ("rho_prev", "rho_cur"):
+        for bad in (-0.01, 1.01):
+            with pytest.raises(UsageError, match=f"{name}={bad} is invalid; expected a fraction in"):
+                strategy_config("p2iod", {name: bad})
+    edges = strategy_config("p2iod", {"prompt_length": 2, "rho_prev": 0.0, "rho_cur": 1.0})
+    assert (edges.prompt_length, edges.rho_prev, edges.rho_cur) == (2, 0.0, 1.0)
+    assert strategy_config("p2iod", {"rho_prev": 1.0, "rho_cur": 0.0}).rho_prev == 1.0
+
+
+def _quantile_by_hand(values: list[float], q: float) -> float:
+    """Linear interpolation between the order statistics at position q (n - 1)."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _fused_by_hand(theta0, theta_p, theta_c, rho_p, rho_c):
+    """The fusion rule written out element by element for one flattened tensor."""
+    tau_p = [p - z for p, z in zip(theta_p, theta0)]
+    delta = [c - p for c, p in zip(theta_c, theta_p)]
+    tau_c = [c - z for c, z in zip(theta_c, theta0)]
+    cut_p = _quantile_by_hand([abs(v) for v in tau_p], 1 - rho_p)
+    cut_c = _quantile_by_hand([abs(v) for v in delta], 1 - rho_c)
+    out = []
+    for i in range(len(theta0)):
+        in_p, in_c = abs(tau_p[i]) >= cut_p, abs(delta[i]) >= cut_c
+        sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
+        if in_c and not in_p:
+            out.append(theta_c[i])
+        elif not in_c and not in_p and sign(tau_p[i]) * sign(tau_c[i]) >= 0:
+            out.append((theta_p[i] + theta_c[i]) / 2)
+        else:
+            out.append(theta_p[i])
+    return out
+
+
+@pytest.mark.parametrize("rho_prev, rho_cur", [(0.3, 0.6), (0.0, 1.0), (1.0, 0.25)])
+def test_the_task_end_fuses_every_prompt_tensor_by_the_rule_written_out_by_hand(rho_prev, rho_cur):
+    """Through the task-end hook: integer-valued weights (ties at the quantiles, theta0 of both signs,
+    zero task vectors), fused per tensor as the rule says, element by element."""
+    strategy = P2IOD(None, 4, Config(base="random", rho_prev=rho_prev, rho_cur=rho_cur), seed=0)
+    strategy.on_experience_start(TASKS[0])
+    g = torch.Generator().manual_seed(3)
+    draw = lambda p: torch.randint(-3, 4, p.shape, generator=g).float()  # noqa: E731
+    strategy.theta0 = {n: draw(p) for n, p in strategy.prompts.named_parameters()}
+    with torch.no_grad():
+        for p in strategy.prompts.parameters():
+            p.copy_(draw(p))
+    strategy.on_experience_end(TASKS[0], None)  # after task 1: no fusion, theta_p is the trained weights
+    theta_prev = {n: p.detach().clone() for n, p in strategy.prompts.named_parameters()}
+    assert all(torch.equal(strategy.theta_prev[n], theta_prev[n]) for n in theta_prev)
+    strategy.on_experience_start(TASKS[1])
+    with torch.no_grad():
+        for p in strategy.prompts.parameters():
+            p.copy_(draw(p))
+    current = {n: p.detach().clone() for n, p in strategy.prompts.named_parameters()}
+    strategy.on_experience_end(TASKS[1], None)
+    for name, p in strategy.prompts.named_parameters():
+        expected = _fused_by_hand(strategy.theta0[name].flatten().tolist(), theta_prev[name].flatten().tolist(),
+                                  current[name].flatten().tolist(), rho_prev, rho_cur)
+        assert p.detach().flatten().tolist() == pytest.approx(expected), name
+        assert torch.equal(strategy.theta_prev[name], p.detach())  # where the next task starts
+
+
+def test_the_run_s_seed_and_add_ons_reach_the_strategy_and_see_every_task_end():
+    from clbench.auxiliary.base import Aux
+
+    class Recorder(Aux):
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        def on_experience_end(self, strategy, exp):
+            self.ended.append(exp)
+
+    recorder = Recorder()
+    strategy = P2IOD(None, 4, Config(base="random"), aux=[recorder], seed=5)
+    assert strategy.seed == 5 and list(strategy.aux) == [recorder]
+    for task in TASKS:
+        strategy.on_experience_start(task)
+        if task.is_first:  # theta0: a copy of the prompt MLPs as the first task finds them
+            assert strategy.theta0.keys() == dict(strategy.prompts.named_parameters()).keys()
+            for name, p in strategy.prompts.named_parameters():
+                assert torch.equal(strategy.theta0[name], p) and strategy.theta0[name].data_ptr() != p.data_ptr()
+        strategy.on_experience_end(task, None)  # the second one fuses first
+    assert recorder.ended == TASKS
+
+
+def test_a_strategy_saved_before_its_first_task_has_empty_fusion_state():
+    fresh = P2IOD(None, 4, Config(base="random"), seed=0)
+    assert fresh.extra_state() == {}
+    other = P2IOD(None, 4, Config(base="random"), seed=1)
+    other.load_extra_state(fresh.extra_state())
+    assert other.theta0 == {} and other.theta_prev == {}
+
+
+def test_pseudo_labels_read_the_last_decoder_layer_and_also_come_with_a_single_old_class():
+    """One old class (0), three decoder layers: only the last layer's scores and boxes count."""
+    strategy = P2IOD(None, 4, Config(base="random"), seed=0)
+    strategy.on_experience_start(ExperienceInfo(1, (1, 2, 3), (0, 1, 2, 3), 2, 4))
+    low, logit = 0.01, lambda p: math.log(p / (1 - p))  # noqa: E731
+    probs = torch.full((3, 1, 2, 4), low)
+    probs[:2, 0, 1, 0] = 0.99  # earlier layers: query 1 is a confident old-class object
+    probs[2, 0, 0, 0] = 0.9  # last layer: query 0 is
+    boxes = torch.tensor([[0.25, 0.25, 0.125, 0.125], [0.75, 0.75, 0.25, 0.25]]).repeat(3, 1, 1, 1)
+    boxes[:2, 0, 0] = torch.tensor([0.5, 0.5, 0.5, 0.5])  # earlier layers place query 0 elsewhere
+    free = detr.DetrOutput(probs.apply_(logit), boxes, torch.zeros(3, 1, 2, 8))
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "ignore": torch.zeros(0, dtype=torch.bool)}
+    (out,) = strategy.with_pseudo_labels([empty], free, (64, 64))
+    assert out["labels"].tolist() == [0]
+    assert torch.allclose(out["boxes"], T([[12.0, 12.0, 20.0, 20.0]]))  # cx, cy = 16, w = h = 8 pixels
+
+
+def test_a_score_exactly_at_the_threshold_makes_a_pseudo_label():
+    strategy = P2IOD(None, 4, Config(base="random", pseudo_threshold=0.5), seed=0)
+    strategy.on_experience_start(TASKS[1])
+    logits = torch.full((3, 1, 2, 4), -5.0)
+    logits[:, 0, 0, 1] = 0.0  # sigmoid(0) = 0.5 exactly: old class 1 at the threshold
+    logits[:, 0, 1, 0] = -0.01  # just below it
+    boxes = torch.tensor([0.5, 0.5, 0.25, 0.25]).repeat(3, 1, 2, 1)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "ignore": torch.zeros(0, dtype=torch.bool)}
+    (out,) = strategy.with_pseudo_labels([empty], detr.DetrOutput(logits, boxes, torch.zeros(3, 1, 2, 8)), (64, 64))
+    assert out["labels"].tolist() == [1]
