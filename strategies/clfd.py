@@ -220,7 +220,8 @@ class CLFDMixin:
                     ll = haar_dwt(batch.stored_x)[0].flatten(1).cpu()
                     if self.low_band_sums is None:
                         self.low_band_sums = torch.zeros(self.num_classes, ll.shape[1])
-                    self.low_band_sums.index_add_(0, batch.y.cpu(), ll)
+                    # summed in float32 whatever the run's precision (a 64- or 16-bit run has ll in its own dtype)
+                    self.low_band_sums.index_add_(0, batch.y.cpu(), ll.to(self.low_band_sums.dtype))
         super().on_train_batch_end(outputs, batch, batch_idx)
 
     def on_experience_end(self, exp: ExperienceInfo, train_set) -> None:

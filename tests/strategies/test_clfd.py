@@ -311,3 +311,83 @@ def test_new_class_probs_are_set_from_similarity_at_the_end_of_epoch_one(build_s
     colour_sums = torch.tensor([1.0, 1.0, 1.0, 3.0])
     images = s.low_band_sums[:4].sum(1) / (512 * colour_sums)
     assert images[:2].sum().item() == pytest.approx(16) and images[2:].sum().item() == pytest.approx(16)
+
+
+def test_the_variants_tables_carry_the_published_accuracies_and_the_black_pixel():
+    """`published` and `paper_settings` as the CLFD variants build their tables, checked against
+    values written out here (the scenarios' normalisation constants give the black pixel)."""
+    from clbench.scenarios.cifar import CIFAR10
+    from clbench.scenarios.tinyimagenet import MAMMOTH
+    from clbench.strategies.clfd import paper_settings, published
+
+    assert published("CLFD-X", 0.5, 0.25) == {
+        "cifar10-5": {"metric": "final_avg_acc", "value": 0.5,
+                      "source": "CLFD paper (NeurIPS 2024), Table 1, CLFD-X, S-CIFAR-10 Class-IL, buffer 125"},
+        "tinyimagenet-10": {"metric": "final_avg_acc", "value": 0.25,
+                            "source": "CLFD paper (NeurIPS 2024), Table 1, CLFD-X, S-Tiny-ImageNet Class-IL, buffer 125"},
+    }
+    black = lambda mean, std: tuple(round(-m / s, 6) for m, s in zip(mean, std))  # noqa: E731
+    assert paper_settings({"cifar10-5": {"lr": 0.1}, "tinyimagenet-10": {"lr": 0.03, "pad_pixel": ()}}) == {
+        "cifar10-5": {"lr": 0.1, "pad_pixel": black(CIFAR10.mean, CIFAR10.std)},
+        "tinyimagenet-10": {"lr": 0.03, "pad_pixel": black(MAMMOTH.mean, MAMMOTH.std)},
+    }
+    assert black(CIFAR10.mean, CIFAR10.std)[0] < -1.5  # a black pixel lies well below the normalised mean
+
+
+def test_low_band_sums_are_accumulated_by_the_batch_hook_and_survive_a_resume(scenario, build_strategy, batch_of):
+    """Through the batch-end hook: per class, the sum of its images' Haar LL bands (the 2x2 block
+    sums / 2 of the orthonormal transform, written here with average pooling); saved and restored."""
+    from clbench.types import Phase
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=10)
+    fresh_state = s.extra_state()
+    assert "low_band_sums" not in fresh_state
+    s.on_experience_start(scenario.info(0))
+    s.phase = Phase("train")
+    s.accumulate_low_band = True
+    batches = [batch_of(scenario.train_sets[0], 8), batch_of(scenario.train_sets[0], 5)]
+    for i, batch in enumerate(batches):
+        s.on_train_batch_end(None, batch, i)
+    expected = torch.zeros(scenario.num_classes, 3 * 16 * 16)
+    for batch in batches:
+        ll = torch.nn.functional.avg_pool2d(batch.x, 2) * 2
+        for x, y in zip(ll, batch.y.tolist()):
+            expected[y] += x.flatten()
+    assert torch.allclose(s.low_band_sums, expected, atol=1e-5)
+    state = s.extra_state()
+    assert torch.equal(state["low_band_sums"], s.low_band_sums) and state["low_band_sums"] is not s.low_band_sums
+    other = build("er_clfd", scenario, build_strategy, buffer_size=10)
+    other.load_extra_state(state)
+    state["low_band_sums"] += 1  # a copy, not the saved tensor
+    assert torch.allclose(other.low_band_sums, expected, atol=1e-5)
+    other.load_extra_state(fresh_state)  # a checkpoint from before any accumulation
+    assert other.low_band_sums is None
+    # the codes buffer holds 4 codes per nominal image
+    assert s.report()["buffer_codes_capacity"] == 40 and s.report()["nominal_buffer_images"] == 10
+
+
+def test_task_zero_prefix_mask_is_set_in_a_double_precision_run(scenario, build_strategy):
+    """The first epoch's prefix mask is written in the strategy's own dtype: a 64-bit run works."""
+    from clbench.config import RunConfig
+    from clbench.datasets import make_loader
+    from clbench.engine.runner import make_trainer
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4, replay_batch_size=4)
+    info = scenario.info(0)
+    s.on_experience_start(info)
+    s.phase = s.phases(info)[0]
+    run_cfg = RunConfig(epochs=1, batch_size=8, accelerator="cpu", limit_train_batches=1, progress=False, precision="64-true")
+    loader = make_loader(s.phase_data(s.phase, s.training_data(info, scenario.train_sets[0])), 8, shuffle=False)
+    make_trainer(run_cfg, 1, [], info, s.phase).fit(s, train_dataloaders=loader)
+    d = s.keep_probs.shape[1]
+    assert s.keep_probs.dtype == torch.float64
+    # one epoch of one: the warm-up ends with it, so the activation rule replaced the prefix mask of
+    # the current classes; the classes not seen yet keep 1
+    a = s.activation_counts[:2]
+    assert a.sum() > 0 and torch.allclose(s.keep_probs[:2], 1 - torch.exp(-2 * a / a.max(dim=1, keepdim=True).values.clamp_min(1)))
+    assert torch.equal(s.keep_probs[2:], torch.ones(len(s.keep_probs) - 2, d, dtype=torch.float64))
+    # the last epoch of task 0 summed the images' low bands (in float32)
+    batch = next(iter(loader))
+    expected = torch.zeros(len(s.keep_probs), 3 * 16 * 16)
+    expected.index_add_(0, batch.y, (torch.nn.functional.avg_pool2d(batch.x.double(), 2) * 2).flatten(1).float())
+    assert s.low_band_sums.dtype == torch.float32 and torch.allclose(s.low_band_sums, expected, atol=1e-5)
