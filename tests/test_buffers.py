@@ -496,3 +496,17 @@ def test_class_balanced_largest_class_item_replaces_slot_j_drawn_in_zero_to_seen
         x, y = stream([0, 0, 0])
         buf.add(x=x, y=y)
         assert buf.all()["x"][:, 0].tolist() == expected[j], (j, seed)
+
+
+def test_batched_insertion_stores_later_batches_in_the_first_batch_dtypes():
+    """Fields are allocated with the first batch's dtypes; a later batch of other dtypes is cast on
+    the way in, as the row-by-row writes cast each row."""
+    buf, ref = ReservoirBuffer(4, seed=0), RowByRowReservoir(4, seed=0)
+    first = {"x": torch.zeros(3, 2), "y": torch.zeros(3, dtype=torch.long)}
+    later = {"x": torch.full((6, 2), 2.5, dtype=torch.float64), "y": torch.arange(1, 7, dtype=torch.int32)}
+    for batch in (first, later):
+        buf.add(**batch)
+        ref.add(**batch)
+    assert_same_state(buf, ref)
+    assert buf.fields["x"].dtype == torch.float32 and buf.fields["y"].dtype == torch.long
+    assert buf.all()["x"][3].tolist() == [2.5, 2.5]  # slot 3 was free: a row of the later batch is there
