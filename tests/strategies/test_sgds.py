@@ -23,10 +23,10 @@ from clbench.types import Batch
 K = 4
 
 
-def _strategy(**overrides):
+def _strategy(seed=0, **overrides):
     torch.manual_seed(0)
     cfg = strategy_config("sgds", {"bottleneck": 16, "units_per_class": K, "adapter_dropout": 0.0, **overrides})
-    return create_strategy("sgds", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=0)
+    return create_strategy("sgds", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=seed)
 
 
 def _randomise(adapters):
@@ -132,6 +132,7 @@ def test_a_run_keeps_the_backbone_frozen_infers_dense_and_reports_the_decisions(
     assert all(torch.equal(state[k], first[k]) for state, _ in snapshots[1:] for k in first)
     strategy = snapshots[-1][1]
     assert len(result.strategy_report["units"]) == 10 and all(strategy.unit_sets.sum(1) == K)
+    assert result.strategy_report["units_exhausted_at_task"] == strategy.units_exhausted_at
     scenario = create_scenario("digits32-5")
     last = scenario.train_sets[-1]
     strategy.eval()
@@ -168,10 +169,11 @@ def test_a_run_decides_the_new_classes_in_order_of_similarity_not_of_labels(tmp_
     finds exactly S_1 least used; deciding 2 first would face a tie among all 8 units."""
     eye = torch.eye(64, dtype=torch.float64)
     hand = _HandSetPrototypes({0: eye[0], 1: eye[1], 2: eye[2], 3: 3 * eye[0]})
-    kept = {}
+    kept, exhausted = {}, {}
 
     def stop_after_task_1(i, result, strategy):
         kept[i] = (strategy.unit_sets.clone(), strategy.unit_usage.clone(), list(strategy.decisions), strategy)
+        exhausted[i] = strategy.units_exhausted_at
         if i == 1:
             raise _Stop
 
@@ -191,6 +193,9 @@ def test_a_run_decides_the_new_classes_in_order_of_similarity_not_of_labels(tmp_
     assert usage.tolist() == [2] * 8
     assert torch.equal(sets[:2], sets_0[:2])  # masks never change once assigned
     assert [(d["class"], d["strategy"]) for d in decisions[2:]] == [(3, "reuse"), (2, "allocate")]
+    # task 0's second class found exactly k unused units; task 1's ALLOCATE found none: the first
+    # task short of free units is 1
+    assert exhausted == {0: None, 1: 1}
 
 
 def test_a_runs_training_fit_leaves_the_units_of_no_class_bit_identical(tmp_path, fast_config_for, fit_snapshots):
@@ -260,3 +265,131 @@ def test_inference_units_must_be_dense_or_union():
 
     with pytest.raises(UsageError, match="inference_units"):
         _strategy(inference_units="masked")
+
+
+def test_units_per_class_must_lie_between_one_and_the_bottleneck():
+    from clbench.errors import UsageError
+
+    for k in (0, 17):
+        with pytest.raises(UsageError, match=rf"units_per_class={k} is invalid; expected 1 to bottleneck \(16\)"):
+            _strategy(units_per_class=k)
+    assert _strategy(units_per_class=1).cfg.units_per_class == 1
+    assert _strategy(units_per_class=16).cfg.units_per_class == 16  # every unit for one class
+
+
+def test_allocate_takes_the_least_used_units_in_the_order_of_a_permutation_drawn_from_the_runs_seed():
+    """Task 0, no old class: both classes ALLOCATE. Ties among the least used units are broken by a
+    random permutation of the units drawn from a generator seeded with the run's seed (seed + 41),
+    whatever the global RNG holds: class 0 takes the permutation's first k units, class 1 the first k
+    of the next permutation that are still unused. 32 units: above 16, an unstable sort of the tied
+    usage counts would reorder them."""
+    g = torch.Generator().manual_seed(0 + 41)
+    first = torch.randperm(32, generator=g).tolist()
+    second = torch.randperm(32, generator=g).tolist()
+    s0 = first[:K]
+    s1 = [u for u in second if u not in s0][:K]
+    for global_seed in (1, 2):
+        strategy = _strategy(bottleneck=32)
+        strategy.on_experience_start(create_scenario("digits32-5").info(0))
+        torch.manual_seed(global_seed)
+        strategy.assign_units([0, 1])
+        assert strategy.unit_sets[0].nonzero().flatten().tolist() == sorted(s0)
+        assert strategy.unit_sets[1].nonzero().flatten().tolist() == sorted(s1)
+        assert strategy.unit_usage.tolist() == [1 if u in s0 + s1 else 0 for u in range(32)]
+        assert strategy.decisions == [{"class": 0, "task": 0, "strategy": "allocate", "units": sorted(s0)},
+                                      {"class": 1, "task": 0, "strategy": "allocate", "units": sorted(s1)}]
+        assert strategy.units_exhausted_at is None  # 28 free units were left for class 1
+    other = _strategy(seed=1, bottleneck=32)  # the run's seed reaches the strategy
+    other.on_experience_start(create_scenario("digits32-5").info(0))
+    other.assign_units([0, 1])
+    assert other.unit_sets[0].nonzero().flatten().tolist() != sorted(s0)  # another seed, other units
+
+
+def test_reuse_at_exactly_the_threshold_takes_the_neighbours_units_and_reports_the_decision():
+    """cos(3 e0 + 4 e2, e0) = 3/5 exactly: with gamma_r = 0.6 class 2 REUSEs class 0's units (the
+    threshold is inclusive); with the default epsilon (1e-6) the k draws take the neighbour's k units."""
+    strategy = _strategy(reuse_threshold=0.6)
+    eye = torch.eye(64, dtype=torch.float64)
+    _two_old_classes(strategy, (3 * eye[0] + 4 * eye[2], eye[3]))
+    strategy.assign_units([2, 3])
+    reuse, allocate = strategy.decisions
+    assert reuse == {"class": 2, "task": 1, "neighbour": 0, "similarity": 0.6, "strategy": "reuse",
+                     "units": [0, 1, 2, 3], "overlap": K}
+    assert (allocate["class"], allocate["task"], allocate["strategy"], allocate["similarity"]) == (3, 1, "allocate", 0.0)
+    assert allocate["neighbour"] == 0 and allocate["overlap"] == 0  # 8 units were free: none shared with S_0
+    assert strategy.unit_sets[2].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert strategy.unit_usage[:4].tolist() == [2, 2, 2, 2]
+
+
+def test_reuse_draws_from_every_neighbour_at_or_above_the_threshold():
+    """Class 0 owns only units 0 and 1, class 1 units 4-7; the new class 2 equals class 0 (cos 1)
+    and has cos exactly 0.6 = gamma_r with class 1, so both are neighbours: with epsilon 0 its k = 4
+    units are drawn from {0, 1, 4, 5, 6, 7}, at least two of them class 1's."""
+    strategy = _strategy(reuse_threshold=0.6, reuse_epsilon=0.0)
+    eye = torch.eye(64, dtype=torch.float64)
+    _two_old_classes(strategy, (eye[0], eye[5]))
+    strategy.ptm_means.sums[1] = 3 * eye[0] + 4 * eye[1]
+    strategy.unit_sets[0] = False
+    strategy.unit_sets[0, :2] = True
+    strategy.assign_units([2, 3])
+    drawn = set(strategy.unit_sets[2].nonzero().flatten().tolist())
+    assert len(drawn) == K and drawn <= {0, 1, 4, 5, 6, 7} and len(drawn & {4, 5, 6, 7}) >= 2
+    assert strategy.decisions[0]["strategy"] == "reuse" and strategy.decisions[0]["neighbour"] == 0
+    assert strategy.decisions[0]["overlap"] == len(drawn & {0, 1})  # |S_2 & S_0|, S_0 = {0, 1}
+
+
+def test_reuse_draws_come_from_the_unit_generator_and_survive_a_resume():
+    """A neighbour with 8 units and k = 4: which 4 are drawn depends on the unit generator only (not
+    the global RNG), and its state travels in the resume state (`extra_state`)."""
+    eye = torch.eye(64, dtype=torch.float64)
+    drawn = []
+    for global_seed in (1, 2):
+        strategy = _strategy(reuse_epsilon=0.0)
+        _two_old_classes(strategy, (eye[0], eye[3]))
+        strategy.unit_sets[0, 0:8] = True
+        torch.manual_seed(global_seed)
+        strategy.assign_units([2, 3])
+        drawn.append(strategy.unit_sets[2].nonzero().flatten().tolist())
+        assert len(drawn[-1]) == K and set(drawn[-1]) <= set(range(8))
+    assert drawn[0] == drawn[1]
+    # resume: the module's state and the extra state saved after task 1, loaded into a new strategy
+    resumed = _strategy(reuse_epsilon=0.0)
+    resumed.on_experience_start(create_scenario("digits32-5").info(1))
+    resumed.load_state_dict(strategy.state_dict())
+    resumed.load_extra_state(strategy.extra_state())
+    reseeded = _strategy(reuse_epsilon=0.0)  # the same, with the generator's state not carried over
+    reseeded.on_experience_start(create_scenario("digits32-5").info(1))
+    reseeded.load_state_dict(strategy.state_dict())
+    for s in (strategy, resumed, reseeded):  # task 2: class 4 is class 0's twin, class 5 unlike all
+        s.on_experience_start(create_scenario("digits32-5").info(2))
+        s.ptm_means.sums[4], s.ptm_means.counts[4] = eye[0], 1
+        s.ptm_means.sums[5], s.ptm_means.counts[5] = eye[9], 1
+        s.assign_units([4, 5])
+    assert torch.equal(resumed.unit_sets, strategy.unit_sets)
+    assert not torch.equal(reseeded.unit_sets, strategy.unit_sets)
+
+
+def test_the_label_free_features_of_the_class_statistics_are_measured_without_dropout():
+    """Stage 2 measures the Gaussians with `eval_features` while the module is in training mode:
+    dropout must be off there, the adapter's and the backbone's (a ViT built with dropout here), so
+    the features equal those of the module in eval mode; the modes are given back afterwards."""
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("clbench_vit_tiny", num_classes=0, in_chans=3, img_size=32, proj_drop_rate=0.5)
+    cfg = strategy_config("sgds", {"bottleneck": 16, "units_per_class": K, "adapter_dropout": 0.5, "inference_units": "union"})
+    strategy = create_strategy("sgds", backbone, 10, cfg, seed=0)
+    strategy.on_experience_start(create_scenario("digits32-5").info(0))
+    strategy.unit_sets[0, 0:4] = strategy.unit_sets[1, 4:8] = True
+    _randomise(strategy.adapter)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    strategy.train()
+    measured = strategy.eval_features(x)
+    assert strategy.adapter.training and strategy.backbone.training
+    strategy.eval()
+    with torch.no_grad():
+        expected = strategy.features(x, unit_mask=strategy.unit_sets.any(0).float().expand(4, -1))
+        out = strategy(x)  # the forward add-ons read: the same label-free features, and s times the cosines
+    assert torch.allclose(measured, expected, atol=1e-6)
+    assert torch.allclose(out.features, expected, atol=1e-6)
+    assert torch.allclose(out.logits, strategy.cfg.scale * strategy.head(expected), atol=1e-5)
