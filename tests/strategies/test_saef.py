@@ -246,3 +246,131 @@ def test_the_profiler_counts_the_stored_leaf_and_parent_adapters(tmp_path, fast_
     assert record["total_params"] == counted[-1] + (2 + parents) * one
     assert record["stored_state_bytes"] == (2 + parents) * one * 4
     assert result.edge["per_experience"][0]["total_params"] == counted[0] + one
+
+
+# --------------------------------------------------------------------------- edges of the forest's rules
+def test_clustering_merges_at_exactly_the_threshold_breaks_ties_by_task_order_and_accepts_minus_infinity():
+    same = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # cosine exactly 1
+    assert cluster_tasks(same, 1.0) == [[0, 1]]  # merged while the best average similarity is >= delta_c
+    # sim(0, 1) = sim(1, 2) = 1/sqrt(2) exactly (the same normalised vector), sim(0, 2) = 0: the tie goes
+    # to the earlier pair; {0, 1} and {2} then average 0.35 < 0.6
+    chain = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    assert cluster_tasks(chain, 0.6) == [[0, 1], [2]]
+    assert cluster_tasks(chain, float("-inf")) == [[0, 1, 2]]  # no threshold at all: one cluster
+    assert cluster_tasks(chain[:1], 0.5) == [[0]]
+
+
+def test_parents_are_numbered_in_the_order_they_are_created_level_by_level():
+    angles = [0.0, 0.1, 0.9, 1.0, 2.0, 2.3]
+    leaves, thetas = _leaves([[math.cos(a), math.sin(a)] for a in angles])
+    root = build_tree(leaves, thetas)
+    internal = [n for n in root.nodes() if not n.is_leaf]
+    # six leaves: three parents on the first level (0, 1, 2), one on the second (3, beside the promoted
+    # node), the root last (4)
+    assert sorted(n.created for n in internal) == [0, 1, 2, 3, 4] and root.created == 4
+    assert all(n.created == -1 for n in root.nodes() if n.is_leaf)
+    first_level = [n for n in internal if n.created < 3]
+    assert all(c.is_leaf for n in first_level for c in n.children)
+
+
+def _tree_with(entropies_by_sample):
+    """A 4-leaf tree and an evaluate() whose entropies are set per node and per sample by hand (a list
+    per node, indexed by sample); q is one-hot on the node's position in root.nodes()."""
+    leaves, thetas = _leaves([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
+    root = build_tree(leaves, thetas)
+    nodes = root.nodes()
+    left, right = root.children
+    named = {"root": root, "L": left, "R": right, "LL": left.children[0], "LR": left.children[1],
+             "RL": right.children[0], "RR": right.children[1]}
+    table = {id(named[k]): torch.tensor(v) for k, v in entropies_by_sample.items()}
+
+    def evaluate(node, index):
+        q = F.one_hot(torch.full((len(index),), nodes.index(node)), len(nodes)).float()
+        return q, table[id(node)][index]
+
+    return named, nodes, evaluate
+
+
+def test_descent_is_inclusive_at_the_exit_entropy_prefers_the_left_child_on_ties_and_follows_each_sample():
+    # tau_e = 1.0. Sample 0: root 2.0 goes on, L (0.5 < 3.0) is confident, it stops there. Sample 1:
+    # root and R sit exactly at tau_e (1.0 >= 1.0), so they go on; R's children tie (0.25): the left
+    # one, RL. Sample 2: R (0.75 < 3.0) is confident, it stops there.
+    named, nodes, evaluate = _tree_with({
+        "root": [2.0, 1.0, 2.0], "L": [0.5, 3.0, 3.0], "R": [1.0, 1.0, 0.75],
+        "LL": [0.75, 3.0, 3.0], "LR": [0.25, 3.0, 3.0], "RL": [3.0, 0.25, 3.0], "RR": [3.0, 0.25, 3.0]})
+    q, h, count = descend(named["root"], 3, evaluate, exit_entropy=1.0)
+    assert q.argmax(1).tolist() == [nodes.index(named["L"]), nodes.index(named["RL"]), nodes.index(named["R"])]
+    assert h.tolist() == [0.5, 0.25, 0.75]
+    assert count.tolist() == [3, 5, 3]
+    # tau_e = 0: every sample down to a leaf, each along its own path, though the first branch popped
+    # ends before the other is walked
+    q, h, count = descend(named["root"], 3, evaluate, exit_entropy=0.0)
+    assert q.argmax(1).tolist() == [nodes.index(named["LR"]), nodes.index(named["RL"]), nodes.index(named["RL"])]
+    assert count.tolist() == [5, 5, 5]
+
+
+def _saef(**overrides):
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    cfg = strategy_config("saef", {"bottleneck": 4, **overrides})
+    return create_strategy("saef", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10, cfg, seed=0)
+
+
+def test_the_merge_rule_is_checked_with_a_message_naming_it():
+    from clbench.engine.runner import strategy_config
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"merge='max' is invalid; expected one of: mean, sign_max"):
+        strategy_config("saef", {"merge": "max"})
+
+
+def test_before_any_task_ends_there_is_no_forest_to_report_or_store():
+    strategy = _saef()
+    assert strategy.stored_state() == []  # the profiler may ask before the first task ends
+    report = strategy.report()
+    assert report["trees"] == [] and report["expert_forwards_per_sample"] is None
+
+
+def test_the_leaf_prototypes_are_float64_rows_per_task_on_the_strategys_device():
+    from clbench.engine.runner import create_scenario
+
+    scenario = create_scenario("digits32-5")
+    strategy = _saef()
+    strategy.on_experience_start(scenario.info(0))
+    assert strategy.leaf_prototypes.shape == (5, strategy.backbone.num_features)
+    assert strategy.leaf_prototypes.dtype == torch.float64  # like the frozen-PTM class means they come from
+    meta = _saef().to("meta")  # a module moved to another device keeps its new buffers there
+    meta.on_experience_start(scenario.info(0))
+    assert meta.leaf_prototypes.device.type == "meta"
+
+
+def test_loading_a_resume_state_rebuilds_the_forest_from_the_loaded_leaves():
+    """On --resume the module's buffers (stored adapters, leaf prototypes) are loaded and then
+    `load_extra_state`; a forest built before from other leaves must not survive it."""
+    from clbench.engine.runner import create_scenario
+
+    strategy = _saef(cluster_threshold=2.0)  # every task its own tree
+    strategy.on_experience_start(create_scenario("digits32-5").info(0))
+    strategy.task_adapter_vectors[:2] = torch.randn(2, strategy.task_adapter_vectors.shape[1])
+    strategy.task_adapter_count.fill_(2)
+    strategy.leaf_prototypes[:2] = torch.eye(2, strategy.backbone.num_features, dtype=torch.float64)
+    assert [tree.leaves for tree in strategy.forest] == [[0], [1]]
+    strategy.task_adapter_count.fill_(3)  # what a checkpoint taken after task 2 holds
+    strategy.leaf_prototypes[2] = torch.eye(3, strategy.backbone.num_features, dtype=torch.float64)[2]
+    strategy.load_extra_state(strategy.extra_state())
+    assert [tree.leaves for tree in strategy.forest] == [[0], [1], [2]]
+    assert torch.equal(strategy.forest[2].theta, strategy.task_adapter_vectors[2])
+
+
+def test_the_runs_seed_reaches_the_strategy():
+    """create_strategy passes the seed as a keyword: the classifier alignment's Gaussian samples are
+    drawn from a generator seeded with it (+ 29)."""
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    strategy = create_strategy("saef", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("saef", {"bottleneck": 4}), seed=5)
+    assert strategy.seed == 5
+    assert torch.equal(strategy.alignment_generator.get_state(), torch.Generator().manual_seed(5 + 29).get_state())
