@@ -391,3 +391,56 @@ def test_task_zero_prefix_mask_is_set_in_a_double_precision_run(scenario, build_
     expected = torch.zeros(len(s.keep_probs), 3 * 16 * 16)
     expected.index_add_(0, batch.y, (torch.nn.functional.avg_pool2d(batch.x.double(), 2) * 2).flatten(1).float())
     assert s.low_band_sums.dtype == torch.float32 and torch.allclose(s.low_band_sums, expected, atol=1e-5)
+
+
+def test_the_activation_rule_starts_strictly_after_the_warm_up_epochs(scenario, build_strategy):
+    """warmup_ratio 0.5 of 2 epochs: the end of epoch 1 (= 0.5 x 2, not past it) keeps the prefix
+    mask, the end of epoch 2 applies P = 1 - exp(-2 A / max A)."""
+    from clbench.config import RunConfig
+    from clbench.datasets import make_loader
+    from clbench.engine.runner import make_trainer
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4, replay_batch_size=4, warmup_ratio=0.5)
+    info = scenario.info(0)
+    s.on_experience_start(info)
+    s.phase = s.phases(info)[0]
+    seen = _KeepProbs()
+    run_cfg = RunConfig(epochs=2, batch_size=8, accelerator="cpu", limit_train_batches=1, progress=False)
+    loader = make_loader(s.phase_data(s.phase, s.training_data(info, scenario.train_sets[0])), 8, shuffle=False)
+    make_trainer(run_cfg, 2, [seen.callback], info, s.phase).fit(s, train_dataloaders=loader)
+    d = s.keep_probs.shape[1]
+    prefix = (torch.arange(d) < math.floor(d * 1.1 * 0.6)).float()
+    assert torch.equal(seen.at[(0, 1, "start")][0][:2], prefix.expand(2, -1))  # what epoch 1's end left
+    a = s.activation_counts[:2]
+    assert torch.allclose(s.keep_probs[:2], 1 - torch.exp(-2 * a / a.max(dim=1, keepdim=True).values.clamp_min(1)))
+    assert not torch.equal(s.keep_probs[:2], prefix.expand(2, -1))
+    assert torch.equal(s.keep_probs[2:], torch.ones(len(s.keep_probs) - 2, d))  # only the seen classes' rows follow it
+
+
+def test_add_ons_see_each_task_end_and_the_reservoir_counts_all_of_task_zero(scenario, batch_of):
+    """The task-end hook hands the experience to the run's add-ons, and after task 0 the reservoir
+    counts every sample of the task (not only those since the refill)."""
+    from clbench.auxiliary.base import Aux
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+    from clbench.types import Phase
+
+    class Recorder(Aux):
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        def on_experience_end(self, strategy, exp):
+            self.ended.append(exp)
+
+    recorder = Recorder()
+    torch.manual_seed(0)
+    s = create_strategy("er_clfd", build_backbone("resnet18_cifar_nf8"), scenario.num_classes,
+                        strategy_config("er_clfd", {"buffer_size": 4}), aux=[recorder], seed=0)
+    info = scenario.info(0)
+    s.on_experience_start(info)
+    s.phase = Phase("train")
+    for i in range(3):
+        s.on_train_batch_end(None, batch_of(scenario.train_sets[0], 6), i)
+    s.on_experience_end(info, scenario.train_sets[0])
+    assert recorder.ended == [info] and s.buffer.num_seen == 18 and not s.accumulate_low_band
