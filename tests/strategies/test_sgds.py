@@ -393,3 +393,26 @@ def test_the_label_free_features_of_the_class_statistics_are_measured_without_dr
     assert torch.allclose(measured, expected, atol=1e-6)
     assert torch.allclose(out.features, expected, atol=1e-6)
     assert torch.allclose(out.logits, strategy.cfg.scale * strategy.head(expected), atol=1e-5)
+
+
+def test_the_masked_training_loss_is_cosface_over_the_tasks_classes_with_the_margin():
+    """Stage 1's loss, written out: per sample, the cosines of the current task's classes under the
+    sample's class mask, the margin m subtracted from its own class's, cross-entropy of s times them."""
+    strategy = _strategy(margin=0.3)
+    scenario = create_scenario("digits32-5")
+    strategy.on_experience_start(scenario.info(1))  # classes 2 and 3
+    strategy.unit_sets[2, 0:4] = strategy.unit_sets[3, 4:8] = True
+    _randomise(strategy.adapter)
+    data = scenario.train_sets[1]
+    pick = torch.cat([(data.y == 2).nonzero()[:3, 0], (data.y == 3).nonzero()[:3, 0]])
+    x, y = data.x[pick], data.y[pick]
+    loss = strategy.train_loss(Batch(x, y))
+    with torch.no_grad():
+        total = 0.0
+        for i in range(len(x)):
+            cosines = strategy.head(strategy.features(x[i:i + 1], unit_mask=strategy.unit_sets[y[i:i + 1]].float()))[0]
+            z = [float(cosines[c]) - (0.3 if c == int(y[i]) else 0.0) for c in (2, 3)]
+            own = z[(2, 3).index(int(y[i]))]
+            total += -(strategy.cfg.scale * own - math.log(sum(math.exp(strategy.cfg.scale * v) for v in z)))
+    assert set(y.tolist()) == {2, 3}
+    assert loss.item() == pytest.approx(total / len(x), rel=1e-5)
