@@ -344,3 +344,31 @@ def test_prior_selection_keeps_the_lambda_of_the_lowest_heldout_loss(tmp_path, f
     assert selection["chosen"] == PRIOR_GRID[best] == result.strategy_report["prior_strength"]
     # the first task's global adapter is the one fused with the chosen lambda
     assert torch.equal(seen["global"][0], seen["scored"][best][0])
+
+
+def test_the_resume_state_carries_every_tasks_beta_and_the_chosen_prior_strength():
+    """`extra_state` / `load_extra_state`, the pair --resume goes through: each finished task's beta
+    (NaN where a task recorded none) and the prior strength (lambda, possibly selected after the first
+    task) come back; a state saved before lambda was kept leaves the configured one."""
+    import math
+
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    def fresh():
+        return create_strategy("daf", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("daf", {"bottleneck": 4, "prior_strength": 0.002}), seed=0)
+
+    saved = fresh()
+    saved.fusion = [{"task": 0, "beta": 0.25, "a_old": 1.0}, {"task": 1}, {"task": 2, "beta": 1.0}]
+    saved.prior_strength = 0.01  # as chosen by the selection
+    state = saved.extra_state()
+    resumed = fresh()
+    resumed.load_extra_state(state)
+    assert [f["task"] for f in resumed.fusion] == [0, 1, 2]
+    assert resumed.fusion[0] == {"task": 0, "beta": 0.25} and resumed.fusion[2] == {"task": 2, "beta": 1.0}
+    assert math.isnan(resumed.fusion[1]["beta"])
+    assert resumed.prior_strength == 0.01 and resumed.report()["prior_strength"] == 0.01
+    older = fresh()
+    older.load_extra_state({k: v for k, v in state.items() if k != "prior_strength"})
+    assert older.prior_strength == 0.002 and [f["beta"] for f in older.fusion][::2] == [0.25, 1.0]
