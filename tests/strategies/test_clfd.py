@@ -444,3 +444,50 @@ def test_add_ons_see_each_task_end_and_the_reservoir_counts_all_of_task_zero(sce
         s.on_train_batch_end(None, batch_of(scenario.train_sets[0], 6), i)
     s.on_experience_end(info, scenario.train_sets[0])
     assert recorder.ended == [info] and s.buffer.num_seen == 18 and not s.accumulate_low_band
+
+
+def test_a_class_seen_once_gets_the_activation_rule_with_its_count_of_one(scenario, build_strategy):
+    """One epoch on 7 images of one class and 1 of the other: the rarer class's counts are 0 or 1,
+    so its P is 1 - exp(-2 A / 1) (the row maximum, 1, divides)."""
+    from clbench.config import RunConfig
+    from clbench.datasets import InMemoryDataset, make_loader
+    from clbench.engine.runner import make_trainer
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4, replay_batch_size=4)
+    info = scenario.info(0)
+    data = scenario.train_sets[0]
+    rows = torch.cat([torch.nonzero(data.y == info.classes[0]).flatten()[:7], torch.nonzero(data.y == info.classes[1]).flatten()[:1]])
+    s.on_experience_start(info)
+    s.phase = s.phases(info)[0]
+    run_cfg = RunConfig(epochs=1, batch_size=8, accelerator="cpu", limit_train_batches=1, progress=False)
+    loader = make_loader(InMemoryDataset(data.x[rows], data.y[rows]), 8, shuffle=False)
+    make_trainer(run_cfg, 1, [], info, s.phase).fit(s, train_dataloaders=loader)
+    rare = info.classes[1]
+    a = s.activation_counts[rare]
+    assert a.max() == 1 and a.sum() > 0
+    assert torch.allclose(s.keep_probs[rare], 1 - torch.exp(-2 * a))
+
+
+def test_the_clfd_front_over_er_logs_its_two_cross_entropies(scenario, build_strategy, batch_of):
+    """`clfd` with base=er: CE on the current batch, then CE on replayed codes once the buffer holds some,
+    under the names the run logs (train/ce, train/replay_ce)."""
+    s = build("clfd", scenario, build_strategy, buffer_size=10, replay_batch_size=4)
+    s.on_experience_start(scenario.info(0))
+    batch = batch_of(scenario.train_sets[0], 8)
+    assert set(s.step_losses(batch)) == {"ce"}  # nothing to replay yet
+    fill(s, scenario, batch_of, n=8)
+    losses = s.step_losses(batch)
+    assert set(losses) == {"ce", "replay_ce"} and all(v.item() > 0 for v in losses.values())
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_replayed_codes_are_cropped_and_flipped_only_with_code_augment(augment, scenario, build_strategy, batch_of):
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4, replay_batch_size=16, code_augment=augment)
+    s.on_experience_start(scenario.info(0))
+    fill(s, scenario, batch_of, n=16)
+    stored = s.buffer.all()["x"]
+    torch.manual_seed(1)
+    drawn = s.draw()["x"]
+    # every drawn code is a stored one, unchanged, exactly when the augmentation is off
+    unchanged = [any(torch.equal(d, z) for z in stored) for d in drawn]
+    assert all(unchanged) if not augment else not all(unchanged)
