@@ -372,3 +372,22 @@ def test_the_resume_state_carries_every_tasks_beta_and_the_chosen_prior_strength
     older = fresh()
     older.load_extra_state({k: v for k, v in state.items() if k != "prior_strength"})
     assert older.prior_strength == 0.002 and [f["beta"] for f in older.fusion][::2] == [0.25, 1.0]
+
+
+def test_the_heldout_samples_are_a_permutation_drawn_from_the_runs_seed_and_at_least_one():
+    """select_prior's split of the first task: the held-out samples are the first
+    round(holdout_fraction x n) (at least 1) of a permutation drawn from a generator seeded with the
+    run's seed (+ 71), whatever the global RNG holds; training keeps the rest, both in index order."""
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    data = list(range(10))
+    for fraction, held in ((0.2, 2), (0.01, 1)):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 71)).tolist()
+        for global_seed in (1, 2):
+            s = create_strategy("daf", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                                strategy_config("daf", {"bottleneck": 4, "holdout_fraction": fraction}), seed=3)
+            torch.manual_seed(global_seed)
+            kept = s.split_holdout(data)
+            assert s._holdout.indices == sorted(order[:held])
+            assert kept.indices == sorted(order[held:])
