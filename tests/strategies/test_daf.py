@@ -346,6 +346,8 @@ def test_prior_selection_keeps_the_lambda_of_the_lowest_heldout_loss(tmp_path, f
     assert selection["chosen"] == PRIOR_GRID[best] == result.strategy_report["prior_strength"]
     # the first task's global adapter is the one fused with the chosen lambda
     assert torch.equal(seen["global"][0], seen["scored"][best][0])
+    # the selection's fusions are training work outside a fit: the profiler meters them under its label
+    assert result.edge["per_experience"][0]["outside_fit"]["prior_selection"]["steps"] == len(PRIOR_GRID)
 
 
 def test_the_resume_state_carries_every_tasks_beta_and_the_chosen_prior_strength():
