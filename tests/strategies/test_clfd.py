@@ -491,3 +491,29 @@ def test_replayed_codes_are_cropped_and_flipped_only_with_code_augment(augment, 
     # every drawn code is a stored one, unchanged, exactly when the augmentation is off
     unchanged = [any(torch.equal(d, z) for z in stored) for d in drawn]
     assert all(unchanged) if not augment else not all(unchanged)
+
+
+def test_replay_crops_take_every_offset_and_flip_half_of_the_codes(scenario, build_strategy):
+    """Through the replay view: each code is padded by 2 with the black code, cropped at an offset
+    drawn uniformly from 0..4 on each axis and flipped with probability 1/2; each output is matched
+    against the 50 candidates built here from a hand-padded canvas."""
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4)
+    n, c, h, w, pad = 600, 3, 4, 4, 2
+    z = torch.arange(1.0, 1.0 + c * h * w).view(1, c, h, w).expand(n, -1, -1, -1).contiguous()
+    black = s.black_code(z)
+    canvas = black.view(c, 1, 1).repeat(1, h + 2 * pad, w + 2 * pad)
+    canvas[:, pad:pad + h, pad:pad + w] = z[0]
+    candidates = {(dy, dx, f): canvas[:, dy:dy + h, dx:dx + w].flip(2) if f else canvas[:, dy:dy + h, dx:dx + w]
+                  for dy in range(5) for dx in range(5) for f in (False, True)}
+    torch.manual_seed(0)
+    out = s.replay_view(z)
+    drawn = [next(k for k, v in candidates.items() if torch.equal(o, v)) for o in out]
+    assert {dy for dy, _, _ in drawn} == set(range(5)) and {dx for _, dx, _ in drawn} == set(range(5))
+    assert sum(f for _, _, f in drawn) / n == pytest.approx(0.5, abs=0.07)
+    # the flip is u < 1/2 with u ~ U[0, 1): under seed 479 the 196th code draws u = 0.5 exactly
+    torch.manual_seed(479)
+    torch.randint(0, 5, (n,)), torch.randint(0, 5, (n,))
+    assert float(torch.rand(n)[195]) == 0.5
+    torch.manual_seed(479)
+    out = s.replay_view(z)
+    assert not next(k for k, v in candidates.items() if torch.equal(out[195], v))[2]
