@@ -341,6 +341,7 @@ def test_prior_selection_keeps_the_lambda_of_the_lowest_heldout_loss(tmp_path, f
     assert len(seen["held"]) == round(0.2 * seen["n"])
     selection = result.strategy_report["prior_selection"]
     assert selection["grid"] == list(PRIOR_GRID) and len(seen["scored"]) == len(PRIOR_GRID)
+    assert selection["heldout_samples"] == len(seen["held"])
     assert selection["heldout_loss"] == [v for _, v in seen["scored"]]
     best = min(range(len(PRIOR_GRID)), key=selection["heldout_loss"].__getitem__)
     assert selection["chosen"] == PRIOR_GRID[best] == result.strategy_report["prior_strength"]
