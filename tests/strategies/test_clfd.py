@@ -517,3 +517,26 @@ def test_replay_crops_take_every_offset_and_flip_half_of_the_codes(scenario, bui
     torch.manual_seed(479)
     out = s.replay_view(z)
     assert not next(k for k, v in candidates.items() if torch.equal(out[195], v))[2]
+
+
+def test_the_class_mask_keeps_a_unit_only_when_its_draw_is_below_p(scenario, build_strategy, batch_of):
+    """Through the current batch's forward (k-WTA keeping every unit): the features are the
+    backbone's times 1[u_j < P[y, j]]. P is a prefix mask (1 on units < 42, 0 after); under seed
+    282286 the batch's draw u is exactly 0 at unit 55, which P = 0 must still block (0 < 0 is false)."""
+    from clbench.types import Phase
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4, kwta_ratio=1.0)
+    s.on_experience_start(scenario.info(0))
+    s.train()
+    s.phase = Phase("train")
+    d = s.keep_probs.shape[1]
+    s.keep_probs[:] = (torch.arange(d) < 42).float()
+    batch = batch_of(scenario.train_sets[0], 8)
+    g = torch.Generator().manual_seed(282286)
+    assert float(torch.rand(d, generator=g)[55]) == 0.0
+    torch.manual_seed(282286)
+    out = s.current_output(batch)
+    with torch.no_grad():
+        raw = s.backbone(s.encoder(batch.x))  # batch statistics, as in the step
+    assert torch.allclose(out.features[:, :42], raw[:, :42], atol=1e-6)
+    assert (raw[:, 55] > 0).any() and (out.features[:, 42:] == 0).all()
