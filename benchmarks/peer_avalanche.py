@@ -13,7 +13,7 @@ Pairs (clbench / Avalanche, hyper-parameters set equal on both sides):
     naive / Naive                     joint / Cumulative (same work: all data seen so far)
     joint / JointTraining (offline)   er / Replay (200)
     lwf / LwF (alpha 1, T 2)          ewc / EWC (online, lambda 10, decay 1)
-    der_pp / DER (200, alpha 0.1, beta 0.5, replay batch 32)
+    der_pp / DER (200, alpha 0.1, beta 0.5, replay batch 32; clbench replay_draws=1, Avalanche's one draw)
     er_ace / ER_ACE (200, replay batch 32)
     icarl / ICaRL (200, fixed memory; clbench's wd_reg set to 0: Avalanche has no such term)
 (clbench ships no GEM, A-GEM, SI, MAS or GDumb: those Avalanche strategies have no twin here.)
@@ -127,7 +127,9 @@ PAIRS = [
     Pair("er", "er", "Replay", {"buffer_size": MEMORY, "replay_batch_size": BATCH}),
     Pair("lwf", "lwf", "LwF", {"alpha": 1.0, "temperature": 2.0}),
     Pair("ewc", "ewc", "EWC", {"ewc_lambda": 10.0, "gamma": 1.0}),
-    Pair("der_pp", "der_pp", "DER", {"buffer_size": MEMORY, "replay_batch_size": REPLAY_BATCH, "alpha": 0.1, "beta": 0.5}),
+    # Avalanche's DER feeds both replay terms from one draw: clbench's replay_draws=1 does the same work
+    Pair("der_pp", "der_pp", "DER", {"buffer_size": MEMORY, "replay_batch_size": REPLAY_BATCH, "alpha": 0.1, "beta": 0.5,
+                                     "replay_draws": 1}),
     Pair("er_ace", "er_ace", "ER_ACE", {"buffer_size": MEMORY, "replay_batch_size": REPLAY_BATCH}),
     Pair("icarl", "icarl", "ICaRL", {"buffer_size": MEMORY, "wd_reg": 0.0}),
 ]

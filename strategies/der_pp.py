@@ -31,6 +31,11 @@ running statistics three times.  Without BatchNorm the two are identical.
 `joint_forward=False` restores Mammoth's three passes.  Subclasses that redefine
 `current_output` or `replay_output` (CLFD's current-batch mask, its code-domain replay)
 keep the three passes through those hooks.
+
+Replay draws (`replay_draws`).  2 (default): the paper's two independent draws, one for
+the logit term and one for the label term.  1: a single draw feeds both terms, as
+Avalanche's `DER` does; each step then trains on one replay batch instead of two.  The
+peer benchmark against Avalanche sets it to 1 so both sides do the same work.
 """
 
 from __future__ import annotations
@@ -57,10 +62,13 @@ class Config(er.Config):
     beta: float = 0.5  # weight of the replay cross-entropy term
     logit_width: str = "full"  # MSE over the current head's columns ("full", as Mammoth) or the stored ones ("seen")
     joint_forward: bool = True  # current batch and both replay draws in one forward pass (False: three)
+    replay_draws: int = 2  # 2: independent draws for the two replay terms (the paper); 1: one draw feeds both (Avalanche)
 
     def __post_init__(self):
         super().__post_init__()
         non_negative_numbers(self, "alpha", "beta")
+        if self.replay_draws not in (1, 2) or isinstance(self.replay_draws, bool):
+            raise UsageError(f"replay_draws={self.replay_draws!r} is invalid; expected 1 or 2")
         if self.logit_width not in LOGIT_WIDTHS:
             raise UsageError(f"logit_width={self.logit_width!r} is invalid; expected one of: {', '.join(LOGIT_WIDTHS)}")
 
@@ -93,7 +101,7 @@ class DERPP(Replay):
         losses = {"ce": F.cross_entropy(out.logits, batch.y)}
         first = self.draw()
         if first:
-            second = self.draw()
+            second = self.draw() if self.cfg.replay_draws == 2 else first
             losses["logit_mse"] = self.cfg.alpha * self.logit_mse(self.replay_output(first["x"]).logits, first)
             losses["replay_ce"] = self.cfg.beta * F.cross_entropy(self.replay_output(second["x"]).logits, second["y"])
         return losses
@@ -105,11 +113,11 @@ class DERPP(Replay):
                 and cls.replay_output is Replay.replay_output)
 
     def joint_step_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The three terms from one forward over [current batch; first draw; second draw]."""
+        """The three terms from one forward over [current batch; first draw; second draw (if any)]."""
         first = self.draw()
-        second = self.draw() if first else {}
-        x = torch.cat([batch.x, *((first["x"], second["x"]) if first else ())])
-        y = torch.cat([batch.y, *((first["y"], second["y"]) if first else ())])
+        draws = [first, self.draw()] if first and self.cfg.replay_draws == 2 else [first] if first else []
+        x = torch.cat([batch.x, *(d["x"] for d in draws)])
+        y = torch.cat([batch.y, *(d["y"] for d in draws)])
         out = self(x)
         n = len(batch)
         current = self.remember(out, x, y, current=n)
@@ -117,8 +125,9 @@ class DERPP(Replay):
         losses = {"ce": F.cross_entropy(current.logits, batch.y)}
         if first:
             m = len(first["y"])
+            second_rows = slice(n + m, None) if len(draws) == 2 else slice(n, n + m)  # one draw: the same rows
             losses["logit_mse"] = self.cfg.alpha * self.logit_mse(out.logits[n : n + m], first)
-            losses["replay_ce"] = self.cfg.beta * F.cross_entropy(out.logits[n + m :], second["y"])
+            losses["replay_ce"] = self.cfg.beta * F.cross_entropy(out.logits[second_rows], draws[-1]["y"])
         return losses
 
     def logit_mse(self, logits: torch.Tensor, replay: dict[str, torch.Tensor]) -> torch.Tensor:

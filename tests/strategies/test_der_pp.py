@@ -129,3 +129,46 @@ def test_joint_forward_gives_the_separate_passes_losses_without_batchnorm(build_
     for k in joint_losses:
         assert joint_losses[k] == pytest.approx(separate_losses[k], rel=1e-5), k
     assert torch.allclose(joint_logits, separate_logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("draws", [1, 2])
+def test_replay_draws_one_feeds_both_replay_terms_from_the_same_rows(build_strategy, synthetic_scenario, batch_of,
+                                                                      joint, draws):
+    """replay_draws=1 (Avalanche's DER): the label term is the CE of the very rows the logit term replays;
+    2 (the paper): a second, independent draw. Checked against the network's own logits computed here."""
+    import torch.nn.functional as F
+    from clbench.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("clbench_mlp_tiny", in_chans=1, img_size=8)
+    s = build_strategy("der_pp", synthetic_scenario, backbone=backbone, buffer_size=8, replay_batch_size=4,
+                       joint_forward=joint, replay_draws=draws, alpha=1.0, beta=1.0, logit_width="seen")
+    s.on_experience_start(synthetic_scenario.info(0))
+    step(s, batch_of(synthetic_scenario.train_sets[0], 8))
+    stored = s.buffer.all()
+    picks = iter([[0, 1, 2, 3], [4, 5, 6, 7]])
+    calls = []
+
+    def fixed_draw():
+        calls.append(1)
+        rows = torch.tensor(next(picks))
+        return {k: v[rows] for k, v in stored.items()}
+
+    s.draw = fixed_draw
+    s.on_experience_start(synthetic_scenario.info(1))
+    losses = s.step_losses(batch_of(synthetic_scenario.train_sets[1], 8))
+    assert len(calls) == draws
+    with torch.no_grad():
+        logits = s(stored["x"]).logits  # no BatchNorm in the MLP: row by row the same as inside the step
+    label_rows = slice(0, 4) if draws == 1 else slice(4, 8)
+    expected_ce = F.cross_entropy(logits[label_rows], stored["y"][label_rows]).item()
+    assert losses["replay_ce"].item() == pytest.approx(expected_ce, rel=1e-5)
+    expected_mse = ((logits[:4, :2] - stored["logits"][:4, :2]) ** 2).mean().item()  # first-task rows: width 2
+    assert losses["logit_mse"].item() == pytest.approx(expected_mse, rel=1e-5)
+
+
+def test_replay_draws_is_checked(strategy_factory):
+    assert strategy_factory("der_pp").cfg.replay_draws == 2
+    with pytest.raises(UsageError, match=r"replay_draws=3 is invalid; expected 1 or 2"):
+        strategy_factory("der_pp", replay_draws=3)
