@@ -540,3 +540,25 @@ def test_the_class_mask_keeps_a_unit_only_when_its_draw_is_below_p(scenario, bui
         raw = s.backbone(s.encoder(batch.x))  # batch statistics, as in the step
     assert torch.allclose(out.features[:, :42], raw[:, :42], atol=1e-6)
     assert (raw[:, 55] > 0).any() and (out.features[:, 42:] == 0).all()
+
+
+def test_the_class_mask_and_the_counts_apply_only_to_training_steps_of_the_train_phase(scenario, build_strategy, batch_of):
+    """With P = 0 everywhere a masked step would zero every feature: the current batch's output is
+    masked (and counted) only in training mode during the train phase."""
+    from clbench.types import Phase
+
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4)
+    s.on_experience_start(scenario.info(0))
+    s.keep_probs.zero_()
+    batch = batch_of(scenario.train_sets[0], 8)
+    for training, phase in ((False, "train"), (True, "warmup")):
+        s.train(training)
+        s.phase = Phase(phase)
+        with torch.no_grad():
+            out = s.current_output(batch)
+        assert (out.features != 0).any(), (training, phase)
+        assert s.activation_counts.sum() == 0, (training, phase)
+    s.train()
+    s.phase = Phase("train")
+    with torch.no_grad():
+        assert (s.current_output(batch).features == 0).all()
