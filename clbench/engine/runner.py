@@ -527,12 +527,20 @@ def _check_accumulation(strategy_cls, run: C.RunConfig) -> None:
                          f"{run.batch_size * distributed.world_size()} (batch_size x devices) or unset")
 
 
+_runs_started_in_process = 0
+
+
 @contextlib.contextmanager
 def _collections_scan_only_this_run():
     """The collection after every fit (which frees that fit's Trainer) scans only the objects made
     during this run: everything that existed before (the imported libraries: some 600k objects with
-    Avalanche, 0.3 s a full scan) is frozen for the run's duration, after one full collection."""
-    gc.collect()
+    Avalanche, 0.3 s a full scan) is frozen for the run's duration. Before freezing, a full collection
+    frees what an earlier run of the same process (a sweep, `--seeds`) left; the first run has no such
+    garbage, only the imports', which stays frozen until the run ends and is collected after it."""
+    global _runs_started_in_process
+    if _runs_started_in_process:
+        gc.collect()
+    _runs_started_in_process += 1
     gc.freeze()
     try:
         yield
