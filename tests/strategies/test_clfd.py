@@ -562,3 +562,13 @@ def test_the_class_mask_and_the_counts_apply_only_to_training_steps_of_the_train
     s.phase = Phase("train")
     with torch.no_grad():
         assert (s.current_output(batch).features == 0).all()
+
+
+def test_the_encoder_trains_in_task_zero_and_is_frozen_from_the_next_task_start(scenario, build_strategy):
+    s = build("er_clfd", scenario, build_strategy, buffer_size=4)
+    s.on_experience_start(scenario.info(0))
+    assert all(p.requires_grad for p in s.encoder.parameters())
+    s.on_experience_end(scenario.info(0), scenario.train_sets[0])
+    s.encoder.requires_grad_(True)  # even if something re-enabled it, the next task start freezes it
+    s.on_experience_start(scenario.info(1))
+    assert not any(p.requires_grad for p in s.encoder.parameters())
