@@ -62,6 +62,7 @@ def test_encoder_shape_and_parameter_count():
     enc = FrequencyEncoder(3)
     assert enc(torch.rand(5, 3, 32, 32)).shape == (5, 3, 16, 16)
     assert sum(p.numel() for p in enc.parameters()) == 24
+    assert sum(p.numel() for p in FrequencyEncoder().parameters()) == 24  # RGB by default
 
 
 # ---------------------------------------------------------------- check 2: FLOPs
