@@ -573,3 +573,14 @@ def test_the_encoder_trains_in_task_zero_and_is_frozen_from_the_next_task_start(
     s.encoder.requires_grad_(True)  # even if something re-enabled it, the next task start freezes it
     s.on_experience_start(scenario.info(1))
     assert not any(p.requires_grad for p in s.encoder.parameters())
+
+
+def test_a_one_channel_backbone_is_refused_with_the_whole_reason(scenario, build_strategy):
+    from clbench.errors import UsageError
+    from clbench.models.backbones import CifarResNet
+
+    with pytest.raises(UsageError) as refused:
+        build_strategy("er_clfd", scenario, backbone=CifarResNet(8, in_chans=1))
+    assert str(refused.value) == (
+        "CLFD feeds 3-channel half-size codes to the backbone; expected a convolutional backbone with 3 input "
+        "channels (e.g. --backbone resnet18_cifar), got CifarResNet with 1 input channels")
