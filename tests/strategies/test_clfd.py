@@ -584,3 +584,23 @@ def test_a_one_channel_backbone_is_refused_with_the_whole_reason(scenario, build
     assert str(refused.value) == (
         "CLFD feeds 3-channel half-size codes to the backbone; expected a convolutional backbone with 3 input "
         "channels (e.g. --backbone resnet18_cifar), got CifarResNet with 1 input channels")
+
+
+def test_the_code_buffer_follows_the_run_s_policy_and_seed(scenario, build_strategy, batch_of):
+    """Same policy and seed as a buffer built here: the same 40 codes kept of the same 120 offered."""
+    from clbench.models.buffers import ClassBalancedBuffer, make_buffer
+
+    torch.manual_seed(0)
+    s = build_strategy("er_clfd", scenario, backbone="resnet18_cifar_nf8", seed=3, buffer_size=10, buffer_policy="class_balanced")
+    assert isinstance(s.buffer, ClassBalancedBuffer) and s.buffer.capacity == 40
+    twin = make_buffer(40, "class_balanced", seed=3)
+    data = scenario.train_sets[0]
+    for start in range(0, 120, 20):
+        x, y = torch.arange(start, start + 20).float().view(-1, 1), data.y[start:start + 20]
+        s.buffer.add(x=x, y=y)
+        twin.add(x=x, y=y)
+    assert torch.equal(s.buffer.all()["x"], twin.all()["x"])
+    other = make_buffer(40, "class_balanced", seed=4)
+    for start in range(0, 120, 20):
+        other.add(x=torch.arange(start, start + 20).float().view(-1, 1), y=data.y[start:start + 20])
+    assert not torch.equal(other.all()["x"], twin.all()["x"])  # the seed decides which codes stay
