@@ -88,6 +88,9 @@ def run_clbench(strategy: str, root: Path, out: Path, seed: int) -> float:
     from clbench.config import RunConfig
     from clbench.engine import runner
 
+    # measured as `clbench run` runs it, the first run of its process: a later run of the same process
+    # (a sweep) first collects what the earlier one left, which a one-run process has no need of
+    runner._runs_started_in_process = 0
     t0 = time.process_time()
     cfg = RunConfig(accelerator="cpu", progress=False, output_dir=str(out), data_root=str(root), epochs=1,
                     batch_size=BATCH, eval_batch_size=EVAL_BATCH, backbone="resnet18_cifar")
