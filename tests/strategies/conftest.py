@@ -66,3 +66,20 @@ def _sign_elected_by_hand(thetas: torch.Tensor) -> torch.Tensor:
 def sign_elected_by_hand():
     """The sign-elected merge of TUNA and SAEF, re-implemented independently of the code under test."""
     return _sign_elected_by_hand
+
+
+@pytest.fixture
+def task_end_recorder():
+    """An add-on that records every experience its `on_experience_end` is handed: whether a strategy's
+    task-end hook reaches the run's add-ons."""
+    from clbench.auxiliary.base import Aux
+
+    class TaskEndRecorder(Aux):
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        def on_experience_end(self, strategy, exp):
+            self.ended.append(exp)
+
+    return TaskEndRecorder()

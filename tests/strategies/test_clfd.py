@@ -418,23 +418,14 @@ def test_the_activation_rule_starts_strictly_after_the_warm_up_epochs(scenario, 
     assert torch.equal(s.keep_probs[2:], torch.ones(len(s.keep_probs) - 2, d))  # only the seen classes' rows follow it
 
 
-def test_add_ons_see_each_task_end_and_the_reservoir_counts_all_of_task_zero(scenario, batch_of):
+def test_add_ons_see_each_task_end_and_the_reservoir_counts_all_of_task_zero(scenario, batch_of, task_end_recorder):
     """The task-end hook hands the experience to the run's add-ons, and after task 0 the reservoir
     counts every sample of the task (not only those since the refill)."""
-    from clbench.auxiliary.base import Aux
     from clbench.engine.runner import create_strategy, strategy_config
     from clbench.models.backbones import build_backbone
     from clbench.types import Phase
 
-    class Recorder(Aux):
-        def __init__(self):
-            super().__init__()
-            self.ended = []
-
-        def on_experience_end(self, strategy, exp):
-            self.ended.append(exp)
-
-    recorder = Recorder()
+    recorder = task_end_recorder
     torch.manual_seed(0)
     s = create_strategy("er_clfd", build_backbone("resnet18_cifar_nf8"), scenario.num_classes,
                         strategy_config("er_clfd", {"buffer_size": 4}), aux=[recorder], seed=0)

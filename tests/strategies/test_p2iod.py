@@ -358,18 +358,8 @@ def test_the_task_end_fuses_every_prompt_tensor_by_the_rule_written_out_by_hand(
         assert torch.equal(strategy.theta_prev[name], p.detach())  # where the next task starts
 
 
-def test_the_run_s_seed_and_add_ons_reach_the_strategy_and_see_every_task_end():
-    from clbench.auxiliary.base import Aux
-
-    class Recorder(Aux):
-        def __init__(self):
-            super().__init__()
-            self.ended = []
-
-        def on_experience_end(self, strategy, exp):
-            self.ended.append(exp)
-
-    recorder = Recorder()
+def test_the_run_s_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_end_recorder):
+    recorder = task_end_recorder
     strategy = P2IOD(None, 4, Config(base="random"), aux=[recorder], seed=5)
     assert strategy.seed == 5 and list(strategy.aux) == [recorder]
     for task in TASKS:
