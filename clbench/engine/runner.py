@@ -257,6 +257,13 @@ def check_weights(run_cfg: C.RunConfig) -> str | None:
     return pretrained_file(run_cfg.backbone, download=run_cfg.download)
 
 
+def strategy_model_weights(strategy: str, cfg) -> list[str]:
+    """The pretrained files a strategy that builds its own model (a detector) will read, from its
+    `model_weights(cfg)`; a missing one is a one-line UsageError. [] for every other strategy."""
+    model_weights = getattr(STRATEGIES.get(strategy), "model_weights", None)
+    return list(model_weights(cfg)) if model_weights is not None else []
+
+
 def download(spec: RunSpec, say: Callable[[str], None] = print) -> None:
     """Fetch everything `spec`'s run will read (pretrained weights, then the scenario's data) into the hub
     cache and the data root, for machines that train without network."""
@@ -265,8 +272,7 @@ def download(spec: RunSpec, say: Callable[[str], None] = print) -> None:
     path = check_weights(run_cfg)
     if path is not None:
         say(f"weights: {run_cfg.backbone if run_cfg.weights is None else 'file'} -> {path}")
-    model_weights = getattr(STRATEGIES.get(spec.strategy), "model_weights", None)
-    own_files = model_weights(cfg) if model_weights is not None else []
+    own_files = strategy_model_weights(spec.strategy, cfg)
     for own in own_files:
         say(f"weights: {spec.strategy}'s model -> {own}")
     scenario = create_scenario(spec.scenario, run_cfg, spec.seed)
@@ -387,9 +393,7 @@ def _prepare(spec: RunSpec):
     settings, the scenario and whether the strategy learns the scenario's task."""
     run_cfg, cfg = resolve(spec)
     check_weights(run_cfg)  # missing weights fail now, before data, Lightning or a model is touched
-    model_weights = getattr(STRATEGIES.get(spec.strategy), "model_weights", None)
-    if model_weights is not None:  # a detector's own pretrained files: checked as early
-        model_weights(cfg)
+    strategy_model_weights(spec.strategy, cfg)  # a detector's own pretrained files: checked as early
     C.check_seed(spec.seed)
     aux = create_aux(spec.aux)
     _check_output_dir(run_cfg.output_dir)
