@@ -156,11 +156,22 @@ use_git_change_detection = false
     (tree / "mutants" / "_mutation_order.py").write_text(ORDER_PLUGIN, encoding="utf-8")
 
 
-# mutmut hands pytest a mutant's covering tests as a set (in no useful order) and stops at the first
-# failure (-x): running them fastest first, by the durations mutmut measured, makes a killed mutant
-# cost its fastest killing test rather than whichever slow run happens to come first.
+# Loaded into every pytest run mutmut makes (its statistics run and each mutant's run).
+#
+# Test order: mutmut hands pytest a mutant's covering tests as a set (in no useful order) and stops
+# at the first failure (-x): running them fastest first, by the durations mutmut measured, makes a
+# killed mutant cost its fastest killing test rather than whichever slow run happens to come first.
+#
+# Shared fixtures: mutmut maps a function to the tests during which it was called. A module-scoped
+# fixture (a short run that several tests check) executes once, inside the first test that asks for
+# it, so mutmut credited the run's functions to that test alone and never ran the later tests
+# against their mutants. The calls made while a fixture wider than one test is set up are recorded
+# per fixture and credited to every test that uses the fixture.
 ORDER_PLUGIN = '''
 import json, os
+
+import pytest
+
 
 def pytest_collection_modifyitems(session, config, items):
     if not os.path.exists("mutmut-stats.json"):
@@ -168,6 +179,42 @@ def pytest_collection_modifyitems(session, config, items):
     with open("mutmut-stats.json") as f:
         durations = json.load(f).get("duration_by_test", {})
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+_calls_by_fixture = {}
+
+
+def _hits():
+    try:
+        from mutmut.state import state
+    except ImportError:
+        return None
+    return state()._stats
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    hits = _hits() if fixturedef.scope != "function" else None
+    if hits is None:
+        yield
+        return
+    before = set(hits)
+    hits.clear()
+    try:
+        yield
+    finally:
+        _calls_by_fixture[id(fixturedef)] = set(hits)
+        hits |= before
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    hits = _hits()
+    if hits is not None:
+        for definitions in item._fixtureinfo.name2fixturedefs.values():
+            for fixturedef in definitions:
+                hits |= _calls_by_fixture.get(id(fixturedef), set())
+    yield
 '''
 
 
@@ -477,7 +524,9 @@ def write_readme(docs: Path = DOCS, top_readme: Path = TOP_README) -> None:
             The script works on a scratch copy of the tree (`$CLBENCH_MUTATION_DIR`, default
             `/tmp/clbench-mutation`), one mutant at a time, and writes one report per file beside this page,
             then this table from the reports' `.json` files. Survivors are explained in
-            `docs/mutation/annotations.toml`.
+            `docs/mutation/annotations.toml`. A mutant is run against the tests that called its
+            function; the calls a shared (module-scoped) fixture makes, such as a short run several
+            tests check, count for every test that uses the fixture, not only the first.
 
             """).replace("RERUN", RERUN) + f"{README_BEGIN}\n{README_END}\n"
     readme.write_text(splice_table(text, mutation_table(docs)), encoding="utf-8")

@@ -89,3 +89,65 @@ def test_the_project_readme_carries_the_table_between_markers_and_the_rerun_comm
     table = text.split("<!-- mutation-table:begin -->")[1].split("<!-- mutation-table:end -->")[0]
     links = [line.split("](")[1].split(")")[0] for line in table.splitlines() if line.startswith("| [")]
     assert links and all(link.startswith("docs/mutation/") and (ROOT / link).is_file() for link in links)
+
+
+SHARED_FIXTURE_TESTS = '''
+import pytest
+from mutmut.state import state
+
+
+@pytest.fixture(scope="module")
+def short_run():
+    state()._stats.add("run_the_stream")      # what a mutated function's trampoline records
+    return 3
+
+
+@pytest.fixture
+def one_step():
+    state()._stats.add("take_a_step")
+    return 1
+
+
+def test_first(short_run):
+    assert short_run == 3
+
+
+def test_second_reads_the_same_run(short_run, one_step):
+    assert short_run + one_step == 4
+
+
+def test_unrelated():
+    state()._stats.add("helper")
+'''
+
+
+def test_a_module_fixtures_calls_are_credited_to_every_test_that_uses_it(tmp_path, monkeypatch, mutation):
+    """mutmut maps a mutated function to the tests during which it ran; a module-scoped fixture runs
+    inside the first test only, so without the plugin the second test would never be run against
+    the fixture's mutants. Here the mapping is recorded the way mutmut's statistics run does."""
+    from mutmut.state import state
+
+    (tmp_path / "_mutation_order.py").write_text(mutation.ORDER_PLUGIN, encoding="utf-8")
+    (tmp_path / "test_shared.py").write_text(SHARED_FIXTURE_TESTS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tests_by_function: dict[str, set[str]] = {}
+
+    class StatsLikeMutmut:
+        def pytest_runtest_teardown(self, item, nextitem):
+            for function in state()._stats:
+                tests_by_function.setdefault(function, set()).add(item.name)
+            state()._stats.clear()
+
+    state()._stats.clear()
+    try:
+        code = pytest.main(["-q", "-p", "no:randomly", "-p", "no:xdist", "-p", "no:cacheprovider", "-p",
+                            "_mutation_order", "--rootdir", str(tmp_path), str(tmp_path / "test_shared.py")],
+                           plugins=[StatsLikeMutmut()])
+    finally:
+        state()._stats.clear()
+    assert code == 0
+    assert tests_by_function == {
+        "run_the_stream": {"test_first", "test_second_reads_the_same_run"},
+        "take_a_step": {"test_second_reads_the_same_run"},
+        "helper": {"test_unrelated"},
+    }
