@@ -40,7 +40,7 @@ docs-serve: $(STAMP)
 # Mutation testing of the tests (a benchmark, not part of `make test`): mutmut on a scratch copy of the
 # tree, each mutant run against the tests mapped to its file, one at a time with a per-mutant timeout;
 # reports in docs/mutation/<file>.md and the kill-score table in docs/mutation/README.md.
-# `make mutation` runs the default set (buffers, heads, metrics); `make mutation FILE=strategies/lord.py` one file.
+# `make mutation` runs the default set (buffers, heads, teacher snapshots, metrics, FLOP counter); `make mutation FILE=strategies/lord.py` one file.
 mutation: $(STAMP)
 	$(BIN)/python scripts/mutation.py $(FILE)
 

@@ -59,8 +59,11 @@ TESTS: dict[str, list[str]] = {
     "clbench/metrics.py": ["tests/test_metrics.py"],
     "strategies/lord.py": ["tests/strategies/test_lord.py"],
     "strategies/clfd.py": ["tests/strategies/test_clfd.py"],
+    "edge/flops.py": ["tests/edge/test_flops.py"],
 }
-DEFAULT_FILES = ["clbench/models/buffers.py", "clbench/models/heads.py", "clbench/metrics.py"]
+# the shared mechanics every method relies on: buffers, heads, teacher snapshots, metrics, FLOP counter
+DEFAULT_FILES = ["clbench/models/buffers.py", "clbench/models/heads.py", "clbench/models/freeze.py",
+                 "clbench/metrics.py", "edge/flops.py"]
 RERUN = ("make mutation                          # the default set: " + ", ".join(DEFAULT_FILES) + "\n"
          "    make mutation FILE=strategies/lord.py  # one file (scripts/mutation.py takes several)")
 
