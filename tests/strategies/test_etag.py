@@ -372,3 +372,161 @@ def test_mask_unseen_decides_whether_a_class_not_seen_yet_may_win(mask_unseen, r
     loaders = [make_loader(d, 64, shuffle=False) for d in scenario.test_sets]
     assert all(torch.bincount(d.y).tolist() == c for d, c in zip(scenario.test_sets, ([20, 20], [0, 0, 20, 20], [0] * 4 + [20, 20])))
     assert evaluate(strategy, loaders, n_seen=len(scenario.info(0).seen_classes)) == row
+
+
+# ---- the generator: reparameterised sampling, and each term of its loss on hand-set weights
+def test_the_cvae_samples_z_as_mean_plus_noise_times_the_standard_deviation():
+    from clbench.strategies.etag import FeatureCVAE
+
+    cvae = FeatureCVAE(dim=8, num_classes=3, hidden=8, latent=8)
+    with torch.no_grad():  # encoder: mean 50, log-variance ln 4 (std 2) everywhere; decoder: z itself
+        for p in cvae.parameters():
+            p.zero_()
+        cvae.mean.bias.fill_(50.0)
+        cvae.log_variance.bias.fill_(math.log(4.0))
+        cvae.decoder[0].weight[:, :8].copy_(torch.eye(8))  # the one-hot columns stay 0
+        cvae.decoder[2].weight.copy_(torch.eye(8))
+        cvae.decoder[4].weight.copy_(torch.eye(8))
+        f, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        torch.manual_seed(7)
+        out, mean, log_variance = cvae(f, y)
+        torch.manual_seed(7)
+        noise = torch.randn(4, 8)  # the same draw the forward made
+    assert torch.equal(mean, torch.full((4, 8), 50.0)) and torch.allclose(log_variance, torch.full((4, 8), math.log(4.0)))
+    assert torch.allclose(out, 50.0 + 2.0 * noise)  # all positive: the decoder's ReLUs pass z through
+
+
+def _hand_set_generator(generator, mean, log_variance, output):
+    """Encoder silent, the latent's mean and log-variance the constants given, the decoder's output
+    the vector `output` whatever z and the label are."""
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.zero_()
+        generator.mean.bias.fill_(mean)
+        generator.log_variance.bias.fill_(log_variance)
+        generator.decoder[4].bias.copy_(output)
+
+
+def test_each_generator_loss_term_on_hand_set_weights_in_the_first_and_a_later_task():
+    """Reconstruction SSE / B, the Gaussian KL / B, the classifier's CE on the reconstructions (and,
+    later, on generated old-class features, weighted 1 : K_old) and 1e-3 K_old SSE to G_{t-1}."""
+    from clbench.types import ExperienceInfo
+
+    strategy = _strategy(num_classes=8)  # 4 tasks of 2 classes, so a task with K_old = 2 has a generator phase
+    tasks = [ExperienceInfo(t, (2 * t, 2 * t + 1), tuple(range(2 * t + 2)), 4, 8) for t in range(4)]
+    d, latent, n = strategy.backbone.num_features, strategy.cfg.latent, 5
+    output = 1.0 + 0.05 * torch.arange(d, dtype=torch.float32)
+    beta, gamma = 1.0, 2.0  # the classifier: constant logits, class 4 at beta, class 5 at gamma, the rest 0
+    log_z = math.log(6 + math.exp(beta) + math.exp(gamma))
+    # mean 0.5, variance 2: per latent dimension -(1 + ln 2 - 0.25 - 2) / 2
+    kl = -0.5 * latent * (1 + math.log(2.0) - 0.25 - 2.0)
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def generator_step(task, y):
+        strategy.on_experience_start(task)
+        strategy.phase = strategy.phases(task)[1]
+        assert strategy.phase.name == "generator"
+        strategy.on_train_epoch_start()
+        _hand_set_generator(strategy.generator, 0.5, math.log(2.0), output)
+        strategy.on_fit_start()
+        with torch.no_grad():
+            strategy.head.weight.zero_()
+            strategy.head.bias.copy_(torch.tensor([0, 0, 0, 0, beta, gamma, 0, 0]))
+            strategy.generator.decoder[4].bias.add_(0.5)  # G_t has moved 0.5 away from G_{t-1} in every dimension
+            real = strategy.backbone(x)
+            terms = strategy.generator_losses(Batch(x, torch.tensor(y)))
+        strategy.on_experience_end(task, None)
+        return real, terms
+
+    real, terms = generator_step(tasks[0], [0, 1, 1, 0, 0])
+    assert set(terms) == {"reconstruction", "kl", "ce"}
+    assert terms["reconstruction"].item() == pytest.approx(((output + 0.5 - real) ** 2).sum().item() / n, rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(log_z, rel=1e-5)  # classes 0 and 1 both score 0
+
+    strategy.on_experience_start(tasks[1])
+    strategy.on_experience_end(tasks[1], None)
+    real, terms = generator_step(tasks[2], [4, 4, 5, 5, 5])
+    k_old = strategy.k_old(tasks[2])
+    assert k_old == 2
+    assert set(terms) == {"reconstruction", "kl", "ce", "consistency"}
+    assert terms["reconstruction"].item() == pytest.approx(((output + 0.5 - real) ** 2).sum().item() / n, rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl, rel=1e-5)
+    current = log_z - (2 * beta + 3 * gamma) / n  # old classes 0-3 all score 0: log Z each, whichever are drawn
+    assert terms["ce"].item() == pytest.approx((current + k_old * log_z) / (k_old + 1), rel=1e-5)
+    assert terms["consistency"].item() == pytest.approx(1e-3 * k_old * n * d * 0.5**2, rel=1e-5)
+
+
+def test_k_old_rounds_down_when_the_first_task_is_no_whole_number_of_later_tasks():
+    from clbench.types import ExperienceInfo
+
+    strategy = _strategy(num_classes=9)
+    strategy.first_task_classes = 5  # then tasks of 2: the 5 first classes count as 2 tasks
+    exp = ExperienceInfo(1, (5, 6), tuple(range(7)), 3, 9)
+    assert strategy.k_old(exp) == 2 and type(strategy.k_old(exp)) is int
+
+
+def test_the_optimisers_take_the_configured_rates_weight_decay_and_parameters():
+    from clbench.types import Phase
+
+    strategy = _strategy(lr=5e-4, weight_decay=3e-4, generator_lr=2e-4)
+    strategy.phase = Phase("train")
+    model = strategy.configure_optimizers()["optimizer"]
+    group = model.param_groups[0]
+    # foreach: the multi-tensor update every clbench optimiser uses (on the CPU the same numbers; the
+    # op trace the profiler counts is the one a GPU runs)
+    assert (group["lr"], group["weight_decay"], group["foreach"]) == (5e-4, 3e-4, True)
+    trained = [*strategy.backbone.parameters(), *strategy.branches.parameters(), *strategy.head.parameters()]
+    assert [id(p) for g in model.param_groups for p in g["params"]] == [id(p) for p in trained]
+    strategy.phase = Phase("generator")
+    generator = strategy.configure_optimizers()
+    assert generator.param_groups[0]["lr"] == 2e-4 and generator.param_groups[0]["weight_decay"] == 0
+    assert [id(p) for g in generator.param_groups for p in g["params"]] == [id(p) for p in strategy.generator.parameters()]
+
+
+def test_a_resumed_strategy_keeps_the_first_tasks_class_count_that_k_old_reads():
+    from clbench.engine.checkpoint import load_strategy_state
+    from clbench.types import ExperienceInfo
+
+    saved = _strategy(num_classes=100)
+    first = ExperienceInfo(0, tuple(range(50)), tuple(range(50)), 6, 100)
+    saved.on_experience_start(first)
+    saved.on_experience_end(first, None)
+    resumed = _strategy(num_classes=100)
+    assert resumed.first_task_classes == 0
+    # what --resume loads: the state dict and the extra state, as the checkpoint stores them
+    load_strategy_state(resumed, saved.state_dict(), {k: v.clone() for k, v in saved.extra_state().items()})
+    assert resumed.first_task_classes == 50 and type(resumed.first_task_classes) is int
+    assert resumed.k_old(ExperienceInfo(1, tuple(range(50, 60)), tuple(range(60)), 6, 100)) == 5
+
+
+def test_the_runs_add_ons_see_every_task_end(task_end_recorder):
+    strategy = create_strategy("etag", build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32), 6,
+                               strategy_config("etag", TINY), aux=[task_end_recorder], seed=0)
+    scenario = create_scenario("synthetic32-3")
+    tasks = [scenario.info(t) for t in range(3)]
+    for task, data in zip(tasks, scenario.train_sets):
+        strategy.on_experience_start(task)
+        strategy.on_experience_end(task, data)
+    assert task_end_recorder.ended == tasks
+
+
+def test_the_fourth_branch_runs_in_the_first_task_only():
+    """It is trained in task 0 and never distilled: later steps do not spend its forward."""
+    strategy = _strategy()
+    calls = []
+    strategy.branches[3].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    scenario = create_scenario("synthetic32-3")
+    data = scenario.train_sets[0]
+    strategy.on_experience_start(scenario.info(0))
+    strategy.phase = strategy.phases(scenario.info(0))[0]
+    strategy.on_train_epoch_start()
+    strategy.step_losses(Batch(data.x[:4], data.y[:4]))
+    assert calls == [(16, 24)]  # the 4B rotated images, 4C joint labels
+    strategy.on_experience_end(scenario.info(0), data)
+    strategy.on_experience_start(scenario.info(1))
+    strategy.phase = strategy.phases(scenario.info(1))[0]
+    strategy.on_train_epoch_start()
+    data = scenario.train_sets[1]
+    terms = strategy.step_losses(Batch(data.x[:4], data.y[:4]))
+    assert set(terms) == {"cls", "embedding_kd", "embedding_l2"} and calls == [(16, 24)]
