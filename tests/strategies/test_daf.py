@@ -63,18 +63,18 @@ def test_beta_minimises_the_quadratic_objective_along_the_segment():
 FISHER_SAMPLES = 6
 
 
-def _fisher_by_hand(strategy, t: int) -> torch.Tensor:
+def _fisher_by_hand(strategy, t: int, scenario: str = "digits32-5", samples: int = FISHER_SAMPLES) -> torch.Tensor:
     """The diagonal empirical Fisher of task t's loss at the current adapter, recomputed here: the mean
-    over the task's first FISHER_SAMPLES training samples of the squared per-sample gradient of
+    over the task's first `samples` training samples of the squared per-sample gradient of
     CE(20 x the cosines of the task's classes), adapters and ViT in eval mode (no dropout)."""
-    data = create_scenario("digits32-5").train_sets[t]
-    classes = list(create_scenario("digits32-5").info(t).classes)
+    data = create_scenario(scenario).train_sets[t]
+    classes = list(create_scenario(scenario).info(t).classes)
     params = list(strategy.adapter.parameters())
     modes = [(m, m.training) for m in strategy.modules()]
     strategy.eval()
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     try:
-        for i in range(FISHER_SAMPLES):
+        for i in range(samples):
             x, y = data.x[i:i + 1], data.y[i:i + 1]
             with torch.enable_grad():
                 cosines = strategy.head(strategy.features(x))[:, classes]
@@ -84,14 +84,15 @@ def _fisher_by_hand(strategy, t: int) -> torch.Tensor:
     finally:
         for m, mode in modes:
             m.training = mode
-    return total / FISHER_SAMPLES
+    return total / samples
 
 
 class _Tap(pl.Callback):
     """The adapter vector when each task's training starts and ends, and, before each Fisher pass's
     own end-of-fit work (the fusion, the F_old update), the adapter there and its Fisher by hand."""
 
-    def __init__(self):
+    def __init__(self, scenario: str = "digits32-5", samples: int = FISHER_SAMPLES):
+        self.scenario, self.samples = scenario, samples
         self.train_start, self.train_end = [], []
         self.task_optimum, self.fisher_task, self.fisher_fused = [], [], []
 
@@ -105,9 +106,9 @@ class _Tap(pl.Callback):
             self.train_end.append(pl_module.theta().clone())
         elif pl_module.phase.name == "fisher_task":  # theta_t*, not yet fused
             self.task_optimum.append(pl_module.theta().clone())
-            self.fisher_task.append(_fisher_by_hand(pl_module, t))
+            self.fisher_task.append(_fisher_by_hand(pl_module, t, self.scenario, self.samples))
         elif pl_module.phase.name == "fisher_fused":  # theta_g^t
-            self.fisher_fused.append(_fisher_by_hand(pl_module, t))
+            self.fisher_fused.append(_fisher_by_hand(pl_module, t, self.scenario, self.samples))
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +172,7 @@ def test_each_fused_adapter_is_the_closed_form_on_independently_measured_curvatu
         e, d2 = float(((prev - init) * d).sum()), float((d * d).sum())
         beta = min(max((a_new - lam * e) / (a_old + a_new + lam * d2), 0.0), 1.0)
         reported = result.strategy_report["fusion"][t]
+        assert reported["task"] == t  # each record names the task it fused
         assert reported["beta"] == pytest.approx(beta, rel=1e-4, abs=1e-9), t
         assert (reported["a_old"], reported["a_new"], reported["e"]) == pytest.approx((a_old, a_new, e), rel=1e-4, abs=1e-12)
         assert torch.allclose(after[t]["theta"].double(), prev + beta * d, atol=1e-6), t
@@ -328,17 +330,33 @@ def test_prior_selection_keeps_the_lambda_of_the_lowest_heldout_loss(tmp_path, f
         seen.setdefault("scored", []).append((theta.clone(), value))
         return value
 
+    class Batches(pl.Callback):  # the images of each experience's training and Fisher passes
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            key = (pl_module.experience.index, pl_module.phase.name)
+            if key[1] in ("train", "fisher_task", "fisher_fused"):
+                seen.setdefault(key, []).extend(x.numpy().tobytes() for x in batch.x)
+
     DAF.split_holdout, DAF.heldout_loss = split, loss
     try:
         cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=None)
         overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8, "select_prior": True}
-        result = run(RunSpec("daf", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides),
+        result = run(RunSpec("daf", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[Batches()],
                      on_experience=lambda i, r, s: seen.setdefault("global", []).append(s.theta().clone()))
     finally:
         DAF.split_holdout, DAF.heldout_loss = original_split, original_loss
     assert result.status == "completed", result.error
     assert not seen["train"] & seen["held"] and len(seen["train"]) + len(seen["held"]) == seen["n"]
     assert len(seen["held"]) == round(0.2 * seen["n"])
+    # training and both Fisher passes of the first task see only the kept samples (the Fisher passes
+    # the first 4 of them, in index order); the second task trains on all of its samples
+    first, second = (create_scenario("digits32-2").train_sets[t] for t in (0, 1))
+    images = [x.numpy().tobytes() for x in first.x]
+    kept = sorted(seen["train"])
+    assert sorted(seen[(0, "train")]) == sorted(images[i] for i in kept)
+    for phase in ("fisher_task", "fisher_fused"):
+        assert sorted(seen[(0, phase)]) == sorted(images[i] for i in kept[:4]), phase
+    assert kept[:4] != [0, 1, 2, 3]  # (the first 4 of the whole task hold a held-out sample)
+    assert len(seen[(1, "train")]) == len(second)
     selection = result.strategy_report["prior_selection"]
     assert selection["grid"] == list(PRIOR_GRID) and len(seen["scored"]) == len(PRIOR_GRID)
     assert selection["heldout_samples"] == len(seen["held"])
@@ -396,3 +414,62 @@ def test_the_heldout_samples_are_a_permutation_drawn_from_the_runs_seed_and_at_l
             kept = s.split_holdout(data)
             assert s._holdout.indices == sorted(order[:held])
             assert kept.indices == sorted(order[held:])
+
+
+@pytest.fixture(scope="module")
+def per_layer_run(tmp_path_factory, fast_config_for):
+    """Two tasks with `per_layer`, two epochs of two batches of 16 per fit, and the first 4 samples of
+    each task for the Fisher passes."""
+    tap, after = _Tap("digits32-2", 4), []
+    cfg = fast_config_for(tmp_path_factory.mktemp("daf_per_layer"), backbone="clbench_vit_tiny", epochs=2,
+                          limit_train_batches=2)
+    overrides = {"bottleneck": 4, "fisher_samples": 4, "align_epochs": 1, "align_per_class": 8,
+                 "prior_strength": 1e-3, "per_layer": True}
+    result = run(RunSpec("daf", "digits32-2", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[tap],
+                 on_experience=lambda i, r, s: after.append({"theta": s.theta().clone(), "strategy": s}))
+    assert result.status == "completed", result.error
+    return result, tap, after
+
+
+def test_per_layer_fusion_fuses_each_block_by_its_own_closed_form_beta(per_layer_run):
+    """`per_layer`: one beta per adapter block, each the closed form on that block's slice of theta_0,
+    theta_g^{t-1}, theta_t*, F_old and F_t (the Fishers measured by hand), reported as `beta_per_block`."""
+    result, tap, after = per_layer_run
+    strategy, lam = after[-1]["strategy"], 1e-3
+    sizes = [sum(p.numel() for p in block.parameters()) for block in strategy.adapter.adapters]
+    assert len(sizes) > 1 and sum(sizes) == len(strategy.theta_init)
+    bounds = np.cumsum([0, *sizes])
+    init = strategy.theta_init.double()
+    fisher_old = torch.zeros_like(init)
+    betas = []
+    for t in range(2):
+        prev = init if t == 0 else after[t - 1]["theta"].double()
+        optimum = tap.task_optimum[t].double()
+        record = result.strategy_report["fusion"][t]
+        assert set(record) == {"task", "beta_per_block"} and record["task"] == t
+        assert len(record["beta_per_block"]) == len(sizes)
+        expected = prev.clone()
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            d = optimum[lo:hi] - prev[lo:hi]
+            a_old = float((fisher_old[lo:hi] * d * d).sum())
+            a_new = float((tap.fisher_task[t][lo:hi] * d * d).sum())
+            e, d2 = float(((prev[lo:hi] - init[lo:hi]) * d).sum()), float((d * d).sum())
+            denominator = a_old + a_new + lam * d2
+            beta = min(max((a_new - lam * e) / denominator, 0.0), 1.0) if denominator > 0 else 0.0
+            assert record["beta_per_block"][b] == pytest.approx(beta, rel=1e-4, abs=1e-9), (t, b)
+            expected[lo:hi] = prev[lo:hi] + record["beta_per_block"][b] * d
+        assert torch.allclose(after[t]["theta"].double(), expected, atol=1e-6), t
+        betas += record["beta_per_block"]
+        fisher_old = fisher_old + tap.fisher_fused[t]
+    assert len(set(betas)) > 1  # the blocks were not all fused alike
+
+
+def test_the_fisher_passes_run_one_epoch_whatever_the_runs_epochs(per_layer_run):
+    """The two Fisher passes are one epoch each (one step of the 4 Fisher samples) while training runs
+    the run's two epochs of two batches."""
+    result, *_ = per_layer_run
+    for t, record in enumerate(result.edge["per_experience"]):
+        steps = {}
+        for shape in record["flops_step_shapes"]:
+            steps[shape["phase"]] = steps.get(shape["phase"], 0) + shape["steps"]
+        assert (steps["train"], steps["fisher_task"], steps["fisher_fused"]) == (4, 1, 1), t
