@@ -525,8 +525,65 @@ def test_the_fourth_branch_runs_in_the_first_task_only():
     assert calls == [(16, 24)]  # the 4B rotated images, 4C joint labels
     strategy.on_experience_end(scenario.info(0), data)
     strategy.on_experience_start(scenario.info(1))
+    # the teacher's copy is not run either
+    strategy.teacher["branches"][3].register_forward_hook(lambda module, args, out: calls.append(out.shape))
     strategy.phase = strategy.phases(scenario.info(1))[0]
     strategy.on_train_epoch_start()
     data = scenario.train_sets[1]
     terms = strategy.step_losses(Batch(data.x[:4], data.y[:4]))
     assert set(terms) == {"cls", "embedding_kd", "embedding_l2"} and calls == [(16, 24)]
+
+
+def test_steps_of_both_stages_emit_no_warning():
+    import warnings
+
+    strategy = _strategy()
+    scenario = _incremental(strategy)
+    data = scenario.train_sets[1]
+    for phase in strategy.phases(scenario.info(1)):  # the distilling step, then the generator's
+        strategy.phase = phase
+        strategy.on_train_epoch_start()
+        strategy.on_fit_start()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            strategy.step_losses(Batch(data.x[:4], data.y[:4]))
+        assert [str(w.message) for w in caught] == [], phase.name
+
+
+def test_an_incremental_steps_terms_on_hand_set_heads_with_two_old_tasks():
+    """K_old sum over branches 1-3 of tau^2 KL(softmax(teacher/tau) || softmax(student/tau)) and
+    K_old ||H^t - H^{t-1}|| (both times distill_weight), and the classifier's
+    (CE on the batch + K_old CE on generated old-class features) / (K_old + 1)."""
+    from clbench.types import ExperienceInfo
+
+    strategy = _strategy(num_classes=8, distill_weight=0.5)
+    tasks = [ExperienceInfo(t, (2 * t, 2 * t + 1), tuple(range(2 * t + 2)), 4, 8) for t in range(4)]
+    for task in tasks[:2]:
+        strategy.on_experience_start(task)
+        strategy.on_experience_end(task, None)
+    strategy.on_experience_start(tasks[2])
+    k_old = strategy.k_old(tasks[2])
+    assert k_old == 2
+    strategy.phase = strategy.phases(tasks[2])[0]
+    strategy.on_train_epoch_start()
+    beta = 1.5
+    with torch.no_grad():
+        # 4C = 32 joint labels, constant logits: the student's softmax(./tau) is (1/2, 1/62, ...), the teacher's (5/36, 1/36, ...)
+        for student, teacher in zip(strategy.branches[:3], strategy.teacher["branches"]):
+            for fc, top in ((student.fc, TAU * math.log(31.0)), (teacher.fc, TAU * math.log(5.0))):
+                fc.weight.zero_()
+                fc.bias.zero_()
+                fc.bias[0] = top
+        strategy.head.weight.zero_()  # the classifier: constant logits, the new classes 4 and 5 at beta, the rest 0
+        strategy.head.bias.copy_(torch.tensor([0, 0, 0, 0, beta, beta, 0, 0]))
+        strategy.backbone.layer4[0].conv1.weight.mul_(1.5)  # the student has moved away from its teacher
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([4, 5, 5, 4])
+    terms = strategy.step_losses(Batch(x, y))
+    kl = (5 / 36) * math.log((5 / 36) / (1 / 2)) + (31 / 36) * math.log((1 / 36) / (1 / 62))
+    assert terms["embedding_kd"].item() == pytest.approx(0.5 * k_old * 3 * TAU**2 * kl, rel=1e-5)
+    x_rot = torch.cat([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])
+    with torch.no_grad():  # the inference embeddings of the 4B rotated images
+        distance = torch.linalg.norm(strategy.backbone(x_rot) - strategy.teacher["backbone"](x_rot)).item()
+    assert distance > 0 and terms["embedding_l2"].item() == pytest.approx(0.5 * k_old * distance, rel=1e-4)
+    log_z = math.log(6 + 2 * math.exp(beta))  # the old classes 0-3 all score 0: CE log Z, whichever are drawn
+    assert terms["cls"].item() == pytest.approx((log_z - beta + k_old * log_z) / (k_old + 1), rel=1e-5)
