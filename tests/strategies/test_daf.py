@@ -12,6 +12,7 @@ from clbench.strategies.daf import DAF, fusion_coefficient
 
 from clbench.engine.runner import RunSpec, create_scenario, run
 from clbench.models.adapters import AdapterSet
+from clbench.models.freeze import eval_mode
 from clbench.types import Batch
 
 T = torch.tensor
@@ -160,6 +161,8 @@ def test_each_fused_adapter_is_the_closed_form_on_independently_measured_curvatu
     earlier tasks' Fishers at their fused adapters (all measured by hand), theta_0, theta_g^{t-1}, lambda."""
     result, tap, _, after = daf_run
     strategy, lam = after[-1]["strategy"], 1e-3
+    assert result.strategy_report["prior_strength"] == lam
+    assert "prior_selection" not in result.strategy_report  # lambda was configured, not selected
     init = strategy.theta_init.double()
     fisher_old = torch.zeros_like(init)
     sensitive = []
@@ -474,3 +477,82 @@ def test_the_fisher_passes_run_one_epoch_whatever_the_runs_epochs(per_layer_run)
         for shape in record["flops_step_shapes"]:
             steps[shape["phase"]] = steps.get(shape["phase"], 0) + shape["steps"]
         assert (steps["train"], steps["fisher_task"], steps["fisher_fused"]) == (4, 1, 1), t
+
+
+def _fisher_ready_strategy():
+    """A float64 DAF at the start of digits32-5's second task (classes 2 and 3), its adapter moved away
+    from W_up = 0, and a batch of 5 samples of both classes."""
+    from clbench.engine.runner import create_strategy, strategy_config
+    from clbench.models.backbones import build_backbone
+
+    scenario = create_scenario("digits32-5")
+    torch.manual_seed(0)
+    s = create_strategy("daf", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                        strategy_config("daf", {"bottleneck": 4, "margin": 0.2}), seed=0)
+    s.on_experience_start(scenario.info(1))
+    with torch.no_grad():
+        for p in s.adapter.parameters():
+            p.normal_(0, 0.1)
+    s.double().train()
+    train = scenario.train_sets[1]
+    pick = torch.cat([(train.y == 2).nonzero()[:3, 0], (train.y == 3).nonzero()[:2, 0]])
+    return s, Batch(train.x[pick].double(), train.y[pick])
+
+
+def test_vectorised_fisher_stacks_at_most_the_devices_element_budget_per_chunk(monkeypatch):
+    """Per-sample gradients are stacked `FISHER_CHUNK_ELEMENTS[device] // adapter parameters` samples
+    at a time (at least one; `FISHER_CHUNK_ELEMENTS_DEFAULT` on a device without an entry), and the
+    chunks' sums add up to the batch-1 loop's sum."""
+    import warnings
+
+    import clbench.strategies.daf as daf
+
+    s, batch = _fisher_ready_strategy()
+    numel = len(s.theta())
+    with eval_mode(s.backbone, s.adapter):  # no dropout, as in the Fisher passes
+        expected = s.looped_squared_gradients(batch)
+    sizes, vmap = [], daf.vmap
+
+    def counting_vmap(fn, in_dims):  # the chunk sizes the stacked gradients are computed for
+        inner = vmap(fn, in_dims=in_dims)
+        return lambda p, x, t: (sizes.append(len(x)), inner(p, x, t))[1]
+
+    monkeypatch.setattr(daf, "vmap", counting_vmap)
+    budgets = [({"cpu": 2 * numel + 1}, 10 ** 9, [2, 2, 1]),  # 2 samples' gradients fit, 3 do not
+               ({"cpu": numel - 1}, 10 ** 9, [1] * 5),  # not even one fits: one at a time
+               ({}, 3 * numel, [3, 2])]  # no entry for this device: the default budget
+    for elements, default, chunks in budgets:
+        monkeypatch.setattr(daf, "FISHER_CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(daf, "FISHER_CHUNK_ELEMENTS_DEFAULT", default)
+        sizes.clear()
+        s._fisher_sum, s._fisher_count = None, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to the loop
+            s.accumulate_fisher(batch)
+        assert sizes == chunks, elements
+        assert torch.allclose(s._fisher_sum, expected, rtol=1e-10, atol=1e-20), elements
+
+
+def test_vectorised_fisher_silences_only_vmaps_performance_warnings():
+    """CPU attention has no vmap batching rule: vmap's "There is a performance drop" UserWarnings are
+    kept quiet, while the network's own warnings, of any category and text, still reach the caller."""
+    import warnings
+
+    s, batch = _fisher_ready_strategy()
+
+    def warn(module, inputs, output):
+        warnings.warn("the network's own warning", UserWarning)
+        warnings.warn("There is a performance drop in the network's own code", RuntimeWarning)
+
+    handle = s.head.register_forward_hook(warn)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s.accumulate_fisher(batch)
+    finally:
+        handle.remove()
+    assert s.vectorised_fisher and s._fisher_count == 5
+    seen = [(type(w.message), str(w.message)) for w in caught]
+    assert (UserWarning, "the network's own warning") in seen
+    assert (RuntimeWarning, "There is a performance drop in the network's own code") in seen
+    assert not [m for c, m in seen if c is UserWarning and m.startswith("There is a performance drop")]
