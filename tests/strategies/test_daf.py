@@ -29,6 +29,8 @@ def test_fusion_on_a_hand_built_example():
     terms = fusion_coefficient(T(prev), T(task), T(init), T(f_old), T(f_task), lam)
     assert (terms["a_old"], terms["a_new"], terms["e"]) == (3.0, 4.0, -1.0)
     assert terms["beta"] == pytest.approx((4 + 0.5) / (3 + 4 + 0.5 * 3))  # 9/17
+    # old : new curvature 1 : 3 along d = (1, 0), no prior: beta = 3/4 (here a_o + a_n is exactly 1)
+    assert _beta([0.0, 5.0], [1.0, 5.0], [0.0, 0.0], [0.25, 9.0], [0.75, 9.0], 0.0) == 0.75
 
 
 def test_fusion_limits_and_clipping():
