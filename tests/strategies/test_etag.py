@@ -587,3 +587,35 @@ def test_an_incremental_steps_terms_on_hand_set_heads_with_two_old_tasks():
     assert distance > 0 and terms["embedding_l2"].item() == pytest.approx(0.5 * k_old * distance, rel=1e-4)
     log_z = math.log(6 + 2 * math.exp(beta))  # the old classes 0-3 all score 0: CE log Z, whichever are drawn
     assert terms["cls"].item() == pytest.approx((log_z - beta + k_old * log_z) / (k_old + 1), rel=1e-5)
+
+
+def test_steps_run_on_the_device_the_model_was_moved_to_with_its_draws_made_there():
+    """As on an accelerator: the teacher is made on the CPU when the task starts, then the module
+    moves ("meta" stands in for a GPU). Rotation labels, latents and old labels are made on the
+    model's device, the teacher is brought there, and nothing is drawn from the CPU's generator."""
+    strategy = _strategy()
+    scenario = _incremental(strategy)
+    assert next(strategy.teacher.parameters()).device.type == "cpu"
+    strategy.to("meta")
+    data = scenario.train_sets[1]
+    x, y = data.x[:4].to("meta"), data.y[:4].to("meta")
+    assert rotations(x, y)[1].device.type == "meta"
+    cpu_generator = torch.get_rng_state()
+    for phase in strategy.phases(scenario.info(1)):  # the distilling step, then the generator's
+        strategy.phase = phase
+        strategy.on_train_epoch_start()
+        strategy.on_fit_start()
+        terms = strategy.step_losses(Batch(x, y))
+        assert {v.device.type for v in terms.values()} == {"meta"}, phase.name
+    assert torch.equal(torch.get_rng_state(), cpu_generator)
+
+
+def test_the_generator_trains_for_its_own_epochs_after_every_task_but_the_last():
+    from clbench.types import Phase
+
+    strategy = _strategy(generator_epochs=3)
+    scenario = create_scenario("synthetic32-3")
+    phases = [strategy.phases(scenario.info(t)) for t in range(3)]
+    # the runner fits each phase for its own epochs, or the run's where it has none
+    assert phases == [[Phase("train"), Phase("generator", epochs=3)]] * 2 + [[Phase("train")]]
+    assert [p.epochs for p in phases[0]] == [None, 3]
