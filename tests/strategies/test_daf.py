@@ -247,14 +247,19 @@ def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
     for i in range(3):
         strategy.accumulate_fisher(Batch(x[i:i + 1], y[i:i + 1]))
     got = strategy.take_fisher()
-    by_hand = torch.zeros_like(got)
+    squares = []
     strategy.eval()
     for i in range(3):
         logits = strategy.head(strategy.features(x[i:i + 1]))
         loss = torch.nn.functional.cross_entropy(20.0 * logits[:, [0, 1]], y[i:i + 1])  # classes 0 and 1
         grads = torch.autograd.grad(loss, list(strategy.adapter.parameters()))
-        by_hand += torch.cat([g.reshape(-1) for g in grads]).double() ** 2 / 3
-    assert torch.allclose(got, by_hand, rtol=1e-5, atol=1e-12)
+        squares.append(torch.cat([g.reshape(-1) for g in grads]).double() ** 2)
+    assert torch.allclose(got, sum(squares) / 3, rtol=1e-5, atol=1e-12)
+    # taking the Fisher starts the next one afresh: one sample's is its squared gradient, none's is 0
+    strategy.accumulate_fisher(Batch(x[1:2], y[1:2]))
+    assert torch.allclose(strategy.take_fisher(), squares[1], rtol=1e-5, atol=1e-12)
+    nothing = strategy.take_fisher()
+    assert torch.equal(nothing, torch.zeros_like(strategy.fisher_old)) and nothing.dtype == torch.float64
     assert strategy.adapter.training is False  # eval() above; accumulate_fisher gives modes back:
     strategy.train()
     strategy.accumulate_fisher(Batch(x[:1], y[:1]))
@@ -265,6 +270,7 @@ def test_vectorised_fisher_equals_the_per_sample_loop_through_accumulate_fisher(
     """A batch of 5 through the method's own hook, float64, with a CosFace margin: the torch.func
     per-sample gradients give the batch-1 autograd loop's sum to rounding; a network vmap cannot
     batch falls back to that loop with a warning, and the count is the batch's either way."""
+    import inspect
     import warnings
 
     from clbench.engine.runner import create_strategy, strategy_config
@@ -298,11 +304,25 @@ def test_vectorised_fisher_equals_the_per_sample_loop_through_accumulate_fisher(
     s._fisher_sum, s._fisher_count = None, 0
     original = s.vectorised_squared_gradients
     s.vectorised_squared_gradients = lambda batch: (_ for _ in ()).throw(RuntimeError("vmap cannot run here"))
-    with pytest.warns(RuntimeWarning, match="falling back"):
+    stacks, looped = [], s.looped_squared_gradients
+
+    def loop_seeing_the_stack(batch):  # the call stack below accumulate_fisher, innermost first
+        stacks.append([(f.filename, f.lineno, f.function) for f in inspect.stack()])
+        return looped(batch)
+
+    s.looped_squared_gradients = loop_seeing_the_stack
+    with pytest.warns(RuntimeWarning, match="falling back") as record:
         s.accumulate_fisher(Batch(x, y))
-    assert not s.vectorised_fisher and s._fisher_count == 5
+    # the warning points at the line that called accumulate_fisher, not into DAF or further out
+    at = next(i for i, frame in enumerate(stacks[0]) if "accumulate_fisher" in frame[2])
+    assert (record[0].filename, record[0].lineno) == stacks[0][at + 1][:2]
+    assert s.vectorised_fisher is False and s._fisher_count == 5
     assert torch.allclose(s._fisher_sum, slow, rtol=1e-10, atol=1e-20)
-    del s.vectorised_squared_gradients
+    with warnings.catch_warnings():  # vmap is not tried again on this network: no second warning
+        warnings.simplefilter("error", RuntimeWarning)
+        s.accumulate_fisher(Batch(x, y))
+    assert s._fisher_count == 10 and torch.allclose(s._fisher_sum, 2 * slow, rtol=1e-10, atol=1e-20)
+    del s.vectorised_squared_gradients, s.looped_squared_gradients
     assert s.vectorised_squared_gradients.__func__ is original.__func__
 
 
@@ -558,3 +578,18 @@ def test_vectorised_fisher_silences_only_vmaps_performance_warnings():
     assert (UserWarning, "the network's own warning") in seen
     assert (RuntimeWarning, "There is a performance drop in the network's own code") in seen
     assert not [m for c, m in seen if c is UserWarning and m.startswith("There is a performance drop")]
+
+
+def test_the_config_refuses_a_negative_lambda_or_fisher_sample_count_and_a_holdout_fraction_outside_0_1():
+    """prior_strength (lambda) and fisher_samples are >= 0 (0 samples: all of the task's), and the
+    held-out fraction of select_prior is strictly between 0 and 1; each refusal names the bad value."""
+    from clbench.errors import UsageError
+    from clbench.strategies.daf import DAFConfig
+
+    refused = {"prior_strength": -1e-3, "fisher_samples": -1, "holdout_fraction": (0.0, 1.0, 1.5, -0.2)}
+    for name, values in refused.items():
+        for value in values if isinstance(values, tuple) else (values,):
+            with pytest.raises(UsageError, match=f"^{name}={value} is invalid"):
+                DAFConfig(**{name: value})
+    kept = DAFConfig(prior_strength=0.0, fisher_samples=0, holdout_fraction=0.999)
+    assert (kept.prior_strength, kept.fisher_samples, kept.holdout_fraction) == (0.0, 0, 0.999)
