@@ -262,7 +262,13 @@ def test_fisher_is_the_mean_of_per_sample_squared_gradients(fast_config_for):
     assert torch.equal(nothing, torch.zeros_like(strategy.fisher_old)) and nothing.dtype == torch.float64
     assert strategy.adapter.training is False  # eval() above; accumulate_fisher gives modes back:
     strategy.train()
+    modes = []  # the ViT's and the adapter's modes while the Fisher's loss is computed
+    hooks = [m.register_forward_pre_hook(lambda m, i: modes.append(m.training))
+             for m in (strategy.backbone, strategy.adapter[0])]
     strategy.accumulate_fisher(Batch(x[:1], y[:1]))
+    for hook in hooks:
+        hook.remove()
+    assert modes and not any(modes)  # the loss itself: no dropout or other training-mode noise anywhere
     assert strategy.adapter.training and strategy.backbone.training
 
 
