@@ -619,3 +619,31 @@ def test_the_generator_trains_for_its_own_epochs_after_every_task_but_the_last()
     # the runner fits each phase for its own epochs, or the run's where it has none
     assert phases == [[Phase("train"), Phase("generator", epochs=3)]] * 2 + [[Phase("train")]]
     assert [p.epochs for p in phases[0]] == [None, 3]
+
+
+def test_the_branches_own_freshly_initialised_copies_of_the_later_stages():
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    strategy = create_strategy("etag", backbone, 6, strategy_config("etag", TINY), seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in strategy.backbone.state_dict().items())  # building them leaves it alone
+    backbone_storage = {p.data_ptr() for p in backbone.parameters()}
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    for k, branch in enumerate(strategy.branches[:3]):
+        assert not any(p.data_ptr() in backbone_storage for p in branch.parameters()), k
+        assert len(branch.stages) == 3 - k
+        for copy_of, original in zip(branch.stages, stages[k + 1:]):
+            source = dict(getattr(backbone, original).named_parameters())
+            mine = dict(copy_of.named_parameters())
+            assert mine.keys() == source.keys()  # the same architecture ...
+            convs = [name for name in mine if "conv" in name]
+            # ... with weights of its own drawing
+            assert convs and all(not torch.equal(mine[name], source[name]) for name in convs), (k, original)
+
+
+def test_the_cvae_defaults_to_the_appendix_sizes():
+    from clbench.strategies.etag import FeatureCVAE
+
+    cvae = FeatureCVAE(dim=4, num_classes=3)
+    assert (cvae.encoder[0].out_features, cvae.mean.out_features, cvae.log_variance.out_features) == (512, 200, 200)
+    assert (cvae.decoder[0].in_features, cvae.decoder[4].in_features) == (203, 512)
