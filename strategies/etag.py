@@ -71,7 +71,7 @@ class ETagConfig(StrategyConfig):
     temperature: float = 3.0
     distill_weight: float = 1.0
     fourth_branch: bool = True
-    generator_epochs: int = 100
+    generator_epochs: int = 100  # 0: the generator is never trained
     generator_lr: float = 1e-4
     generator_consistency: float = 1e-3
     latent: int = 200
@@ -265,8 +265,9 @@ class ETag(CLStrategy):
             self.__dict__["teacher"] = self.frozen_copy(branches=self.branches)
 
     def phases(self, exp: ExperienceInfo) -> list[Phase]:
-        last = exp.index == exp.num_experiences - 1
-        return [Phase("train")] + ([] if last else [Phase("generator", epochs=self.cfg.generator_epochs)])
+        # no generator after the last task, nor with generator_epochs 0 (the runner fits a 0-epoch phase for the run's epochs)
+        skip = exp.index == exp.num_experiences - 1 or self.cfg.generator_epochs == 0
+        return [Phase("train")] + ([] if skip else [Phase("generator", epochs=self.cfg.generator_epochs)])
 
     def on_train_epoch_start(self) -> None:
         frozen_statistics = self.phase.name == "generator" or (self.experience is not None and not self.experience.is_first)

@@ -647,3 +647,34 @@ def test_the_cvae_defaults_to_the_appendix_sizes():
     cvae = FeatureCVAE(dim=4, num_classes=3)
     assert (cvae.encoder[0].out_features, cvae.mean.out_features, cvae.log_variance.out_features) == (512, 200, 200)
     assert (cvae.decoder[0].in_features, cvae.decoder[4].in_features) == (203, 512)
+
+
+def test_the_cvae_applies_a_relu_after_every_encoder_and_decoder_layer():
+    from clbench.strategies.etag import FeatureCVAE
+
+    cvae = FeatureCVAE(dim=4, num_classes=2, hidden=4, latent=4)
+    encoder, decoder = ([m for m in part if isinstance(m, torch.nn.Linear)] for part in (cvae.encoder, cvae.decoder))
+    with torch.no_grad():
+        for p in cvae.parameters():
+            p.zero_()
+        for first, second in (encoder, decoder[:2]):
+            first.bias.fill_(-1.0)  # a negative first layer: 0 after its ReLU
+            second.weight.copy_(torch.eye(4))
+            second.bias.copy_(torch.tensor([3.0, 3.0, -3.0, -3.0]))  # then (3, 3, 0, 0) after the second ReLU
+        cvae.mean.weight.copy_(torch.eye(4))  # the latent mean reads the encoder's output
+        decoder[2].weight.copy_(torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0])))
+        decoder[2].bias.copy_(torch.tensor([0.0, -5.0, 1.0, 0.0]))  # (3, -2, 1, 0) before the last ReLU
+        y = torch.tensor([0, 1, 1])
+        _, mean, _ = cvae(torch.rand(3, 4), y)
+        out = cvae.decode(torch.randn(3, 4), y)
+    assert mean.tolist() == [[3.0, 3.0, 0.0, 0.0]] * 3
+    assert out.tolist() == [[3.0, 0.0, 1.0, 0.0]] * 3
+
+
+def test_zero_generator_epochs_means_no_generator_phase():
+    from clbench.types import Phase
+
+    strategy = _strategy(generator_epochs=0)
+    scenario = create_scenario("synthetic32-3")
+    # a phase of 0 epochs would be fitted for the run's epochs (the runner reads `phase.epochs or epochs`)
+    assert [strategy.phases(scenario.info(t)) for t in range(3)] == [[Phase("train")]] * 3
