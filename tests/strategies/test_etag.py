@@ -500,9 +500,10 @@ def test_a_resumed_strategy_keeps_the_first_tasks_class_count_that_k_old_reads()
     assert resumed.k_old(ExperienceInfo(1, tuple(range(50, 60)), tuple(range(60)), 6, 100)) == 5
 
 
-def test_the_runs_add_ons_see_every_task_end(task_end_recorder):
+def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_end_recorder):
     strategy = create_strategy("etag", build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32), 6,
-                               strategy_config("etag", TINY), aux=[task_end_recorder], seed=0)
+                               strategy_config("etag", TINY), aux=[task_end_recorder], seed=5)
+    assert strategy.seed == 5 and list(strategy.aux) == [task_end_recorder]
     scenario = create_scenario("synthetic32-3")
     tasks = [scenario.info(t) for t in range(3)]
     for task, data in zip(tasks, scenario.train_sets):
@@ -678,3 +679,17 @@ def test_zero_generator_epochs_means_no_generator_phase():
     scenario = create_scenario("synthetic32-3")
     # a phase of 0 epochs would be fitted for the run's epochs (the runner reads `phase.epochs or epochs`)
     assert [strategy.phases(scenario.info(t)) for t in range(3)] == [[Phase("train")]] * 3
+
+
+def test_the_stem_kind_names_the_resnet_family_and_a_timm_resnet_without_its_pooling_is_refused():
+    from clbench.registry import STRATEGIES
+    from clbench.strategies.etag import _stem_kind
+
+    with torch.device("meta"):
+        cifar = build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32)
+        timm = build_backbone("resnet18", in_chans=3, img_size=64)
+    assert (_stem_kind(cifar), _stem_kind(timm)) == ("cifar", "timm")
+    timm.global_pool = torch.nn.Identity()  # no average pooling: its pooled last stage need not be what it returns
+    assert _stem_kind(timm) is None
+    problem = STRATEGIES.get("etag").backbone_problem(timm)
+    assert problem is not None and problem.endswith("not resnet18")
