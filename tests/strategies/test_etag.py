@@ -317,7 +317,7 @@ def test_a_live_incremental_fit_keeps_batch_norm_statistics_and_the_first_one_up
 
 
 # ---- the backbones eTag accepts: the pooled last stage the training reads is the inference embedding
-@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18_cifar_nf8", 32)])
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18_cifar_nf8", 32), ("resnet10t", 64)])
 def test_the_pooled_last_stage_is_the_embedding_inference_uses(name, size):
     strategy = _strategy(backbone=name).eval()
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -693,3 +693,15 @@ def test_the_stem_kind_names_the_resnet_family_and_a_timm_resnet_without_its_poo
     assert _stem_kind(timm) is None
     problem = STRATEGIES.get("etag").backbone_problem(timm)
     assert problem is not None and problem.endswith("not resnet18")
+
+
+def test_a_timm_resnet_with_one_block_per_stage_gets_a_fourth_branch_of_its_last_width():
+    with torch.device("meta"):
+        strategy = _strategy(backbone="resnet10t")  # timm's ResNet-10-T: basic blocks, one per stage, deep stem
+    b = strategy.backbone
+    assert [len(stage) for stage in (b.layer1, b.layer2, b.layer3, b.layer4)] == [1, 1, 1, 1]
+    fourth = strategy.branches[3]
+    (extra,) = fourth.stages  # one more stage after stage 4: as many blocks, 512 wide, stride 1
+    assert len(extra) == 1 and type(extra[0]) is type(b.layer4[0])
+    assert (extra[0].conv1.in_channels, extra[0].conv2.out_channels, extra[0].conv1.stride) == (512, 512, (1, 1))
+    assert fourth.fc.in_features == 512 and fourth.fc.out_features == 24
