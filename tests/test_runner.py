@@ -312,3 +312,20 @@ def test_run_start_collects_only_what_an_earlier_run_of_the_process_left(monkeyp
     with runner._collections_scan_only_this_run():
         pass
     assert collections == [()] and gc.get_freeze_count() == frozen_before
+
+
+def test_a_phase_of_zero_epochs_is_skipped_and_one_without_epochs_takes_the_runs(fast_run_config, strategy_factory,
+                                                                                  synthetic_scenario, monkeypatch):
+    """`Phase.epochs=None` means the run's epochs; 0 (a phase switched off by its setting) must not
+    fall back to the run's epochs: the phase is not fitted at all."""
+    from clbench.engine import runner
+    from clbench.types import Phase
+    from dataclasses import replace
+
+    strategy = strategy_factory("naive")
+    monkeypatch.setattr(strategy, "phases", lambda info: [Phase("train"), Phase("off", epochs=0), Phase("two", epochs=2)])
+    fitted = []
+    monkeypatch.setattr(runner, "_fit", lambda trainer, strategy, loader: fitted.append((strategy.phase.name, trainer.max_epochs)))
+    runner._train(strategy, synthetic_scenario.info(0), synthetic_scenario.train_sets[0], replace(fast_run_config, epochs=3),
+                  seed=0, callbacks=[], loggers=[])
+    assert fitted == [("train", 3), ("two", 2)]

@@ -473,6 +473,9 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
     if sharded:
         callbacks = [*callbacks, distributed.sharded_epochs_callback()]
     for p_index, phase in enumerate(strategy.phases(info)):
+        epochs = run_cfg.epochs if phase.epochs is None else phase.epochs
+        if epochs == 0:  # a phase switched off by its setting (e.g. 0 generator epochs), not the run's epochs
+            continue
         strategy.phase = phase
         phase_data = strategy.phase_data(phase, data)
         own_batch = getattr(phase_data, "batch_size", None) or phase.batch_size
@@ -484,7 +487,7 @@ def _train(strategy, info, data, run_cfg: C.RunConfig, seed: int, callbacks: Seq
             loader = distributed.sharded_loader(phase_data, batch_size, seed=loader_seed, num_workers=run_cfg.num_workers)
         else:
             loader = make_loader(phase_data, batch_size, shuffle=True, seed=loader_seed, num_workers=run_cfg.num_workers)
-        trainer = make_trainer(run_cfg, phase.epochs or run_cfg.epochs, callbacks, info, phase, loggers=loggers)
+        trainer = make_trainer(run_cfg, epochs, callbacks, info, phase, loggers=loggers)
         if sharded:
             distributed.fit_without_wrapper_if_frozen(trainer, strategy)
         sums = distributed.snapshot_sums(strategy) if sharded else {}
