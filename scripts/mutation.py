@@ -4,7 +4,8 @@
     python scripts/mutation.py strategies/lord.py       # one file (`make mutation FILE=strategies/lord.py`)
     python scripts/mutation.py --readme-only            # regenerate the tables (docs/mutation/README.md, README.md)
     python scripts/mutation.py --keep FILE; (add tests); python scripts/mutation.py --rerun-survivors FILE
-                                                        # reruns only the first run's survivors against the new tests
+                                                        # refreshes the copy; reruns the survivors and the mutants
+                                                        # of functions edited since against the new tests
 
 For each file it
   1. copies the working tree (tracked and untracked-but-not-ignored files) to a scratch directory,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import filecmp
 import json
 import os
 import re
@@ -258,18 +260,27 @@ def run_mutmut(tree: Path, log: Path, names: list[str] | None = None) -> int:
     return proc.returncode
 
 
-def refresh_tests(tree: Path) -> None:
-    """Copy the working tree's tests/ over a kept scratch copy's (its own and mutmut's mutants/tests),
-    and drop mutmut's test statistics so that the next run maps the new tests to the functions."""
+def refresh_tree(tree: Path) -> None:
+    """Copy the working tree (sources and tests) over a kept scratch copy, and drop mutmut's test
+    statistics so that the next run maps the tests to the functions again. The folder links the copy
+    was laid out with put each source where it is imported; a mutated file edited since is newer
+    than its mutants, so mutmut regenerates them and forgets the results of the changed functions."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "tests"],
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, check=True, capture_output=True,
     ).stdout.decode().split("\0")
     for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            for base in (tree, tree / "mutants"):
-                (base / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / rel, base / rel)
+        if not (ROOT / rel).is_file() or rel.startswith("docs/mutation/") or rel == "pyproject.toml":
+            continue
+        # tests run from mutants/, where mutmut copied them once: both copies get the new version
+        bases = (tree, tree / "mutants") if rel.startswith("tests/") else (tree,)
+        for base in bases:
+            target = base / rel
+            if target.is_file() and filecmp.cmp(ROOT / rel, target, shallow=False):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, target)
+            os.utime(target)  # newer than any mutant made from the old version
     (tree / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
@@ -548,11 +559,15 @@ def mutate(file: str, args) -> dict:
     if args.rerun_survivors:
         if not meta.exists():
             raise SystemExit(f"{file}: no kept run in {tree} (run it once with --keep)")
+        refresh_tree(tree)
+        # first the mutants of functions edited since (mutmut checks only those, and maps the tests anew) ...
+        print(f"[mutation] {file}: sources and tests refreshed in {tree}; mutmut checks the mutants of "
+              f"functions changed since (log: {log})", flush=True)
+        rc = run_mutmut(tree, log)
+        # ... then every survivor again, against the new tests
         survivors = [n for n, s in read_results(tree, file).items() if s in UNDETECTED]
-        print(f"[mutation] {file}: the tests refreshed in {tree}; mutmut reruns its {len(survivors)} survivors "
-              f"(log: {log})", flush=True)
-        refresh_tests(tree)
-        rc = run_mutmut(tree, log, survivors) if survivors else 0
+        print(f"[mutation] {file}: mutmut reruns its {len(survivors)} survivors (log: {log})", flush=True)
+        rc = run_mutmut(tree, log, survivors) if survivors else rc
     else:
         print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
         copy_tree(tree)
@@ -602,8 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-constant", type=float, default=10.0, help="... + this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show`/`browse` there)")
     parser.add_argument("--rerun-survivors", action="store_true",
-                        help="in the copy a --keep run left, refresh tests/ and rerun only its survivors (the "
-                             "mutated file must be unchanged since, and tests only added to); implies --keep")
+                        help="in the copy a --keep run left, refresh sources and tests from the working tree, check "
+                             "the mutants of functions changed since and rerun the survivors; implies --keep")
     parser.add_argument("--no-verify", action="store_true", help="skip running the annotated killing tests")
     parser.add_argument("--readme-only", action="store_true", help="only regenerate the tables (docs/mutation/README.md, README.md)")
     args = parser.parse_args(argv)

@@ -151,3 +151,42 @@ def test_a_module_fixtures_calls_are_credited_to_every_test_that_uses_it(tmp_pat
         "take_a_step": {"test_second_reads_the_same_run"},
         "helper": {"test_unrelated"},
     }
+
+
+def test_a_kept_copy_is_refreshed_from_the_working_tree_through_its_package_layout(tmp_path, monkeypatch, mutation):
+    """--rerun-survivors copies edited sources to where the copy imports them (a package-dir folder
+    moved under its package), tests into both copies, leaves the copy's own pyproject alone, marks
+    an edited file newer than the mutants made from it and drops mutmut's test statistics."""
+    import os
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "strategies").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    (repo / "pyproject.toml").write_text('[tool.setuptools.package-dir]\n"pkg.strategies" = "strategies"\n')
+    (repo / "strategies" / "m.py").write_text("X = 1\n")
+    (repo / "tests" / "test_m.py").write_text("def test(): pass\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    monkeypatch.setattr(mutation, "ROOT", repo)
+    tree = tmp_path / "copy"
+    mutation.copy_tree(tree)
+    assert (tree / "pkg" / "strategies" / "m.py").read_text() == "X = 1\n"
+    (tree / "pyproject.toml").write_text("[tool.mutmut]\n")
+    (tree / "mutants" / "tests").mkdir(parents=True)
+    (tree / "mutants" / "mutmut-stats.json").write_text("{}")
+    mutant = tree / "mutants" / "pkg" / "strategies" / "m.py"
+    mutant.parent.mkdir(parents=True)
+    mutant.write_text("X = 1  # mutated\n")
+    os.utime(tree / "pkg" / "strategies" / "m.py", (1, 1))  # as old as the copy
+    (repo / "strategies" / "m.py").write_text("X = 2\n")
+    os.utime(repo / "strategies" / "m.py", (2, 2))  # an old mtime: copy2 alone would keep it
+    (repo / "tests" / "test_m.py").write_text("def test_new(): pass\n")
+
+    mutation.refresh_tree(tree)
+
+    moved = tree / "pkg" / "strategies" / "m.py"
+    assert moved.read_text() == "X = 2\n" and not (tree / "strategies").resolve() == tree / "strategies"
+    assert moved.stat().st_mtime >= mutant.stat().st_mtime  # mutmut regenerates the mutants
+    assert (tree / "tests" / "test_m.py").read_text() == (tree / "mutants" / "tests" / "test_m.py").read_text() == "def test_new(): pass\n"
+    assert (tree / "pyproject.toml").read_text() == "[tool.mutmut]\n"
+    assert not (tree / "mutants" / "mutmut-stats.json").exists()
