@@ -705,3 +705,30 @@ def test_a_timm_resnet_with_one_block_per_stage_gets_a_fourth_branch_of_its_last
     assert len(extra) == 1 and type(extra[0]) is type(b.layer4[0])
     assert (extra[0].conv1.in_channels, extra[0].conv2.out_channels, extra[0].conv1.stride) == (512, 512, (1, 1))
     assert fourth.fc.in_features == 512 and fourth.fc.out_features == 24
+
+
+OUT_OF_RANGE = [("temperature", 0.0, "a positive number"), ("generator_lr", 0.0, "a positive number"),
+                ("distill_weight", -0.5, "a number >= 0"), ("generator_consistency", -0.001, "a number >= 0"),
+                ("generator_epochs", -1, "an integer >= 0"), ("latent", 0, "a positive integer"),
+                ("hidden", 0, "a positive integer")]
+
+
+@pytest.mark.parametrize("field, value, expected", [pytest.param(*case, id=case[0]) for case in OUT_OF_RANGE])
+def test_a_setting_out_of_range_is_refused_with_a_message_naming_it(field, value, expected):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^{field}={value} is invalid; expected {expected}$"):
+        strategy_config("etag", {field: value})
+
+
+def test_the_boundary_settings_are_accepted():
+    cfg = strategy_config("etag", {"distill_weight": 0.0, "generator_consistency": 0.0, "generator_epochs": 0,
+                                   "latent": 1, "hidden": 1, "temperature": 1e-3, "generator_lr": 1e-6})
+    assert (cfg.distill_weight, cfg.generator_consistency, cfg.generator_epochs, cfg.latent) == (0.0, 0.0, 0, 1)
+
+
+def test_a_new_strategy_holds_no_teacher_no_previous_generator_and_no_first_task():
+    strategy = _strategy()
+    assert strategy.teacher is None and strategy.previous_generator is None
+    assert strategy.first_task_classes == 0
+    assert int(strategy.extra_state()["first_task_classes"]) == 0  # what a checkpoint taken before task 0 holds
