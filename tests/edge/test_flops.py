@@ -1,5 +1,6 @@
 """FLOP counts against the analytic formulas and the spec's checked reference values."""
 
+import functools
 import math
 import os
 import subprocess
@@ -277,3 +278,102 @@ def test_first_count_inside_no_grad_works(context):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "884736"
+
+
+def test_an_inverse_real_fft_counts_half_the_complex_formula_over_its_output_length():
+    """irfft is counted on its real output: 2.5 n log2 n per transformed vector, n the product of the
+    output's transformed sizes (not of the half-spectrum input's)."""
+    spectrum = torch.randn(4, 33, dtype=torch.complex64)  # 4 vectors -> 64 real samples each
+    assert measure_flops(lambda: torch.fft.irfft(spectrum)) == 4 * 2.5 * 64 * 6 == 3840
+    # a length that is not a power of two: 4 * 2.5 * 10 * log2(10) = 332.19...
+    assert measure_flops(lambda: torch.fft.irfft(spectrum, n=10)) == 332
+    # two transformed dims: one 8 x 16 = 128-point transform per batch element
+    assert measure_flops(lambda: torch.fft.irfft2(torch.randn(2, 8, 9, dtype=torch.complex64))) == 2 * 2.5 * 128 * 7
+    # non-adjacent dims of a (3, 4, 6, 8) output: n = 4 * 8 = 32, over 3 * 6 = 18 vectors
+    spectra = torch.randn(3, 4, 6, 5, dtype=torch.complex64)
+    assert measure_flops(lambda: torch.fft.irfftn(spectra, dim=(1, 3))) == 18 * 2.5 * 32 * 5 == 7200
+
+
+def test_step_profile_scales_adds_and_summarises_its_op_tally():
+    """A profile of k steps is the one-step tally times k; two profiles add call counts op by op."""
+    from collections import Counter as Tally
+
+    mm = ("mm", "matmul", "float32", 100, 40)
+    relu = ("relu", "other", "float32", 0, 8)
+    conv = ("convolution", "conv", "float32", 50, 30)
+    one = fl.StepProfile(Tally({mm: 2, relu: 3}))
+    three = one.scaled(3)
+    assert three.ops == Tally({mm: 6, relu: 9})
+    assert all(type(n) is int for n in three.ops.values())
+    assert (three.flops, three.bytes, three.n_ops) == (600, 6 * 40 + 9 * 8, 15)
+    both = one + fl.StepProfile(Tally({mm: 1, conv: 1}))
+    assert both.ops == Tally({mm: 3, relu: 3, conv: 1})
+    assert both.summary() == {"flops": 3 * 100 + 50, "bytes": 3 * 40 + 3 * 8 + 30, "ops": 7}
+    assert one.ops == Tally({mm: 2, relu: 3})  # the operands are left as they were
+
+
+def test_by_op_names_each_counted_op_with_its_flops():
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    lin = nn.Linear(512, 10)
+    x, z = torch.randn(1, 3, 32, 32), torch.randn(8, 512)
+    with Counter() as c:
+        conv(x)
+        lin(z)
+        lin(z)
+    assert c.by_op() == {"convolution": 884_736, "addmm": 2 * 81_920}
+
+
+def test_by_op_is_empty_when_nothing_with_flops_ran():
+    x = torch.randn(4, 4)
+    with Counter() as c:
+        (x + 1).relu()
+    assert c.by_op() == {} and c.total == 0
+
+
+def test_by_op_names_an_entry_without_a_name_by_its_string():
+    """The counts are keyed by op packets; any other key (one without a __name__) is shown by its str."""
+
+    class Kernel:
+        def __str__(self):
+            return "some_kernel"
+
+    lin, z = nn.Linear(512, 10, bias=False), torch.randn(8, 512)
+    with Counter() as c:
+        lin(z)
+    c._fcm.flop_counts["Global"][Kernel()] += 7
+    assert c.by_op() == {"mm": 81_920, "some_kernel": 7}
+
+
+@functools.lru_cache(maxsize=None)
+def _test_ops():
+    """Two custom ops (defined once per process): each returns 2 * x."""
+    ops = []
+    for name in ("twice_a", "twice_b"):
+        @torch.library.custom_op(f"clbench_flops_test::{name}", mutates_args=())
+        def twice(x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+        @twice.register_fake
+        def _(x):
+            return torch.empty_like(x)
+
+        ops.append(getattr(torch.ops.clbench_flops_test, name))
+    return ops
+
+
+def test_a_registered_formula_counts_a_custom_op_given_as_packet_or_overload(monkeypatch):
+    monkeypatch.setattr(fl, "_CORRECTIONS", dict(fl._CORRECTIONS))  # registrations stay in this test
+    by_packet, by_overload = _test_ops()
+
+    def per_element(k):
+        return lambda x_shape, out_shape=None, **_: k * math.prod(out_shape)
+
+    f_a, f_b = per_element(3), per_element(5)
+    assert fl.register_flop_formula(by_packet)(f_a) is f_a
+    assert fl.register_flop_formula(by_overload.default)(f_b) is f_b
+    x = torch.randn(2, 6)
+    with Counter() as c:
+        by_packet(x)
+        by_overload(x)
+    assert c.by_op() == {"twice_a": 3 * 12, "twice_b": 5 * 12}
+    assert c.total == 8 * 12
