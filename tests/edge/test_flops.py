@@ -377,3 +377,32 @@ def test_a_registered_formula_counts_a_custom_op_given_as_packet_or_overload(mon
         by_overload(x)
     assert c.by_op() == {"twice_a": 3 * 12, "twice_b": 5 * 12}
     assert c.total == 8 * 12
+
+
+def test_a_two_point_fft_costs_ten_flops_per_vector():
+    """The smallest transform that counts: 5 * 2 * log2(2) = 10 per complex vector (a 1-point one is free)."""
+    assert fl.fft_flops(2) == 10
+    assert measure_flops(lambda: torch.fft.fft(torch.randn(3, 2, dtype=torch.complex64))) == 3 * 10
+    assert measure_flops(lambda: torch.fft.fft(torch.randn(3, 1, dtype=torch.complex64))) == 0
+
+
+def test_multihead_attention_formula_scales_with_the_batch():
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    x = torch.randn(2, 16, 64)
+    # 32 rows through Q/K/V (64 -> 192) and out (64 -> 64), then QK^T and AV: 2 * (2 * 16 * 16 * 64) each
+    expected = 2 * 32 * 64 * 192 + 2 * 32 * 64 * 64 + 4 * 2 * 16 * 16 * 64
+    assert fl.mha_flops(2, 16, 64) == expected == 2 * 589_824
+    assert measure_flops(lambda: mha(x, x, x, need_weights=False)) == expected
+
+
+def test_transposed_conv_training_step_counts_its_input_side_three_times():
+    """A transposed conv scatters each input pixel over the kernel: 2 N H_in W_in C_in (C_out/g) K_h K_w
+    forward, and its grad-input and grad-weight convolutions cost the same again each."""
+    deconv = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    f = 2 * 2 * 5 * 5 * 8 * (4 // 2) * 3 * 3
+    assert deconv(x).shape == (2, 4, 10, 10)
+    assert measure_flops(lambda: deconv(x)) == f == 14_400
+    assert measure_flops(lambda: deconv(x).sum().backward()) == 3 * f
+    x0 = x.detach()  # no input gradient: forward + grad-weight only
+    assert measure_flops(lambda: deconv(x0).sum().backward()) == 2 * f
