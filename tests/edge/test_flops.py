@@ -361,6 +361,23 @@ def _test_ops():
     return ops
 
 
+@functools.lru_cache(maxsize=None)
+def _test_ops_with_a_keyword():
+    """Two custom ops (defined once per process) with a keyword-only factor: each returns k * x."""
+    ops = []
+    for name in ("times_k", "times_k_raw"):
+        @torch.library.custom_op(f"clbench_flops_test::{name}", mutates_args=())
+        def times(x: torch.Tensor, *, k: int) -> torch.Tensor:
+            return k * x
+
+        @times.register_fake
+        def _(x, *, k):
+            return torch.empty_like(x)
+
+        ops.append(getattr(torch.ops.clbench_flops_test, name))
+    return ops
+
+
 def test_a_registered_formula_counts_a_custom_op_given_as_packet_or_overload(monkeypatch):
     monkeypatch.setattr(fl, "_CORRECTIONS", dict(fl._CORRECTIONS))  # registrations stay in this test
     by_packet, by_overload = _test_ops()
@@ -406,3 +423,29 @@ def test_transposed_conv_training_step_counts_its_input_side_three_times():
     assert measure_flops(lambda: deconv(x).sum().backward()) == 3 * f
     x0 = x.detach()  # no input gradient: forward + grad-weight only
     assert measure_flops(lambda: deconv(x0).sum().backward()) == 2 * f
+
+
+def test_registered_formulas_get_keyword_only_arguments_on_the_lean_and_torchs_path(monkeypatch):
+    """A formula on shapes and a raw one (`_get_raw`: it takes the tensors, as torch's are marked) both
+    see an op's keyword-only arguments and its output, whichever dispatch path counts the op."""
+    monkeypatch.setattr(fl, "_CORRECTIONS", dict(fl._CORRECTIONS))
+    on_shapes_op, raw_op = _test_ops_with_a_keyword()
+
+    @fl.register_flop_formula(on_shapes_op)
+    def per_element(x_shape, *, k, out_shape=None, **_):
+        return k * math.prod(out_shape)
+
+    def raw(x, *, k, out_val=None, **_):
+        assert isinstance(x, torch.Tensor) and isinstance(out_val, torch.Tensor)
+        return 100 * k + out_val.numel()
+
+    raw._get_raw = True
+    fl.register_flop_formula(raw_op)(raw)
+    x = torch.randn(3, 4)
+    for lean in (True, False):
+        counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS), lean=lean)
+        with counter:
+            on_shapes_op(x, k=5)
+            raw_op(x, k=7)
+        assert counter.get_flop_counts()["Global"] == {on_shapes_op: 5 * 12, raw_op: 700 + 12}, lean
+        assert counter.profile.flops == 5 * 12 + 712
