@@ -449,3 +449,32 @@ def test_registered_formulas_get_keyword_only_arguments_on_the_lean_and_torchs_p
             raw_op(x, k=7)
         assert counter.get_flop_counts()["Global"] == {on_shapes_op: 5 * 12, raw_op: 700 + 12}, lean
         assert counter.profile.flops == 5 * 12 + 712
+
+
+def test_trace_records_each_ops_kind_precision_flops_bytes_and_calls():
+    """Every traced op: (name, kind, precision = first floating input, else output, else "none", FLOPs,
+    bytes read + written) -> calls; GEMMs and attention are 'matmul', convolutions 'conv'."""
+    a, b = torch.randn(4, 6), torch.randn(6, 5)
+    q = torch.zeros(1, 1, 4, 8)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with Counter(trace=True) as c:
+        a @ b
+        F.scaled_dot_product_attention(q, q, q)
+        F.conv2d(x, w)
+        a.to(torch.float16)  # the dtype is a keyword argument; the precision is the input's
+        torch.arange(6)  # no tensor in, integers out
+        torch.zeros(3, 4)  # no tensor in, floats out
+        for _ in range(2):
+            torch.max(a, dim=1)  # two outputs: values and indices
+        a.view(24)
+    assert dict(c.profile.ops) == {
+        ("mm", "matmul", "float32", 2 * 4 * 6 * 5, (24 + 30 + 20) * 4): 1,
+        # out (1, 1, 4, 8) and its logsumexp (1, 1, 4) written
+        ("_scaled_dot_product_flash_attention_for_cpu", "matmul", "float32", 2 * 2 * 4 * 4 * 8, (3 * 32 + 32 + 4) * 4): 1,
+        ("convolution", "conv", "float32", 2 * 27 * 2 * 9, (50 + 54 + 27) * 4): 1,
+        ("_to_copy", "other", "float32", 0, 24 * 4 + 24 * 2): 1,
+        ("arange", "other", "none", 0, 6 * 8): 1,
+        ("zeros", "other", "float32", 0, 12 * 4): 1,
+        ("max", "other", "float32", 0, 24 * 4 + 4 * 4 + 4 * 8): 2,
+    }
+    assert c.profile.summary() == {"flops": 240 + 512 + 972, "bytes": 296 + 528 + 524 + 144 + 48 + 48 + 2 * 144, "ops": 8}
