@@ -362,6 +362,16 @@ def _test_ops():
 
 
 @functools.lru_cache(maxsize=None)
+def _test_op_with_a_keyword_tensor():
+    """An op (defined once per process) with a keyword-only tensor: x * scale."""
+    lib = torch.library.Library("clbench_flops_test", "FRAGMENT")
+    lib.define("scale_by(Tensor x, *, Tensor scale) -> Tensor")
+    lib.impl("scale_by", lambda x, *, scale: x * scale, "CompositeExplicitAutograd")
+    _test_op_with_a_keyword_tensor.library = lib  # the registration lives as long as the library object
+    return torch.ops.clbench_flops_test.scale_by
+
+
+@functools.lru_cache(maxsize=None)
 def _test_ops_with_a_keyword():
     """Two custom ops (defined once per process) with a keyword-only factor: each returns k * x."""
     ops = []
@@ -478,3 +488,14 @@ def test_trace_records_each_ops_kind_precision_flops_bytes_and_calls():
         ("max", "other", "float32", 0, 24 * 4 + 4 * 4 + 4 * 8): 2,
     }
     assert c.profile.summary() == {"flops": 240 + 512 + 972, "bytes": 296 + 528 + 524 + 144 + 48 + 48 + 2 * 144, "ops": 8}
+
+
+def test_trace_bytes_include_keyword_tensors_on_the_lean_and_torchs_path():
+    op = _test_op_with_a_keyword_tensor()
+    x, scale = torch.randn(3, 4), torch.randn(4, dtype=torch.float64)
+    for lean in (True, False):
+        counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS), lean=lean)
+        with counter:
+            op(x, scale=scale)
+        # x (12 float32) and scale (4 float64) read, 12 float64 (the promoted type) written
+        assert dict(counter.profile.ops) == {("scale_by", "other", "float32", 0, 12 * 4 + 4 * 8 + 12 * 8): 1}, lean
