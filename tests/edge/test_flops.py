@@ -499,3 +499,32 @@ def test_trace_bytes_include_keyword_tensors_on_the_lean_and_torchs_path():
             op(x, scale=scale)
         # x (12 float32) and scale (4 float64) read, 12 float64 (the promoted type) written
         assert dict(counter.profile.ops) == {("scale_by", "other", "float32", 0, 12 * 4 + 4 * 8 + 12 * 8): 1}, lean
+
+
+def test_a_counter_counts_only_between_start_and_stop_and_stopping_twice_is_harmless():
+    lin, x = nn.Linear(512, 10), torch.randn(8, 512)
+    c = Counter()
+    assert c.active is False
+    c.stop()  # never started: nothing to stop
+    assert c.start() is c and c.active is True
+    lin(x)
+    c.stop()
+    assert c.active is False
+    lin(x)  # after the stop: not counted
+    c.stop()
+    assert c.active is False and c.total == fl.linear_flops(8, 512, 10)
+
+
+def test_only_torchs_own_path_attributes_counts_to_modules():
+    """The lean counter files every count under "Global" only; lean=False is torch's own path, with its
+    per-module attribution."""
+    model = nn.Sequential(nn.Linear(16, 4, bias=False))
+    x = torch.randn(2, 16)
+    counts = {}
+    for lean in (True, False):
+        counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS), lean=lean)
+        with counter:
+            model(x)
+        counts[lean] = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    assert counts[True] == {"Global": 2 * 2 * 16 * 4}
+    assert counts[False]["Global"] == 2 * 2 * 16 * 4 and len(counts[False]) > 1
