@@ -528,3 +528,21 @@ def test_only_torchs_own_path_attributes_counts_to_modules():
         counts[lean] = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
     assert counts[True] == {"Global": 2 * 2 * 16 * 4}
     assert counts[False]["Global"] == 2 * 2 * 16 * 4 and len(counts[False]) > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _test_op_with_two_half_outputs():
+    """An op (defined once per process) returning two float16 copies of its input."""
+    lib = torch.library.Library("clbench_flops_test", "FRAGMENT")
+    lib.define("two_halves(Tensor x) -> (Tensor, Tensor)")
+    lib.impl("two_halves", lambda x: (x.half(), x.half()), "CompositeExplicitAutograd")
+    _test_op_with_two_half_outputs.library = lib
+    return torch.ops.clbench_flops_test.two_halves
+
+
+def test_an_op_with_several_outputs_is_traced_at_its_inputs_precision():
+    op = _test_op_with_two_half_outputs()
+    x = torch.randn(3, 4)
+    with Counter(trace=True) as c:
+        op(x)
+    assert dict(c.profile.ops) == {("two_halves", "other", "float32", 0, 12 * 4 + 2 * 12 * 2): 1}
