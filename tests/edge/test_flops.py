@@ -513,6 +513,7 @@ def test_a_counter_counts_only_between_start_and_stop_and_stopping_twice_is_harm
     lin(x)  # after the stop: not counted
     c.stop()
     assert c.active is False and c.total == fl.linear_flops(8, 512, 10)
+    assert c.profile is None  # no trace unless asked for
 
 
 def test_only_torchs_own_path_attributes_counts_to_modules():
