@@ -547,3 +547,41 @@ def test_an_op_with_several_outputs_is_traced_at_its_inputs_precision():
     with Counter(trace=True) as c:
         op(x)
     assert dict(c.profile.ops) == {("two_halves", "other", "float32", 0, 12 * 4 + 2 * 12 * 2): 1}
+
+
+def test_a_raw_formula_gets_tensors_when_it_wraps_another_function_or_is_a_callable_object(monkeypatch):
+    monkeypatch.setattr(fl, "_CORRECTIONS", dict(fl._CORRECTIONS))
+    wrapping_op, object_op = _test_ops()
+
+    def on_shapes(*_, **__):
+        raise AssertionError("a raw formula must not be unwrapped")
+
+    @functools.wraps(on_shapes)
+    def wrapping(x, out_val=None, **_):
+        assert isinstance(x, torch.Tensor)
+        return x.numel()
+
+    class Formula:
+        _get_raw = True
+
+        def __call__(self, x, out_val=None, **_):
+            assert isinstance(x, torch.Tensor)
+            return 3 * out_val.numel()
+
+    wrapping._get_raw = True
+    fl.register_flop_formula(wrapping_op)(wrapping)
+    fl.register_flop_formula(object_op)(Formula())
+    x = torch.randn(3, 4)
+    with Counter() as c:
+        wrapping_op(x)
+        object_op(x)
+    assert c.by_op() == {"twice_a": 12, "twice_b": 36}
+
+
+def test_a_new_counter_is_lean_and_its_trace_starts_empty():
+    counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS))
+    assert isinstance(counter.profile, fl.StepProfile) and counter.profile.n_ops == 0
+    assert Counter(trace=True).profile.ops == {}
+    with counter:
+        nn.Sequential(nn.Linear(16, 4, bias=False))(torch.randn(2, 16))
+    assert {k: sum(v.values()) for k, v in counter.get_flop_counts().items()} == {"Global": 2 * 2 * 16 * 4}
