@@ -585,3 +585,27 @@ def test_a_new_counter_is_lean_and_its_trace_starts_empty():
     with counter:
         nn.Sequential(nn.Linear(16, 4, bias=False))(torch.randn(2, 16))
     assert {k: sum(v.values()) for k, v in counter.get_flop_counts().items()} == {"Global": 2 * 2 * 16 * 4}
+
+
+@functools.lru_cache(maxsize=None)
+def _test_op_with_a_dict_of_tensors():
+    """An op (defined once per process) taking a tensor and a dict of tensors: their sum."""
+    lib = torch.library.Library("clbench_flops_test", "FRAGMENT")
+    lib.define("sum_with_parts(Tensor first, Dict(str, Tensor) parts) -> Tensor")
+    lib.impl("sum_with_parts", lambda first, parts: first + sum(parts.values()), "CompositeExplicitAutograd")
+    _test_op_with_a_dict_of_tensors.library = lib
+    return torch.ops.clbench_flops_test.sum_with_parts
+
+
+def test_trace_bytes_include_the_tensors_of_a_dict_argument_and_an_empty_list_is_read_as_nothing():
+    op = _test_op_with_a_dict_of_tensors()
+    first, a, b = torch.randn(3, dtype=torch.float64), torch.randn(3), torch.randn(3, dtype=torch.float64)
+    for lean in (True, False):
+        counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS), lean=lean)
+        with counter:
+            op(first, {"a": a, "b": b})
+            torch.zeros([])  # its size argument is an empty list
+        # first (3 float64: the first floating tensor names the precision, the dict's float32 does not
+        # replace it), a (3 float32) and b (3 float64) read, 3 float64 written
+        assert dict(counter.profile.ops) == {("sum_with_parts", "other", "float64", 0, 3 * 8 + 3 * 4 + 3 * 8 + 3 * 8): 1,
+                                             ("zeros", "other", "float32", 0, 4): 1}, lean
