@@ -110,22 +110,25 @@ def report_stem(file: str) -> Path:
     return DOCS / Path(file).with_suffix("")
 
 
+def working_tree_files() -> list[str]:
+    """The repository paths of the working tree's files (tracked, plus untracked ones git does not
+    ignore), the mutation reports left out: what a scratch copy holds."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    return [rel for rel in listed if rel and (ROOT / rel).is_file() and not rel.startswith("docs/mutation/")]
+
+
 def copy_tree(dest: Path) -> None:
     """The working tree (tracked, plus untracked files git does not ignore) into `dest`, laid out as imported."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if not src.is_file() or rel.startswith("docs/mutation/"):
-            continue
+    for rel in working_tree_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
+        shutil.copy2(ROOT / rel, target)
     for package, folder in package_dirs().items():
         inside = dest / package.replace(".", "/")
         if (dest / folder).is_dir() and not inside.exists():
@@ -265,12 +268,8 @@ def refresh_tree(tree: Path) -> None:
     statistics so that the next run maps the tests to the functions again. The folder links the copy
     was laid out with put each source where it is imported; a mutated file edited since is newer
     than its mutants, so mutmut regenerates them and forgets the results of the changed functions."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        if not (ROOT / rel).is_file() or rel.startswith("docs/mutation/") or rel == "pyproject.toml":
+    for rel in working_tree_files():
+        if rel == "pyproject.toml":  # the copy's own carries the mutmut settings
             continue
         # tests run from mutants/, where mutmut copied them once: both copies get the new version
         bases = (tree, tree / "mutants") if rel.startswith("tests/") else (tree,)
