@@ -311,23 +311,36 @@ def mutated_line(diff: str) -> str:
 
 
 VERIFY_PLUGIN = '''
-import json, os
+import functools, json, os, sys
 from _pytest.runner import runtestprotocol
 
 PLAN = json.loads(os.environ["CLBENCH_MUTATION_PLAN"])
+COPY = os.path.abspath(os.environ["PYTHONPATH"]) + os.sep
 RESULTS = {}
+
+def clear_copy_caches():
+    # A module-level functools cache filled while one mutant was active would hand that mutant's
+    # answers to the next run (another mutant, or the unmutated check): empty the copy's caches.
+    for module in list(sys.modules.values()):
+        if not (getattr(module, "__file__", None) or "").startswith(COPY):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
 
 def pytest_runtest_protocol(item, nextitem):
     mutants = PLAN.get(item.nodeid)
     if not mutants:
         return None
     for mutant in mutants:
+        clear_copy_caches()
         os.environ["MUTANT_UNDER_TEST"] = mutant
         try:
             reports = runtestprotocol(item, nextitem=None, log=False)
         finally:
             os.environ.pop("MUTANT_UNDER_TEST", None)
         RESULTS[mutant] = "fails" if any(r.failed for r in reports) else "passes"
+    clear_copy_caches()
     reports = runtestprotocol(item, nextitem=nextitem, log=False)
     RESULTS[item.nodeid + "::original"] = "fails" if any(r.failed for r in reports) else "passes"
     return True
@@ -339,7 +352,8 @@ def pytest_sessionfinish(session):
 
 
 def verify_kills(tree: Path, plan: dict[str, list[str]]) -> dict[str, str]:
-    """Run each annotated test against its mutants in one pytest process: {mutant: 'fails'|'passes'}."""
+    """Run each annotated test against its mutants in one pytest process: {mutant: 'fails'|'passes'}.
+    The copy's module-level caches are emptied before each run, so no run sees another's answers."""
     if not plan:
         return {}
     mutants = tree / "mutants"

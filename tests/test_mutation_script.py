@@ -190,3 +190,33 @@ def test_a_kept_copy_is_refreshed_from_the_working_tree_through_its_package_layo
     assert (tree / "tests" / "test_m.py").read_text() == (tree / "mutants" / "tests" / "test_m.py").read_text() == "def test_new(): pass\n"
     assert (tree / "pyproject.toml").read_text() == "[tool.mutmut]\n"
     assert not (tree / "mutants" / "mutmut-stats.json").exists()
+
+
+CACHED_FACTS = '''
+import functools, os
+
+
+@functools.lru_cache(maxsize=None)
+def kind(op):
+    # stands in for a mutmut trampoline: the answer depends on the mutant active at the first call
+    return "mutated" if os.environ.get("MUTANT_UNDER_TEST") == "pkg.facts.x_kind__mutmut_1" else "real"
+'''
+
+
+def test_verification_does_not_carry_a_cached_answer_from_one_mutant_into_the_next_run(tmp_path, mutation):
+    """The verification step runs every annotated test against its mutants in one process; a
+    module-level cache filled under the first mutant must not decide the second mutant's run or
+    the unmutated check (without emptying it both would read "mutated")."""
+    copy = tmp_path / "mutants"
+    (copy / "pkg").mkdir(parents=True)
+    (copy / "pkg" / "__init__.py").write_text("", encoding="utf-8")
+    (copy / "pkg" / "facts.py").write_text(CACHED_FACTS, encoding="utf-8")
+    (copy / "tests").mkdir()
+    (copy / "tests" / "test_facts.py").write_text(
+        "from pkg.facts import kind\n\n\ndef test_kind():\n    assert kind('add') == 'real'\n", encoding="utf-8")
+
+    verified = mutation.verify_kills(tmp_path, {"tests/test_facts.py::test_kind": [
+        "pkg.facts.x_kind__mutmut_1", "pkg.facts.x_other__mutmut_2"]})
+
+    assert verified == {"pkg.facts.x_kind__mutmut_1": "fails", "pkg.facts.x_other__mutmut_2": "passes",
+                        "tests/test_facts.py::test_kind::original": "passes"}
