@@ -107,10 +107,11 @@ def translated_features(old_means: torch.Tensor, current_means: torch.Tensor,
 
 
 class _CalibrationEpoch(InMemoryDataset):
-    """Positions 0..n_old*batch-1 of D's per-epoch permutation; the steps fetch the features."""
+    """Positions 0..n_old*batch-1 of D's per-epoch permutation; the steps fetch the features. The
+    positions are integers: float32 holds whole numbers exactly only up to 2**24."""
 
     def __init__(self, size: int, batch_size: int):
-        super().__init__(torch.arange(size, dtype=torch.float32).unsqueeze(1), torch.zeros(size, dtype=torch.long))
+        super().__init__(torch.arange(size, dtype=torch.long).unsqueeze(1), torch.zeros(size, dtype=torch.long))
         self.batch_size = batch_size
 
 

@@ -319,3 +319,21 @@ def test_the_training_forward_mixes_the_current_slot_with_the_earlier_slots_mean
     used = prefixes[1]
     assert used.shape[:3] == (TINY["prompt_blocks"], 2, 120)
     assert torch.allclose(used, torch.full_like(used, 0.99), atol=1e-7)
+
+
+def test_the_calibration_steps_address_rows_of_d_past_float32s_whole_numbers():
+    # a calibration step fetches the rows of D at its positions of the epoch's permutation; float32 holds
+    # whole numbers exactly only up to 2**24, so position 2**24 + 1 must still reach row 2**24 + 1
+    from clbench.strategies.preprompt import _CalibrationEpoch
+    from clbench.types import Phase
+
+    size = 2**24 + 2
+    strategy, scenario = _strategy_after_two_tasks()
+    strategy.phase = Phase("calibrate")
+    rows = torch.arange(size)
+    strategy._order = rows  # the identity permutation: the row fetched is the position itself
+    strategy._calibration_set = (rows.unsqueeze(1), rows)
+    epoch = _CalibrationEpoch(size, 2)
+    positions = [size - 1, size - 2, 2**24 - 1]
+    x, y = strategy._calibration_batch(Batch(*epoch.__getitems__(positions)))
+    assert x[:, 0].tolist() == positions and y.tolist() == positions
