@@ -321,6 +321,57 @@ def test_the_training_forward_mixes_the_current_slot_with_the_earlier_slots_mean
     assert torch.allclose(used, torch.full_like(used, 0.99), atol=1e-7)
 
 
+# ---- a global batch: the gradients of k batches, each loss divided by k, summed into one step
+class _FirstStepGradients(pl.Callback):
+    """The gradients each optimiser steps on at the run's first training step (the route optimiser,
+    then the prompt/label one), after clipping; the run is stopped there."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        if len(self.grads) == 2:
+            raise KeyboardInterrupt
+
+
+def _first_step_gradients(fast_config_for, out, **run_overrides):
+    grads = _FirstStepGradients()
+    cfg = fast_config_for(out, backbone="clbench_vit_tiny", epochs=1, limit_eval_samples=8, profile=False, **run_overrides)
+    with pytest.raises(KeyboardInterrupt):  # a clip no gradient reaches: the summed gradients themselves
+        run(RunSpec("preprompt", "synthetic32-3", run=cfg, seed=0, strategy_overrides={**TINY, "grad_clip": 1e9}),
+            callbacks=[grads])
+    return grads.grads
+
+
+def test_a_global_batch_of_two_batches_steps_on_the_gradient_of_one_batch_twice_the_size(tmp_path, fast_config_for):
+    # the loader's permutation does not depend on the batch size: two batches of 8 are the 16 samples of
+    # one batch of 16, and the mean loss over 16 is the mean of the two 8-sample means
+    whole = _first_step_gradients(fast_config_for, tmp_path / "whole", batch_size=16, limit_train_batches=1)
+    accumulated = _first_step_gradients(fast_config_for, tmp_path / "accumulated", batch_size=8, global_batch_size=16,
+                                        limit_train_batches=2)
+    assert [len(g) for g in whole] == [2, 3]  # route head (weight, bias); prompts, label head (weight, bias)
+    for got, expected in zip(accumulated, whole):
+        for a, b in zip(got, expected):
+            assert b.abs().sum() > 0
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_state_saved_before_the_first_experience_loads_into_a_fresh_strategy():
+    # no prompts exist before the first experience starts: the resume loader creates none
+    from clbench.engine.checkpoint import load_strategy_state
+
+    def fresh():
+        torch.manual_seed(0)
+        return create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("preprompt", TINY), seed=0)
+
+    saved, loaded = fresh(), fresh()
+    assert "prompts" not in saved.state_dict()
+    load_strategy_state(loaded, saved.state_dict(), saved.extra_state())
+    assert loaded.prompts is None and loaded.state_dict().keys() == saved.state_dict().keys()
+
+
 def test_the_calibration_steps_address_rows_of_d_past_float32s_whole_numbers():
     # a calibration step fetches the rows of D at its positions of the epoch's permutation; float32 holds
     # whole numbers exactly only up to 2**24, so position 2**24 + 1 must still reach row 2**24 + 1
