@@ -188,7 +188,7 @@ class LoRD(der_pp.DERPP):
     def extra_state(self) -> dict[str, torch.Tensor]:
         state = {**super().extra_state(), "insert_generator": self.insert_generator.get_state(), "stage": torch.tensor(self.stage),
                  "widths": torch.tensor(getattr(self, "widths", ()), dtype=torch.float64),
-                 "teacher_rho": torch.tensor(self.teacher_rho), "search_flops": torch.tensor(self.search_flops, dtype=torch.long)}
+                 "teacher_rho": torch.tensor(self.teacher_rho, dtype=torch.float64), "search_flops": torch.tensor(self.search_flops, dtype=torch.long)}
         if self.input_shape is not None:
             state["input_shape"] = torch.tensor(self.input_shape)
         if self.teacher is not None:

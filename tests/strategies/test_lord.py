@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -182,8 +183,6 @@ def test_insertion_rate_is_exp_minus_075_rho(five_tasks, build_strategy):
 def prefix_net(net: CifarResNet, arch: Arch) -> CifarResNet:
     """A copy of `net` cut to the first channels of `arch` (written here, independently of the method):
     the stem and each stage's outputs to arch.stages, each block's inner channels to arch.inner."""
-    import copy
-
     sub = copy.deepcopy(net)
     def cut(m, out, inp=None):
         m.weight = torch.nn.Parameter(m.weight[:out] if inp is None else m.weight[:out, :inp])
@@ -223,9 +222,7 @@ def lord_run(tmp_path_factory):
     """synthetic32-3 through the runner: a CIFAR ResNet-18 at nf=16, widths 0.1..1.0 with r = 4, so the
     stages are 4, 6, 6 (student widths 0.4, 0.6, 0.6) and tasks 1 and 2 search a teacher. Spies on the
     strategy record what the search scores and what every step returns."""
-    import copy
-
-    from clbench.engine.runner import RunSpec, run
+    from clbench.engine.runner import run
 
     seen = {"after": {}, "start": {}, "steps": [], "searched": []}
 
@@ -254,6 +251,7 @@ def lord_run(tmp_path_factory):
         if i == 0:
             spy(strategy)
         seen["after"][i]["backbone"] = copy.deepcopy(strategy.backbone)  # as the next task's start finds it
+        seen["after"][i]["state"] = snapshot(strategy)
         seen["searched"].clear()  # what follows, up to the next fit, is the next task's search
         seen["strategy"] = strategy
 
@@ -264,14 +262,30 @@ def lord_run(tmp_path_factory):
                 "kappa_index": s.kappa_index, "teacher": s.teacher, "rho": s.teacher_rho,
                 "searched": list(seen["searched"])}
 
-    cfg = RunConfig(epochs=1, batch_size=16, eval_batch_size=256, accelerator="cpu", limit_train_batches=2, progress=False,
-                    checkpoint=False, output_dir=str(tmp_path_factory.mktemp("lord")))
-    overrides = {"nf": 16, "widths": tuple(round(0.1 * i, 2) for i in range(1, 11)), "schedule_r": 4.0,
-                 "buffer_size": 20, "replay_batch_size": 8, "search_samples": 12, "search_noise": 4}
-    result = run(RunSpec("lord", "synthetic32-3", run=cfg, seed=0, strategy_overrides=overrides), callbacks=[AtFitStart()],
-                 on_experience=after)
+    result = run(run_spec(tmp_path_factory.mktemp("lord")), callbacks=[AtFitStart()], on_experience=after)
     assert result.status == "completed", result.error
+    seen["result"] = result
     return seen
+
+
+RUN_OVERRIDES = {"nf": 16, "widths": tuple(round(0.1 * i, 2) for i in range(1, 11)), "schedule_r": 4.0,
+                 "buffer_size": 20, "replay_batch_size": 8, "search_samples": 12, "search_noise": 4}
+
+
+def run_spec(out, resume=False, checkpoint=False):
+    """The runs of this file: synthetic32-3, one epoch of two batches per task, `RUN_OVERRIDES`."""
+    from clbench.engine.runner import RunSpec
+
+    cfg = RunConfig(epochs=1, batch_size=16, eval_batch_size=256, accelerator="cpu", limit_train_batches=2, progress=False,
+                    checkpoint=checkpoint, output_dir=str(out))
+    return RunSpec("lord", "synthetic32-3", run=cfg, seed=0, resume=resume, strategy_overrides=RUN_OVERRIDES)
+
+
+def snapshot(strategy) -> dict:
+    """Copies of everything a LoRD strategy carries from one task to the next."""
+    return {"model": {k: v.detach().clone() for k, v in strategy.state_dict().items()},
+            "extra": {k: v.detach().clone() for k, v in strategy.extra_state().items()},
+            "report": copy.deepcopy(strategy.report())}
 
 
 def test_a_run_widens_the_student_on_the_schedule(lord_run):
@@ -371,3 +385,178 @@ def test_the_insertion_hook_stores_a_batch_with_probability_exp_minus_075_rho(lo
         s.on_train_batch_end(None, batch, i)
     stored = (s.buffer.num_seen - seen_before) / len(batch)
     assert stored / calls == pytest.approx(math.exp(-0.75 * rho), abs=0.025)
+
+
+# ---------------------------------------------------------------- --resume: the state a checkpoint carries between tasks
+@pytest.fixture(scope="module")
+def lord_resumed(tmp_path_factory):
+    """`lord_run`'s run with checkpoints, stopped by Ctrl-C after task 1 (its strategy and the checkpoint on
+    disk kept) and resumed with --resume; snapshots of the strategy after every task either run finished."""
+    from clbench.engine import checkpoint
+    from clbench.engine.runner import run
+
+    out, seen = tmp_path_factory.mktemp("lord_resume"), {}
+
+    def stop(i, result, strategy):
+        seen[i] = snapshot(strategy)
+        if i == 1:
+            seen["cut"] = strategy
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(run_spec(out, checkpoint=True), on_experience=stop)
+    [meta] = out.glob(".resume/**/checkpoint.json")
+    seen["checkpoint"] = checkpoint.load(meta.parent)  # the resumed run deletes it once it completes
+
+    def last(i, result, strategy):
+        seen[i] = snapshot(strategy)
+
+    seen["result"] = run(run_spec(out, resume=True, checkpoint=True), on_experience=last)
+    return seen
+
+
+def from_checkpoint(tensors, scenario, build_strategy, **extra_overrides):
+    """A strategy built afresh and loaded as --resume loads it (state dict, extra state, `on_resume`)."""
+    from clbench.engine.checkpoint import load_strategy_state
+
+    fresh = build_strategy("lord", scenario, **RUN_OVERRIDES)
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_strategy_state(fresh, model, {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    return fresh
+
+
+def test_a_run_resumed_after_task_one_ends_like_the_uninterrupted_run(lord_run, lord_resumed):
+    """Task 2 after --resume starts from the checkpoint's stage, input shape, teacher index bounds and
+    insertion generator: its search, its teacher, its training and its buffer are the whole run's."""
+    whole, resumed = lord_run["result"], lord_resumed["result"]
+    assert resumed.status == "completed", resumed.error
+    assert resumed.accuracy_matrix == whole.accuracy_matrix
+    assert resumed.strategy_report == whole.strategy_report
+    assert len(whole.strategy_report["search_flops"]) == 2  # tasks 1 and 2 searched a teacher
+    final, expected = lord_resumed[2], lord_run["after"][2]["state"]
+    assert "extra.kappa" not in final["extra"] and "kappa" in final["extra"]
+    for part in ("model", "extra"):
+        assert final[part].keys() == expected[part].keys()
+        for k in expected[part]:
+            assert torch.equal(final[part][k], expected[part][k]), k
+
+
+def test_a_strategy_loaded_from_the_checkpoint_is_the_one_that_saved_it(lord_resumed, scenario, build_strategy, batch_of):
+    """The checkpoint written after task 1 (on disk), loaded into a strategy built afresh: the same stage
+    (6 of widths 0.1..1.0: width 0.6), teacher shape, width indices, teacher weights, insertion rate and
+    generator, and the same losses on a step; its report is the saved strategy's."""
+    cut, (meta, tensors) = lord_resumed["cut"], lord_resumed["checkpoint"]
+    assert meta["completed_experiences"] == 2
+    fresh = from_checkpoint(tensors, scenario, build_strategy)
+    fresh.on_resume(scenario.info(1), scenario.train_sets[:2])
+    assert cut.teacher is not None and cut.kappa != Arch.full(cut.backbone)
+    assert (fresh.stage, fresh.widths, fresh.input_shape) == (6, RUN_OVERRIDES["widths"], (3, 32, 32))
+    assert (fresh.kappa, fresh.kappa_index) == (cut.kappa, cut.kappa_index)
+    saved, loaded = cut.extra_state(), fresh.extra_state()
+    assert loaded.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(loaded[k], saved[k]), k
+    # the report: student width, the teacher's share of the parameters (counted here), one search's FLOPs
+    full = sum(p.numel() for p in cut.backbone.parameters()) + sum(p.numel() for p in cut.head.parameters())
+    report, expected = fresh.report(), cut.report()
+    rho = sum(p.numel() for p in cut.teacher.parameters()) / full
+    assert report.pop("teacher_params_fraction") == pytest.approx(rho, rel=1e-6)  # exactly: the next test
+    assert report == {k: v for k, v in expected.items() if k != "teacher_params_fraction"}
+    assert report["student_width"] == 0.6
+    assert len(report["search_flops"]) == 1 and report["search_flops"][0] > 0
+    # the teacher, a step (the kappa-shaped sub-network distilled towards the teacher) and the insertion draws
+    batch = batch_of(scenario.train_sets[1], 8)
+    assert torch.equal(teacher_forward(fresh.teacher, batch.x), teacher_forward(cut.teacher, batch.x))
+    cut.eval(), fresh.eval()
+    losses = []
+    for s in (cut, fresh):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses.append({k: float(v) for k, v in s.step_losses(batch).items()})
+    assert losses[0] == losses[1] and losses[0]["distill"] > 0
+    assert [fresh.should_store() for _ in range(64)] == [cut.should_store() for _ in range(64)]
+
+
+def test_the_checkpoint_keeps_the_teachers_share_of_the_parameters_exactly(lord_resumed, scenario, build_strategy):
+    """rho (insertion probability exp(-0.75 rho), `report()["teacher_params_fraction"]`) comes back as the
+    float the saved strategy held, not rounded to float32."""
+    cut = lord_resumed["cut"]
+    fresh = from_checkpoint(lord_resumed["checkpoint"][1], scenario, build_strategy)
+    full = sum(p.numel() for p in cut.backbone.parameters()) + sum(p.numel() for p in cut.head.parameters())
+    rho = sum(p.numel() for p in cut.teacher.parameters()) / full
+    assert cut.teacher_rho == rho
+    assert fresh.teacher_rho == rho and fresh.report()["teacher_params_fraction"] == rho
+
+
+def test_a_checkpoint_holds_a_copy_of_the_teacher(lord_resumed, scenario, build_strategy, batch_of):
+    """The teacher's tensors in `extra_state` are copies: writing into a saved state leaves the live teacher."""
+    s = from_checkpoint(lord_resumed["checkpoint"][1], scenario, build_strategy)
+    x = batch_of(scenario.train_sets[1], 8).x
+    before = teacher_forward(s.teacher, x)
+    state = s.extra_state()
+    assert any(k.startswith("teacher.") for k in state)
+    for k, v in state.items():
+        if k.startswith("teacher.") and v.is_floating_point():
+            v.zero_()
+    assert torch.equal(teacher_forward(s.teacher, x), before)
+
+
+def test_loading_the_first_tasks_state_drops_a_later_teacher(lord_resumed, scenario, build_strategy, batch_of):
+    """`load_extra_state` replaces all of LoRD's state, also in a strategy that holds a teacher (as a DDP rank
+    taking rank 0's state does): task 0's state has no teacher, stage 4 (width 0.4) and no search yet."""
+    from clbench.engine.checkpoint import load_strategy_state
+
+    s = from_checkpoint(lord_resumed["checkpoint"][1], scenario, build_strategy)
+    assert s.teacher is not None
+    first = lord_resumed[0]
+    load_strategy_state(s, first["model"], first["extra"])
+    assert (s.teacher, s.kappa, s.kappa_index, s.stage, s.input_shape) == (None, None, None, 4, (3, 32, 32))
+    assert s.report() == {**first["report"], "student_width": 0.4, "teacher_params_fraction": 0.0, "search_flops": []}
+    s.eval()
+    with torch.no_grad():
+        assert "distill" not in s.step_losses(batch_of(scenario.train_sets[0], 8))
+
+
+def test_a_strategy_that_has_not_trained_yet_reports_the_full_width_and_loads_back(scenario, build_strategy):
+    """Before the first task the student is the full network (stage 0) and no input shape is known yet;
+    its state loads back into a strategy built afresh."""
+    from clbench.engine.checkpoint import load_strategy_state
+
+    s = build_strategy("lord", scenario, **RUN_OVERRIDES)
+    assert s.student_arch() == Arch.full(s.backbone)
+    assert s.report() == {**s.report(), "student_width": 1.0, "teacher_params_fraction": 0.0, "search_flops": []}
+    fresh = build_strategy("lord", scenario, seed=1, **RUN_OVERRIDES)
+    fresh.input_shape = (3, 8, 8)
+    load_strategy_state(fresh, s.state_dict(), s.extra_state())
+    assert (fresh.stage, fresh.input_shape, fresh.teacher) == (0, None, None)
+    assert [fresh.should_store() for _ in range(16)] == [s.should_store() for _ in range(16)]
+
+
+@pytest.fixture(scope="module")
+def gray_tasks():
+    """2 tasks x 2 classes of 1x32x32 images (grey-level, MNIST-like), 8 train / 4 test per class."""
+    g = torch.Generator().manual_seed(1)
+
+    def draw(n):
+        y = torch.arange(4).repeat_interleave(n)
+        return y.view(-1, 1, 1, 1) + torch.randn((len(y), 1, 32, 32), generator=g), y
+
+    return class_incremental_from_tensors("gray", draw(8), draw(4), increments=[2, 2], class_order=list(range(4)),
+                                          default_backbone="resnet18_cifar_nf8")
+
+
+def test_a_backbone_that_is_not_a_cifar_resnet_is_replaced_by_one_reading_the_images_channels(
+        gray_tasks, five_tasks, build_strategy, batch_of):
+    """LoRD trains a CIFAR ResNet-18 at width nf: another backbone gives it its input channels, read from its
+    first convolution, else from its `in_chans`, else 3 (RGB); the built network takes a step on the images."""
+    from clbench.models.backbones import build_backbone
+
+    conv_net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())  # no in_chans attribute
+    mlp = build_backbone("clbench_mlp_tiny", in_chans=1, img_size=32)  # no convolution, in_chans = 1
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))  # neither
+    assert not hasattr(conv_net, "in_chans") and not any(isinstance(m, torch.nn.Conv2d) for m in mlp.modules())
+    for backbone, data, channels in ((conv_net, gray_tasks, 1), (mlp, gray_tasks, 1), (plain, five_tasks, 3)):
+        s = build_strategy("lord", data, backbone=backbone, nf=8)
+        assert isinstance(s.backbone, CifarResNet) and s.backbone.conv1.weight.shape == (8, channels, 3, 3), backbone
+        s.on_experience_start(data.info(0))
+        assert torch.isfinite(sum(s.step_losses(batch_of(data.train_sets[0], 4)).values()))
