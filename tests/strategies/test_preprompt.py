@@ -388,3 +388,31 @@ def test_the_calibration_steps_address_rows_of_d_past_float32s_whole_numbers():
     positions = [size - 1, size - 2, 2**24 - 1]
     x, y = strategy._calibration_batch(Batch(*epoch.__getitems__(positions)))
     assert x[:, 0].tolist() == positions and y.tolist() == positions
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"prompt_length": 0}, "prompt_length=0 is invalid; expected a positive integer"),
+    ({"prompt_blocks": 0}, "prompt_blocks=0 is invalid; expected a positive integer"),
+    ({"calibration_batch": 0}, "calibration_batch=0 is invalid; expected a positive integer"),
+    ({"prompt_momentum": 1.5}, r"prompt_momentum=1.5 is invalid; expected a number in \[0, 1\]"),
+    ({"prompt_momentum": -0.1}, r"prompt_momentum=-0.1 is invalid; expected a number in \[0, 1\]"),
+    ({"grad_clip": 0.0}, "grad_clip=0.0 is invalid; expected a positive number"),
+    ({"calibration_lr": 0.0}, "calibration_lr=0.0 is invalid; expected a positive number"),
+    ({"calibration_epochs": -1}, "calibration_epochs=-1 is invalid; expected an integer >= 0"),
+    ({"head_lr_scale": 0.0}, "head_lr_scale=0.0 is invalid; expected a positive number"),
+    ({"head_lr_scale": 0.5, "label_head_lr_scale": -1.0}, "label_head_lr_scale=-1.0 is invalid; expected a positive number"),
+])
+def test_a_setting_out_of_range_is_refused_with_its_name(setting, expected):
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"^{expected}$"):
+        strategy_config("preprompt", setting)
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    # m = 0 (no mix) and m = 1 (the earlier slots' mean alone), no calibration, and small positive scales
+    for setting in ({"prompt_momentum": 0.0}, {"prompt_momentum": 1.0}, {"calibration_epochs": 0},
+                    {"head_lr_scale": 0.5, "label_head_lr_scale": 0.5}, {"head_lr_scale": 1e-3, "label_head_lr_scale": None},
+                    {"prompt_length": 1, "prompt_blocks": 1, "calibration_batch": 1, "grad_clip": 1e-3, "calibration_lr": 1e-6}):
+        cfg = strategy_config("preprompt", setting)
+        assert all(getattr(cfg, k) == v for k, v in setting.items()), setting
