@@ -416,3 +416,23 @@ def test_the_edges_of_the_ranges_are_accepted():
                     {"prompt_length": 1, "prompt_blocks": 1, "calibration_batch": 1, "grad_clip": 1e-3, "calibration_lr": 1e-6}):
         cfg = strategy_config("preprompt", setting)
         assert all(getattr(cfg, k) == v for k, v in setting.items()), setting
+
+
+@pytest.mark.parametrize("calibration_batch", [1, 1000])
+def test_a_calibration_epoch_runs_n_old_minibatches_of_the_batch_or_of_d_over_n_old_when_d_is_smaller(
+        tmp_path, fast_config_for, calibration_batch):
+    calibration = _CalibrationData()
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=1, limit_train_batches=1, limit_eval_samples=8,
+                          profile=False)
+    result = run(RunSpec("preprompt", "digits32-2", run=cfg, seed=0,
+                         strategy_overrides={**TINY, "calibration_epochs": 1, "calibration_batch": calibration_batch}),
+                 callbacks=[calibration])
+    assert result.status == "completed", result.error
+    data = calibration.seen[1]
+    n_old = len(create_scenario("digits32-2").info(1).past_classes)  # 5
+    # the statistics saw one batch of 16 images: D is their features and the old classes' translated clouds,
+    # far fewer than n_old x 1000 rows
+    d = len(data["y"])
+    expected = 1 if calibration_batch == 1 else d // n_old
+    assert 1 < d // n_old < 1000
+    assert (data["positions"], data["batch"]) == (n_old * expected, expected)
