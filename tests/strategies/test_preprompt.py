@@ -203,8 +203,8 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, resume_pair, fas
 
 # ---- the live path: calibration data and the in-forward momentum mix, watched during a real run
 class _PromptsSeenByAttention(pl.Callback):
-    """Task 1, before its first step: slot 0 set to 0 and slot 1 to 1 (hand values); the prefixes
-    the first prompted block's attention receives during that first step are recorded."""
+    """Task 1, before its first step: slot 0 set to l + 1 at prompt position l and slot 1 to 2 (hand
+    values); the prefixes the first prompted block's attention receives during that first step are recorded."""
 
     def __init__(self):
         self.prefixes, self._handle = [], None
@@ -213,8 +213,9 @@ class _PromptsSeenByAttention(pl.Callback):
         if pl_module.phase.name != "train" or pl_module.experience.index != 1:
             return
         with torch.no_grad():
-            pl_module.prompts[:, :, 0] = 0.0
-            pl_module.prompts[:, :, 1] = 1.0
+            length = pl_module.prompts.shape[3]
+            pl_module.prompts[:, :, 0] = torch.arange(1.0, length + 1).view(length, 1, 1)
+            pl_module.prompts[:, :, 1] = 2.0
         attention = pl_module.backbone.blocks[0].attn
         self._handle = attention.register_forward_pre_hook(
             lambda m, args: self.prefixes.append(None if pl_module.router.prefix is None
@@ -314,11 +315,12 @@ def test_calibration_trains_on_translated_old_class_features_and_the_current_clo
 def test_the_training_forward_mixes_the_current_slot_with_the_earlier_slots_mean(calibration_run):
     prefixes, _, _ = calibration_run
     # first step of task 1: the route pass runs without prompts, the label pass with
-    # P~_1 = 0.99 P_1 + 0.01 mean(P_0) = 0.99 * 1 + 0.01 * 0 for every sample
+    # P~_1 = 0.99 P_1 + 0.01 mean(P_0) for every sample: 0.99 * 2 + 0.01 * (l + 1) at prompt position l
     assert len(prefixes) == 2 and prefixes[0] is None
     used = prefixes[1]
-    assert used.shape[:3] == (TINY["prompt_blocks"], 2, 120)
-    assert torch.allclose(used, torch.full_like(used, 0.99), atol=1e-7)
+    assert used.shape[:4] == (TINY["prompt_blocks"], 2, 120, TINY["prompt_length"])
+    assert torch.allclose(used[:, :, :, 0], torch.full_like(used[:, :, :, 0], 1.99), atol=1e-6)
+    assert torch.allclose(used[:, :, :, 1], torch.full_like(used[:, :, :, 1], 2.0), atol=1e-6)
 
 
 # ---- a global batch: the gradients of k batches, each loss divided by k, summed into one step
