@@ -68,6 +68,22 @@ def test_both_tables_are_regenerated_and_the_top_readme_links_into_docs_mutation
     assert kept.split("<!-- mutation-table:begin -->")[0] == page.split("<!-- mutation-table:begin -->")[0]
 
 
+def test_a_tracked_file_without_a_report_is_listed_as_not_run_after_the_reported_ones(tmp_path, mutation):
+    docs = tmp_path / "docs" / "mutation"
+    _report(docs, "strategies/tuna")
+    table = mutation.mutation_table(docs, tracked=["strategies/tuna.py", "strategies/ior.py", "edge/flops.py"])
+    rows = table.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| [`strategies/tuna.py`](strategies/tuna.md)",
+                                                     "| `edge/flops.py`", "| `strategies/ior.py`"]
+    assert rows[2] == "| `strategies/ior.py` | not run yet | | | | | | | | `make mutation FILE=strategies/ior.py` |"
+    # every row has the header's ten columns
+    assert {row.count("|") for row in rows} == {table.splitlines()[0].count("|")} == {11}
+    # by default the lab's method files are tracked: the eleven methods, each reported or listed
+    default = mutation.mutation_table(docs)
+    assert all(f"`strategies/{m}.py`" in default for m in ("etag", "preprompt", "sgds", "daf", "saef", "tuna",
+                                                            "lord", "fdinet", "clfd", "ior", "p2iod"))
+
+
 def test_a_top_readme_without_markers_is_left_alone_and_broken_markers_are_refused(tmp_path, mutation):
     docs = tmp_path / "docs" / "mutation"
     _report(docs, "strategies/tuna")
