@@ -113,6 +113,12 @@ def test_feature_translation_on_a_hand_built_example():
     # old class 0 ~ (1, 0) is nearest (cosine) to current class 1; old class 1 ~ (0, 2) to current class 0
     assert torch.allclose(shifted[0], clouds[1] - current_means[1] + old_means[0])
     assert torch.allclose(shifted[1], clouds[0] - current_means[0] + old_means[1])
+    # cosine, not the dot product: (1, 0) is at 5.7 degrees from (1, 0.1) and 45 degrees from (5, 5),
+    # whose dot product with it is 5 times larger
+    current_means = torch.tensor([[5.0, 5.0], [1.0, 0.1]])
+    clouds = [torch.tensor([[4.0, 5.0], [6.0, 5.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.2]])]
+    shifted = translated_features(torch.tensor([[1.0, 0.0]]), current_means, clouds)
+    assert len(shifted) == 1 and torch.allclose(shifted[0], torch.tensor([[1.0, -0.1], [1.0, 0.1]]))
 
 
 class _Rates(pl.Callback):
