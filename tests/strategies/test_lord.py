@@ -560,3 +560,77 @@ def test_a_backbone_that_is_not_a_cifar_resnet_is_replaced_by_one_reading_the_im
         assert isinstance(s.backbone, CifarResNet) and s.backbone.conv1.weight.shape == (8, channels, 3, 3), backbone
         s.on_experience_start(data.info(0))
         assert torch.isfinite(sum(s.step_losses(batch_of(data.train_sets[0], 4)).values()))
+
+
+# ---------------------------------------------------------------- the search's and the insertion's random draws
+def test_the_search_scores_seeded_noise_against_the_previous_students_batch_statistics_logits(
+        five_tasks, build_strategy, batch_of):
+    """Task 1's start in a run with seed 3: the noise z is torch.randn from the search's own generator
+    (seeded 1000 x seed + task, so a search is reproducible whatever the training drew) and the sampled
+    sub-networks come from it too: two such starts under different global random states search alike.
+    The reference is the task-0 student's logits on z with batch statistics, before re-ordering
+    (recomputed here); every sub-network is scored on the same z, with batch statistics."""
+
+    def searched(global_seed):
+        torch.manual_seed(0)
+        s = build_strategy("lord", five_tasks, backbone=CifarResNet(16), seed=3, buffer_size=20, replay_batch_size=8,
+                           search_samples=6, search_noise=4)
+        s.on_experience_start(five_tasks.info(0))
+        sum(s.step_losses(batch_of(five_tasks.train_sets[0], 8)).values()).backward()  # a task-0 step
+        s.on_experience_end(five_tasks.info(0), five_tasks.train_sets[0])
+        before = {"student": s.student_arch(), "backbone": copy.deepcopy(s.backbone), "fc": copy.deepcopy(s.head.fc)}
+        calls, logits_at = [], s.logits_at
+
+        def recording(arch, x, bn):
+            out = logits_at(arch, x, bn=bn)
+            calls.append((arch, x.clone(), bn, out.clone()))
+            return out
+
+        s.logits_at = recording
+        torch.manual_seed(global_seed)
+        s.on_experience_start(five_tasks.info(1))
+        return s, before, calls
+
+    s, before, calls = searched(123)
+    z = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(3001))
+    (arch, x, bn, reference), *candidates = calls
+    assert arch == before["student"] and bn == "batch" and torch.equal(x, z)
+    assert torch.allclose(reference, prefix_logits(before["backbone"], before["fc"], arch, z), atol=1e-5)
+    assert candidates and all(torch.equal(c[1], z) and c[2] == "batch" for c in candidates)
+    assert s.kappa is not None
+    other = searched(7)[2]
+    assert [c[0] for c in other] == [c[0] for c in calls] and len({c[0] for c in candidates}) > 1
+
+
+def test_insertion_draws_come_from_the_strategys_own_generator(five_tasks, build_strategy):
+    """Two strategies with the same seed decide the same insertions whatever the global random state,
+    which the decisions neither read nor advance."""
+    a, b = lord(five_tasks, build_strategy), lord(five_tasks, build_strategy)
+    a.teacher_rho = b.teacher_rho = 0.9  # p = exp(-0.675), about 0.51
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    first = [a.should_store() for _ in range(200)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.manual_seed(1)
+    assert [b.should_store() for _ in range(200)] == first and 0 < sum(first) < 200
+
+
+def test_a_draw_equal_to_the_insertion_probability_does_not_store(five_tasks, build_strategy):
+    """A batch is stored when the uniform draw u is below p = exp(-0.75 rho) (probability p): with rho set so
+    that p equals the next draw exactly, the batch is not stored; one float higher, it is."""
+    s = lord(five_tasks, build_strategy)
+    peek = torch.Generator()
+    peek.set_state(s.insert_generator.get_state())
+    u = float(torch.rand(1, generator=peek))
+    rho = -math.log(u) / 0.75
+    for _ in range(50):  # the float rho nearest -ln(u) / 0.75 with exp(-0.75 rho) == u exactly
+        if math.exp(-0.75 * rho) == u:
+            break
+        rho = math.nextafter(rho, math.inf if math.exp(-0.75 * rho) > u else -math.inf)
+    assert math.exp(-0.75 * rho) == u
+    state = s.insert_generator.get_state()
+    s.teacher_rho = rho
+    assert not s.should_store()
+    s.insert_generator.set_state(state)
+    s.teacher_rho = math.nextafter(rho, -math.inf)  # p one step above u
+    assert math.exp(-0.75 * s.teacher_rho) > u and s.should_store()
