@@ -234,17 +234,31 @@ class _PromptsSeenByAttention(pl.Callback):
 
 
 class _CalibrationData(pl.Callback):
-    """The calibration phase's data as its fit starts: the feature set D and the per-epoch loader."""
+    """The calibration phase's data as its fit starts: the feature set D and the per-epoch loader; and
+    per step, the positions its batch holds and the features the label head receives."""
 
     def __init__(self):
-        self.seen = {}
+        self.seen, self._handle = {}, None
 
     def on_train_start(self, trainer, pl_module):
         if pl_module.phase.name == "calibrate":
             x, y = pl_module._calibration_set
             loader = trainer.train_dataloader
-            self.seen[pl_module.experience.index] = {"x": x.clone(), "y": y.clone(), "positions": len(loader.dataset),
-                                                     "batch": loader.batch_size}
+            record = {"x": x.clone(), "y": y.clone(), "positions": len(loader.dataset), "batch": loader.batch_size,
+                      "steps": []}
+            self.seen[pl_module.experience.index] = record
+            self._handle = pl_module.head.register_forward_pre_hook(
+                lambda m, args: record["steps"][-1]["head_inputs"].append(args[0].detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._handle is not None:
+            self.seen[pl_module.experience.index]["steps"].append({"positions": batch.x[:, 0].long().clone(),
+                                                                   "head_inputs": []})
+
+    def on_train_end(self, trainer, pl_module):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +458,18 @@ def test_a_calibration_epoch_runs_n_old_minibatches_of_the_batch_or_of_d_over_n_
     expected = 1 if calibration_batch == 1 else d // n_old
     assert 1 < d // n_old < 1000
     assert (data["positions"], data["batch"]) == (n_old * expected, expected)
+
+
+def test_each_calibration_epoch_reads_d_in_an_order_drawn_from_the_run_seeds_own_generator(calibration_run):
+    # the shuffles of D come from a generator of the strategy's own, seeded with the run's seed (0 + 53) and
+    # drawn once per calibration epoch in turn (task 1's, then task 2's), whatever the global RNG holds; a
+    # step's batch holds positions p of that epoch's permutation, and the label head gets the rows perm[p] of D
+    _, seen, _ = calibration_run
+    generator = torch.Generator().manual_seed(0 + 53)
+    for task in (1, 2):
+        data = seen[task]
+        perm = torch.randperm(len(data["x"]), generator=generator)
+        assert len(data["steps"]) == 1  # one calibration epoch of one batch (limit_train_batches=1)
+        for step in data["steps"]:
+            assert len(step["head_inputs"]) == 1 and len(step["positions"]) == data["batch"]
+            assert torch.equal(step["head_inputs"][0], data["x"][perm[step["positions"]]])
