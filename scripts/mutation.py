@@ -256,12 +256,12 @@ def write_preload_list(tree: Path, tests: list[str]) -> None:
         raise SystemExit(f"the tests fail on the unmutated copy:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
 
 
-def run_mutmut(tree: Path, log: Path, names: list[str] | None = None) -> int:
+def run_mutmut(tree: Path, log: Path, names: list[str] | None = None, jobs: int = 1) -> int:
     """`mutmut run` in `tree`: every mutant, or only `names` (mutmut reruns the mutants it is given)."""
     env = {**os.environ, **ENV}
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *(names or [])],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(names or [])],
             cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     return proc.returncode
@@ -585,11 +585,11 @@ def mutate(file: str, args) -> dict:
         # first the mutants of functions edited since (mutmut checks only those, and maps the tests anew) ...
         print(f"[mutation] {file}: sources and tests refreshed in {tree}; mutmut checks the mutants of "
               f"functions changed since (log: {log})", flush=True)
-        rc = run_mutmut(tree, log)
+        rc = run_mutmut(tree, log, jobs=args.jobs)
         # ... then every survivor again, against the new tests
         survivors = [n for n, s in read_results(tree, file).items() if s in UNDETECTED]
         print(f"[mutation] {file}: mutmut reruns its {len(survivors)} survivors (log: {log})", flush=True)
-        rc = run_mutmut(tree, log, survivors) if survivors else rc
+        rc = run_mutmut(tree, log, survivors, jobs=args.jobs) if survivors else rc
     else:
         print(f"[mutation] {file}: copying the tree to {tree}", flush=True)
         copy_tree(tree)
@@ -597,7 +597,7 @@ def mutate(file: str, args) -> dict:
         print(f"[mutation] {file}: running {' '.join(tests)} once unmutated (modules to preload)", flush=True)
         write_preload_list(tree, tests)
         print(f"[mutation] {file}: mutmut run against {' '.join(tests)} (log: {log})", flush=True)
-        rc = run_mutmut(tree, log)
+        rc = run_mutmut(tree, log, jobs=args.jobs)
     if not meta.exists():
         raise SystemExit(f"mutmut produced no results for {file} (exit {rc}); see {log}")
     status = read_results(tree, file)
@@ -631,12 +631,21 @@ def mutate(file: str, args) -> dict:
     return summary
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help=f"repository paths of source files (default: {' '.join(DEFAULT_FILES)})")
     parser.add_argument("--timeout-multiplier", type=float, default=10.0,
                         help="per-mutant timeout: this x the covering tests' measured duration ...")
     parser.add_argument("--timeout-constant", type=float, default=10.0, help="... + this many seconds")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="mutants checked at once (mutmut's --max-children; default 1: one run per core "
+                             "leaves the other cores to a second run)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show`/`browse` there)")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="in the copy a --keep run left, refresh sources and tests from the working tree, check "

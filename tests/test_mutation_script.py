@@ -236,3 +236,14 @@ def test_verification_does_not_carry_a_cached_answer_from_one_mutant_into_the_ne
 
     assert verified == {"pkg.facts.x_kind__mutmut_1": "fails", "pkg.facts.x_other__mutmut_2": "passes",
                         "tests/test_facts.py::test_kind::original": "passes"}
+
+
+def test_jobs_reach_mutmut_as_its_max_children_and_a_bad_count_is_refused(tmp_path, monkeypatch, mutation, capsys):
+    calls = []
+    monkeypatch.setattr(mutation.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type("P", (), {"returncode": 0})())
+    mutation.run_mutmut(tmp_path, tmp_path / "log", ["m1"], jobs=2)
+    assert calls[0][-4:] == ["run", "--max-children", "2", "m1"]
+    with pytest.raises(SystemExit) as exit_:
+        mutation.main(["--jobs", "0", "strategies/tuna.py"])
+    assert exit_.value.code == 2
+    assert "--jobs: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
