@@ -122,20 +122,23 @@ def test_feature_translation_on_a_hand_built_example():
 
 
 class _Rates(pl.Callback):
-    """Learning rates of every optimizer's groups at each training epoch's start, by phase."""
+    """Learning rates (and SGD momenta) of every optimizer's groups at each training epoch's start, by phase."""
 
     def __init__(self):
-        self.by_phase = {}
+        self.by_phase, self.momenta = {}, {}
 
     def on_train_epoch_start(self, trainer, pl_module):
         rates = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         self.by_phase.setdefault(pl_module.phase.name, []).append(rates)
+        momenta = [[g.get("momentum") for g in opt.param_groups] for opt in trainer.optimizers]
+        self.momenta.setdefault(pl_module.phase.name, []).append(momenta)
 
 
 def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_path, fast_config_for):
     rates = _Rates()
     cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=3, limit_train_batches=1)
-    overrides = {**TINY, "calibration_epochs": 1, "lr": 0.1, "head_lr_scale": 0.1, "lr_step_epochs": 1, "lr_step_gamma": 0.5}
+    overrides = {**TINY, "calibration_epochs": 2, "calibration_lr": 0.2, "lr": 0.1, "head_lr_scale": 0.1,
+                 "lr_step_epochs": 1, "lr_step_gamma": 0.25}
     result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates])
     assert result.status == "completed", result.error
     # the task-prediction diagnostic: after the first task every route prediction is task 0
@@ -143,11 +146,18 @@ def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_
     assert result.diagnostics[0]["task_prediction_accuracy"] == [1.0]
     assert len(result.diagnostics[1]["task_prediction_accuracy"]) == 2
     # flattened per epoch: route head, then the label step's prompts and label head
-    expected = [[0.01, 0.1 * 0.5**e, 0.01 * 0.5**e] for e in range(3)]
+    expected = [[0.01, 0.1 * 0.25**e, 0.01 * 0.25**e] for e in range(3)]
     train = [[lr for opt in epoch for lr in opt] for epoch in rates.by_phase["train"]]
     assert len(train) == 6  # two experiences, each fit starts the schedule afresh
     for epoch, got in enumerate(train):
         assert got == pytest.approx(expected[epoch % 3]), epoch
+    # the statistics pass is one epoch whatever the run's epochs, with no optimiser
+    statistics = rates.by_phase["statistics"]
+    assert len(statistics) == 2 and not any(group for epoch in statistics for group in epoch)
+    # calibration (task 1 only): its own 2 epochs (not the run's 3), the label head alone, SGD with momentum
+    # 0.9, cosine from calibration_lr to 0 over those epochs: 0.2 (1 + cos(pi e / 2)) / 2
+    assert rates.by_phase["calibrate"] == [[[pytest.approx(lr)]] for lr in (0.2, 0.1)]
+    assert rates.momenta["calibrate"] == [[[0.9]]] * 2
 
 
 def test_task_prediction_accuracy_on_hand_set_predictions():
