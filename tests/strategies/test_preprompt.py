@@ -160,6 +160,16 @@ def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_
     assert rates.momenta["calibrate"] == [[[0.9]]] * 2
 
 
+def test_a_constant_schedule_keeps_every_training_rate(tmp_path, fast_config_for):
+    rates = _Rates()
+    cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=2, limit_train_batches=1, limit_eval_samples=8,
+                          profile=False)
+    overrides = {**TINY, "calibration_epochs": 0, "lr": 0.1, "head_lr_scale": 0.1, "lr_schedule": "constant"}
+    result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates])
+    assert result.status == "completed", result.error
+    assert "calibrate" not in rates.by_phase  # calibration_epochs=0: none
+    assert rates.by_phase["train"] == [[[pytest.approx(0.01)], [pytest.approx(0.1), pytest.approx(0.01)]]] * 4
+
 def test_task_prediction_accuracy_on_hand_set_predictions():
     scenario = create_scenario("digits32-2")
     torch.manual_seed(0)
