@@ -281,11 +281,26 @@ class _CalibrationData(pl.Callback):
             self._handle = None
 
 
+class _Augmentation(pl.Callback):
+    """A training augmentation as an image scenario has one (CIFAR's pad-crop-flip): here the identity,
+    noting the phase and the shape of every batch it is applied to."""
+
+    def __init__(self):
+        self.calls = []
+
+    def setup(self, trainer, pl_module, stage):
+        def augment(x):
+            self.calls.append((pl_module.phase.name, tuple(x.shape)))
+            return x
+
+        pl_module.augment = augment
+
+
 @pytest.fixture(scope="module")
 def calibration_run(tmp_path_factory, fast_config_for):
     """synthetic32-3 (3 tasks x 2 classes of 120 images); one batch holds a whole task, so the
-    statistics see every image."""
-    prompts, calibration, final = _PromptsSeenByAttention(), _CalibrationData(), []
+    statistics see every image. The training batches pass an (identity) augmentation."""
+    prompts, calibration, augmentation, final = _PromptsSeenByAttention(), _CalibrationData(), _Augmentation(), []
 
     def keep(i, result, strategy):
         final.append((strategy.prompts.detach().clone(), strategy.class_means.clone(), strategy.class_variances.clone(),
@@ -295,9 +310,9 @@ def calibration_run(tmp_path_factory, fast_config_for):
                           batch_size=256, limit_train_batches=1)
     result = run(RunSpec("preprompt", "synthetic32-3", run=cfg, seed=0,
                          strategy_overrides={**TINY, "calibration_epochs": 1, "calibration_batch": 16}),
-                 callbacks=[prompts, calibration], on_experience=keep)
+                 callbacks=[prompts, calibration, augmentation], on_experience=keep)
     assert result.status == "completed", result.error
-    return prompts.prefixes, calibration.seen, final
+    return prompts.prefixes, calibration.seen, final, augmentation.calls
 
 
 def _features_with_slot(strategy, prompts, x, slot):
@@ -322,7 +337,7 @@ def _same_rows(got, expected):
 
 @pytest.mark.parametrize("task", [1, 2])
 def test_calibration_trains_on_translated_old_class_features_and_the_current_clouds(calibration_run, task):
-    _, seen, final = calibration_run
+    _, seen, final, _ = calibration_run
     scenario = create_scenario("synthetic32-3")
     strategy = final[-1][3]
     # every class's features, recomputed here: its task's training images through the frozen ViT with the
@@ -353,7 +368,7 @@ def test_calibration_trains_on_translated_old_class_features_and_the_current_clo
 
 
 def test_the_training_forward_mixes_the_current_slot_with_the_earlier_slots_mean(calibration_run):
-    prefixes, _, _ = calibration_run
+    prefixes, _, _, _ = calibration_run
     # first step of task 1: the route pass runs without prompts, the label pass with
     # P~_1 = 0.99 P_1 + 0.01 mean(P_0) for every sample: 0.99 * 2 + 0.01 * (l + 1) at prompt position l
     assert len(prefixes) == 2 and prefixes[0] is None
@@ -484,7 +499,7 @@ def test_each_calibration_epoch_reads_d_in_an_order_drawn_from_the_run_seeds_own
     # the shuffles of D come from a generator of the strategy's own, seeded with the run's seed (0 + 53) and
     # drawn once per calibration epoch in turn (task 1's, then task 2's), whatever the global RNG holds; a
     # step's batch holds positions p of that epoch's permutation, and the label head gets the rows perm[p] of D
-    _, seen, _ = calibration_run
+    _, seen, _, _ = calibration_run
     generator = torch.Generator().manual_seed(0 + 53)
     for task in (1, 2):
         data = seen[task]
@@ -493,3 +508,9 @@ def test_each_calibration_epoch_reads_d_in_an_order_drawn_from_the_run_seeds_own
         for step in data["steps"]:
             assert len(step["head_inputs"]) == 1 and len(step["positions"]) == data["batch"]
             assert torch.equal(step["head_inputs"][0], data["x"][perm[step["positions"]]])
+
+
+def test_only_the_training_images_are_augmented_not_the_statistics_pass_or_the_calibration_features(calibration_run):
+    # the statistics take the features of the images as they are, and calibration's inputs are positions in D
+    *_, calls = calibration_run
+    assert calls == [("train", (120, 3, 32, 32))] * 3  # one training batch per task
