@@ -230,7 +230,8 @@ class PrePrompt(CLStrategy):
         task_of_class = self.task_of_class.cpu()
         row = []
         for tau_hat, loader in zip(predicted, loaders):
-            true = task_of_class[torch.cat([batch.y for batch in loader])]
+            # an empty test set yields no batch: its labels are the empty start
+            true = task_of_class[torch.cat([torch.zeros(0, dtype=torch.long), *(batch.y for batch in loader)])]
             row.append(float((tau_hat == true).float().mean()) if len(true) else float("nan"))
         return {"task_prediction_accuracy": row}
 

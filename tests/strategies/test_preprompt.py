@@ -514,3 +514,46 @@ def test_only_the_training_images_are_augmented_not_the_statistics_pass_or_the_c
     # the statistics take the features of the images as they are, and calibration's inputs are positions in D
     *_, calls = calibration_run
     assert calls == [("train", (120, 3, 32, 32))] * 3  # one training batch per task
+
+
+def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_end_recorder):
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 6,
+                               strategy_config("preprompt", TINY), aux=[task_end_recorder], seed=5)
+    assert strategy.seed == 5 and list(strategy.aux) == [task_end_recorder]
+    scenario = create_scenario("synthetic32-3")
+    tasks = [scenario.info(t) for t in range(3)]
+    for task, data in zip(tasks, scenario.train_sets):
+        strategy.on_experience_start(task)
+        assert strategy.experience == task
+        strategy.on_experience_end(task, data)
+    assert task_end_recorder.ended == tasks
+
+
+def test_an_empty_test_set_scores_nan_in_the_task_prediction_diagnostic():
+    # what the runner does after an experience: the evaluation's forwards note tau_hat, then the diagnostic;
+    # a seen experience without test samples is NaN there, as in the accuracy row
+    from types import SimpleNamespace
+
+    from clbench.datasets import InMemoryDataset, make_loader
+    from clbench.tasks.classification import ClassificationTask
+
+    scenario = create_scenario("synthetic32-3")
+    scenario.test_sets[1] = InMemoryDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 6,
+                               strategy_config("preprompt", TINY), seed=0)
+    for t in range(2):
+        strategy.on_experience_start(scenario.info(t))
+        strategy.on_experience_end(scenario.info(t), scenario.train_sets[t])
+    with torch.no_grad():  # a route head that predicts class 0 (task 0) for every image
+        strategy.route_head.weight.zero_()
+        strategy.route_head.bias.copy_(torch.arange(6) == 0)
+    loaders = [make_loader(d, 256, shuffle=False) for d in scenario.test_sets]
+    result = SimpleNamespace(accuracy_matrix=[], diagnostics=[], aux_results={})
+    ClassificationTask().after_experience(result, strategy, scenario.info(1), scenario, loaders, torch.device("cpu"))
+    row = result.accuracy_matrix[0]
+    assert len(row) == 3 and row[1] != row[1] and row[2] == 0.0  # NaN: no sample; 0: not seen yet
+    assert [d["experience"] for d in result.diagnostics] == [1]
+    shares = result.diagnostics[0]["task_prediction_accuracy"]
+    assert len(shares) == 2 and shares[0] == 1.0 and shares[1] != shares[1]
