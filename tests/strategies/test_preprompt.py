@@ -134,13 +134,33 @@ class _Rates(pl.Callback):
         self.momenta.setdefault(pl_module.phase.name, []).append(momenta)
 
 
+class _MetricNames(pl.loggers.Logger):
+    """A Lightning logger that keeps the names of the metrics it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    name = "metric-names"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.names.update(metrics)
+
+
 def test_the_step_schedule_decays_prompts_and_label_head_not_the_route_head(tmp_path, fast_config_for):
-    rates = _Rates()
+    rates, logged = _Rates(), _MetricNames()
     cfg = fast_config_for(tmp_path, backbone="clbench_vit_tiny", epochs=3, limit_train_batches=1)
     overrides = {**TINY, "calibration_epochs": 2, "calibration_lr": 0.2, "lr": 0.1, "head_lr_scale": 0.1,
                  "lr_step_epochs": 1, "lr_step_gamma": 0.25}
-    result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates])
+    result = run(RunSpec("preprompt", "digits32-2", run=cfg, strategy_overrides=overrides), callbacks=[rates],
+                 loggers=[logged])
     assert result.status == "completed", result.error
+    # the loss terms, logged per step by name: the route and label updates, then calibration
+    assert {"train/route", "train/label", "train/calibration", "train/loss"} <= logged.names
     # the task-prediction diagnostic: after the first task every route prediction is task 0
     assert [d["experience"] for d in result.diagnostics] == [0, 1]
     assert result.diagnostics[0]["task_prediction_accuracy"] == [1.0]
