@@ -634,3 +634,31 @@ def test_a_draw_equal_to_the_insertion_probability_does_not_store(five_tasks, bu
     s.insert_generator.set_state(state)
     s.teacher_rho = math.nextafter(rho, -math.inf)  # p one step above u
     assert math.exp(-0.75 * s.teacher_rho) > u and s.should_store()
+
+
+def test_without_widths_a_three_task_run_follows_the_19_ratio_list_at_r_1(scenario, build_strategy):
+    """The released rule: for T other than 5 (and 10) the list is 0.05, 0.10, ..., 0.90, 1.0 and r = 1, so
+    the increments are round(0.5 (1 + cos(pi t / 2))) = 1, round(0.5) = 0 -> at least 1, and 0 for the last
+    task: stages 1, 2, 2, widths 0.05, 0.10, 0.10."""
+    s = build_strategy("lord", scenario, buffer_size=20)
+    widths = []
+    for t in range(3):
+        s.on_experience_start(scenario.info(t))
+        widths.append(s.report()["student_width"])
+    assert widths == [0.05, 0.1, 0.1] and len(s.widths) == 19
+
+
+def test_a_one_channel_nf_1_network_has_no_sub_network_under_the_size_cap(gray_tasks, build_strategy, batch_of):
+    """At nf = 1 every width rounds to the full channels (at least 8, capped by the network's), so each
+    sampled sub-network is the whole network: none is under 0.95 of it and no teacher is chosen; the size
+    the search compares is the network's parameter count (a one-channel stem included)."""
+    s = build_strategy("lord", gray_tasks, backbone=torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), nf=1,
+                       buffer_size=20, replay_batch_size=4, search_samples=5, search_noise=2)
+    s.on_experience_start(gray_tasks.info(0))
+    sum(s.step_losses(batch_of(gray_tasks.train_sets[0], 4)).values()).backward()
+    s.on_experience_end(gray_tasks.info(0), gray_tasks.train_sets[0])
+    s.on_experience_start(gray_tasks.info(1))
+    full = sum(p.numel() for p in s.backbone.parameters()) + sum(p.numel() for p in s.head.parameters())
+    assert s.backbone.conv1.weight.shape == (1, 1, 3, 3)
+    assert arch_params(s.backbone, Arch.full(s.backbone), s.head.out_features) == full
+    assert (s.teacher, s.kappa, s.teacher_rho) == (None, None, 0.0) and len(s.search_flops) == 1
