@@ -577,3 +577,56 @@ def test_an_empty_test_set_scores_nan_in_the_task_prediction_diagnostic():
     assert [d["experience"] for d in result.diagnostics] == [1]
     shares = result.diagnostics[0]["task_prediction_accuracy"]
     assert len(shares) == 2 and shares[0] == 1.0 and shares[1] != shares[1]
+
+
+def test_the_first_task_creates_one_prompt_slot_per_task_drawn_from_u_minus_one_one():
+    torch.manual_seed(0)
+    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                               strategy_config("preprompt", TINY), seed=0)
+    assert strategy.prompts is None
+    strategy.on_experience_start(create_scenario("digits32-5").info(0))
+    # (blocks, key/value, task slot, length, heads, head_dim): the tiny ViT has 4 heads of 16 dims
+    assert strategy.prompts.shape == (2, 2, 5, 2, 4, 16) and strategy.prompts.requires_grad
+    values = strategy.prompts.detach()
+    # 640 draws of U(-1, 1): all inside, both ends reached within 0.1 (each misses with probability 0.95**640)
+    assert values.min() >= -1 and values.max() <= 1 and values.min() < -0.9 and values.max() > 0.9
+
+
+def test_prompts_may_cover_every_block_of_the_vit_but_not_more():
+    from clbench.errors import UsageError
+
+    backbone = build_backbone("clbench_vit_tiny", in_chans=3, img_size=32)  # 4 blocks
+    strategy = create_strategy("preprompt", backbone, 10, strategy_config("preprompt", {**TINY, "prompt_blocks": 4}), seed=0)
+    strategy.on_experience_start(create_scenario("digits32-5").info(0))
+    assert strategy.prompts.shape[0] == 4
+    with pytest.raises(UsageError, match=r"^prompt_blocks=5 is invalid for this backbone: it is more than the ViT's "
+                                         r"depth \(4\); expected 1\.\.4, e\.g\. --set prompt_blocks=4$"):
+        create_strategy("preprompt", backbone, 10, strategy_config("preprompt", {**TINY, "prompt_blocks": 5}), seed=0)
+
+
+def test_inference_routes_and_labels_among_the_seen_classes_only():
+    strategy, scenario = _strategy_after_two_tasks()  # seen: classes 0-3 of tasks 0 and 1
+    x = scenario.test_sets[0].x[:5]
+    strategy.eval()
+    with torch.no_grad():  # the route head's top class is 9 (task 4, unseen), then 3 (task 1)
+        strategy.route_head.weight.zero_()
+        strategy.route_head.bias.copy_(10.0 * (torch.arange(10) == 9) + (torch.arange(10) == 3))
+    used = []
+    handle = strategy.backbone.blocks[0].attn.register_forward_pre_hook(
+        lambda m, args: used.append(None if strategy.router.prefix is None else strategy.router.prefix.clone()))
+    with torch.no_grad():
+        logits = strategy.predict_logits(x)
+    handle.remove()
+    # the route pass without prompts, then slot 1's prompt (as it is: no momentum mix at inference)
+    assert len(used) == 2 and used[0] is None and torch.equal(used[1], strategy.prompts[:, :, [1] * 5])
+    assert torch.isfinite(logits[:, :4]).all() and torch.all(logits[:, 4:] == float("-inf"))
+
+
+def test_the_frozen_vit_gets_no_gradient_from_a_training_step():
+    strategy, scenario = _strategy_after_two_tasks()
+    strategy.phase = strategy.phases(scenario.info(1))[0]
+    data = scenario.train_sets[1]
+    losses = strategy.step_losses(Batch(data.x[:8], data.y[:8]))
+    (losses["route"] + losses["label"]).backward()
+    assert all(not p.requires_grad and p.grad is None for p in strategy.backbone.parameters())
+    assert strategy.prompts.grad is not None and strategy.head.weight.grad is not None
