@@ -190,8 +190,8 @@ class PrePrompt(CLStrategy):
         """Each sample's prompt (blocks, 2, batch, length, heads, head_dim); `mixed` adds step 2's
         momentum mix of the current slot with the earlier ones' mean."""
         prompts = self.prompts
-        t = self.experience.index
-        if mixed and t > 0:
+        if mixed and self.experience.index > 0:  # training: an experience is running
+            t = self.experience.index
             m = self.cfg.prompt_momentum
             current = (1 - m) * prompts[:, :, t] + m * prompts[:, :, :t].mean(2).detach()
             return current.unsqueeze(2).expand(-1, -1, len(slots), -1, -1, -1)

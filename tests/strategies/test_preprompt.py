@@ -620,6 +620,35 @@ def test_inference_routes_and_labels_among_the_seen_classes_only():
     # the route pass without prompts, then slot 1's prompt (as it is: no momentum mix at inference)
     assert len(used) == 2 and used[0] is None and torch.equal(used[1], strategy.prompts[:, :, [1] * 5])
     assert torch.isfinite(logits[:, :4]).all() and torch.all(logits[:, 4:] == float("-inf"))
+    # the output carries the prompted feature the label head reads (what feature add-ons distil)
+    with torch.no_grad():
+        out = strategy(x)
+    features = _features_with_slot(strategy, strategy.prompts, x, 1)
+    assert torch.allclose(out.features, features, atol=1e-6)
+    assert torch.allclose(out.logits[:, :4], strategy.head(features)[:, :4], atol=1e-6)
+
+
+def test_a_loaded_strategy_with_no_experience_set_routes_and_labels_over_every_class():
+    # load_strategy_state without on_resume (inference from a checkpoint): no experience tells the seen
+    # classes, so routing and the label head's logits run over all of them
+    from clbench.engine.checkpoint import load_strategy_state
+
+    trained, scenario = _strategy_after_two_tasks()
+    with torch.no_grad():  # a route head whose top class is 3 (task 1) and a label head favouring class 9
+        trained.route_head.weight.zero_()
+        trained.route_head.bias.copy_((torch.arange(10) == 3).float())
+        trained.head.bias.copy_(10.0 * (torch.arange(10) == 9))
+    torch.manual_seed(1)
+    loaded = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 10,
+                             strategy_config("preprompt", TINY), seed=0)
+    load_strategy_state(loaded, trained.state_dict(), trained.extra_state())
+    assert loaded.experience is None
+    x = scenario.test_sets[0].x[:3]
+    loaded.eval()
+    with torch.no_grad():
+        out = loaded(x)
+    assert torch.allclose(out.features, _features_with_slot(loaded, trained.prompts.detach(), x, 1), atol=1e-6)
+    assert torch.isfinite(out.logits).all() and out.logits.argmax(1).tolist() == [9, 9, 9]
 
 
 def test_the_frozen_vit_gets_no_gradient_from_a_training_step():
