@@ -215,7 +215,10 @@ class PrePrompt(CLStrategy):
         return Output(mask_to(self.head(features), seen), features)
 
     def _seen(self) -> list[int]:
-        return list(self.experience.seen_classes) if self.experience is not None else list(range(self.num_classes))
+        if self.experience is not None:
+            return list(self.experience.seen_classes)
+        # no experience set (a strategy loaded for inference): the classes it has a task for, i.e. has learnt
+        return (self.task_of_class >= 0).nonzero().flatten().tolist()
 
     def predicted_task(self, x: torch.Tensor) -> torch.Tensor:
         """tau_hat: the task of the class the route head predicts on the unprompted feature."""
