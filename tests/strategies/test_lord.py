@@ -662,3 +662,42 @@ def test_a_one_channel_nf_1_network_has_no_sub_network_under_the_size_cap(gray_t
     assert s.backbone.conv1.weight.shape == (1, 1, 3, 3)
     assert arch_params(s.backbone, Arch.full(s.backbone), s.head.out_features) == full
     assert (s.teacher, s.kappa, s.teacher_rho) == (None, None, 0.0) and len(s.search_flops) == 1
+
+
+def test_the_students_forward_normalises_with_batch_statistics_in_training_and_running_ones_in_evaluation(
+        five_tasks, build_strategy, batch_of):
+    """The task-0 student (stage 4: channels 8, 16, 24, 48 of nf = 16) against a network cut to those
+    channels here: in training its BatchNorms use the batch's statistics and move the running statistics of
+    the active channels only (momentum 0.1, as the cut network's modules do); in evaluation they use the
+    running statistics and leave them. The features it returns are the ones its head reads, zero past 48."""
+    s = lord(five_tasks, build_strategy, nf=16)
+    s.on_experience_start(five_tasks.info(0))
+    arch = s.student_arch()
+    bns = [m for m in s.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:  # running statistics unlike any batch's, so the two modes differ
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    before, x = copy.deepcopy(s.backbone), batch_of(five_tasks.train_sets[0], 8).x
+    cut = prefix_net(before, arch).train()
+    fc, w = s.head.fc, arch.stages[-1]
+
+    def logits(h):
+        return torch.nn.functional.linear(h, fc.weight[:, :w], fc.bias)
+
+    s.train()
+    with torch.no_grad():
+        out, h = s(x), cut(x)
+    assert out.features.shape == (8, 128) and torch.equal(out.features[:, w:], torch.zeros(8, 128 - w))
+    assert torch.allclose(out.features[:, :w], h, atol=1e-5) and torch.allclose(out.logits, logits(h), atol=1e-5)
+    cut_bns = [m for m in cut.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    old_bns = [m for m in before.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m, c, o in zip(bns, cut_bns, old_bns):
+        n = len(c.running_mean)
+        assert torch.allclose(m.running_mean[:n], c.running_mean, atol=1e-6) and torch.equal(m.running_mean[n:], o.running_mean[n:])
+        assert torch.allclose(m.running_var[:n], c.running_var, atol=1e-6) and torch.equal(m.running_var[n:], o.running_var[n:])
+    s.eval(), cut.eval()
+    stats = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        out, h = s(x[:3]), cut(x[:3])
+    assert torch.allclose(out.logits, logits(h), atol=1e-5)
+    assert all(torch.equal(m.running_mean, r) for m, r in zip(bns, stats))
