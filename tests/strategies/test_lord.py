@@ -669,14 +669,17 @@ def test_the_students_forward_normalises_with_batch_statistics_in_training_and_r
     """The task-0 student (stage 4: channels 8, 16, 24, 48 of nf = 16) against a network cut to those
     channels here: in training its BatchNorms use the batch's statistics and move the running statistics of
     the active channels only (momentum 0.1, as the cut network's modules do); in evaluation they use the
-    running statistics and leave them. The features it returns are the ones its head reads, zero past 48."""
+    running statistics and leave them, each BatchNorm with its own affine terms and eps. The features it
+    returns are the ones its head reads, zero past 48."""
     s = lord(five_tasks, build_strategy, nf=16)
     s.on_experience_start(five_tasks.info(0))
     arch = s.student_arch()
     bns = [m for m in s.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        for m in bns:  # running statistics unlike any batch's, so the two modes differ
+        for m in bns:  # running statistics unlike any batch's (the two modes differ), affine terms, a module's eps
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+            m.eps = 0.01
     before, x = copy.deepcopy(s.backbone), batch_of(five_tasks.train_sets[0], 8).x
     cut = prefix_net(before, arch).train()
     fc, w = s.head.fc, arch.stages[-1]
