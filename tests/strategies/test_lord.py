@@ -568,13 +568,16 @@ def test_the_search_scores_seeded_noise_against_the_previous_students_batch_stat
     """Task 1's start in a run with seed 3: the noise z is torch.randn from the search's own generator
     (seeded 1000 x seed + task, so a search is reproducible whatever the training drew) and the sampled
     sub-networks come from it too: two such starts under different global random states search alike.
-    The reference is the task-0 student's logits on z with batch statistics, before re-ordering
-    (recomputed here); every sub-network is scored on the same z, with batch statistics."""
+    The reference is the task-0 student's logits on z with batch statistics (and the modules' eps), before
+    re-ordering (recomputed here); every sub-network is scored on the same z, with batch statistics."""
 
     def searched(global_seed):
         torch.manual_seed(0)
         s = build_strategy("lord", five_tasks, backbone=CifarResNet(16), seed=3, buffer_size=20, replay_batch_size=8,
                            search_samples=6, search_noise=4)
+        for m in s.backbone.modules():  # a BatchNorm eps other than the default, which each forward must use
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = 0.01
         s.on_experience_start(five_tasks.info(0))
         sum(s.step_losses(batch_of(five_tasks.train_sets[0], 8)).values()).backward()  # a task-0 step
         s.on_experience_end(five_tasks.info(0), five_tasks.train_sets[0])
