@@ -707,3 +707,15 @@ def test_the_students_forward_normalises_with_batch_statistics_in_training_and_r
         out, h = s(x[:3]), cut(x[:3])
     assert torch.allclose(out.logits, logits(h), atol=1e-5)
     assert all(torch.equal(m.running_mean, r) for m, r in zip(bns, stats))
+
+
+def test_a_two_task_run_reaches_the_cosines_end_at_its_last_task(gray_tasks, build_strategy):
+    """T = 2, r = 4: increments round(2 (1 + cos(pi t / 1))) = 4, then round(2 (1 - 1)) = 0 for the last
+    task, so the stage stays at 4: widths 0.20, 0.20 of the 19-ratio list."""
+    s = build_strategy("lord", gray_tasks, backbone=torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), nf=8,
+                       schedule_r=4.0, buffer_size=20)
+    widths = []
+    for t in range(2):
+        s.on_experience_start(gray_tasks.info(t))
+        widths.append(s.report()["student_width"])
+    assert widths == [0.2, 0.2]
