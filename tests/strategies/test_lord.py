@@ -719,3 +719,13 @@ def test_a_two_task_run_reaches_the_cosines_end_at_its_last_task(gray_tasks, bui
         s.on_experience_start(gray_tasks.info(t))
         widths.append(s.report()["student_width"])
     assert widths == [0.2, 0.2]
+
+
+@pytest.mark.parametrize("bad", [{"distill_weight": -0.05}, {"insertion_decay": -0.75}, {"schedule_r": -1.0},
+                                 {"search_samples": 0}, {"nf": 0}, {"search_noise": -1}, {"size_cap": 1.5}])
+def test_invalid_options_are_usage_errors(bad):
+    from clbench.engine.runner import strategy_config
+    from clbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=next(iter(bad))):
+        strategy_config("lord", bad)
