@@ -729,3 +729,12 @@ def test_invalid_options_are_usage_errors(bad):
 
     with pytest.raises(UsageError, match=next(iter(bad))):
         strategy_config("lord", bad)
+
+
+def test_built_without_a_config_lord_takes_its_defaults():
+    """`LoRD(backbone, num_classes)` (no Config, a backbone that is not a CIFAR ResNet): the defaults, so
+    a ResNet-18 at nf = 64 reading the backbone's one channel."""
+    from clbench.strategies.lord import LoRD
+
+    s = LoRD(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), 4)
+    assert s.cfg == LoRD.Config() and s.backbone.conv1.weight.shape == (64, 1, 3, 3)
