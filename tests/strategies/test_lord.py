@@ -616,6 +616,8 @@ def test_insertion_draws_come_from_the_strategys_own_generator(five_tasks, build
     assert torch.equal(torch.get_rng_state(), rng)
     torch.manual_seed(1)
     assert [b.should_store() for _ in range(200)] == first and 0 < sum(first) < 200
+    g = torch.Generator().manual_seed(0 + 11)  # the documented seed: the run's seed + 11
+    assert first == [float(torch.rand(1, generator=g)) < math.exp(-0.75 * 0.9) for _ in range(200)]
 
 
 def test_a_draw_equal_to_the_insertion_probability_does_not_store(five_tasks, build_strategy):
@@ -664,7 +666,7 @@ def test_a_one_channel_nf_1_network_has_no_sub_network_under_the_size_cap(gray_t
     full = sum(p.numel() for p in s.backbone.parameters()) + sum(p.numel() for p in s.head.parameters())
     assert s.backbone.conv1.weight.shape == (1, 1, 3, 3)
     assert arch_params(s.backbone, Arch.full(s.backbone), s.head.out_features) == full
-    assert (s.teacher, s.kappa, s.teacher_rho) == (None, None, 0.0) and len(s.search_flops) == 1
+    assert (s.teacher, s.kappa, s.kappa_index, s.teacher_rho) == (None, None, None, 0.0) and len(s.search_flops) == 1
 
 
 def test_the_students_forward_normalises_with_batch_statistics_in_training_and_running_ones_in_evaluation(
