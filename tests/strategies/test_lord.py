@@ -740,3 +740,18 @@ def test_built_without_a_config_lord_takes_its_defaults():
 
     s = LoRD(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), 4)
     assert s.cfg == LoRD.Config() and s.backbone.conv1.weight.shape == (64, 1, 3, 3)
+
+
+def test_sub_network_widths_are_the_nearest_multiple_of_8_never_more_than_10_percent_below():
+    net = CifarResNet(64)  # stage widths 64, 128, 256, 512, two blocks each
+    arch = Arch.of(net, [5 / 36, 11.9 / 128, 0.4, 0.4], [1.0] * 8)
+    # 64 * 5/36 = 8.89: nearest 8 is exactly 10% below (0.9 * 8.89 == 8.0 in floats), kept;
+    # 11.9: nearest 8 is 33% below, so the next multiple, 16; 102.4 -> 104 (nearest, above); 204.8 -> 208
+    assert arch.stages == (8, 16, 104, 208)
+    assert arch.inner == (8, 8, 16, 16, 104, 104, 208, 208)
+
+
+def test_a_cifar_resnet_with_one_block_per_stage_gives_one_width_per_stage_and_block():
+    net = CifarResNet(16, blocks=(1, 1, 1, 1))
+    assert Arch.full(net) == Arch((16, 32, 64, 128), (16, 32, 64, 128))
+    assert Arch.of(net, [0.5] * 4, [1.0] * 4) == Arch((8, 16, 32, 64), (8, 16, 32, 64))
