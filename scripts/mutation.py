@@ -332,8 +332,14 @@ def clear_copy_caches():
             if isinstance(value, functools._lru_cache_wrapper):
                 value.cache_clear()
 
+def record(key, reports):
+    # a parametrised test is planned by its name: one failing case is a failure of the test
+    failed = any(r.failed for r in reports) or RESULTS.get(key) == "fails"
+    RESULTS[key] = "fails" if failed else "passes"
+
 def pytest_runtest_protocol(item, nextitem):
-    mutants = PLAN.get(item.nodeid)
+    test = item.nodeid if item.nodeid in PLAN else item.nodeid.split("[", 1)[0]
+    mutants = PLAN.get(test)
     if not mutants:
         return None
     for mutant in mutants:
@@ -343,10 +349,9 @@ def pytest_runtest_protocol(item, nextitem):
             reports = runtestprotocol(item, nextitem=None, log=False)
         finally:
             os.environ.pop("MUTANT_UNDER_TEST", None)
-        RESULTS[mutant] = "fails" if any(r.failed for r in reports) else "passes"
+        record(mutant, reports)
     clear_copy_caches()
-    reports = runtestprotocol(item, nextitem=nextitem, log=False)
-    RESULTS[item.nodeid + "::original"] = "fails" if any(r.failed for r in reports) else "passes"
+    record(test + "::original", runtestprotocol(item, nextitem=nextitem, log=False))
     return True
 
 def pytest_sessionfinish(session):

@@ -229,13 +229,18 @@ def test_verification_does_not_carry_a_cached_answer_from_one_mutant_into_the_ne
     (copy / "pkg" / "facts.py").write_text(CACHED_FACTS, encoding="utf-8")
     (copy / "tests").mkdir()
     (copy / "tests" / "test_facts.py").write_text(
-        "from pkg.facts import kind\n\n\ndef test_kind():\n    assert kind('add') == 'real'\n", encoding="utf-8")
+        "import pytest\nfrom pkg.facts import kind\n\n\ndef test_kind():\n    assert kind('add') == 'real'\n\n\n"
+        "@pytest.mark.parametrize('op', ['mul', 'add'])\ndef test_each(op):\n    assert kind(op) == 'real' or op == 'mul'\n",
+        encoding="utf-8")
 
-    verified = mutation.verify_kills(tmp_path, {"tests/test_facts.py::test_kind": [
-        "pkg.facts.x_kind__mutmut_1", "pkg.facts.x_other__mutmut_2"]})
+    verified = mutation.verify_kills(tmp_path, {
+        "tests/test_facts.py::test_kind": ["pkg.facts.x_kind__mutmut_1", "pkg.facts.x_other__mutmut_2"],
+        # an annotation names a parametrised test by its name; one failing case is enough
+        "tests/test_facts.py::test_each": ["pkg.facts.x_kind__mutmut_1"]})
 
     assert verified == {"pkg.facts.x_kind__mutmut_1": "fails", "pkg.facts.x_other__mutmut_2": "passes",
-                        "tests/test_facts.py::test_kind::original": "passes"}
+                        "tests/test_facts.py::test_kind::original": "passes",
+                        "tests/test_facts.py::test_each::original": "passes"}
 
 
 def test_jobs_reach_mutmut_as_its_max_children_and_a_bad_count_is_refused(tmp_path, monkeypatch, mutation, capsys):
