@@ -83,3 +83,25 @@ def task_end_recorder():
             self.ended.append(exp)
 
     return TaskEndRecorder()
+
+
+@pytest.fixture
+def task_ends_reach_add_ons(task_end_recorder):
+    """Build strategy `name` the way a run does (create_strategy with the run's seed 5 and an add-on)
+    and take it through synthetic32-3's task starts and ends: asserts that the seed and the add-on
+    reach the strategy, that each start sets the running experience, and that the add-on sees
+    every task end (a strategy overriding the hooks must still hand them on)."""
+    from clbench.engine.runner import create_strategy, strategy_config
+
+    def check(name: str, backbone, overrides: dict) -> None:
+        strategy = create_strategy(name, backbone, 6, strategy_config(name, overrides), aux=[task_end_recorder], seed=5)
+        assert strategy.seed == 5 and list(strategy.aux) == [task_end_recorder]
+        scenario = create_scenario("synthetic32-3")
+        tasks = [scenario.info(t) for t in range(3)]
+        for task, data in zip(tasks, scenario.train_sets):
+            strategy.on_experience_start(task)
+            assert strategy.experience == task
+            strategy.on_experience_end(task, data)
+        assert task_end_recorder.ended == tasks
+
+    return check

@@ -500,16 +500,8 @@ def test_a_resumed_strategy_keeps_the_first_tasks_class_count_that_k_old_reads()
     assert resumed.k_old(ExperienceInfo(1, tuple(range(50, 60)), tuple(range(60)), 6, 100)) == 5
 
 
-def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_end_recorder):
-    strategy = create_strategy("etag", build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32), 6,
-                               strategy_config("etag", TINY), aux=[task_end_recorder], seed=5)
-    assert strategy.seed == 5 and list(strategy.aux) == [task_end_recorder]
-    scenario = create_scenario("synthetic32-3")
-    tasks = [scenario.info(t) for t in range(3)]
-    for task, data in zip(tasks, scenario.train_sets):
-        strategy.on_experience_start(task)
-        strategy.on_experience_end(task, data)
-    assert task_end_recorder.ended == tasks
+def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_ends_reach_add_ons):
+    task_ends_reach_add_ons("etag", build_backbone("resnet18_cifar_nf8", in_chans=3, img_size=32), TINY)
 
 
 def test_the_fourth_branch_runs_in_the_first_task_only():

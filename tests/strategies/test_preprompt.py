@@ -536,18 +536,9 @@ def test_only_the_training_images_are_augmented_not_the_statistics_pass_or_the_c
     assert calls == [("train", (120, 3, 32, 32))] * 3  # one training batch per task
 
 
-def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_end_recorder):
+def test_the_runs_seed_and_add_ons_reach_the_strategy_and_see_every_task_end(task_ends_reach_add_ons):
     torch.manual_seed(0)
-    strategy = create_strategy("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), 6,
-                               strategy_config("preprompt", TINY), aux=[task_end_recorder], seed=5)
-    assert strategy.seed == 5 and list(strategy.aux) == [task_end_recorder]
-    scenario = create_scenario("synthetic32-3")
-    tasks = [scenario.info(t) for t in range(3)]
-    for task, data in zip(tasks, scenario.train_sets):
-        strategy.on_experience_start(task)
-        assert strategy.experience == task
-        strategy.on_experience_end(task, data)
-    assert task_end_recorder.ended == tasks
+    task_ends_reach_add_ons("preprompt", build_backbone("clbench_vit_tiny", in_chans=3, img_size=32), TINY)
 
 
 def test_an_empty_test_set_scores_nan_in_the_task_prediction_diagnostic():
