@@ -7,6 +7,8 @@ object) is the absent filter's, asserted in tests/test_detection.py
 """
 
 import dataclasses
+import math
+import re
 
 import pytest
 import torch
@@ -331,3 +333,120 @@ def test_paper_settings_cover_the_absent_setting_with_the_same_recipe():
         # the published 1x schedule: x0.1 at epochs 8 and 11 of 12, a Config that accepts it
         assert (settings[split]["lr_schedule"], settings[split]["lr_milestones"], settings[split]["epochs"]) == ("multistep", (8, 11), 12)
         STRATEGIES.get("ior").Config(**{k: v for k, v in settings[split].items() if k not in ("epochs", "batch_size")})
+
+
+# --------------------------------------------------------------------------- options and per-task hooks
+@pytest.mark.parametrize("bad", [{"images_per_class": 0}, {"canvas_size": 0}, {"inversion_batch": 0},
+                                 {"inversion_steps": -1}, {"max_pastes": -1}, {"placement_tries": -1}, {"jitter": -1},
+                                 {"box_side": (0.0, 0.5)}, {"box_side": (0.5, 0.4)}, {"box_side": (0.5, 1.5)},
+                                 {"detector": "bogus"}])
+def test_invalid_options_are_usage_errors_naming_the_option(bad):
+    from clbench.errors import UsageError
+
+    name, value = next(iter(bad.items()))
+    shown = repr(value) if isinstance(value, str) else str(value)
+    with pytest.raises(UsageError, match="^" + re.escape(f"{name}={shown} is invalid")):
+        Config(**bad)
+
+
+def test_option_edges_are_accepted():
+    # no step, paste, retry or jitter at all is a valid (if useless) setting; a box may fill the canvas
+    Config(inversion_steps=0, max_pastes=0, placement_tries=0, jitter=0)
+    for side in ((0.5, 0.5), (0.6, 1.0), (1.0, 1.0)):
+        assert Config(box_side=side).box_side == side
+
+
+def test_a_new_strategy_has_no_teacher_and_empty_histograms_for_every_class():
+    strategy = STRATEGIES.get("ior")(None, 5, cfg=Config(histogram_bins=7), seed=3)
+    assert strategy.teacher is None and strategy.seed == 3 and strategy.cfg.histogram_bins == 7
+    assert strategy.last_adaptive_weight == 0.0 and isinstance(strategy.last_adaptive_weight, float)
+    state = strategy.state_dict()  # buffers: saved with the detector and loaded back on resume
+    assert torch.equal(state["aspect_edges"], torch.zeros(5, 8))
+    assert torch.equal(state["aspect_counts"], torch.zeros(5, 7))
+
+
+def test_the_teacher_is_a_frozen_snapshot_taken_before_the_classifier_grows():
+    strategy = STRATEGIES.get("ior")(None, 4, cfg=Config(flip=False), seed=0)
+    strategy.on_experience_start(EXP0)
+    assert strategy.teacher is None and strategy.experience == EXP0 and strategy.detector.num_classes == 2
+    strategy.on_experience_start(EXP1)
+    teacher = strategy.teacher["detector"]
+    assert strategy.experience == EXP1 and strategy.detector.num_classes == 4 and teacher.num_classes == 2
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher is not strategy.detector
+
+
+def test_each_class_stores_the_histogram_of_its_own_non_ignored_boxes_at_its_task_end(task_end_recorder):
+    strategy = STRATEGIES.get("ior")(None, 4, cfg=Config(histogram_bins=4, histogram_trim=(0.0, 1.0)),
+                                     aux=[task_end_recorder], seed=0)
+    strategy.on_experience_start(EXP0)
+    targets = [make_target([[0, 0, 20, 10], [5, 5, 15, 55]], [0, 0], ignore=[False, True]),  # 2 (-5 ignored)
+               make_target([[10, 20, 40, 30], [0, 0, 10, 20]], [0, 1]),  # 3 for class 0, -2 for class 1
+               make_target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
+    strategy.on_experience_end(EXP0, DetectionDataset(torch.zeros(3, 3, SIZE, SIZE), targets))
+    assert task_end_recorder.ended == [EXP0]
+    # class 0: ratios 2 and 3 over 4 bins of [2, 3]
+    assert torch.allclose(strategy.aspect_edges[0], torch.tensor([2.0, 2.25, 2.5, 2.75, 3.0]))
+    assert strategy.aspect_counts[0].tolist() == [1, 0, 0, 1]
+    # class 1: one ratio, -2: a range of +-0.001 around it
+    assert torch.allclose(strategy.aspect_edges[1], torch.linspace(-2.001, -1.999, 5), atol=1e-6)
+    assert strategy.aspect_counts[1].sum() == 1
+    # classes of later tasks keep empty histograms
+    assert strategy.aspect_counts[2:].sum() == 0 and strategy.aspect_edges[2:].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- histograms by hand
+def test_signed_aspect_ratio_is_w_over_h_for_wide_and_square_boxes_and_minus_h_over_w_for_tall_ones():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [5.0, 7.0, 15.0, 47.0], [3.0, 4.0, 9.0, 10.0], [1.0, 2.0, 7.0, 5.0]])
+    assert signed_aspect_ratio(boxes).tolist() == [2.0, -4.0, 1.0, 2.0]
+
+
+def _wide(r):
+    return [0.0, 0.0, 10.0 * r, 10.0]
+
+
+def _tall(r):
+    return [0.0, 0.0, 10.0, 10.0 * r]
+
+
+def test_histogram_keeps_the_ratios_between_the_trim_quantiles_boundaries_included():
+    boxes = torch.tensor([_wide(r) for r in (1.0, 2.0, 3.0, 4.0, 5.0)])
+    edges, counts = aspect_histogram(boxes, 2, (0.25, 0.75))  # quantiles 2 and 4
+    assert torch.allclose(edges, torch.tensor([2.0, 3.0, 4.0]))
+    assert counts.tolist() == [1, 2]
+
+
+def test_histogram_of_one_ratio_spans_a_thousandth_either_side():
+    edges, counts = aspect_histogram(torch.tensor([_wide(2.0)] * 3), 2, (0.05, 0.95))
+    assert torch.allclose(edges, torch.tensor([1.999, 2.0, 2.001]), atol=1e-6)
+    assert counts.sum() == 3
+    # a spread of a few hundredths is not widened
+    edges, _ = aspect_histogram(torch.tensor([_wide(2.0), _wide(2.05)]), 2, (0.0, 1.0))
+    assert torch.allclose(edges, torch.tensor([2.0, 2.025, 2.05]), atol=1e-6)
+
+
+def test_histogram_folds_a_bin_centred_at_minus_one_left_and_keeps_a_bin_centred_at_one():
+    # edges -4, -2, 0, 2, 4: centres -3, -1, 1, 3; the bin centred at -1 lies in [-1, 1), the one at 1 does not
+    boxes = torch.tensor([_tall(4.0), _tall(1.5), _wide(1.5), _wide(4.0)])
+    edges, counts = aspect_histogram(boxes, 4, (0.0, 1.0))
+    assert edges.tolist() == [-4.0, -2.0, 0.0, 2.0, 4.0]
+    assert counts.tolist() == [2, 0, 1, 1]
+
+
+def test_histogram_folds_a_bin_centred_at_zero_to_the_right():
+    # edges -6, -2, 2, 6: the middle bin (centre 0) holds -1.5 and 1.5 and gives both to its right
+    boxes = torch.tensor([_tall(6.0), _tall(1.5), _wide(1.5), _wide(6.0)])
+    edges, counts = aspect_histogram(boxes, 3, (0.0, 1.0))
+    assert edges.tolist() == [-6.0, -2.0, 2.0, 6.0]
+    assert counts.tolist() == [1, 0, 3]
+
+
+def test_histogram_folds_a_bin_centred_in_minus_one_to_zero_left_and_not_past_the_first_bin():
+    # edges -3, -1.4, 0.2, 1.8, 3.4, 5: centres -2.2, -0.6, 1.0, 2.6, 4.2; only the bin at -0.6 is folded
+    boxes = torch.tensor([_tall(3.0), _tall(2.0), _tall(1.2), _wide(1.5), _wide(2.0), _wide(5.0)])
+    edges, counts = aspect_histogram(boxes, 5, (0.0, 1.0))
+    assert torch.allclose(edges, torch.tensor([-3.0, -1.4, 0.2, 1.8, 3.4, 5.0]))
+    assert counts.tolist() == [3, 0, 1, 1, 1]
+    # edges -1.5, 0.5, 2.5: the first bin (centre -0.5) has no bin on its left and keeps its count
+    edges, counts = aspect_histogram(torch.tensor([_tall(1.5), _wide(2.5)]), 2, (0.0, 1.0))
+    assert edges.tolist() == [-1.5, 0.5, 2.5] and counts.tolist() == [1, 1]
