@@ -22,6 +22,7 @@ from clbench.strategies.ior import (
     invert,
     logit_distillation,
     object_bank,
+    sample_aspect_ratio,
     sample_labels,
     signed_aspect_ratio,
     top_old_locations,
@@ -450,3 +451,54 @@ def test_histogram_folds_a_bin_centred_in_minus_one_to_zero_left_and_not_past_th
     # edges -1.5, 0.5, 2.5: the first bin (centre -0.5) has no bin on its left and keeps its count
     edges, counts = aspect_histogram(torch.tensor([_tall(1.5), _wide(2.5)]), 2, (0.0, 1.0))
     assert edges.tolist() == [-1.5, 0.5, 2.5] and counts.tolist() == [1, 1]
+
+
+
+def _ratios(edges, counts, n=200):
+    return torch.tensor([sample_aspect_ratio(torch.tensor(edges), torch.tensor(counts)) for _ in range(n)])
+
+
+def _spread_over(values, lo, hi):
+    """All inside [lo, hi] and reaching into both its lower and its upper quarter."""
+    quarter = (hi - lo) / 4
+    return bool((values >= lo - 1e-6).all() and (values <= hi + 1e-6).all()
+                and values.min() < lo + quarter and values.max() > hi - quarter)
+
+
+def test_sampled_ratios_are_uniform_inside_the_drawn_bin_cut_to_at_least_one_in_magnitude():
+    torch.manual_seed(12)
+    # only the middle bin [1.5, 3.5] can be drawn
+    assert _spread_over(_ratios([-0.5, 1.5, 3.5, 5.5], [0.0, 2.0, 0.0]), 1.5, 3.5)
+    # centre 0.5: the part >= 1 of [-0.5, 1.5]; centre 0 (counted as positive): [1, 2] of [-2, 2]
+    assert _spread_over(_ratios([-0.5, 1.5], [1.0]), 1.0, 1.5)
+    assert _spread_over(_ratios([-2.0, 2.0], [1.0]), 1.0, 2.0)
+    # centre -0.5: the part <= -1 of [-1.5, 0.5]
+    assert _spread_over(_ratios([-1.5, 0.5], [1.0]), -1.5, -1.0)
+    assert _spread_over(_ratios([-4.0, -2.0], [1.0]), -4.0, -2.0)
+    # a bin entirely inside (-1, 1) gives +-1
+    assert set(_ratios([0.5, 0.8], [1.0], 20).tolist()) == {1.0}
+    assert set(_ratios([-0.8, -0.5], [1.0], 20).tolist()) == {-1.0}
+
+
+def test_sampled_ratio_bins_are_drawn_by_count():
+    torch.manual_seed(13)
+    r = _ratios([1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 3.0], 400)
+    assert not ((r > 2.0) & (r < 3.0)).any()
+    assert 0.68 < (r >= 3.0).float().mean() < 0.82
+
+
+def test_sampled_boxes_spread_over_the_long_side_range_and_the_canvas():
+    """Class 0's only bin lies in [0.5, 0.8] (ratio 1: squares) and holds a single box; class 1's two are in [-2.5, -2] (ratios 2 to 2.5, tall)."""
+    cfg = Config(images_per_class=40, canvas_size=64, box_side=(0.3, 0.4))
+    edges = torch.tensor([[0.5, 0.65, 0.8], [-3.0, -2.5, -2.0]])
+    counts = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    torch.manual_seed(14)
+    boxes, labels = sample_labels(edges, counts, [0, 1], cfg)
+    assert labels.dtype == torch.long and labels.tolist() == [0] * 40 + [1] * 40
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert torch.allclose(w[:40], h[:40]) and (w > 0).all() and (h > 0).all()
+    assert (h[40:] > w[40:]).all() and _spread_over(h[40:] / w[40:], 2.0, 2.5)
+    long_side = torch.maximum(w, h)
+    assert _spread_over(long_side, 0.3 * 64, 0.4 * 64)
+    # the top-left corner is uniform over the positions that keep the box inside the canvas
+    assert _spread_over(boxes[:, 0] / (64 - w), 0.0, 1.0) and _spread_over(boxes[:, 1] / (64 - h), 0.0, 1.0)
