@@ -288,8 +288,9 @@ def _runs_directly(func) -> bool:
     """True for an op torch's flop-counting dispatch would simply execute and count: a plain
     OpOverload with no CompositeImplicitAutograd kernel (its decompose() returns NotImplemented)."""
     cia = torch._C.DispatchKey.CompositeImplicitAutograd
-    return (isinstance(func, torch._ops.OpOverload) and cia not in func.py_kernels
-            and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), cia) and func not in _TORCH_SKIPPED)
+    # the skip set first: some of its ops (is_strides_like_format) have no dispatcher entry to ask
+    return (isinstance(func, torch._ops.OpOverload) and func not in _TORCH_SKIPPED and cia not in func.py_kernels
+            and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), cia))
 
 
 # ops torch's dispatch hands back (NotImplemented) or treats specially; they take its path

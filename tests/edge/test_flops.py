@@ -609,3 +609,49 @@ def test_trace_bytes_include_the_tensors_of_a_dict_argument_and_an_empty_list_is
         # replace it), a (3 float32) and b (3 float64) read, 3 float64 written
         assert dict(counter.profile.ops) == {("sum_with_parts", "other", "float64", 0, 3 * 8 + 3 * 4 + 3 * 8 + 3 * 8): 1,
                                              ("zeros", "other", "float32", 0, 4): 1}, lean
+
+
+def test_the_lean_path_runs_compute_and_view_ops_itself_and_counts_only_what_has_flops_or_bytes(monkeypatch):
+    # the lean path is a speed feature: its counts equal torch's path (tested above) whichever
+    # way an op is routed, so only the routing itself can show that it is taken
+    via_torch, counted = [], []
+    torch_path = torch.utils.flop_counter._FlopCounterMode.__torch_dispatch__
+    count_direct = fl._TracingFlopCounter._count_direct
+
+    def spy_torch_path(self, func, types, args=(), kwargs=None):
+        via_torch.append(func)
+        return torch_path(self, func, types, args, kwargs)
+
+    def spy_count_direct(self, entry, out, args, kwargs):
+        counted.append(entry[5])
+        return count_direct(self, entry, out, args, kwargs)
+
+    monkeypatch.setattr(torch.utils.flop_counter._FlopCounterMode, "__torch_dispatch__", spy_torch_path)
+    monkeypatch.setattr(fl._TracingFlopCounter, "_count_direct", spy_count_direct)
+    aten = torch.ops.aten
+    lin, x = nn.Linear(16, 4), torch.randn(2, 16)
+    counter = fl._TracingFlopCounter(dict(fl._CORRECTIONS))
+    with counter:
+        lin(x).view(8).sum()
+    assert counter.get_total_flops() == 2 * 2 * 16 * 4
+    assert via_torch == []
+    assert aten.addmm.default in counted and aten.sum.default in counted
+    assert aten.t.default not in counted and aten.view.default not in counted
+    entry = counter._direct[id(aten.addmm.default)]
+    assert entry[5] is aten.addmm.default and entry[1] is counter.flop_registry[aten.addmm]
+
+
+def test_torchs_size_queries_take_torchs_path():
+    # torch answers these queries with NotImplemented so that the tensor's own policy handles them
+    assert not any(fl._runs_directly(op) for op in fl._TORCH_SKIPPED)
+    assert fl._runs_directly(torch.ops.aten.mm.default) and fl._runs_directly(torch.ops.aten.view.default)
+    assert not fl._runs_directly(torch.ops.aten.mm)  # a packet, not an overload
+
+
+def test_every_op_with_a_flop_formula_moves_data():
+    # why the lean path may return early on `formula is None and not moves_data` alone: an op
+    # with a formula never skips the trace for moving nothing
+    registry = fl._TracingFlopCounter(dict(fl._CORRECTIONS)).flop_registry
+    packets = [p for p in registry if isinstance(p, torch._ops.OpOverloadPacket)]  # not higher-order ops
+    assert len(packets) > 10
+    assert [p for p in packets if not fl._op_facts(p)[2]] == []
