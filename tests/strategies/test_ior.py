@@ -21,7 +21,9 @@ from clbench.strategies.ior import (
     inversion_loss,
     invert,
     logit_distillation,
+    Paste,
     object_bank,
+    overlap_ok,
     sample_aspect_ratio,
     sample_labels,
     signed_aspect_ratio,
@@ -502,3 +504,160 @@ def test_sampled_boxes_spread_over_the_long_side_range_and_the_canvas():
     assert _spread_over(long_side, 0.3 * 64, 0.4 * 64)
     # the top-left corner is uniform over the positions that keep the box inside the canvas
     assert _spread_over(boxes[:, 0] / (64 - w), 0.0, 1.0) and _spread_over(boxes[:, 1] / (64 - h), 0.0, 1.0)
+
+
+
+def test_the_first_task_trains_on_its_own_data_and_later_inversions_go_through_work_steps(trained, monkeypatch):
+    first = STRATEGIES.get("ior")(None, 4, cfg=Config(flip=False), seed=0)
+    first.on_experience_start(EXP0)
+    task = _painted(2, seed=2)
+    assert first.training_data(EXP0, task) is task
+
+    class Meter:  # the runner's profiler: it meters the loop it hands out
+        def __init__(self):
+            self.loops = []
+
+        def work_steps(self, label, n):
+            self.loops.append((label, n))
+            return iter(range(n))
+
+    meter = Meter()
+    monkeypatch.setattr(trained, "cost_meter", meter, raising=False)
+    saved = trained.cfg
+    object.__setattr__(trained, "cfg", dataclasses.replace(saved, inversion_steps=2, inversion_batch=3))
+    try:
+        trained.training_data(EXP1, task)
+    finally:
+        object.__setattr__(trained, "cfg", saved)
+    assert meter.loops == [("inversion (batch 3)", 2), ("inversion (batch 1)", 2)]  # 2 old classes x 2 canvases
+
+
+# --------------------------------------------------------------------------- bank and replay by hand
+def test_object_bank_stretches_a_narrow_pixel_range_to_the_full_8_bits(trained):
+    detector = trained.detector
+    g = torch.Generator().manual_seed(15)
+    pixels = 0.2 + 0.4 * torch.rand(2, 3, 8, 10, generator=g)  # a range below 1
+    pixels[1] = 0.3  # a constant image has no range: all 0
+    bank = object_bank(detector.normalize(pixels), torch.tensor([[1.5, 2.0, 6.2, 7.0], [0.0, 0.0, 10.0, 8.0]]),
+                       torch.tensor([1, 0]), detector)
+    lo, hi = pixels[0].min(), pixels[0].max()
+    expected = torch.round((pixels[0] - lo) / (hi - lo) * 255) / 255
+    assert bank[0][0].shape == (3, 5, 6) and torch.allclose(bank[0][0], expected[:, 2:7, 1:7], atol=1.01 / 255)
+    assert bank[0][1] == 1 and bank[1][1] == 0
+    assert torch.equal(bank[1][0], torch.zeros(3, 8, 10))
+
+
+def test_the_overlap_rule_holds_both_ratios_at_their_bounds():
+    # g: 8 x 10 at (10, 20), p: 10 x 10 at (16, 20); they share 2 x 10: 0.25 of g, 0.2 of p (exact in floats)
+    g = torch.tensor([[10.0, 20.0, 18.0, 30.0]])
+    p = torch.tensor([16.0, 20.0, 26.0, 30.0])
+    assert overlap_ok(g, p, 0.25, 0.2)
+    assert not overlap_ok(g, p, 0.24, 0.2) and not overlap_ok(g, p, 0.25, 0.19)
+    assert overlap_ok(torch.zeros(0, 4), p, 0.0, 0.0)  # nothing there yet
+    # every present box counts: one far away and one too close is too close
+    assert not overlap_ok(torch.tensor([[40.0, 40.0, 50.0, 50.0], [10.0, 20.0, 18.0, 30.0]]), p, 0.24, 0.2)
+    assert overlap_ok(torch.tensor([[40.0, 40.0, 50.0, 50.0], [10.0, 20.0, 18.0, 30.0]]), p, 0.25, 0.2)
+
+
+def _replay_of_one_image(cfg=None):
+    g = torch.Generator().manual_seed(16)
+    base = DetectionDataset(torch.rand(1, 3, 20, 30, generator=g), [make_target([[2, 2, 6, 6]], [3])])
+    bank = [(torch.rand(3, 10, 12, generator=g), 1), (torch.rand(3, 4, 4, generator=g), 0)]
+    return ReplayDataset(base, bank, cfg or Config(max_pastes=0)), base, bank
+
+
+def test_replayed_pixels_take_each_crop_pixel_at_its_offset_even_where_the_box_is_clipped():
+    replay, base, bank = _replay_of_one_image()
+    assert replay.pastes == [[]] and replay.targets[0] is base.targets[0]
+    # clipped at the right and bottom (the crop's top-left 8 x 5), then at the left and top (its part from (7, 6))
+    replay.pastes[0] = [Paste(0, (22, 15, 30, 20), (0, 0)), Paste(0, (0, 0, 5, 4), (7, 6))]
+    replay.lambdas[0] = 0.25
+    img, target = replay[0]
+    crop, original = bank[0][0], base.image(0)
+    expected = original.clone()
+    for (x0, y0, x1, y1), (ox, oy) in (((22, 15, 30, 20), (0, 0)), ((0, 0, 5, 4), (7, 6))):
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                expected[:, y, x] = 0.25 * original[:, y, x] + 0.75 * crop[:, y - y0 + oy, x - x0 + ox]
+    assert torch.allclose(img, expected, atol=1e-6) and torch.allclose(replay.image(0), expected, atol=1e-6)
+    assert target is replay.targets[0]
+
+
+def test_replay_targets_append_the_pasted_boxes_as_old_class_annotations_never_ignored():
+    replay, base, bank = _replay_of_one_image(Config(max_pastes=3))
+    pastes = replay.pastes[0]
+    assert len(pastes) >= 2
+    t = replay.targets[0]
+    assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.long and t["ignore"].dtype == torch.bool
+    assert t["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]] + [list(map(float, p.box)) for p in pastes]
+    assert t["labels"].tolist() == [3] + [bank[p.crop][1] for p in pastes]
+    assert t["ignore"].tolist() == [False] * (1 + len(pastes))
+
+
+# --------------------------------------------------------------------------- distillation by hand
+def _level_by_hand(box, finest_scale, levels):
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return min(max(math.floor(math.log2(math.sqrt(area) / finest_scale + 1e-6)), 0), levels - 1)
+
+
+def _feature_distillation_by_hand(new, old, boxes, strides, roi_size, finest_scale):
+    from torchvision.ops import roi_align
+
+    gaps = {}
+    for image, image_boxes in enumerate(boxes):
+        for box in image_boxes.tolist():
+            lv = _level_by_hand(box, finest_scale, len(new))
+            roi = torch.tensor([[float(image), *box]])
+            a = roi_align(new[lv], roi, roi_size, spatial_scale=1.0 / strides[lv], sampling_ratio=0, aligned=True)
+            b = roi_align(old[lv], roi, roi_size, spatial_scale=1.0 / strides[lv], sampling_ratio=0, aligned=True)
+            gaps.setdefault(lv, []).append((a - b).flatten())
+    # the Frobenius norm over each level's boxes together, summed over the levels
+    return sum(torch.cat(g).pow(2).sum().sqrt() for g in gaps.values())
+
+
+def test_feature_distillation_routes_each_box_to_its_level_by_area():
+    torch.manual_seed(17)
+    new = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2)]
+    old = [torch.randn_like(f) for f in new]
+    strides = [8, 16, 32]
+    # at finest scale 8: 16 x 16 -> level 1 (exactly), 15 x 16 -> 0, 32 x 32 -> 2, 64 x 64 -> 3, kept at 2, 10 x 37 -> 1
+    boxes = [torch.tensor([[0.0, 8.0, 16.0, 24.0], [4.0, 4.0, 19.0, 20.0]]),
+             torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 64.0, 64.0], [2.0, 3.0, 12.0, 40.0]])]
+    assert [_level_by_hand(b, 8.0, 3) for b in boxes[0].tolist() + boxes[1].tolist()] == [1, 0, 2, 2, 1]
+    value = feature_distillation(new, old, boxes, strides, roi_size=2, finest_scale=8.0)
+    assert value.item() == pytest.approx(_feature_distillation_by_hand(new, old, boxes, strides, 2, 8.0).item(), rel=1e-5)
+    # the default finest scale is 56: a 112 x 112 box is the first one on level 1
+    big = [torch.tensor([[0.0, 0.0, 112.0, 112.0]]), torch.zeros(0, 4)]
+    assert feature_distillation(new, old, big, strides).item() == pytest.approx(
+        _feature_distillation_by_hand(new, old, big, strides, 3, 56.0).item(), rel=1e-5)
+    assert _level_by_hand([0.0, 0.0, 112.0, 112.0], 56.0, 3) == 1
+
+
+def test_feature_distillation_without_images_or_with_one_level():
+    torch.manual_seed(18)
+    new, old = [torch.randn(1, 4, 8, 8, requires_grad=True)], [torch.randn(1, 4, 8, 8)]
+    assert feature_distillation(new, old, [], [8]).item() == 0.0
+    box = [torch.tensor([[8.0, 8.0, 40.0, 40.0]])]
+    value = feature_distillation(new, old, box, [8])
+    assert value.item() == pytest.approx(_feature_distillation_by_hand(new, old, box, [8], 3, 56.0).item(), rel=1e-5)
+
+
+def test_logit_distillation_without_old_classes_is_zero_and_with_one_is_its_squared_gap():
+    torch.manual_seed(19)
+    new_logits = torch.randn(2, 10, 0, requires_grad=True)
+    value = logit_distillation(new_logits, torch.randn(2, 10, 0), 3)
+    assert value.item() == 0.0 and value.requires_grad
+    new_logits, old_logits = torch.randn(2, 10, 1), torch.randn(2, 10, 1)
+    top = old_logits[..., 0].topk(3, dim=1).indices  # one class: the largest probability is the largest logit
+    by_hand = sum((new_logits[b, i, 0] - old_logits[b, i, 0]) ** 2 for b in range(2) for i in top[b].tolist()) / 6
+    assert logit_distillation(new_logits, old_logits, 3).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_top_old_locations_are_every_location_when_k_exceeds_them():
+    torch.manual_seed(20)
+    old_logits = torch.randn(2, 6, 3)
+    idx = top_old_locations(old_logits, 1000)
+    assert idx.shape == (2, 6) and all(sorted(row) == list(range(6)) for row in idx.tolist())
+    # ordered by the best old-class probability, largest first
+    best = old_logits.max(-1).values
+    assert all(best[b, idx[b]].tolist() == sorted(best[b].tolist(), reverse=True) for b in range(2))
