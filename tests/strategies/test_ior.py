@@ -557,6 +557,9 @@ def test_the_overlap_rule_holds_both_ratios_at_their_bounds():
     # every present box counts: one far away and one too close is too close
     assert not overlap_ok(torch.tensor([[40.0, 40.0, 50.0, 50.0], [10.0, 20.0, 18.0, 30.0]]), p, 0.24, 0.2)
     assert overlap_ok(torch.tensor([[40.0, 40.0, 50.0, 50.0], [10.0, 20.0, 18.0, 30.0]]), p, 0.25, 0.2)
+    # boxes under one pixel: ratios of their true areas (a quarter pixel inside is all of it)
+    assert not overlap_ok(torch.tensor([[20.0, 24.0, 20.5, 24.5]]), p, 0.3, 0.1)
+    assert not overlap_ok(g, torch.tensor([12.0, 24.0, 12.5, 24.5]), 0.3, 0.5)
 
 
 def _replay_of_one_image(cfg=None):
@@ -631,6 +634,11 @@ def test_feature_distillation_routes_each_box_to_its_level_by_area():
     assert feature_distillation(new, old, big, strides).item() == pytest.approx(
         _feature_distillation_by_hand(new, old, big, strides, 3, 56.0).item(), rel=1e-5)
     assert _level_by_hand([0.0, 0.0, 112.0, 112.0], 56.0, 3) == 1
+    # areas under one pixel keep their own size: at finest scale 0.5 a half-pixel square is on level 0
+    tiny = [torch.tensor([[20.0, 20.0, 20.5, 20.5]]), torch.zeros(0, 4)]
+    assert _level_by_hand([20.0, 20.0, 20.5, 20.5], 0.5, 3) == 0
+    assert feature_distillation(new, old, tiny, strides, 3, 0.5).item() == pytest.approx(
+        _feature_distillation_by_hand(new, old, tiny, strides, 3, 0.5).item(), rel=1e-5)
 
 
 def test_feature_distillation_without_images_or_with_one_level():
