@@ -24,6 +24,8 @@ from clbench.strategies.ior import (
     Paste,
     object_bank,
     overlap_ok,
+    place,
+    plan_replay,
     sample_aspect_ratio,
     sample_labels,
     signed_aspect_ratio,
@@ -669,3 +671,120 @@ def test_top_old_locations_are_every_location_when_k_exceeds_them():
     # ordered by the best old-class probability, largest first
     best = old_logits.max(-1).values
     assert all(best[b, idx[b]].tolist() == sorted(best[b].tolist(), reverse=True) for b in range(2))
+
+
+
+def _fits_by_hand(present, box, max_gt, max_paste):
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return all(_intersection(g, box) <= max_gt * (g[2] - g[0]) * (g[3] - g[1]) and _intersection(g, box) <= max_paste * area
+               for g in present)
+
+
+def _place_by_hand(crop_hw, present, width, height, tries, max_gt, max_paste):
+    """Top-left corners drawn in [0, 0.6 W] x [0, 0.4 H], then bottom-right corners in [0.4 W, W] x
+    [0.6 H, H]; the crop is clipped to the image and the first clipped box that keeps the rule wins."""
+    ch, cw = crop_hw
+    for anchor in ("top left", "bottom right"):
+        for _ in range(tries):
+            if anchor == "top left":
+                left = int(torch.randint(0, math.floor(0.6 * width) + 1, ()))
+                top = int(torch.randint(0, math.floor(0.4 * height) + 1, ()))
+            else:
+                left = int(torch.randint(math.floor(0.4 * width), width + 1, ())) - cw
+                top = int(torch.randint(math.floor(0.6 * height), height + 1, ())) - ch
+            box = (max(left, 0), max(top, 0), min(left + cw, width), min(top + ch, height))
+            if box[0] < box[2] and box[1] < box[3] and _fits_by_hand(present, box, max_gt, max_paste):
+                return Paste(-1, box, (box[0] - left, box[1] - top))
+    return None
+
+
+def _same_draws_left():
+    return float(torch.rand(()))
+
+
+@pytest.mark.parametrize("width, height, crop_hw, present, clipped", [
+    (40, 30, (12, 18), [[0.0, 0.0, 40.0, 15.0]], False),  # the top half taken: placements from the bottom-right rule
+    (40, 30, (12, 18), [[5.0, 3.0, 20.0, 12.0], [25.0, 18.0, 38.0, 29.0]], True),  # top-left corners up to x 24
+    (10, 60, (10, 4), [[0.0, 0.0, 10.0, 10.0]], False),  # a tall image: right edges left of top edges
+    (40, 30, (12, 18), [[0.0, 0.0, 40.0, 30.0]], False),  # nowhere: None after every try of both rules
+])
+def test_placements_are_the_first_corner_of_either_rule_that_keeps_the_overlap_rule(width, height, crop_hw, present, clipped):
+    cfg = Config(placement_tries=6, max_gt_overlap=0.333, max_paste_overlap=0.111)
+    found = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        got, after = place(crop_hw, torch.tensor(present).reshape(-1, 4), width, height, cfg), _same_draws_left()
+        torch.manual_seed(seed)
+        assert got == _place_by_hand(crop_hw, present, width, height, 6, 0.333, 0.111), seed
+        assert after == _same_draws_left()  # as many draws as the rule takes
+        found.append(got)
+    placed = [p for p in found if p is not None]
+    if present == [[0.0, 0.0, 40.0, 30.0]]:
+        assert not placed
+    else:
+        assert placed
+    assert clipped == any(p.box[2] - p.box[0] < crop_hw[1] or p.box[3] - p.box[1] < crop_hw[0] for p in placed)
+
+
+def test_a_try_whose_clipped_box_is_empty_is_skipped_for_the_next_try():
+    """A 2 x 1 image, a 1 x 2 crop and a box over the right pixel: the top-left rule only reaches
+    boxes over that pixel, the bottom-right rule also (0, 0, 1, 1), but misses the image at corner x 0 or y 0."""
+    cfg = Config(placement_tries=8)
+    present = [[1.0, 0.0, 2.0, 1.0]]
+    results = []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = place((1, 2), torch.tensor(present), 2, 1, cfg)
+        torch.manual_seed(seed)
+        assert got == _place_by_hand((1, 2), present, 2, 1, 8, 0.3, 0.1), seed
+        results.append(got)
+    assert Paste(-1, (0, 0, 1, 1), (1, 0)) in results
+    # a crop without pixels is never placed
+    assert place((5, 0), torch.zeros(0, 4), 64, 64, cfg) is None
+    assert place((0, 5), torch.zeros(0, 4), 64, 64, cfg) is None
+
+
+def _plan_by_hand(targets, sizes, bank, cfg):
+    order, plans, lambdas = [], [], []
+    for t, (height, width) in zip(targets, sizes):
+        lambdas.append(float(torch.distributions.Beta(cfg.blend_beta, cfg.blend_beta).sample()))
+        present = t["boxes"].tolist()
+        large = any(b[2] - b[0] > 0.75 * width and b[3] - b[1] > 0.75 * height for b in present)
+        pastes = []
+        for _ in range(0 if large else cfg.max_pastes):
+            if not order:
+                order = torch.randperm(len(bank)).tolist()
+            k = order.pop(0)
+            found = _place_by_hand(tuple(bank[k][0].shape[1:]), present, width, height, cfg.placement_tries,
+                                   cfg.max_gt_overlap, cfg.max_paste_overlap)
+            if found is not None:
+                pastes.append(Paste(k, found.box, found.offset))
+                present.append(list(found.box))
+        plans.append(pastes)
+    return plans, lambdas
+
+
+def test_replay_plans_walk_a_reshuffled_bank_and_skip_only_images_with_a_box_over_three_quarters_both_ways():
+    g = torch.Generator().manual_seed(21)
+    bank = [(torch.rand(3, 6 + k, 9 - k, generator=g), k % 2) for k in range(3)]
+    sizes = [(30, 40), (30, 40), (32, 40), (30, 40), (64, 64), (64, 64), (40, 30), (30, 40), (30, 40)]
+    targets = [make_target([[2, 2, 12, 10]], [2]),
+               make_target([[0, 0, 30, 28]], [2]),  # exactly 0.75 W wide: pastes
+               make_target([[0, 0, 35, 24]], [3]),  # exactly 0.75 H tall: pastes
+               make_target([[0, 2, 39, 10]], [3]),  # wide, not tall: pastes
+               make_target([[0, 0, 49, 49]], [2]),  # over 0.75 both ways: none, although crops would fit
+               make_target([[10, 3, 20, 60]], [3]),  # tall, not wide
+               make_target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+               make_target([[10, 0, 35, 28]], [2]),  # tall, not wide (its right edge is past 0.75 W)
+               make_target([[0, 10, 39, 30]], [2])]  # wide, not tall (its bottom edge is past 0.75 H)
+    cfg = Config(max_pastes=3, placement_tries=5, blend_beta=0.7)
+    torch.manual_seed(22)
+    plans, lambdas = plan_replay(targets, sizes, bank, cfg)
+    torch.manual_seed(22)
+    assert (plans, lambdas) == _plan_by_hand(targets, sizes, bank, cfg)
+    assert plans[4] == [] and all(plans[i] for i in (1, 2, 3, 5, 7, 8))
+    assert sum(len(p) for p in plans) > len(bank)  # the bank was walked more than once
+    # the crop of a 0.75-both-ways box that is not over: pastes do fit beside it
+    torch.manual_seed(23)
+    beside, _ = plan_replay([make_target([[0, 0, 48, 48]], [2])], [(64, 64)], bank, cfg)
+    assert beside[0]
