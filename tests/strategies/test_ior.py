@@ -15,6 +15,7 @@ import torch
 from clbench.strategies.ior import (
     Config,
     ReplayDataset,
+    augment_for_inversion,
     aspect_histogram,
     box_distillation,
     feature_distillation,
@@ -28,6 +29,7 @@ from clbench.strategies.ior import (
     plan_replay,
     sample_aspect_ratio,
     sample_labels,
+    total_variation_l1,
     signed_aspect_ratio,
     top_old_locations,
 )
@@ -788,3 +790,141 @@ def test_replay_plans_walk_a_reshuffled_bank_and_skip_only_images_with_a_box_ove
     torch.manual_seed(23)
     beside, _ = plan_replay([make_target([[0, 0, 48, 48]], [2])], [(64, 64)], bank, cfg)
     assert beside[0]
+
+
+
+# --------------------------------------------------------------------------- inversion by hand
+def _tv_by_hand(x):
+    n, c, h, w = x.shape
+    at = lambda i, k, r, col: float(x[i, k, r, col])  # noqa: E731
+    cells = [(i, k) for i in range(n) for k in range(c)]
+
+    def mean_gap(dr, dc, rows, cols):
+        gaps = [abs(at(i, k, r + dr, col + dc) - at(i, k, r, col)) for i, k in cells for r in rows for col in cols]
+        return sum(gaps) / len(gaps)
+
+    right = mean_gap(0, 1, range(h), range(w - 1))
+    down = mean_gap(1, 0, range(h - 1), range(w))
+    diagonal = mean_gap(1, 1, range(h - 1), range(w - 1))
+    anti_diagonal = mean_gap(1, -1, range(h - 1), range(1, w))
+    return right + down + diagonal + anti_diagonal
+
+
+def test_total_variation_is_the_mean_gap_to_the_right_lower_and_both_diagonal_neighbours():
+    x = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(24))
+    assert total_variation_l1(x).item() == pytest.approx(_tv_by_hand(x), rel=1e-5)
+    ramp = torch.arange(12.0).view(1, 1, 3, 4)  # +1 right, +4 down: gaps 1, 4, 5 and 3
+    assert total_variation_l1(ramp).item() == pytest.approx(13.0)
+
+
+def _bn_terms_by_hand(detector, x):
+    """Per BatchNorm layer, in forward order: ||batch mean - running mean|| + ||batch var - running var||."""
+    terms = []
+
+    def note(module, inputs, output):
+        v = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1).double()
+        mean, var = v.mean(1), ((v - v.mean(1, keepdim=True)) ** 2).mean(1)
+        terms.append(float((mean - module.running_mean.double()).norm() + (var - module.running_var.double()).norm()))
+
+    handles = [m.register_forward_hook(note) for m in detector.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            detector(x, normalized=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return terms
+
+
+def test_inversion_loss_terms_by_hand(trained):
+    old = trained.teacher["detector"]
+    cfg = dataclasses.replace(trained.cfg, main_weight=2.0, bn_weight=3.0, first_bn_weight=5.0, tv_weight=7.0)
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(25))
+    boxes, labels = torch.tensor([[8.0, 16.0, 40.0, 36.0], [20.0, 8.0, 40.0, 54.0]]), torch.tensor([0, 1])
+    terms = inversion_loss(old, x, boxes, labels, cfg)
+    assert set(terms) == {"main", "bn", "first_bn", "tv"}
+    with torch.no_grad():
+        targets = [make_target([[8.0, 16.0, 40.0, 36.0]], [0]), make_target([[20.0, 8.0, 40.0, 54.0]], [1])]
+        detection = sum(old.loss(old(x, normalized=True), targets).terms.values())
+    bn = _bn_terms_by_hand(old, x)
+    assert len(bn) > 2
+    assert terms["main"].item() == pytest.approx(2.0 * detection.item(), rel=1e-5)
+    assert terms["bn"].item() == pytest.approx(3.0 * sum(bn), rel=1e-4)
+    assert terms["first_bn"].item() == pytest.approx(5.0 * bn[0], rel=1e-4)
+    assert terms["tv"].item() == pytest.approx(7.0 * _tv_by_hand(x), rel=1e-5)
+    # the images are already in the detector's input space: not normalised again
+    with torch.no_grad():
+        again = sum(old.loss(old(x), targets).terms.values())
+    assert again.item() != pytest.approx(detection.item(), rel=1e-3)
+
+
+def test_inversion_batches_start_from_clamped_noise_or_the_given_images(trained):
+    old = trained.teacher["detector"]
+    cfg = dataclasses.replace(trained.cfg, inversion_steps=0, inversion_batch=2, canvas_size=16)
+    boxes, labels = torch.tensor([[1.0, 2.0, 9.0, 12.0]] * 5), torch.tensor([0, 1, 0, 1, 0])
+    loops = []
+
+    def work_steps(label, n):
+        loops.append((label, n))
+        return range(n)
+
+    torch.manual_seed(26)
+    images = invert(old, boxes, labels, cfg, work_steps=work_steps)
+    torch.manual_seed(26)
+    noise = [torch.randn(n, 3, 16, 16) for n in (2, 2, 1)]
+    assert torch.equal(images, torch.cat(noise).clamp(0, 1))
+    assert images.min() == 0 and images.max() == 1
+    assert loops == [("inversion (batch 2)", 0)] * 2 + [("inversion (batch 1)", 0)]
+    start = torch.rand(5, 3, 16, 16)
+    assert torch.equal(invert(old, boxes, labels, cfg, start=start), start)
+
+
+def test_inversion_refuses_a_detector_that_trains_or_takes_gradients(trained):
+    import copy
+
+    message = "^" + re.escape("inversion needs the old detector frozen and in eval mode (BN running statistics as targets)") + "$"
+    boxes, labels = torch.tensor([[8.0, 8.0, 30.0, 30.0]]), torch.tensor([0])
+    cfg = dataclasses.replace(trained.cfg, inversion_steps=0)
+    training = copy.deepcopy(trained.teacher["detector"]).train()
+    with pytest.raises(RuntimeError, match=message):
+        invert(training, boxes, labels, cfg)
+    one_trainable = copy.deepcopy(trained.teacher["detector"])
+    next(one_trainable.parameters()).requires_grad_(True)
+    with pytest.raises(RuntimeError, match=message):
+        invert(one_trainable, boxes, labels, cfg)
+
+
+def test_inversion_takes_sign_steps_of_the_augmented_loss_on_a_cosine_schedule(trained):
+    """Adam with betas (0, 0) steps each pixel by lr_t * g / (|g| + eps); lr_t = lr (1 + cos(pi t / T)) / 2."""
+    old = trained.teacher["detector"]
+    cfg = dataclasses.replace(trained.cfg, inversion_steps=3, inversion_lr=0.05, canvas_size=32)
+    boxes, labels = torch.tensor([[4.0, 6.0, 20.0, 18.0], [10.0, 2.0, 22.0, 28.0]]), torch.tensor([0, 1])
+    start = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(27))
+    torch.manual_seed(28)
+    images = invert(old, boxes, labels, cfg, start=start)
+    torch.manual_seed(28)
+    x = start.clone()
+    for t in range(3):
+        x.requires_grad_(True)
+        xa, ba = augment_for_inversion(x, boxes, cfg)
+        (g,) = torch.autograd.grad(sum(inversion_loss(old, xa, ba, labels, cfg).values()), x)
+        x = (x - 0.05 * (1 + math.cos(math.pi * t / 3)) / 2 * g / (g.abs() + 1e-8)).detach()
+    assert torch.allclose(images, x, atol=1e-5)
+    assert (images - start).abs().max() > 0.09  # the steps moved the pixels: 0.05 + 0.0375 + 0.0125 at most
+
+
+def test_box_distillation_is_a_quarter_of_the_kl_at_the_old_models_top_k_box_logits(trained):
+    from clbench.models.detection.gfl import box_distillation_at
+
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(29))
+    old_classes = torch.tensor([0, 1])
+    with torch.no_grad():
+        old = trained.teacher["detector"](x)
+        new = trained.detector(x)
+    for k in (5, 1000):
+        peaks = old.reg_logits.flatten(2).max(-1).values  # the most confident side bin per location
+        top = [peaks[b].topk(min(k, peaks.shape[1])).indices for b in range(2)]
+        assert len(top[0]) == min(k, 84)
+        expected = sum(box_distillation_at(new, old, old_classes, top, 3.0, 0.3)) / 4
+        got = box_distillation(new, old, old_classes, k, 3.0, 0.3)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6) and got.item() > 0
