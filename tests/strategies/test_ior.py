@@ -928,3 +928,95 @@ def test_box_distillation_is_a_quarter_of_the_kl_at_the_old_models_top_k_box_log
         expected = sum(box_distillation_at(new, old, old_classes, top, 3.0, 0.3)) / 4
         got = box_distillation(new, old, old_classes, k, 3.0, 0.3)
         assert got.item() == pytest.approx(expected.item(), rel=1e-6) and got.item() > 0
+
+
+
+# --------------------------------------------------------------------------- the step's losses by hand
+def _two_task_strategy(**options):
+    """An IOR strategy at the start of task 1 whose detector has drifted from its teacher."""
+    torch.manual_seed(30)
+    strategy = STRATEGIES.get("ior")(None, 4, cfg=Config(**{"flip": False, **options}), seed=0)
+    strategy.on_experience_start(EXP0)
+    strategy.on_experience_start(EXP1)
+    with torch.no_grad():
+        for p in strategy.detector.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    strategy.train()
+    return strategy
+
+
+def _pasted_batch():
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(31))
+    # old boxes 24 x 22 (level 0 at finest scale 16) and 38 x 32 (level 1 at 16, level 0 at 56)
+    targets = [make_target([[8, 8, 30, 28], [36, 4, 60, 26], [2, 30, 40, 62]], [2, 0, 1]),
+               make_target([[30, 34, 56, 60], [4, 4, 24, 24]], [3, 1])]
+    new_only = [make_target([[8, 8, 30, 28]], [2]), make_target([[30, 34, 56, 60]], [3])]
+    pasted = [torch.tensor([[36.0, 4.0, 60.0, 26.0], [2.0, 30.0, 40.0, 62.0]]), torch.tensor([[4.0, 4.0, 24.0, 24.0]])]
+    return DetectionBatch(x, targets), new_only, pasted
+
+
+def test_step_losses_are_new_class_gfl_plus_s_times_the_weighted_distillation_terms():
+    strategy = _two_task_strategy(roi_size=2, roi_finest_scale=16.0, topk=7, box_kd_temperature=3.0, box_kd_nms=0.3,
+                                  feat_weight=0.5, box_kd_weight=0.7)
+    batch, new_only, pasted = _pasted_batch()
+    terms = strategy.step_losses(batch)
+    from clbench.models.detection.gfl import box_distillation_at
+
+    with torch.no_grad():
+        out, old = strategy.detector(batch.x), strategy.teacher["detector"](batch.x)
+        detection = strategy.detector.loss(out, new_only, channels=(2, 3))
+        s = detection.quality_error.item()
+        feat = _feature_distillation_by_hand(out.cls_feats, old.cls_feats, pasted, [8, 16, 32], 2, 16.0).item()
+        top = old.cls_logits[..., :2].sigmoid().max(-1).values.topk(7, dim=1).indices
+        cls = sum((out.cls_logits[b, i, :2] - old.cls_logits[b, i, :2]).pow(2).sum()
+                  for b in range(2) for i in top[b].tolist()).item() / (2 * 7 * 2)
+        peaks = old.reg_logits.flatten(2).max(-1).values.topk(7, dim=1).indices
+        box = sum(box_distillation_at(out, old, torch.tensor([0, 1]), list(peaks), 3.0, 0.3)).item() / 4
+    assert set(terms) == {"qfl", "giou", "dfl", "feat_kd", "cls_kd", "box_kd"}
+    for k in ("qfl", "giou", "dfl"):
+        assert terms[k].item() == pytest.approx(detection.terms[k].item(), rel=1e-5), k
+    assert s > 0 and strategy.last_adaptive_weight == pytest.approx(s, rel=1e-6)
+    assert feat > 0 and cls > 0 and box > 0
+    assert terms["feat_kd"].item() == pytest.approx(s * 0.5 * feat, rel=1e-4)
+    assert terms["cls_kd"].item() == pytest.approx(s * cls, rel=1e-4)
+    assert terms["box_kd"].item() == pytest.approx(s * 0.7 * box, rel=1e-4)
+
+
+def test_without_the_adaptive_weight_the_distillation_terms_are_unscaled():
+    batch, _, _ = _pasted_batch()
+    adaptive = _two_task_strategy()
+    scaled = adaptive.step_losses(batch)
+    s = adaptive.last_adaptive_weight
+    plain = _two_task_strategy(adaptive_weight=False)
+    unscaled = plain.step_losses(batch)
+    assert plain.last_adaptive_weight == 1.0 and 0 < s < 1
+    for k in ("feat_kd", "cls_kd", "box_kd"):
+        assert unscaled[k].item() == pytest.approx(scaled[k].item() / s, rel=1e-4), k
+
+
+def test_the_adaptive_weight_is_logged_per_step_when_a_logger_is_attached(monkeypatch):
+    strategy = _two_task_strategy()
+    logged = []
+    monkeypatch.setattr(type(strategy), "_has_logger", lambda self: True)
+    monkeypatch.setattr(type(strategy), "log", lambda self, name, value, **kw: logged.append((name, value, kw)))
+    batch, _, _ = _pasted_batch()
+    strategy.step_losses(batch)
+    assert [(name, kw) for name, _, kw in logged] == [
+        ("train/adaptive_weight", {"batch_size": 2, "on_step": True, "on_epoch": False})]
+    assert float(logged[0][1]) == strategy.last_adaptive_weight > 0
+
+
+def test_the_step_trains_on_the_flipped_batch_when_flipping_is_on():
+    from clbench.models.detection.gfl import hflip_batch
+
+    strategy = _two_task_strategy(flip=True)
+    batch, _, _ = _pasted_batch()
+    torch.manual_seed(32)
+    flipped = hflip_batch(batch)
+    assert not torch.equal(flipped.x, batch.x)
+    torch.manual_seed(32)
+    terms = strategy.step_losses(batch)
+    object.__setattr__(strategy, "cfg", dataclasses.replace(strategy.cfg, flip=False))
+    again = strategy.step_losses(flipped)
+    for k in terms:
+        assert terms[k].item() == pytest.approx(again[k].item(), rel=1e-5), k
