@@ -230,11 +230,12 @@ class CLStrategy(pl.LightningModule):
     def total_loss(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The method's named `step_losses` plus the add-ons' terms, checked finite and logged."""
         self.step_output = self.step_view = None
-        # a phase whose inputs are not images (sampled features) says extras={"augment": False}
-        if self.augment is not None and batch.x_raw is None and self.phase.extras.get("augment", True):
+        if self.augment is not None and batch.x_raw is None and self.phase.on_images:
             batch = Batch(self.augment(batch.x), batch.y, batch.task, x_raw=batch.x)
         terms = dict(self.step_losses(batch))
-        if len(self.aux):
+        # add-on terms act on the model's output for the step's images; a phase on sampled
+        # features (a head's alignment or calibration) has no images to run the model on
+        if len(self.aux) and self.phase.on_images:
             out = self.step_output if self.step_output is not None else self(batch.x)
             if self.step_view is None:
                 self.step_view = StepView(batch.x, batch.y, out, len(batch))

@@ -78,3 +78,9 @@ class Phase:
     epochs: int | None = None  # None: RunConfig.epochs
     batch_size: int | None = None  # None: RunConfig.batch_size
     extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def on_images(self) -> bool:
+        """False for a phase whose inputs are not images (sampled features), which says so with
+        extras={"augment": False}: its batches are neither augmented nor handed to the add-ons."""
+        return bool(self.extras.get("augment", True))

@@ -153,3 +153,20 @@ def resume_pair():
 def fast_config_for():
     """`fast_config_for(output_dir, **overrides)`: the fast RunConfig with changes."""
     return fast_config
+
+
+@pytest.fixture
+def task_end_recorder():
+    """An add-on that records every experience its `on_experience_end` is handed: whether a strategy's
+    task-end hook reaches the run's add-ons."""
+    from clbench.auxiliary.base import Aux
+
+    class TaskEndRecorder(Aux):
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        def on_experience_end(self, strategy, exp):
+            self.ended.append(exp)
+
+    return TaskEndRecorder()

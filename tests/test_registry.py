@@ -117,7 +117,7 @@ class _TermRecorder(pl.Callback):
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
-def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batch_of):
+def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batch_of, task_end_recorder, monkeypatch):
     cls = STRATEGIES.get(name)
     assert cls.__module__ == f"clbench.strategies.{name}", "registry name must equal the module file name"
     assert cls.registry_name == name
@@ -126,12 +126,18 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     captured = {}
     scenario = scenario_named(cls.contract_scenario)
     overrides = dict(cls.contract_overrides)
+    takes_add_ons = cls.accepts_aux != set()
+    if takes_add_ons:  # the run's add-ons get one more, which records the task ends it is handed
+        _add_to_every_run(monkeypatch, task_end_recorder)
     spec = RunSpec(strategy=name, scenario=cls.contract_scenario, run=fast_config_for(tmp_path, backbone=cls.contract_backbone),
-                   strategy_overrides=overrides, seed=0)
+                   strategy_overrides=overrides, seed=7)
     result = run(spec, callbacks=[recorder], loggers=[logged], on_experience=lambda i, res, strategy: captured.update(strategy=strategy))
 
     assert result.status == "completed", result.error
     t = scenario.num_experiences
+    assert captured["strategy"].seed == 7  # the run's seed reaches the strategy's own generators
+    if takes_add_ons:  # a strategy overriding its task-end hook must still hand it on
+        assert [e.index for e in task_end_recorder.ended] == list(range(t))
     forecasting = scenario.task_type == "forecasting"  # forecasting: an MSE matrix, no accuracy matrix
     matrix = result.forecasting["mse_matrix"] if forecasting else result.accuracy_matrix
     assert len(matrix) == t and all(len(row) == t for row in matrix)
@@ -183,6 +189,15 @@ def test_strategy_contract(name, tmp_path, fast_config_for, build_strategy, batc
     x = batch_of(scenario.test_sets[0], 8).x
     strategy.eval(), fresh.eval()
     _assert_same_prediction(strategy.predict(x), fresh.predict(x))
+
+
+def _add_to_every_run(monkeypatch, add_on) -> None:
+    """Every run's add-ons end with `add_on`, which no strategy refuses (it contributes no loss)."""
+    from clbench.engine import runner
+
+    build, problem = runner.create_aux, runner.aux_problem
+    monkeypatch.setattr(runner, "create_aux", lambda specs: [*build(specs), add_on])
+    monkeypatch.setattr(runner, "aux_problem", lambda s, a: None if a is type(add_on) else problem(s, a))
 
 
 def _build_forecaster(name: str, scenario, seed: int = 0, **overrides):

@@ -69,23 +69,6 @@ def sign_elected_by_hand():
 
 
 @pytest.fixture
-def task_end_recorder():
-    """An add-on that records every experience its `on_experience_end` is handed: whether a strategy's
-    task-end hook reaches the run's add-ons."""
-    from clbench.auxiliary.base import Aux
-
-    class TaskEndRecorder(Aux):
-        def __init__(self):
-            super().__init__()
-            self.ended = []
-
-        def on_experience_end(self, strategy, exp):
-            self.ended.append(exp)
-
-    return TaskEndRecorder()
-
-
-@pytest.fixture
 def task_ends_reach_add_ons(task_end_recorder):
     """Build strategy `name` the way a run does (create_strategy with the run's seed 5 and an add-on)
     and take it through synthetic32-3's task starts and ends: asserts that the seed and the add-on
