@@ -320,13 +320,17 @@ from _pytest.runner import runtestprotocol
 
 PLAN = json.loads(os.environ["CLBENCH_MUTATION_PLAN"])
 COPY = os.path.abspath(os.environ["PYTHONPATH"]) + os.sep
+TESTS = COPY + "tests" + os.sep
 RESULTS = {}
 
 def clear_copy_caches():
     # A module-level functools cache filled while one mutant was active would hand that mutant's
-    # answers to the next run (another mutant, or the unmutated check): empty the copy's caches.
+    # answers to the next run (another mutant, or the unmutated check): empty the caches of the
+    # copy's sources. The tests' own are kept: they hold once-per-process set-up (a custom op
+    # registered with torch.library cannot be registered twice).
     for module in list(sys.modules.values()):
-        if not (getattr(module, "__file__", None) or "").startswith(COPY):
+        path = getattr(module, "__file__", None) or ""
+        if not path.startswith(COPY) or path.startswith(TESTS):
             continue
         for value in list(vars(module).values()):
             if isinstance(value, functools._lru_cache_wrapper):

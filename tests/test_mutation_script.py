@@ -222,14 +222,18 @@ def kind(op):
 def test_verification_does_not_carry_a_cached_answer_from_one_mutant_into_the_next_run(tmp_path, mutation):
     """The verification step runs every annotated test against its mutants in one process; a
     module-level cache filled under the first mutant must not decide the second mutant's run or
-    the unmutated check (without emptying it both would read "mutated")."""
+    the unmutated check (without emptying it both would read "mutated"); the tests' own caches
+    are kept (emptying a once-only set-up would run it twice)."""
     copy = tmp_path / "mutants"
     (copy / "pkg").mkdir(parents=True)
     (copy / "pkg" / "__init__.py").write_text("", encoding="utf-8")
     (copy / "pkg" / "facts.py").write_text(CACHED_FACTS, encoding="utf-8")
     (copy / "tests").mkdir()
     (copy / "tests" / "test_facts.py").write_text(
-        "import pytest\nfrom pkg.facts import kind\n\n\ndef test_kind():\n    assert kind('add') == 'real'\n\n\n"
+        "import functools, pytest\nfrom pkg.facts import kind\n\nDEFINED = []\n\n\n"
+        # a test's own once-only set-up (a custom op registered once per process) stays cached
+        "@functools.lru_cache(maxsize=None)\ndef define_once():\n    assert not DEFINED, 'defined twice'\n    DEFINED.append(1)\n\n\n"
+        "def test_kind():\n    define_once()\n    assert kind('add') == 'real'\n\n\n"
         "@pytest.mark.parametrize('op', ['mul', 'add'])\ndef test_each(op):\n    assert kind(op) == 'real' or op == 'mul'\n",
         encoding="utf-8")
 
