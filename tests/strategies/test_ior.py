@@ -432,6 +432,23 @@ def test_histogram_of_one_ratio_spans_a_thousandth_either_side():
     assert torch.allclose(edges, torch.tensor([2.0, 2.025, 2.05]), atol=1e-6)
 
 
+def test_histogram_widened_around_one_ratio_still_counts_only_the_ratios_inside_the_trim():
+    # 18 ratios of 2 between 1.9995 and 2.0005: the 5% / 95% quantiles keep only the 18, the +-0.001
+    # widening would reach the two outer ones
+    boxes = torch.tensor([[0.0, 0.0, 19.995, 10.0]] + [_wide(2.0)] * 18 + [[0.0, 0.0, 20.005, 10.0]])
+    edges, counts = aspect_histogram(boxes, 4, (0.05, 0.95))
+    assert edges[0] < 1.9995 and edges[-1] > 2.0005
+    assert counts.sum() == 18
+
+
+def test_histogram_keeps_a_bin_centred_at_minus_two():
+    # edges -2.5, -1.5, -0.5, 0.5, 1.5, 2.5: centres -2, -1, 0, 1, 2; only the bin at -1 is folded
+    boxes = torch.tensor([_tall(2.5), _tall(1.6), _tall(1.2), _wide(1.2), _wide(2.5)])
+    edges, counts = aspect_histogram(boxes, 5, (0.0, 1.0))
+    assert edges.tolist() == [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+    assert counts.tolist() == [3, 0, 0, 1, 1]
+
+
 def test_histogram_folds_a_bin_centred_at_minus_one_left_and_keeps_a_bin_centred_at_one():
     # edges -4, -2, 0, 2, 4: centres -3, -1, 1, 3; the bin centred at -1 lies in [-1, 1), the one at 1 does not
     boxes = torch.tensor([_tall(4.0), _tall(1.5), _wide(1.5), _wide(4.0)])
@@ -1020,3 +1037,71 @@ def test_the_step_trains_on_the_flipped_batch_when_flipping_is_on():
     again = strategy.step_losses(flipped)
     for k in terms:
         assert terms[k].item() == pytest.approx(again[k].item(), rel=1e-5), k
+
+
+
+# --------------------------------------------------------------------------- inversion augmentation by hand
+def _augmented_by_hand(x, boxes, cfg):
+    """Same draws in the same order: the shift (dx, dy), the flip, one brightness offset per image,
+    then per image whether to erase, its area fraction, its log-uniform aspect in [0.3, 3.3] and its corner."""
+    n, c, h, w = x.shape
+    dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,)))
+    rows, cols = [(r - dy) % h for r in range(h)], [(col - dx) % w for col in range(w)]
+    out = x[:, :, rows][:, :, :, cols]
+    moved = [[min(max(b[0] + dx, 0), w), min(max(b[1] + dy, 0), h), min(max(b[2] + dx, 0), w), min(max(b[3] + dy, 0), h)]
+             for b in boxes.tolist()]
+    flipped = float(torch.rand(())) < cfg.flip_p
+    if flipped:
+        out = out[:, :, :, list(range(w - 1, -1, -1))]
+        moved = [[w - b[2], b[1], w - b[0], b[3]] for b in moved]
+    offsets = torch.randn(n, 1, 1, 1)
+    out = out + cfg.brightness_std * offsets
+    erased = 0
+    for i in range(n):
+        if float(torch.rand(())) < cfg.erase_p:
+            erased += 1
+            low, high = cfg.erase_area
+            area = (low + (high - low) * float(torch.rand(()))) * h * w
+            aspect = 0.3 * (3.3 / 0.3) ** float(torch.rand(()))
+            eh, ew = min(h, round(math.sqrt(area * aspect))), min(w, round(math.sqrt(area / aspect)))
+            top, left = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
+            out[i, :, top:top + eh, left:left + ew] = 0
+    return out, torch.tensor(moved), flipped, erased
+
+
+def test_inversion_augmentation_shifts_flips_brightens_and_erases_as_drawn():
+    x = torch.randn(3, 3, 20, 30, generator=torch.Generator().manual_seed(33))
+    # boxes at the edges: shifts push them out and clamp them
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 20.0], [2.0, 3.0, 10.0, 18.0], [25.0, 1.0, 30.0, 6.0]])
+    cfg = Config(jitter=5, flip_p=0.5, brightness_std=0.3, erase_p=0.5, erase_area=(0.05, 0.6))
+    given = boxes.clone()
+    flips, erasures = set(), set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        got, got_boxes = augment_for_inversion(x, boxes, cfg)
+        torch.manual_seed(seed)
+        want, want_boxes, flipped, erased = _augmented_by_hand(x, boxes, cfg)
+        assert torch.allclose(got, want, atol=1e-6), seed
+        assert torch.equal(got_boxes, want_boxes) and got_boxes.dtype == torch.float32, seed
+        assert torch.equal(boxes, given)  # the caller's boxes are left as they were
+        flips.add(flipped)
+        erasures.add(erased)
+    assert flips == {True, False} and erasures == {0, 1, 2, 3}
+
+
+def test_inversion_augmentation_flips_and_erases_only_below_the_drawn_probability():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(34))
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [0.0, 0.0, 8.0, 8.0]])
+    torch.manual_seed(35)
+    torch.randint(-2, 3, (2,))
+    u_flip = float(torch.rand(()))
+    torch.randn(2, 1, 1, 1)
+    u_erase = float(torch.rand(()))
+    # a probability equal to the draw does not flip or erase: the draw must fall below it
+    cfg = Config(jitter=2, flip_p=u_flip, brightness_std=0.0, erase_p=u_erase)
+    torch.manual_seed(35)
+    got, got_boxes = augment_for_inversion(x, boxes, cfg)
+    torch.manual_seed(35)
+    want, want_boxes, flipped, erased = _augmented_by_hand(x, boxes, cfg)
+    assert torch.equal(got, want) and torch.equal(got_boxes, want_boxes)
+    assert not flipped and erased == 0
